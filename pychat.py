@@ -305,7 +305,7 @@ class Session(asyncio.Protocol):
         del buf[:start]
         if len(buf) > limit:
             self.inbuf = bytearray()
-            self.send(error("line_too_long", f"Lines are limited to {limit} bytes; closing."))
+            self.send(encode(error("line_too_long", f"Lines are limited to {limit} bytes; closing.")))
             self.close("line_too_long")
 
     # --- output
@@ -319,19 +319,16 @@ class Session(asyncio.Protocol):
         self.out.append(data)
         self.out_bytes += len(data)
 
-    def send_checked(self, data: bytes) -> None:
-        """Queue broadcast bytes, dropping the session if it owes too much."""
-        self.send(data)
-        transport = self.transport
-        if transport is not None and (
-                self.out_bytes + transport.get_write_buffer_size() > self.server.max_backlog_bytes):
-            self.server.loop.call_soon(self.abort, "backlog")
-
     def flush(self) -> None:
-        if self.out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self.out) if len(self.out) > 1 else self.out[0])
-        self.out.clear()
-        self.out_bytes = 0
+        """Write what this tick owes in one call; drop a peer that stopped reading."""
+        out, self.out, self.out_bytes = self.out, [], 0
+        transport = self.transport
+        if out and transport is not None and not transport.is_closing():
+            transport.write(b"".join(out) if len(out) > 1 else out[0])
+            # The transport keeps what the kernel would not take.  Past the cap
+            # this peer is not keeping up: cut it rather than buffer for it.
+            if transport.get_write_buffer_size() > self.server.max_backlog_bytes:
+                self.abort("backlog")
 
     def close(self, reason: str) -> None:
         """Flush what we owe, then close gracefully."""
@@ -463,7 +460,7 @@ class ChatServer:
         """Send one event to every member of a room, encoded once."""
         data = encode(event)
         for s in room.members.values():
-            s.send_checked(data)
+            s.send(data)
 
     # --- connections
     def drop(self, s: Session) -> None:
@@ -519,7 +516,7 @@ class ChatServer:
             validate(msg)
             if kind != "pong" and not s.take_token(self.loop.time()):
                 if s.flood_penalty > FLOOD_KICK:
-                    s.send(error("flooding"))
+                    s.send(encode(error("flooding")))
                     s.close("flood")
                     return
                 raise ProtocolError("rate_limited", ERRORS["rate_limited"])
@@ -530,7 +527,7 @@ class ChatServer:
                 cid = msg.get("cid")
                 if isinstance(cid, (str, int)) and not isinstance(cid, bool):
                     extra["cid"] = cid if isinstance(cid, int) else cid[:MAX_CID_LEN]
-            s.send(error(e.code, e.message, **extra))
+            s.send(encode(error(e.code, e.message, **extra)))
             return
         handler = self.handlers[kind]  # looked up outside the try: a bug is not "unknown type"
         handler(s, msg)
@@ -540,7 +537,7 @@ class ChatServer:
         cid = msg.get("cid")
         if cid is not None:
             extra["cid"] = cid if isinstance(cid, int) else cid[:MAX_CID_LEN]
-        s.send(error(code, message, **extra))
+        s.send(encode(error(code, message, **extra)))
 
     def _check_nick(self, s: Session, msg: dict, nick: str) -> bool:
         problem = nick_problem(nick)
@@ -637,7 +634,7 @@ class ChatServer:
             audience.update(room.members.values())
         data = encode({"type": "nick", "old": old, "new": new, "ts": round(time.time(), 3)})
         for member in audience:
-            member.send_checked(data)
+            member.send(data)
         log.info("%s is now known as %s", old, new)
 
     def handle_users(self, s: Session, msg: dict) -> None:
@@ -877,6 +874,9 @@ class ChatClient:
                 await self._sleep(backoff)
                 backoff = min(BACKOFF_MAX, backoff * 2)
                 continue
+            if self.closed:  # quit() while we were connecting
+                writer.close()
+                break
             self._writer = writer
             try:
                 reason = await self._session(reader, writer)
@@ -1197,7 +1197,8 @@ class Terminal:
         if kind == "join":
             return self.system(ts, f"{e.get('nick')} joined {e.get('room')}")
         if kind == "leave":
-            return self.system(ts, f"{e.get('nick')} left {e.get('room')} ({e.get('reason')})")
+            why = f"{e.get('reason')}: {e['message']}" if e.get("message") else e.get("reason")
+            return self.system(ts, f"{e.get('nick')} left {e.get('room')} ({why})")
         if kind == "nick":
             if nick_key(str(e.get("old", ""))) == nick_key(self.my_nick):
                 self.my_nick = str(e.get("new", ""))
@@ -1229,17 +1230,24 @@ class Terminal:
                 typed = self.readline.get_line_buffer()
             elif self.editor is not None:
                 typed = self.editor.buffer()
-            self.out.write("\r\x1b[2K" + text + "\n" + self.prompt + typed)
+            up = self._rows(self.prompt + typed) - 1  # a long draft wraps onto more rows
+            self.out.write("\r" + (f"\x1b[{up}A" if up else "") + "\x1b[J" + text + "\n"
+                           + self.prompt + typed)
             self.out.flush()
+
+    def _rows(self, text: str) -> int:
+        """Screen rows `text` takes, counting wide (CJK, emoji) characters twice."""
+        columns = shutil.get_terminal_size().columns or 80
+        width = sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+        return max(1, -(-width // columns))
 
     def erase_typed_line(self, line: str) -> None:
         """Remove the line the user just entered; the server's echo replaces it."""
         if not self.interactive:
             return
-        width = shutil.get_terminal_size().columns or 80
-        rows = max(1, (len(self.prompt) + len(line) + width - 1) // width)
+        rows = self._rows(self.prompt + line)
         with self.lock:
-            self.out.write("\x1b[1A\x1b[2K" * rows + "\r")
+            self.out.write(f"\r\x1b[{rows}A\x1b[J")
             self.out.flush()
 
 
@@ -1320,6 +1328,14 @@ def _restore_terminal() -> Callable[[], None]:
 
 async def run_cli(args: argparse.Namespace) -> int:
     """The terminal client: returns the process exit status."""
+    restore = _restore_terminal()  # before readline changes the tty modes
+    try:
+        return await _run_cli(args)
+    finally:
+        restore()
+
+
+async def _run_cli(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     term = Terminal(interactive=interactive)
     loop = asyncio.get_running_loop()
@@ -1330,11 +1346,16 @@ async def run_cli(args: argparse.Namespace) -> int:
     nick = args.nick
     if not nick:
         suggestion = default_nick()
-        if interactive:
-            nick = await loop.run_in_executor(None, _ask, f"Nick [{suggestion}]: ")
-            nick = (nick or "").strip() or suggestion
-        else:
-            nick = suggestion
+        while interactive and not nick:
+            typed = await loop.run_in_executor(None, _ask, f"Nick [{suggestion}]: ")
+            if typed is None:  # Ctrl-D at the question
+                return 1
+            nick = typed.strip() or suggestion
+            problem = nick_problem(nick)
+            if problem:
+                print(f"{problem} Try again.", file=sys.stderr)
+                nick = None
+        nick = nick or suggestion
 
     def on_event(event: dict) -> None:
         kind = event.get("type")
@@ -1377,17 +1398,29 @@ async def run_cli(args: argparse.Namespace) -> int:
     async def input_task() -> None:
         while True:
             line = await lines.get()
-            if line is None:  # end of input
-                if not interactive:
+            if not interactive:
+                # A script's lines follow the server's welcome, and its end of
+                # input waits until every line was sent and confirmed.
+                await wait_registered()
+                if line is None:
                     await client.wait_sent()
+            if line is None:  # end of input
                 await client.quit("end of input" if not interactive else "")
                 return
             if status["awaiting_nick"]:
+                problem = nick_problem(line.strip())
+                if problem:
+                    term.show(term._c("31", f"! {problem} Type another nick:"))
+                    continue
                 status["awaiting_nick"] = False
                 client.set_nick(line.strip())
                 continue
             if not await handle_input(line):
                 return
+
+    async def wait_registered() -> None:
+        while not client.ever_registered and not client.closed:
+            await asyncio.sleep(0.02)
 
     async def handle_input(line: str) -> bool:
         """Act on one typed line; False when the user quits."""
@@ -1401,7 +1434,7 @@ async def run_cli(args: argparse.Namespace) -> int:
         if cmd == "me":
             return _send(arg, True) if arg else _usage("/me ACTION")
         if cmd == "nick":
-            if not arg or " " in arg:
+            if not arg:
                 return _usage("/nick NEW")
             problem = nick_problem(arg)
             if problem:
@@ -1436,9 +1469,11 @@ async def run_cli(args: argparse.Namespace) -> int:
             status["failed"] += 1
             return True
         client.send_msg(text, action)
+        if interactive and not client.registered:
+            term.show(term.system(None, f"not connected: queued ({len(client.pending())} "
+                                        "waiting), sent when the connection is back"))
         return True
 
-    restore = _restore_terminal()
     runner = loop.create_task(client.run())
     reader = loop.create_task(input_task())
     waiter = loop.create_task(done.wait())
@@ -1458,11 +1493,16 @@ async def run_cli(args: argparse.Namespace) -> int:
             loop.remove_signal_handler(signal.SIGINT)
         except (NotImplementedError, RuntimeError, AttributeError):
             pass
-        restore()
+        if term.interactive:
+            term.out.write("\n")  # leave the shell prompt on a line of its own
+            term.out.flush()
     if client.outbox:
         print(f"pychat: {len(client.outbox)} message(s) could not be delivered.", file=sys.stderr)
         return status["code"] or 1
     if status["code"] == 0 and status["failed"] and not interactive:
+        return 1
+    if status["code"] == 0 and not client.ever_registered:
+        print("pychat: never got connected.", file=sys.stderr)
         return 1
     return status["code"]
 
@@ -1487,7 +1527,7 @@ def _start_input_thread(term: Terminal, loop: asyncio.AbstractEventLoop,
                 readline.parse_and_bind("bind ^I rl_complete")
             else:
                 readline.parse_and_bind("tab: complete")
-            readline.set_completer(_make_completer(nicks))
+            readline.set_completer(_make_completer(nicks, readline.get_begidx))
         except ImportError:
             if sys.platform == "win32":
                 term.editor = WindowsLineEditor(term)
@@ -1521,7 +1561,8 @@ def _start_input_thread(term: Terminal, loop: asyncio.AbstractEventLoop,
     threading.Thread(target=pump, name="pychat-stdin", daemon=True).start()
 
 
-def _make_completer(nicks: Callable[[], list[str]]) -> Callable:
+def _make_completer(nicks: Callable[[], list[str]],
+                    readline_begidx: Callable[[], int] = lambda: 0) -> Callable:
     """A readline completer over the current user list and the slash commands."""
     matches: list[str] = []
 
@@ -1529,9 +1570,12 @@ def _make_completer(nicks: Callable[[], list[str]]) -> Callable:
         if state == 0:
             matches.clear()
             if text.startswith("/"):
-                matches.extend(c for c in COMMANDS if c.startswith(text.lower()))
+                matches.extend(c + " " for c in COMMANDS if c.startswith(text.lower()))
             else:
-                matches.extend(complete_nick(text, nicks()))
+                # irssi style: "bob: " at the start of a line, "bob " elsewhere.
+                at_start = readline_begidx() == 0
+                matches.extend(n + (": " if at_start else " ")
+                               for n in complete_nick(text, nicks()))
         return matches[state] if state < len(matches) else None
 
     return completer

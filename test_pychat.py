@@ -1,0 +1,786 @@
+"""Tests for pychat.py: run with  python -m unittest -v test_pychat
+
+Sections mirror pychat.py.  Every network test runs a real server on an
+ephemeral port on 127.0.0.1 and talks to it over real sockets; the terminal
+client is driven as a real subprocess.  Waits are on events with timeouts,
+never fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import unittest
+from pathlib import Path
+
+import pychat
+from pychat import ChatClient, ChatServer, ProtocolError, decode, encode
+
+HERE = Path(__file__).resolve().parent
+PYCHAT = str(HERE / "pychat.py")
+HOST = "127.0.0.1"
+TIMEOUT = 10.0
+
+
+# ===========================================================================
+# Helpers
+# ===========================================================================
+
+class Peer:
+    """A raw protocol client over a real socket, for driving the server."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+        self.seen: list[dict] = []
+
+    @classmethod
+    async def open(cls, port: int, sock: socket.socket | None = None) -> "Peer":
+        if sock is not None:
+            reader, writer = await asyncio.open_connection(sock=sock, limit=2**26)
+        else:
+            reader, writer = await asyncio.open_connection(HOST, port, limit=2**26)
+        return cls(reader, writer)
+
+    async def send(self, obj: dict) -> None:
+        await self.send_raw(encode(obj))
+
+    async def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv(self, timeout: float = TIMEOUT) -> dict:
+        line = await asyncio.wait_for(self.reader.readline(), timeout)
+        if not line:
+            raise EOFError("server closed the connection")
+        obj = json.loads(line.decode("utf-8"))  # strict: the server must send valid UTF-8
+        self.seen.append(obj)
+        return obj
+
+    async def expect(self, kind: str, timeout: float = TIMEOUT, **fields) -> dict:
+        """Read until an event of this type (and these field values) arrives."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {kind} {fields} within {timeout}s; saw {self.seen[-5:]}")
+            obj = await self.recv(left)
+            if obj.get("type") == kind and all(obj.get(k) == v for k, v in fields.items()):
+                return obj
+
+    async def expect_eof(self, timeout: float = TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("connection was not closed")
+            line = await asyncio.wait_for(self.reader.readline(), left)
+            if not line:
+                return
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except OSError:
+            pass
+
+
+async def wait_for(cond, timeout: float = TIMEOUT, what: str = "condition") -> None:
+    """Poll a cheap condition on the event loop until it holds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class ServerCase(unittest.IsolatedAsyncioTestCase):
+    """A real ChatServer on 127.0.0.1 and an ephemeral port for every test."""
+
+    server_options: dict = {}
+
+    async def asyncSetUp(self) -> None:
+        self.server = ChatServer(**self.server_options)
+        self.port = await self.server.start(HOST, 0)
+        self.addAsyncCleanup(self.server.close)
+        self.peers: list[Peer] = []
+
+    async def asyncTearDown(self) -> None:
+        for p in self.peers:
+            await p.close()
+
+    async def raw(self) -> Peer:
+        peer = await Peer.open(self.port)
+        self.peers.append(peer)
+        return peer
+
+    async def connect(self, nick: str) -> Peer:
+        """Open a connection and register, consuming welcome/history/users."""
+        peer = await self.raw()
+        await peer.send({"type": "hello", "nick": nick})
+        await peer.expect("welcome", nick=nick)
+        await peer.expect("history")
+        await peer.expect("users")
+        return peer
+
+
+# ===========================================================================
+# 2. Protocol
+# ===========================================================================
+
+class ProtocolTests(unittest.TestCase):
+    def test_encode_is_one_compact_utf8_line(self):
+        data = encode({"type": "msg", "text": "héllo 😄"})
+        self.assertTrue(data.endswith(b"\n"))
+        self.assertEqual(data.count(b"\n"), 1)
+        self.assertIn("héllo 😄".encode("utf-8"), data)
+        self.assertEqual(decode(data[:-1]), {"type": "msg", "text": "héllo 😄"})
+
+    def test_decode_errors_have_stable_codes(self):
+        cases = {
+            b"{not json": "bad_json",
+            b"\xff\xfe{}": "bad_json",
+            b"[" * 100000 + b"]" * 100000: "bad_json",
+            b'{"type":"msg","n":' + b"9" * 50000 + b"}": "bad_json",
+            b"[1,2]": "bad_request",
+            b'"just a string"': "bad_request",
+            b'{"text":"no type"}': "bad_request",
+            b'{"type":5}': "bad_request",
+        }
+        for line, code in cases.items():
+            with self.subTest(line=line[:30]):
+                with self.assertRaises(ProtocolError) as cm:
+                    decode(line)
+                self.assertEqual(cm.exception.code, code)
+
+    def test_lone_surrogates_are_cleaned(self):
+        msg = decode(b'{"type":"msg","text":"a\\ud83db","x":["\\udc00"]}')
+        self.assertEqual(msg["text"], "a?b")
+        self.assertEqual(msg["x"], ["?"])
+        encode(msg).decode("utf-8")  # must not raise
+        # A proper escaped pair is an emoji and survives.
+        self.assertEqual(decode(b'{"type":"msg","text":"\\ud83d\\ude04"}')["text"], "😄")
+
+    def test_validate(self):
+        pychat.validate({"type": "msg", "text": "hi", "future_field": 1})
+        for msg, code in [
+            ({"type": "dance"}, "unknown_type"),
+            ({"type": "msg"}, "bad_request"),
+            ({"type": "msg", "text": 5}, "bad_request"),
+            ({"type": "msg", "text": "x", "action": "yes"}, "bad_request"),
+            ({"type": "msg", "text": "x", "cid": True}, "bad_request"),
+            ({"type": "hello", "nick": ["a"]}, "bad_request"),
+        ]:
+            with self.subTest(msg=msg):
+                with self.assertRaises(ProtocolError) as cm:
+                    pychat.validate(msg)
+                self.assertEqual(cm.exception.code, code)
+
+    def test_clean_text_strips_controls_keeps_newline_and_tab(self):
+        self.assertEqual(pychat.clean_text("a\x00b\x07c\td\ne\x1b[2Jf\x7f\x9b"), "abc\td\ne[2Jf")
+        self.assertEqual(pychat.clean_text("one\r\ntwo\rthree"), "one\ntwo\nthree")
+
+    def test_nick_rules(self):
+        for good in ["alice", "Bob_2", "élodie", "a" * 32, "x", "日本語"]:
+            self.assertIsNone(pychat.nick_problem(good), good)
+        for bad in ["", "a" * 33, "a b", "tab\tx", "#room", "ctl\x07", "zw\u200bj", "a!b",
+                    "a@b", "a,b", "\u3000"]:
+            self.assertIsNotNone(pychat.nick_problem(bad), repr(bad))
+        self.assertEqual(pychat.nick_key("ALICE"), pychat.nick_key("alice"))
+
+
+# ===========================================================================
+# 3. Server core
+# ===========================================================================
+
+class RegistrationTests(ServerCase):
+    async def test_hello_gets_welcome_history_users_in_order(self):
+        peer = await self.raw()
+        await peer.send({"type": "hello", "nick": "alice", "client": "test"})
+        welcome = await peer.recv()
+        history = await peer.recv()
+        users = await peer.recv()
+        self.assertEqual(welcome["type"], "welcome")
+        self.assertEqual((welcome["nick"], welcome["room"], welcome["server"]),
+                         ("alice", "#lobby", "PyChat"))
+        self.assertEqual(welcome["version"], pychat.__version__)
+        self.assertNotIn("motd", welcome)
+        self.assertEqual(history, {"type": "history", "room": "#lobby", "messages": []})
+        self.assertEqual(users, {"type": "users", "room": "#lobby", "users": ["alice"]})
+
+    async def test_others_get_join_and_sorted_users(self):
+        bob = await self.connect("bob")
+        zed = await self.connect("zed")
+        peer = await self.raw()
+        await peer.send({"type": "hello", "nick": "Alice"})
+        await peer.expect("welcome")
+        await peer.expect("history")
+        users = await peer.expect("users")
+        self.assertEqual(users["users"], ["Alice", "bob", "zed"])
+        for other in (bob, zed):
+            join = await other.expect("join", nick="Alice")
+            self.assertEqual(join["room"], "#lobby")
+            self.assertIsInstance(join["ts"], float)
+
+    async def test_bad_and_taken_nicks_keep_the_connection_open(self):
+        await self.connect("alice")
+        peer = await self.raw()
+        for nick, code in [("", "nick_invalid"), ("a b", "nick_invalid"), ("#x", "nick_invalid"),
+                           ("x" * 33, "nick_invalid"), ("ALICE", "nick_taken"),
+                           ("alice", "nick_taken")]:
+            await peer.send({"type": "hello", "nick": nick})
+            err = await peer.expect("error")
+            self.assertEqual(err["code"], code, nick)
+            self.assertTrue(err["message"])
+        await peer.send({"type": "hello", "nick": "alice2"})
+        await peer.expect("welcome", nick="alice2")
+
+    async def test_only_hello_and_ping_before_registration(self):
+        peer = await self.raw()
+        await peer.send({"type": "msg", "text": "hi"})
+        self.assertEqual((await peer.expect("error"))["code"], "not_registered")
+        await peer.send({"type": "users"})
+        self.assertEqual((await peer.expect("error"))["code"], "not_registered")
+        await peer.send({"type": "ping", "data": [1, "x"]})
+        self.assertEqual(await peer.expect("pong"), {"type": "pong", "data": [1, "x"]})
+        await peer.send({"type": "hello", "nick": "late"})
+        await peer.expect("welcome")
+        await peer.send({"type": "hello", "nick": "again"})
+        self.assertEqual((await peer.expect("error"))["code"], "already_registered")
+
+    async def test_motd_is_sent_when_set(self):
+        self.server.motd = "Be nice"
+        peer = await self.raw()
+        await peer.send({"type": "hello", "nick": "m"})
+        self.assertEqual((await peer.expect("welcome"))["motd"], "Be nice")
+
+
+class ChatTests(ServerCase):
+    async def test_msg_is_broadcast_to_everyone_including_sender(self):
+        alice = await self.connect("alice")
+        bob = await self.connect("bob")
+        await alice.send({"type": "msg", "text": "hi bob", "cid": "c1", "unknown": {"x": 1}})
+        for peer in (alice, bob):
+            msg = await peer.expect("msg")
+            self.assertEqual({k: msg[k] for k in ("room", "from", "text", "cid")},
+                             {"room": "#lobby", "from": "alice", "text": "hi bob", "cid": "c1"})
+            self.assertIsInstance(msg["id"], int)
+            self.assertIsInstance(msg["ts"], float)
+            self.assertNotIn("action", msg)
+            self.assertNotIn("unknown", msg)
+        await bob.send({"type": "msg", "text": "waves", "action": True, "room": "#LOBBY"})
+        action = await alice.expect("msg", **{"from": "bob"})
+        self.assertTrue(action["action"])
+        self.assertNotIn("cid", action)
+
+    async def test_ids_increase(self):
+        alice = await self.connect("alice")
+        ids = []
+        for i in range(5):
+            await alice.send({"type": "msg", "text": f"m{i}"})
+            ids.append((await alice.expect("msg", text=f"m{i}"))["id"])
+        self.assertEqual(ids, sorted(set(ids)))
+
+    async def test_empty_and_too_long_text_are_refused(self):
+        self.server.max_text = 10
+        alice = await self.connect("alice")
+        for text, code in [("", "empty"), ("  \n\t ", "empty"), ("\x00\x07", "empty"),
+                           ("x" * 11, "too_long")]:
+            await alice.send({"type": "msg", "text": text, "cid": 7})
+            err = await alice.expect("error")
+            self.assertEqual((err["code"], err["cid"], err["request"]), (code, 7, "msg"))
+        await alice.send({"type": "msg", "text": "x" * 10})
+        await alice.expect("msg", text="x" * 10)
+
+    async def test_control_characters_are_stripped_from_text(self):
+        alice = await self.connect("alice")
+        bob = await self.connect("bob")
+        await alice.send({"type": "msg", "text": "a\x1b[2J\x07b\tc\nd\x00"})
+        self.assertEqual((await bob.expect("msg"))["text"], "a[2Jb\tc\nd")
+
+    async def test_lone_surrogate_is_never_relayed(self):
+        alice = await self.connect("alice")
+        bob = await self.connect("bob")
+        await alice.send_raw(b'{"type":"msg","text":"x\\ud83d y"}\n')
+        msg = await bob.expect("msg")  # recv() decodes strictly: invalid UTF-8 would raise
+        self.assertEqual(msg["text"], "x? y")
+        await alice.send({"type": "msg", "text": "still fine"})
+        await bob.expect("msg", text="still fine")
+
+    async def test_unknown_room_and_bad_fields(self):
+        alice = await self.connect("alice")
+        await alice.send({"type": "msg", "text": "x", "room": "#nowhere"})
+        self.assertEqual((await alice.expect("error"))["code"], "no_such_room")
+        await alice.send({"type": "msg", "text": 42})
+        self.assertEqual((await alice.expect("error"))["code"], "bad_request")
+        await alice.send({"type": "teleport"})
+        self.assertEqual((await alice.expect("error"))["code"], "unknown_type")
+        await alice.send({"type": "msg", "text": "x", "cid": "c" * 100})
+        self.assertEqual((await alice.expect("error"))["code"], "bad_request")
+
+    async def test_history_keeps_the_newest_n_oldest_first_shaped_like_msg(self):
+        self.server.rooms["#lobby"].history = __import__("collections").deque(maxlen=3)
+        alice = await self.connect("alice")
+        live = []
+        for i in range(5):
+            await alice.send({"type": "msg", "text": f"m{i}", "action": i == 4, "cid": f"c{i}"})
+            live.append(await alice.expect("msg", text=f"m{i}"))
+        bob = await self.raw()
+        await bob.send({"type": "hello", "nick": "bob"})
+        await bob.expect("welcome")
+        history = await bob.expect("history")
+        self.assertEqual(history["messages"], live[2:])
+
+    async def test_nick_change_reaches_everyone_including_self(self):
+        alice = await self.connect("alice")
+        bob = await self.connect("bob")
+        await alice.send({"type": "nick", "nick": "alicia"})
+        for peer in (alice, bob):
+            event = await peer.expect("nick")
+            self.assertEqual((event["old"], event["new"]), ("alice", "alicia"))
+        await bob.send({"type": "nick", "nick": "ALICIA"})
+        self.assertEqual((await bob.expect("error"))["code"], "nick_taken")
+        await bob.send({"type": "nick", "nick": "b b"})
+        self.assertEqual((await bob.expect("error"))["code"], "nick_invalid")
+        await alice.send({"type": "nick", "nick": "Alicia"})  # own nick, new case: allowed
+        await bob.expect("nick", old="alicia", new="Alicia")
+        await bob.send({"type": "users"})
+        self.assertEqual((await bob.expect("users"))["users"], ["Alicia", "bob"])
+        # The old nick is free again.
+        carol = await self.raw()
+        await carol.send({"type": "hello", "nick": "alice"})
+        await carol.expect("welcome")
+
+    async def test_quit_and_disconnect_give_leave_with_reason(self):
+        alice = await self.connect("alice")
+        bob = await self.connect("bob")
+        carol = await self.connect("carol")
+        await bob.send({"type": "quit", "reason": "lunch"})
+        await bob.expect_eof()
+        leave = await alice.expect("leave", nick="bob")
+        self.assertEqual((leave["room"], leave["reason"], leave["message"]),
+                         ("#lobby", "quit", "lunch"))
+        await carol.close()
+        leave = await alice.expect("leave", nick="carol")
+        self.assertEqual(leave["reason"], "disconnected")
+        await alice.send({"type": "users"})
+        self.assertEqual((await alice.expect("users"))["users"], ["alice"])
+
+
+class LimitTests(ServerCase):
+    server_options = {"max_line_bytes": 1024, "flood_burst": 5, "flood_rate": 1.0}
+
+    async def test_bad_input_gets_errors_and_the_connection_stays(self):
+        alice = await self.connect("alice")
+        bob = await self.connect("bob")
+        for raw, code in [(b"hello\n", "bad_json"), (b"\xff\xfe\n", "bad_json"),
+                          (b"[1]\n", "bad_request"), (b"\x00\x00\n", "bad_json")]:
+            await alice.send_raw(raw)
+            self.assertEqual((await alice.expect("error"))["code"], code)
+        await alice.send_raw(b"\n\r\n   \n")  # blank lines are ignored
+        await alice.send({"type": "msg", "text": "ok"})
+        await bob.expect("msg", text="ok")
+        self.assertFalse(any(e["type"] == "error" for e in bob.seen))
+
+    async def test_line_too_long_closes_only_that_connection(self):
+        alice = await self.connect("alice")
+        evil = await self.connect("evil")
+        await evil.send_raw(b'{"type":"msg","text":"' + b"x" * 2000)  # no newline yet
+        err = await evil.expect("error")
+        self.assertEqual(err["code"], "line_too_long")
+        await evil.expect_eof()
+        self.assertEqual((await alice.expect("leave", nick="evil"))["reason"], "line_too_long")
+        # A complete long line is refused the same way.
+        evil2 = await self.connect("evil2")
+        await evil2.send_raw(b"x" * 1500 + b"\n")
+        self.assertEqual((await evil2.expect("error"))["code"], "line_too_long")
+        await evil2.expect_eof()
+        await alice.send({"type": "msg", "text": "still here"})
+        await alice.expect("msg", text="still here")
+
+    async def test_flood_control_drops_excess_then_disconnects_a_flooder(self):
+        alice = await self.connect("alice")
+        flooder = await self.connect("flooder")
+        await flooder.send_raw(b"".join(encode({"type": "msg", "text": f"f{i}"})
+                                        for i in range(8)))
+        got = [await flooder.recv() for _ in range(8)]
+        kinds = [g["type"] for g in got]
+        # hello took one token of the burst of 5: four messages pass, four are refused.
+        self.assertEqual(kinds.count("msg"), 4)
+        self.assertEqual([g["code"] for g in got if g["type"] == "error"], ["rate_limited"] * 4)
+        # Keep flooding far beyond the bucket: the server hangs up.
+        await flooder.send_raw(b"".join(encode({"type": "msg", "text": "spam"})
+                                        for _ in range(pychat.FLOOD_KICK + 10)))
+        await flooder.expect("error", code="flooding")
+        await flooder.expect_eof()
+        self.assertEqual((await alice.expect("leave", nick="flooder"))["reason"], "flood")
+        received = [e for e in alice.seen if e["type"] == "msg"]
+        self.assertLessEqual(len(received), 6)
+
+    async def test_flood_rate_zero_turns_it_off(self):
+        self.server.flood_rate = 0
+        alice = await self.connect("alice")
+        await alice.send_raw(b"".join(encode({"type": "msg", "text": f"m{i}"}) for i in range(100)))
+        await alice.expect("msg", text="m99")
+        self.assertFalse(any(e["type"] == "error" for e in alice.seen))
+
+
+class SlowReaderTests(ServerCase):
+    server_options = {"max_backlog_bytes": 256 * 1024, "flood_rate": 0,
+                      "max_text": 60000, "max_line_bytes": 128 * 1024}
+
+    async def test_a_stalled_reader_is_dropped_and_never_delays_others(self):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((HOST, self.port))
+        stalled = await Peer.open(self.port, sock=sock)
+        self.peers.append(stalled)
+        await stalled.send({"type": "hello", "nick": "stalled"})
+        await stalled.expect("users")
+        # From here on `stalled` never reads again; the others read as they go.
+        reader = await self.connect("reader")
+        sender = await self.connect("sender")
+        text = "y" * 5000
+        count = 2000  # 10 MB in all: far beyond any socket buffer and the 256 KiB cap
+        loop = asyncio.get_running_loop()
+
+        async def read_all(peer: Peer) -> list[str]:
+            return [(await peer.expect("msg"))["text"] for _ in range(count)]
+        readers = [loop.create_task(read_all(p)) for p in (reader, sender)]
+        for i in range(count):
+            await sender.send({"type": "msg", "text": f"{i} {text}"})
+        for task in readers:
+            texts = await asyncio.wait_for(task, TIMEOUT)
+            self.assertEqual([t.split()[0] for t in texts], [str(i) for i in range(count)])
+        leaves = [e for e in reader.seen if e["type"] == "leave"]  # skipped by read_all
+        self.assertEqual([(e["nick"], e["reason"]) for e in leaves], [("stalled", "backlog")])
+        self.assertNotIn("stalled", [s.nick for s in self.server.sessions])
+        self.assertEqual(sorted(self.server.nicks), ["reader", "sender"])
+
+
+class KeepaliveTests(ServerCase):
+    server_options = {"ping_interval": 0.2, "ping_timeout": 0.4}
+
+    async def test_silent_client_is_pinged_and_dropped_answering_one_stays(self):
+        alive = await self.connect("alive")
+        silent = await self.connect("silent")
+        ping = await alive.expect("ping")
+        await alive.send({"type": "pong", "data": ping.get("data")})
+        await silent.expect("ping")
+        leave = await alive.expect("leave", nick="silent")
+        self.assertEqual(leave["reason"], "timeout")
+        # alive answered and is still registered
+        await alive.send({"type": "users"})
+        users = await alive.expect("users")
+        self.assertEqual(users["users"], ["alive"])
+
+
+class ShutdownTests(ServerCase):
+    async def test_close_says_bye_to_everyone(self):
+        alice = await self.connect("alice")
+        bob = await self.connect("bob")
+        await self.server.close()
+        for peer in (alice, bob):
+            bye = await peer.expect("bye")
+            self.assertEqual(bye["reason"], "server shutting down")
+            await peer.expect_eof()
+        with self.assertRaises(OSError):
+            await Peer.open(self.port)
+
+
+class ServerProcessTests(unittest.TestCase):
+    """The real `python pychat.py server` command."""
+
+    def start(self, *extra: str) -> tuple[subprocess.Popen, int]:
+        proc = subprocess.Popen([sys.executable, PYCHAT, "server", "--host", HOST, "--port", "0",
+                                 *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.stderr.close)
+        line = proc.stdout.readline()  # blocks until the server has bound its port
+        self.assertIn("listening on", line)
+        port = int(line.rsplit("(port ", 1)[1].rstrip(")\n"))
+        return proc, port
+
+    def test_sigterm_and_sigint_say_bye_and_exit_zero(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(sig=sig):
+                proc, port = self.start("--motd", "hi")
+                with socket.create_connection((HOST, port), timeout=TIMEOUT) as s:
+                    f = s.makefile("rwb")
+                    f.write(encode({"type": "hello", "nick": "alice"}))
+                    f.flush()
+                    self.assertEqual(json.loads(f.readline())["motd"], "hi")
+                    proc.send_signal(sig)
+                    lines = [json.loads(x) for x in f]
+                self.assertEqual(lines[-1], {"type": "bye", "reason": "server shutting down"})
+                self.assertEqual(proc.wait(TIMEOUT), 0)
+                self.assertNotIn("Traceback", proc.stderr.read())
+
+    def test_port_in_use_is_a_clear_error(self):
+        proc, port = self.start()
+        out = subprocess.run([sys.executable, PYCHAT, "server", "--host", HOST, "--port",
+                              str(port)], capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(out.returncode, 1)
+        self.assertIn("cannot listen", out.stderr)
+        self.assertNotIn("Traceback", out.stderr)
+        proc.terminate()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+
+
+# ===========================================================================
+# 4. Client core
+# ===========================================================================
+
+class ClientTests(ServerCase):
+    async def start_client(self, nick: str, **kw) -> tuple[ChatClient, list[dict], asyncio.Task]:
+        events: list[dict] = []
+        client = ChatClient(HOST, self.port, nick, events.append, **kw)
+        task = asyncio.get_running_loop().create_task(client.run())
+
+        async def stop() -> None:
+            await client.quit()
+            await asyncio.wait_for(task, TIMEOUT)
+        self.addAsyncCleanup(stop)
+        return client, events, task
+
+    async def test_registers_tracks_users_and_confirms_messages(self):
+        bob = await self.connect("bob")
+        client, events, _ = await self.start_client("alice")
+        await wait_for(lambda: client.registered, what="registration")
+        await wait_for(lambda: "bob" in client.users.values(), what="user list")
+        kinds = [e["type"] for e in events]
+        self.assertEqual(kinds[:5], ["status", "status", "welcome", "history", "users"])
+        cid = client.send_msg("hello")
+        self.assertEqual([m["cid"] for m in client.pending()], [cid])
+        msg = await bob.expect("msg")
+        self.assertEqual((msg["text"], msg["cid"]), ("hello", cid))
+        await wait_for(lambda: not client.pending(), what="echo")
+        await bob.send({"type": "nick", "nick": "robert"})
+        await wait_for(lambda: "robert" in client.users.values(), what="nick change")
+        self.assertNotIn("bob", client.users.values())
+        await bob.send({"type": "quit"})
+        await wait_for(lambda: client.users == {"alice": "alice"}, what="leave")
+
+    async def test_refused_message_becomes_a_failed_event(self):
+        self.server.max_text = 5
+        client, events, _ = await self.start_client("alice")
+        client.send_msg("far too long")
+        await wait_for(lambda: any(e["type"] == "failed" for e in events), what="failed event")
+        failed = [e for e in events if e["type"] == "failed"][0]
+        self.assertEqual((failed["code"], failed["text"]), ("too_long", "far too long"))
+        self.assertEqual(client.pending(), [])
+
+    async def test_nick_rejected_then_set_nick(self):
+        await self.connect("alice")
+        client, events, _ = await self.start_client("ALICE")
+        await wait_for(lambda: any(e["type"] == "nick_rejected" for e in events))
+        self.assertFalse(client.registered)
+        client.set_nick("alice2")
+        await wait_for(lambda: client.registered, what="registration")
+        self.assertEqual(client.nick, "alice2")
+
+    async def test_gives_up_with_fatal_when_nothing_listens(self):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            free_port = s.getsockname()[1]
+        events: list[dict] = []
+        client = ChatClient(HOST, free_port, "x", events.append, connect_attempts=2)
+        await asyncio.wait_for(client.run(), TIMEOUT)
+        self.assertEqual(events[-1]["type"], "fatal")
+        self.assertIn(f"{HOST}:{free_port}", events[-1]["message"])
+
+    async def test_reconnects_after_restart_and_delivers_what_was_typed_meanwhile(self):
+        client, events, _ = await self.start_client("alice")
+        await wait_for(lambda: client.registered, what="registration")
+        client.send_msg("before")
+        await wait_for(lambda: not client.pending(), what="first echo")
+        await self.server.close()
+        await wait_for(lambda: not client.registered, what="disconnect")
+        client.send_msg("typed while down")
+        self.assertEqual(len(client.pending()), 1)
+        self.server = ChatServer()
+        await self.server.start(HOST, self.port)
+        self.addAsyncCleanup(self.server.close)
+        watcher = await self.connect("watcher")
+        await wait_for(lambda: client.registered, what="reconnect")
+        msg = await watcher.expect("msg")
+        self.assertEqual((msg["from"], msg["text"]), ("alice", "typed while down"))
+        await wait_for(lambda: not client.pending(), what="second echo")
+        states = [e["state"] for e in events if e["type"] == "status"]
+        self.assertIn("disconnected", states)
+        self.assertEqual(states.count("connected"), 2)
+        welcomes = [e for e in events if e["type"] == "welcome"]
+        self.assertEqual([w["nick"] for w in welcomes], ["alice", "alice"])
+        self.assertEqual([w["first"] for w in welcomes], [True, False])
+
+
+# ===========================================================================
+# 5. Terminal client
+# ===========================================================================
+
+class TerminalFormatTests(unittest.TestCase):
+    def test_strip_terminal_removes_escapes_and_controls(self):
+        evil = ("\x1b[2J\x1b[H\x1b]0;pwned\x07\x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\"
+                "\x1bPdcs\x1b\\\x1bc\x9b31m\x07\x08\rok\u202eevil")
+        cleaned = pychat.strip_terminal(evil)
+        self.assertEqual(cleaned, "linkokevil")
+        for ch in cleaned:
+            self.assertGreaterEqual(ord(ch), 0x20)
+
+    def test_messages_are_formatted_and_sanitised(self):
+        term = pychat.Terminal(out=io.StringIO(), color=False)
+        ts = time.mktime((2026, 1, 2, 13, 45, 0, 0, 0, -1))
+        line = term.format_event({"type": "msg", "from": "bob", "text": "hi\x1b[2J", "ts": ts})
+        self.assertEqual(line, "13:45 <bob> hi")
+        line = term.format_event({"type": "msg", "from": "bob", "text": "waves", "ts": ts,
+                                  "action": True})
+        self.assertEqual(line, "13:45 * bob waves")
+        line = term.format_event({"type": "msg", "from": "bob", "text": "a\nb", "ts": ts})
+        self.assertEqual(line, "13:45 <bob> a\n      b")
+        line = term.format_event({"type": "leave", "nick": "bob", "room": "#lobby",
+                                  "reason": "quit", "ts": ts})
+        self.assertEqual(line, "13:45 -- bob left #lobby (quit)")
+
+    def test_colour_only_when_asked_and_stable_per_nick(self):
+        coloured = pychat.Terminal(out=io.StringIO(), color=True)
+        line = coloured.format_event({"type": "msg", "from": "bob", "text": "x", "ts": 0})
+        self.assertIn(f"\x1b[{pychat.nick_colour('bob')}mbob\x1b[0m", line)
+        self.assertEqual(pychat.nick_colour("Bob"), pychat.nick_colour("bob"))
+        plain = pychat.Terminal(out=io.StringIO())  # a StringIO is no TTY: no colour
+        self.assertNotIn("\x1b", plain.format_event({"type": "join", "nick": "b", "room": "#l"}))
+
+    def test_parse_command_and_completion(self):
+        self.assertEqual(pychat.parse_command("hello"), ("", "hello"))
+        self.assertEqual(pychat.parse_command("/NICK  bob "), ("nick", "bob"))
+        self.assertEqual(pychat.parse_command("/me waves"), ("me", "waves"))
+        self.assertEqual(pychat.parse_command("//not a command"), ("", "/not a command"))
+        self.assertEqual(pychat.complete_nick("al", ["bob", "Alice", "alan"]), ["alan", "Alice"])
+
+
+class CliProcessTests(ServerCase):
+    """`python pychat.py cli` as a real subprocess against a real server."""
+
+    async def run_cli(self, *args: str, stdin: str = "", env: dict | None = None
+                      ) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, PYCHAT, "cli", "--host", HOST, "--port", str(self.port), *args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})})
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(stdin.encode("utf-8")), 30)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+        return proc.returncode, out.decode("utf-8"), err.decode("utf-8")
+
+    async def test_piped_lines_are_all_sent_in_order_then_exit_zero(self):
+        watcher = await self.connect("watcher")
+        lines = [f"line {i} ünïcödé" for i in range(30)]  # more than one flood burst
+        rc, out, err = await self.run_cli("--nick", "ci", stdin="\n".join(lines) + "\n")
+        self.assertEqual(rc, 0, err)
+        self.assertNotIn("Traceback", err)
+        got = [(await watcher.expect("msg"))["text"] for _ in lines]
+        self.assertEqual(got, lines)
+        leave = await watcher.expect("leave", nick="ci")
+        self.assertEqual(leave["reason"], "quit")
+        self.assertIn("<ci> line 29 ünïcödé", out)
+
+    async def test_commands_and_history_in_piped_mode(self):
+        alice = await self.connect("alice")
+        await alice.send({"type": "msg", "text": "earlier \x1b]0;title\x07text"})
+        await alice.expect("msg")
+        rc, out, err = await self.run_cli(
+            "--nick", "bob", stdin="/me waves\n/who\n/frobnicate\n/nick bobby\nafter\n",
+            env={"NO_COLOR": "1"})
+        self.assertEqual(rc, 0, err)
+        # The server already stripped ESC and BEL; the harmless rest is shown.
+        self.assertIn("<alice> earlier ]0;titletext", out)
+        self.assertIn("* bob waves", out)
+        self.assertIn("2 in #lobby: alice, bob", out)
+        self.assertIn("Unknown command /frobnicate", out)
+        self.assertIn("You are now known as bobby", out)
+        self.assertIn("<bobby> after", out)
+        self.assertNotIn("\x1b", out)
+        msgs = []
+        while len(msgs) < 2:
+            msgs.append(await alice.expect("msg"))
+        self.assertEqual([(m["from"], m["text"], m.get("action")) for m in msgs],
+                         [("bob", "waves", True), ("bobby", "after", None)])
+
+    async def test_no_history_flag(self):
+        alice = await self.connect("alice")
+        await alice.send({"type": "msg", "text": "old news"})
+        await alice.expect("msg")
+        rc, out, err = await self.run_cli("--nick", "bot", "--no-history", stdin="")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("You are bot", out)
+        self.assertNotIn("old news", out)
+        rc, out, err = await self.run_cli("--nick", "bot", stdin="")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("<alice> old news", out)
+
+    async def test_taken_nick_in_piped_mode_exits_2_with_a_message(self):
+        await self.connect("alice")
+        rc, out, err = await self.run_cli("--nick", "Alice", stdin="hi\n")
+        self.assertEqual(rc, 2)
+        self.assertIn("already in use", err)
+        self.assertNotIn("Traceback", err)
+
+    async def test_too_long_line_is_reported_and_exit_status_is_1(self):
+        self.server.max_text = 20
+        watcher = await self.connect("watcher")
+        rc, out, err = await self.run_cli("--nick", "ci", stdin="short\n" + "x" * 50 + "\nend\n")
+        self.assertEqual(rc, 1)
+        self.assertIn("Not sent", out)
+        self.assertEqual((await watcher.expect("msg"))["text"], "short")
+        self.assertEqual((await watcher.expect("msg"))["text"], "end")
+
+
+class CliCommandLineTests(unittest.TestCase):
+    def run_pychat(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, PYCHAT, *args], capture_output=True, text=True,
+                              timeout=30, stdin=subprocess.DEVNULL)
+
+    def test_cannot_connect_exits_1_with_a_clear_message(self):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        out = self.run_pychat("cli", "--host", HOST, "--port", str(port), "--nick", "x",
+                              "--connect-attempts", "2")
+        self.assertEqual(out.returncode, 1)
+        self.assertIn(f"Cannot connect to {HOST}:{port}", out.stderr)
+        self.assertNotIn("Traceback", out.stderr)
+
+    def test_bad_arguments(self):
+        out = self.run_pychat("cli", "--nick", "a b")
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("bad --nick", out.stderr)
+        out = self.run_pychat("server", "--port", "70000")
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("between 0 and 65535", out.stderr)
+        self.assertEqual(self.run_pychat().returncode, 2)
+
+    def test_help_texts(self):
+        for args in ([], ["server"], ["cli"]):
+            out = self.run_pychat(*args, "--help")
+            self.assertEqual(out.returncode, 0)
+            self.assertIn("usage:", out.stdout)
+        server_help = self.run_pychat("server", "--help").stdout
+        for flag in ("--history", "--max-line-bytes", "--max-text", "--flood-burst",
+                     "--flood-rate", "--max-backlog-bytes", "--ping-interval",
+                     "--ping-timeout", "--motd", "--log-level"):
+            self.assertIn(flag, server_help)
+
+
+if __name__ == "__main__":
+    unittest.main()
