@@ -412,6 +412,14 @@ class ChatServer:
         self.loop = asyncio.get_running_loop()
         server = await self.loop.create_server(lambda: Session(self), host, port,
                                                reuse_address=True)
+        ports = sorted({s.getsockname()[1] for s in server.sockets})
+        if port == 0 and len(ports) > 1:
+            # Every interface with port 0: IPv4 and IPv6 got different free
+            # ports.  Listen again on one of them everywhere.
+            server.close()
+            await server.wait_closed()
+            server = await self.loop.create_server(lambda: Session(self), host, ports[0],
+                                                   reuse_address=True)
         self._servers.append(server)
         self._housekeeper = self.loop.create_task(self._housekeeping())
         return server.sockets[0].getsockname()[1]
@@ -692,7 +700,7 @@ async def serve(args: argparse.Namespace) -> int:
     print(f"PyChat {__version__} server listening on {shown} (port {port})", flush=True)
     if args.host in (None, "", "0.0.0.0", "::"):
         lan = lan_addresses()
-        where = lan[0] if lan else "<this machine's address>"
+        where = lan[0] if lan else socket.gethostname() or "<this machine's address>"
         print(f"Friends on your network join with:  python pychat.py cli --host {where} "
               f"--port {port}", flush=True)
     print("Press Ctrl-C to stop.", flush=True)

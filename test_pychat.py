@@ -432,6 +432,52 @@ class LimitTests(ServerCase):
         self.assertFalse(any(e["type"] == "error" for e in alice.seen))
 
 
+class HostileInputTests(ServerCase):
+    server_options = {"max_line_bytes": 4096, "flood_burst": 50, "flood_rate": 50.0}
+
+    async def test_seeded_garbage_never_disturbs_a_chatting_pair(self):
+        import random
+        rng = random.Random(20261124)
+        alice = await self.connect("alice")
+        bob = await self.connect("bob")
+        valid = [encode(m) for m in (
+            {"type": "hello", "nick": "fuzz"}, {"type": "msg", "text": "x"},
+            {"type": "nick", "nick": "n"}, {"type": "users"}, {"type": "ping", "data": 1})]
+        garbage = []
+        for _ in range(300):
+            kind = rng.randrange(5)
+            if kind == 0:
+                garbage.append(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))))
+            elif kind == 1:  # a valid line with bytes flipped
+                line = bytearray(rng.choice(valid))
+                for _ in range(rng.randrange(1, 4)):
+                    line[rng.randrange(len(line) - 1)] = rng.randrange(256)
+                garbage.append(bytes(line))
+            elif kind == 2:
+                depth = rng.randrange(1, 3000)
+                garbage.append(b"[" * depth + b"]" * depth + b"\n")
+            elif kind == 3:
+                garbage.append(b'{"type":"msg","text":"\\ud800\x00\xc3\x28"}\n')
+            else:
+                garbage.append(b"\x00" * rng.randrange(1, 5000))
+        hostile = [await self.raw() for _ in range(5)]
+        for i, chunk in enumerate(garbage):
+            peer = hostile[i % len(hostile)]
+            if not peer.writer.is_closing():
+                try:
+                    await peer.send_raw(chunk)
+                except ConnectionError:
+                    pass  # the server may rightly hang up on a line that is too long
+            if i % 30 == 0:
+                await alice.send({"type": "msg", "text": f"still here {i}"})
+                got = await bob.expect("msg", text=f"still here {i}", timeout=2)
+                self.assertEqual(got["from"], "alice")
+        await bob.send({"type": "users"})
+        users = (await bob.expect("users"))["users"]
+        self.assertIn("alice", users)
+        self.assertIn("bob", users)
+
+
 class SlowReaderTests(ServerCase):
     server_options = {"max_backlog_bytes": 256 * 1024, "flood_rate": 0,
                       "max_text": 60000, "max_line_bytes": 128 * 1024}
