@@ -3,7 +3,9 @@
 
 Commands
     python pychat.py server [--host H] [--port 5050]   start a chat server
+    python pychat.py gui [--host H] [--port P] [--nick N]   open the desktop client
     python pychat.py cli [--host H] [--port P] [--nick N]   join from a terminal
+    python pychat.py make-ding [PATH]                  write the notification chime
     python pychat.py --help                            every subcommand and flag
 
 Wire protocol v1: TCP, one UTF-8 JSON object per line ending in "\\n", every
@@ -29,9 +31,10 @@ object has a "type", unknown fields are ignored.  A session looks like this
 README.md holds the full reference.  Sections of this file, each using only
 the ones above it:
 
-    1. Constants and limits      4. Client core (ChatClient)
-    2. Protocol                  5. Terminal client (run_cli)
-    3. Server core               6. Entry point (build_parser, main)
+    1. Constants and limits      5. Sound (make_ding, Notifier)
+    2. Protocol                  6. Terminal client (run_cli)
+    3. Server core               7. GUI client (ChatWindow, run_gui)
+    4. Client core (ChatClient)  8. Entry point (build_parser, main)
 """
 
 from __future__ import annotations
@@ -43,17 +46,24 @@ import getpass
 import itertools
 import json
 import logging
+import math
 import os
+import queue
 import re
 import secrets
 import shutil
 import signal
 import socket
+import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
+import wave
 import zlib
+from pathlib import Path
 from typing import Any, Callable
 
 __version__ = "0.1.0"
@@ -82,6 +92,8 @@ PING_TIMEOUT = 20.0            # drop it if it stays silent this much longer
 MAX_NICK_LEN = 32
 MAX_REASON_LEN = 200           # quit reasons and other short free texts
 MAX_CID_LEN = 64               # client message ids are echoed, so keep them short
+TYPING_EVERY = 3.0             # a client says "typing" at most this often...
+TYPING_RELAY_MIN = 2.0         # ...and the server relays at most one per this interval
 # A flooder is disconnected once this many requests have been refused faster
 # than the bucket refills (a burst of honest typing never gets near it).
 FLOOD_KICK = 40
@@ -142,6 +154,7 @@ FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "ping": {},
     "pong": {},
     "quit": {"reason": (str, False)},
+    "typing": {"room": (str, False)},
 }
 
 _CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -260,6 +273,7 @@ class Session(asyncio.Protocol):
         self.closing = False
         self.leave_reason = "disconnected"
         self.quit_message = ""
+        self.typing_at = -TYPING_RELAY_MIN
         now = server.loop.time()
         self.last_rx = now
         self.pinged_at: float | None = None
@@ -404,6 +418,7 @@ class ChatServer:
             "ping": self.handle_ping,
             "pong": self.handle_pong,
             "quit": self.handle_quit,
+            "typing": self.handle_typing,
         }
 
     # --- lifecycle
@@ -522,7 +537,7 @@ class ChatServer:
             if s.nick is None and kind not in ("hello", "ping", "pong"):
                 raise ProtocolError("not_registered", ERRORS["not_registered"])
             validate(msg)
-            if kind != "pong" and not s.take_token(self.loop.time()):
+            if kind not in ("pong", "typing") and not s.take_token(self.loop.time()):
                 if s.flood_penalty > FLOOD_KICK:
                     s.send(encode(error("flooding")))
                     s.close("flood")
@@ -656,6 +671,21 @@ class ChatServer:
     def handle_pong(self, s: Session, msg: dict) -> None:
         pass  # any incoming line already counts as a sign of life
 
+    def handle_typing(self, s: Session, msg: dict) -> None:
+        """Relay "typing" to the room's other members: never stored, at most one per
+        TYPING_RELAY_MIN seconds per client (extra ones are dropped silently)."""
+        now = self.loop.time()
+        if now - s.typing_at < TYPING_RELAY_MIN:
+            return
+        room = self._room_for(s, msg)
+        if room is None:
+            return
+        s.typing_at = now
+        data = encode({"type": "typing", "room": room.name, "nick": s.nick})
+        for member in room.members.values():
+            if member is not s:
+                member.send(data)
+
     def handle_quit(self, s: Session, msg: dict) -> None:
         reason = clean_text(msg.get("reason") or "").replace("\n", " ").strip()[:MAX_REASON_LEN]
         s.quit_message = reason
@@ -758,6 +788,7 @@ class ChatClient:
         self._tokens = 0.0
         self._token_time = 0.0
         self._pump: asyncio.Task | None = None
+        self._typing_sent = -TYPING_EVERY
 
     # --- public methods (called by UIs)
     def send_msg(self, text: str, action: bool = False) -> str:
@@ -768,6 +799,7 @@ class ChatClient:
             req["action"] = True
         self.outbox[cid] = req
         self._enqueue(req)
+        self._outbox_changed()
         return cid
 
     def change_nick(self, nick: str) -> None:
@@ -775,6 +807,13 @@ class ChatClient:
 
     def request_users(self) -> None:
         self._enqueue({"type": "users", "room": self.room})
+
+    def typing(self) -> None:
+        """Tell the room we are typing (rate-limited here; dropped while offline)."""
+        now = time.monotonic()
+        if self.registered and now - self._typing_sent >= TYPING_EVERY:
+            self._typing_sent = now
+            self._enqueue({"type": "typing", "room": self.room})
 
     def set_nick(self, nick: str) -> None:
         """Answer a nick_rejected event with another nick to try."""
@@ -836,7 +875,7 @@ class ChatClient:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            while rate > 0:
+            while rate > 0 and self.queue[0]["type"] != "typing":  # typing costs no token
                 now = time.monotonic()
                 self._tokens = min(burst, self._tokens + (now - self._token_time) * rate)
                 self._token_time = now
@@ -1052,7 +1091,8 @@ class ChatClient:
                 self.last_id = max(self.last_id, event["id"])
             cid = event.get("cid")
             if event.get("from") == self.nick and isinstance(cid, str):
-                self.outbox.pop(cid, None)
+                if self.outbox.pop(cid, None) is not None:
+                    self._outbox_changed()
         elif kind == "error":
             cid = event.get("cid")
             if isinstance(cid, str) and cid in self.outbox:
@@ -1062,8 +1102,12 @@ class ChatClient:
                 req = self.outbox.pop(cid)
                 self._emit({"type": "failed", "cid": cid, "text": req.get("text", ""),
                             "code": event.get("code"), "message": event.get("message", "")})
+                self._outbox_changed()
                 return
         self._emit(event)
+
+    def _outbox_changed(self) -> None:
+        self._emit({"type": "outbox", "pending": [r["text"] for r in self.outbox.values()]})
 
     def _resend_later(self, cid: str) -> None:
         """The server dropped a paced message anyway: queue it again in a second."""
@@ -1074,9 +1118,177 @@ class ChatClient:
         asyncio.get_running_loop().call_later(1.0, again)
 
 
+class ClientThread:
+    """A ChatClient on a private event loop in a daemon thread (for the GUI).
+
+    Events come out through `events`, a queue.Queue the UI polls; calls go in
+    through call_soon_threadsafe, the only legal way into another thread's loop.
+    """
+
+    def __init__(self, host: str, port: int, nick: str, **options: Any):
+        self.events: queue.Queue[dict] = queue.Queue()
+        self.loop = asyncio.new_event_loop()
+        self.client: ChatClient | None = None
+        self._args = (host, port, nick, options)
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pychat-net", daemon=True)
+
+    def start(self) -> ClientThread:
+        self._thread.start()
+        self._ready.wait(5)
+        return self
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        host, port, nick, options = self._args
+        self.client = ChatClient(host, port, nick, self.events.put, **options)
+        self._ready.set()
+        try:
+            self.loop.run_until_complete(self.client.run())
+        except Exception as e:  # never let the thread die silently
+            self.events.put({"type": "fatal", "message": f"Network error: {e}"})
+        finally:
+            self.loop.close()
+
+    def _call(self, method: str, *args: Any) -> None:
+        if self.client is None:
+            return
+        try:
+            self.loop.call_soon_threadsafe(getattr(self.client, method), *args)
+        except RuntimeError:  # loop already closed: the client is gone
+            pass
+
+    def send_msg(self, text: str, action: bool = False) -> None:
+        self._call("send_msg", text, action)
+
+    def change_nick(self, nick: str) -> None:
+        self._call("change_nick", nick)
+
+    def request_users(self) -> None:
+        self._call("request_users")
+
+    def typing(self) -> None:
+        self._call("typing")
+
+    def set_nick(self, nick: str) -> None:
+        self._call("set_nick", nick)
+
+    def close(self, timeout: float = 3.0) -> None:
+        """Quit cleanly and wait (bounded) for the thread to end."""
+        if self.client is not None and self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(self.client.quit(), self.loop)
+            except RuntimeError:
+                pass
+        self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
 # ===========================================================================
-# 5. Terminal client -- run_cli() and its helpers.  Uses: constants,
-#    protocol, client core.  Only this section prints.
+# 5. Sound -- the ding: synthesised with `wave`, played by the platform's
+#    player in a worker thread, never blocking and never raising.  Uses:
+#    constants.
+# ===========================================================================
+
+DING_FILE = "ding.wav"
+
+
+def make_ding(path: Path, seconds: float = 0.25, rate: int = 44100, freq: float = 880.0) -> Path:
+    """Write PyChat's chime (a soft bell at A5 with two partials) as 16-bit mono WAV."""
+    n, attack = int(seconds * rate), int(0.004 * rate)  # 4 ms fade-in: no click
+    frames = bytearray()
+    for i in range(n):
+        t = i / rate
+        env = math.exp(-t * 14.0) * (i / attack if i < attack else 1.0)
+        tail = min(1.0, (n - i) / (0.02 * rate))  # 20 ms fade-out: no click
+        sample = (math.sin(2 * math.pi * freq * t)
+                  + 0.45 * math.sin(4 * math.pi * freq * t) * math.exp(-t * 10)
+                  + 0.25 * math.sin(6 * math.pi * freq * t) * math.exp(-t * 20))
+        value = max(-1.0, min(1.0, 0.5 * env * tail * sample / 1.7))
+        frames += struct.pack("<h", int(value * 32767))
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(bytes(frames))
+    return path
+
+
+def ding_path() -> Path | None:
+    """ding.wav beside pychat.py, or the same chime synthesised into a temp file."""
+    beside = Path(__file__).resolve().with_name(DING_FILE)
+    if beside.is_file():
+        return beside
+    made = Path(tempfile.gettempdir()) / f"pychat-{__version__}-{DING_FILE}"
+    try:
+        if not made.is_file():
+            make_ding(made)
+        return made
+    except OSError:
+        return None
+
+
+def player_commands(path: Path) -> list[list[str]]:
+    """Command lines that can play a WAV file here, best first."""
+    if sys.platform == "darwin":
+        names = [["afplay", str(path)]]
+    else:
+        names = [["paplay", str(path)], ["aplay", "-q", str(path)]]
+    return [cmd for cmd in names if shutil.which(cmd[0])]
+
+
+class Notifier:
+    """Plays the ding in a worker thread; at most one at a time.
+
+    The worker only sets `needs_bell` when every player failed; the UI thread
+    polls it and rings its own bell (Tk must not be touched from the worker).
+    """
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self.muted = False
+        self.needs_bell = False
+        self.plays = 0
+        self._busy = threading.Lock()
+
+    def ding(self) -> None:
+        if self.muted:
+            return
+        if not self._busy.acquire(blocking=False):
+            return  # a ding is already playing: a flood of messages is one ding
+        self.plays += 1
+        threading.Thread(target=self._play, name="pychat-ding", daemon=True).start()
+
+    def _play(self) -> None:
+        try:
+            path = self.path or ding_path()
+            if path is None:
+                self.needs_bell = True
+            elif sys.platform == "win32":
+                import winsound  # Windows only
+                winsound.PlaySound(str(path), winsound.SND_FILENAME | winsound.SND_NODEFAULT)
+            else:
+                for cmd in player_commands(path):
+                    try:
+                        done = subprocess.run(cmd, stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL, timeout=5)
+                    except (OSError, subprocess.TimeoutExpired):
+                        continue
+                    if done.returncode == 0:
+                        return
+                self.needs_bell = True
+        except Exception:  # a sound must never break the chat
+            self.needs_bell = True
+        finally:
+            self._busy.release()
+
+
+# ===========================================================================
+# 6. Terminal client -- run_cli() and its helpers.  Uses: constants,
+#    protocol, client core.  Only this section and the entry point print.
 #
 # A daemon thread reads stdin (through readline where it exists, or a tiny
 # msvcrt line editor on Windows) and hands each line to the event loop with
@@ -1590,7 +1802,940 @@ def _make_completer(nicks: Callable[[], list[str]],
 
 
 # ===========================================================================
-# 6. Entry point -- build_parser(), main(argv).  Uses: everything above.
+# 7. GUI client -- ConnectDialog, ChatWindow, run_gui().  Uses: constants,
+#    protocol, client core, sound, and the CLI's pure helpers (commands,
+#    nick completion).  tkinter is imported only inside this section's
+#    functions, so the server and the CLI run where Tk is missing.
+#
+# Threads: only the Tk (main) thread touches widgets.  The network runs in a
+# ClientThread; its events arrive in a queue.Queue that the window drains
+# every POLL_MS with after(), and the window calls the ClientThread's
+# methods, which hop onto the network loop with call_soon_threadsafe.
+# ===========================================================================
+
+POLL_MS = 50                   # how often the window drains network events
+EVENTS_PER_POLL = 500          # bounded work per tick keeps the window responsive
+MAX_CHAT_LINES = 5000          # the chat pane forgets its oldest lines past this
+TYPING_SHOWN_FOR = 6.0         # seconds a "typing" notice stays without news
+
+THEME = {
+    "bg": "#313338", "side": "#2b2d31", "header": "#1e1f22", "input": "#383a40",
+    "text": "#dbdee1", "dim": "#949ba4", "accent": "#5865f2", "accent_hover": "#4752c4",
+    "button": "#4e5058", "button_hover": "#6d6f78", "mention": "#4a4537",
+    "mention_bar": "#f0b232", "link": "#00a8fc", "error": "#f23f43", "ok": "#23a55a",
+    "marker": "#f23f43", "pending": "#80848e",
+}
+NICK_PALETTE = ("#f47b67", "#f8a532", "#e6c300", "#75d160", "#3ba55c", "#1abc9c",
+                "#00b0f4", "#7289da", "#9b84ee", "#eb459e", "#e67e22", "#c27c0e")
+
+URL_RE = re.compile(r"\b(?:https?://|www\.)[^\s<>\"']+[^\s<>\"'.,;:!?)\]}]")
+
+# The emoji picker's groups.  Non-BMP ones are offered only where Tk can show
+# them (see emoji_groups); the BMP symbols render with ordinary fonts.
+EMOJI = {
+    "Smileys": "😀 😃 😄 😁 😆 😅 😂 🙂 😉 😊 😍 😘 😎 🤔 😐 😴 😢 😭 😡 😱",
+    "Gestures": "👍 👎 👏 🙌 🙏 👋 💪 👌 🤝 ✌",
+    "Things": "🎉 🎂 🍕 🍺 💻 📎 📌 🚀 ⏰ 🔥 ✨ 💯",
+    "Symbols": "☺ ☹ ❤ ♥ ★ ☆ ✔ ✖ ☀ ☁ ☂ ☕ ♫ ⚡ ⚠ ♻ ✉ ✂ ⌛ ☎",
+}
+COLOR_EMOJI_FONTS = ("Noto Color Emoji", "Apple Color Emoji", "Segoe UI Emoji",
+                     "Twemoji", "JoyPixels", "EmojiOne Color", "Symbola")
+
+
+def nick_hex(nick: str) -> str:
+    """A stable colour for a nick in the window (same hash as the terminal's)."""
+    return NICK_PALETTE[zlib.crc32(nick_key(nick).encode("utf-8")) % len(NICK_PALETTE)]
+
+
+def find_urls(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, url) of every link in text; www. links get http://."""
+    found = []
+    for m in URL_RE.finditer(text):
+        url = m.group(0)
+        found.append((m.start(), m.end(), url if "://" in url else "http://" + url))
+    return found
+
+
+def mentions(text: str, nick: str) -> bool:
+    """True if `nick` appears in `text` as a word (case-insensitive)."""
+    if not nick:
+        return False
+    pattern = r"(?<![\w])" + re.escape(nick_key(nick)) + r"(?![\w])"
+    return re.search(pattern, nick_key(text)) is not None
+
+
+def tk_safe(text: str, non_bmp: bool = True) -> str:
+    """Text that Tk can take: no lone surrogates, no NUL, and no characters
+    above U+FFFF on a Tk too old to show them (they become U+FFFD)."""
+    text = text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
+    if not non_bmp:
+        text = "".join(ch if ord(ch) <= 0xFFFF else "\ufffd" for ch in text)
+    return text
+
+
+def bmp_only(text: str) -> bool:
+    """Validator for one-line entries: Tk's Entry corrupts memory when non-BMP
+    characters are edited in it (Tk 8.6), so they are refused there."""
+    return all(ord(ch) <= 0xFFFF for ch in text)
+
+
+def tk_handles_non_bmp(patchlevel: str) -> bool:
+    """Tk 8.6.10 and newer pass characters above U+FFFF through intact."""
+    try:
+        parts = tuple(int(p) for p in re.findall(r"\d+", patchlevel)[:3])
+    except ValueError:
+        return False
+    return parts >= (8, 6, 10)
+
+
+def emoji_groups(non_bmp: bool, families: set[str]) -> dict[str, list[str]]:
+    """The emoji the picker offers on this Tk: all of them with a colour-emoji
+    (or broad symbol) font and a Tk that handles non-BMP text, else only the
+    BMP symbols that ordinary fonts draw."""
+    full = non_bmp and any(f in families for f in COLOR_EMOJI_FONTS)
+    groups: dict[str, list[str]] = {}
+    for name, chars in EMOJI.items():
+        keep = [c for c in chars.split() if full or ord(c) <= 0xFFFF]
+        if keep:
+            groups[name] = keep
+    return groups
+
+
+def config_dir() -> Path:
+    """Where PyChat keeps its small settings file, per platform convention."""
+    if sys.platform == "win32":
+        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
+        return base / "PyChat"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "PyChat"
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "pychat"
+
+
+def load_settings(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def save_settings(path: Path, settings: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    except OSError as e:
+        log.warning("could not save settings to %s: %s", path, e)
+
+
+def gui_command(text: str) -> tuple[str, str] | None:
+    """What a line typed in the window asks for: (action, argument), or None
+    for a usage problem already explained by the returned tuple ("error", why)."""
+    cmd, arg = parse_command(text)
+    if cmd == "":
+        return ("say", arg)
+    if cmd == "me":
+        return ("me", arg) if arg else ("error", "Usage: /me ACTION")
+    if cmd == "nick":
+        if not arg:
+            return ("error", "Usage: /nick NEW")
+        problem = nick_problem(arg)
+        return ("error", problem) if problem else ("nick", arg)
+    if cmd in ("who", "help", "quit", "exit"):
+        return ("quit" if cmd == "exit" else cmd, arg)
+    return ("error", f"Unknown command /{cmd}. Type /help for the list.")
+
+
+GUI_HELP = CLI_HELP.replace("(Ctrl-D and Ctrl-C work too)", "(closes the window)") + """
+Keys: Enter sends, Shift+Enter starts a new line, Up recalls what you sent,
+Tab completes nicks."""
+
+
+class HoverButton:
+    """A flat tk.Button that lights up under the mouse and shows keyboard focus."""
+
+    def __init__(self, master: Any, text: str, command: Callable[[], None], *,
+                 bg: str, hover: str, font: Any = None, width: int | None = None):
+        import tkinter as tk
+        self.bg, self.hover = bg, hover
+        self.widget = tk.Button(master, text=text, command=command, bg=bg, fg="#ffffff",
+                                activebackground=hover, activeforeground="#ffffff",
+                                relief="flat", bd=0, padx=12, pady=6, cursor="hand2",
+                                highlightthickness=2, highlightbackground=THEME["bg"],
+                                highlightcolor=THEME["text"], takefocus=True)
+        if font is not None:
+            self.widget.configure(font=font)
+        if width is not None:
+            self.widget.configure(width=width)
+        self.widget.bind("<Enter>", lambda e: self.widget.configure(bg=self.hover))
+        self.widget.bind("<Leave>", lambda e: self.widget.configure(bg=self.bg))
+        self.widget.bind("<Return>", lambda e: command())
+        self.widget.bind("<space>", lambda e: command())
+
+
+class ConnectDialog:
+    """Host, port and nick, with errors shown in place; calls on_connect."""
+
+    def __init__(self, master: Any, host: str, port: int, nick: str,
+                 on_connect: Callable[[str, int, str], None]):
+        import tkinter as tk
+        self.master = master
+        self.on_connect = on_connect
+        self.frame = tk.Frame(master, bg=THEME["bg"], padx=30, pady=24)
+        self.frame.pack(fill="both", expand=True)
+        tk.Label(self.frame, text="PyChat", font=("TkDefaultFont", 20, "bold"),
+                 bg=THEME["bg"], fg=THEME["text"]).grid(row=0, column=0, columnspan=2,
+                                                         sticky="w", pady=(0, 4))
+        tk.Label(self.frame, text="Join a chat server", bg=THEME["bg"],
+                 fg=THEME["dim"]).grid(row=1, column=0, columnspan=2, sticky="w", pady=(0, 14))
+        check = (master.register(bmp_only), "%P")
+        self.vars = {}
+        for row, (label, value) in enumerate((("Server", host), ("Port", str(port)),
+                                              ("Nick", nick)), start=2):
+            tk.Label(self.frame, text=label, bg=THEME["bg"], fg=THEME["dim"]).grid(
+                row=row, column=0, sticky="w", pady=4, padx=(0, 10))
+            var = tk.StringVar(value=value)
+            entry = tk.Entry(self.frame, textvariable=var, width=28, bg=THEME["input"],
+                             fg=THEME["text"], insertbackground=THEME["text"], relief="flat",
+                             highlightthickness=2, highlightbackground=THEME["input"],
+                             highlightcolor=THEME["accent"], validate="key",
+                             validatecommand=check)
+            entry.grid(row=row, column=1, sticky="ew", pady=4, ipady=4)
+            entry.bind("<Return>", lambda e: self.submit())
+            self.vars[label.lower()] = (var, entry)
+        self.error = tk.Label(self.frame, text="", bg=THEME["bg"], fg=THEME["error"],
+                              wraplength=320, justify="left")
+        self.error.grid(row=5, column=0, columnspan=2, sticky="w", pady=(10, 0))
+        self.button = HoverButton(self.frame, "Connect", self.submit, bg=THEME["accent"],
+                                  hover=THEME["accent_hover"])
+        self.button.widget.grid(row=6, column=0, columnspan=2, sticky="ew", pady=(12, 0))
+        self.frame.columnconfigure(1, weight=1)
+        first_empty = next((e for v, e in self.vars.values() if not v.get()),
+                           self.vars["nick"][1])
+        first_empty.focus_set()
+
+    def value(self, name: str) -> str:
+        return self.vars[name][0].get().strip()
+
+    def submit(self) -> None:
+        host, port_text, nick = self.value("server"), self.value("port"), self.value("nick")
+        if not host:
+            return self.show_error("Enter the server's address (for example localhost).")
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            return self.show_error("The port is a number from 1 to 65535.")
+        problem = nick_problem(nick)
+        if problem:
+            return self.show_error(problem)
+        self.set_busy(True)
+        self.show_error("")
+        self.on_connect(host, int(port_text), nick)
+
+    def show_error(self, text: str) -> None:
+        self.error.configure(text=tk_safe(text))
+
+    def set_busy(self, busy: bool) -> None:
+        self.button.widget.configure(state="disabled" if busy else "normal",
+                                     text="Connecting..." if busy else "Connect")
+
+    def destroy(self) -> None:
+        self.frame.destroy()
+
+
+class ChatWindow:
+    """The main window: chat pane, user sidebar, input box, status bar."""
+
+    def __init__(self, master: Any, net: Any, *, nick: str, host: str = "", port: int = 0,
+                 notifier: Notifier | None = None, open_url: Callable[[str], Any] | None = None):
+        import tkinter as tk
+        import tkinter.font as tkfont
+        self.tk = tk
+        self.master = master
+        self.net = net
+        self.nick = nick
+        self.room = LOBBY
+        self.address = f"{host}:{port}"
+        self.notifier = notifier or Notifier()
+        self.open_url = open_url or _open_in_browser
+        self.users: dict[str, str] = {}
+        self.sent: list[str] = []          # input history for Up / Down
+        self.sent_pos = 0
+        self.typing_since: dict[str, float] = {}
+        self.pending: list[str] = []
+        self.unread = 0
+        self.focused = True
+        self.marker_pending = False        # put the unread marker before the next message
+        self.closing = False
+        self.connected = False
+        self._after: str | None = None
+        self._link_count = 0
+        self.non_bmp = tk_handles_non_bmp(str(master.tk.call("info", "patchlevel")))
+        families = set(tkfont.families(master))
+        self.emoji = emoji_groups(self.non_bmp, families)
+        self.emoji_font = next((f for f in COLOR_EMOJI_FONTS if f in families), None)
+        base = tkfont.nametofont("TkDefaultFont").actual()
+        self.font = (base["family"], 11)
+        self.fonts = {
+            "bold": (base["family"], 11, "bold"), "italic": (base["family"], 11, "italic"),
+            "small": (base["family"], 9), "title": (base["family"], 13, "bold"),
+        }
+        master.title("PyChat")
+        master.configure(bg=THEME["bg"])
+        master.minsize(640, 420)
+        self._build_header()
+        self._build_statusbar()
+        self._build_body()
+        master.protocol("WM_DELETE_WINDOW", self.close)
+        master.bind("<FocusIn>", self._focus_in, add="+")
+        master.bind("<FocusOut>", self._focus_out, add="+")
+        self.set_status("Connected" if net else "Not connected", THEME["ok"])
+        self.input.focus_set()
+        self._after = master.after(POLL_MS, self._poll)
+
+    # --- building
+    def _build_header(self) -> None:
+        tk = self.tk
+        bar = tk.Frame(self.master, bg=THEME["header"], padx=12, pady=8)
+        bar.pack(side="top", fill="x")
+        self.room_label = tk.Label(bar, text=self.room, font=self.fonts["title"],
+                                   bg=THEME["header"], fg=THEME["text"])
+        self.room_label.pack(side="left")
+        self.motd_label = tk.Label(bar, text="", font=self.fonts["small"], bg=THEME["header"],
+                                   fg=THEME["dim"])
+        self.motd_label.pack(side="left", padx=12)
+        self.mute_button = HoverButton(bar, "Sound on", self.toggle_mute, bg=THEME["button"],
+                                       hover=THEME["button_hover"], font=self.fonts["small"])
+        self.mute_button.widget.pack(side="right")
+
+    def _build_body(self) -> None:
+        tk = self.tk
+        body = tk.Frame(self.master, bg=THEME["bg"])
+        body.pack(side="top", fill="both", expand=True)
+        body.columnconfigure(0, weight=1)
+        body.rowconfigure(0, weight=1)
+        # Chat pane with its scrollbar.
+        pane = tk.Frame(body, bg=THEME["bg"])
+        pane.grid(row=0, column=0, sticky="nsew")
+        pane.rowconfigure(0, weight=1)
+        pane.columnconfigure(0, weight=1)
+        self.chat = tk.Text(pane, wrap="word", state="disabled", bg=THEME["bg"],
+                            fg=THEME["text"], font=self.font, relief="flat", padx=14, pady=10,
+                            spacing1=2, spacing3=2, cursor="arrow", highlightthickness=0,
+                            insertwidth=0, takefocus=False)
+        from tkinter import ttk
+        style = ttk.Style(self.master)
+        style.theme_use("clam")  # the one built-in ttk theme that takes colours everywhere
+        style.configure("Chat.Vertical.TScrollbar", background=THEME["side"],
+                        troughcolor=THEME["bg"], bordercolor=THEME["bg"],
+                        arrowcolor=THEME["dim"], lightcolor=THEME["side"],
+                        darkcolor=THEME["side"], gripcount=0, arrowsize=10)
+        style.map("Chat.Vertical.TScrollbar", background=[("active", THEME["button"])])
+        scroll = ttk.Scrollbar(pane, command=self.chat.yview, style="Chat.Vertical.TScrollbar")
+        self.chat.configure(yscrollcommand=scroll.set)
+        self.chat.grid(row=0, column=0, sticky="nsew")
+        scroll.grid(row=0, column=1, sticky="ns")
+        self._configure_tags()
+        # Typing notice and pending messages under the pane.
+        self.typing_label = tk.Label(body, text="", anchor="w", font=self.fonts["small"],
+                                     bg=THEME["bg"], fg=THEME["dim"], padx=16)
+        self.typing_label.grid(row=1, column=0, sticky="ew")
+        self.pending_label = tk.Label(body, text="", anchor="w", font=self.fonts["small"],
+                                      bg=THEME["bg"], fg=THEME["pending"], padx=16,
+                                      justify="left")
+        self.pending_label.grid(row=2, column=0, sticky="ew")
+        # Input row: a Text (not an Entry: see bmp_only) plus the buttons.
+        row = tk.Frame(body, bg=THEME["bg"], padx=12, pady=10)
+        row.grid(row=3, column=0, sticky="ew")
+        row.columnconfigure(0, weight=1)
+        self.input = tk.Text(row, height=2, wrap="word", bg=THEME["input"], fg=THEME["text"],
+                             font=self.font, relief="flat", padx=10, pady=8, undo=True,
+                             insertbackground=THEME["text"], highlightthickness=2,
+                             highlightbackground=THEME["input"], highlightcolor=THEME["accent"])
+        self.input.grid(row=0, column=0, sticky="ew")
+        emoji_label = "😊" if self.emoji_font and self.non_bmp else "☺"
+        self.emoji_button = HoverButton(row, emoji_label, self.toggle_emoji,
+                                        bg=THEME["button"], hover=THEME["button_hover"],
+                                        font=(self.emoji_font or self.font[0], 12))
+        self.emoji_button.widget.grid(row=0, column=1, padx=(8, 0), sticky="ns")
+        self.send_button = HoverButton(row, "Send", self.send_input, bg=THEME["accent"],
+                                       hover=THEME["accent_hover"], font=self.fonts["bold"])
+        self.send_button.widget.grid(row=0, column=2, padx=(8, 0), sticky="ns")
+        self.input.bind("<Return>", self._on_return)
+        self.input.bind("<Shift-Return>", self._on_shift_return)
+        self.input.bind("<KP_Enter>", self._on_return)
+        self.input.bind("<Up>", self._on_up)
+        self.input.bind("<Down>", self._on_down)
+        self.input.bind("<Tab>", self._on_tab)
+        # Logical line start/end: Tk's display-line moves can land inside a
+        # surrogate pair on wrapped lines (see README, "Emoji").
+        self.input.bind("<Home>", lambda e: self._move_cursor("insert linestart"))
+        self.input.bind("<End>", lambda e: self._move_cursor("insert lineend"))
+        self.input.bind("<KeyRelease>", self._on_key_release)
+        self.emoji_panel: Any = None
+        # Sidebar: who is here.
+        side = tk.Frame(body, bg=THEME["side"], width=190, padx=10, pady=10)
+        side.grid(row=0, column=1, rowspan=4, sticky="ns")
+        side.grid_propagate(False)
+        side.rowconfigure(1, weight=1)
+        side.columnconfigure(0, weight=1)
+        self.count_label = tk.Label(side, text="ONLINE — 0", anchor="w", bg=THEME["side"],
+                                    fg=THEME["dim"], font=self.fonts["small"])
+        self.count_label.grid(row=0, column=0, sticky="ew", pady=(0, 6))
+        self.user_list = tk.Listbox(side, bg=THEME["side"], fg=THEME["text"], relief="flat",
+                                    highlightthickness=0, bd=0, activestyle="none",
+                                    selectbackground=THEME["input"], font=self.font,
+                                    takefocus=False)
+        self.user_list.grid(row=1, column=0, sticky="nsew")
+
+    def _build_statusbar(self) -> None:
+        tk = self.tk
+        bar = tk.Frame(self.master, bg=THEME["header"], padx=12, pady=3)
+        bar.pack(side="bottom", fill="x")
+        self.status_dot = tk.Label(bar, text="●", bg=THEME["header"], fg=THEME["ok"],
+                                   font=self.fonts["small"])
+        self.status_dot.pack(side="left")
+        self.status_label = tk.Label(bar, text="", anchor="w", bg=THEME["header"],
+                                     fg=THEME["dim"], font=self.fonts["small"])
+        self.status_label.pack(side="left", fill="x", expand=True)
+
+    def _configure_tags(self) -> None:
+        c = self.chat
+        c.tag_configure("time", foreground=THEME["dim"], font=self.fonts["small"])
+        c.tag_configure("system", foreground=THEME["dim"], font=self.fonts["italic"])
+        c.tag_configure("error", foreground=THEME["error"])
+        c.tag_configure("action", font=self.fonts["italic"])
+        c.tag_configure("nick", font=self.fonts["bold"])
+        c.tag_configure("mention", background=THEME["mention"])
+        c.tag_configure("link", foreground=THEME["link"], underline=True)
+        c.tag_bind("link", "<Enter>", lambda e: c.configure(cursor="hand2"))
+        c.tag_bind("link", "<Leave>", lambda e: c.configure(cursor="arrow"))
+        c.tag_configure("marker", foreground=THEME["marker"], font=self.fonts["small"],
+                        justify="center")
+        for colour in NICK_PALETTE:
+            c.tag_configure("fg" + colour, foreground=colour)
+
+    # --- chat pane
+    def _append(self, parts: list[tuple[str, tuple[str, ...]]],
+                line_tags: tuple[str, ...] = ()) -> None:
+        """Append one line made of (text, tags) parts, only ever at the end."""
+        c = self.chat
+        at_bottom = c.yview()[1] >= 0.999
+        c.configure(state="normal")
+        for text, tags in parts:
+            c.insert("end", tk_safe(text, self.non_bmp), tags)
+        c.insert("end", "\n", line_tags)  # a tagged newline colours the whole row
+        lines = int(c.index("end-1c").split(".")[0])
+        if lines > MAX_CHAT_LINES:  # trim whole lines from the top
+            c.delete("1.0", f"{lines - MAX_CHAT_LINES}.0")
+        c.configure(state="disabled")
+        if at_bottom:
+            c.see("end")
+
+    def add_system(self, text: str, tag: str = "system", ts: Any = None) -> None:
+        self._append([(clock(ts) + "  ", ("time",)), (text, (tag,))])
+
+    def add_marker(self) -> None:
+        self.remove_marker()
+        self._append([("──────── new messages ────────", ("marker", "marker_line"))])
+
+    def remove_marker(self) -> None:
+        ranges = self.chat.tag_ranges("marker_line")
+        if ranges:
+            self.chat.configure(state="normal")
+            self.chat.delete(ranges[0], f"{ranges[-1]}+1c")
+            self.chat.configure(state="disabled")
+
+    def add_message(self, m: dict) -> None:
+        who = str(m.get("from", "?"))
+        text = str(m.get("text", ""))
+        mention = who != self.nick and mentions(text, self.nick)
+        line: tuple[str, ...] = ("mention",) if mention else ()
+        colour = "fg" + nick_hex(who)
+        parts: list[tuple[str, tuple[str, ...]]] = [(clock(m.get("ts")) + "  ", ("time",) + line)]
+        if m.get("action"):
+            parts.append((f"* {who} ", ("nick", colour, "action") + line))
+            body_tags = ("action",) + line
+        else:
+            parts.append((who, ("nick", colour) + line))
+            parts.append(("  ", line))
+            body_tags = line
+        pos = 0
+        for start, end, url in find_urls(text):
+            if start > pos:
+                parts.append((text[pos:start], body_tags))
+            self._link_count += 1
+            tag = f"url{self._link_count}"
+            self.chat.tag_bind(tag, "<Button-1>", lambda e, u=url: self.open_url(u))
+            parts.append((text[start:end], body_tags + ("link", tag)))
+            pos = end
+        parts.append((text[pos:], body_tags))
+        self._append(parts, line)
+
+    # --- events from the network
+    def _poll(self) -> None:
+        self._after = None
+        if self.closing:
+            return
+        for _ in range(EVENTS_PER_POLL):
+            try:
+                event = self.net.events.get_nowait()
+            except queue.Empty:
+                break
+            self.handle_event(event)
+        if self.notifier.needs_bell:
+            self.notifier.needs_bell = False
+            self.master.bell()
+        self._expire_typing()
+        self._after = self.master.after(POLL_MS, self._poll)
+
+    def handle_event(self, e: dict) -> None:
+        """Show one event from the client core."""
+        kind = e.get("type")
+        handler = getattr(self, f"on_{kind}", None) if isinstance(kind, str) else None
+        if handler is not None:
+            handler(e)
+
+    def on_welcome(self, e: dict) -> None:
+        self.nick = str(e.get("nick", self.nick))
+        self.room = str(e.get("room", LOBBY))
+        self.room_label.configure(text=tk_safe(self.room))
+        if e.get("motd"):
+            self.motd_label.configure(text=tk_safe(str(e["motd"])[:120]))
+        if not e.get("first", True):
+            self.marker_pending = True  # what we missed gets the unread marker
+        self.add_system(f"You are {self.nick} in {self.room}. Type /help for commands.")
+        self._update_title()
+
+    def on_history(self, e: dict) -> None:
+        for m in e.get("messages", []):
+            if isinstance(m, dict):
+                self._place_marker()
+                self.add_message(m)
+        self.marker_pending = False
+
+    def on_users(self, e: dict) -> None:
+        users = e.get("users")
+        if isinstance(users, list):
+            self.users = {nick_key(str(u)): str(u) for u in users}
+            self._refresh_users()
+        if e.get("requested"):
+            self.add_system(f"{len(self.users)} in {self.room}: "
+                            + ", ".join(sorted(self.users.values(), key=nick_key)))
+
+    def on_join(self, e: dict) -> None:
+        nick = str(e.get("nick", ""))
+        self.users[nick_key(nick)] = nick
+        self._refresh_users()
+        self.add_system(f"{nick} joined {e.get('room', self.room)}", ts=e.get("ts"))
+
+    def on_leave(self, e: dict) -> None:
+        nick = str(e.get("nick", ""))
+        self.users.pop(nick_key(nick), None)
+        self.typing_since.pop(nick, None)
+        self._refresh_users()
+        why = f"{e.get('reason')}: {e['message']}" if e.get("message") else e.get("reason")
+        self.add_system(f"{nick} left ({why})", ts=e.get("ts"))
+
+    def on_nick(self, e: dict) -> None:
+        old, new = str(e.get("old", "")), str(e.get("new", ""))
+        self.users.pop(nick_key(old), None)
+        self.users[nick_key(new)] = new
+        self.typing_since.pop(old, None)
+        if nick_key(old) == nick_key(self.nick):
+            self.nick = new
+            self.add_system(f"You are now known as {new}", ts=e.get("ts"))
+            self._update_title()
+        else:
+            self.add_system(f"{old} is now known as {new}", ts=e.get("ts"))
+        self._refresh_users()
+
+    def on_msg(self, e: dict) -> None:
+        who = str(e.get("from", ""))
+        self.typing_since.pop(who, None)
+        mine = nick_key(who) == nick_key(self.nick)
+        if not mine and not self.focused:
+            if self.unread == 0:
+                self.marker_pending = True
+            self.unread += 1
+            self._update_title()
+        self._place_marker()
+        self.add_message(e)
+        if not mine and (not self.focused or mentions(str(e.get("text", "")), self.nick)):
+            self.notifier.ding()
+
+    def on_typing(self, e: dict) -> None:
+        nick = str(e.get("nick", ""))
+        if nick and nick_key(nick) != nick_key(self.nick):
+            self.typing_since[nick] = time.monotonic()
+            self._show_typing()
+
+    def on_status(self, e: dict) -> None:
+        state = e.get("state")
+        message = str(e.get("message", ""))
+        colour = {"connected": THEME["ok"], "connecting": THEME["mention_bar"]}.get(
+            str(state), THEME["error"])
+        self.set_status(message, colour)
+        if state == "disconnected" and self.connected:
+            self.add_system(message, "error")
+        elif state == "connected" and not self.connected and self.chat.index("end-1c") != "1.0":
+            self.add_system(message)
+        self.connected = state == "connected"
+
+    def on_outbox(self, e: dict) -> None:
+        pending = [str(t) for t in e.get("pending", [])]
+        self.pending = pending
+        if not pending:
+            self.pending_label.configure(text="")
+            return
+        shown = "; ".join(p.replace("\n", " ")[:40] for p in pending[:3])
+        more = f" (+{len(pending) - 3} more)" if len(pending) > 3 else ""
+        self.pending_label.configure(
+            text=tk_safe(f"⏳ Not delivered yet ({len(pending)}): {shown}{more}"))
+
+    def on_failed(self, e: dict) -> None:
+        self.add_system(f"Not sent ({e.get('message')}): {str(e.get('text', ''))[:80]}", "error")
+
+    def on_error(self, e: dict) -> None:
+        self.add_system(str(e.get("message") or e.get("code")), "error")
+
+    def on_bye(self, e: dict) -> None:
+        self.add_system(f"Server says bye: {e.get('reason')}", "error")
+
+    def on_fatal(self, e: dict) -> None:
+        self.set_status(str(e.get("message")), THEME["error"])
+        self.add_system(str(e.get("message")), "error")
+
+    def on_nick_rejected(self, e: dict) -> None:
+        # Only possible when reconnecting with a nick someone else took meanwhile.
+        new = (self.nick + "_")[:MAX_NICK_LEN]
+        self.add_system(f"{e.get('message')} Trying {new}.", "error")
+        self.net.set_nick(new)
+
+    # --- sidebar, title, status, typing
+    def _refresh_users(self) -> None:
+        names = sorted(self.users.values(), key=nick_key)
+        self.user_list.delete(0, "end")
+        for i, name in enumerate(names):
+            me = nick_key(name) == nick_key(self.nick)
+            self.user_list.insert("end", tk_safe(f"● {name}" + ("  (you)" if me else "")))
+            self.user_list.itemconfigure(i, foreground=nick_hex(name))
+        self.count_label.configure(text=f"ONLINE — {len(names)}")
+
+    def user_names(self) -> list[str]:
+        """What the sidebar lists, without decoration (for tests and completion)."""
+        return sorted(self.users.values(), key=nick_key)
+
+    def _update_title(self) -> None:
+        prefix = f"({self.unread}) " if self.unread and not self.focused else ""
+        self.master.title(tk_safe(f"{prefix}PyChat — {self.room} — {self.nick}"))
+
+    def set_status(self, text: str, colour: str) -> None:
+        self.status_label.configure(text=tk_safe(text))
+        self.status_dot.configure(fg=colour)
+
+    def _show_typing(self) -> None:
+        names = sorted(self.typing_since, key=nick_key)
+        if not names:
+            text = ""
+        elif len(names) == 1:
+            text = f"{names[0]} is typing..."
+        elif len(names) <= 3:
+            text = f"{', '.join(names[:-1])} and {names[-1]} are typing..."
+        else:
+            text = "Several people are typing..."
+        self.typing_label.configure(text=tk_safe(text))
+
+    def _expire_typing(self) -> None:
+        now = time.monotonic()
+        stale = [n for n, t in self.typing_since.items() if now - t > TYPING_SHOWN_FOR]
+        for n in stale:
+            del self.typing_since[n]
+        if stale or (not self.typing_since and self.typing_label.cget("text")):
+            self._show_typing()
+
+    def _place_marker(self) -> None:
+        if self.marker_pending:
+            self.marker_pending = False
+            self.add_marker()
+
+    def _focus_in(self, event: Any) -> None:
+        if not self.focused:
+            self.focused = True
+            self.unread = 0
+            self._update_title()
+
+    def _focus_out(self, event: Any) -> None:
+        # FocusOut also fires when focus moves between our own widgets.
+        self.master.after(10, self._check_focus)
+
+    def _check_focus(self) -> None:
+        if self.closing:
+            return
+        try:
+            inside = self.master.focus_get() is not None
+        except (KeyError, self.tk.TclError):  # focus is in a popup Tk can't name
+            inside = True
+        if not inside and self.focused:
+            self.focused = False
+
+    def toggle_mute(self) -> None:
+        self.notifier.muted = not self.notifier.muted
+        self.mute_button.widget.configure(text="Muted" if self.notifier.muted else "Sound on")
+
+    # --- input
+    def _move_cursor(self, index: str) -> str:
+        self.input.mark_set("insert", index)
+        self.input.see("insert")
+        return "break"
+
+    def _on_return(self, event: Any) -> str:
+        self.send_input()
+        return "break"
+
+    def _on_shift_return(self, event: Any) -> str:
+        self.input.insert("insert", "\n")
+        return "break"
+
+    def _on_up(self, event: Any) -> str | None:
+        # Recall only from the first line, so Up still moves within a draft.
+        if self.input.compare("insert linestart", "!=", "1.0") or not self.sent:
+            return None
+        self.sent_pos = max(0, self.sent_pos - 1)
+        self._set_input(self.sent[self.sent_pos])
+        return "break"
+
+    def _on_down(self, event: Any) -> str | None:
+        if self.input.compare("insert lineend", "!=", "end-1c") or not self.sent:
+            return None
+        self.sent_pos = min(len(self.sent), self.sent_pos + 1)
+        self._set_input(self.sent[self.sent_pos] if self.sent_pos < len(self.sent) else "")
+        return "break"
+
+    def _set_input(self, text: str) -> None:
+        self.input.delete("1.0", "end")
+        self.input.insert("1.0", text)
+        self.input.mark_set("insert", "end-1c")
+
+    def _on_tab(self, event: Any) -> str:
+        """Complete the nick before the cursor: "bob: " at the start, "bob " elsewhere."""
+        before = self.input.get("insert linestart", "insert")
+        word = re.split(r"\s", before)[-1]
+        if word:
+            matches = complete_nick(word, [u for u in self.users.values()
+                                           if nick_key(u) != nick_key(self.nick)])
+            if matches:
+                at_start = self.input.compare(f"insert-{len(word)}c", "==", "1.0")
+                self.input.delete(f"insert-{len(word)}c", "insert")
+                self.input.insert("insert", matches[0] + (": " if at_start else " "))
+        return "break"  # Tab never moves focus out of the input
+
+    def _on_key_release(self, event: Any) -> None:
+        if event.keysym in ("Return", "KP_Enter", "Tab", "Up", "Down", "Shift_L", "Shift_R"):
+            return
+        if self.input.get("1.0", "end-1c").strip() and not self.input.get(
+                "1.0", "end-1c").startswith("/"):
+            self.net.typing()
+
+    def insert_emoji(self, char: str) -> None:
+        self.input.insert("insert", char)
+        self.input.focus_set()
+
+    def toggle_emoji(self) -> None:
+        """Open (or close) the emoji picker under the input box."""
+        tk = self.tk
+        if self.emoji_panel is not None:
+            self.emoji_panel.destroy()
+            self.emoji_panel = None
+            return
+        panel = tk.Toplevel(self.master, bg=THEME["side"], padx=8, pady=8)
+        panel.title("Emoji")
+        panel.transient(self.master)
+        panel.resizable(False, False)
+        font = (self.emoji_font or self.font[0], 14)
+        for r, (group, chars) in enumerate(self.emoji.items()):
+            tk.Label(panel, text=group.upper(), bg=THEME["side"], fg=THEME["dim"],
+                     font=self.fonts["small"]).grid(row=2 * r, column=0, columnspan=10,
+                                                    sticky="w", pady=(4, 0))
+            for i, ch in enumerate(chars):
+                b = tk.Button(panel, text=ch, font=font, relief="flat", bd=0, width=2,
+                              bg=THEME["side"], fg=THEME["text"],
+                              activebackground=THEME["button_hover"],
+                              command=lambda c=ch: self.insert_emoji(c))
+                b.bind("<Enter>", lambda e, w=b: w.configure(bg=THEME["button_hover"]))
+                b.bind("<Leave>", lambda e, w=b: w.configure(bg=THEME["side"]))
+                b.grid(row=2 * r + 1 + i // 10, column=i % 10, padx=1, pady=1)
+        panel.protocol("WM_DELETE_WINDOW", self.toggle_emoji)
+        panel.bind("<Escape>", lambda e: self.toggle_emoji())
+        self.master.update_idletasks()
+        x = self.emoji_button.widget.winfo_rootx() - 300
+        y = self.emoji_button.widget.winfo_rooty() - 260
+        panel.geometry(f"+{max(0, x)}+{max(0, y)}")
+        self.emoji_panel = panel
+
+    def send_input(self) -> None:
+        text = self.input.get("1.0", "end-1c")
+        if not text.strip():
+            return
+        self.input.delete("1.0", "end")
+        self.sent.append(text)
+        self.sent = self.sent[-200:]
+        self.sent_pos = len(self.sent)
+        self.run_command(text)
+
+    def run_command(self, text: str) -> None:
+        action, arg = gui_command(text.strip() if text.startswith("/") else text)
+        if action == "say":
+            self.net.send_msg(arg, False)
+        elif action == "me":
+            self.net.send_msg(arg, True)
+        elif action == "nick":
+            self.net.change_nick(arg)
+        elif action == "who":
+            names = self.user_names()
+            self.add_system(f"{len(names)} in {self.room}: {', '.join(names)}")
+        elif action == "help":
+            for line in GUI_HELP.splitlines():
+                self.add_system(line)
+        elif action == "quit":
+            self.close(arg)
+        else:
+            self.add_system(arg, "error")
+
+    # --- closing
+    def close(self, reason: str = "") -> None:
+        """Stop polling, quit the network thread (bounded), destroy the window."""
+        if self.closing:
+            return
+        self.closing = True
+        if self._after is not None:
+            self.master.after_cancel(self._after)
+            self._after = None
+        self.net.close(1.0)
+        self.master.destroy()
+
+
+def _open_in_browser(url: str) -> None:
+    import webbrowser
+    try:
+        webbrowser.open(url, new=2)
+    except Exception as e:  # a browser problem is not a chat problem
+        log.warning("could not open %s: %s", url, e)
+
+
+class GuiApp:
+    """The GUI's flow: the connect dialog until a welcome, then the chat window."""
+
+    def __init__(self, root: Any, args: argparse.Namespace, settings_path: Path | None = None):
+        self.root = root
+        self.args = args
+        self.settings_path = settings_path or config_dir() / "settings.json"
+        self.settings = load_settings(self.settings_path)
+        self.net: ClientThread | None = None
+        self.window: ChatWindow | None = None
+        self.dialog: ConnectDialog | None = None
+        self.notifier = Notifier()
+        self._early: list[dict] = []
+        self._after: str | None = None
+        root.title("PyChat")
+        root.configure(bg=THEME["bg"])
+        host = args.host or self.settings.get("host") or "localhost"
+        port = args.port or self.settings.get("port") or DEFAULT_PORT
+        nick = args.nick or self.settings.get("nick") or default_nick()
+        root.protocol("WM_DELETE_WINDOW", self.quit)
+        if args.host and args.port and args.nick:
+            self.connect(host, int(port), nick)
+        else:
+            self.show_dialog(host, int(port), nick)
+
+    def show_dialog(self, host: str, port: int, nick: str, error_text: str = "") -> None:
+        self.dialog = ConnectDialog(self.root, host, port, nick, self.connect)
+        if error_text:
+            self.dialog.show_error(error_text)
+
+    def connect(self, host: str, port: int, nick: str) -> None:
+        self.target = (host, port, nick)
+        self._early = []
+        self.net = ClientThread(host, port, nick, client=f"pychat-gui/{__version__}",
+                                connect_attempts=1).start()
+        self._after = self.root.after(POLL_MS, self._wait_welcome)
+
+    def _wait_welcome(self) -> None:
+        """Poll the new connection until it is welcomed, refused or gives up."""
+        self._after = None
+        assert self.net is not None
+        while True:
+            try:
+                event = self.net.events.get_nowait()
+            except queue.Empty:
+                break
+            kind = event.get("type")
+            if kind == "welcome":
+                self._early.append(event)
+                return self._open_window(str(event.get("nick")))
+            if kind in ("nick_rejected", "fatal"):
+                return self._failed(str(event.get("message")))
+            self._early.append(event)
+        self._after = self.root.after(POLL_MS, self._wait_welcome)
+
+    def _failed(self, message: str) -> None:
+        if self.net is not None:
+            threading.Thread(target=self.net.close, daemon=True).start()  # don't block Tk
+            self.net = None
+        host, port, nick = self.target
+        if self.dialog is None:
+            self.show_dialog(host, port, nick, message)
+        else:
+            self.dialog.set_busy(False)
+            self.dialog.show_error(message)
+
+    def _open_window(self, nick: str) -> None:
+        host, port, _ = self.target
+        self.settings.update(host=host, port=port, nick=nick)
+        save_settings(self.settings_path, self.settings)
+        if self.dialog is not None:
+            self.dialog.destroy()
+            self.dialog = None
+        assert self.net is not None
+        self.window = ChatWindow(self.root, self.net, nick=nick, host=host, port=port,
+                                 notifier=self.notifier)
+        self.root.geometry("900x600")
+        for event in self._early:  # what arrived before the window existed
+            self.window.handle_event(event)
+        self._early = []
+
+    def quit(self) -> None:
+        if self._after is not None:
+            self.root.after_cancel(self._after)
+        if self.window is not None:
+            self.window.close()
+            return
+        if self.net is not None:
+            self.net.close(1.0)
+        self.root.destroy()
+
+
+def run_gui(args: argparse.Namespace) -> int:
+    """Open the desktop client; returns the exit status."""
+    try:
+        import tkinter as tk
+    except ImportError:
+        print("pychat: this Python has no tkinter; use `python pychat.py cli` instead "
+              "(or install your system's python3-tk package).", file=sys.stderr)
+        return 1
+    try:
+        root = tk.Tk(className="PyChat")
+    except tk.TclError as e:
+        print(f"pychat: cannot open a window ({e}); use `python pychat.py cli` in a "
+              "terminal instead.", file=sys.stderr)
+        return 1
+    GuiApp(root, args)
+    try:
+        root.mainloop()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+# ===========================================================================
+# 8. Entry point -- build_parser(), main(argv).  Uses: everything above.
 # ===========================================================================
 
 def _positive_int(text: str) -> int:
@@ -1657,7 +2802,7 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=["debug", "info", "warning", "error"], help="how much to log (default: %(default)s)")
     srv.set_defaults(func=cmd_server)
 
-    cli = sub.add_parser("cli", help="chat from this terminal",
+    cli = sub.add_parser("cli", help="chat from this terminal (also for scripts)",
                          description="Join a PyChat server from the terminal. Lines you type are "
                                      "sent; /help lists the commands. With piped input every "
                                      "line is sent and the client exits when input ends.")
@@ -1670,6 +2815,22 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--connect-attempts", type=_positive_int, default=4, metavar="N",
                      help="tries before giving up on the first connection (default: %(default)s)")
     cli.set_defaults(func=cmd_cli)
+
+    gui = sub.add_parser("gui", help="open the desktop chat window",
+                         description="Open the PyChat window. Without --host, --port and "
+                                     "--nick a connect dialog asks, prefilled with the values "
+                                     "you used last time.")
+    gui.add_argument("--host", default=None, help="server address")
+    gui.add_argument("--port", type=_port, default=None, help="server port")
+    gui.add_argument("--nick", default=None, help="your nick")
+    gui.set_defaults(func=cmd_gui)
+
+    ding = sub.add_parser("make-ding", help="write PyChat's notification sound",
+                          description="Synthesise the notification chime as a WAV file "
+                                      "(this is how ding.wav is made).")
+    ding.add_argument("path", nargs="?", default=DING_FILE,
+                      help="where to write it (default: %(default)s)")
+    ding.set_defaults(func=cmd_make_ding)
     return parser
 
 
@@ -1696,6 +2857,24 @@ def cmd_cli(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 0
+
+
+def cmd_gui(args: argparse.Namespace) -> int:
+    if args.nick is not None and nick_problem(args.nick):
+        print(f"pychat: bad --nick {args.nick!r}: {nick_problem(args.nick)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    return run_gui(args)
+
+
+def cmd_make_ding(args: argparse.Namespace) -> int:
+    try:
+        path = make_ding(Path(args.path))
+    except OSError as e:
+        print(f"pychat: cannot write {args.path}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(f"wrote {path} ({path.stat().st_size} bytes)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,12 +12,20 @@ import asyncio
 import io
 import json
 import os
+import random
+import select
+import shutil
 import signal
 import socket
+import stat
+import struct
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import unittest
+import wave
 from pathlib import Path
 
 import pychat
@@ -670,7 +678,71 @@ class ClientTests(ServerCase):
 
 
 # ===========================================================================
-# 5. Terminal client
+# 5. Sound
+# ===========================================================================
+
+class SoundTests(unittest.TestCase):
+    def test_make_ding_writes_a_short_small_wav(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = pychat.make_ding(Path(tmp) / "d.wav")
+            with wave.open(str(path)) as w:
+                self.assertEqual((w.getnchannels(), w.getsampwidth(), w.getframerate()),
+                                 (1, 2, 44100))
+                self.assertAlmostEqual(w.getnframes() / w.getframerate(), 0.25, places=2)
+                frames = w.readframes(w.getnframes())
+            self.assertLess(path.stat().st_size, 50_000)
+            samples = struct.unpack(f"<{len(frames) // 2}h", frames)
+            self.assertGreater(max(samples), 5000)        # audible
+            self.assertLess(abs(samples[0]), 200)         # no click at the start
+            self.assertLess(abs(samples[-1]), 200)        # nor at the end
+
+    def test_repository_ding_is_the_generated_chime(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            made = pychat.make_ding(Path(tmp) / "d.wav").read_bytes()
+        self.assertEqual((HERE / "ding.wav").read_bytes(), made)
+
+    def _fake_player(self, tmp: str, name: str, code: int) -> Path:
+        log = Path(tmp) / f"{name}.log"
+        script = Path(tmp) / name
+        script.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\nexit {code}\n')
+        script.chmod(script.stat().st_mode | stat.S_IEXEC)
+        return log
+
+    @unittest.skipIf(sys.platform in ("win32", "darwin"), "Linux players")
+    def test_ding_plays_through_a_player_and_falls_back_to_the_bell(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            aplay_log = self._fake_player(tmp, "aplay", 0)
+            old_path = os.environ["PATH"]
+            self.addCleanup(os.environ.__setitem__, "PATH", old_path)
+            os.environ["PATH"] = tmp
+            notifier = pychat.Notifier(HERE / "ding.wav")
+            notifier.ding()
+            deadline = time.monotonic() + TIMEOUT
+            while not aplay_log.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.assertEqual(aplay_log.read_text().split(), ["-q", str(HERE / "ding.wav")])
+            self._wait_idle(notifier)
+            self.assertFalse(notifier.needs_bell)
+            # Every player failing means the bell.
+            self._fake_player(tmp, "aplay", 1)
+            self._fake_player(tmp, "paplay", 1)
+            notifier.ding()
+            self._wait_idle(notifier)
+            self.assertTrue(notifier.needs_bell)
+            # No player at all: the bell too; and muted means nothing at all.
+            os.environ["PATH"] = str(Path(tmp) / "empty")
+            notifier.needs_bell = False
+            notifier.muted = True
+            notifier.ding()
+            self.assertEqual(notifier.plays, 2)
+
+    def _wait_idle(self, notifier: pychat.Notifier) -> None:
+        self.assertTrue(notifier._busy.acquire(timeout=TIMEOUT))
+        notifier._busy.release()
+
+
+# ===========================================================================
+# 6. Terminal client
 # ===========================================================================
 
 class TerminalFormatTests(unittest.TestCase):
@@ -816,8 +888,17 @@ class CliCommandLineTests(unittest.TestCase):
         self.assertIn("between 0 and 65535", out.stderr)
         self.assertEqual(self.run_pychat().returncode, 2)
 
+    def test_gui_command_without_display_fails_cleanly(self):
+        env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
+        out = subprocess.run([sys.executable, PYCHAT, "gui", "--nick", "x"], env=env,
+                             capture_output=True, text=True, timeout=30)
+        self.assertEqual(out.returncode, 1)
+        self.assertTrue("cannot open a window" in out.stderr or "no tkinter" in out.stderr,
+                        out.stderr)
+        self.assertNotIn("Traceback", out.stderr)
+
     def test_help_texts(self):
-        for args in ([], ["server"], ["cli"]):
+        for args in ([], ["server"], ["cli"], ["gui"], ["make-ding"]):
             out = self.run_pychat(*args, "--help")
             self.assertEqual(out.returncode, 0)
             self.assertIn("usage:", out.stdout)
@@ -826,6 +907,493 @@ class CliCommandLineTests(unittest.TestCase):
                      "--flood-rate", "--max-backlog-bytes", "--ping-interval",
                      "--ping-timeout", "--motd", "--log-level"):
             self.assertIn(flag, server_help)
+
+
+# ===========================================================================
+# 7. GUI client: pure logic (no display needed)
+# ===========================================================================
+
+class GuiLogicTests(unittest.TestCase):
+    def test_nick_colours_are_stable(self):
+        self.assertEqual(pychat.nick_hex("Bob"), pychat.nick_hex("bob"))
+        self.assertIn(pychat.nick_hex("alice"), pychat.NICK_PALETTE)
+
+    def test_find_urls(self):
+        text = "see https://example.org/a?b=1, and www.python.org. (http://x.y/z)"
+        self.assertEqual([u for _, _, u in pychat.find_urls(text)],
+                         ["https://example.org/a?b=1", "http://www.python.org",
+                          "http://x.y/z"])
+        start, end, _ = pychat.find_urls(text)[0]
+        self.assertEqual(text[start:end], "https://example.org/a?b=1")
+
+    def test_mentions(self):
+        self.assertTrue(pychat.mentions("hey Alice, look", "alice"))
+        self.assertTrue(pychat.mentions("alice: hi", "alice"))
+        self.assertFalse(pychat.mentions("malice aforethought", "alice"))
+        self.assertFalse(pychat.mentions("anything", ""))
+
+    def test_tk_safe_and_entry_validation(self):
+        self.assertEqual(pychat.tk_safe("a\ud83db\x00c"), "a?bc")
+        self.assertEqual(pychat.tk_safe("ok 😄"), "ok 😄")
+        self.assertEqual(pychat.tk_safe("ok 😄", non_bmp=False), "ok \ufffd")
+        self.assertTrue(pychat.bmp_only("héllo ☺"))
+        self.assertFalse(pychat.bmp_only("x😄"))
+        self.assertTrue(pychat.tk_handles_non_bmp("8.6.13"))
+        self.assertTrue(pychat.tk_handles_non_bmp("9.0.1"))
+        self.assertFalse(pychat.tk_handles_non_bmp("8.6.9"))
+
+    def test_emoji_groups_offer_only_what_renders(self):
+        full = pychat.emoji_groups(True, {"Noto Color Emoji"})
+        self.assertIn("👍", full["Gestures"])
+        for non_bmp, fonts in [(True, {"DejaVu Sans"}), (False, {"Noto Color Emoji"})]:
+            groups = pychat.emoji_groups(non_bmp, fonts)
+            chars = [c for cs in groups.values() for c in cs]
+            self.assertTrue(chars)
+            self.assertTrue(all(ord(c) <= 0xFFFF for c in chars))
+
+    def test_gui_commands(self):
+        self.assertEqual(pychat.gui_command("hi"), ("say", "hi"))
+        self.assertEqual(pychat.gui_command("/me waves"), ("me", "waves"))
+        self.assertEqual(pychat.gui_command("/nick bob"), ("nick", "bob"))
+        self.assertEqual(pychat.gui_command("/nick #x")[0], "error")
+        self.assertEqual(pychat.gui_command("/who"), ("who", ""))
+        self.assertEqual(pychat.gui_command("/quit bye"), ("quit", "bye"))
+        self.assertEqual(pychat.gui_command("/zap"),
+                         ("error", "Unknown command /zap. Type /help for the list."))
+
+    def test_settings_round_trip_and_config_dir(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "sub" / "settings.json"
+            self.assertEqual(pychat.load_settings(path), {})
+            pychat.save_settings(path, {"host": "h", "port": 1, "nick": "n"})
+            self.assertEqual(pychat.load_settings(path), {"host": "h", "port": 1, "nick": "n"})
+            path.write_text("[not a dict]")
+            self.assertEqual(pychat.load_settings(path), {})
+        if sys.platform.startswith("linux"):
+            old = os.environ.get("XDG_CONFIG_HOME")
+            os.environ["XDG_CONFIG_HOME"] = "/x/cfg"
+            try:
+                self.assertEqual(pychat.config_dir(), Path("/x/cfg/pychat"))
+            finally:
+                if old is None:
+                    del os.environ["XDG_CONFIG_HOME"]
+                else:
+                    os.environ["XDG_CONFIG_HOME"] = old
+
+
+# ===========================================================================
+# 7. GUI client: real windows on a (virtual) display
+# ===========================================================================
+
+_xvfb: subprocess.Popen | None = None
+_display_error: str | None = None
+
+
+def _start_xvfb(timeout: float = 10.0) -> tuple[subprocess.Popen, str]:
+    """Start Xvfb on a free display; it reports the number once it accepts clients."""
+    r, w = os.pipe()
+    proc = subprocess.Popen(["Xvfb", "-displayfd", str(w), "-screen", "0", "1280x800x24",
+                             "-nolisten", "tcp"], pass_fds=(w,),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(w)
+    data, deadline = b"", time.monotonic() + timeout
+    with os.fdopen(r, "rb", buffering=0) as f:
+        while not data.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([f], [], [], left)[0]:
+                break
+            chunk = f.read(16)
+            if not chunk:
+                break
+            data += chunk
+    if not data.endswith(b"\n"):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError("Xvfb did not report a display")
+    return proc, ":" + data.decode().strip()
+
+
+def _tk_works() -> str | None:
+    """None if a Tk window can be opened here, else the reason."""
+    try:
+        import tkinter
+        root = tkinter.Tk()
+        root.withdraw()
+        root.update()
+        root.destroy()
+        return None
+    except Exception as e:  # ImportError, TclError: both mean "no GUI here"
+        return f"{e.__class__.__name__}: {e}"
+
+
+def setUpModule() -> None:
+    global _xvfb, _display_error
+    own = os.environ.get("PYCHAT_TEST_XVFB") == "1"
+    if os.environ.get("DISPLAY") and not own and _tk_works() is None:
+        return
+    if shutil.which("Xvfb"):
+        try:
+            _xvfb, display = _start_xvfb()
+            os.environ["DISPLAY"] = display
+        except (OSError, RuntimeError) as e:
+            _display_error = f"Xvfb failed: {e}"
+            return
+        _display_error = _tk_works()
+    else:
+        _display_error = _tk_works() or None
+        if _display_error:
+            _display_error += " (and no Xvfb to start)"
+    if _display_error and os.environ.get("CI"):
+        raise RuntimeError(f"CI must run the GUI tests, but: {_display_error}")
+
+
+def tearDownModule() -> None:
+    if _xvfb is not None:
+        _xvfb.terminate()
+        _xvfb.wait(5)
+
+
+class ServerThread:
+    """A real ChatServer on 127.0.0.1 in its own thread, so Tk can own this one."""
+
+    def __init__(self, **options):
+        self.options = options
+        self.port = 0
+
+    def start(self, port: int = 0) -> "ServerThread":
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = ChatServer(**self.options)
+        self.port = asyncio.run_coroutine_threadsafe(
+            self.server.start(HOST, port), self.loop).result(TIMEOUT)
+        return self
+
+    def stop(self) -> None:
+        if not self.thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(TIMEOUT)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(TIMEOUT)
+        self.loop.close()
+
+
+class SyncPeer:
+    """A blocking raw protocol client (the server runs in another thread)."""
+
+    def __init__(self, port: int, nick: str):
+        self.sock = socket.create_connection((HOST, port), timeout=TIMEOUT)
+        self.file = self.sock.makefile("rwb")
+        self.send({"type": "hello", "nick": nick})
+        self.expect("users")
+
+    def send(self, obj: dict) -> None:
+        self.file.write(encode(obj))
+        self.file.flush()
+
+    def expect(self, kind: str, **fields) -> dict:
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise EOFError("server closed the connection")
+            obj = json.loads(line)
+            if obj.get("type") == kind and all(obj.get(k) == v for k, v in fields.items()):
+                return obj
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+class GuiCase(unittest.TestCase):
+    """A real server thread and a real PyChat window per test."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        if _display_error:
+            raise unittest.SkipTest(f"no display: {_display_error}")
+
+    def setUp(self) -> None:
+        import tkinter
+        self.srv = ServerThread().start()
+        self.addCleanup(self.srv.stop)
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.settings = Path(self.tmp.name) / "settings.json"
+        self.root = tkinter.Tk()
+        self.root.geometry("900x600+0+0")
+        self.addCleanup(self._close_window)
+        self.opened: list[str] = []
+
+    def _close_window(self) -> None:
+        app = getattr(self, "app", None)
+        if app is not None and app.window is not None and not app.window.closing:
+            app.window.close()
+        elif app is not None and app.net is not None:
+            app.net.close(1.0)
+        try:
+            self.root.destroy()
+        except Exception:  # already destroyed by the window itself
+            pass
+
+    def open_app(self, **args):
+        import argparse
+        ns = argparse.Namespace(host=args.get("host"), port=args.get("port"),
+                                nick=args.get("nick"))
+        self.app = pychat.GuiApp(self.root, ns, settings_path=self.settings)
+        self.app.notifier = pychat.Notifier()
+        self.app.notifier.ding = self._count_ding  # no real sound in these tests
+        self.dings = 0
+        return self.app
+
+    def _count_ding(self) -> None:
+        self.dings += 1
+
+    def open_window(self, nick: str = "alice") -> pychat.ChatWindow:
+        app = self.open_app(host=HOST, port=self.srv.port, nick=nick)
+        self.pump(lambda: app.window is not None, "the chat window")
+        app.window.open_url = self.opened.append
+        self.pump(lambda: nick in app.window.user_names(), "the user list")
+        return app.window
+
+    def pump(self, cond, what: str = "condition", timeout: float = TIMEOUT) -> None:
+        """Run Tk's event processing until cond() holds (no mainloop, no fixed sleeps)."""
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            self.root.update()
+            time.sleep(0.01)
+
+    def chat_text(self, window: pychat.ChatWindow) -> str:
+        return window.chat.get("1.0", "end-1c")
+
+    def type_and_send(self, window: pychat.ChatWindow, text: str) -> None:
+        window.input.focus_force()
+        window.input.insert("end", text)
+        window.input.event_generate("<Return>")
+        self.root.update()
+
+
+class GuiWindowTests(GuiCase):
+    def test_send_and_receive_messages(self):
+        window = self.open_window("alice")
+        bob = SyncPeer(self.srv.port, "bob")
+        self.addCleanup(bob.close)
+        self.type_and_send(window, "hello from the window")
+        self.assertEqual(window.input.get("1.0", "end-1c"), "")
+        self.assertEqual(bob.expect("msg")["text"], "hello from the window")
+        self.pump(lambda: "alice  hello from the window" in self.chat_text(window), "own echo")
+        bob.send({"type": "msg", "text": "hi alice, see https://example.org/x"})
+        self.pump(lambda: "bob  hi alice, see https://example.org/x" in self.chat_text(window),
+                  "bob's message")
+        # The mention is highlighted and the link is clickable.
+        self.assertTrue(window.chat.tag_ranges("mention"))
+        link = window.chat.tag_ranges("link")
+        self.assertEqual(window.chat.get(link[0], link[1]), "https://example.org/x")
+        x, y, _, _ = window.chat.bbox(link[0])
+        window.chat.event_generate("<Motion>", x=x + 2, y=y + 2)  # sets Tk's "current"
+        window.chat.event_generate("<Button-1>", x=x + 2, y=y + 2)
+        self.root.update()
+        self.assertEqual(self.opened, ["https://example.org/x"])
+        # /me is shown in italics.
+        bob.send({"type": "msg", "text": "waves", "action": True})
+        self.pump(lambda: "* bob waves" in self.chat_text(window), "action")
+        self.assertTrue(window.chat.tag_ranges("action"))
+
+    def test_user_list_follows_joins_leaves_and_nick_changes(self):
+        window = self.open_window("alice")
+        self.assertEqual(window.user_names(), ["alice"])
+        self.assertIn("(you)", window.user_list.get(0))
+        bob = SyncPeer(self.srv.port, "bob")
+        self.pump(lambda: window.user_names() == ["alice", "bob"], "bob in the sidebar")
+        self.assertEqual(window.count_label.cget("text"), "ONLINE — 2")
+        bob.send({"type": "nick", "nick": "Robert"})
+        self.pump(lambda: window.user_names() == ["alice", "Robert"], "the new nick")
+        bob.send({"type": "quit"})
+        bob.close()
+        self.pump(lambda: window.user_names() == ["alice"], "bob gone")
+        self.assertIn("Robert left (quit)", self.chat_text(window))
+        self.assertEqual(window.count_label.cget("text"), "ONLINE — 1")
+
+    def test_slash_commands_tab_completion_and_history_recall(self):
+        window = self.open_window("alice")
+        bob = SyncPeer(self.srv.port, "bob")
+        self.addCleanup(bob.close)
+        self.pump(lambda: "bob" in window.user_names(), "bob")
+        window.input.focus_force()
+        window.input.insert("end", "bo")
+        window.input.event_generate("<Tab>")
+        self.assertEqual(window.input.get("1.0", "end-1c"), "bob: ")
+        window.input.delete("1.0", "end")
+        self.type_and_send(window, "/nick alicia")
+        self.pump(lambda: window.user_names() == ["alicia", "bob"], "nick change")
+        self.assertIn("You are now known as alicia", self.chat_text(window))
+        self.type_and_send(window, "/who")
+        self.assertIn("2 in #lobby: alicia, bob", self.chat_text(window))
+        self.type_and_send(window, "/frob")
+        self.assertIn("Unknown command /frob", self.chat_text(window))
+        self.type_and_send(window, "/me waves")
+        self.assertEqual(bob.expect("msg")["action"], True)
+        window.input.event_generate("<Up>")
+        self.assertEqual(window.input.get("1.0", "end-1c"), "/me waves")
+        window.input.delete("1.0", "end")
+        window.input.insert("end", "two")
+        window.input.event_generate("<Shift-Return>")
+        window.input.insert("end", "lines")
+        window.input.event_generate("<Return>")
+        self.root.update()
+        self.assertEqual(bob.expect("msg")["text"], "two\nlines")
+
+    def test_emoji_picker_inserts_at_the_cursor(self):
+        window = self.open_window("alice")
+        window.input.insert("end", "ab")
+        window.input.mark_set("insert", "1.1")
+        window.emoji_button.widget.invoke()
+        self.pump(lambda: window.emoji_panel is not None, "the picker")
+        buttons = [w for w in window.emoji_panel.winfo_children()
+                   if w.winfo_class() == "Button"]
+        self.assertTrue(buttons)
+        first = buttons[0].cget("text")
+        buttons[0].invoke()
+        self.assertEqual(window.input.get("1.0", "end-1c"), f"a{first}b")
+        window.emoji_button.widget.invoke()
+        self.assertIsNone(window.emoji_panel)
+
+    def test_hover_changes_button_colour(self):
+        window = self.open_window("alice")
+        send = window.send_button.widget
+        self.assertEqual(send.cget("bg"), pychat.THEME["accent"])
+        send.event_generate("<Enter>")
+        self.root.update()
+        self.assertEqual(send.cget("bg"), pychat.THEME["accent_hover"])
+        send.event_generate("<Leave>")
+        self.root.update()
+        self.assertEqual(send.cget("bg"), pychat.THEME["accent"])
+        self.assertGreater(int(send.cget("highlightthickness")), 0)  # visible focus ring
+
+    def test_unfocused_window_counts_unread_dings_and_marks(self):
+        window = self.open_window("alice")
+        bob = SyncPeer(self.srv.port, "bob")
+        self.addCleanup(bob.close)
+        bob.send({"type": "msg", "text": "seen while focused"})
+        self.pump(lambda: "seen while focused" in self.chat_text(window), "first message")
+        self.assertEqual(self.dings, 0)
+        window.focused = False  # as after FocusOut to another application
+        bob.send({"type": "msg", "text": "one"})
+        bob.send({"type": "msg", "text": "two"})
+        self.pump(lambda: "bob  two" in self.chat_text(window), "two messages")
+        self.assertTrue(self.root.title().startswith("(2) PyChat"))
+        self.assertEqual(self.dings, 2)
+        text = self.chat_text(window)
+        self.assertLess(text.index("seen while focused"), text.index("new messages"))
+        self.assertLess(text.index("new messages"), text.index("bob  one"))
+        window._focus_in(None)
+        self.assertFalse(self.root.title().startswith("("))
+        # A mention dings even while focused.
+        bob.send({"type": "msg", "text": "alice, ping"})
+        self.pump(lambda: self.dings == 3, "mention ding")
+
+    def test_typing_indicator(self):
+        window = self.open_window("alice")
+        bob = SyncPeer(self.srv.port, "bob")
+        self.addCleanup(bob.close)
+        bob.send({"type": "typing"})
+        self.pump(lambda: window.typing_label.cget("text") == "bob is typing...", "typing")
+        bob.send({"type": "msg", "text": "done typing"})
+        self.pump(lambda: window.typing_label.cget("text") == "", "typing cleared")
+        # Typing in the window reaches bob.
+        window.input.focus_force()
+        window.input.insert("end", "x")
+        window.input.event_generate("<KeyRelease>", keysym="x")
+        self.root.update()
+        self.assertEqual(bob.expect("typing")["nick"], "alice")
+
+    def test_reconnects_after_server_restart_and_sends_what_was_queued(self):
+        window = self.open_window("alice")
+        port = self.srv.port
+        self.srv.stop()
+        self.pump(lambda: not window.connected, "disconnect")
+        self.type_and_send(window, "typed while the server was down")
+        self.pump(lambda: window.pending == ["typed while the server was down"], "pending")
+        self.assertIn("Not delivered yet (1)", window.pending_label.cget("text"))
+        self.srv = ServerThread().start(port)
+        self.addCleanup(self.srv.stop)
+        self.pump(lambda: window.connected, "reconnect", timeout=15)
+        self.pump(lambda: window.pending == [], "queue sent")
+        self.assertEqual(window.pending_label.cget("text"), "")
+        self.assertIn("alice  typed while the server was down", self.chat_text(window))
+        self.assertEqual(window.user_names(), ["alice"])
+
+    def test_random_editing_of_emoji_drafts_never_corrupts_the_input(self):
+        window = self.open_window("alice")
+        rng = random.Random(7)
+        window.input.focus_force()
+        self.pump(lambda: self.root.focus_get() is window.input, "input focus")
+        keys = ["BackSpace", "Delete", "Left", "Right", "Home", "End", "Up", "Down"]
+        for _ in range(300):
+            op = rng.random()
+            if op < 0.6:
+                window.input.event_generate(f"<KeyPress-{rng.choice(keys)}>")
+            elif op < 0.8:
+                window.input.insert("insert", rng.choice(["🚀", "😄", "👍", "é", "☺"]))
+            else:
+                window.input.event_generate("<KeyPress>", keysym=rng.choice("abc"))
+            self.root.update()
+        draft = window.input.get("1.0", "end-1c")
+        draft.encode("utf-8")  # no lone surrogates: the draft is still valid text
+        window.input.delete("1.0", "end")
+        self.type_and_send(window, "after editing")
+        self.pump(lambda: "alice  after editing" in self.chat_text(window), "still works")
+
+    def test_received_odd_characters_never_break_the_window(self):
+        window = self.open_window("alice")
+        bob = SyncPeer(self.srv.port, "bob")
+        self.addCleanup(bob.close)
+        bob.file.write(b'{"type":"msg","text":"lone \\ud83d and \\ud83d\\ude80 and \\u0000"}\n')
+        bob.file.flush()
+        self.pump(lambda: "bob  lone ? and 🚀 and" in self.chat_text(window), "odd text")
+
+
+class GuiConnectDialogTests(GuiCase):
+    def test_dialog_shows_errors_and_retries_then_remembers(self):
+        holder = SyncPeer(self.srv.port, "taken")
+        self.addCleanup(holder.close)
+        app = self.open_app()  # no flags: the dialog
+        self.assertIsNotNone(app.dialog)
+        dialog = app.dialog
+        dialog.vars["server"][0].set(HOST)
+        dialog.vars["port"][0].set(str(self.srv.port))
+        dialog.vars["nick"][0].set("a b")
+        dialog.button.widget.invoke()
+        self.assertIn("spaces", dialog.error.cget("text"))
+        dialog.vars["nick"][0].set("TAKEN")
+        dialog.button.widget.invoke()
+        self.pump(lambda: "already in use" in dialog.error.cget("text"), "nick_taken shown")
+        self.assertEqual(str(dialog.button.widget.cget("state")), "normal")
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            free = s.getsockname()[1]
+        dialog.vars["port"][0].set(str(free))
+        dialog.vars["nick"][0].set("carol")
+        dialog.button.widget.invoke()
+        self.pump(lambda: "Cannot connect" in dialog.error.cget("text"), "refused shown")
+        dialog.vars["port"][0].set(str(self.srv.port))
+        dialog.button.widget.invoke()
+        self.pump(lambda: app.window is not None, "the window")
+        self.assertEqual(app.window.nick, "carol")
+        saved = json.loads(self.settings.read_text())
+        self.assertEqual(saved, {"host": HOST, "port": self.srv.port, "nick": "carol"})
+
+    def test_entries_refuse_characters_above_the_bmp(self):
+        app = self.open_app()
+        entry = app.dialog.vars["nick"][1]
+        entry.delete(0, "end")
+        entry.insert(0, "ab")
+        entry.insert(1, "😄")
+        self.assertEqual(entry.get(), "ab")
+        entry.insert(1, "é")
+        self.assertEqual(entry.get(), "aéb")
 
 
 if __name__ == "__main__":
