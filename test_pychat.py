@@ -26,6 +26,7 @@ import threading
 import time
 import unittest
 import wave
+import zlib
 from pathlib import Path
 
 import pychat
@@ -1396,5 +1397,101 @@ class GuiConnectDialogTests(GuiCase):
         self.assertEqual(entry.get(), "aéb")
 
 
+# ===========================================================================
+# The README's screenshot:  python test_pychat.py screenshot [docs/screenshot.png]
+# (needs Xvfb, or a display, and xwd from x11-apps)
+# ===========================================================================
+
+def xwd_to_png(xwd: bytes, path: Path) -> None:
+    """Convert a 24/32-bit TrueColor XWD dump to PNG with the standard library."""
+    header = struct.unpack(">25I", xwd[:100])
+    size, width, height = header[0], header[4], header[5]
+    byte_order, bpp, stride = header[7], header[11], header[12]
+    masks, ncolors = header[13 + 1:13 + 4], header[19]
+    if bpp != 32:
+        raise ValueError(f"expected a 32 bits-per-pixel dump, got {bpp}")
+    shifts = [(m & -m).bit_length() - 1 for m in masks]
+    order = "<" if byte_order == 0 else ">"
+    data, rows = xwd[size + 12 * ncolors:], []
+    for y in range(height):
+        pixels = struct.unpack(f"{order}{width}I", data[y * stride:y * stride + 4 * width])
+        row = bytearray(b"\x00")  # PNG filter type 0
+        for p in pixels:
+            row += bytes(((p & m) >> sh) & 0xFF for m, sh in zip(masks, shifts))
+        rows.append(bytes(row))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
+                                                            0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"".join(rows), 9)) + chunk(b"IEND", b""))
+    path.write_bytes(png)
+
+
+def make_screenshot(path: Path) -> None:
+    """Stage a realistic conversation in a real window and save it as a PNG."""
+    import argparse
+    import tkinter
+    setUpModule()
+    if _display_error:
+        raise SystemExit(f"no display: {_display_error}")
+    srv = ServerThread(motd="Team chat · be kind").start()
+    root = tkinter.Tk()
+    root.geometry("900x560+0+0")
+    with tempfile.TemporaryDirectory() as tmp:
+        app = pychat.GuiApp(root, argparse.Namespace(host=HOST, port=srv.port, nick="alice"),
+                            settings_path=Path(tmp) / "s.json")
+
+        def pump(cond) -> None:
+            deadline = time.monotonic() + TIMEOUT
+            while not cond() and time.monotonic() < deadline:
+                root.update()
+                time.sleep(0.01)
+        pump(lambda: app.window is not None)
+        window = app.window
+        peers = {n: SyncPeer(srv.port, n) for n in ("bob", "carol")}
+        script = [
+            ("bob", "Morning! Build 1432 is green 🎉", False),
+            ("carol", "nice work 👍 release notes: https://example.org/notes/1432", False),
+            ("alice", "thanks both, I'll tag it after lunch", False),
+            ("dave", None, False),
+            ("dave", "brings coffee for everyone ☕", True),
+            ("bob", "alice, can you look at the login fix before you tag?", False),
+            ("alice", "sure, on it 🚀", False),
+        ]
+        for who, text, action in script:
+            if who == "dave" and text is None:
+                peers["dave"] = SyncPeer(srv.port, "dave")
+                continue
+            if who == "alice":
+                window.input.insert("end", text)
+                window.send_input()
+                pump(lambda: text in window.chat.get("1.0", "end"))
+            else:
+                peers[who].send({"type": "msg", "text": text, "action": action})
+                pump(lambda: text in window.chat.get("1.0", "end"))
+        peers["carol"].send({"type": "typing"})
+        pump(lambda: window.typing_label.cget("text"))
+        window.input.insert("end", "the fix looks good, merging")
+        root.update()
+        time.sleep(0.3)  # let Xft finish drawing before the grab (a picture, not a test)
+        root.update()
+        frame = int(root.wm_frame(), 16) if root.wm_frame() != "0x0" else root.winfo_id()
+        dump = subprocess.run(["xwd", "-silent", "-id", str(frame)], capture_output=True,
+                              check=True).stdout
+        path.parent.mkdir(parents=True, exist_ok=True)
+        xwd_to_png(dump, path)
+        for peer in peers.values():
+            peer.close()
+        window.close()
+    srv.stop()
+    tearDownModule()
+    print(f"wrote {path}")
+
+
 if __name__ == "__main__":
-    unittest.main()
+    if sys.argv[1:2] == ["screenshot"]:
+        make_screenshot(Path(sys.argv[2] if len(sys.argv) > 2 else "docs/screenshot.png"))
+    else:
+        unittest.main()
