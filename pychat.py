@@ -92,6 +92,9 @@ PING_TIMEOUT = 20.0            # drop it if it stays silent this much longer
 MAX_NICK_LEN = 32
 MAX_REASON_LEN = 200           # quit reasons and other short free texts
 MAX_CID_LEN = 64               # client message ids are echoed, so keep them short
+MAX_CID_INT = 2 ** 53          # ...and integer ones exact in every JSON reader
+MAX_PING_DATA = 256            # bytes of ping data echoed back in a pong
+REGISTER_TIMEOUT = 30.0        # seconds a connection may stay without a nick
 TYPING_EVERY = 3.0             # a client says "typing" at most this often...
 TYPING_RELAY_MIN = 2.0         # ...and the server relays at most one per this interval
 # A flooder is disconnected once this many requests have been refused faster
@@ -176,10 +179,14 @@ def _clean_surrogates(value: Any) -> Any:
     return value
 
 
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python-only extensions
+
+
 def decode(line: bytes) -> dict:
     """Parse one line (without its newline) into a message dict with a str type."""
     try:
-        obj = json.loads(line.decode("utf-8"))
+        obj = json.loads(line.decode("utf-8"), parse_constant=_no_constants)
     except (ValueError, RecursionError):  # bad UTF-8 / JSON, absurd nesting or numbers
         raise ProtocolError("bad_json", ERRORS["bad_json"]) from None
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
@@ -214,8 +221,8 @@ def nick_problem(nick: str) -> str | None:
     """Why `nick` is not allowed, or None when it is fine."""
     if not 1 <= len(nick) <= MAX_NICK_LEN:
         return f"A nick has 1 to {MAX_NICK_LEN} characters."
-    if nick[0] in "#&:":
-        return "A nick may not start with #, & or :."
+    if nick[0] in "#&:/":
+        return "A nick may not start with #, &, : or /."
     for ch in nick:
         if ch.isspace():
             return "A nick may not contain spaces."
@@ -274,7 +281,9 @@ class Session(asyncio.Protocol):
         self.leave_reason = "disconnected"
         self.quit_message = ""
         self.typing_at = -TYPING_RELAY_MIN
+        self.grace_bytes = 0           # backlog allowed on top of the cap (history replies)
         now = server.loop.time()
+        self.connected_at = now
         self.last_rx = now
         self.pinged_at: float | None = None
         self.tokens = float(server.flood_burst)
@@ -341,7 +350,10 @@ class Session(asyncio.Protocol):
             transport.write(b"".join(out) if len(out) > 1 else out[0])
             # The transport keeps what the kernel would not take.  Past the cap
             # this peer is not keeping up: cut it rather than buffer for it.
-            if transport.get_write_buffer_size() > self.server.max_backlog_bytes:
+            backlog = transport.get_write_buffer_size()
+            if backlog <= self.server.max_backlog_bytes:
+                self.grace_bytes = 0
+            elif backlog > self.server.max_backlog_bytes + self.grace_bytes:
                 self.abort("backlog")
 
     def close(self, reason: str) -> None:
@@ -406,6 +418,7 @@ class ChatServer:
         self.dirty: list[Session] = []          # sessions with output this tick
         self._flush_scheduled = False
         self.shutting_down = False
+        self.instance = secrets.token_hex(6)  # message ids are only comparable within one
         self._ids = itertools.count(1)
         self._servers: list[asyncio.AbstractServer] = []
         self._housekeeper: asyncio.Task | None = None
@@ -462,8 +475,14 @@ class ChatServer:
             if self.loop.time() > deadline:
                 break
             await asyncio.sleep(0.01)
+        for s in sessions:  # whoever still has not taken its goodbye is cut off
+            if s.transport is not None and s.transport.get_write_buffer_size():
+                s.transport.abort()
         for srv in self._servers:
-            await srv.wait_closed()
+            try:  # Python 3.12.1+ waits here for every connection to be gone
+                await asyncio.wait_for(srv.wait_closed(), 2.0)
+            except asyncio.TimeoutError:
+                log.warning("some connections did not close in time")
         self._servers.clear()
 
     # --- output batching
@@ -516,7 +535,10 @@ class ChatServer:
             await asyncio.sleep(period)
             now = self.loop.time()
             for s in list(self.sessions):
-                if s.pinged_at is not None:
+                if s.nick is None and now - s.connected_at > REGISTER_TIMEOUT:
+                    s.send(encode(error("not_registered", "No hello in time; closing.")))
+                    s.close("register_timeout")
+                elif s.pinged_at is not None:
                     if now - s.pinged_at > self.ping_timeout:
                         s.abort("timeout")
                 elif now - s.last_rx > self.ping_interval:
@@ -530,6 +552,15 @@ class ChatServer:
             line = line[:-1]
         if not line.strip():
             return
+        # Every line costs a token, whatever it holds: garbage, pongs and
+        # unregistered chatter are throttled exactly like messages.
+        if not s.take_token(self.loop.time()):
+            if s.flood_penalty > FLOOD_KICK:
+                s.send(encode(error("flooding")))
+                s.close("flood")
+            else:
+                s.send(encode(error("rate_limited")))
+            return
         msg: dict | None = None
         try:
             msg = decode(line)
@@ -537,30 +568,28 @@ class ChatServer:
             if s.nick is None and kind not in ("hello", "ping", "pong"):
                 raise ProtocolError("not_registered", ERRORS["not_registered"])
             validate(msg)
-            if kind not in ("pong", "typing") and not s.take_token(self.loop.time()):
-                if s.flood_penalty > FLOOD_KICK:
-                    s.send(encode(error("flooding")))
-                    s.close("flood")
-                    return
-                raise ProtocolError("rate_limited", ERRORS["rate_limited"])
         except ProtocolError as e:
-            extra: dict[str, Any] = {}
-            if msg is not None:
-                extra["request"] = msg["type"][:40]
-                cid = msg.get("cid")
-                if isinstance(cid, (str, int)) and not isinstance(cid, bool):
-                    extra["cid"] = cid if isinstance(cid, int) else cid[:MAX_CID_LEN]
+            log.info("%s (%s): %s", s.nick or "unregistered", s.peer, e.code)
+            extra = self._error_context(msg) if msg is not None else {}
             s.send(encode(error(e.code, e.message, **extra)))
             return
         handler = self.handlers[kind]  # looked up outside the try: a bug is not "unknown type"
         handler(s, msg)
 
-    def _reply_error(self, s: Session, msg: dict, code: str, message: str | None = None) -> None:
-        extra: dict[str, Any] = {"request": msg["type"]}
+    @staticmethod
+    def _error_context(msg: dict) -> dict[str, Any]:
+        """What an error reply copies from the failed request: its type and a
+        well-formed cid (anything else in "cid" is not echoed)."""
+        extra: dict[str, Any] = {"request": msg["type"][:40]}
         cid = msg.get("cid")
-        if cid is not None:
-            extra["cid"] = cid if isinstance(cid, int) else cid[:MAX_CID_LEN]
-        s.send(encode(error(code, message, **extra)))
+        if isinstance(cid, str):
+            extra["cid"] = cid[:MAX_CID_LEN]
+        elif isinstance(cid, int) and not isinstance(cid, bool) and abs(cid) <= MAX_CID_INT:
+            extra["cid"] = cid
+        return extra
+
+    def _reply_error(self, s: Session, msg: dict, code: str, message: str | None = None) -> None:
+        s.send(encode(error(code, message, **self._error_context(msg))))
 
     def _check_nick(self, s: Session, msg: dict, nick: str) -> bool:
         problem = nick_problem(nick)
@@ -585,7 +614,7 @@ class ChatServer:
         self.nicks[key] = s
         lobby = self.rooms[nick_key(LOBBY)]
         welcome = {"type": "welcome", "nick": nick, "room": lobby.name, "server": SERVER_NAME,
-                   "version": __version__,
+                   "version": __version__, "instance": self.instance,
                    "limits": {"max_text": self.max_text, "max_line_bytes": self.max_line_bytes,
                               "flood_burst": self.flood_burst, "flood_rate": self.flood_rate,
                               "ping_interval": self.ping_interval}}
@@ -601,7 +630,9 @@ class ChatServer:
                               "ts": round(time.time(), 3)})
         room.members[nick_key(s.nick)] = s
         s.rooms[nick_key(room.name)] = room
-        s.send(encode({"type": "history", "room": room.name, "messages": list(room.history)}))
+        history = encode({"type": "history", "room": room.name, "messages": list(room.history)})
+        s.grace_bytes += len(history)  # a big history must not count as falling behind
+        s.send(history)
         s.send(encode({"type": "users", "room": room.name, "users": room.nicks()}))
 
     def _room_for(self, s: Session, msg: dict) -> Room | None:
@@ -624,8 +655,11 @@ class ChatServer:
                               f"Messages are limited to {self.max_text} characters.")
             return
         cid = msg.get("cid")
-        if isinstance(cid, str) and len(cid) > MAX_CID_LEN:
-            self._reply_error(s, msg, "bad_request", f"cid is limited to {MAX_CID_LEN} characters.")
+        if (isinstance(cid, str) and len(cid) > MAX_CID_LEN) or (
+                isinstance(cid, int) and abs(cid) > MAX_CID_INT):
+            self._reply_error(s, msg, "bad_request",
+                              f"cid is a string of at most {MAX_CID_LEN} characters or an "
+                              "integer of at most 2**53.")
             return
         room = self._room_for(s, msg)
         if room is None:
@@ -666,7 +700,15 @@ class ChatServer:
             s.send(encode({"type": "users", "room": room.name, "users": room.nicks()}))
 
     def handle_ping(self, s: Session, msg: dict) -> None:
-        s.send(encode({"type": "pong", "data": msg.get("data")}))
+        try:
+            data = encode({"type": "pong", "data": msg.get("data")})
+        except (ValueError, RecursionError):  # absurdly nested data
+            data = b""
+        if not data or len(data) > MAX_PING_DATA + 30:
+            self._reply_error(s, msg, "bad_request",
+                              f"Ping data is echoed only up to {MAX_PING_DATA} bytes.")
+            return
+        s.send(data)
 
     def handle_pong(self, s: Session, msg: dict) -> None:
         pass  # any incoming line already counts as a sign of life
@@ -789,6 +831,8 @@ class ChatClient:
         self._token_time = 0.0
         self._pump: asyncio.Task | None = None
         self._typing_sent = -TYPING_EVERY
+        self._instance: Any = None
+        self._had_history = False
 
     # --- public methods (called by UIs)
     def send_msg(self, text: str, action: bool = False) -> str:
@@ -1048,6 +1092,10 @@ class ChatClient:
         self.room = str(event.get("room", LOBBY))
         limits = event.get("limits")
         self.limits = limits if isinstance(limits, dict) else {}
+        instance = event.get("instance")
+        if instance != self._instance:  # a restarted server numbers messages afresh
+            self._instance = instance
+            self.last_id = 0
         first = not self.ever_registered
         self.ever_registered = True
         event = dict(event, first=first)
@@ -1065,8 +1113,9 @@ class ChatClient:
             # After a reconnect show only what we have not seen yet.
             fresh = [m for m in messages if isinstance(m, dict)
                      and isinstance(m.get("id"), int) and m["id"] > self.last_id]
-            if not self.want_history and self.last_id == 0:
-                fresh = []
+            if not self.want_history and not self._had_history:
+                fresh = []  # --no-history skips the backlog, not what we miss later
+            self._had_history = True
             for m in messages:
                 if isinstance(m, dict) and isinstance(m.get("id"), int):
                     self.last_id = max(self.last_id, m["id"])

@@ -386,18 +386,6 @@ class ChatTests(ServerCase):
 class LimitTests(ServerCase):
     server_options = {"max_line_bytes": 1024, "flood_burst": 5, "flood_rate": 1.0}
 
-    async def test_bad_input_gets_errors_and_the_connection_stays(self):
-        alice = await self.connect("alice")
-        bob = await self.connect("bob")
-        for raw, code in [(b"hello\n", "bad_json"), (b"\xff\xfe\n", "bad_json"),
-                          (b"[1]\n", "bad_request"), (b"\x00\x00\n", "bad_json")]:
-            await alice.send_raw(raw)
-            self.assertEqual((await alice.expect("error"))["code"], code)
-        await alice.send_raw(b"\n\r\n   \n")  # blank lines are ignored
-        await alice.send({"type": "msg", "text": "ok"})
-        await bob.expect("msg", text="ok")
-        self.assertFalse(any(e["type"] == "error" for e in bob.seen))
-
     async def test_line_too_long_closes_only_that_connection(self):
         alice = await self.connect("alice")
         evil = await self.connect("evil")
@@ -443,6 +431,18 @@ class LimitTests(ServerCase):
 
 class HostileInputTests(ServerCase):
     server_options = {"max_line_bytes": 4096, "flood_burst": 50, "flood_rate": 50.0}
+
+    async def test_bad_input_gets_errors_and_the_connection_stays(self):
+        alice = await self.connect("alice")
+        bob = await self.connect("bob")
+        for raw, code in [(b"hello\n", "bad_json"), (b"\xff\xfe\n", "bad_json"),
+                          (b"[1]\n", "bad_request"), (b"\x00\x00\n", "bad_json")]:
+            await alice.send_raw(raw)
+            self.assertEqual((await alice.expect("error"))["code"], code)
+        await alice.send_raw(b"\n\r\n   \n")  # blank lines are ignored
+        await alice.send({"type": "msg", "text": "ok"})
+        await bob.expect("msg", text="ok")
+        self.assertFalse(any(e["type"] == "error" for e in bob.seen))
 
     async def test_seeded_garbage_never_disturbs_a_chatting_pair(self):
         import random
