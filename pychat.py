@@ -589,6 +589,7 @@ class ChatServer:
         return extra
 
     def _reply_error(self, s: Session, msg: dict, code: str, message: str | None = None) -> None:
+        log.info("%s (%s): %s %s", s.nick or "unregistered", s.peer, msg["type"][:40], code)
         s.send(encode(error(code, message, **self._error_context(msg))))
 
     def _check_nick(self, s: Session, msg: dict, nick: str) -> bool:
@@ -773,8 +774,14 @@ async def serve(args: argparse.Namespace) -> int:
     if args.host in (None, "", "0.0.0.0", "::"):
         lan = lan_addresses()
         where = lan[0] if lan else socket.gethostname() or "<this machine's address>"
+    else:
+        where = args.host
+    if where.startswith("127.") or where in ("localhost", "::1"):
+        print(f"Only this machine can join:  python pychat.py cli --host {where} --port {port}",
+              flush=True)
+    else:
         print(f"Friends on your network join with:  python pychat.py cli --host {where} "
-              f"--port {port}", flush=True)
+              f"--port {port}   (or: python pychat.py gui)", flush=True)
     print("Press Ctrl-C to stop.", flush=True)
     try:
         await stop.wait()
@@ -932,8 +939,11 @@ class ChatClient:
             req = self.queue.popleft()
             if req["type"] == "msg" and req["cid"] not in self.outbox:
                 continue  # confirmed or refused meanwhile
-            self._writer.write(encode(req))
-            await self._writer.drain()
+            try:
+                self._writer.write(encode(req))
+                await self._writer.drain()
+            except (ConnectionError, OSError, RuntimeError):
+                return  # the reader notices the lost connection and reconnects
 
     async def run(self) -> None:
         """Connect, register, read events; reconnect until quit() or giving up."""
@@ -1364,6 +1374,38 @@ def strip_terminal(text: str) -> str:
     return _UNSAFE_RE.sub("", _ESCAPE_RE.sub("", text))
 
 
+def _width(text: str) -> int:
+    """Terminal columns `text` takes: wide (CJK, emoji) characters count twice."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def _readline_point(readline: Any) -> Callable[[], int] | None:
+    """A reader of readline's cursor position (rl_point), which Python does not
+    expose; found through ctypes in the library the readline module uses."""
+    try:
+        import ctypes
+        var = ctypes.c_int.in_dll(ctypes.CDLL(readline.__file__), "rl_point")
+    except (ImportError, AttributeError, OSError, ValueError):
+        return None
+    return lambda: var.value
+
+
+def enable_windows_ansi() -> bool:
+    """Turn on escape-sequence processing in a Windows console (a no-op elsewhere)."""
+    if sys.platform != "win32":
+        return True
+    try:
+        import ctypes
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        handle = kernel32.GetStdHandle(-11)  # STD_OUTPUT_HANDLE
+        mode = ctypes.c_uint32()
+        if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
+            return False
+        return bool(kernel32.SetConsoleMode(handle, mode.value | 0x0004))  # VT processing
+    except Exception:  # old Windows or no console: plain output then
+        return False
+
+
 def nick_colour(nick: str) -> int:
     """A stable ANSI colour code for a nick (the same on every machine)."""
     return NICK_COLOURS[zlib.crc32(nick_key(nick).encode("utf-8")) % len(NICK_COLOURS)]
@@ -1410,13 +1452,16 @@ class Terminal:
     def __init__(self, out: Any = None, color: bool | None = None, interactive: bool = False):
         self.out = out or sys.stdout
         isatty = hasattr(self.out, "isatty") and self.out.isatty()
-        self.color = isatty and not os.environ.get("NO_COLOR") if color is None else color
-        self.interactive = interactive and isatty
+        ansi = isatty and enable_windows_ansi()  # colours and redraws need escape codes
+        self.color = ansi and not os.environ.get("NO_COLOR") if color is None else color
+        self.interactive = interactive and ansi
         self.prompt = "> " if self.interactive else ""
         self.readline: Any = None
         self.editor: WindowsLineEditor | None = None
+        self.rl_point: Callable[[], int] | None = None
         self.lock = threading.Lock()
         self.my_nick = ""
+        self.broken = False
 
     # --- formatting
     def _c(self, code: str, text: str) -> str:
@@ -1490,25 +1535,51 @@ class Terminal:
     def show(self, text: str) -> None:
         """Print lines above the prompt and redraw the prompt and typed text."""
         with self.lock:
-            if not self.interactive:
-                self.out.write(text + "\n")
-                self.out.flush()
+            if self.broken:
                 return
-            typed = ""
-            if self.readline is not None:
-                typed = self.readline.get_line_buffer()
-            elif self.editor is not None:
-                typed = self.editor.buffer()
-            up = self._rows(self.prompt + typed) - 1  # a long draft wraps onto more rows
-            self.out.write("\r" + (f"\x1b[{up}A" if up else "") + "\x1b[J" + text + "\n"
-                           + self.prompt + typed)
+            try:
+                self._write(text)
+            except (BrokenPipeError, OSError, ValueError):
+                self.broken = True  # stdout went away (| head): stop printing, keep chatting
+
+    def _write(self, text: str) -> None:
+        if not self.interactive:
+            self.out.write(text + "\n")
             self.out.flush()
+            return
+        typed, point = self._draft()
+        columns = shutil.get_terminal_size().columns or 80
+        at = _width(self.prompt + typed[:point])   # where the cursor is in the draft
+        end = _width(self.prompt + typed)
+        # Up to the draft's first row, clear down, print, draw the draft again,
+        # then put the cursor back where the user was editing.
+        up = at // columns
+        out = "\r" + (f"\x1b[{up}A" if up else "") + "\x1b[J" + text + "\n" + self.prompt + typed
+        if point < len(typed):
+            back = end // columns - at // columns
+            out += (f"\x1b[{back}A" if back else "") + "\r"
+            out += f"\x1b[{at % columns}C" if at % columns else ""
+        self.out.write(out)
+        self.out.flush()
+
+    def _draft(self) -> tuple[str, int]:
+        """The partly typed line and the cursor's index in it."""
+        if self.editor is not None:
+            typed = self.editor.buffer()
+            return typed, len(typed)
+        if self.readline is None:
+            return "", 0
+        typed = self.readline.get_line_buffer()
+        point = len(typed)
+        if self.rl_point is not None:  # readline counts bytes of the encoded line
+            raw = typed.encode("utf-8", "replace")
+            point = len(raw[:self.rl_point()].decode("utf-8", "ignore"))
+        return typed, point
 
     def _rows(self, text: str) -> int:
         """Screen rows `text` takes, counting wide (CJK, emoji) characters twice."""
         columns = shutil.get_terminal_size().columns or 80
-        width = sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
-        return max(1, -(-width // columns))
+        return max(1, -(-_width(text) // columns))
 
     def erase_typed_line(self, line: str) -> None:
         """Remove the line the user just entered; the server's echo replaces it."""
@@ -1612,19 +1683,7 @@ async def _run_cli(args: argparse.Namespace) -> int:
     done = asyncio.Event()
     status = {"code": 0, "awaiting_nick": False, "failed": 0}
 
-    nick = args.nick
-    if not nick:
-        suggestion = default_nick()
-        while interactive and not nick:
-            typed = await loop.run_in_executor(None, _ask, f"Nick [{suggestion}]: ")
-            if typed is None:  # Ctrl-D at the question
-                return 1
-            nick = typed.strip() or suggestion
-            problem = nick_problem(nick)
-            if problem:
-                print(f"{problem} Try again.", file=sys.stderr)
-                nick = None
-        nick = nick or suggestion
+    nick = args.nick or default_nick()
 
     def on_event(event: dict) -> None:
         kind = event.get("type")
@@ -1771,16 +1830,10 @@ async def _run_cli(args: argparse.Namespace) -> int:
     if status["code"] == 0 and status["failed"] and not interactive:
         return 1
     if status["code"] == 0 and not client.ever_registered:
-        print("pychat: never got connected.", file=sys.stderr)
+        print("pychat: left before joining the chat." if client.closed and interactive
+              else "pychat: never got connected.", file=sys.stderr)
         return 1
     return status["code"]
-
-
-def _ask(prompt: str) -> str | None:
-    try:
-        return input(prompt)
-    except EOFError:
-        return None
 
 
 def _start_input_thread(term: Terminal, loop: asyncio.AbstractEventLoop,
@@ -1791,6 +1844,7 @@ def _start_input_thread(term: Terminal, loop: asyncio.AbstractEventLoop,
         try:
             import readline
             term.readline = readline
+            term.rl_point = _readline_point(readline)
             readline.set_completer_delims(" \t")
             if "libedit" in (readline.__doc__ or ""):
                 readline.parse_and_bind("bind ^I rl_complete")
@@ -2895,12 +2949,31 @@ def cmd_server(args: argparse.Namespace) -> int:
         return 0
 
 
+def ask_nick() -> str | None:
+    """Ask for a nick on the terminal until a valid one is typed (None: gave up)."""
+    suggestion = default_nick()
+    while True:
+        try:
+            typed = input(f"Nick [{suggestion}]: ").strip() or suggestion
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return None
+        problem = nick_problem(typed)
+        if problem is None:
+            return typed
+        print(f"{problem} Try again.", file=sys.stderr)
+
+
 def cmd_cli(args: argparse.Namespace) -> int:
     if args.nick is not None:
         problem = nick_problem(args.nick)
         if problem:
             print(f"pychat: bad --nick {args.nick!r}: {problem}", file=sys.stderr)
             return 2
+    elif sys.stdin.isatty():
+        args.nick = ask_nick()  # before asyncio: Ctrl-C here must simply stop
+        if args.nick is None:
+            return 1
     try:
         return asyncio.run(run_cli(args))
     except KeyboardInterrupt:

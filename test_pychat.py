@@ -537,6 +537,111 @@ class KeepaliveTests(ServerCase):
         self.assertEqual(users["users"], ["alive"])
 
 
+class ReviewHardeningTests(ServerCase):
+    """Limits that hostile or unlucky clients hit: each must fail safe."""
+
+    server_options = {"max_backlog_bytes": 64 * 1024, "flood_rate": 0, "max_text": 4000,
+                      "ping_interval": 0.2, "ping_timeout": 0.4}
+
+    def small_buffers(self) -> socket.socket:
+        """Make the server's next accepted socket and our client socket tiny, so the
+        server's transport really has to buffer (loopback otherwise takes megabytes)."""
+        for sock in self.server._servers[0].sockets:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect((HOST, self.port))
+        return client
+
+    async def test_a_history_bigger_than_the_backlog_cap_still_reaches_newcomers(self):
+        alice = await self.connect("alice")
+        text = "漢" * 4000  # 12 KB of UTF-8 each: 100 of them are 1.2 MB, far over 64 KiB
+        self.server.rooms["#lobby"].history.extend(
+            {"type": "msg", "room": "#lobby", "from": "alice", "text": f"{i}{text}",
+             "ts": 1.0, "id": i + 1} for i in range(100))
+        newcomer = await Peer.open(self.port, sock=self.small_buffers())
+        self.peers.append(newcomer)
+        await newcomer.send({"type": "hello", "nick": "newcomer"})
+        await newcomer.expect("welcome")
+        history = await newcomer.expect("history")
+        self.assertEqual(len(history["messages"]), 100)
+        await newcomer.expect("users")
+        await alice.send({"type": "msg", "text": "welcome!"})
+        await newcomer.expect("msg", text="welcome!")
+        self.assertIn("newcomer", self.server.nicks)
+
+    async def test_ill_typed_cids_are_not_echoed_and_never_close_the_connection(self):
+        peer = await self.raw()
+        for cid in (1.5, {"a": 1}, [1], None, True):
+            await peer.send({"type": "hello", "nick": "b b", "cid": cid})
+            err = await peer.expect("error", code="nick_invalid")
+            self.assertNotIn("cid", err)
+        await peer.send({"type": "hello", "nick": "ok"})
+        await peer.expect("welcome")
+        await peer.send({"type": "msg", "text": "x", "cid": 2 ** 60})
+        err = await peer.expect("error", code="bad_request")
+        self.assertNotIn("cid", err)
+        await peer.send({"type": "msg", "text": "x", "cid": 2 ** 53})
+        self.assertEqual((await peer.expect("msg"))["cid"], 2 ** 53)
+
+    async def test_ping_data_is_bounded_and_nan_is_not_json(self):
+        peer = await self.raw()
+        await peer.send_raw(b'{"type":"ping","data":' + b"[" * 900 + b"]" * 900 + b"}\n")
+        self.assertEqual((await peer.expect("error"))["code"], "bad_request")
+        await peer.send({"type": "ping", "data": "x" * 1000})
+        self.assertEqual((await peer.expect("error"))["code"], "bad_request")
+        await peer.send_raw(b'{"type":"ping","data":NaN}\n')
+        self.assertEqual((await peer.expect("error"))["code"], "bad_json")
+        await peer.send({"type": "ping", "data": {"n": 1}})
+        self.assertEqual((await peer.expect("pong"))["data"], {"n": 1})
+
+    async def test_a_connection_that_never_says_hello_is_closed(self):
+        old = pychat.REGISTER_TIMEOUT
+        pychat.REGISTER_TIMEOUT = 0.5
+        self.addCleanup(setattr, pychat, "REGISTER_TIMEOUT", old)
+        lurker = await self.raw()
+        started = time.monotonic()
+        while True:  # answering pings does not count as registering
+            event = await lurker.recv()
+            if event["type"] == "ping":
+                await lurker.send({"type": "pong", "data": event["data"]})
+            elif event["type"] == "error":
+                break
+        self.assertEqual(event["code"], "not_registered")
+        await lurker.expect_eof()
+        self.assertGreaterEqual(time.monotonic() - started, 0.4)
+
+    async def test_shutdown_ends_even_with_a_client_that_reads_nothing(self):
+        alice = await self.connect("alice")
+        stalled = await Peer.open(self.port, sock=self.small_buffers())
+        self.peers.append(stalled)
+        await stalled.send({"type": "hello", "nick": "stalled"})
+        for i in range(30):  # ~30 KB for `stalled`, below the cap, stuck in buffers
+            await alice.send({"type": "msg", "text": "z" * 1000})
+        await alice.expect("msg")
+        started = time.monotonic()
+        await asyncio.wait_for(self.server.close(), 8)
+        self.assertLess(time.monotonic() - started, 6)
+
+
+class GarbageFloodTests(ServerCase):
+    server_options = {"flood_burst": 5, "flood_rate": 1.0}
+
+    async def test_garbage_and_pongs_cost_tokens_and_a_garbage_flooder_is_cut_off(self):
+        alice = await self.connect("alice")
+        evil = await self.raw()
+        # A burst of 5: three garbage lines and two (silent) pongs use it up;
+        # the third pong and two more garbage lines are refused.
+        await evil.send_raw(b"not json\n" * 3 + b'{"type":"pong"}\n' * 3 + b"x\n" * 2)
+        codes = [(await evil.expect("error"))["code"] for _ in range(6)]
+        self.assertEqual(codes, ["bad_json"] * 3 + ["rate_limited"] * 3)
+        await evil.send_raw(b"garbage\n" * (pychat.FLOOD_KICK + 20))
+        await evil.expect("error", code="flooding")
+        await evil.expect_eof()
+        await alice.send({"type": "msg", "text": "unharmed"})
+        await alice.expect("msg", text="unharmed")
+
+
 class ShutdownTests(ServerCase):
     async def test_close_says_bye_to_everyone(self):
         alice = await self.connect("alice")
@@ -579,6 +684,43 @@ class ServerProcessTests(unittest.TestCase):
                 self.assertEqual(lines[-1], {"type": "bye", "reason": "server shutting down"})
                 self.assertEqual(proc.wait(TIMEOUT), 0)
                 self.assertNotIn("Traceback", proc.stderr.read())
+
+    def test_flags_reach_the_server_and_message_texts_are_never_logged(self):
+        proc, port = self.start("--max-text", "10", "--history", "1", "--flood-burst", "3",
+                                "--log-level", "info")
+        with socket.create_connection((HOST, port), timeout=TIMEOUT) as s:
+            f = s.makefile("rwb")
+
+            def send(obj: dict) -> None:
+                f.write(encode(obj))
+                f.flush()
+
+            def expect(kind: str) -> dict:
+                while True:
+                    obj = json.loads(f.readline())
+                    if obj["type"] == kind:
+                        return obj
+            send({"type": "hello", "nick": "alice"})
+            self.assertEqual(expect("welcome")["limits"]["max_text"], 10)
+            send({"type": "msg", "text": "topsecret1"})
+            expect("msg")
+            send({"type": "msg", "text": "topsecret22"})
+            self.assertEqual(expect("error")["code"], "too_long")
+            send({"type": "msg", "text": "x"})  # hello + 3 requests: the 4th is over burst 3
+            self.assertEqual(expect("error")["code"], "rate_limited")
+        with socket.create_connection((HOST, port), timeout=TIMEOUT) as s:
+            f = s.makefile("rwb")
+            f.write(encode({"type": "hello", "nick": "bob"}))
+            f.flush()
+            json.loads(f.readline())
+            history = json.loads(f.readline())
+            self.assertEqual([m["text"] for m in history["messages"]], ["topsecret1"])
+        proc.terminate()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        log = proc.stderr.read()
+        self.assertIn("alice joined", log)
+        self.assertIn("too_long", log)  # errors are logged...
+        self.assertNotIn("topsecret", log)  # ...message texts never
 
     def test_port_in_use_is_a_clear_error(self):
         proc, port = self.start()
@@ -663,6 +805,11 @@ class ClientTests(ServerCase):
         client.send_msg("typed while down")
         self.assertEqual(len(client.pending()), 1)
         self.server = ChatServer()
+        # Posted on the new server before alice is back: its ids start at 1
+        # again, and she must still be shown it.
+        self.server.rooms["#lobby"].history.append(
+            {"type": "msg", "room": "#lobby", "from": "dave", "text": "while you were away",
+             "ts": 1.0, "id": 1})
         await self.server.start(HOST, self.port)
         self.addAsyncCleanup(self.server.close)
         watcher = await self.connect("watcher")
@@ -673,6 +820,8 @@ class ClientTests(ServerCase):
         states = [e["state"] for e in events if e["type"] == "status"]
         self.assertIn("disconnected", states)
         self.assertEqual(states.count("connected"), 2)
+        histories = [e["messages"] for e in events if e["type"] == "history"]
+        self.assertEqual([m["text"] for m in histories[-1]], ["while you were away"])
         welcomes = [e for e in events if e["type"] == "welcome"]
         self.assertEqual([w["nick"] for w in welcomes], ["alice", "alice"])
         self.assertEqual([w["first"] for w in welcomes], [True, False])
@@ -776,6 +925,28 @@ class TerminalFormatTests(unittest.TestCase):
         self.assertEqual(pychat.nick_colour("Bob"), pychat.nick_colour("bob"))
         plain = pychat.Terminal(out=io.StringIO())  # a StringIO is no TTY: no colour
         self.assertNotIn("\x1b", plain.format_event({"type": "join", "nick": "b", "room": "#l"}))
+
+    def test_no_color_is_honoured_on_a_terminal(self):
+        class FakeTTY(io.StringIO):
+            def isatty(self) -> bool:
+                return True
+        old = os.environ.pop("NO_COLOR", None)
+        self.addCleanup(lambda: old is None or os.environ.__setitem__("NO_COLOR", old))
+        event = {"type": "msg", "from": "bob", "text": "x", "ts": 0}
+        self.assertIn("\x1b[", pychat.Terminal(out=FakeTTY()).format_event(event))
+        os.environ["NO_COLOR"] = "1"
+        try:
+            self.assertNotIn("\x1b", pychat.Terminal(out=FakeTTY()).format_event(event))
+        finally:
+            del os.environ["NO_COLOR"]
+
+    def test_readline_completer(self):
+        begidx = [0]
+        complete = pychat._make_completer(lambda: ["bob", "Bea", "carl"], lambda: begidx[0])
+        self.assertEqual([complete("b", i) for i in range(3)], ["Bea: ", "bob: ", None])
+        begidx[0] = 5
+        self.assertEqual(complete("ca", 0), "carl ")
+        self.assertEqual(complete("/ni", 0), "/nick ")
 
     def test_parse_command_and_completion(self):
         self.assertEqual(pychat.parse_command("hello"), ("", "hello"))
