@@ -1036,6 +1036,93 @@ class CliProcessTests(ServerCase):
         self.assertEqual((await watcher.expect("msg"))["text"], "end")
 
 
+@unittest.skipIf(sys.platform == "win32", "needs a POSIX pseudo-terminal")
+class CliTerminalTests(ServerCase):
+    """The interactive client on a real pseudo-terminal, typed at like a person."""
+
+    async def asyncSetUp(self) -> None:
+        await super().asyncSetUp()
+        import pty
+        import termios
+        self.termios = termios
+        self.master, self.slave = pty.openpty()
+        self.addCleanup(os.close, self.master)
+        self.addCleanup(os.close, self.slave)
+        self.output = b""
+
+    async def start_cli(self, *args: str) -> asyncio.subprocess.Process:
+        env = {**os.environ, "TERM": "xterm", "COLUMNS": "80", "LINES": "24"}
+        env.pop("NO_COLOR", None)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, PYCHAT, "cli", "--host", HOST, "--port", str(self.port), *args,
+            stdin=self.slave, stdout=self.slave, stderr=self.slave, env=env,
+            start_new_session=True)
+
+        async def stop() -> None:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        self.addAsyncCleanup(stop)
+        return proc
+
+    async def screen_until(self, needle: str, timeout: float = TIMEOUT) -> str:
+        """Read the terminal's output until `needle` appears; return what came so far."""
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout
+        while needle.encode() not in self.output:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{needle!r} never shown; screen: {self.output[-400:]!r}")
+            ready = await loop.run_in_executor(
+                None, lambda: select.select([self.master], [], [], min(left, 0.2))[0])
+            if ready:
+                try:
+                    self.output += os.read(self.master, 65536)
+                except OSError:  # the client exited and closed the terminal
+                    break
+        return self.output.decode("utf-8", "replace")
+
+    def type(self, keys: str) -> None:
+        os.write(self.master, keys.encode("utf-8"))
+
+    async def test_prompt_redraw_cursor_and_clean_exit(self):
+        peer = await self.connect("bob")
+        proc = await self.start_cli()
+        await self.screen_until("Nick [")
+        self.type("a b\r")
+        await self.screen_until("Try again")
+        self.type("alice\r")
+        await self.screen_until("You are alice")
+        await peer.expect("join", nick="alice")
+        self.type("abcdef\x1b[D\x1b[D\x1b[D")  # a draft, cursor moved back three places
+        await self.screen_until("abcdef\x08\x08\x08")  # readline has echoed the draft
+        await peer.send({"type": "msg", "text": "hello alice \x1b[2J"})
+        screen = await self.screen_until("hello alice")
+        # The message is printed, then the draft is drawn again and the cursor
+        # put back after "abc" (column 5 with the "> " prompt).
+        after = screen.split("hello alice", 1)[1]
+        await self.screen_until("> abcdef\r\x1b[5C")
+        self.assertNotIn("\x1b[2J", after)
+        self.type("X\r")
+        self.assertEqual((await peer.expect("msg", **{"from": "alice"}))["text"], "abcXdef")
+        self.type("\x04")  # Ctrl-D on an empty line leaves
+        self.assertEqual(await asyncio.wait_for(proc.wait(), TIMEOUT), 0)
+        self.assertEqual((await peer.expect("leave", nick="alice"))["reason"], "quit")
+        attrs = self.termios.tcgetattr(self.slave)
+        self.assertTrue(attrs[3] & self.termios.ECHO, "echo left off")
+        self.assertTrue(attrs[3] & self.termios.ICANON, "line mode left off")
+        self.assertNotIn("Traceback", self.output.decode("utf-8", "replace"))
+
+    async def test_taken_nick_is_asked_again_and_ctrl_c_leaves(self):
+        await self.connect("alice")
+        proc = await self.start_cli("--nick", "ALICE")
+        await self.screen_until("Type another nick")
+        self.type("alice2\r")
+        await self.screen_until("You are alice2")
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
+        self.assertEqual(await asyncio.wait_for(proc.wait(), TIMEOUT), 0)
+
+
 class CliCommandLineTests(unittest.TestCase):
     def run_pychat(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, PYCHAT, *args], capture_output=True, text=True,
