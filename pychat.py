@@ -806,6 +806,10 @@ async def serve(args: argparse.Namespace) -> int:
 # Every method must be called on the client's event-loop thread.
 # ===========================================================================
 
+# Event types the client makes itself; the same types from a server are dropped.
+LOCAL_EVENTS = frozenset({"status", "nick_rejected", "failed", "fatal", "outbox"})
+
+
 class ChatClient:
     """The network side of both UIs: one connection, reconnected as needed."""
 
@@ -959,7 +963,8 @@ class ChatClient:
                     CONNECT_TIMEOUT)
             except (OSError, asyncio.TimeoutError) as e:
                 failures += 1
-                reason = getattr(e, "strerror", None) or str(e) or "timed out"
+                errno = getattr(e, "errno", None)
+                reason = (os.strerror(errno) if errno else None) or str(e) or "timed out"
                 now = time.monotonic()
                 down_since = down_since or now
                 if not self.ever_registered and failures >= self.connect_attempts:
@@ -1074,8 +1079,10 @@ class ChatClient:
             elif kind == "ping":
                 writer.write(encode({"type": "pong", "data": event.get("data")}))
                 continue
-            else:
+            elif kind not in LOCAL_EVENTS:
                 self._emit(event)
+                continue
+            else:
                 continue
             self._on_welcome(event)
         # Messages written on the last connection but never confirmed go first.
@@ -1116,6 +1123,8 @@ class ChatClient:
     def _track(self, event: dict) -> None:
         """Keep local state (users, nick, outbox, last id) and pass the event on."""
         kind = event.get("type")
+        if kind in LOCAL_EVENTS:
+            return  # a server must not impersonate the client's own events
         if kind == "history":
             messages = event.get("messages")
             if not isinstance(messages, list):
@@ -1232,11 +1241,11 @@ class ClientThread:
     def set_nick(self, nick: str) -> None:
         self._call("set_nick", nick)
 
-    def close(self, timeout: float = 3.0) -> None:
+    def close(self, timeout: float = 3.0, reason: str = "") -> None:
         """Quit cleanly and wait (bounded) for the thread to end."""
         if self.client is not None and self._thread.is_alive():
             try:
-                asyncio.run_coroutine_threadsafe(self.client.quit(), self.loop)
+                asyncio.run_coroutine_threadsafe(self.client.quit(reason), self.loop)
             except RuntimeError:
                 pass
         self._thread.join(timeout)
@@ -1280,13 +1289,18 @@ def ding_path() -> Path | None:
     beside = Path(__file__).resolve().with_name(DING_FILE)
     if beside.is_file():
         return beside
-    made = Path(tempfile.gettempdir()) / f"pychat-{__version__}-{DING_FILE}"
-    try:
-        if not made.is_file():
-            make_ding(made)
-        return made
-    except OSError:
-        return None
+    global _made_ding
+    if _made_ding is None or not _made_ding.is_file():
+        try:  # a private new file: never a predictable name in a shared folder
+            fd, name = tempfile.mkstemp(prefix="pychat-", suffix=".wav")
+            os.close(fd)
+            _made_ding = make_ding(Path(name))
+        except OSError:
+            return None
+    return _made_ding
+
+
+_made_ding: Path | None = None
 
 
 def player_commands(path: Path) -> list[list[str]]:
@@ -1928,8 +1942,6 @@ THEME = {
     "mention_bar": "#f0b232", "link": "#00a8fc", "error": "#f23f43", "ok": "#23a55a",
     "marker": "#f23f43", "pending": "#80848e",
 }
-NICK_PALETTE = ("#f47b67", "#f8a532", "#e6c300", "#75d160", "#3ba55c", "#1abc9c",
-                "#00b0f4", "#7289da", "#9b84ee", "#eb459e", "#e67e22", "#c27c0e")
 
 URL_RE = re.compile(r"\b(?:https?://|www\.)[^\s<>\"']+[^\s<>\"'.,;:!?)\]}]")
 
@@ -1941,13 +1953,19 @@ EMOJI = {
     "Things": "🎉 🎂 🍕 🍺 💻 📎 📌 🚀 ⏰ 🔥 ✨ 💯",
     "Symbols": "☺ ☹ ❤ ♥ ★ ☆ ✔ ✖ ☀ ☁ ☂ ☕ ♫ ⚡ ⚠ ♻ ✉ ✂ ⌛ ☎",
 }
+EMOJI_COLUMNS = 10
 COLOR_EMOJI_FONTS = ("Noto Color Emoji", "Apple Color Emoji", "Segoe UI Emoji",
                      "Twemoji", "JoyPixels", "EmojiOne Color", "Symbola")
 
 
 def nick_hex(nick: str) -> str:
-    """A stable colour for a nick in the window (same hash as the terminal's)."""
-    return NICK_PALETTE[zlib.crc32(nick_key(nick).encode("utf-8")) % len(NICK_PALETTE)]
+    """A stable colour for a nick: one of 24 (12 hues 30 degrees apart, in two
+    lightnesses), all readable on the dark background."""
+    import colorsys
+    import hashlib  # a well-mixed hash: similar nicks land far apart
+    i = int.from_bytes(hashlib.sha256(nick_key(nick).encode("utf-8")).digest()[:4], "big") % 24
+    r, g, b = colorsys.hls_to_rgb((i % 12) / 12 + 0.02, 0.68 if i < 12 else 0.78, 0.75)
+    return f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}"
 
 
 def find_urls(text: str) -> list[tuple[int, int, str]]:
@@ -2083,6 +2101,7 @@ class ConnectDialog:
         import tkinter as tk
         self.master = master
         self.on_connect = on_connect
+        self.busy = False
         self.frame = tk.Frame(master, bg=THEME["bg"], padx=30, pady=24)
         self.frame.pack(fill="both", expand=True)
         tk.Label(self.frame, text="PyChat", font=("TkDefaultFont", 20, "bold"),
@@ -2096,7 +2115,9 @@ class ConnectDialog:
                                               ("Nick", nick)), start=2):
             tk.Label(self.frame, text=label, bg=THEME["bg"], fg=THEME["dim"]).grid(
                 row=row, column=0, sticky="w", pady=4, padx=(0, 10))
-            var = tk.StringVar(value=value)
+            # A value the validator would refuse switches validation off for
+            # good, so characters above U+FFFF are dropped from prefills.
+            var = tk.StringVar(value="".join(ch for ch in value if ord(ch) <= 0xFFFF))
             entry = tk.Entry(self.frame, textvariable=var, width=28, bg=THEME["input"],
                              fg=THEME["text"], insertbackground=THEME["text"], relief="flat",
                              highlightthickness=2, highlightbackground=THEME["input"],
@@ -2120,22 +2141,26 @@ class ConnectDialog:
         return self.vars[name][0].get().strip()
 
     def submit(self) -> None:
+        if self.busy:  # a second Return while connecting must not open a second link
+            return
         host, port_text, nick = self.value("server"), self.value("port"), self.value("nick")
         if not host:
             return self.show_error("Enter the server's address (for example localhost).")
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        port = int(port_text) if port_text.isascii() and port_text.isdigit() else 0
+        if not 0 < port < 65536:
             return self.show_error("The port is a number from 1 to 65535.")
         problem = nick_problem(nick)
         if problem:
             return self.show_error(problem)
         self.set_busy(True)
         self.show_error("")
-        self.on_connect(host, int(port_text), nick)
+        self.on_connect(host, port, nick)
 
     def show_error(self, text: str) -> None:
         self.error.configure(text=tk_safe(text))
 
     def set_busy(self, busy: bool) -> None:
+        self.busy = busy
         self.button.widget.configure(state="disabled" if busy else "normal",
                                      text="Connecting..." if busy else "Connect")
 
@@ -2170,6 +2195,10 @@ class ChatWindow:
         self.connected = False
         self._after: str | None = None
         self._link_count = 0
+        self.links: dict[str, str] = {}    # url tag -> address
+        self._colour_tags: set[str] = set()
+        self.pinned = True                 # follow new lines unless the user scrolled up
+        self.draft = ""                    # what was typed before Up started recalling
         self.non_bmp = tk_handles_non_bmp(str(master.tk.call("info", "patchlevel")))
         families = set(tkfont.families(master))
         self.emoji = emoji_groups(self.non_bmp, families)
@@ -2206,6 +2235,7 @@ class ChatWindow:
         self.motd_label.pack(side="left", padx=12)
         self.mute_button = HoverButton(bar, "Sound on", self.toggle_mute, bg=THEME["button"],
                                        hover=THEME["button_hover"], font=self.fonts["small"])
+        self.mute_button.widget.configure(highlightbackground=THEME["header"])
         self.mute_button.widget.pack(side="right")
 
     def _build_body(self) -> None:
@@ -2231,10 +2261,20 @@ class ChatWindow:
                         arrowcolor=THEME["dim"], lightcolor=THEME["side"],
                         darkcolor=THEME["side"], gripcount=0, arrowsize=10)
         style.map("Chat.Vertical.TScrollbar", background=[("active", THEME["button"])])
-        scroll = ttk.Scrollbar(pane, command=self.chat.yview, style="Chat.Vertical.TScrollbar")
+        # A slim scrollbar: trough and thumb only, no arrow buttons.
+        style.layout("Chat.Vertical.TScrollbar", [("Vertical.Scrollbar.trough", {
+            "sticky": "ns", "children": [("Vertical.Scrollbar.thumb",
+                                          {"expand": "1", "sticky": "nswe"})]})])
+        style.configure("Chat.Vertical.TScrollbar", background="#1a1b1e", width=8)
+        scroll = ttk.Scrollbar(pane, command=self._scroll, style="Chat.Vertical.TScrollbar")
         self.chat.configure(yscrollcommand=scroll.set)
         self.chat.grid(row=0, column=0, sticky="nsew")
         scroll.grid(row=0, column=1, sticky="ns")
+        # Stay at the newest line through resizes; let go when the user scrolls up.
+        self.chat.bind("<Configure>", lambda e: self.pinned and self.chat.see("end"))
+        for wheel in ("<MouseWheel>", "<Button-4>", "<Button-5>"):
+            self.chat.bind(wheel, lambda e: self.master.after_idle(self._update_pinned),
+                           add="+")
         self._configure_tags()
         # Typing notice and pending messages under the pane.
         self.typing_label = tk.Label(body, text="", anchor="w", font=self.fonts["small"],
@@ -2267,6 +2307,10 @@ class ChatWindow:
         self.input.bind("<Up>", self._on_up)
         self.input.bind("<Down>", self._on_down)
         self.input.bind("<Tab>", self._on_tab)
+        self.input.bind("<Control-Tab>", lambda e: (self.input.tk_focusNext().focus_set(),
+                                                    "break")[1])
+        self.input.bind("<Escape>", lambda e: self.emoji_panel is not None
+                        and self.toggle_emoji())
         # Logical line start/end: Tk's display-line moves can land inside a
         # surrogate pair on wrapped lines (see README, "Emoji").
         self.input.bind("<Home>", lambda e: self._move_cursor("insert linestart"))
@@ -2284,7 +2328,8 @@ class ChatWindow:
         self.count_label.grid(row=0, column=0, sticky="ew", pady=(0, 6))
         self.user_list = tk.Listbox(side, bg=THEME["side"], fg=THEME["text"], relief="flat",
                                     highlightthickness=0, bd=0, activestyle="none",
-                                    selectbackground=THEME["input"], font=self.font,
+                                    selectbackground=THEME["input"],
+                                    selectforeground=THEME["text"], font=self.font,
                                     takefocus=False)
         self.user_list.grid(row=1, column=0, sticky="nsew")
 
@@ -2312,15 +2357,14 @@ class ChatWindow:
         c.tag_bind("link", "<Leave>", lambda e: c.configure(cursor="arrow"))
         c.tag_configure("marker", foreground=THEME["marker"], font=self.fonts["small"],
                         justify="center")
-        for colour in NICK_PALETTE:
-            c.tag_configure("fg" + colour, foreground=colour)
+        c.tag_configure("body", lmargin2=52)  # wrapped lines align under the text
+        c.tag_bind("link", "<Button-1>", self._click_link)
 
     # --- chat pane
     def _append(self, parts: list[tuple[str, tuple[str, ...]]],
                 line_tags: tuple[str, ...] = ()) -> None:
         """Append one line made of (text, tags) parts, only ever at the end."""
         c = self.chat
-        at_bottom = c.yview()[1] >= 0.999
         c.configure(state="normal")
         for text, tags in parts:
             c.insert("end", tk_safe(text, self.non_bmp), tags)
@@ -2329,7 +2373,7 @@ class ChatWindow:
         if lines > MAX_CHAT_LINES:  # trim whole lines from the top
             c.delete("1.0", f"{lines - MAX_CHAT_LINES}.0")
         c.configure(state="disabled")
-        if at_bottom:
+        if self.pinned:
             c.see("end")
 
     def add_system(self, text: str, tag: str = "system", ts: Any = None) -> None:
@@ -2350,8 +2394,11 @@ class ChatWindow:
         who = str(m.get("from", "?"))
         text = str(m.get("text", ""))
         mention = who != self.nick and mentions(text, self.nick)
-        line: tuple[str, ...] = ("mention",) if mention else ()
+        line: tuple[str, ...] = ("body", "mention") if mention else ("body",)
         colour = "fg" + nick_hex(who)
+        if colour not in self._colour_tags:
+            self._colour_tags.add(colour)
+            self.chat.tag_configure(colour, foreground=colour[2:])
         parts: list[tuple[str, tuple[str, ...]]] = [(clock(m.get("ts")) + "  ", ("time",) + line)]
         if m.get("action"):
             parts.append((f"* {who} ", ("nick", colour, "action") + line))
@@ -2366,28 +2413,50 @@ class ChatWindow:
                 parts.append((text[pos:start], body_tags))
             self._link_count += 1
             tag = f"url{self._link_count}"
-            self.chat.tag_bind(tag, "<Button-1>", lambda e, u=url: self.open_url(u))
+            self.links[tag] = url
+            if len(self.links) > MAX_CHAT_LINES:  # forget links long scrolled away
+                for old in list(self.links)[:MAX_CHAT_LINES // 2]:
+                    del self.links[old]
             parts.append((text[start:end], body_tags + ("link", tag)))
             pos = end
         parts.append((text[pos:], body_tags))
         self._append(parts, line)
+
+    def _scroll(self, *args: Any) -> None:
+        self.chat.yview(*args)
+        self._update_pinned()
+
+    def _update_pinned(self) -> None:
+        if not self.closing:
+            self.pinned = self.chat.yview()[1] >= 0.999
+
+    def _click_link(self, event: Any) -> None:
+        for tag in self.chat.tag_names("current"):
+            if tag in self.links:
+                self.open_url(self.links[tag])
+                return
 
     # --- events from the network
     def _poll(self) -> None:
         self._after = None
         if self.closing:
             return
-        for _ in range(EVENTS_PER_POLL):
-            try:
-                event = self.net.events.get_nowait()
-            except queue.Empty:
-                break
-            self.handle_event(event)
-        if self.notifier.needs_bell:
-            self.notifier.needs_bell = False
-            self.master.bell()
-        self._expire_typing()
-        self._after = self.master.after(POLL_MS, self._poll)
+        try:
+            for _ in range(EVENTS_PER_POLL):
+                try:
+                    event = self.net.events.get_nowait()
+                except queue.Empty:
+                    break
+                try:
+                    self.handle_event(event)
+                except Exception:  # one odd event must not stop the window listening
+                    log.exception("could not show event %.200r", event)
+            if self.notifier.needs_bell:
+                self.notifier.needs_bell = False
+                self.master.bell()
+            self._expire_typing()
+        finally:
+            self._after = self.master.after(POLL_MS, self._poll)
 
     def handle_event(self, e: dict) -> None:
         """Show one event from the client core."""
@@ -2446,6 +2515,7 @@ class ChatWindow:
             self.nick = new
             self.add_system(f"You are now known as {new}", ts=e.get("ts"))
             self._update_title()
+            self.set_status(f"Connected to {self.address} as {new}.", THEME["ok"])
         else:
             self.add_system(f"{old} is now known as {new}", ts=e.get("ts"))
         self._refresh_users()
@@ -2601,6 +2671,8 @@ class ChatWindow:
         # Recall only from the first line, so Up still moves within a draft.
         if self.input.compare("insert linestart", "!=", "1.0") or not self.sent:
             return None
+        if self.sent_pos == len(self.sent):
+            self.draft = self.input.get("1.0", "end-1c")  # Down brings it back
         self.sent_pos = max(0, self.sent_pos - 1)
         self._set_input(self.sent[self.sent_pos])
         return "break"
@@ -2609,7 +2681,8 @@ class ChatWindow:
         if self.input.compare("insert lineend", "!=", "end-1c") or not self.sent:
             return None
         self.sent_pos = min(len(self.sent), self.sent_pos + 1)
-        self._set_input(self.sent[self.sent_pos] if self.sent_pos < len(self.sent) else "")
+        self._set_input(self.sent[self.sent_pos] if self.sent_pos < len(self.sent)
+                        else self.draft)
         return "break"
 
     def _set_input(self, text: str) -> None:
@@ -2653,23 +2726,28 @@ class ChatWindow:
         panel.transient(self.master)
         panel.resizable(False, False)
         font = (self.emoji_font or self.font[0], 14)
-        for r, (group, chars) in enumerate(self.emoji.items()):
+        row = 0
+        for group, chars in self.emoji.items():
             tk.Label(panel, text=group.upper(), bg=THEME["side"], fg=THEME["dim"],
-                     font=self.fonts["small"]).grid(row=2 * r, column=0, columnspan=10,
-                                                    sticky="w", pady=(4, 0))
+                     font=self.fonts["small"]).grid(row=row, column=0, columnspan=EMOJI_COLUMNS,
+                                                    sticky="w", pady=(6, 2))
+            row += 1
             for i, ch in enumerate(chars):
                 b = tk.Button(panel, text=ch, font=font, relief="flat", bd=0, width=2,
-                              bg=THEME["side"], fg=THEME["text"],
-                              activebackground=THEME["button_hover"],
+                              highlightthickness=0, bg=THEME["side"], fg=THEME["text"],
+                              activebackground=THEME["button_hover"], cursor="hand2",
                               command=lambda c=ch: self.insert_emoji(c))
                 b.bind("<Enter>", lambda e, w=b: w.configure(bg=THEME["button_hover"]))
                 b.bind("<Leave>", lambda e, w=b: w.configure(bg=THEME["side"]))
-                b.grid(row=2 * r + 1 + i // 10, column=i % 10, padx=1, pady=1)
+                b.grid(row=row + i // EMOJI_COLUMNS, column=i % EMOJI_COLUMNS, padx=1, pady=1)
+            row += -(-len(chars) // EMOJI_COLUMNS)
         panel.protocol("WM_DELETE_WINDOW", self.toggle_emoji)
         panel.bind("<Escape>", lambda e: self.toggle_emoji())
-        self.master.update_idletasks()
-        x = self.emoji_button.widget.winfo_rootx() - 300
-        y = self.emoji_button.widget.winfo_rooty() - 260
+        # Above the emoji button, right-aligned with it, like a chat app's popover.
+        panel.update_idletasks()
+        button = self.emoji_button.widget
+        x = button.winfo_rootx() + button.winfo_width() - panel.winfo_reqwidth()
+        y = button.winfo_rooty() - panel.winfo_reqheight() - 8
         panel.geometry(f"+{max(0, x)}+{max(0, y)}")
         self.emoji_panel = panel
 
@@ -2711,16 +2789,19 @@ class ChatWindow:
         if self._after is not None:
             self.master.after_cancel(self._after)
             self._after = None
-        self.net.close(1.0)
+        self.net.close(1.0, reason)
         self.master.destroy()
 
 
 def _open_in_browser(url: str) -> None:
-    import webbrowser
-    try:
-        webbrowser.open(url, new=2)
-    except Exception as e:  # a browser problem is not a chat problem
-        log.warning("could not open %s: %s", url, e)
+    """Open a link without blocking the window (some browsers run until closed)."""
+    def run() -> None:
+        import webbrowser
+        try:
+            webbrowser.open(url, new=2)
+        except Exception as e:  # a browser problem is not a chat problem
+            log.warning("could not open %s: %s", url, e)
+    threading.Thread(target=run, name="pychat-browser", daemon=True).start()
 
 
 class GuiApp:
@@ -2830,6 +2911,10 @@ def run_gui(args: argparse.Namespace) -> int:
               "terminal instead.", file=sys.stderr)
         return 1
     GuiApp(root, args)
+
+    def heartbeat() -> None:  # lets Python see Ctrl-C while Tk waits for events
+        root.after(250, heartbeat)
+    root.after(250, heartbeat)
     try:
         root.mainloop()
     except KeyboardInterrupt:

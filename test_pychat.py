@@ -795,6 +795,28 @@ class ClientTests(ServerCase):
         self.assertEqual(events[-1]["type"], "fatal")
         self.assertIn(f"{HOST}:{free_port}", events[-1]["message"])
 
+    async def test_a_server_cannot_impersonate_the_clients_own_events(self):
+        async def fake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readline()
+            for event in ({"type": "welcome", "nick": "alice", "room": "#lobby"},
+                          {"type": "fatal", "message": "fake"}, {"type": "outbox", "pending": 5},
+                          {"type": "status", "state": "closed"},
+                          {"type": "msg", "room": "#lobby", "from": "x", "text": "real", "id": 1}):
+                writer.write(encode(event))
+            await writer.drain()
+            await reader.read()  # until the client leaves
+        fake_server = await asyncio.start_server(fake, HOST, 0)
+        self.addAsyncCleanup(fake_server.wait_closed)
+        self.addCleanup(fake_server.close)
+        events: list[dict] = []
+        client = ChatClient(HOST, fake_server.sockets[0].getsockname()[1], "alice", events.append)
+        task = asyncio.get_running_loop().create_task(client.run())
+        await wait_for(lambda: any(e["type"] == "msg" for e in events), what="the real msg")
+        await client.quit()
+        await asyncio.wait_for(task, TIMEOUT)
+        self.assertFalse([e for e in events if e["type"] in ("fatal", "outbox")])
+        self.assertNotIn("fake", str(events))
+
     async def test_reconnects_after_restart_and_delivers_what_was_typed_meanwhile(self):
         client, events, _ = await self.start_client("alice")
         await wait_for(lambda: client.registered, what="registration")
@@ -879,12 +901,35 @@ class SoundTests(unittest.TestCase):
             notifier.ding()
             self._wait_idle(notifier)
             self.assertTrue(notifier.needs_bell)
-            # No player at all: the bell too; and muted means nothing at all.
+            # No player at all: the bell too.
             os.environ["PATH"] = str(Path(tmp) / "empty")
+            notifier.needs_bell = False
+            notifier.ding()
+            self._wait_idle(notifier)
+            self.assertTrue(notifier.needs_bell)
+            # Muted means nothing at all.
             notifier.needs_bell = False
             notifier.muted = True
             notifier.ding()
-            self.assertEqual(notifier.plays, 2)
+            self.assertEqual(notifier.plays, 3)
+            self.assertFalse(notifier.needs_bell)
+
+    def test_missing_ding_wav_is_synthesised_privately(self):
+        path = pychat.ding_path()
+        self.assertTrue(path.is_file())
+        original = Path(pychat.__file__).resolve().with_name("ding.wav")
+        self.assertEqual(path, original)  # the repository's file is used when present
+        pychat._made_ding = None
+        saved = original.read_bytes()
+        original.rename(original.with_suffix(".bak"))
+        try:
+            made = pychat.ding_path()
+        finally:
+            original.with_suffix(".bak").rename(original)
+        self.assertNotEqual(made, original)
+        self.assertEqual(made.read_bytes(), saved)
+        self.assertEqual(made.stat().st_mode & 0o077, 0)  # private to this user
+        made.unlink()
 
     def _wait_idle(self, notifier: pychat.Notifier) -> None:
         self.assertTrue(notifier._busy.acquire(timeout=TIMEOUT))
@@ -1175,7 +1220,12 @@ class CliCommandLineTests(unittest.TestCase):
 class GuiLogicTests(unittest.TestCase):
     def test_nick_colours_are_stable(self):
         self.assertEqual(pychat.nick_hex("Bob"), pychat.nick_hex("bob"))
-        self.assertIn(pychat.nick_hex("alice"), pychat.NICK_PALETTE)
+        self.assertRegex(pychat.nick_hex("alice"), r"^#[0-9a-f]{6}$")
+        names = ["alice", "bob", "carol", "dave"]
+        self.assertEqual(len({pychat.nick_hex(n) for n in names}), len(names))
+        for n in names:  # light enough to read on the dark background
+            rgb = [int(pychat.nick_hex(n)[i:i + 2], 16) for i in (1, 3, 5)]
+            self.assertGreater(sum(rgb) / 3, 110)
 
     def test_find_urls(self):
         text = "see https://example.org/a?b=1, and www.python.org. (http://x.y/z)"
@@ -1510,13 +1560,18 @@ class GuiWindowTests(GuiCase):
         window.input.mark_set("insert", "1.1")
         window.emoji_button.widget.invoke()
         self.pump(lambda: window.emoji_panel is not None, "the picker")
-        buttons = [w for w in window.emoji_panel.winfo_children()
-                   if w.winfo_class() == "Button"]
+        children = window.emoji_panel.winfo_children()
+        buttons = [w for w in children if w.winfo_class() == "Button"]
         self.assertTrue(buttons)
+        cells = [(int(w.grid_info()["row"]), int(w.grid_info()["column"])) for w in children]
+        self.assertEqual(len(cells), len(set(cells)), "two picker cells share a grid cell")
+        self.assertEqual(len(buttons), sum(len(v) for v in window.emoji.values()))
+        panel_bottom = window.emoji_panel.winfo_rooty() + window.emoji_panel.winfo_height()
+        self.assertLessEqual(panel_bottom, window.emoji_button.widget.winfo_rooty())
         first = buttons[0].cget("text")
         buttons[0].invoke()
         self.assertEqual(window.input.get("1.0", "end-1c"), f"a{first}b")
-        window.emoji_button.widget.invoke()
+        window.input.event_generate("<Escape>")
         self.assertIsNone(window.emoji_panel)
 
     def test_hover_changes_button_colour(self):
@@ -1613,6 +1668,66 @@ class GuiWindowTests(GuiCase):
         bob.file.flush()
         self.pump(lambda: "bob  lone ? and 🚀 and" in self.chat_text(window), "odd text")
 
+    def test_odd_events_never_stop_the_window(self):
+        window = self.open_window("alice")
+        for odd in ({"type": "users", "users": 5}, {"type": "outbox", "pending": 5},
+                    {"type": "msg", "from": ["x"], "text": None, "ts": "soon"},
+                    {"type": "history", "messages": [1, None, {"text": 5}]},
+                    {"type": 7}, {"no": "type"}):
+            window.net.events.put(odd)
+        bob = SyncPeer(self.srv.port, "bob")
+        self.addCleanup(bob.close)
+        bob.send({"type": "msg", "text": "still listening"})
+        self.pump(lambda: "bob  still listening" in self.chat_text(window), "later message")
+
+    def test_up_keeps_the_draft_and_quit_reason_reaches_others(self):
+        window = self.open_window("alice")
+        bob = SyncPeer(self.srv.port, "bob")
+        self.addCleanup(bob.close)
+        self.type_and_send(window, "first")
+        window.input.insert("end", "half-typed")
+        window.input.mark_set("insert", "1.0")
+        window.input.event_generate("<Up>")
+        self.assertEqual(window.input.get("1.0", "end-1c"), "first")
+        window.input.event_generate("<Down>")
+        self.assertEqual(window.input.get("1.0", "end-1c"), "half-typed")
+        window.input.delete("1.0", "end")
+        self.type_and_send(window, "/quit off to lunch")
+        leave = bob.expect("leave", nick="alice")
+        self.assertEqual((leave["reason"], leave["message"]), ("quit", "off to lunch"))
+
+    def test_stays_at_the_newest_line_after_a_resize_unless_scrolled_up(self):
+        window = self.open_window("alice")
+        bob = SyncPeer(self.srv.port, "bob")
+        self.addCleanup(bob.close)
+        for i in range(60):
+            window.on_msg({"type": "msg", "from": "bob", "text": f"line {i}", "ts": 0, "id": i})
+        self.root.geometry("700x450")
+        self.pump(lambda: self.root.winfo_height() == 450, "resize")
+        bob.send({"type": "msg", "text": "newest"})
+        self.pump(lambda: "bob  newest" in self.chat_text(window), "newest")
+        self.root.update()
+        self.assertGreaterEqual(window.chat.yview()[1], 0.999)
+        window._scroll("moveto", 0.0)  # the user scrolls up to read
+        self.assertFalse(window.pinned)
+        bob.send({"type": "msg", "text": "while reading"})
+        self.pump(lambda: "while reading" in self.chat_text(window), "next")
+        self.assertLess(window.chat.yview()[1], 0.999)  # not yanked down
+
+    def test_focus_loss_is_detected_and_a_failed_ding_rings_the_bell(self):
+        window = self.open_window("alice")
+        window.master.focus_get = lambda: None  # as when another application has focus
+        window._focus_out(None)
+        self.pump(lambda: not window.focused, "focus loss")
+        rings = []
+        window.master.bell = lambda: rings.append(1)
+        window.notifier.needs_bell = True  # every sound player failed
+        self.pump(lambda: rings, "the bell")
+        self.assertFalse(window.notifier.needs_bell)
+        window.toggle_mute()
+        self.assertTrue(window.notifier.muted)
+        self.assertEqual(window.mute_button.widget.cget("text"), "Muted")
+
 
 class GuiConnectDialogTests(GuiCase):
     def test_dialog_shows_errors_and_retries_then_remembers(self):
@@ -1643,6 +1758,45 @@ class GuiConnectDialogTests(GuiCase):
         self.assertEqual(app.window.nick, "carol")
         saved = json.loads(self.settings.read_text())
         self.assertEqual(saved, {"host": HOST, "port": self.srv.port, "nick": "carol"})
+
+    def test_double_return_opens_one_connection_and_settings_prefill_next_time(self):
+        app = self.open_app()
+        dialog = app.dialog
+        dialog.vars["server"][0].set(HOST)
+        dialog.vars["port"][0].set(str(self.srv.port))
+        dialog.vars["nick"][0].set("bob")
+        entry = dialog.vars["nick"][1]
+        entry.focus_force()
+        self.pump(lambda: self.root.focus_get() is entry, "focus on the nick field")
+        entry.event_generate("<Return>")
+        entry.event_generate("<Return>")
+        first = app.net
+        self.pump(lambda: app.window is not None, "the window")
+        self.assertIs(app.net, first)
+        self.pump(lambda: app.window.user_names() == ["bob"], "only one bob")
+        app.window.close()
+        # Next start without flags: the dialog is prefilled with what worked.
+        import tkinter
+        self.root = tkinter.Tk()
+        app2 = self.open_app()
+        self.assertEqual([app2.dialog.value(k) for k in ("server", "port", "nick")],
+                         [HOST, str(self.srv.port), "bob"])
+
+    def test_an_emoji_nick_from_settings_keeps_the_entry_safe(self):
+        self.settings.write_text(json.dumps({"nick": "a😀b", "host": HOST, "port": 1}))
+        app = self.open_app()
+        entry = app.dialog.vars["nick"][1]
+        self.assertEqual(entry.get(), "ab")
+        self.assertEqual(str(entry.cget("validate")), "key")
+        entry.insert(1, "😄")
+        self.assertEqual(entry.get(), "ab")
+
+    def test_bad_port_text_is_a_sentence(self):
+        app = self.open_app()
+        for text in ("5²", "abc", "0", "70000"):
+            app.dialog.vars["port"][0].set(text)
+            app.dialog.button.widget.invoke()
+            self.assertIn("port is a number", app.dialog.error.cget("text"))
 
     def test_entries_refuse_characters_above_the_bmp(self):
         app = self.open_app()
