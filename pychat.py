@@ -2255,7 +2255,8 @@ class ChatWindow:
                             insertwidth=0, takefocus=False)
         from tkinter import ttk
         style = ttk.Style(self.master)
-        style.theme_use("clam")  # the one built-in ttk theme that takes colours everywhere
+        if style.theme_use() != "clam":  # the built-in theme that takes colours everywhere
+            style.theme_use("clam")
         style.configure("Chat.Vertical.TScrollbar", background=THEME["side"],
                         troughcolor=THEME["bg"], bordercolor=THEME["bg"],
                         arrowcolor=THEME["dim"], lightcolor=THEME["side"],
@@ -2266,6 +2267,7 @@ class ChatWindow:
             "sticky": "ns", "children": [("Vertical.Scrollbar.thumb",
                                           {"expand": "1", "sticky": "nswe"})]})])
         style.configure("Chat.Vertical.TScrollbar", background="#1a1b1e", width=8)
+        self.master.update_idletasks()  # run Tk's <<ThemeChanged>> now, while we exist
         scroll = ttk.Scrollbar(pane, command=self._scroll, style="Chat.Vertical.TScrollbar")
         self.chat.configure(yscrollcommand=scroll.set)
         self.chat.grid(row=0, column=0, sticky="nsew")
@@ -2790,6 +2792,10 @@ class ChatWindow:
             self.master.after_cancel(self._after)
             self._after = None
         self.net.close(1.0, reason)
+        try:
+            self.master.update_idletasks()  # let pending Tk callbacks run before we go
+        except self.tk.TclError:
+            pass
         self.master.destroy()
 
 
