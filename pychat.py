@@ -43,6 +43,7 @@ import argparse
 import asyncio
 import collections
 import getpass
+import hmac
 import itertools
 import json
 import logging
@@ -95,6 +96,20 @@ MAX_CID_LEN = 64               # client message ids are echoed, so keep them sho
 MAX_CID_INT = 2 ** 53          # ...and integer ones exact in every JSON reader
 MAX_PING_DATA = 256            # bytes of ping data echoed back in a pong
 REGISTER_TIMEOUT = 30.0        # seconds a connection may stay without a nick
+MAX_ROOM_LEN = 33              # "#" plus 1 to 32 visible characters
+MAX_TOPIC = 300                # characters in a room topic
+MAX_ROOMS = 1000               # rooms on one server...
+MAX_ROOMS_PER_USER = 50        # ...and rooms one user may be in
+MAX_AWAY = 200                 # characters in an away message
+TLS_HANDSHAKE_TIMEOUT = 10.0   # a TLS client that never finishes the handshake is cut
+# Wrong passwords from one address: answers are delayed from the AUTH_SLOW_AFTER-th
+# failure on (doubling up to AUTH_MAX_DELAY s); from the AUTH_BLOCK_AFTER-th the address
+# is refused for AUTH_BLOCK_SECONDS.  Forgotten after AUTH_FORGET s without failures.
+AUTH_SLOW_AFTER = 3
+AUTH_MAX_DELAY = 8.0
+AUTH_BLOCK_AFTER = 10
+AUTH_BLOCK_SECONDS = 300.0
+AUTH_FORGET = 600.0
 TYPING_EVERY = 3.0             # a client says "typing" at most this often...
 TYPING_RELAY_MIN = 2.0         # ...and the server relays at most one per this interval
 # A flooder is disconnected once this many requests have been refused faster
@@ -144,6 +159,14 @@ ERRORS = {
     "flooding": "Too many messages; disconnecting.",
     "no_such_room": "No such room.",
     "not_in_room": "You are not in that room.",
+    "room_invalid": "A room name is # and 1 to 32 visible characters.",
+    "too_many_rooms": "Too many rooms.",
+    "no_such_nick": "Nobody has that nick.",
+    "auth_failed": "Wrong or missing password.",
+    "auth_blocked": "Too many wrong passwords from your address; try again later.",
+    "not_operator": "Only operators can do that.",
+    "banned": "You are banned from this server.",
+    "muted": "You are muted: your messages are not delivered.",
 }
 
 # Field table: type -> {field: (python type, required)}.  validate() checks
@@ -158,6 +181,20 @@ FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "pong": {},
     "quit": {"reason": (str, False)},
     "typing": {"room": (str, False)},
+    "join": {"room": (str, True)},
+    "part": {"room": (str, True), "reason": (str, False)},
+    "rooms": {},
+    "topic": {"room": (str, True), "topic": (str, False)},
+    "pm": {"to": (str, True), "text": (str, True), "action": (bool, False),
+           "cid": ((str, int), False)},
+    "away": {"message": (str, False)},
+    "back": {},
+    "op": {"password": (str, True)},
+    "kick": {"nick": (str, True), "reason": (str, False)},
+    "ban": {"nick": (str, True), "reason": (str, False), "minutes": ((int, float), False)},
+    "unban": {"nick": (str, True)},
+    "mute": {"nick": (str, True), "reason": (str, False)},
+    "unmute": {"nick": (str, True)},
 }
 
 _CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -233,6 +270,17 @@ def nick_problem(nick: str) -> str | None:
     return None
 
 
+def room_problem(name: str) -> str | None:
+    """Why `name` is not a valid room name, or None."""
+    if not name.startswith("#") or not 2 <= len(name) <= MAX_ROOM_LEN:
+        return "A room name is # followed by 1 to 32 characters, like #dev."
+    for ch in name[1:]:
+        if ch.isspace() or ch == "," or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co",
+                                                                      "Cn"):
+            return "A room name may not contain spaces, commas or invisible characters."
+    return None
+
+
 def nick_key(nick: str) -> str:
     """The case-insensitive identity of a nick (or a room name)."""
     return nick.casefold()
@@ -241,6 +289,45 @@ def nick_key(nick: str) -> str:
 def error(code: str, message: str | None = None, **extra: Any) -> dict:
     """An error event with a stable code and a human sentence."""
     return {"type": "error", "code": code, "message": message or ERRORS.get(code, code), **extra}
+
+
+# --- TLS (the ssl module is imported only where TLS is asked for)
+def server_tls_context(certfile: str, keyfile: str | None = None) -> Any:
+    """A server context with modern defaults: TLS 1.2 or newer."""
+    import ssl
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile, keyfile)
+    return ctx
+
+
+def client_tls_context(cafile: str | None = None, insecure: bool = False) -> Any:
+    """A client context that verifies the server against the system store or
+    `cafile`; `insecure` skips verification (encrypted, but anyone could be there)."""
+    import ssl
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _is_tls_error(e: BaseException) -> bool:
+    import ssl
+    return isinstance(e, ssl.SSLError)
+
+
+def tls_problem(e: BaseException) -> str:
+    """A sentence for a TLS failure."""
+    import ssl
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return (f"the server's certificate is not trusted ({e.verify_message}). Use --cafile "
+                "with the server's certificate, or --insecure to skip the check.")
+    reason = getattr(e, "reason", None) or str(e)
+    if "WRONG_VERSION_NUMBER" in str(reason).upper() or "wrong version" in str(e):
+        return "the server does not speak TLS here (drop --tls?)."
+    return f"{reason}."
 
 
 # ===========================================================================
@@ -256,13 +343,32 @@ def error(code: str, message: str | None = None, **extra: Any) -> dict:
 class Room:
     """A chat room: its members and a bounded ring buffer of recent messages."""
 
-    def __init__(self, name: str, history: int):
+    def __init__(self, name: str, history: int, permanent: bool = False):
         self.name = name
+        self.permanent = permanent            # the lobby and --rooms stay when empty
         self.members: dict[str, Session] = {}  # nick_key -> session
         self.history: collections.deque[dict] = collections.deque(maxlen=history)
+        self.topic = ""
+        self.topic_by = ""
+        self.topic_ts = 0.0
 
     def nicks(self) -> list[str]:
         return sorted((s.nick for s in self.members.values()), key=nick_key)
+
+    def away(self) -> dict[str, str]:
+        """Away messages of the members who are away."""
+        return {s.nick: s.away for s in self.members.values() if s.away is not None}
+
+    def users_event(self) -> dict:
+        event = {"type": "users", "room": self.name, "users": self.nicks()}
+        away = self.away()
+        if away:
+            event["away"] = away
+        return event
+
+    def topic_event(self) -> dict:
+        return {"type": "topic", "room": self.name, "topic": self.topic, "by": self.topic_by,
+                "ts": self.topic_ts}
 
 
 class Session(asyncio.Protocol):
@@ -272,6 +378,7 @@ class Session(asyncio.Protocol):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.address = "?"
         self.nick: str | None = None
         self.rooms: dict[str, Room] = {}
         self.inbuf = bytearray()
@@ -282,6 +389,11 @@ class Session(asyncio.Protocol):
         self.quit_message = ""
         self.typing_at = -TYPING_RELAY_MIN
         self.grace_bytes = 0           # backlog allowed on top of the cap (history replies)
+        self.away: str | None = None   # away message, None when here
+        self.away_told: set[str] = set()  # who already heard this user is away
+        self.operator = False
+        self.muted = False
+        self.auth_hold_until = 0.0     # wrong password: next try not before this time
         now = server.loop.time()
         self.connected_at = now
         self.last_rx = now
@@ -295,7 +407,11 @@ class Session(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         self.server.sessions.add(self)
+        if self.server.address_banned(self.address):
+            self.send(encode(error("banned")))
+            self.close("banned")
         log.debug("connection from %s", self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -402,7 +518,10 @@ class ChatServer:
                  max_text: int = MAX_TEXT, flood_burst: int = FLOOD_BURST,
                  flood_rate: float = FLOOD_RATE, max_backlog_bytes: int = MAX_BACKLOG_BYTES,
                  ping_interval: float = PING_INTERVAL, ping_timeout: float = PING_TIMEOUT,
-                 motd: str | None = None):
+                 motd: str | None = None, rooms: list[str] | None = None,
+                 password: str | None = None, op_password: str | None = None,
+                 ssl_context: Any = None,
+                 tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT):
         self.history = history
         self.max_line_bytes = max_line_bytes
         self.max_text = max_text
@@ -412,7 +531,16 @@ class ChatServer:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.motd = motd
-        self.rooms: dict[str, Room] = {nick_key(LOBBY): Room(LOBBY, history)}
+        self.password = password or None
+        self.op_password = op_password or None
+        self.ssl_context = ssl_context
+        self.tls_handshake_timeout = tls_handshake_timeout
+        self.rooms: dict[str, Room] = {nick_key(LOBBY): Room(LOBBY, history, permanent=True)}
+        for name in rooms or []:
+            if nick_key(name) not in self.rooms:
+                self.rooms[nick_key(name)] = Room(name, history, permanent=True)
+        self.auth_failures: dict[str, list[float]] = {}  # address -> [count, last failure]
+        self.bans: dict[str, tuple[str, float]] = {}  # nick_key or "@address" -> (who, until)
         self.nicks: dict[str, Session] = {}     # nick_key -> registered session
         self.sessions: set[Session] = set()     # every open connection
         self.dirty: list[Session] = []          # sessions with output this tick
@@ -432,14 +560,31 @@ class ChatServer:
             "pong": self.handle_pong,
             "quit": self.handle_quit,
             "typing": self.handle_typing,
+            "join": self.handle_join,
+            "part": self.handle_part,
+            "rooms": self.handle_rooms,
+            "topic": self.handle_topic,
+            "pm": self.handle_pm,
+            "away": self.handle_away,
+            "back": self.handle_back,
+            "op": self.handle_op,
+            "kick": self.handle_kick,
+            "ban": self.handle_ban,
+            "unban": self.handle_unban,
+            "mute": self.handle_mute,
+            "unmute": self.handle_unmute,
         }
 
     # --- lifecycle
     async def start(self, host: str | None = None, port: int = DEFAULT_PORT) -> int:
         """Listen on host:port (None: every interface); return the port bound."""
         self.loop = asyncio.get_running_loop()
+        tls: dict[str, Any] = {}
+        if self.ssl_context is not None:
+            tls = {"ssl": self.ssl_context,
+                   "ssl_handshake_timeout": self.tls_handshake_timeout}
         server = await self.loop.create_server(lambda: Session(self), host, port,
-                                               reuse_address=True)
+                                               reuse_address=True, **tls)
         ports = sorted({s.getsockname()[1] for s in server.sockets})
         if port == 0 and len(ports) > 1:
             # Every interface with port 0: IPv4 and IPv6 got different free
@@ -447,7 +592,7 @@ class ChatServer:
             server.close()
             await server.wait_closed()
             server = await self.loop.create_server(lambda: Session(self), host, ports[0],
-                                                   reuse_address=True)
+                                                   reuse_address=True, **tls)
         self._servers.append(server)
         self._housekeeper = self.loop.create_task(self._housekeeping())
         return server.sockets[0].getsockname()[1]
@@ -522,8 +667,15 @@ class ChatServer:
             room.members.pop(key, None)
             if not self.shutting_down:  # at shutdown everyone gets "bye" instead: no O(N^2)
                 self.broadcast(room, dict(event, room=room.name))
+            self._forget_if_empty(room)
         s.rooms.clear()
         s.nick = None
+
+    def _forget_if_empty(self, room: Room) -> None:
+        """Rooms made on the fly vanish, history and topic included, when the last
+        member leaves; the lobby and --rooms rooms stay."""
+        if not room.members and not room.permanent:
+            self.rooms.pop(nick_key(room.name), None)
 
     async def _housekeeping(self) -> None:
         """Ping silent clients and drop those that never answer (0 turns it off)."""
@@ -608,6 +760,11 @@ class ChatServer:
             self._reply_error(s, msg, "already_registered")
             return
         nick = msg["nick"]
+        if self.password is not None and not self._check_password(s, msg, self.password):
+            return
+        if self.nick_banned(nick):
+            self._reply_error(s, msg, "banned", f"The nick {nick} is banned here.")
+            return
         if not self._check_nick(s, msg, nick):
             return
         s.nick = nick
@@ -627,14 +784,18 @@ class ChatServer:
 
     def _join(self, s: Session, room: Room) -> None:
         assert s.nick is not None
-        self.broadcast(room, {"type": "join", "room": room.name, "nick": s.nick,
-                              "ts": round(time.time(), 3)})
+        join = {"type": "join", "room": room.name, "nick": s.nick, "ts": round(time.time(), 3)}
+        if s.away is not None:
+            join["away"] = s.away
+        self.broadcast(room, join)
         room.members[nick_key(s.nick)] = s
         s.rooms[nick_key(room.name)] = room
         history = encode({"type": "history", "room": room.name, "messages": list(room.history)})
         s.grace_bytes += len(history)  # a big history must not count as falling behind
         s.send(history)
-        s.send(encode({"type": "users", "room": room.name, "users": room.nicks()}))
+        s.send(encode(room.users_event()))
+        if room.topic:
+            s.send(encode(room.topic_event()))
 
     def _room_for(self, s: Session, msg: dict) -> Room | None:
         name = msg.get("room") or LOBBY
@@ -647,24 +808,13 @@ class ChatServer:
         return room
 
     def handle_msg(self, s: Session, msg: dict) -> None:
-        text = clean_text(msg["text"])
-        if not text.strip():
-            self._reply_error(s, msg, "empty", "Empty messages are not sent.")
-            return
-        if len(text) > self.max_text:
-            self._reply_error(s, msg, "too_long",
-                              f"Messages are limited to {self.max_text} characters.")
-            return
-        cid = msg.get("cid")
-        if (isinstance(cid, str) and len(cid) > MAX_CID_LEN) or (
-                isinstance(cid, int) and abs(cid) > MAX_CID_INT):
-            self._reply_error(s, msg, "bad_request",
-                              f"cid is a string of at most {MAX_CID_LEN} characters or an "
-                              "integer of at most 2**53.")
+        text = self._chat_text(s, msg)
+        if text is None:
             return
         room = self._room_for(s, msg)
         if room is None:
             return
+        cid = msg.get("cid")
         event = {"type": "msg", "room": room.name, "from": s.nick, "text": text,
                  "ts": round(time.time(), 3), "id": next(self._ids)}
         if msg.get("action"):
@@ -680,6 +830,9 @@ class ChatServer:
         assert old is not None
         if new == old or not self._check_nick(s, msg, new):
             return
+        if self.nick_banned(new):
+            self._reply_error(s, msg, "banned", f"The nick {new} is banned here.")
+            return
         del self.nicks[nick_key(old)]
         self.nicks[nick_key(new)] = s
         s.nick = new
@@ -687,18 +840,14 @@ class ChatServer:
             room.members.pop(nick_key(old))
             room.members[nick_key(new)] = s
         # Everyone who shares a room with her hears it once, and so does she.
-        audience = {s}
-        for room in s.rooms.values():
-            audience.update(room.members.values())
-        data = encode({"type": "nick", "old": old, "new": new, "ts": round(time.time(), 3)})
-        for member in audience:
-            member.send(data)
+        self._tell_sharers(s, {"type": "nick", "old": old, "new": new,
+                               "ts": round(time.time(), 3)})
         log.info("%s is now known as %s", old, new)
 
     def handle_users(self, s: Session, msg: dict) -> None:
         room = self._room_for(s, msg)
         if room is not None:
-            s.send(encode({"type": "users", "room": room.name, "users": room.nicks()}))
+            s.send(encode(room.users_event()))
 
     def handle_ping(self, s: Session, msg: dict) -> None:
         try:
@@ -735,6 +884,272 @@ class ChatServer:
         s.close("quit")
 
 
+    # --- rooms
+    def handle_join(self, s: Session, msg: dict) -> None:
+        name = msg["room"]
+        problem = room_problem(name)
+        if problem:
+            self._reply_error(s, msg, "room_invalid", problem)
+            return
+        room = self.rooms.get(nick_key(name))
+        if room is not None and nick_key(room.name) in s.rooms:
+            s.send(encode(room.users_event()))  # already there: just the current list
+            return
+        if len(s.rooms) >= MAX_ROOMS_PER_USER:
+            self._reply_error(s, msg, "too_many_rooms",
+                              f"You can be in at most {MAX_ROOMS_PER_USER} rooms.")
+            return
+        if room is None:
+            if len(self.rooms) >= MAX_ROOMS:
+                self._reply_error(s, msg, "too_many_rooms", "This server has too many rooms.")
+                return
+            room = self.rooms[nick_key(name)] = Room(name, self.history)
+        self._join(s, room)
+
+    def handle_part(self, s: Session, msg: dict) -> None:
+        room = self._room_for(s, msg)
+        if room is None:
+            return
+        assert s.nick is not None
+        event = {"type": "leave", "room": room.name, "nick": s.nick, "reason": "part",
+                 "ts": round(time.time(), 3)}
+        reason = clean_text(msg.get("reason") or "").replace("\n", " ").strip()
+        if reason:
+            event["message"] = reason[:MAX_REASON_LEN]
+        self.broadcast(room, event)  # she hears it too: that is her confirmation
+        room.members.pop(nick_key(s.nick), None)
+        s.rooms.pop(nick_key(room.name), None)
+        self._forget_if_empty(room)
+
+    def handle_rooms(self, s: Session, msg: dict) -> None:
+        rooms = [{"room": r.name, "users": len(r.members), "topic": r.topic}
+                 for r in sorted(self.rooms.values(), key=lambda r: nick_key(r.name))]
+        s.send(encode({"type": "rooms", "rooms": rooms}))
+
+    def handle_topic(self, s: Session, msg: dict) -> None:
+        room = self._room_for(s, msg)
+        if room is None:
+            return
+        if "topic" not in msg:  # a question, not a change
+            s.send(encode(room.topic_event()))
+            return
+        topic = clean_text(msg["topic"]).replace("\n", " ").strip()
+        if len(topic) > MAX_TOPIC:
+            self._reply_error(s, msg, "too_long", f"Topics are limited to {MAX_TOPIC} characters.")
+            return
+        room.topic, room.topic_by, room.topic_ts = topic, s.nick or "", round(time.time(), 3)
+        self.broadcast(room, room.topic_event())
+
+    # --- private messages and away
+    def _chat_text(self, s: Session, msg: dict) -> str | None:
+        """The cleaned text of a msg or pm, or None after replying with the problem."""
+        text = clean_text(msg["text"])
+        cid = msg.get("cid")
+        if not text.strip():
+            self._reply_error(s, msg, "empty", "Empty messages are not sent.")
+        elif len(text) > self.max_text:
+            self._reply_error(s, msg, "too_long",
+                              f"Messages are limited to {self.max_text} characters.")
+        elif (isinstance(cid, str) and len(cid) > MAX_CID_LEN) or (
+                isinstance(cid, int) and abs(cid) > MAX_CID_INT):
+            self._reply_error(s, msg, "bad_request",
+                              f"cid is a string of at most {MAX_CID_LEN} characters or an "
+                              "integer of at most 2**53.")
+        elif s.muted:
+            self._reply_error(s, msg, "muted")
+        else:
+            return text
+        return None
+
+    def handle_pm(self, s: Session, msg: dict) -> None:
+        """A private message: to the recipient and back to the sender, never stored
+        and never logged."""
+        text = self._chat_text(s, msg)
+        if text is None:
+            return
+        target = self.nicks.get(nick_key(msg["to"]))
+        if target is None:
+            self._reply_error(s, msg, "no_such_nick", f"Nobody is called {msg['to'][:40]}.")
+            return
+        event = {"type": "pm", "from": s.nick, "to": target.nick, "text": text,
+                 "ts": round(time.time(), 3), "id": next(self._ids)}
+        if msg.get("action"):
+            event["action"] = True
+        target.send(encode(event))
+        if msg.get("cid") is not None:
+            event["cid"] = msg["cid"]
+        if target is not s:
+            s.send(encode(event))
+        assert s.nick is not None
+        if target.away is not None and nick_key(s.nick) not in target.away_told:
+            target.away_told.add(nick_key(s.nick))  # once per conversation
+            s.send(encode({"type": "notice", "nick": target.nick, "away": target.away,
+                           "text": f"{target.nick} is away: {target.away or '(no message)'}"}))
+
+    def _tell_sharers(self, s: Session, event: dict, also: Session | None = None) -> None:
+        """Send an event about `s` once to everyone sharing a room with her, to her,
+        and to `also`."""
+        audience = {s} if also is None else {s, also}
+        for room in s.rooms.values():
+            audience.update(room.members.values())
+        data = encode(event)
+        for member in audience:
+            member.send(data)
+
+    def handle_away(self, s: Session, msg: dict) -> None:
+        message = clean_text(msg.get("message") or "").replace("\n", " ").strip()
+        s.away = message[:MAX_AWAY]
+        s.away_told.clear()
+        self._tell_sharers(s, {"type": "away", "nick": s.nick, "away": True,
+                               "message": s.away})
+
+    def handle_back(self, s: Session, msg: dict) -> None:
+        if s.away is None:
+            return
+        s.away = None
+        s.away_told.clear()
+        self._tell_sharers(s, {"type": "away", "nick": s.nick, "away": False})
+
+    # --- authentication and moderation
+    def _check_password(self, s: Session, msg: dict, expected: str) -> bool:
+        """Constant-time check, with wrong guesses slowed down and then refused per
+        address, so a password cannot be guessed at line speed."""
+        now = self.loop.time()
+        record = self.auth_failures.get(s.address)
+        if record is not None and now - record[1] > AUTH_FORGET:
+            del self.auth_failures[s.address]
+            record = None
+        if record is not None and record[0] >= AUTH_BLOCK_AFTER and \
+                now - record[1] < AUTH_BLOCK_SECONDS:
+            self._reply_error(s, msg, "auth_blocked")
+            s.close("auth_blocked")
+            return False
+        if now < s.auth_hold_until:
+            self._reply_error(s, msg, "rate_limited", "Wait for the answer to your last try.")
+            return False
+        given = msg.get("password")
+        if isinstance(given, str) and hmac.compare_digest(given.encode("utf-8"),
+                                                          expected.encode("utf-8")):
+            return True
+        if len(self.auth_failures) > 10000:  # bounded: forget the oldest half
+            for address in sorted(self.auth_failures, key=lambda a: self.auth_failures[a][1])[
+                    :5000]:
+                del self.auth_failures[address]
+        record = self.auth_failures.setdefault(s.address, [0, now])
+        record[0] += 1
+        record[1] = now
+        log.warning("wrong password from %s (%d)", s.peer, int(record[0]))
+        delay = 0.0
+        if record[0] >= AUTH_SLOW_AFTER:
+            delay = min(AUTH_MAX_DELAY, 0.5 * 2 ** (record[0] - AUTH_SLOW_AFTER))
+        text = ("Wrong password." if given else "This server needs a password.")
+        reply = encode(error("auth_failed", text, **self._error_context(msg)))
+        s.auth_hold_until = now + delay
+        if delay:
+            self.loop.call_later(delay, s.send, reply)
+        else:
+            s.send(reply)
+        return False
+
+    def handle_op(self, s: Session, msg: dict) -> None:
+        if self.op_password is None:
+            self._reply_error(s, msg, "not_operator", "This server has no operators.")
+            return
+        if self._check_password(s, msg, self.op_password):
+            s.operator = True
+            log.info("%s (%s) is now an operator", s.nick, s.peer)
+            s.send(encode({"type": "op", "nick": s.nick, "ok": True}))
+
+    def _moderate(self, s: Session, msg: dict) -> Session | None:
+        """The target of a moderation request, or None after replying why not."""
+        if not s.operator:
+            self._reply_error(s, msg, "not_operator")
+            return None
+        target = self.nicks.get(nick_key(msg["nick"]))
+        if target is None:
+            self._reply_error(s, msg, "no_such_nick", f"Nobody is called {msg['nick'][:40]}.")
+        return target
+
+    def _announce(self, s: Session, target: Session, action: str, reason: str) -> None:
+        """Moderation is public: the target's rooms and the operator see it."""
+        event = {"type": "moderation", "action": action, "nick": target.nick, "by": s.nick,
+                 "reason": reason, "ts": round(time.time(), 3)}
+        self._tell_sharers(target, event, also=s)
+        log.info("%s: %s %s (%s)", s.nick, action, target.nick, reason)
+
+    def _reason(self, msg: dict) -> str:
+        return clean_text(msg.get("reason") or "").replace("\n", " ").strip()[:MAX_REASON_LEN]
+
+    def _remove(self, target: Session, code: str, text: str) -> None:
+        target.send(encode({"type": "bye", "code": code, "reason": text}))
+        target.quit_message = text
+        target.close(code)
+
+    def handle_kick(self, s: Session, msg: dict) -> None:
+        target = self._moderate(s, msg)
+        if target is not None:
+            reason = self._reason(msg)
+            self._announce(s, target, "kick", reason)
+            self._remove(target, "kicked", f"kicked by {s.nick}" + (f": {reason}" if reason
+                                                                     else ""))
+
+    def handle_ban(self, s: Session, msg: dict) -> None:
+        target = self._moderate(s, msg)
+        if target is None:
+            return
+        minutes = msg.get("minutes")
+        until = self.loop.time() + float(minutes) * 60 if minutes else float("inf")
+        assert target.nick is not None
+        self.bans[nick_key(target.nick)] = (target.nick, until)
+        self.bans["@" + target.address] = (target.nick, until)
+        reason = self._reason(msg)
+        self._announce(s, target, "ban", reason)
+        self._remove(target, "banned", f"banned by {s.nick}" + (f": {reason}" if reason
+                                                                 else ""))
+
+    def handle_unban(self, s: Session, msg: dict) -> None:
+        if not s.operator:
+            self._reply_error(s, msg, "not_operator")
+            return
+        key = nick_key(msg["nick"])
+        entry = self.bans.pop(key, None)
+        if entry is None:
+            self._reply_error(s, msg, "no_such_nick", f"{msg['nick'][:40]} is not banned.")
+            return
+        for k, (nick, _) in list(self.bans.items()):  # and the addresses banned with it
+            if k.startswith("@") and nick_key(nick) == key:
+                del self.bans[k]
+        s.send(encode({"type": "moderation", "action": "unban", "nick": entry[0],
+                       "by": s.nick, "reason": "", "ts": round(time.time(), 3)}))
+
+    def handle_mute(self, s: Session, msg: dict) -> None:
+        target = self._moderate(s, msg)
+        if target is not None:
+            target.muted = True
+            self._announce(s, target, "mute", self._reason(msg))
+
+    def handle_unmute(self, s: Session, msg: dict) -> None:
+        target = self._moderate(s, msg)
+        if target is not None:
+            target.muted = False
+            self._announce(s, target, "unmute", "")
+
+    def _banned(self, key: str) -> bool:
+        entry = self.bans.get(key)
+        if entry is None:
+            return False
+        if entry[1] <= self.loop.time():
+            del self.bans[key]
+            return False
+        return True
+
+    def nick_banned(self, nick: str) -> bool:
+        return self._banned(nick_key(nick))
+
+    def address_banned(self, address: str) -> bool:
+        return self._banned("@" + address)
+
+
 def lan_addresses() -> list[str]:
     """This machine's non-loopback IPv4 addresses, found without sending anything."""
     found: list[str] = []
@@ -749,13 +1164,51 @@ def lan_addresses() -> list[str]:
     return found
 
 
+def read_secret(path: str) -> str:
+    """The first line of a password file (raises OSError or ValueError)."""
+    text = Path(path).read_text(encoding="utf-8").splitlines()
+    if not text or not text[0].strip():
+        raise ValueError(f"{path} is empty")
+    return text[0].strip()
+
+
+def server_options(args: argparse.Namespace) -> dict[str, Any]:
+    """ChatServer keyword arguments from the command line; raises ValueError with
+    a sentence for anything wrong."""
+    rooms = [r.strip() for r in args.rooms.split(",") if r.strip()]
+    for room in rooms:
+        problem = room_problem(room)
+        if problem:
+            raise ValueError(f"bad room {room!r} in --rooms: {problem}")
+    try:
+        password = read_secret(args.password_file) if args.password_file else \
+            os.environ.get("PYCHAT_PASSWORD") or None
+        op_password = read_secret(args.op_password_file) if args.op_password_file else None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read a password file: {getattr(e, 'strerror', None) or e}")
+    ssl_context = None
+    if args.certfile:
+        try:
+            ssl_context = server_tls_context(args.certfile, args.keyfile)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            raise ValueError(f"cannot load the TLS certificate or key: {e}") from None
+    elif args.keyfile:
+        raise ValueError("--keyfile needs --certfile")
+    return dict(history=args.history, max_line_bytes=args.max_line_bytes,
+                max_text=args.max_text, flood_burst=args.flood_burst,
+                flood_rate=args.flood_rate, max_backlog_bytes=args.max_backlog_bytes,
+                ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
+                motd=args.motd, rooms=rooms, password=password, op_password=op_password,
+                ssl_context=ssl_context)
+
+
 async def serve(args: argparse.Namespace) -> int:
     """Run the server until Ctrl-C or SIGTERM; return the exit status."""
-    server = ChatServer(history=args.history, max_line_bytes=args.max_line_bytes,
-                        max_text=args.max_text, flood_burst=args.flood_burst,
-                        flood_rate=args.flood_rate, max_backlog_bytes=args.max_backlog_bytes,
-                        ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
-                        motd=args.motd)
+    try:
+        server = ChatServer(**server_options(args))
+    except ValueError as e:
+        print(f"pychat: {e}", file=sys.stderr)
+        return 2
     try:
         port = await server.start(args.host, args.port)
     except OSError as e:
@@ -782,6 +1235,10 @@ async def serve(args: argparse.Namespace) -> int:
     else:
         print(f"Friends on your network join with:  python pychat.py cli --host {where} "
               f"--port {port}   (or: python pychat.py gui)", flush=True)
+    extras = [name for name, on in (("TLS", server.ssl_context), ("password",
+              server.password), ("operators", server.op_password)) if on]
+    if extras:
+        print(f"Enabled: {', '.join(extras)}.", flush=True)
     print("Press Ctrl-C to stop.", flush=True)
     try:
         await stop.wait()
@@ -815,16 +1272,24 @@ class ChatClient:
 
     def __init__(self, host: str, port: int, nick: str, on_event: Callable[[dict], None], *,
                  client: str = "pychat", history: bool = True, connect_attempts: int = 4,
-                 give_up_after: float | None = None):
+                 give_up_after: float | None = None, password: str | None = None,
+                 ssl_context: Any = None, ignored: set[str] | None = None):
         self.host, self.port = host, port
+        self.password = password
+        self.ssl_context = ssl_context
+        self.ignored: set[str] = {nick_key(n) for n in ignored or ()}  # hidden, locally
+        self.joined: dict[str, str] = {}     # room key -> room name, rooms we are in
+        self.room_users: dict[str, dict[str, str]] = {}  # room key -> nick key -> nick
+        self.away: dict[str, str] = {}       # nick key -> away message of users away
+        self.my_away: str | None = None
+        self._seen_rooms: set[str] = set()   # rooms whose history we showed already
         self.nick = nick
         self.on_event = on_event
         self.client_name = client
         self.want_history = history
         self.connect_attempts = connect_attempts
         self.give_up_after = give_up_after   # seconds of failed reconnecting; None: never
-        self.room = LOBBY
-        self.users: dict[str, str] = {}      # nick_key -> nick, for the current room
+        self.room = LOBBY                    # where send_msg goes (the UI's current room)
         self.outbox: dict[str, dict] = {}    # cid -> msg request, until the echo confirms it
         self.queue: collections.deque[dict] = collections.deque()  # requests not yet written
         self.limits: dict[str, Any] = {}
@@ -845,11 +1310,26 @@ class ChatClient:
         self._instance: Any = None
         self._had_history = False
 
+    @property
+    def users(self) -> dict[str, str]:
+        """nick key -> nick for the current room."""
+        return self.room_users.get(nick_key(self.room), {})
+
     # --- public methods (called by UIs)
-    def send_msg(self, text: str, action: bool = False) -> str:
+    def send_msg(self, text: str, action: bool = False, room: str | None = None) -> str:
         """Queue a chat message; it stays in the outbox until the server echoes it."""
         cid = f"{self._cid_prefix}-{next(self._cid_counter)}"
-        req: dict[str, Any] = {"type": "msg", "room": self.room, "text": text, "cid": cid}
+        req: dict[str, Any] = {"type": "msg", "room": room or self.room, "text": text,
+                               "cid": cid}
+        return self._send_chat(req, action)
+
+    def send_pm(self, to: str, text: str, action: bool = False) -> str:
+        """Queue a private message; confirmed like a chat message."""
+        cid = f"{self._cid_prefix}-{next(self._cid_counter)}"
+        return self._send_chat({"type": "pm", "to": to, "text": text, "cid": cid}, action)
+
+    def _send_chat(self, req: dict, action: bool) -> str:
+        cid = req["cid"]
         if action:
             req["action"] = True
         self.outbox[cid] = req
@@ -859,6 +1339,33 @@ class ChatClient:
 
     def change_nick(self, nick: str) -> None:
         self._enqueue({"type": "nick", "nick": nick})
+
+    def request(self, kind: str, **fields: Any) -> None:
+        """Send any other request (join, part, rooms, topic, away, back, op, kick, ban,
+        unban, mute, unmute); answers arrive as events."""
+        if kind == "away":
+            self.my_away = str(fields.get("message") or "")
+        elif kind == "back":
+            self.my_away = None
+        self._enqueue({"type": kind, **fields})
+
+    def switch_room(self, room: str) -> bool:
+        """Make a joined room the current one (False if we are not in it)."""
+        name = self.joined.get(nick_key(room))
+        if name is None:
+            return False
+        self.room = name
+        return True
+
+    def ignore(self, nick: str, on: bool = True) -> None:
+        """Hide (or show again) everything a nick says, in this client only."""
+        (self.ignored.add if on else self.ignored.discard)(nick_key(nick))
+
+    def set_password(self, password: str) -> None:
+        """Answer a password_needed event."""
+        self.password = password
+        if self._nick_future is not None and not self._nick_future.done():
+            self._nick_future.set_result(self.nick)
 
     def request_users(self) -> None:
         self._enqueue({"type": "users", "room": self.room})
@@ -957,11 +1464,18 @@ class ChatClient:
         while not self.closed:
             self._emit({"type": "status", "state": "connecting",
                         "message": f"Connecting to {self.host}:{self.port}..."})
+            tls: dict[str, Any] = {}
+            if self.ssl_context is not None:
+                tls = {"ssl": self.ssl_context, "server_hostname": self.host,
+                       "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT}
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port, limit=CLIENT_MAX_LINE),
-                    CONNECT_TIMEOUT)
+                    asyncio.open_connection(self.host, self.port, limit=CLIENT_MAX_LINE,
+                                            **tls), CONNECT_TIMEOUT)
             except (OSError, asyncio.TimeoutError) as e:
+                if _is_tls_error(e):  # retrying cannot fix a certificate
+                    self._fatal(f"TLS with {self.host}:{self.port} failed: {tls_problem(e)}")
+                    return
                 failures += 1
                 errno = getattr(e, "errno", None)
                 reason = (os.strerror(errno) if errno else None) or str(e) or "timed out"
@@ -1041,6 +1555,8 @@ class ChatClient:
         """Register on a fresh connection and read events until it ends."""
         self._last_rx = time.monotonic()
         hello = {"type": "hello", "nick": self.nick, "client": self.client_name}
+        if self.password is not None:
+            hello["password"] = self.password
         writer.write(encode(hello))
         rejoin_tries = 0
         while not self.registered:
@@ -1074,6 +1590,21 @@ class ChatClient:
                 hello["nick"] = nick
                 writer.write(encode(hello))
                 continue
+            elif kind == "error" and event.get("code") == "auth_failed":
+                self._nick_future = asyncio.get_running_loop().create_future()
+                self._emit({"type": "password_needed", "message": event.get("message", "")})
+                try:
+                    await self._nick_future
+                except asyncio.CancelledError:
+                    if self.closed:
+                        return "closed"
+                    raise
+                hello["password"] = self.password or ""
+                writer.write(encode(hello))
+                continue
+            elif kind == "error" and event.get("code") in ("auth_blocked", "banned"):
+                self._fatal(str(event.get("message")))
+                return "fatal"
             elif kind == "bye":
                 return str(event.get("reason") or "the server said bye")
             elif kind == "ping":
@@ -1102,6 +1633,9 @@ class ChatClient:
                 continue
             self._track(event)
             if kind == "bye":
+                if event.get("code") in ("kicked", "banned"):  # coming back would be rude
+                    self._fatal(str(event.get("reason")))
+                    return "fatal"
                 return str(event.get("reason") or "the server said bye")
 
     def _on_welcome(self, event: dict) -> None:
@@ -1113,8 +1647,18 @@ class ChatClient:
         if instance != self._instance:  # a restarted server numbers messages afresh
             self._instance = instance
             self.last_id = 0
+            self._seen_rooms.clear()
         first = not self.ever_registered
         self.ever_registered = True
+        # Back after a reconnect: into the same rooms, with the same away state.
+        lobby = nick_key(self.room)
+        for key, name in list(self.joined.items()):
+            if key != lobby:
+                self.queue.appendleft({"type": "join", "room": name})
+        if self.my_away is not None:
+            self.queue.appendleft({"type": "away", "message": self.my_away})
+        self.joined = {lobby: self.room}
+        self.room_users = {}
         event = dict(event, first=first)
         self._emit({"type": "status", "state": "connected",
                     "message": f"Connected to {self.host}:{self.port} as {self.nick}."})
@@ -1125,36 +1669,66 @@ class ChatClient:
         kind = event.get("type")
         if kind in LOCAL_EVENTS:
             return  # a server must not impersonate the client's own events
+        room_key = nick_key(str(event.get("room") or ""))
+        sender = nick_key(str(event.get("from") or event.get("nick") or ""))
+        if kind in ("msg", "pm", "typing") and sender in self.ignored and \
+                sender != nick_key(self.nick):
+            return  # /ignore: hidden in this client
         if kind == "history":
             messages = event.get("messages")
             if not isinstance(messages, list):
                 return
-            # After a reconnect show only what we have not seen yet.
+            # After a reconnect show only what we have not seen yet; a room
+            # joined for the first time shows all of it.
+            seen = room_key in self._seen_rooms
             fresh = [m for m in messages if isinstance(m, dict)
-                     and isinstance(m.get("id"), int) and m["id"] > self.last_id]
+                     and isinstance(m.get("id"), int) and (m["id"] > self.last_id or not seen)
+                     and nick_key(str(m.get("from", ""))) not in self.ignored]
             if not self.want_history and not self._had_history:
                 fresh = []  # --no-history skips the backlog, not what we miss later
             self._had_history = True
+            self._seen_rooms.add(room_key)
             for m in messages:
                 if isinstance(m, dict) and isinstance(m.get("id"), int):
                     self.last_id = max(self.last_id, m["id"])
             event = dict(event, messages=fresh)
         elif kind == "users":
             users = event.get("users")
-            if isinstance(users, list):
-                self.users = {nick_key(str(u)): str(u) for u in users}
+            if isinstance(users, list) and room_key:
+                self.joined[room_key] = str(event.get("room"))
+                self.room_users[room_key] = {nick_key(str(u)): str(u) for u in users}
+                away = event.get("away")
+                if isinstance(away, dict):
+                    self.away.update({nick_key(str(k)): str(v) for k, v in away.items()})
         elif kind == "join":
             nick = str(event.get("nick", ""))
-            self.users[nick_key(nick)] = nick
+            self.room_users.setdefault(room_key, {})[nick_key(nick)] = nick
+            if isinstance(event.get("away"), str):
+                self.away[nick_key(nick)] = event["away"]
         elif kind == "leave":
-            self.users.pop(nick_key(str(event.get("nick", ""))), None)
+            nick = nick_key(str(event.get("nick", "")))
+            self.room_users.get(room_key, {}).pop(nick, None)
+            if nick == nick_key(self.nick):  # we parted
+                self.joined.pop(room_key, None)
+                self.room_users.pop(room_key, None)
+                if nick_key(self.room) == room_key:
+                    self.room = next(iter(self.joined.values()), LOBBY)
         elif kind == "nick":
             old, new = str(event.get("old", "")), str(event.get("new", ""))
-            self.users.pop(nick_key(old), None)
-            self.users[nick_key(new)] = new
+            for users in self.room_users.values():
+                if users.pop(nick_key(old), None) is not None:
+                    users[nick_key(new)] = new
+            if nick_key(old) in self.away:
+                self.away[nick_key(new)] = self.away.pop(nick_key(old))
             if nick_key(old) == nick_key(self.nick):
                 self.nick = new
-        elif kind == "msg":
+        elif kind == "away":
+            nick = nick_key(str(event.get("nick", "")))
+            if event.get("away"):
+                self.away[nick] = str(event.get("message") or "")
+            else:
+                self.away.pop(nick, None)
+        elif kind in ("msg", "pm"):
             if isinstance(event.get("id"), int):
                 self.last_id = max(self.last_id, event["id"])
             cid = event.get("cid")
@@ -2992,6 +3566,18 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--ping-timeout", type=_non_negative, default=PING_TIMEOUT, metavar="S",
                      help="drop a pinged client that stays silent this many seconds (default: %(default)s)")
     srv.add_argument("--motd", default=None, help="message of the day shown to everyone who joins")
+    srv.add_argument("--rooms", default=LOBBY, metavar="LIST",
+                     help="comma-separated rooms that always exist, e.g. \"#lobby,#dev\"; "
+                          "others are made by joining and vanish when empty "
+                          "(default: %(default)s)")
+    srv.add_argument("--password-file", metavar="FILE",
+                     help="require the password in FILE's first line to join (or set "
+                          "PYCHAT_PASSWORD); never given on the command line, where ps shows it")
+    srv.add_argument("--op-password-file", metavar="FILE",
+                     help="FILE's first line is the operator password for /op")
+    srv.add_argument("--certfile", metavar="PEM", help="serve TLS with this certificate chain")
+    srv.add_argument("--keyfile", metavar="PEM",
+                     help="the certificate's private key (if not inside --certfile)")
     srv.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"], help="how much to log (default: %(default)s)")
     srv.set_defaults(func=cmd_server)
