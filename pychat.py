@@ -1217,6 +1217,15 @@ async def serve(args: argparse.Namespace) -> int:
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def quiet_network_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        # A peer that drops or botches a TLS handshake is routine, not a traceback.
+        exc = context.get("exception")
+        if isinstance(exc, (ConnectionError, OSError, asyncio.TimeoutError)):
+            log.info("connection failed before it started: %s", exc or context.get("message"))
+        else:
+            loop.default_exception_handler(context)
+    loop.set_exception_handler(quiet_network_errors)
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stop.set)

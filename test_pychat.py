@@ -642,6 +642,286 @@ class GarbageFloodTests(ServerCase):
         await alice.expect("msg", text="unharmed")
 
 
+# ===========================================================================
+# 3. Server core: rooms, private messages, password, TLS, away, moderation
+# ===========================================================================
+
+class RoomTests(ServerCase):
+    server_options = {"rooms": ["#lobby", "#ops"]}
+
+    async def test_join_part_and_isolation(self):
+        alice = await self.connect("alice")
+        bob = await self.connect("bob")
+        carol = await self.connect("carol")
+        await alice.send({"type": "join", "room": "#Dev"})
+        await alice.expect("history", room="#Dev")
+        users = await alice.expect("users", room="#Dev")
+        self.assertEqual(users["users"], ["alice"])
+        await bob.send({"type": "join", "room": "#dev"})  # names are case-insensitive
+        await bob.expect("users", room="#Dev")
+        await alice.expect("join", room="#Dev", nick="bob")
+        await alice.send({"type": "msg", "room": "#dev", "text": "dev only"})
+        await bob.expect("msg", room="#Dev", text="dev only")
+        await carol.send({"type": "msg", "room": "#dev", "text": "sneak"})
+        self.assertEqual((await carol.expect("error"))["code"], "not_in_room")
+        await alice.send({"type": "msg", "text": "lobby for all"})
+        await carol.expect("msg", text="lobby for all")
+        self.assertFalse([e for e in carol.seen if e.get("room") == "#Dev"])
+        # Part: the room (and the parter) hear it; sending there is refused after.
+        await bob.send({"type": "part", "room": "#dev", "reason": "done"})
+        leave = await alice.expect("leave", room="#Dev", nick="bob")
+        self.assertEqual((leave["reason"], leave["message"]), ("part", "done"))
+        await bob.expect("leave", room="#Dev", nick="bob")
+        await bob.send({"type": "msg", "room": "#dev", "text": "x"})
+        self.assertEqual((await bob.expect("error"))["code"], "not_in_room")
+
+    async def test_rooms_list_topics_and_empty_rooms_vanish(self):
+        alice = await self.connect("alice")
+        await alice.send({"type": "join", "room": "#tmp"})
+        await alice.expect("users", room="#tmp")
+        await alice.send({"type": "topic", "room": "#tmp", "topic": "release \x07day"})
+        topic = await alice.expect("topic", room="#tmp")
+        self.assertEqual((topic["topic"], topic["by"]), ("release day", "alice"))
+        bob = await self.connect("bob")
+        await bob.send({"type": "join", "room": "#TMP"})
+        await bob.expect("users", room="#tmp")
+        self.assertEqual((await bob.expect("topic", room="#tmp"))["topic"], "release day")
+        await bob.send({"type": "rooms"})
+        rooms = (await bob.expect("rooms"))["rooms"]
+        self.assertEqual([(r["room"], r["users"], r["topic"]) for r in rooms],
+                         [("#lobby", 2, ""), ("#ops", 0, ""), ("#tmp", 2, "release day")])
+        await alice.send({"type": "msg", "room": "#tmp", "text": "kept?"})
+        await bob.expect("msg", text="kept?")
+        for peer in (alice, bob):
+            await peer.send({"type": "part", "room": "#tmp"})
+        await bob.expect("leave", nick="bob", room="#tmp")
+        await bob.send({"type": "rooms"})
+        rooms = (await bob.expect("rooms"))["rooms"]
+        self.assertEqual([r["room"] for r in rooms], ["#lobby", "#ops"])  # #ops is permanent
+        await bob.send({"type": "join", "room": "#tmp"})
+        self.assertEqual((await bob.expect("history", room="#tmp"))["messages"], [])
+        await bob.send({"type": "msg", "room": "#nope", "text": "x"})
+        self.assertEqual((await bob.expect("error"))["code"], "no_such_room")
+        for bad in ("dev", "#", "#a b", "#" + "x" * 33, "#a,b"):
+            await bob.send({"type": "join", "room": bad})
+            self.assertEqual((await bob.expect("error"))["code"], "room_invalid", bad)
+
+    async def test_a_v1_client_still_works_in_the_lobby(self):
+        old = await self.connect("old")
+        new = await self.connect("new")
+        await new.send({"type": "join", "room": "#dev"})
+        await new.expect("users", room="#dev")
+        await new.send({"type": "msg", "room": "#dev", "text": "elsewhere"})
+        await new.send({"type": "msg", "text": "hello old friend"})
+        got = await old.expect("msg")
+        self.assertEqual(got["text"], "hello old friend")  # never the #dev message
+
+
+class PrivateMessageTests(ServerCase):
+    async def test_pm_reaches_only_the_two_and_is_never_stored(self):
+        alice = await self.connect("alice")
+        bob = await self.connect("bob")
+        carol = await self.connect("carol")
+        await alice.send({"type": "pm", "to": "BOB", "text": "secret", "cid": "p1"})
+        got = await bob.expect("pm")
+        self.assertEqual((got["from"], got["to"], got["text"]), ("alice", "bob", "secret"))
+        self.assertNotIn("cid", got)
+        echo = await alice.expect("pm")
+        self.assertEqual((echo["cid"], echo["id"]), ("p1", got["id"]))
+        await alice.send({"type": "pm", "to": "nobody", "text": "x"})
+        self.assertEqual((await alice.expect("error"))["code"], "no_such_nick")
+        await alice.send({"type": "msg", "text": "public"})
+        await carol.expect("msg", text="public")
+        self.assertFalse([e for e in carol.seen if e["type"] == "pm"])
+        self.assertNotIn("secret", json.dumps([list(r.history) for r in
+                                               self.server.rooms.values()]))
+        dave = await self.raw()
+        await dave.send({"type": "hello", "nick": "dave"})
+        history = await dave.expect("history")
+        self.assertNotIn("secret", json.dumps(history))
+
+    async def test_away_state_is_shared_and_pm_senders_are_told_once(self):
+        alice = await self.connect("alice")
+        bob = await self.connect("bob")
+        await bob.send({"type": "away", "message": "lunch"})
+        away = await alice.expect("away", nick="bob")
+        self.assertEqual((away["away"], away["message"]), (True, "lunch"))
+        carol = await self.raw()
+        await carol.send({"type": "hello", "nick": "carol"})
+        self.assertEqual((await carol.expect("users"))["away"], {"bob": "lunch"})
+        await alice.send({"type": "pm", "to": "bob", "text": "there?"})
+        notice = await alice.expect("notice")
+        self.assertEqual((notice["nick"], notice["away"]), ("bob", "lunch"))
+        await alice.send({"type": "pm", "to": "bob", "text": "again"})
+        await alice.expect("pm", text="again")
+        await alice.send({"type": "ping", "data": "sync"})
+        await alice.expect("pong")
+        self.assertEqual(sum(e["type"] == "notice" for e in alice.seen), 1)
+        await bob.send({"type": "back"})
+        self.assertFalse((await alice.expect("away", nick="bob"))["away"])
+        await bob.send({"type": "join", "room": "#x"})
+        await bob.send({"type": "away"})
+        await carol.send({"type": "join", "room": "#x"})
+        join_seen = await bob.expect("join", nick="carol")
+        self.assertNotIn("away", join_seen)
+
+
+class PasswordTests(ServerCase):
+    server_options = {"password": "s3cret"}
+
+    async def test_right_wrong_and_missing_password(self):
+        peer = await self.raw()
+        await peer.send({"type": "hello", "nick": "alice"})
+        self.assertEqual((await peer.expect("error"))["code"], "auth_failed")
+        await peer.send({"type": "hello", "nick": "alice", "password": "guess"})
+        self.assertEqual((await peer.expect("error"))["code"], "auth_failed")
+        await peer.send({"type": "hello", "nick": "alice", "password": "s3cret"})
+        await peer.expect("welcome")
+
+    async def test_guessing_is_slowed_down_then_refused(self):
+        old = (pychat.AUTH_SLOW_AFTER, pychat.AUTH_BLOCK_AFTER)
+        pychat.AUTH_SLOW_AFTER, pychat.AUTH_BLOCK_AFTER = 2, 4
+        self.addCleanup(lambda: (setattr(pychat, "AUTH_SLOW_AFTER", old[0]),
+                                 setattr(pychat, "AUTH_BLOCK_AFTER", old[1])))
+        times = []
+        for i in range(4):
+            peer = await self.raw()
+            started = time.monotonic()
+            await peer.send({"type": "hello", "nick": "mallory", "password": f"guess{i}"})
+            self.assertEqual((await peer.expect("error"))["code"], "auth_failed")
+            times.append(time.monotonic() - started)
+        self.assertLess(times[0], 0.3)
+        self.assertGreaterEqual(times[2], 0.9)   # 0.5 s, then 1 s: doubling
+        self.assertGreater(times[3], times[2])
+        # Now the address is refused, even with the right password.
+        peer = await self.raw()
+        await peer.send({"type": "hello", "nick": "alice", "password": "s3cret"})
+        self.assertEqual((await peer.expect("error"))["code"], "auth_blocked")
+        await peer.expect_eof()
+        self.assertEqual(self.server.auth_failures["127.0.0.1"][0], 4)
+
+
+class TlsTests(unittest.IsolatedAsyncioTestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        if not shutil.which("openssl"):
+            raise unittest.SkipTest("no openssl command to make a test certificate")
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.cert = str(Path(cls.tmp.name) / "cert.pem")
+        cls.key = str(Path(cls.tmp.name) / "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", cls.key,
+                        "-out", cls.cert, "-days", "2", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                       check=True, capture_output=True)
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.tmp.cleanup()
+
+    async def asyncSetUp(self) -> None:
+        self.server = ChatServer(ssl_context=pychat.server_tls_context(self.cert, self.key),
+                                 tls_handshake_timeout=0.5)
+        self.port = await self.server.start(HOST, 0)
+        self.addAsyncCleanup(self.server.close)
+
+    async def run_client(self, ctx) -> list[dict]:
+        events: list[dict] = []
+        client = ChatClient(HOST, self.port, "alice", events.append, ssl_context=ctx,
+                            connect_attempts=1)
+        task = asyncio.get_running_loop().create_task(client.run())
+        await wait_for(lambda: client.registered or client.closed, what="TLS outcome")
+        await client.quit()
+        await asyncio.wait_for(task, TIMEOUT)
+        return events
+
+    async def test_verified_tls_chat(self):
+        events = await self.run_client(pychat.client_tls_context(cafile=self.cert))
+        self.assertIn("welcome", [e["type"] for e in events])
+
+    async def test_untrusted_certificate_is_a_clear_fatal_error(self):
+        events = await self.run_client(pychat.client_tls_context())
+        self.assertEqual(events[-1]["type"], "fatal")
+        self.assertIn("not trusted", events[-1]["message"])
+        events = await self.run_client(pychat.client_tls_context(insecure=True))
+        self.assertIn("welcome", [e["type"] for e in events])
+
+    async def test_plain_client_and_stalled_handshake_are_cut(self):
+        reader, writer = await asyncio.open_connection(HOST, self.port)
+        started = time.monotonic()
+        self.assertEqual(await asyncio.wait_for(reader.read(), TIMEOUT), b"")  # never speaks
+        self.assertLess(time.monotonic() - started, 5)
+        writer.close()
+        # And a plain server answered with --tls says what is wrong.
+        plain = ChatServer()
+        port = await plain.start(HOST, 0)
+        self.addAsyncCleanup(plain.close)
+        events: list[dict] = []
+        client = ChatClient(HOST, port, "bob", events.append,
+                            ssl_context=pychat.client_tls_context(insecure=True),
+                            connect_attempts=1)
+        await asyncio.wait_for(client.run(), TIMEOUT)
+        self.assertEqual(events[-1]["type"], "fatal")
+        self.assertIn("TLS", events[-1]["message"])
+
+
+class ModerationTests(ServerCase):
+    server_options = {"op_password": "0p"}
+
+    async def test_operators_kick_ban_mute_and_others_are_refused(self):
+        boss = await self.connect("boss")
+        bob = await self.connect("bob")
+        flooder = await self.connect("flooder")
+        await bob.send({"type": "kick", "nick": "flooder"})
+        self.assertEqual((await bob.expect("error"))["code"], "not_operator")
+        await boss.send({"type": "op", "password": "wrong"})
+        self.assertEqual((await boss.expect("error"))["code"], "auth_failed")
+        await boss.send({"type": "op", "password": "0p"})
+        await boss.expect("op", ok=True)
+        # mute
+        await boss.send({"type": "mute", "nick": "flooder", "reason": "calm down"})
+        self.assertEqual((await bob.expect("moderation"))["action"], "mute")
+        await flooder.send({"type": "msg", "text": "spam"})
+        self.assertEqual((await flooder.expect("error"))["code"], "muted")
+        await boss.send({"type": "unmute", "nick": "flooder"})
+        await flooder.expect("moderation", action="unmute")
+        await flooder.send({"type": "msg", "text": "sorry"})
+        await bob.expect("msg", text="sorry")
+        # kick
+        await boss.send({"type": "kick", "nick": "flooder", "reason": "flooding"})
+        mod = await bob.expect("moderation", action="kick")
+        self.assertEqual((mod["nick"], mod["by"], mod["reason"]), ("flooder", "boss", "flooding"))
+        leave = await bob.expect("leave", nick="flooder")
+        self.assertEqual(leave["reason"], "kicked")
+        self.assertIn("flooding", leave["message"])
+        self.assertEqual((await flooder.expect("bye"))["code"], "kicked")
+        await flooder.expect_eof()
+        # ban: by nick and by address, then unban
+        await boss.send({"type": "ban", "nick": "bob"})
+        self.assertEqual((await bob.expect("bye"))["code"], "banned")
+        back = await self.raw()
+        await back.send({"type": "hello", "nick": "bob2"})
+        self.assertEqual((await back.expect("error"))["code"], "banned")  # same address
+        await back.expect_eof()
+        await boss.send({"type": "nick", "nick": "Bob"})
+        self.assertEqual((await boss.expect("error"))["code"], "banned")
+        await boss.send({"type": "unban", "nick": "bob"})
+        await boss.expect("moderation", action="unban")
+        await self.connect("bob")
+        await boss.send({"type": "kick", "nick": "ghost"})
+        self.assertEqual((await boss.expect("error"))["code"], "no_such_nick")
+
+    async def test_timed_ban_expires(self):
+        boss = await self.connect("boss")
+        await boss.send({"type": "op", "password": "0p"})
+        await boss.expect("op")
+        await self.connect("eve")
+        await boss.send({"type": "ban", "nick": "eve", "minutes": 0.005})  # 0.3 s
+        await boss.expect("moderation", action="ban")
+        await wait_for(lambda: not self.server.nick_banned("eve"), what="ban expiry")
+        await self.connect("eve")
+
+
 class ShutdownTests(ServerCase):
     async def test_close_says_bye_to_everyone(self):
         alice = await self.connect("alice")
