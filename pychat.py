@@ -1837,6 +1837,33 @@ class ClientThread:
         return self._thread.is_alive()
 
 
+# --- settings shared by the UIs (a small JSON file in the user's config folder)
+def config_dir() -> Path:
+    """Where PyChat keeps its small settings file, per platform convention."""
+    if sys.platform == "win32":
+        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
+        return base / "PyChat"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "PyChat"
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "pychat"
+
+
+def load_settings(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def save_settings(path: Path, settings: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    except OSError as e:
+        log.warning("could not save settings to %s: %s", path, e)
+
+
 # ===========================================================================
 # 5. Sound -- the ding: synthesised with `wave`, played by the platform's
 #    player in a worker thread, never blocking and never raising.  Uses:
@@ -2017,14 +2044,26 @@ def clock(ts: Any) -> str:
 
 
 CLI_HELP = """Commands:
-  /nick NEW      change your nick
-  /me ACTION     say something in the third person (* alice waves)
-  /who           list who is in the room
-  /quit [REASON] leave (Ctrl-D and Ctrl-C work too)
-  /help          this list
-  //text         send a message that starts with a slash"""
+  /nick NEW             change your nick
+  /me ACTION            say something in the third person (* alice waves)
+  /who                  list who is in the current room
+  /join #ROOM           join (or create) a room and talk there
+  /room [#ROOM]         switch between the rooms you are in (or show them)
+  /part [#ROOM] [WHY]   leave a room (the current one by default)
+  /rooms                list the rooms with their people and topics
+  /topic [TEXT]         show or set the current room's topic
+  /msg NICK TEXT        a private message
+  /away [MESSAGE]       mark yourself away; /back when you return
+  /ignore [NICK]        hide someone here (saved); /unignore NICK; no NICK: the list
+  /op PASSWORD          become an operator, then:
+  /kick NICK [WHY]  /ban NICK [MINUTES]  /unban NICK  /mute NICK  /unmute NICK
+  /quit [REASON]        leave (Ctrl-D and Ctrl-C work too)
+  /help                 this list
+  //text                send a message that starts with a slash"""
 
-COMMANDS = ("/help", "/nick", "/me", "/who", "/quit")
+COMMANDS = ("/help", "/nick", "/me", "/who", "/quit", "/join", "/room", "/part", "/rooms",
+            "/topic", "/msg", "/away", "/back", "/ignore", "/unignore", "/op", "/kick",
+            "/ban", "/unban", "/mute", "/unmute")
 
 
 def parse_command(line: str) -> tuple[str, str]:
@@ -2058,6 +2097,7 @@ class Terminal:
         self.rl_point: Callable[[], int] | None = None
         self.lock = threading.Lock()
         self.my_nick = ""
+        self.room = LOBBY                # messages from other rooms get a [#room] prefix
         self.broken = False
 
     # --- formatting
@@ -2076,18 +2116,48 @@ class Terminal:
         body = ("\n" + " " * 6).join(lines)
         mention = bool(self.my_nick) and who != self.my_nick and \
             nick_key(self.my_nick) in nick_key(body)
+        where = ""
+        if m.get("type") == "pm":
+            to = strip_terminal(str(m.get("to", "?")))
+            where = self._c("35", f"[pm -> {to}] " if who == self.my_nick else "[pm] ")
+        elif m.get("room") and nick_key(str(m["room"])) != nick_key(self.room):
+            where = f"[{strip_terminal(str(m['room']))}] "
         if m.get("action"):
-            text = f"{clock(m.get('ts'))} * {self.nick(who)} {body}"
+            text = f"{clock(m.get('ts'))} {where}* {self.nick(who)} {body}"
         else:
-            text = f"{clock(m.get('ts'))} <{self.nick(who)}> {body}"
+            text = f"{clock(m.get('ts'))} {where}<{self.nick(who)}> {body}"
         return self._c("1", text) if mention else text
 
     def format_event(self, e: dict) -> str | None:
         """The line(s) to show for an event, or None for events with no display."""
         kind = e.get("type")
         ts = e.get("ts")
-        if kind == "msg":
+        if kind in ("msg", "pm"):
             return self.format_msg(e)
+        if kind == "topic":
+            if not e.get("topic"):
+                return self.system(ts, f"{e.get('room')} has no topic")
+            return self.system(ts, f"Topic of {e.get('room')}: {e.get('topic')} "
+                                   f"(set by {e.get('by')})")
+        if kind == "rooms":
+            rooms = [r for r in e.get("rooms", []) if isinstance(r, dict)]
+            listed = "; ".join(f"{r.get('room')} ({r.get('users')})"
+                               + (f": {r['topic']}" if r.get("topic") else "") for r in rooms)
+            return self.system(ts, f"{len(rooms)} rooms: {listed}")
+        if kind == "notice":
+            return self.system(ts, str(e.get("text", "")))
+        if kind == "away":
+            if e.get("away"):
+                why = f": {e['message']}" if e.get("message") else ""
+                return self.system(ts, f"{e.get('nick')} is away{why}")
+            return self.system(ts, f"{e.get('nick')} is back")
+        if kind == "op":
+            return self.system(ts, "You are now an operator.")
+        if kind == "moderation":
+            action = {"kick": "kicked", "ban": "banned", "unban": "unbanned", "mute": "muted",
+                      "unmute": "unmuted"}.get(str(e.get("action")), str(e.get("action")))
+            why = f": {e['reason']}" if e.get("reason") else ""
+            return self.system(ts, f"{e.get('nick')} was {action} by {e.get('by')}{why}")
         if kind == "history":
             msgs = [self.format_msg(m) for m in e.get("messages", []) if isinstance(m, dict)]
             if not msgs:
@@ -2126,6 +2196,9 @@ class Terminal:
             return self.system(None, str(e.get("message", "")))
         if kind == "bye":
             return self.system(None, f"Server says bye: {e.get('reason')}")
+        if kind == "leave" and e.get("reason") == "part" and nick_key(
+                str(e.get("nick"))) == nick_key(self.my_nick):
+            return self.system(ts, f"You left {e.get('room')}")
         return None
 
     # --- output
@@ -2278,22 +2351,57 @@ async def _run_cli(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str | None] = asyncio.Queue()
     done = asyncio.Event()
-    status = {"code": 0, "awaiting_nick": False, "failed": 0}
+    status = {"code": 0, "failed": 0, "input_started": False}
+    settings_path = config_dir() / "settings.json"
+    settings = load_settings(settings_path)
+    ignored = {str(n) for n in settings.get("ignore", []) if isinstance(n, str)}
 
-    nick = args.nick or default_nick()
+    def ask(prompt: str, secret: bool = False) -> asyncio.Future:
+        """Ask on the terminal in a daemon thread (never blocks exiting)."""
+        future = loop.create_future()
+
+        def run() -> None:
+            try:
+                answer: str | None = (getpass.getpass if secret else input)(prompt)
+            except (EOFError, KeyboardInterrupt, OSError):
+                answer = None
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(answer))
+        threading.Thread(target=run, name="pychat-ask", daemon=True).start()
+        return future
+
+    async def ask_nick(message: str) -> None:
+        term.show(term._c("31", f"! {strip_terminal(message)}"))
+        while True:
+            nick = await ask("Type another nick: ")
+            if nick is None:
+                await client.quit()
+                return
+            problem = nick_problem(nick.strip())
+            if problem is None:
+                client.set_nick(nick.strip())
+                return
+            term.show(term._c("31", f"! {problem}"))
+
+    async def ask_password(message: str) -> None:
+        term.show(term._c("31", f"! {strip_terminal(message)}"))
+        password = await ask("Password: ", secret=True)
+        if password is None:
+            await client.quit()
+        else:
+            client.set_password(password)
 
     def on_event(event: dict) -> None:
         kind = event.get("type")
-        if kind == "nick_rejected":
+        if kind in ("nick_rejected", "password_needed"):
             if interactive:
-                term.show(term._c("31", f"! {strip_terminal(str(event.get('message')))} "
-                                        "Type another nick:"))
-                status["awaiting_nick"] = True
-            else:
-                print(f"pychat: {event.get('message')} (nick {event.get('nick')!r}; "
-                      "choose another with --nick)", file=sys.stderr)
-                status["code"] = 2
-                loop.create_task(client.quit())
+                asker = ask_nick if kind == "nick_rejected" else ask_password
+                loop.create_task(asker(str(event.get("message"))))
+                return
+            what = ("choose another with --nick" if kind == "nick_rejected" else
+                    "give it with --password-file or PYCHAT_PASSWORD")
+            print(f"pychat: {event.get('message')} ({what})", file=sys.stderr)
+            status["code"] = 2
+            loop.create_task(client.quit())
             return
         if kind == "fatal":
             print(f"pychat: {event.get('message')}", file=sys.stderr)
@@ -2302,23 +2410,52 @@ async def _run_cli(args: argparse.Namespace) -> int:
             return
         if kind == "failed":
             status["failed"] += 1
+        if kind == "welcome" and not status["input_started"]:
+            status["input_started"] = True
+            _start_input_thread(term, loop, lines, nicks)
         if kind == "status" and not interactive and event.get("state") in ("connecting",
                                                                            "connected"):
             return  # scripts want the chat, not the connection chatter
+        term.room = client.room
         text = term.format_event(event)
         if text is not None:
             term.show(text)
 
-    client = ChatClient(args.host, args.port, nick, on_event, client=f"pychat-cli/{__version__}",
-                        history=not args.no_history, connect_attempts=args.connect_attempts,
+    password = None
+    try:
+        if args.password_file:
+            password = read_secret(args.password_file)
+    except (OSError, ValueError) as e:
+        print(f"pychat: cannot read {args.password_file}: {getattr(e, 'strerror', None) or e}",
+              file=sys.stderr)
+        return 2
+    password = password or os.environ.get("PYCHAT_PASSWORD") or None
+    ssl_context = None
+    if args.tls or args.cafile or args.insecure:
+        if args.insecure:
+            print("pychat: WARNING: --insecure: the connection is encrypted but the server's "
+                  "identity is NOT checked; anyone in between could read everything.",
+                  file=sys.stderr)
+        try:
+            ssl_context = client_tls_context(args.cafile, args.insecure)
+        except OSError as e:
+            print(f"pychat: cannot use --cafile {args.cafile}: {e}", file=sys.stderr)
+            return 2
+    client = ChatClient(args.host, args.port, args.nick or default_nick(), on_event,
+                        client=f"pychat-cli/{__version__}", history=not args.no_history,
+                        connect_attempts=args.connect_attempts, password=password,
+                        ssl_context=ssl_context, ignored=ignored,
                         give_up_after=None if interactive else 60.0)
+
     def nicks() -> list[str]:  # called from the stdin thread: copy defensively
         try:
             return list(client.users.values())
         except RuntimeError:
             return []
 
-    _start_input_thread(term, loop, lines, nicks)
+    if not interactive:
+        status["input_started"] = True
+        _start_input_thread(term, loop, lines, nicks)
 
     async def input_task() -> None:
         while True:
@@ -2332,20 +2469,20 @@ async def _run_cli(args: argparse.Namespace) -> int:
             if line is None:  # end of input
                 await client.quit("end of input" if not interactive else "")
                 return
-            if status["awaiting_nick"]:
-                problem = nick_problem(line.strip())
-                if problem:
-                    term.show(term._c("31", f"! {problem} Type another nick:"))
-                    continue
-                status["awaiting_nick"] = False
-                client.set_nick(line.strip())
-                continue
             if not await handle_input(line):
                 return
 
     async def wait_registered() -> None:
         while not client.ever_registered and not client.closed:
             await asyncio.sleep(0.02)
+
+    def error_line(text: str) -> bool:
+        term.show(term._c("31", f"! {text}"))
+        return True
+
+    def save_ignores() -> None:
+        settings["ignore"] = sorted(client.ignored)
+        save_settings(settings_path, settings)
 
     async def handle_input(line: str) -> bool:
         """Act on one typed line; False when the user quits."""
@@ -2354,46 +2491,111 @@ async def _run_cli(args: argparse.Namespace) -> int:
             return True
         term.erase_typed_line(line)
         cmd, arg = parse_command(line)
+        first, _, rest = arg.partition(" ")
+        rest = rest.strip()
         if cmd == "":
             return _send(arg, False)
         if cmd == "me":
-            return _send(arg, True) if arg else _usage("/me ACTION")
-        if cmd == "nick":
-            if not arg:
-                return _usage("/nick NEW")
-            problem = nick_problem(arg)
-            if problem:
-                term.show(term._c("31", f"! {problem}"))
-            else:
-                client.change_nick(arg)
-            return True
-        if cmd == "who":
-            client.request_users()
-            return True
-        if cmd == "help":
-            term.show(CLI_HELP)
-            return True
+            return _send(arg, True) if arg else error_line("Usage: /me ACTION")
         if cmd in ("quit", "exit"):
             if not interactive:
                 await client.wait_sent()
             await client.quit(arg)
             return False
-        term.show(term._c("31", f"! Unknown command /{strip_terminal(cmd)}. "
-                                "Type /help for the list."))
+        if cmd == "help":
+            term.show(CLI_HELP)
+        elif cmd == "nick":
+            problem = nick_problem(arg) if arg else "Usage: /nick NEW"
+            error_line(problem) if problem else client.change_nick(arg)
+        elif cmd == "who":
+            client.request_users()
+        elif cmd == "join":
+            problem = room_problem(first) if first else "Usage: /join #ROOM"
+            if problem:
+                return error_line(problem)
+            if not client.switch_room(first):
+                client.request("join", room=first)
+            switch_when_joined(first)
+        elif cmd == "part":
+            room = first or client.room
+            client.request("part", room=room, **({"reason": rest} if rest else {}))
+        elif cmd in ("room", "switch"):
+            if not first:
+                term.show(term.system(None, f"You are talking in {client.room}; you are in "
+                                            f"{', '.join(client.joined.values())}."))
+            elif client.switch_room(first):
+                term.room = client.room
+                term.show(term.system(None, f"Now talking in {client.room}."))
+            else:
+                error_line(f"You are not in {first}; /join it first.")
+        elif cmd == "rooms":
+            client.request("rooms")
+        elif cmd == "topic":
+            if arg:
+                client.request("topic", room=client.room, topic=arg)
+            else:
+                client.request("topic", room=client.room)
+        elif cmd in ("msg", "query"):
+            if not first or not rest:
+                return error_line("Usage: /msg NICK TEXT")
+            return _send(rest, False, to=first)
+        elif cmd == "away":
+            client.request("away", message=arg)
+        elif cmd == "back":
+            client.request("back")
+        elif cmd == "op":
+            if not arg:
+                return error_line("Usage: /op PASSWORD")
+            client.request("op", password=arg)
+        elif cmd in ("kick", "mute"):
+            if not first:
+                return error_line(f"Usage: /{cmd} NICK [REASON]")
+            client.request(cmd, nick=first, **({"reason": rest} if rest else {}))
+        elif cmd == "ban":
+            if not first:
+                return error_line("Usage: /ban NICK [MINUTES]")
+            try:
+                minutes = float(rest) if rest else None
+            except ValueError:
+                return error_line("Usage: /ban NICK [MINUTES] (minutes is a number)")
+            client.request("ban", nick=first, **({"minutes": minutes} if minutes else {}))
+        elif cmd in ("unban", "unmute"):
+            if not first:
+                return error_line(f"Usage: /{cmd} NICK")
+            client.request(cmd, nick=first)
+        elif cmd in ("ignore", "unignore"):
+            if not first:
+                shown = ", ".join(sorted(client.ignored)) or "nobody"
+                term.show(term.system(None, f"Ignoring: {shown}"))
+                return True
+            client.ignore(first, cmd == "ignore")
+            save_ignores()
+            verb = "Ignoring" if cmd == "ignore" else "No longer ignoring"
+            term.show(term.system(None, f"{verb} {first} (saved in {settings_path})."))
+        else:
+            error_line(f"Unknown command /{strip_terminal(cmd)}. Type /help for the list.")
         return True
 
-    def _usage(text: str) -> bool:
-        term.show(term._c("31", f"! Usage: {text}"))
-        return True
+    def switch_when_joined(room: str) -> None:
+        """Make a room current as soon as the server confirms the join."""
+        async def wait() -> None:
+            for _ in range(250):
+                if client.switch_room(room):
+                    term.room = client.room
+                    term.show(term.system(None, f"Now talking in {client.room}."))
+                    return
+                await asyncio.sleep(0.02)
+        loop.create_task(wait())
 
-    def _send(text: str, action: bool) -> bool:
+    def _send(text: str, action: bool, to: str | None = None) -> bool:
         limit = int(client.limits.get("max_text", MAX_TEXT))
         if len(text) > limit:
-            term.show(term._c("31", f"! Not sent: {len(text)} characters, the server allows "
-                                    f"{limit}."))
             status["failed"] += 1
-            return True
-        client.send_msg(text, action)
+            return error_line(f"Not sent: {len(text)} characters, the server allows {limit}.")
+        if to is None:
+            client.send_msg(text, action)
+        else:
+            client.send_pm(to, text, action)
         if interactive and not client.registered:
             term.show(term.system(None, f"not connected: queued ({len(client.pending())} "
                                         "waiting), sent when the connection is back"))
@@ -2603,32 +2805,6 @@ def emoji_groups(non_bmp: bool, families: set[str]) -> dict[str, list[str]]:
         if keep:
             groups[name] = keep
     return groups
-
-
-def config_dir() -> Path:
-    """Where PyChat keeps its small settings file, per platform convention."""
-    if sys.platform == "win32":
-        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
-        return base / "PyChat"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Application Support" / "PyChat"
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "pychat"
-
-
-def load_settings(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def save_settings(path: Path, settings: dict) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2), encoding="utf-8")
-    except OSError as e:
-        log.warning("could not save settings to %s: %s", path, e)
 
 
 def gui_command(text: str) -> tuple[str, str] | None:
@@ -3601,6 +3777,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="your nick (default: asked for, or your login name when piped)")
     cli.add_argument("--no-history", action="store_true",
                      help="do not show the room's recent messages on joining")
+    cli.add_argument("--password-file", metavar="FILE",
+                     help="the server password in FILE's first line (or set PYCHAT_PASSWORD; "
+                          "otherwise you are asked when the server needs one)")
+    cli.add_argument("--tls", action="store_true",
+                     help="connect with TLS, checking the server's certificate")
+    cli.add_argument("--cafile", metavar="PEM",
+                     help="trust this certificate (e.g. the server's self-signed one); "
+                          "implies --tls")
+    cli.add_argument("--insecure", action="store_true",
+                     help="TLS without checking the certificate (warns; implies --tls)")
     cli.add_argument("--connect-attempts", type=_positive_int, default=4, metavar="N",
                      help="tries before giving up on the first connection (default: %(default)s)")
     cli.set_defaults(func=cmd_cli)

@@ -1615,8 +1615,14 @@ def _tk_works() -> str | None:
         return f"{e.__class__.__name__}: {e}"
 
 
+_config_home = tempfile.TemporaryDirectory(prefix="pychat-test-config-")
+
+
 def setUpModule() -> None:
     global _xvfb, _display_error
+    # Clients keep settings (/ignore, the GUI's last server) in the user's config
+    # folder: the tests, and the subprocesses they start, use a throwaway one.
+    os.environ["XDG_CONFIG_HOME"] = _config_home.name
     own = os.environ.get("PYCHAT_TEST_XVFB") == "1"
     if os.environ.get("DISPLAY") and not own and _tk_works() is None:
         return
