@@ -581,6 +581,7 @@ class ChatServer:
         self.loop = asyncio.get_running_loop()
         tls: dict[str, Any] = {}
         if self.ssl_context is not None:
+            self.loop.set_exception_handler(_quiet_handshake_errors)
             tls = {"ssl": self.ssl_context,
                    "ssl_handshake_timeout": self.tls_handshake_timeout}
         server = await self.loop.create_server(lambda: Session(self), host, port,
@@ -1150,6 +1151,15 @@ class ChatServer:
         return self._banned("@" + address)
 
 
+def _quiet_handshake_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """A peer that drops or botches a TLS handshake is routine: one log line."""
+    exc = context.get("exception")
+    if isinstance(exc, (ConnectionError, OSError, asyncio.TimeoutError)):
+        log.info("connection failed before it started: %s", exc or context.get("message"))
+    else:
+        loop.default_exception_handler(context)
+
+
 def lan_addresses() -> list[str]:
     """This machine's non-loopback IPv4 addresses, found without sending anything."""
     found: list[str] = []
@@ -1217,15 +1227,6 @@ async def serve(args: argparse.Namespace) -> int:
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-
-    def quiet_network_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        # A peer that drops or botches a TLS handshake is routine, not a traceback.
-        exc = context.get("exception")
-        if isinstance(exc, (ConnectionError, OSError, asyncio.TimeoutError)):
-            log.info("connection failed before it started: %s", exc or context.get("message"))
-        else:
-            loop.default_exception_handler(context)
-    loop.set_exception_handler(quiet_network_errors)
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stop.set)
@@ -2514,8 +2515,12 @@ async def _run_cli(args: argparse.Namespace) -> int:
             if problem:
                 return error_line(problem)
             if not client.switch_room(first):
+                # Requests go out in order, so what is typed next already
+                # belongs to the new room.
                 client.request("join", room=first)
-            switch_when_joined(first)
+                client.room = first
+            term.room = client.room
+            term.show(term.system(None, f"Now talking in {client.room}."))
         elif cmd == "part":
             room = first or client.room
             client.request("part", room=room, **({"reason": rest} if rest else {}))
@@ -2575,17 +2580,6 @@ async def _run_cli(args: argparse.Namespace) -> int:
         else:
             error_line(f"Unknown command /{strip_terminal(cmd)}. Type /help for the list.")
         return True
-
-    def switch_when_joined(room: str) -> None:
-        """Make a room current as soon as the server confirms the join."""
-        async def wait() -> None:
-            for _ in range(250):
-                if client.switch_room(room):
-                    term.room = client.room
-                    term.show(term.system(None, f"Now talking in {client.room}."))
-                    return
-                await asyncio.sleep(0.02)
-        loop.create_task(wait())
 
     def _send(text: str, action: bool, to: str | None = None) -> bool:
         limit = int(client.limits.get("max_text", MAX_TEXT))

@@ -846,6 +846,46 @@ class TlsTests(unittest.IsolatedAsyncioTestCase):
         events = await self.run_client(pychat.client_tls_context(insecure=True))
         self.assertIn("welcome", [e["type"] for e in events])
 
+    async def test_cli_over_tls_and_a_loud_insecure_warning(self):
+        for flags, warned in ((["--cafile", self.cert], False), (["--insecure"], True)):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, PYCHAT, "cli", "--host", HOST, "--port", str(self.port),
+                "--nick", "tls", *flags, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(b"over tls\n"), 30)
+            self.assertEqual(proc.returncode, 0, err)
+            self.assertIn(b"<tls> over tls", out)
+            self.assertEqual(b"WARNING" in err, warned)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, PYCHAT, "cli", "--host", HOST, "--port", str(self.port),
+            "--nick", "tls", "--tls", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(b"x\n"), 30)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn(b"not trusted", err)
+        self.assertNotIn(b"Traceback", err)
+
+    def test_server_command_serves_tls(self):
+        proc = subprocess.Popen([sys.executable, PYCHAT, "server", "--host", HOST, "--port", "0",
+                                 "--certfile", self.cert, "--keyfile", self.key],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = proc.stdout.readline()
+            port = int(line.rsplit("(port ", 1)[1].rstrip(")\n"))
+            import ssl
+            ctx = pychat.client_tls_context(cafile=self.cert)
+            with socket.create_connection((HOST, port), timeout=TIMEOUT) as raw:
+                with ctx.wrap_socket(raw, server_hostname=HOST) as s:
+                    self.assertIn(s.version(), ("TLSv1.2", "TLSv1.3"))
+                    s.sendall(encode({"type": "hello", "nick": "x"}))
+                    self.assertEqual(json.loads(s.makefile("rb").readline())["type"], "welcome")
+            self.assertIsInstance(ssl.OPENSSL_VERSION, str)
+        finally:
+            proc.terminate()
+            self.assertEqual(proc.wait(TIMEOUT), 0)
+            proc.stdout.close()
+            proc.stderr.close()
+
     async def test_plain_client_and_stalled_handshake_are_cut(self):
         reader, writer = await asyncio.open_connection(HOST, self.port)
         started = time.monotonic()
@@ -1350,6 +1390,58 @@ class CliProcessTests(ServerCase):
         self.assertEqual(rc, 2)
         self.assertIn("already in use", err)
         self.assertNotIn("Traceback", err)
+
+    async def test_rooms_private_messages_and_ignore_from_the_cli(self):
+        alice = await self.connect("alice")
+        await alice.send({"type": "join", "room": "#dev"})
+        await alice.expect("users", room="#dev")
+        rc, out, err = await self.run_cli(
+            "--nick", "bob", stdin="/join #dev\nin dev\n/msg alice psst\n/rooms\n"
+                                   "/ignore alice\n/room #lobby\nin lobby\n",
+            env={"NO_COLOR": "1"})
+        self.assertEqual(rc, 0, err)
+        got = [await alice.expect(kind) for kind in ("msg", "pm", "msg")]
+        self.assertEqual([(g["type"], g.get("room"), g["text"]) for g in got],
+                         [("msg", "#dev", "in dev"), ("pm", None, "psst"),
+                          ("msg", "#lobby", "in lobby")])
+        self.assertIn("[pm -> alice] <bob> psst", out)
+        self.assertIn("rooms: #dev (2); #lobby (2)", out)
+        saved = json.loads((Path(os.environ["XDG_CONFIG_HOME"]) / "pychat" /
+                            "settings.json").read_text())
+        self.assertEqual(saved["ignore"], ["alice"])
+        # Next time alice is hidden, and the list can be emptied again.
+        await alice.send({"type": "msg", "text": "you can't see me"})
+        await alice.expect("msg")
+        rc, out, err = await self.run_cli("--nick", "bob", stdin="/unignore alice\n")
+        self.assertNotIn("you can't see me", out)
+        self.assertIn("No longer ignoring alice", out)
+
+    async def test_an_operator_kicks_a_flooder_from_the_cli(self):
+        self.server.op_password = "0p"
+        flooder = await self.connect("flooder")
+        rc, out, err = await self.run_cli("--nick", "boss",
+                                          stdin="/op 0p\n/kick flooder stop it\n/who\n")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual((await flooder.expect("bye"))["code"], "kicked")
+        self.assertIn("You are now an operator", out)
+        self.assertIn("flooder was kicked by boss: stop it", out)
+
+    async def test_password_from_the_environment_and_a_wrong_one(self):
+        self.server.password = "pw"
+        rc, out, err = await self.run_cli("--nick", "ann", stdin="hi\n",
+                                          env={"PYCHAT_PASSWORD": "pw"})
+        self.assertEqual(rc, 0, err)
+        self.assertIn("<ann> hi", out)
+        rc, out, err = await self.run_cli("--nick", "ann", stdin="hi\n",
+                                          env={"PYCHAT_PASSWORD": "nope"})
+        self.assertEqual(rc, 2)
+        self.assertIn("Wrong password", err)
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write("pw\n")
+        self.addCleanup(os.unlink, f.name)
+        rc, out, err = await self.run_cli("--nick", "ann", "--password-file", f.name,
+                                          stdin="via file\n")
+        self.assertEqual(rc, 0, err)
 
     async def test_too_long_line_is_reported_and_exit_status_is_1(self):
         self.server.max_text = 20
