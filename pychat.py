@@ -2077,6 +2077,42 @@ def parse_command(line: str) -> tuple[str, str]:
     return "", line
 
 
+def command_request(cmd: str, arg: str, room: str) -> tuple[str, dict] | str | None:
+    """The server request a slash command stands for, as (type, fields); a usage
+    sentence when the arguments are wrong; None for commands that are not simple
+    requests (the UIs handle those themselves).  Shared by the CLI and the GUI."""
+    first, _, rest = arg.partition(" ")
+    rest = rest.strip()
+    if cmd == "part":
+        target = first or room
+        return ("part", {"room": target, **({"reason": rest} if rest else {})})
+    if cmd == "rooms":
+        return ("rooms", {})
+    if cmd == "topic":
+        return ("topic", {"room": room, **({"topic": arg} if arg else {})})
+    if cmd == "away":
+        return ("away", {"message": arg})
+    if cmd == "back":
+        return ("back", {})
+    if cmd == "op":
+        return ("op", {"password": arg}) if arg else "Usage: /op PASSWORD"
+    if cmd in ("kick", "mute"):
+        if not first:
+            return f"Usage: /{cmd} NICK [REASON]"
+        return (cmd, {"nick": first, **({"reason": rest} if rest else {})})
+    if cmd == "ban":
+        if not first:
+            return "Usage: /ban NICK [MINUTES]"
+        try:
+            minutes = float(rest) if rest else None
+        except ValueError:
+            return "Usage: /ban NICK [MINUTES] (minutes is a number)"
+        return ("ban", {"nick": first, **({"minutes": minutes} if minutes else {})})
+    if cmd in ("unban", "unmute"):
+        return (cmd, {"nick": first}) if first else f"Usage: /{cmd} NICK"
+    return None
+
+
 def complete_nick(prefix: str, nicks: list[str]) -> list[str]:
     """Nicks starting with `prefix`, case-insensitively, sorted."""
     p = nick_key(prefix)
@@ -2521,9 +2557,6 @@ async def _run_cli(args: argparse.Namespace) -> int:
                 client.room = first
             term.room = client.room
             term.show(term.system(None, f"Now talking in {client.room}."))
-        elif cmd == "part":
-            room = first or client.room
-            client.request("part", room=room, **({"reason": rest} if rest else {}))
         elif cmd in ("room", "switch"):
             if not first:
                 term.show(term.system(None, f"You are talking in {client.room}; you are in "
@@ -2533,41 +2566,14 @@ async def _run_cli(args: argparse.Namespace) -> int:
                 term.show(term.system(None, f"Now talking in {client.room}."))
             else:
                 error_line(f"You are not in {first}; /join it first.")
-        elif cmd == "rooms":
-            client.request("rooms")
-        elif cmd == "topic":
-            if arg:
-                client.request("topic", room=client.room, topic=arg)
-            else:
-                client.request("topic", room=client.room)
         elif cmd in ("msg", "query"):
             if not first or not rest:
                 return error_line("Usage: /msg NICK TEXT")
             return _send(rest, False, to=first)
-        elif cmd == "away":
-            client.request("away", message=arg)
-        elif cmd == "back":
-            client.request("back")
-        elif cmd == "op":
-            if not arg:
-                return error_line("Usage: /op PASSWORD")
-            client.request("op", password=arg)
-        elif cmd in ("kick", "mute"):
-            if not first:
-                return error_line(f"Usage: /{cmd} NICK [REASON]")
-            client.request(cmd, nick=first, **({"reason": rest} if rest else {}))
-        elif cmd == "ban":
-            if not first:
-                return error_line("Usage: /ban NICK [MINUTES]")
-            try:
-                minutes = float(rest) if rest else None
-            except ValueError:
-                return error_line("Usage: /ban NICK [MINUTES] (minutes is a number)")
-            client.request("ban", nick=first, **({"minutes": minutes} if minutes else {}))
-        elif cmd in ("unban", "unmute"):
-            if not first:
-                return error_line(f"Usage: /{cmd} NICK")
-            client.request(cmd, nick=first)
+        elif isinstance(request := command_request(cmd, arg, client.room), tuple):
+            client.request(request[0], **request[1])
+        elif isinstance(request, str):
+            error_line(request)
         elif cmd in ("ignore", "unignore"):
             if not first:
                 shown = ", ".join(sorted(client.ignored)) or "nobody"
