@@ -1810,8 +1810,24 @@ class ClientThread:
         except RuntimeError:  # loop already closed: the client is gone
             pass
 
-    def send_msg(self, text: str, action: bool = False) -> None:
-        self._call("send_msg", text, action)
+    def send_msg(self, text: str, action: bool = False, room: str | None = None) -> None:
+        self._call("send_msg", text, action, room)
+
+    def send_pm(self, to: str, text: str, action: bool = False) -> None:
+        self._call("send_pm", to, text, action)
+
+    def request(self, kind: str, **fields: Any) -> None:
+        if self.client is not None:
+            try:
+                self.loop.call_soon_threadsafe(lambda: self.client.request(kind, **fields))
+            except RuntimeError:
+                pass
+
+    def set_password(self, password: str) -> None:
+        self._call("set_password", password)
+
+    def ignore(self, nick: str, on: bool = True) -> None:
+        self._call("ignore", nick, on)
 
     def change_nick(self, nick: str) -> None:
         self._call("change_nick", nick)
@@ -2826,8 +2842,9 @@ def gui_command(text: str) -> tuple[str, str] | None:
 
 
 GUI_HELP = CLI_HELP.replace("(Ctrl-D and Ctrl-C work too)", "(closes the window)") + """
+  /close                close the private conversation on show
 Keys: Enter sends, Shift+Enter starts a new line, Up recalls what you sent,
-Tab completes nicks."""
+Tab completes nicks. Double-click someone in the list to talk privately."""
 
 
 class HoverButton:
@@ -2871,7 +2888,7 @@ class ConnectDialog:
         check = (master.register(bmp_only), "%P")
         self.vars = {}
         for row, (label, value) in enumerate((("Server", host), ("Port", str(port)),
-                                              ("Nick", nick)), start=2):
+                                              ("Nick", nick), ("Password", "")), start=2):
             tk.Label(self.frame, text=label, bg=THEME["bg"], fg=THEME["dim"]).grid(
                 row=row, column=0, sticky="w", pady=4, padx=(0, 10))
             # A value the validator would refuse switches validation off for
@@ -2881,23 +2898,28 @@ class ConnectDialog:
                              fg=THEME["text"], insertbackground=THEME["text"], relief="flat",
                              highlightthickness=2, highlightbackground=THEME["input"],
                              highlightcolor=THEME["accent"], validate="key",
-                             validatecommand=check)
+                             validatecommand=check, show="•" if label == "Password" else "")
             entry.grid(row=row, column=1, sticky="ew", pady=4, ipady=4)
             entry.bind("<Return>", lambda e: self.submit())
             self.vars[label.lower()] = (var, entry)
         self.error = tk.Label(self.frame, text="", bg=THEME["bg"], fg=THEME["error"],
                               wraplength=320, justify="left")
-        self.error.grid(row=5, column=0, columnspan=2, sticky="w", pady=(10, 0))
+        tk.Label(self.frame, text="(only if the server asks for one)", bg=THEME["bg"],
+                 fg=THEME["dim"], font=("TkDefaultFont", 8)).grid(row=6, column=1, sticky="w")
+        self.error.grid(row=7, column=0, columnspan=2, sticky="w", pady=(10, 0))
         self.button = HoverButton(self.frame, "Connect", self.submit, bg=THEME["accent"],
                                   hover=THEME["accent_hover"])
-        self.button.widget.grid(row=6, column=0, columnspan=2, sticky="ew", pady=(12, 0))
+        self.button.widget.grid(row=8, column=0, columnspan=2, sticky="ew", pady=(12, 0))
         self.frame.columnconfigure(1, weight=1)
-        first_empty = next((e for v, e in self.vars.values() if not v.get()),
-                           self.vars["nick"][1])
+        first_empty = next((e for k, (v, e) in self.vars.items()
+                            if not v.get() and k != "password"), self.vars["nick"][1])
         first_empty.focus_set()
 
     def value(self, name: str) -> str:
         return self.vars[name][0].get().strip()
+
+    def focus(self, name: str) -> None:
+        self.vars[name][1].focus_set()
 
     def submit(self) -> None:
         if self.busy:  # a second Return while connecting must not open a second link
@@ -2927,36 +2949,58 @@ class ConnectDialog:
         self.frame.destroy()
 
 
+class Conversation:
+    """One room or one private conversation: its own chat pane and state."""
+
+    def __init__(self, key: str, name: str, frame: Any, text: Any):
+        self.key, self.name = key, name
+        self.is_room = name.startswith("#")
+        self.frame, self.text = frame, text
+        self.users: dict[str, str] = {}     # rooms: nick key -> nick
+        self.topic = ""
+        self.unread = 0                      # messages not yet looked at
+        self.marker_pending = False          # the unread marker goes before the next one
+        self.pinned = True                   # follow new lines unless scrolled up
+        self.colours: set[str] = set()       # nick colour tags made in this pane
+
+
+def convo_key(name: str) -> str:
+    """Rooms by their name, private conversations by "@nick", case-insensitively."""
+    return nick_key(name) if name.startswith("#") else "@" + nick_key(name)
+
+
 class ChatWindow:
-    """The main window: chat pane, user sidebar, input box, status bar."""
+    """The main window: conversations, sidebar, input box, status bar."""
 
     def __init__(self, master: Any, net: Any, *, nick: str, host: str = "", port: int = 0,
-                 notifier: Notifier | None = None, open_url: Callable[[str], Any] | None = None):
+                 notifier: Notifier | None = None, open_url: Callable[[str], Any] | None = None,
+                 ignored: set[str] | None = None,
+                 save_ignored: Callable[[set[str]], None] | None = None):
         import tkinter as tk
         import tkinter.font as tkfont
         self.tk = tk
         self.master = master
         self.net = net
         self.nick = nick
-        self.room = LOBBY
         self.address = f"{host}:{port}"
+        self.convos: dict[str, Conversation] = {}
+        self.current = ""
+        self.away: dict[str, str] = {}       # nick key -> away message
+        self.ignored = set(ignored or ())    # nick keys, hidden locally
+        self.save_ignored = save_ignored or (lambda keys: None)
         self.notifier = notifier or Notifier()
         self.open_url = open_url or _open_in_browser
-        self.users: dict[str, str] = {}
         self.sent: list[str] = []          # input history for Up / Down
         self.sent_pos = 0
         self.typing_since: dict[str, float] = {}
         self.pending: list[str] = []
-        self.unread = 0
+        self.unread = 0                    # for the title while the window is unfocused
         self.focused = True
-        self.marker_pending = False        # put the unread marker before the next message
         self.closing = False
         self.connected = False
         self._after: str | None = None
         self._link_count = 0
         self.links: dict[str, str] = {}    # url tag -> address
-        self._colour_tags: set[str] = set()
-        self.pinned = True                 # follow new lines unless the user scrolled up
         self.draft = ""                    # what was typed before Up started recalling
         self.non_bmp = tk_handles_non_bmp(str(master.tk.call("info", "patchlevel")))
         families = set(tkfont.families(master))
@@ -2978,15 +3022,37 @@ class ChatWindow:
         master.bind("<FocusIn>", self._focus_in, add="+")
         master.bind("<FocusOut>", self._focus_out, add="+")
         self.set_status("Connected" if net else "Not connected", THEME["ok"])
+        self.show_convo(self._convo(LOBBY).key)
         self.input.focus_set()
         self._after = master.after(POLL_MS, self._poll)
+
+    @property
+    def convo(self) -> Conversation:
+        return self.convos[self.current]
+
+    @property
+    def chat(self) -> Any:
+        """The chat pane on show."""
+        return self.convo.text
+
+    @property
+    def room(self) -> str:
+        return self.convo.name
+
+    @property
+    def users(self) -> dict[str, str]:
+        return self.convo.users
+
+    @property
+    def pinned(self) -> bool:
+        return self.convo.pinned
 
     # --- building
     def _build_header(self) -> None:
         tk = self.tk
         bar = tk.Frame(self.master, bg=THEME["header"], padx=12, pady=8)
         bar.pack(side="top", fill="x")
-        self.room_label = tk.Label(bar, text=self.room, font=self.fonts["title"],
+        self.room_label = tk.Label(bar, text=LOBBY, font=self.fonts["title"],
                                    bg=THEME["header"], fg=THEME["text"])
         self.room_label.pack(side="left")
         self.motd_label = tk.Label(bar, text="", font=self.fonts["small"], bg=THEME["header"],
@@ -3003,15 +3069,11 @@ class ChatWindow:
         body.pack(side="top", fill="both", expand=True)
         body.columnconfigure(0, weight=1)
         body.rowconfigure(0, weight=1)
-        # Chat pane with its scrollbar.
-        pane = tk.Frame(body, bg=THEME["bg"])
-        pane.grid(row=0, column=0, sticky="nsew")
-        pane.rowconfigure(0, weight=1)
-        pane.columnconfigure(0, weight=1)
-        self.chat = tk.Text(pane, wrap="word", state="disabled", bg=THEME["bg"],
-                            fg=THEME["text"], font=self.font, relief="flat", padx=14, pady=10,
-                            spacing1=2, spacing3=2, cursor="arrow", highlightthickness=0,
-                            insertwidth=0, takefocus=False)
+        # The conversations' chat panes are stacked here; the one on show is raised.
+        self.pane_holder = tk.Frame(body, bg=THEME["bg"])
+        self.pane_holder.grid(row=0, column=0, sticky="nsew")
+        self.pane_holder.rowconfigure(0, weight=1)
+        self.pane_holder.columnconfigure(0, weight=1)
         from tkinter import ttk
         style = ttk.Style(self.master)
         if style.theme_use() != "clam":  # the built-in theme that takes colours everywhere
@@ -3027,16 +3089,6 @@ class ChatWindow:
                                           {"expand": "1", "sticky": "nswe"})]})])
         style.configure("Chat.Vertical.TScrollbar", background="#1a1b1e", width=8)
         self.master.update_idletasks()  # run Tk's <<ThemeChanged>> now, while we exist
-        scroll = ttk.Scrollbar(pane, command=self._scroll, style="Chat.Vertical.TScrollbar")
-        self.chat.configure(yscrollcommand=scroll.set)
-        self.chat.grid(row=0, column=0, sticky="nsew")
-        scroll.grid(row=0, column=1, sticky="ns")
-        # Stay at the newest line through resizes; let go when the user scrolls up.
-        self.chat.bind("<Configure>", lambda e: self.pinned and self.chat.see("end"))
-        for wheel in ("<MouseWheel>", "<Button-4>", "<Button-5>"):
-            self.chat.bind(wheel, lambda e: self.master.after_idle(self._update_pinned),
-                           add="+")
-        self._configure_tags()
         # Typing notice and pending messages under the pane.
         self.typing_label = tk.Label(body, text="", anchor="w", font=self.fonts["small"],
                                      bg=THEME["bg"], fg=THEME["dim"], padx=16)
@@ -3082,17 +3134,23 @@ class ChatWindow:
         side = tk.Frame(body, bg=THEME["side"], width=190, padx=10, pady=10)
         side.grid(row=0, column=1, rowspan=4, sticky="ns")
         side.grid_propagate(False)
-        side.rowconfigure(1, weight=1)
+        side.rowconfigure(3, weight=1)
         side.columnconfigure(0, weight=1)
+        listbox = dict(bg=THEME["side"], fg=THEME["text"], relief="flat", highlightthickness=0,
+                       bd=0, activestyle="none", selectbackground=THEME["input"],
+                       selectforeground=THEME["text"], font=self.font, takefocus=False,
+                       exportselection=False)
+        tk.Label(side, text="CONVERSATIONS", anchor="w", bg=THEME["side"], fg=THEME["dim"],
+                 font=self.fonts["small"]).grid(row=0, column=0, sticky="ew", pady=(0, 4))
+        self.convo_list = tk.Listbox(side, height=6, **listbox)
+        self.convo_list.grid(row=1, column=0, sticky="ew", pady=(0, 10))
+        self.convo_list.bind("<<ListboxSelect>>", self._on_convo_select)
         self.count_label = tk.Label(side, text="ONLINE — 0", anchor="w", bg=THEME["side"],
                                     fg=THEME["dim"], font=self.fonts["small"])
-        self.count_label.grid(row=0, column=0, sticky="ew", pady=(0, 6))
-        self.user_list = tk.Listbox(side, bg=THEME["side"], fg=THEME["text"], relief="flat",
-                                    highlightthickness=0, bd=0, activestyle="none",
-                                    selectbackground=THEME["input"],
-                                    selectforeground=THEME["text"], font=self.font,
-                                    takefocus=False)
-        self.user_list.grid(row=1, column=0, sticky="nsew")
+        self.count_label.grid(row=2, column=0, sticky="ew", pady=(0, 6))
+        self.user_list = tk.Listbox(side, **listbox)
+        self.user_list.grid(row=3, column=0, sticky="nsew")
+        self.user_list.bind("<Double-Button-1>", self._on_user_double_click)
 
     def _build_statusbar(self) -> None:
         tk = self.tk
@@ -3105,8 +3163,99 @@ class ChatWindow:
                                      fg=THEME["dim"], font=self.fonts["small"])
         self.status_label.pack(side="left", fill="x", expand=True)
 
-    def _configure_tags(self) -> None:
-        c = self.chat
+    def _convo(self, name: str) -> Conversation:
+        """The conversation for a room or a nick, made (with its pane) on first use."""
+        key = convo_key(name)
+        convo = self.convos.get(key)
+        if convo is not None:
+            return convo
+        tk = self.tk
+        from tkinter import ttk
+        frame = tk.Frame(self.pane_holder, bg=THEME["bg"])
+        frame.grid(row=0, column=0, sticky="nsew")
+        frame.rowconfigure(0, weight=1)
+        frame.columnconfigure(0, weight=1)
+        text = tk.Text(frame, wrap="word", state="disabled", bg=THEME["bg"],
+                       fg=THEME["text"], font=self.font, relief="flat", padx=14, pady=10,
+                       spacing1=2, spacing3=2, cursor="arrow", highlightthickness=0,
+                       insertwidth=0, takefocus=False)
+        convo = Conversation(key, name, frame, text)
+        scroll = ttk.Scrollbar(frame, style="Chat.Vertical.TScrollbar",
+                               command=lambda *a: self._scroll(convo, *a))
+        text.configure(yscrollcommand=scroll.set)
+        text.grid(row=0, column=0, sticky="nsew")
+        scroll.grid(row=0, column=1, sticky="ns")
+        # Stay at the newest line through resizes; let go when the user scrolls up.
+        text.bind("<Configure>", lambda e: convo.pinned and text.see("end"))
+        for wheel in ("<MouseWheel>", "<Button-4>", "<Button-5>"):
+            text.bind(wheel, lambda e: self.master.after_idle(self._update_pinned, convo),
+                      add="+")
+        self._configure_tags(text)
+        self.convos[key] = convo
+        if self.current:
+            self.convos[self.current].frame.tkraise()
+        self._refresh_convos()
+        return convo
+
+    def show_convo(self, key: str) -> None:
+        """Bring a conversation to the front."""
+        convo = self.convos[key]
+        self.current = key
+        convo.frame.tkraise()
+        convo.unread = 0
+        self.room_label.configure(text=tk_safe(convo.name if convo.is_room
+                                               else f"@ {convo.name}"))
+        self.motd_label.configure(text=tk_safe(convo.topic[:120]))
+        self.typing_since.clear()
+        self._show_typing()
+        self._refresh_convos()
+        self._refresh_users()
+        self._update_title()
+        if convo.pinned:
+            convo.text.see("end")
+
+    def close_convo(self, key: str) -> None:
+        convo = self.convos.pop(key, None)
+        if convo is None:
+            return
+        convo.frame.destroy()
+        if self.current == key:
+            self.current = ""
+            self.show_convo(next(iter(self.convos)) if self.convos
+                            else self._convo(LOBBY).key)
+        else:
+            self._refresh_convos()
+
+    def _refresh_convos(self) -> None:
+        keys = sorted(self.convos, key=lambda k: (not k.startswith("#"), k))
+        self._convo_keys = keys
+        self.convo_list.delete(0, "end")
+        for i, key in enumerate(keys):
+            convo = self.convos[key]
+            label = convo.name if convo.is_room else f"@ {convo.name}"
+            if convo.unread:
+                label += f"  ({convo.unread})"
+            self.convo_list.insert("end", tk_safe(label))
+            self.convo_list.itemconfigure(i, foreground=THEME["text"] if convo.unread
+                                          else THEME["dim"])
+            if key == self.current:
+                self.convo_list.selection_clear(0, "end")
+                self.convo_list.selection_set(i)
+
+    def _on_convo_select(self, event: Any) -> None:
+        chosen = self.convo_list.curselection()
+        if chosen and chosen[0] < len(self._convo_keys):
+            self.show_convo(self._convo_keys[chosen[0]])
+
+    def _on_user_double_click(self, event: Any) -> None:
+        chosen = self.user_list.curselection()
+        if chosen:
+            names = self.user_names()
+            if chosen[0] < len(names) and nick_key(names[chosen[0]]) != nick_key(self.nick):
+                self.show_convo(self._convo(names[chosen[0]]).key)
+                self.input.focus_set()
+
+    def _configure_tags(self, c: Any) -> None:
         c.tag_configure("time", foreground=THEME["dim"], font=self.fonts["small"])
         c.tag_configure("system", foreground=THEME["dim"], font=self.fonts["italic"])
         c.tag_configure("error", foreground=THEME["error"])
@@ -3123,9 +3272,10 @@ class ChatWindow:
 
     # --- chat pane
     def _append(self, parts: list[tuple[str, tuple[str, ...]]],
-                line_tags: tuple[str, ...] = ()) -> None:
+                line_tags: tuple[str, ...] = (), convo: Conversation | None = None) -> None:
         """Append one line made of (text, tags) parts, only ever at the end."""
-        c = self.chat
+        convo = convo or self.convo
+        c = convo.text
         c.configure(state="normal")
         for text, tags in parts:
             c.insert("end", tk_safe(text, self.non_bmp), tags)
@@ -3134,32 +3284,35 @@ class ChatWindow:
         if lines > MAX_CHAT_LINES:  # trim whole lines from the top
             c.delete("1.0", f"{lines - MAX_CHAT_LINES}.0")
         c.configure(state="disabled")
-        if self.pinned:
+        if convo.pinned:
             c.see("end")
 
-    def add_system(self, text: str, tag: str = "system", ts: Any = None) -> None:
-        self._append([(clock(ts) + "  ", ("time",)), (text, (tag,))])
+    def add_system(self, text: str, tag: str = "system", ts: Any = None,
+                   convo: Conversation | None = None) -> None:
+        self._append([(clock(ts) + "  ", ("time",)), (text, (tag,))], convo=convo)
 
-    def add_marker(self) -> None:
-        self.remove_marker()
-        self._append([("──────── new messages ────────", ("marker", "marker_line"))])
+    def add_marker(self, convo: Conversation) -> None:
+        self.remove_marker(convo)
+        self._append([("──────── new messages ────────", ("marker", "marker_line"))],
+                     convo=convo)
 
-    def remove_marker(self) -> None:
-        ranges = self.chat.tag_ranges("marker_line")
+    def remove_marker(self, convo: Conversation) -> None:
+        ranges = convo.text.tag_ranges("marker_line")
         if ranges:
-            self.chat.configure(state="normal")
-            self.chat.delete(ranges[0], f"{ranges[-1]}+1c")
-            self.chat.configure(state="disabled")
+            convo.text.configure(state="normal")
+            convo.text.delete(ranges[0], f"{ranges[-1]}+1c")
+            convo.text.configure(state="disabled")
 
-    def add_message(self, m: dict) -> None:
+    def add_message(self, m: dict, convo: Conversation | None = None) -> None:
+        convo = convo or self.convo
         who = str(m.get("from", "?"))
         text = str(m.get("text", ""))
         mention = who != self.nick and mentions(text, self.nick)
         line: tuple[str, ...] = ("body", "mention") if mention else ("body",)
         colour = "fg" + nick_hex(who)
-        if colour not in self._colour_tags:
-            self._colour_tags.add(colour)
-            self.chat.tag_configure(colour, foreground=colour[2:])
+        if colour not in convo.colours:
+            convo.colours.add(colour)
+            convo.text.tag_configure(colour, foreground=colour[2:])
         parts: list[tuple[str, tuple[str, ...]]] = [(clock(m.get("ts")) + "  ", ("time",) + line)]
         if m.get("action"):
             parts.append((f"* {who} ", ("nick", colour, "action") + line))
@@ -3181,18 +3334,18 @@ class ChatWindow:
             parts.append((text[start:end], body_tags + ("link", tag)))
             pos = end
         parts.append((text[pos:], body_tags))
-        self._append(parts, line)
+        self._append(parts, line, convo)
 
-    def _scroll(self, *args: Any) -> None:
-        self.chat.yview(*args)
-        self._update_pinned()
+    def _scroll(self, convo: Conversation, *args: Any) -> None:
+        convo.text.yview(*args)
+        self._update_pinned(convo)
 
-    def _update_pinned(self) -> None:
-        if not self.closing:
-            self.pinned = self.chat.yview()[1] >= 0.999
+    def _update_pinned(self, convo: Conversation) -> None:
+        if not self.closing and convo.key in self.convos:
+            convo.pinned = convo.text.yview()[1] >= 0.999
 
     def _click_link(self, event: Any) -> None:
-        for tag in self.chat.tag_names("current"):
+        for tag in event.widget.tag_names("current"):
             if tag in self.links:
                 self.open_url(self.links[tag])
                 return
@@ -3226,78 +3379,168 @@ class ChatWindow:
         if handler is not None:
             handler(e)
 
+    def _room_convo(self, e: dict) -> Conversation:
+        return self._convo(str(e.get("room") or LOBBY))
+
     def on_welcome(self, e: dict) -> None:
         self.nick = str(e.get("nick", self.nick))
-        self.room = str(e.get("room", LOBBY))
-        self.room_label.configure(text=tk_safe(self.room))
+        lobby = self._convo(str(e.get("room", LOBBY)))
         if e.get("motd"):
-            self.motd_label.configure(text=tk_safe(str(e["motd"])[:120]))
+            lobby.topic = lobby.topic or str(e["motd"])
         if not e.get("first", True):
-            self.marker_pending = True  # what we missed gets the unread marker
-        self.add_system(f"You are {self.nick} in {self.room}. Type /help for commands.")
-        self._update_title()
+            for convo in self.convos.values():  # what we missed gets the unread marker
+                convo.marker_pending = convo.is_room
+        else:
+            self.add_system(f"You are {self.nick} in {lobby.name}. Type /help for commands.",
+                            convo=lobby)
+        self.show_convo(self.current or lobby.key)
 
     def on_history(self, e: dict) -> None:
+        convo = self._room_convo(e)
         for m in e.get("messages", []):
             if isinstance(m, dict):
-                self._place_marker()
-                self.add_message(m)
-        self.marker_pending = False
+                self._place_marker(convo)
+                self.add_message(m, convo)
+        convo.marker_pending = False
 
     def on_users(self, e: dict) -> None:
         users = e.get("users")
+        convo = self._room_convo(e)
         if isinstance(users, list):
-            self.users = {nick_key(str(u)): str(u) for u in users}
+            convo.users = {nick_key(str(u)): str(u) for u in users}
+        away = e.get("away")
+        if isinstance(away, dict):
+            self.away.update({nick_key(str(k)): str(v) for k, v in away.items()})
+        if convo is self.convo:
             self._refresh_users()
-        if e.get("requested"):
-            self.add_system(f"{len(self.users)} in {self.room}: "
-                            + ", ".join(sorted(self.users.values(), key=nick_key)))
 
     def on_join(self, e: dict) -> None:
+        convo = self._room_convo(e)
         nick = str(e.get("nick", ""))
-        self.users[nick_key(nick)] = nick
-        self._refresh_users()
-        self.add_system(f"{nick} joined {e.get('room', self.room)}", ts=e.get("ts"))
+        convo.users[nick_key(nick)] = nick
+        if isinstance(e.get("away"), str):
+            self.away[nick_key(nick)] = e["away"]
+        self.add_system(f"{nick} joined {convo.name}", ts=e.get("ts"), convo=convo)
+        if convo is self.convo:
+            self._refresh_users()
 
     def on_leave(self, e: dict) -> None:
+        convo = self._room_convo(e)
         nick = str(e.get("nick", ""))
-        self.users.pop(nick_key(nick), None)
+        if nick_key(nick) == nick_key(self.nick) and e.get("reason") == "part":
+            self.close_convo(convo.key)
+            self.add_system(f"You left {convo.name}")
+            return
+        convo.users.pop(nick_key(nick), None)
         self.typing_since.pop(nick, None)
-        self._refresh_users()
         why = f"{e.get('reason')}: {e['message']}" if e.get("message") else e.get("reason")
-        self.add_system(f"{nick} left ({why})", ts=e.get("ts"))
+        self.add_system(f"{nick} left ({why})", ts=e.get("ts"), convo=convo)
+        if convo is self.convo:
+            self._refresh_users()
 
     def on_nick(self, e: dict) -> None:
         old, new = str(e.get("old", "")), str(e.get("new", ""))
-        self.users.pop(nick_key(old), None)
-        self.users[nick_key(new)] = new
-        self.typing_since.pop(old, None)
-        if nick_key(old) == nick_key(self.nick):
+        me = nick_key(old) == nick_key(self.nick)
+        if me:
             self.nick = new
-            self.add_system(f"You are now known as {new}", ts=e.get("ts"))
-            self._update_title()
+        text = f"You are now known as {new}" if me else f"{old} is now known as {new}"
+        shown = False
+        for convo in list(self.convos.values()):
+            if convo.users.pop(nick_key(old), None) is not None:
+                convo.users[nick_key(new)] = new
+                self.add_system(text, ts=e.get("ts"), convo=convo)
+                shown = shown or convo is self.convo
+        private = self.convos.pop("@" + nick_key(old), None)
+        if private is not None:  # the private conversation follows the new nick
+            private.key, private.name = "@" + nick_key(new), new
+            self.convos[private.key] = private
+            if self.current == "@" + nick_key(old):
+                self.current = private.key
+            self.add_system(text, ts=e.get("ts"), convo=private)
+        if nick_key(old) in self.away:
+            self.away[nick_key(new)] = self.away.pop(nick_key(old))
+        self.typing_since.pop(old, None)
+        if me:
+            if not shown:
+                self.add_system(text, ts=e.get("ts"))
             self.set_status(f"Connected to {self.address} as {new}.", THEME["ok"])
-        else:
-            self.add_system(f"{old} is now known as {new}", ts=e.get("ts"))
-        self._refresh_users()
+        self.show_convo(self.current)
 
-    def on_msg(self, e: dict) -> None:
+    def _arrived(self, convo: Conversation, e: dict) -> None:
+        """A message for a conversation: unread counts, marker, ding."""
         who = str(e.get("from", ""))
         self.typing_since.pop(who, None)
         mine = nick_key(who) == nick_key(self.nick)
-        if not mine and not self.focused:
-            if self.unread == 0:
-                self.marker_pending = True
-            self.unread += 1
-            self._update_title()
-        self._place_marker()
-        self.add_message(e)
-        if not mine and (not self.focused or mentions(str(e.get("text", "")), self.nick)):
-            self.notifier.ding()
+        if not mine:
+            away = not self.focused or convo is not self.convo
+            if away:
+                if convo.unread == 0 and not self.focused:
+                    convo.marker_pending = True
+                convo.unread += 1
+            if not self.focused:
+                self.unread += 1
+        self._place_marker(convo)
+        self.add_message(e, convo)
+        if not mine:
+            private = e.get("type") == "pm"
+            if not self.focused or private or mentions(str(e.get("text", "")), self.nick):
+                self.notifier.ding()
+        self._refresh_convos()
+        self._update_title()
+
+    def on_msg(self, e: dict) -> None:
+        self._arrived(self._room_convo(e), e)
+
+    def on_pm(self, e: dict) -> None:
+        other = str(e.get("to") if nick_key(str(e.get("from"))) == nick_key(self.nick)
+                    else e.get("from"))
+        self._arrived(self._convo(other), e)
+
+    def on_topic(self, e: dict) -> None:
+        convo = self._room_convo(e)
+        convo.topic = str(e.get("topic") or "")
+        if convo.topic:
+            self.add_system(f"Topic: {convo.topic} (set by {e.get('by')})", ts=e.get("ts"),
+                            convo=convo)
+        if convo is self.convo:
+            self.motd_label.configure(text=tk_safe(convo.topic[:120]))
+
+    def on_rooms(self, e: dict) -> None:
+        rooms = [r for r in e.get("rooms", []) if isinstance(r, dict)]
+        self.add_system(f"{len(rooms)} rooms (/join one):")
+        for r in rooms:
+            topic = f" — {r['topic']}" if r.get("topic") else ""
+            self.add_system(f"   {r.get('room')}  ({r.get('users')} here){topic}")
+
+    def on_notice(self, e: dict) -> None:
+        nick = e.get("nick")
+        convo = self.convos.get("@" + nick_key(str(nick))) if nick else None
+        self.add_system(str(e.get("text", "")), convo=convo)
+
+    def on_away(self, e: dict) -> None:
+        nick = str(e.get("nick", ""))
+        if e.get("away"):
+            self.away[nick_key(nick)] = str(e.get("message") or "")
+        else:
+            self.away.pop(nick_key(nick), None)
+        if nick_key(nick) == nick_key(self.nick):
+            self.add_system("You are marked away." if e.get("away") else "Welcome back.")
+        self._refresh_users()
+
+    def on_op(self, e: dict) -> None:
+        self.add_system("You are now an operator: /kick, /ban, /unban, /mute, /unmute.")
+
+    def on_moderation(self, e: dict) -> None:
+        action = {"kick": "kicked", "ban": "banned", "unban": "unbanned", "mute": "muted",
+                  "unmute": "unmuted"}.get(str(e.get("action")), str(e.get("action")))
+        why = f": {e['reason']}" if e.get("reason") else ""
+        self.add_system(f"{e.get('nick')} was {action} by {e.get('by')}{why}", "error",
+                        ts=e.get("ts"))
 
     def on_typing(self, e: dict) -> None:
         nick = str(e.get("nick", ""))
-        if nick and nick_key(nick) != nick_key(self.nick):
+        if nick and nick_key(nick) != nick_key(self.nick) and \
+                convo_key(str(e.get("room") or LOBBY)) == self.current:
             self.typing_since[nick] = time.monotonic()
             self._show_typing()
 
@@ -3345,16 +3588,22 @@ class ChatWindow:
 
     # --- sidebar, title, status, typing
     def _refresh_users(self) -> None:
-        names = sorted(self.users.values(), key=nick_key)
+        names = self.user_names()
         self.user_list.delete(0, "end")
         for i, name in enumerate(names):
             me = nick_key(name) == nick_key(self.nick)
-            self.user_list.insert("end", tk_safe(f"● {name}" + ("  (you)" if me else "")))
-            self.user_list.itemconfigure(i, foreground=nick_hex(name))
-        self.count_label.configure(text=f"ONLINE — {len(names)}")
+            away = nick_key(name) in self.away
+            label = f"● {name}" + ("  (you)" if me else "") + ("  (away)" if away else "")
+            self.user_list.insert("end", tk_safe(label))
+            # Away users are dimmed, like a grey presence dot in Slack.
+            self.user_list.itemconfigure(i, foreground=THEME["dim"] if away else nick_hex(name))
+        where = "ONLINE" if self.convo.is_room else "PRIVATE"
+        self.count_label.configure(text=f"{where} — {len(names)}")
 
     def user_names(self) -> list[str]:
         """What the sidebar lists, without decoration (for tests and completion)."""
+        if not self.convo.is_room:
+            return sorted({self.nick, self.convo.name}, key=nick_key)
         return sorted(self.users.values(), key=nick_key)
 
     def _update_title(self) -> None:
@@ -3385,15 +3634,17 @@ class ChatWindow:
         if stale or (not self.typing_since and self.typing_label.cget("text")):
             self._show_typing()
 
-    def _place_marker(self) -> None:
-        if self.marker_pending:
-            self.marker_pending = False
-            self.add_marker()
+    def _place_marker(self, convo: Conversation) -> None:
+        if convo.marker_pending:
+            convo.marker_pending = False
+            self.add_marker(convo)
 
     def _focus_in(self, event: Any) -> None:
         if not self.focused:
             self.focused = True
             self.unread = 0
+            self.convo.unread = 0
+            self._refresh_convos()
             self._update_title()
 
     def _focus_out(self, event: Any) -> None:
@@ -3522,12 +3773,66 @@ class ChatWindow:
         self.sent_pos = len(self.sent)
         self.run_command(text)
 
+    def _say(self, text: str, action: bool) -> None:
+        if self.convo.is_room:
+            self.net.send_msg(text, action, self.convo.name)
+        else:
+            self.net.send_pm(self.convo.name, text, action)
+
     def run_command(self, text: str) -> None:
-        action, arg = gui_command(text.strip() if text.startswith("/") else text)
+        line = text.strip() if text.startswith("/") else text
+        cmd, arg = parse_command(line)
+        first, _, rest = arg.partition(" ")
+        request = command_request(cmd, arg, self.room if self.convo.is_room else LOBBY)
+        if isinstance(request, tuple):
+            self.net.request(request[0], **request[1])
+            return
+        if isinstance(request, str):
+            self.add_system(request, "error")
+            return
+        if cmd == "join":
+            problem = room_problem(first) if first else "Usage: /join #ROOM"
+            if problem:
+                self.add_system(problem, "error")
+                return
+            if convo_key(first) not in self.convos:
+                self.net.request("join", room=first)
+            self.show_convo(self._convo(first).key)
+            return
+        if cmd in ("msg", "query"):
+            if not first:
+                self.add_system("Usage: /msg NICK [TEXT]", "error")
+                return
+            convo = self._convo(first)
+            self.show_convo(convo.key)
+            if rest.strip():
+                self.net.send_pm(first, rest.strip(), False)
+            return
+        if cmd in ("room", "switch"):
+            if convo_key(first) in self.convos:
+                self.show_convo(convo_key(first))
+            else:
+                self.add_system(f"You are not in {first or 'that room'}; /join it first.",
+                                "error")
+            return
+        if cmd == "close" and not self.convo.is_room:
+            self.close_convo(self.current)
+            return
+        if cmd in ("ignore", "unignore"):
+            if not first:
+                self.add_system("Ignoring: " + (", ".join(sorted(self.ignored)) or "nobody"))
+                return
+            (self.ignored.add if cmd == "ignore" else self.ignored.discard)(nick_key(first))
+            self.net.ignore(first, cmd == "ignore")
+            self.save_ignored(self.ignored)
+            self.add_system(f"{'Ignoring' if cmd == 'ignore' else 'No longer ignoring'} "
+                            f"{first}.")
+            return
+        action, arg = gui_command(line)
         if action == "say":
-            self.net.send_msg(arg, False)
+            self._say(arg, False)
         elif action == "me":
-            self.net.send_msg(arg, True)
+            self._say(arg, True)
         elif action == "nick":
             self.net.change_nick(arg)
         elif action == "who":
@@ -3581,6 +3886,7 @@ class GuiApp:
         self.window: ChatWindow | None = None
         self.dialog: ConnectDialog | None = None
         self.notifier = Notifier()
+        self.ssl_context = getattr(args, "ssl_context", None)
         self._early: list[dict] = []
         self._after: str | None = None
         root.title("PyChat")
@@ -3602,8 +3908,11 @@ class GuiApp:
     def connect(self, host: str, port: int, nick: str) -> None:
         self.target = (host, port, nick)
         self._early = []
+        password = (self.dialog.value("password") if self.dialog is not None else "") or \
+            os.environ.get("PYCHAT_PASSWORD") or None
         self.net = ClientThread(host, port, nick, client=f"pychat-gui/{__version__}",
-                                connect_attempts=1).start()
+                                connect_attempts=1, password=password,
+                                ssl_context=self.ssl_context, ignored=self._ignored()).start()
         self._after = self.root.after(POLL_MS, self._wait_welcome)
 
     def _wait_welcome(self) -> None:
@@ -3619,8 +3928,11 @@ class GuiApp:
             if kind == "welcome":
                 self._early.append(event)
                 return self._open_window(str(event.get("nick")))
-            if kind in ("nick_rejected", "fatal"):
-                return self._failed(str(event.get("message")))
+            if kind in ("nick_rejected", "fatal", "password_needed"):
+                self._failed(str(event.get("message")))
+                if kind == "password_needed" and self.dialog is not None:
+                    self.dialog.focus("password")
+                return
             self._early.append(event)
         self._after = self.root.after(POLL_MS, self._wait_welcome)
 
@@ -3644,11 +3956,19 @@ class GuiApp:
             self.dialog = None
         assert self.net is not None
         self.window = ChatWindow(self.root, self.net, nick=nick, host=host, port=port,
-                                 notifier=self.notifier)
+                                 notifier=self.notifier, ignored=self._ignored(),
+                                 save_ignored=self._save_ignored)
         self.root.geometry("900x600")
         for event in self._early:  # what arrived before the window existed
             self.window.handle_event(event)
         self._early = []
+
+    def _ignored(self) -> set[str]:
+        return {nick_key(str(n)) for n in self.settings.get("ignore", []) if isinstance(n, str)}
+
+    def _save_ignored(self, keys: set[str]) -> None:
+        self.settings["ignore"] = sorted(keys)
+        save_settings(self.settings_path, self.settings)
 
     def quit(self) -> None:
         if self._after is not None:
@@ -3798,6 +4118,11 @@ def build_parser() -> argparse.ArgumentParser:
     gui.add_argument("--host", default=None, help="server address")
     gui.add_argument("--port", type=_port, default=None, help="server port")
     gui.add_argument("--nick", default=None, help="your nick")
+    gui.add_argument("--tls", action="store_true",
+                     help="connect with TLS, checking the server's certificate")
+    gui.add_argument("--cafile", metavar="PEM", help="trust this certificate; implies --tls")
+    gui.add_argument("--insecure", action="store_true",
+                     help="TLS without checking the certificate (warns; implies --tls)")
     gui.set_defaults(func=cmd_gui)
 
     ding = sub.add_parser("make-ding", help="write PyChat's notification sound",
@@ -3858,6 +4183,16 @@ def cmd_gui(args: argparse.Namespace) -> int:
         print(f"pychat: bad --nick {args.nick!r}: {nick_problem(args.nick)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    args.ssl_context = None
+    if args.tls or args.cafile or args.insecure:
+        if args.insecure:
+            print("pychat: WARNING: --insecure: the server's identity is NOT checked.",
+                  file=sys.stderr)
+        try:
+            args.ssl_context = client_tls_context(args.cafile, args.insecure)
+        except OSError as e:
+            print(f"pychat: cannot use --cafile {args.cafile}: {e}", file=sys.stderr)
+            return 2
     return run_gui(args)
 
 

@@ -2086,7 +2086,7 @@ class GuiWindowTests(GuiCase):
         self.pump(lambda: "bob  newest" in self.chat_text(window), "newest")
         self.root.update()
         self.assertGreaterEqual(window.chat.yview()[1], 0.999)
-        window._scroll("moveto", 0.0)  # the user scrolls up to read
+        window._scroll(window.convo, "moveto", 0.0)  # the user scrolls up to read
         self.assertFalse(window.pinned)
         bob.send({"type": "msg", "text": "while reading"})
         self.pump(lambda: "while reading" in self.chat_text(window), "next")
