@@ -2107,6 +2107,99 @@ class GuiWindowTests(GuiCase):
         self.assertEqual(window.mute_button.widget.cget("text"), "Muted")
 
 
+class GuiConversationTests(GuiCase):
+    """Rooms and private conversations in the window (issue 4)."""
+
+    def test_rooms_are_separate_conversations(self):
+        window = self.open_window("alice")
+        bob = SyncPeer(self.srv.port, "bob")
+        self.addCleanup(bob.close)
+        bob.send({"type": "join", "room": "#dev"})
+        bob.expect("users", room="#dev")
+        self.type_and_send(window, "/join #dev")
+        self.pump(lambda: window.room == "#dev" and "bob" in window.user_names(), "#dev")
+        self.assertEqual(window.room_label.cget("text"), "#dev")
+        self.type_and_send(window, "in dev")
+        self.assertEqual(bob.expect("msg")["room"], "#dev")
+        bob.send({"type": "topic", "room": "#dev", "topic": "shipping 2.0"})
+        self.pump(lambda: window.motd_label.cget("text") == "shipping 2.0", "topic in header")
+        # A lobby message while #dev is on show: counted as unread in the sidebar.
+        bob.send({"type": "msg", "text": "lobby news"})
+        self.pump(lambda: window.convos["#lobby"].unread == 1, "unread lobby")
+        self.assertIn("#lobby  (1)", window.convo_list.get(0, "end"))
+        self.assertNotIn("lobby news", self.chat_text(window))
+        rows = window.convo_list.get(0, "end")
+        self.assertEqual(rows, ("#dev", "#lobby  (1)"))
+        window.convo_list.selection_clear(0, "end")
+        window.convo_list.selection_set(1)
+        window.convo_list.event_generate("<<ListboxSelect>>")
+        self.root.update()
+        self.assertEqual(window.room, "#lobby")
+        self.assertIn("bob  lobby news", self.chat_text(window))
+        self.assertNotIn("in dev", self.chat_text(window))
+        self.assertEqual(window.convos["#lobby"].unread, 0)
+        # /part closes the room's conversation.
+        self.type_and_send(window, "/room #dev")
+        self.type_and_send(window, "/part #dev")
+        self.pump(lambda: "#dev" not in window.convos, "#dev closed")
+        self.assertEqual(window.room, "#lobby")
+
+    def test_private_conversation_by_double_click_with_unread_and_away(self):
+        window = self.open_window("alice")
+        bob = SyncPeer(self.srv.port, "bob")
+        self.addCleanup(bob.close)
+        carol = SyncPeer(self.srv.port, "carol")
+        self.addCleanup(carol.close)
+        self.pump(lambda: window.user_names() == ["alice", "bob", "carol"], "users")
+        bob.send({"type": "pm", "to": "alice", "text": "psst alice"})
+        self.pump(lambda: "@bob" in window.convos and window.convos["@bob"].unread == 1,
+                  "a private conversation with an unread message")
+        self.assertEqual(self.dings, 1)  # a private message always dings
+        self.assertNotIn("psst", self.chat_text(window))  # the lobby shows none of it
+        self.assertTrue(window.user_list.bind("<Double-Button-1>"))
+        window.user_list.selection_clear(0, "end")
+        window.user_list.selection_set(1)  # bob
+        window._on_user_double_click(None)  # what the double-click binding calls
+        self.root.update()
+        self.assertEqual(window.current, "@bob")
+        self.assertIn("bob  psst alice", self.chat_text(window))
+        self.type_and_send(window, "hi bob, privately")
+        got = bob.expect("pm", **{"from": "alice"})
+        self.assertEqual(got["text"], "hi bob, privately")
+        carol.send({"type": "ping", "data": "sync"})  # everything for carol so far...
+        line = carol.file.readline()
+        while json.loads(line)["type"] != "pong":
+            self.assertNotIn(b"privately", line)  # ...holds nothing of the private talk
+            line = carol.file.readline()
+        # Away: dimmed in the list, and a private message is answered once.
+        bob.send({"type": "away", "message": "lunch"})
+        window.show_convo("#lobby")
+        self.pump(lambda: any("(away)" in row for row in window.user_list.get(0, "end")),
+                  "bob shown away")
+        self.type_and_send(window, "/msg bob are you there?")
+        self.pump(lambda: "bob is away: lunch" in self.chat_text(window), "away notice")
+
+    def test_password_field_and_ignore_are_remembered(self):
+        self.srv.stop()
+        self.srv = ServerThread(password="sesame").start()
+        self.addCleanup(self.srv.stop)
+        app = self.open_app()
+        dialog = app.dialog
+        self.assertEqual(dialog.vars["password"][1].cget("show"), "•")
+        dialog.vars["server"][0].set(HOST)
+        dialog.vars["port"][0].set(str(self.srv.port))
+        dialog.vars["nick"][0].set("alice")
+        dialog.button.widget.invoke()
+        self.pump(lambda: "needs a password" in dialog.error.cget("text"), "password asked")
+        dialog.vars["password"][0].set("sesame")
+        dialog.button.widget.invoke()
+        self.pump(lambda: app.window is not None, "the window")
+        window = app.window
+        self.assertNotIn("sesame", self.settings.read_text())  # never saved
+        self.type_and_send(window, "/ignore mallory")
+        self.assertEqual(json.loads(self.settings.read_text())["ignore"], ["mallory"])
+
+
 class GuiConnectDialogTests(GuiCase):
     def test_dialog_shows_errors_and_retries_then_remembers(self):
         holder = SyncPeer(self.srv.port, "taken")
