@@ -2354,6 +2354,11 @@ def make_screenshot(path: Path) -> None:
             else:
                 peers[who].send({"type": "msg", "text": text, "action": action})
                 pump(lambda: text in window.chat.get("1.0", "end"))
+        window.run_command("/join #release")
+        pump(lambda: "#release" in window.convos and window.convos["#release"].users)
+        window.run_command("/room #lobby")
+        peers["bob"].send({"type": "pm", "to": "alice", "text": "lunch at 1?"})
+        pump(lambda: "@bob" in window.convos)
         peers["carol"].send({"type": "typing"})
         pump(lambda: window.typing_label.cget("text"))
         window.input.insert("end", "the fix looks good, merging")
