@@ -1822,6 +1822,14 @@ class GuiCase(unittest.TestCase):
             self.root.destroy()
         except Exception:  # already destroyed by the window itself
             pass
+        # Tk objects live in reference cycles (widgets and their callbacks). Let
+        # them go here, on the Tk thread: a garbage collection that happens to
+        # run in a network thread would delete the Tcl interpreter there, and
+        # Tcl aborts the process ("async handler deleted by the wrong thread").
+        self.app = None
+        self.root = None
+        import gc
+        gc.collect()
 
     def open_app(self, **args):
         import argparse
@@ -2247,7 +2255,10 @@ class GuiConnectDialogTests(GuiCase):
         self.pump(lambda: app.window.user_names() == ["bob"], "only one bob")
         app.window.close()
         # Next start without flags: the dialog is prefilled with what worked.
+        import gc
         import tkinter
+        self.app = app = None
+        gc.collect()  # the old Tk goes away here, on the Tk thread (see _close_window)
         self.root = tkinter.Tk()
         app2 = self.open_app()
         self.assertEqual([app2.dialog.value(k) for k in ("server", "port", "nick")],
