@@ -2226,7 +2226,9 @@ class Terminal:
                 lines.append(self.system(ts, f"MOTD: {e['motd']}"))
             return "\n".join(lines)
         if kind == "users":
-            users = [strip_terminal(str(u)) for u in e.get("users", [])]
+            away = e.get("away") if isinstance(e.get("away"), dict) else {}
+            users = [strip_terminal(str(u)) + (" (away)" if u in away else "")
+                     for u in e.get("users", [])]
             return self.system(ts, f"{len(users)} in {e.get('room')}: {', '.join(users)}")
         if kind == "join":
             return self.system(ts, f"{e.get('nick')} joined {e.get('room')}")
