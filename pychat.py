@@ -5,6 +5,7 @@ Commands
     python pychat.py server [--host H] [--port 5050]   start a chat server
     python pychat.py gui [--host H] [--port P] [--nick N]   open the desktop client
     python pychat.py cli [--host H] [--port P] [--nick N]   join from a terminal
+    python pychat.py bench [--clients N] [--senders S]   measure a server's speed
     python pychat.py make-ding [PATH]                  write the notification chime
     python pychat.py --help                            every subcommand and flag
 
@@ -34,7 +35,8 @@ the ones above it:
     1. Constants and limits      5. Sound (make_ding, Notifier)
     2. Protocol                  6. Terminal client (run_cli)
     3. Server core               7. GUI client (ChatWindow, run_gui)
-    4. Client core (ChatClient)  8. Entry point (build_parser, main)
+    4. Client core (ChatClient)  8. Benchmark (bench)
+                                 9. Entry point (build_parser, main)
 """
 
 from __future__ import annotations
@@ -4010,7 +4012,396 @@ def run_gui(args: argparse.Namespace) -> int:
 
 
 # ===========================================================================
-# 8. Entry point -- build_parser(), main(argv).  Uses: everything above.
+# 8. Benchmark -- `python pychat.py bench`: a load generator that measures a
+#    PyChat server (its own subprocess, or --host/--port), and a minimal
+#    reference server to compare with.  Uses: constants, protocol.
+#
+# The load generator is built like the server: asyncio Protocols with their
+# own line splitting, counting deliveries without parsing them, and parsing
+# JSON only on a sample of receivers to measure latency.
+# ===========================================================================
+
+BENCH_LATENCY_SAMPLE = 10      # receivers that parse messages to time them
+BENCH_BATCH = 50               # unpaced senders write this many lines per tick
+
+
+class BenchClient(asyncio.Protocol):
+    """One simulated user: registers, then counts the messages it receives."""
+
+    def __init__(self, nick: str, measure: bool):
+        self.nick = nick
+        self.measure = measure
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.received = 0
+        self.latencies: list[float] = []
+        self.welcomed = asyncio.get_running_loop().create_future()
+        self.pongs = 0
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(encode({"type": "hello", "nick": self.nick,  # type: ignore[attr-defined]
+                                "client": "pychat-bench"}))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        lines = buf.split(b"\n")
+        self.buf = lines.pop()
+        for line in lines:
+            if b'"type":"msg"' in line:
+                self.received += 1
+                if self.measure:
+                    now = time.time()
+                    try:
+                        sent = float(json.loads(line)["text"].split(" ", 1)[0])
+                    except (ValueError, KeyError, IndexError):
+                        continue
+                    self.latencies.append(now - sent)
+            elif not self.welcomed.done() and b'"type":"users"' in line:
+                self.welcomed.set_result(True)
+            elif b'"type":"pong"' in line:
+                self.pongs += 1
+            elif b'"type":"ping"' in line and self.transport is not None:
+                self.transport.write(b'{"type":"pong"}\n')
+            elif b'"type":"error"' in line and not self.welcomed.done():
+                self.welcomed.set_exception(RuntimeError(line.decode("utf-8", "replace")))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.welcomed.done():
+            self.welcomed.set_exception(ConnectionError("closed before welcome"))
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+
+def _percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def process_stats(pid: int) -> dict[str, float]:
+    """CPU seconds and resident/peak memory (KiB) of a process, where the OS tells
+    (Linux /proc); empty elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return {"cpu": (int(stat[11]) + int(stat[12])) / ticks,
+            "rss_kib": float(fields.get("VmRSS", "0 kB").split()[0]),
+            "peak_kib": float(fields.get("VmHWM", "0 kB").split()[0])}
+
+
+class Progress:
+    """A one-line progress bar on stderr (plain lines when it is not a terminal)."""
+
+    def __init__(self, quiet: bool = False):
+        self.tty = sys.stderr.isatty()
+        self.quiet = quiet
+        self.last = 0.0
+
+    def show(self, label: str, done: float, total: float) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        if not self.tty and now - self.last < 2 and done < total:
+            return
+        self.last = now
+        share = 0 if total <= 0 else min(1.0, done / total)
+        bar = "#" * int(share * 30)
+        line = f"{label:<12} [{bar:<30}] {share * 100:5.1f}%"
+        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
+        if self.tty and share >= 1:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+async def _connect_clients(host: str, port: int, count: int, measure: int,
+                           progress: Progress, prefix: str = "b") -> list[BenchClient]:
+    """Open and register `count` clients, a few hundred connects at a time."""
+    loop = asyncio.get_running_loop()
+    clients: list[BenchClient] = []
+    step = 200
+    for start in range(0, count, step):
+        batch = []
+        for i in range(start, min(count, start + step)):
+            client = BenchClient(f"{prefix}{i}", i < measure)
+            await loop.create_connection(lambda c=client: c, host, port)
+            batch.append(client)
+        await asyncio.wait_for(asyncio.gather(*(c.welcomed for c in batch)), 120)
+        clients.extend(batch)
+        progress.show("connecting", len(clients), count)
+    return clients
+
+
+async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messages: int,
+                       rate: float, progress: Progress, timeout: float,
+                       server_pid: int | None) -> dict[str, Any]:
+    """N clients in one room; S of them send M messages each; everyone counts."""
+    gen_cpu0 = time.process_time()
+    started = time.monotonic()
+    clients = await _connect_clients(host, port, clients_n, BENCH_LATENCY_SAMPLE, progress)
+    connect_s = time.monotonic() - started
+    before = process_stats(server_pid) if server_pid else {}
+    expected = senders * messages * clients_n
+    loop = asyncio.get_running_loop()
+
+    async def sender(client: BenchClient) -> None:
+        for start in range(0, messages, BENCH_BATCH if rate <= 0 else 1):
+            count = min(BENCH_BATCH if rate <= 0 else 1, messages - start)
+            client.send(b"".join(encode({"type": "msg", "text": f"{time.time():.6f} x"})
+                                 for _ in range(count)))
+            await asyncio.sleep(0 if rate <= 0 else 1 / rate)
+    t0 = time.monotonic()
+    cpu0 = time.process_time()
+    tasks = [loop.create_task(sender(c)) for c in clients[-senders:]]
+    deadline = t0 + timeout
+    while True:
+        got = sum(c.received for c in clients)
+        progress.show("fanout", got, expected)
+        if got >= expected or time.monotonic() > deadline or any(c.closed for c in clients):
+            break
+        await asyncio.sleep(0.05)
+    elapsed = time.monotonic() - t0
+    gen_cpu = time.process_time() - cpu0
+    after = process_stats(server_pid) if server_pid else {}
+    for t in tasks:
+        t.cancel()
+    latencies = [x for c in clients for x in c.latencies]
+    result = {
+        "scenario": "fanout", "clients": clients_n, "senders": senders, "messages": messages,
+        "rate": rate, "connect_seconds": round(connect_s, 3),
+        "connects_per_second": round(clients_n / connect_s, 1) if connect_s else None,
+        "sent": senders * messages, "expected_deliveries": expected,
+        "received_deliveries": got, "lost": expected - got,
+        "deliveries_per_second": round(got / elapsed) if elapsed else None,
+        "seconds": round(elapsed, 3),
+        "latency_ms": {p: round(_percentile(latencies, q) * 1000, 2)
+                       for p, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
+        "generator_cpu_percent": round(100 * gen_cpu / elapsed, 1) if elapsed else None,
+        "dropped_clients": sum(c.closed for c in clients),
+    }
+    if before and after:
+        cpu = after["cpu"] - before["cpu"]
+        result.update(server_cpu_percent=round(100 * cpu / elapsed, 1),
+                      server_us_per_delivery=round(cpu / got * 1e6, 3) if got else None,
+                      server_peak_rss_mib=round(after["peak_kib"] / 1024, 1))
+    for c in clients:
+        if c.transport is not None:
+            c.transport.close()
+    return result
+
+
+async def bench_connections(host: str, port: int, clients_n: int, progress: Progress,
+                            server_pid: int | None) -> dict[str, Any]:
+    """Hold N idle registered clients; check a sample answers pings."""
+    before = process_stats(server_pid) if server_pid else {}
+    started = time.monotonic()
+    clients = await _connect_clients(host, port, clients_n, 0, progress, prefix="idle")
+    connect_s = time.monotonic() - started
+    await asyncio.sleep(0.5)  # let the join events settle before measuring memory
+    after = process_stats(server_pid) if server_pid else {}
+    sample = clients[:: max(1, clients_n // 50)]
+    for c in sample:
+        c.send(b'{"type":"ping","data":1}\n')
+    deadline = time.monotonic() + 30
+    while sum(c.pongs > 0 for c in sample) < len(sample) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    result = {"scenario": "connections", "clients": clients_n,
+              "connect_seconds": round(connect_s, 3),
+              "connects_per_second": round(clients_n / connect_s, 1) if connect_s else None,
+              "alive_in_sample": f"{sum(c.pongs > 0 for c in sample)}/{len(sample)}",
+              "open": sum(not c.closed for c in clients)}
+    if before and after:
+        result.update(server_rss_mib=round(after["rss_kib"] / 1024, 1),
+                      rss_kib_per_connection=round((after["rss_kib"] - before["rss_kib"])
+                                                   / clients_n, 2))
+    for c in clients:
+        if c.transport is not None:
+            c.transport.close()
+    return result
+
+
+class _RefSession(asyncio.Protocol):
+    """The reference server's connection: the bare minimum, written for speed."""
+
+    def __init__(self, ref: ReferenceServer):
+        self.ref = ref
+        self.buf = b""
+        self.out: list[bytes] = []
+        self.nick = ""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ref.members.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        lines = (self.buf + data).split(b"\n")
+        self.buf = lines.pop()
+        for line in lines:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if msg.get("type") == "hello":
+                self.nick = str(msg.get("nick"))
+                self.queue(encode({"type": "welcome", "nick": self.nick, "room": LOBBY}))
+                self.ref.members.add(self)
+                self.queue(encode({"type": "users", "room": LOBBY, "users": [self.nick]}))
+            elif msg.get("type") == "msg" and self.nick:
+                self.ref.next_id += 1
+                data = encode({"type": "msg", "room": LOBBY, "from": self.nick,
+                               "text": msg.get("text"), "ts": time.time(),
+                               "id": self.ref.next_id})
+                for member in self.ref.members:
+                    member.queue(data)
+            elif msg.get("type") == "ping":
+                self.queue(encode({"type": "pong", "data": msg.get("data")}))
+
+    def queue(self, data: bytes) -> None:
+        if not self.out:
+            self.ref.dirty.append(self)
+            if len(self.ref.dirty) == 1:
+                asyncio.get_running_loop().call_soon(self.ref.flush)
+        self.out.append(data)
+
+
+class ReferenceServer:
+    """Minimal coalescing asyncio chat server: what pure-Python asyncio can do
+    with no limits, no validation and no features; `bench --reference` runs the
+    same load against it for comparison."""
+
+    def __init__(self) -> None:
+        self.members: set[_RefSession] = set()
+        self.dirty: list[_RefSession] = []
+        self.next_id = 0
+
+    def flush(self) -> None:
+        dirty, self.dirty = self.dirty, []
+        for s in dirty:
+            if s.transport is not None and not s.transport.is_closing():
+                s.transport.write(b"".join(s.out))
+            s.out = []
+
+    async def serve(self, host: str, port: int) -> None:
+        server = await asyncio.get_running_loop().create_server(
+            lambda: _RefSession(self), host, port)
+        print(f"reference server listening (port {server.sockets[0].getsockname()[1]})",
+              flush=True)
+        await asyncio.Event().wait()
+
+
+def _raise_open_files(wanted: int) -> None:
+    """Raise this process's open-files limit towards `wanted` where the OS allows."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+
+
+async def _start_server_process(cmd: list[str]) -> tuple[asyncio.subprocess.Process, int]:
+    """Start a server subprocess on 127.0.0.1 and read the port it prints."""
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    match = re.search(rb"\(port (\d+)\)", line)
+    if not match:
+        proc.kill()
+        await proc.wait()
+        raise RuntimeError(f"the server did not start: {line!r}")
+    return proc, int(match.group(1))
+
+
+async def _stop_server_process(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def run_bench(args: argparse.Namespace) -> list[dict]:
+    """Run the chosen scenario against our server (and the reference); results."""
+    _raise_open_files(2 * args.clients + 256)
+    progress = Progress(quiet=args.json)
+    targets = [("pychat", [sys.executable, str(Path(__file__).resolve()), "server",
+                           "--host", "127.0.0.1", "--port", "0", "--log-level", "warning",
+                           "--flood-rate", "0", "--ping-interval", "0",
+                           *args.server_arg])]
+    if args.reference:
+        targets.append(("reference", [sys.executable, str(Path(__file__).resolve()), "bench",
+                                      "--serve-reference"]))
+    results = []
+    for name, cmd in targets:
+        proc = None
+        if args.port and name == "pychat":
+            host, port, pid = args.host, args.port, None
+        else:
+            proc, port = await _start_server_process(cmd)
+            host, pid = "127.0.0.1", proc.pid
+        try:
+            if args.scenario == "fanout":
+                result = await bench_fanout(host, port, args.clients, args.senders,
+                                            args.messages, args.rate, progress, args.timeout,
+                                            pid)
+            else:
+                result = await bench_connections(host, port, args.clients, progress, pid)
+        finally:
+            if proc is not None:
+                await _stop_server_process(proc)
+        result["server"] = name
+        results.append(result)
+    if len(results) == 2 and results[0].get("deliveries_per_second") and \
+            results[1].get("deliveries_per_second"):
+        results[0]["vs_reference"] = round(results[0]["deliveries_per_second"]
+                                           / results[1]["deliveries_per_second"], 3)
+    return results
+
+
+def format_bench(results: list[dict]) -> str:
+    """A readable table of bench results."""
+    rows = []
+    keys = [k for k in results[0] if k not in ("scenario", "server")]
+    for key in keys:
+        cells = []
+        for r in results:
+            value = r.get(key, "")
+            if isinstance(value, dict):
+                value = "  ".join(f"{k} {v}" for k, v in value.items())
+            cells.append(str(value))
+        rows.append((key.replace("_", " "), cells))
+    head = ("", [r["server"] for r in results])
+    width = max(len(k) for k, _ in rows + [head])
+    cols = [max(len(c[i]) for _, c in rows + [head]) for i in range(len(results))]
+    lines = [f"PyChat bench: {results[0]['scenario']} "
+             f"(Python {sys.version.split()[0]}, {os.cpu_count()} CPUs)"]
+    for key, cells in [head] + rows:
+        lines.append(f"  {key:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, cols)))
+    return "\n".join(lines)
+
+
+# ===========================================================================
+# 9. Entry point -- build_parser(), main(argv).  Uses: everything above.
 # ===========================================================================
 
 def _positive_int(text: str) -> int:
@@ -4127,6 +4518,37 @@ def build_parser() -> argparse.ArgumentParser:
                      help="TLS without checking the certificate (warns; implies --tls)")
     gui.set_defaults(func=cmd_gui)
 
+    bench = sub.add_parser("bench", help="measure how many people a server can host",
+                           description="Start a PyChat server on 127.0.0.1 (or measure a "
+                                       "running one with --host/--port) and load it with "
+                                       "simulated clients. Prints a table (or --json).")
+    bench.add_argument("--scenario", choices=["fanout", "connections"], default="fanout",
+                       help="fanout: clients in one room, senders send, everyone counts; "
+                            "connections: hold idle clients (default: %(default)s)")
+    bench.add_argument("--clients", type=_positive_int, default=100, metavar="N",
+                       help="simulated clients (default: %(default)s)")
+    bench.add_argument("--senders", type=_positive_int, default=10, metavar="S",
+                       help="how many of them send (default: %(default)s)")
+    bench.add_argument("--messages", type=_positive_int, default=500, metavar="M",
+                       help="messages each sender sends (default: %(default)s)")
+    bench.add_argument("--rate", type=_non_negative, default=0.0, metavar="R",
+                       help="messages per second per sender; 0 sends as fast as possible "
+                            "(default: %(default)s)")
+    bench.add_argument("--host", default="127.0.0.1",
+                       help="with --port: measure this running server instead")
+    bench.add_argument("--port", type=_port, default=0,
+                       help="a running server's port (default: start one)")
+    bench.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                       help="extra argument for the server it starts (repeatable), e.g. "
+                            "--server-arg=--max-backlog-bytes=4000000")
+    bench.add_argument("--reference", action="store_true",
+                       help="also run the same load against a minimal reference server")
+    bench.add_argument("--timeout", type=_non_negative, default=60.0, metavar="S",
+                       help="give up on a run after this long (default: %(default)s)")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument("--serve-reference", action="store_true", help=argparse.SUPPRESS)
+    bench.set_defaults(func=cmd_bench)
+
     ding = sub.add_parser("make-ding", help="write PyChat's notification sound",
                           description="Synthesise the notification chime as a WAV file "
                                       "(this is how ding.wav is made).")
@@ -4196,6 +4618,29 @@ def cmd_gui(args: argparse.Namespace) -> int:
             print(f"pychat: cannot use --cafile {args.cafile}: {e}", file=sys.stderr)
             return 2
     return run_gui(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.serve_reference:
+        try:
+            asyncio.run(ReferenceServer().serve("127.0.0.1", 0))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    if args.senders > args.clients:
+        print("pychat: --senders cannot be more than --clients", file=sys.stderr)
+        return 2
+    try:
+        results = asyncio.run(run_bench(args))
+    except KeyboardInterrupt:
+        print("pychat: bench interrupted", file=sys.stderr)
+        return 130
+    except (OSError, RuntimeError, asyncio.TimeoutError) as e:
+        print(f"pychat: bench failed: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(results, indent=2) if args.json else format_bench(results))
+    return 0 if all(r.get("lost", 0) == 0 and not r.get("dropped_clients") for r in results) \
+        else 1
 
 
 def cmd_make_ding(args: argparse.Namespace) -> int:

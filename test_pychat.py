@@ -1257,6 +1257,51 @@ class SoundTests(unittest.TestCase):
 
 
 # ===========================================================================
+# 8. Benchmark (before the terminal tests: it is a subprocess test too)
+# ===========================================================================
+
+class BenchTests(unittest.TestCase):
+    def run_bench(self, *args: str) -> list[dict]:
+        out = subprocess.run([sys.executable, PYCHAT, "bench", "--json", *args],
+                             capture_output=True, text=True, timeout=120)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        return json.loads(out.stdout)
+
+    def test_fanout_counts_are_consistent_and_nothing_is_lost(self):
+        results = self.run_bench("--clients", "6", "--senders", "2", "--messages", "15",
+                                 "--reference")
+        self.assertEqual([r["server"] for r in results], ["pychat", "reference"])
+        for r in results:
+            self.assertEqual(r["sent"], 2 * 15)
+            self.assertEqual(r["expected_deliveries"], 2 * 15 * 6)
+            self.assertEqual(r["received_deliveries"], r["expected_deliveries"])
+            self.assertEqual(r["lost"], 0)
+            self.assertGreater(r["deliveries_per_second"], 0)
+            lat = r["latency_ms"]
+            self.assertLessEqual(lat["p50"], lat["p90"])
+            self.assertLessEqual(lat["p99"], lat["max"])
+        self.assertIn("vs_reference", results[0])
+
+    def test_connections_and_a_readable_table(self):
+        results = self.run_bench("--scenario", "connections", "--clients", "30")
+        self.assertEqual(results[0]["open"], 30)
+        self.assertTrue(results[0]["alive_in_sample"].startswith(
+            results[0]["alive_in_sample"].split("/")[1] + "/"))
+        out = subprocess.run([sys.executable, PYCHAT, "bench", "--clients", "3", "--senders",
+                              "1", "--messages", "2"], capture_output=True, text=True,
+                             timeout=120)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("deliveries per second", out.stdout)
+        self.assertIn("fanout", out.stderr)  # the progress bar
+
+    def test_bad_bench_arguments(self):
+        out = subprocess.run([sys.executable, PYCHAT, "bench", "--clients", "2", "--senders",
+                              "5"], capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("--senders cannot be more than --clients", out.stderr)
+
+
+# ===========================================================================
 # 6. Terminal client
 # ===========================================================================
 
