@@ -324,6 +324,9 @@ def tls_problem(e: BaseException) -> str:
     """A sentence for a TLS failure."""
     import ssl
     if isinstance(e, ssl.SSLCertVerificationError):
+        if "mismatch" in str(e.verify_message).lower():
+            return (f"the server's certificate is not for this address ({e.verify_message}). "
+                    "Connect with a --host name that the certificate lists.")
         return (f"the server's certificate is not trusted ({e.verify_message}). Use --cafile "
                 "with the server's certificate, or --insecure to skip the check.")
     reason = getattr(e, "reason", None) or str(e)
@@ -394,7 +397,6 @@ class Session(asyncio.Protocol):
         self.away: str | None = None   # away message, None when here
         self.away_told: set[str] = set()  # who already heard this user is away
         self.operator = False
-        self.muted = False
         self.auth_hold_until = 0.0     # wrong password: next try not before this time
         now = server.loop.time()
         self.connected_at = now
@@ -543,6 +545,7 @@ class ChatServer:
                 self.rooms[nick_key(name)] = Room(name, history, permanent=True)
         self.auth_failures: dict[str, list[float]] = {}  # address -> [count, last failure]
         self.bans: dict[str, tuple[str, float]] = {}  # nick_key or "@address" -> (who, until)
+        self.mutes: dict[str, str] = {}  # nick_key or "@address" -> the muted address
         self.nicks: dict[str, Session] = {}     # nick_key -> registered session
         self.sessions: set[Session] = set()     # every open connection
         self.dirty: list[Session] = []          # sessions with output this tick
@@ -763,6 +766,11 @@ class ChatServer:
             self._reply_error(s, msg, "already_registered")
             return
         nick = msg["nick"]
+        s.connected_at = self.loop.time()  # trying counts as alive: no deadline mid-prompt
+        if self.address_banned(s.address):
+            self._reply_error(s, msg, "banned")
+            s.close("banned")
+            return
         if self.password is not None and not self._check_password(s, msg, self.password):
             return
         if self.nick_banned(nick):
@@ -870,7 +878,7 @@ class ChatServer:
         """Relay "typing" to the room's other members: never stored, at most one per
         TYPING_RELAY_MIN seconds per client (extra ones are dropped silently)."""
         now = self.loop.time()
-        if now - s.typing_at < TYPING_RELAY_MIN:
+        if now - s.typing_at < TYPING_RELAY_MIN or self.is_muted(s):
             return
         room = self._room_for(s, msg)
         if room is None:
@@ -883,7 +891,7 @@ class ChatServer:
 
     def handle_quit(self, s: Session, msg: dict) -> None:
         reason = clean_text(msg.get("reason") or "").replace("\n", " ").strip()[:MAX_REASON_LEN]
-        s.quit_message = reason
+        s.quit_message = "" if self.is_muted(s) else reason
         s.close("quit")
 
 
@@ -917,7 +925,7 @@ class ChatServer:
         event = {"type": "leave", "room": room.name, "nick": s.nick, "reason": "part",
                  "ts": round(time.time(), 3)}
         reason = clean_text(msg.get("reason") or "").replace("\n", " ").strip()
-        if reason:
+        if reason and not self.is_muted(s):
             event["message"] = reason[:MAX_REASON_LEN]
         self.broadcast(room, event)  # she hears it too: that is her confirmation
         room.members.pop(nick_key(s.nick), None)
@@ -935,6 +943,9 @@ class ChatServer:
             return
         if "topic" not in msg:  # a question, not a change
             s.send(encode(room.topic_event()))
+            return
+        if self.is_muted(s):
+            self._reply_error(s, msg, "muted")
             return
         topic = clean_text(msg["topic"]).replace("\n", " ").strip()
         if len(topic) > MAX_TOPIC:
@@ -958,7 +969,7 @@ class ChatServer:
             self._reply_error(s, msg, "bad_request",
                               f"cid is a string of at most {MAX_CID_LEN} characters or an "
                               "integer of at most 2**53.")
-        elif s.muted:
+        elif self.is_muted(s):
             self._reply_error(s, msg, "muted")
         else:
             return text
@@ -978,11 +989,11 @@ class ChatServer:
                  "ts": round(time.time(), 3), "id": next(self._ids)}
         if msg.get("action"):
             event["action"] = True
-        target.send(encode(event))
+        if target is not s:
+            target.send(encode(event))
         if msg.get("cid") is not None:
             event["cid"] = msg["cid"]
-        if target is not s:
-            s.send(encode(event))
+        s.send(encode(event))
         assert s.nick is not None
         if target.away is not None and nick_key(s.nick) not in target.away_told:
             target.away_told.add(nick_key(s.nick))  # once per conversation
@@ -1001,6 +1012,8 @@ class ChatServer:
 
     def handle_away(self, s: Session, msg: dict) -> None:
         message = clean_text(msg.get("message") or "").replace("\n", " ").strip()
+        if self.is_muted(s):
+            message = ""  # away, yes; a message to everyone, no
         s.away = message[:MAX_AWAY]
         s.away_told.clear()
         self._tell_sharers(s, {"type": "away", "nick": s.nick, "away": True,
@@ -1031,8 +1044,12 @@ class ChatServer:
             self._reply_error(s, msg, "rate_limited", "Wait for the answer to your last try.")
             return False
         given = msg.get("password")
+        if not given:  # no guess at all: just say a password is needed
+            self._reply_error(s, msg, "auth_failed", "This server needs a password.")
+            return False
         if isinstance(given, str) and hmac.compare_digest(given.encode("utf-8"),
                                                           expected.encode("utf-8")):
+            self.auth_failures.pop(s.address, None)  # a right answer forgives the typos
             return True
         if len(self.auth_failures) > 10000:  # bounded: forget the oldest half
             for address in sorted(self.auth_failures, key=lambda a: self.auth_failures[a][1])[
@@ -1045,8 +1062,7 @@ class ChatServer:
         delay = 0.0
         if record[0] >= AUTH_SLOW_AFTER:
             delay = min(AUTH_MAX_DELAY, 0.5 * 2 ** (record[0] - AUTH_SLOW_AFTER))
-        text = ("Wrong password." if given else "This server needs a password.")
-        reply = encode(error("auth_failed", text, **self._error_context(msg)))
+        reply = encode(error("auth_failed", "Wrong password.", **self._error_context(msg)))
         s.auth_hold_until = now + delay
         if delay:
             self.loop.call_later(delay, s.send, reply)
@@ -1101,14 +1117,20 @@ class ChatServer:
         if target is None:
             return
         minutes = msg.get("minutes")
+        if minutes is not None and not 0 < minutes <= 10 ** 7:
+            self._reply_error(s, msg, "bad_request", "minutes is a positive number.")
+            return
         until = self.loop.time() + float(minutes) * 60 if minutes else float("inf")
         assert target.nick is not None
         self.bans[nick_key(target.nick)] = (target.nick, until)
         self.bans["@" + target.address] = (target.nick, until)
         reason = self._reason(msg)
         self._announce(s, target, "ban", reason)
-        self._remove(target, "banned", f"banned by {s.nick}" + (f": {reason}" if reason
-                                                                 else ""))
+        text = f"banned by {s.nick}" + (f": {reason}" if reason else "")
+        for other in list(self.sessions):  # every connection from there, registered or not
+            if other.address == target.address and other is not s and other is not target:
+                self._remove(other, "banned", text)
+        self._remove(target, "banned", text)
 
     def handle_unban(self, s: Session, msg: dict) -> None:
         if not s.operator:
@@ -1128,14 +1150,25 @@ class ChatServer:
     def handle_mute(self, s: Session, msg: dict) -> None:
         target = self._moderate(s, msg)
         if target is not None:
-            target.muted = True
+            assert target.nick is not None
+            # By nick and address, so reconnecting or renaming does not unmute.
+            self.mutes.update({nick_key(target.nick): target.address,
+                               "@" + target.address: target.address})
             self._announce(s, target, "mute", self._reason(msg))
 
     def handle_unmute(self, s: Session, msg: dict) -> None:
         target = self._moderate(s, msg)
         if target is not None:
-            target.muted = False
+            assert target.nick is not None
+            gone = {nick_key(target.nick)} | {k for k, a in self.mutes.items()
+                                              if a == target.address}
+            for key in gone:  # the nick and everything muted from that address
+                self.mutes.pop(key, None)
             self._announce(s, target, "unmute", "")
+
+    def is_muted(self, s: Session) -> bool:
+        return bool(self.mutes) and (nick_key(s.nick or "") in self.mutes
+                                     or "@" + s.address in self.mutes)
 
     def _banned(self, key: str) -> bool:
         entry = self.bans.get(key)
@@ -1241,12 +1274,13 @@ async def serve(args: argparse.Namespace) -> int:
         where = lan[0] if lan else socket.gethostname() or "<this machine's address>"
     else:
         where = args.host
+    tls = f" --cafile {args.certfile}" if args.certfile else ""
     if where.startswith("127.") or where in ("localhost", "::1"):
-        print(f"Only this machine can join:  python pychat.py cli --host {where} --port {port}",
-              flush=True)
+        print(f"Only this machine can join:  python pychat.py cli --host {where} --port {port}"
+              f"{tls}", flush=True)
     else:
         print(f"Friends on your network join with:  python pychat.py cli --host {where} "
-              f"--port {port}   (or: python pychat.py gui)", flush=True)
+              f"--port {port}{tls}   (or: python pychat.py gui ...)", flush=True)
     extras = [name for name, on in (("TLS", server.ssl_context), ("password",
               server.password), ("operators", server.op_password)) if on]
     if extras:
@@ -1321,6 +1355,8 @@ class ChatClient:
         self._typing_sent = -TYPING_EVERY
         self._instance: Any = None
         self._had_history = False
+        self._rejoin: list[dict] = []        # joins to send first after a reconnect
+        self._current_before = LOBBY
 
     @property
     def users(self) -> dict[str, str]:
@@ -1524,6 +1560,13 @@ class ChatClient:
                 break
             if reason == "fatal":
                 return
+            if not self.ever_registered and reason.startswith("the server closed"):
+                failures += 1  # e.g. a plain client at a TLS server: retrying will not help
+                if failures >= self.connect_attempts:
+                    hint = "" if self.ssl_context else " Does it need --tls (or --cafile)?"
+                    self._fatal(f"{self.host}:{self.port} closed the connection before "
+                                f"welcoming us.{hint}")
+                    return
             if self.ever_registered:
                 failures, backoff, down_since = 0, BACKOFF_START, time.monotonic()
             self._emit({"type": "status", "state": "disconnected",
@@ -1603,6 +1646,7 @@ class ChatClient:
                 writer.write(encode(hello))
                 continue
             elif kind == "error" and event.get("code") == "auth_failed":
+                self.password = None  # never re-sent by itself after a reconnect
                 self._nick_future = asyncio.get_running_loop().create_future()
                 self._emit({"type": "password_needed", "message": event.get("message", "")})
                 try:
@@ -1631,7 +1675,8 @@ class ChatClient:
         # Messages written on the last connection but never confirmed go first.
         queued = {id(r) for r in self.queue}
         resend = [r for r in self.outbox.values() if id(r) not in queued]
-        self.queue.extendleft(reversed(resend))
+        self.queue.extendleft(reversed(self._rejoin + resend))
+        self._rejoin = []
         self._pump = asyncio.get_running_loop().create_task(self._send_queue())
         while True:
             event = await self._read(reader)
@@ -1652,6 +1697,7 @@ class ChatClient:
 
     def _on_welcome(self, event: dict) -> None:
         self.nick = str(event.get("nick", self.nick))
+        self._current_before = self.room
         self.room = str(event.get("room", LOBBY))
         limits = event.get("limits")
         self.limits = limits if isinstance(limits, dict) else {}
@@ -1662,15 +1708,19 @@ class ChatClient:
             self._seen_rooms.clear()
         first = not self.ever_registered
         self.ever_registered = True
-        # Back after a reconnect: into the same rooms, with the same away state.
+        # Back after a reconnect: into the same rooms (before anything is re-sent
+        # there), with the same away state, talking where we were.
         lobby = nick_key(self.room)
-        for key, name in list(self.joined.items()):
-            if key != lobby:
-                self.queue.appendleft({"type": "join", "room": name})
+        self._rejoin = [{"type": "join", "room": name} for key, name in self.joined.items()
+                        if key != lobby]
         if self.my_away is not None:
-            self.queue.appendleft({"type": "away", "message": self.my_away})
+            self._rejoin.append({"type": "away", "message": self.my_away})
+        current = self._current_before
         self.joined = {lobby: self.room}
         self.room_users = {}
+        if current and any(nick_key(r["room"]) == nick_key(current)
+                           for r in self._rejoin if r["type"] == "join"):
+            self.room = current
         event = dict(event, first=first)
         self._emit({"type": "status", "state": "connected",
                     "message": f"Connected to {self.host}:{self.port} as {self.nick}."})
@@ -1709,17 +1759,22 @@ class ChatClient:
             if isinstance(users, list) and room_key:
                 self.joined[room_key] = str(event.get("room"))
                 self.room_users[room_key] = {nick_key(str(u)): str(u) for u in users}
-                away = event.get("away")
-                if isinstance(away, dict):
-                    self.away.update({nick_key(str(k)): str(v) for k, v in away.items()})
+                away = event.get("away") if isinstance(event.get("away"), dict) else {}
+                for u in users:  # the list is the truth for everyone in it
+                    self.away.pop(nick_key(str(u)), None)
+                self.away.update({nick_key(str(k)): str(v) for k, v in away.items()})
         elif kind == "join":
             nick = str(event.get("nick", ""))
             self.room_users.setdefault(room_key, {})[nick_key(nick)] = nick
             if isinstance(event.get("away"), str):
                 self.away[nick_key(nick)] = event["away"]
+            else:
+                self.away.pop(nick_key(nick), None)
         elif kind == "leave":
             nick = nick_key(str(event.get("nick", "")))
             self.room_users.get(room_key, {}).pop(nick, None)
+            if event.get("reason") != "part":  # gone from the server: not away any more
+                self.away.pop(nick, None)
             if nick == nick_key(self.nick):  # we parted
                 self.joined.pop(room_key, None)
                 self.room_users.pop(room_key, None)
@@ -2191,7 +2246,7 @@ class Terminal:
             return self.format_msg(e)
         if kind == "topic":
             if not e.get("topic"):
-                return self.system(ts, f"{e.get('room')} has no topic")
+                return self.system(None, f"{e.get('room')} has no topic")
             return self.system(ts, f"Topic of {e.get('room')}: {e.get('topic')} "
                                    f"(set by {e.get('by')})")
         if kind == "rooms":
@@ -3412,9 +3467,10 @@ class ChatWindow:
         convo = self._room_convo(e)
         if isinstance(users, list):
             convo.users = {nick_key(str(u)): str(u) for u in users}
-        away = e.get("away")
-        if isinstance(away, dict):
-            self.away.update({nick_key(str(k)): str(v) for k, v in away.items()})
+        away = e.get("away") if isinstance(e.get("away"), dict) else {}
+        for nick in convo.users:
+            self.away.pop(nick, None)
+        self.away.update({nick_key(str(k)): str(v) for k, v in away.items()})
         if convo is self.convo:
             self._refresh_users()
 
@@ -3424,6 +3480,8 @@ class ChatWindow:
         convo.users[nick_key(nick)] = nick
         if isinstance(e.get("away"), str):
             self.away[nick_key(nick)] = e["away"]
+        else:
+            self.away.pop(nick_key(nick), None)
         self.add_system(f"{nick} joined {convo.name}", ts=e.get("ts"), convo=convo)
         if convo is self.convo:
             self._refresh_users()
@@ -3437,6 +3495,8 @@ class ChatWindow:
             return
         convo.users.pop(nick_key(nick), None)
         self.typing_since.pop(nick, None)
+        if e.get("reason") != "part":
+            self.away.pop(nick_key(nick), None)
         why = f"{e.get('reason')}: {e['message']}" if e.get("message") else e.get("reason")
         self.add_system(f"{nick} left ({why})", ts=e.get("ts"), convo=convo)
         if convo is self.convo:
@@ -3787,6 +3847,12 @@ class ChatWindow:
         line = text.strip() if text.startswith("/") else text
         cmd, arg = parse_command(line)
         first, _, rest = arg.partition(" ")
+        if not self.convo.is_room and cmd == "part" and not first:
+            self.close_convo(self.current)
+            return
+        if not self.convo.is_room and cmd == "topic":
+            self.add_system("Topics belong to rooms; this is a private conversation.", "error")
+            return
         request = command_request(cmd, arg, self.room if self.convo.is_room else LOBBY)
         if isinstance(request, tuple):
             self.net.request(request[0], **request[1])

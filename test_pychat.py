@@ -886,6 +886,13 @@ class TlsTests(unittest.IsolatedAsyncioTestCase):
             proc.stdout.close()
             proc.stderr.close()
 
+    async def test_a_plain_client_at_a_tls_server_gets_a_hint_not_a_loop(self):
+        events: list[dict] = []
+        client = ChatClient(HOST, self.port, "plain", events.append, connect_attempts=2)
+        await asyncio.wait_for(client.run(), TIMEOUT)
+        self.assertEqual(events[-1]["type"], "fatal")
+        self.assertIn("--tls", events[-1]["message"])
+
     async def test_plain_client_and_stalled_handshake_are_cut(self):
         reader, writer = await asyncio.open_connection(HOST, self.port)
         started = time.monotonic()
@@ -960,6 +967,115 @@ class ModerationTests(ServerCase):
         await boss.expect("moderation", action="ban")
         await wait_for(lambda: not self.server.nick_banned("eve"), what="ban expiry")
         await self.connect("eve")
+
+
+class IssueFourReviewTests(ServerCase):
+    server_options = {"op_password": "0p", "password": "pw"}
+
+    async def login(self, nick: str) -> Peer:
+        peer = await self.raw()
+        await peer.send({"type": "hello", "nick": nick, "password": "pw"})
+        await peer.expect("users")
+        return peer
+
+    async def test_asking_without_a_password_is_not_a_failed_guess(self):
+        for i in range(12):  # clients first try without one, then the user types it
+            peer = await self.raw()
+            await peer.send({"type": "hello", "nick": f"u{i}"})
+            self.assertEqual((await peer.expect("error"))["code"], "auth_failed")
+            await peer.send({"type": "hello", "nick": f"u{i}", "password": "pw"})
+            await peer.expect("welcome", timeout=2)
+        await peer.send({"type": "hello", "nick": "x"})
+        self.assertEqual(self.server.auth_failures, {})
+
+    async def test_mute_survives_reconnecting_and_covers_topics_and_reasons(self):
+        boss = await self.login("boss")
+        await boss.send({"type": "op", "password": "0p"})
+        await boss.expect("op")
+        troll = await self.login("troll")
+        await boss.send({"type": "mute", "nick": "troll"})
+        await troll.expect("moderation", action="mute")
+        await troll.close()
+        troll = await self.login("troll2")  # same address, new nick
+        for req in ({"type": "msg", "text": "x"}, {"type": "topic", "room": "#lobby",
+                                                    "topic": "SPAM"}):
+            await troll.send(req)
+            self.assertEqual((await troll.expect("error"))["code"], "muted")
+        await troll.send({"type": "part", "room": "#lobby", "reason": "SPAM"})
+        leave = await boss.expect("leave", nick="troll2")
+        self.assertNotIn("message", leave)
+        await boss.send({"type": "unmute", "nick": "troll2"})
+        await boss.expect("moderation", action="unmute")
+        self.assertEqual(self.server.mutes, {})
+
+    async def test_a_ban_closes_every_connection_from_the_address(self):
+        boss_sock = socket.socket()
+        boss_sock.bind(("127.0.0.2", 0))  # the operator is elsewhere (still loopback)
+        boss_sock.connect((HOST, self.port))
+        boss = await Peer.open(self.port, sock=boss_sock)
+        self.peers.append(boss)
+        await boss.send({"type": "hello", "nick": "boss", "password": "pw"})
+        await boss.expect("users")
+        await boss.send({"type": "op", "password": "0p"})
+        await boss.expect("op")
+        evil = await self.login("evil")
+        twin = await self.login("twin")        # another registered nick, same address
+        pending = await self.raw()             # connected, not registered yet
+        await boss.send({"type": "ban", "nick": "evil", "minutes": 0})
+        self.assertEqual((await boss.expect("error"))["code"], "bad_request")
+        await boss.send({"type": "ban", "nick": "evil"})
+        for peer in (evil, twin, pending):
+            self.assertEqual((await peer.expect("bye"))["code"], "banned")
+            await peer.expect_eof()
+        again = await self.raw()
+        self.assertEqual((await again.expect("error"))["code"], "banned")
+        await again.expect_eof()
+
+    async def test_non_operators_are_refused_everything_and_pm_to_yourself_works(self):
+        alice = await self.login("alice")
+        await self.login("bob")
+        for kind in ("kick", "ban", "unban", "mute", "unmute"):
+            await alice.send({"type": kind, "nick": "bob"})
+            self.assertEqual((await alice.expect("error"))["code"], "not_operator", kind)
+        await alice.send({"type": "pm", "to": "ALICE", "text": "note to self", "cid": "n1"})
+        echo = await alice.expect("pm")
+        self.assertEqual((echo["cid"], echo["text"]), ("n1", "note to self"))
+
+    async def test_an_away_joiner_carries_the_away_state(self):
+        alice = await self.login("alice")
+        bob = await self.login("bob")
+        await bob.send({"type": "away", "message": "brb"})
+        await alice.expect("away", nick="bob")
+        await alice.send({"type": "join", "room": "#x"})
+        await alice.expect("users", room="#x")
+        await bob.send({"type": "join", "room": "#x"})
+        self.assertEqual((await alice.expect("join", room="#x"))["away"], "brb")
+
+
+class ClientRoomReconnectTests(ServerCase):
+    async def test_rooms_current_room_and_in_flight_messages_survive_a_restart(self):
+        events: list[dict] = []
+        client = ChatClient(HOST, self.port, "alice", events.append)
+        task = asyncio.get_running_loop().create_task(client.run())
+
+        async def stop() -> None:
+            await client.quit()
+            await asyncio.wait_for(task, TIMEOUT)
+        self.addAsyncCleanup(stop)
+        await wait_for(lambda: client.registered, what="registration")
+        client.request("join", room="#dev")
+        await wait_for(lambda: client.switch_room("#dev"), what="#dev joined")
+        await self.server.close()
+        await wait_for(lambda: not client.registered, what="disconnect")
+        client.send_msg("typed in #dev while down")
+        self.server = ChatServer()
+        await self.server.start(HOST, self.port)
+        self.addAsyncCleanup(self.server.close)
+        await wait_for(lambda: not client.pending(), what="delivery after reconnect")
+        self.assertEqual(client.room, "#dev")
+        self.assertEqual([m["text"] for m in self.server.rooms["#dev"].history],
+                         ["typed in #dev while down"])
+        self.assertFalse([e for e in events if e["type"] == "failed"])
 
 
 class ShutdownTests(ServerCase):
