@@ -4088,7 +4088,7 @@ def run_gui(args: argparse.Namespace) -> int:
 # ===========================================================================
 
 BENCH_LATENCY_SAMPLE = 10      # receivers that parse messages to time them
-BENCH_BATCH = 50               # unpaced senders write this many lines per tick
+BENCH_WINDOW = 20              # an unpaced sender keeps this many messages in flight
 
 
 class BenchClient(asyncio.Protocol):
@@ -4104,6 +4104,16 @@ class BenchClient(asyncio.Protocol):
         self.welcomed = asyncio.get_running_loop().create_future()
         self.pongs = 0
         self.closed = False
+        self.to_send = 0                     # unpaced sender: messages still to send
+        self.echo_marker = b'"from":' + json.dumps(nick).encode() + b","
+
+    def send_next(self, count: int) -> None:
+        """Send up to `count` more of this sender's messages."""
+        count = min(count, self.to_send)
+        if count > 0:
+            self.to_send -= count
+            self.send(b"".join(encode({"type": "msg", "text": f"{time.time():.6f} x"})
+                               for _ in range(count)))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -4117,6 +4127,8 @@ class BenchClient(asyncio.Protocol):
         for line in lines:
             if b'"type":"msg"' in line:
                 self.received += 1
+                if self.to_send and self.echo_marker in line:
+                    self.send_next(1)  # closed loop: one echo back, one more out
                 if self.measure:
                     now = time.time()
                     try:
@@ -4220,11 +4232,15 @@ async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messa
     loop = asyncio.get_running_loop()
 
     async def sender(client: BenchClient) -> None:
-        for start in range(0, messages, BENCH_BATCH if rate <= 0 else 1):
-            count = min(BENCH_BATCH if rate <= 0 else 1, messages - start)
-            client.send(b"".join(encode({"type": "msg", "text": f"{time.time():.6f} x"})
-                                 for _ in range(count)))
-            await asyncio.sleep(0 if rate <= 0 else 1 / rate)
+        if rate <= 0:  # as fast as the server echoes: a window of messages in flight
+            client.to_send = messages
+            client.send_next(BENCH_WINDOW)
+            return
+        next_at = time.monotonic()
+        for _ in range(messages):
+            client.send(encode({"type": "msg", "text": f"{time.time():.6f} x"}))
+            next_at += 1 / rate
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
     t0 = time.monotonic()
     cpu0 = time.process_time()
     tasks = [loop.create_task(sender(c)) for c in clients[-senders:]]
