@@ -379,6 +379,14 @@ class Room:
 class Session(asyncio.Protocol):
     """One client connection: framing, flood bucket, output backlog."""
 
+    # Slots: no per-connection __dict__, about 1 KiB less for each of many
+    # thousands of connections.
+    __slots__ = ("server", "transport", "peer", "address", "nick", "rooms", "inbuf", "out",
+                 "out_bytes", "closing", "leave_reason", "quit_message", "typing_at",
+                 "grace_bytes", "away", "away_told", "operator", "auth_hold_until",
+                 "connected_at", "last_rx", "pinged_at", "tokens", "token_time",
+                 "flood_penalty")
+
     def __init__(self, server: ChatServer):
         self.server = server
         self.transport: asyncio.Transport | None = None
@@ -386,7 +394,7 @@ class Session(asyncio.Protocol):
         self.address = "?"
         self.nick: str | None = None
         self.rooms: dict[str, Room] = {}
-        self.inbuf = bytearray()
+        self.inbuf = b""                # a partial line; bytearray only while one grows
         self.out: list[bytes] = []
         self.out_bytes = 0
         self.closing = False
@@ -395,7 +403,7 @@ class Session(asyncio.Protocol):
         self.typing_at = -TYPING_RELAY_MIN
         self.grace_bytes = 0           # backlog allowed on top of the cap (history replies)
         self.away: str | None = None   # away message, None when here
-        self.away_told: set[str] = set()  # who already heard this user is away
+        self.away_told: set[str] | None = None  # who already heard this user is away
         self.operator = False
         self.auth_hold_until = 0.0     # wrong password: next try not before this time
         now = server.loop.time()
@@ -425,9 +433,13 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_rx = self.server.loop.time()
         self.pinged_at = None
-        buf = self.inbuf
+        buf: bytes | bytearray = self.inbuf
         scan_from = len(buf)
-        buf += data
+        if buf:  # a line arriving in pieces grows in place (no quadratic copying)
+            buf = buf if isinstance(buf, bytearray) else bytearray(buf)
+            buf += data
+        else:
+            buf = data
         limit = self.server.max_line_bytes
         start = 0
         while not self.closing:
@@ -445,9 +457,10 @@ class Session(asyncio.Protocol):
                 self.close("error")
         if self.closing:
             return
-        del buf[:start]
-        if len(buf) > limit:
-            self.inbuf = bytearray()
+        rest = buf[start:] if start else buf
+        self.inbuf = rest if rest else b""
+        if len(rest) > limit:
+            self.inbuf = b""
             self.send(encode(error("line_too_long", f"Lines are limited to {limit} bytes; closing.")))
             self.close("line_too_long")
 
@@ -995,7 +1008,9 @@ class ChatServer:
             event["cid"] = msg["cid"]
         s.send(encode(event))
         assert s.nick is not None
-        if target.away is not None and nick_key(s.nick) not in target.away_told:
+        if target.away is not None and nick_key(s.nick) not in (target.away_told or ()):
+            if target.away_told is None:
+                target.away_told = set()
             target.away_told.add(nick_key(s.nick))  # once per conversation
             s.send(encode({"type": "notice", "nick": target.nick, "away": target.away,
                            "text": f"{target.nick} is away: {target.away or '(no message)'}"}))
@@ -1015,7 +1030,7 @@ class ChatServer:
         if self.is_muted(s):
             message = ""  # away, yes; a message to everyone, no
         s.away = message[:MAX_AWAY]
-        s.away_told.clear()
+        s.away_told = None
         self._tell_sharers(s, {"type": "away", "nick": s.nick, "away": True,
                                "message": s.away})
 
@@ -1023,7 +1038,7 @@ class ChatServer:
         if s.away is None:
             return
         s.away = None
-        s.away_told.clear()
+        s.away_told = None
         self._tell_sharers(s, {"type": "away", "nick": s.nick, "away": False})
 
     # --- authentication and moderation
