@@ -4316,13 +4316,17 @@ async def bench_connections(host: str, port: int, clients_n: int, progress: Prog
               "connects_per_second": round(clients_n / connect_s, 1) if connect_s else None,
               "alive_in_sample": f"{sum(c.pongs > 0 for c in sample)}/{len(sample)}",
               "open": sum(not c.closed for c in clients)}
-    if before and after:
-        result.update(server_rss_mib=round(after["rss_kib"] / 1024, 1),
-                      rss_kib_per_connection=round((after["rss_kib"] - before["rss_kib"])
-                                                   / clients_n, 2))
     for c in clients:
         if c.transport is not None:
             c.transport.close()
+    if before and after:
+        await asyncio.sleep(2.0)  # the server notices the goodbyes
+        left = process_stats(server_pid) if server_pid else {}
+        result.update(server_rss_mib=round(after["rss_kib"] / 1024, 1),
+                      rss_kib_per_connection=round((after["rss_kib"] - before["rss_kib"])
+                                                   / clients_n, 2),
+                      rss_before_mib=round(before["rss_kib"] / 1024, 1),
+                      rss_after_leaving_mib=round(left.get("rss_kib", 0) / 1024, 1))
     return result
 
 
