@@ -4128,6 +4128,7 @@ class BenchClient(asyncio.Protocol):
         self.pongs = 0
         self.closed = False
         self.to_send = 0                     # unpaced sender: messages still to send
+        self.users_seen = 0                  # the user list: as welcomed, plus joins
         self.echo_marker = b'"from":' + json.dumps(nick).encode() + b","
 
     def send_next(self, count: int) -> None:
@@ -4152,6 +4153,7 @@ class BenchClient(asyncio.Protocol):
             # be a real "type" field).
             end = buf.rfind(b"\n") + 1
             self.received += buf.count(b'"type":"msg"', 0, end)
+            self.users_seen += buf.count(b'"type":"join"', 0, end)
             self.buf = buf[end:]
             return
         lines = buf.split(b"\n")
@@ -4169,7 +4171,10 @@ class BenchClient(asyncio.Protocol):
                         continue
                     self.latencies.append(now - sent)
             elif not self.welcomed.done() and b'"type":"users"' in line:
+                self.users_seen = len(json.loads(line).get("users", []))
                 self.welcomed.set_result(True)
+            elif b'"type":"join"' in line:
+                self.users_seen += 1
             elif b'"type":"pong"' in line:
                 self.pongs += 1
             elif b'"type":"ping"' in line and self.transport is not None:
@@ -4323,6 +4328,10 @@ async def bench_connections(host: str, port: int, clients_n: int, progress: Prog
     await asyncio.sleep(0.5)  # let the join events settle before measuring memory
     after = process_stats(server_pid) if server_pid else {}
     sample = clients[:: max(1, clients_n // 50)]
+    deadline = time.monotonic() + 60  # every member's user list must come out exact
+    while any(c.users_seen < clients_n for c in sample) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    exact = sum(c.users_seen == clients_n for c in sample)
     for c in sample:
         c.send(b'{"type":"ping","data":1}\n')
     deadline = time.monotonic() + 30
@@ -4332,6 +4341,7 @@ async def bench_connections(host: str, port: int, clients_n: int, progress: Prog
               "connect_seconds": round(connect_s, 3),
               "connects_per_second": round(clients_n / connect_s, 1) if connect_s else None,
               "alive_in_sample": f"{sum(c.pongs > 0 for c in sample)}/{len(sample)}",
+              "exact_user_lists_in_sample": f"{exact}/{len(sample)}",
               "open": sum(not c.closed for c in clients)}
     for c in clients:
         if c.transport is not None:

@@ -1401,6 +1401,7 @@ class BenchTests(unittest.TestCase):
     def test_connections_and_a_readable_table(self):
         results = self.run_bench("--scenario", "connections", "--clients", "30")
         self.assertEqual(results[0]["open"], 30)
+        self.assertEqual(results[0]["exact_user_lists_in_sample"], "30/30")
         self.assertTrue(results[0]["alive_in_sample"].startswith(
             results[0]["alive_in_sample"].split("/")[1] + "/"))
         out = subprocess.run([sys.executable, PYCHAT, "bench", "--clients", "3", "--senders",
