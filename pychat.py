@@ -315,6 +315,21 @@ def client_tls_context(cafile: str | None = None, insecure: bool = False) -> Any
     return ctx
 
 
+def tls_from_args(args: Any) -> Any:
+    """The client TLS context that --tls/--cafile/--insecure ask for, or None;
+    warns loudly about --insecure; ValueError with a sentence for a bad --cafile."""
+    if not (args.tls or args.cafile or args.insecure):
+        return None
+    if args.insecure:
+        print("pychat: WARNING: --insecure: the connection is encrypted but the server's "
+              "identity is NOT checked; anyone in between could read everything.",
+              file=sys.stderr)
+    try:
+        return client_tls_context(args.cafile, args.insecure)
+    except OSError as e:  # missing file, or not a certificate (ssl.SSLError)
+        raise ValueError(f"cannot use --cafile {args.cafile}: {e}") from None
+
+
 def _is_tls_error(e: BaseException) -> bool:
     import ssl
     return isinstance(e, ssl.SSLError)
@@ -2565,17 +2580,11 @@ async def _run_cli(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     password = password or os.environ.get("PYCHAT_PASSWORD") or None
-    ssl_context = None
-    if args.tls or args.cafile or args.insecure:
-        if args.insecure:
-            print("pychat: WARNING: --insecure: the connection is encrypted but the server's "
-                  "identity is NOT checked; anyone in between could read everything.",
-                  file=sys.stderr)
-        try:
-            ssl_context = client_tls_context(args.cafile, args.insecure)
-        except OSError as e:
-            print(f"pychat: cannot use --cafile {args.cafile}: {e}", file=sys.stderr)
-            return 2
+    try:
+        ssl_context = tls_from_args(args)
+    except ValueError as e:
+        print(f"pychat: {e}", file=sys.stderr)
+        return 2
     client = ChatClient(args.host, args.port, args.nick or default_nick(), on_event,
                         client=f"pychat-cli/{__version__}", history=not args.no_history,
                         connect_attempts=args.connect_attempts, password=password,
@@ -4608,7 +4617,17 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=["debug", "info", "warning", "error"], help="how much to log (default: %(default)s)")
     srv.set_defaults(func=cmd_server)
 
-    cli = sub.add_parser("cli", help="chat from this terminal (also for scripts)",
+    # The clients' TLS flags, shared by cli and gui.
+    tls = argparse.ArgumentParser(add_help=False)
+    tls.add_argument("--tls", action="store_true",
+                     help="connect with TLS, checking the server's certificate")
+    tls.add_argument("--cafile", metavar="PEM",
+                     help="trust this certificate (e.g. the server's self-signed one); "
+                          "implies --tls")
+    tls.add_argument("--insecure", action="store_true",
+                     help="TLS without checking the certificate (warns; implies --tls)")
+
+    cli = sub.add_parser("cli", help="chat from this terminal (also for scripts)", parents=[tls],
                          description="Join a PyChat server from the terminal. Lines you type are "
                                      "sent; /help lists the commands. With piped input every "
                                      "line is sent and the client exits when input ends.")
@@ -4621,29 +4640,17 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--password-file", metavar="FILE",
                      help="the server password in FILE's first line (or set PYCHAT_PASSWORD; "
                           "otherwise you are asked when the server needs one)")
-    cli.add_argument("--tls", action="store_true",
-                     help="connect with TLS, checking the server's certificate")
-    cli.add_argument("--cafile", metavar="PEM",
-                     help="trust this certificate (e.g. the server's self-signed one); "
-                          "implies --tls")
-    cli.add_argument("--insecure", action="store_true",
-                     help="TLS without checking the certificate (warns; implies --tls)")
     cli.add_argument("--connect-attempts", type=_positive_int, default=4, metavar="N",
                      help="tries before giving up on the first connection (default: %(default)s)")
     cli.set_defaults(func=cmd_cli)
 
-    gui = sub.add_parser("gui", help="open the desktop chat window",
+    gui = sub.add_parser("gui", help="open the desktop chat window", parents=[tls],
                          description="Open the PyChat window. Without --host, --port and "
                                      "--nick a connect dialog asks, prefilled with the values "
                                      "you used last time.")
     gui.add_argument("--host", default=None, help="server address")
     gui.add_argument("--port", type=_port, default=None, help="server port")
     gui.add_argument("--nick", default=None, help="your nick")
-    gui.add_argument("--tls", action="store_true",
-                     help="connect with TLS, checking the server's certificate")
-    gui.add_argument("--cafile", metavar="PEM", help="trust this certificate; implies --tls")
-    gui.add_argument("--insecure", action="store_true",
-                     help="TLS without checking the certificate (warns; implies --tls)")
     gui.set_defaults(func=cmd_gui)
 
     bench = sub.add_parser("bench", help="measure how many people a server can host",
@@ -4735,16 +4742,11 @@ def cmd_gui(args: argparse.Namespace) -> int:
         print(f"pychat: bad --nick {args.nick!r}: {nick_problem(args.nick)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    args.ssl_context = None
-    if args.tls or args.cafile or args.insecure:
-        if args.insecure:
-            print("pychat: WARNING: --insecure: the server's identity is NOT checked.",
-                  file=sys.stderr)
-        try:
-            args.ssl_context = client_tls_context(args.cafile, args.insecure)
-        except OSError as e:
-            print(f"pychat: cannot use --cafile {args.cafile}: {e}", file=sys.stderr)
-            return 2
+    try:
+        args.ssl_context = tls_from_args(args)
+    except ValueError as e:
+        print(f"pychat: {e}", file=sys.stderr)
+        return 2
     return run_gui(args)
 
 
