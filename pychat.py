@@ -1841,6 +1841,9 @@ class ChatClient:
                 if self.outbox.pop(cid, None) is not None:
                     self._outbox_changed()
         elif kind == "error":
+            if event.get("request") == "join" and nick_key(self.room) not in self.joined:
+                # A refused join: keep talking where we really are.
+                self.room = next(iter(self.joined.values()), LOBBY)
             cid = event.get("cid")
             if isinstance(cid, str) and cid in self.outbox:
                 if event.get("code") == "rate_limited":

@@ -1578,6 +1578,25 @@ class CliProcessTests(ServerCase):
         self.assertNotIn("you can't see me", out)
         self.assertIn("No longer ignoring alice", out)
 
+    async def test_a_refused_join_leaves_the_cli_in_its_room(self):
+        old = pychat.MAX_ROOMS
+        pychat.MAX_ROOMS = 1  # the lobby alone fills the server
+        self.addCleanup(setattr, pychat, "MAX_ROOMS", old)
+        rc, out, err = await self.run_cli("--nick", "ann", stdin="/join #new\nlost?\n")
+        self.assertIn("too many rooms", out)
+        # What was typed for the refused room is reported, never silently lost...
+        self.assertIn("Not sent", out)
+        self.assertIn("lost?", out)
+        self.assertEqual(rc, 1)
+        self.assertIn("Now talking in #new", out)
+        # The client core then goes back to the room it is really in.
+        client, events, _ = await ClientTests.start_client(self, "bea")
+        await wait_for(lambda: client.registered, what="registration")
+        client.request("join", room="#new")
+        client.room = "#new"  # what the CLI does at once, so the next lines go there
+        await wait_for(lambda: client.room == "#lobby", what="back in the lobby")
+        self.assertIn("too_many_rooms", [e.get("code") for e in events])
+
     async def test_an_operator_kicks_a_flooder_from_the_cli(self):
         self.server.op_password = "0p"
         flooder = await self.connect("flooder")
