@@ -1418,6 +1418,26 @@ class BenchTests(unittest.TestCase):
         self.assertIn("--senders cannot be more than --clients", out.stderr)
 
 
+class MemoryTrimTests(ServerCase):
+    async def test_a_settled_burst_of_connections_trims_the_heap_once(self):
+        trims = []
+        self.server._trim = lambda: trims.append(len(self.server.sessions))
+        self.server.trim_churn, self.server.trim_delay = 6, 0.05
+        peers = [await self.connect(f"m{i}") for i in range(3)]
+        for p in peers:  # 3 connects + 3 disconnects: a burst of 6
+            await p.close()
+        await wait_for(lambda: trims, what="a trim after the burst")
+        self.assertEqual(trims, [0])  # once, after everyone had gone
+        self.assertEqual(self.server._churn, 0)
+
+    def test_the_trimmer_is_callable_where_the_c_library_has_one(self):
+        trim = pychat.heap_trimmer()
+        if sys.platform.startswith("linux") and os.path.exists("/lib/x86_64-linux-gnu/libc.so.6"):
+            self.assertIsNotNone(trim)  # glibc
+        if trim is not None:
+            trim()
+
+
 # ===========================================================================
 # 6. Terminal client
 # ===========================================================================
