@@ -45,6 +45,7 @@ import argparse
 import asyncio
 import collections
 import getpass
+import hashlib
 import hmac
 import itertools
 import json
@@ -117,6 +118,16 @@ TYPING_RELAY_MIN = 2.0         # ...and the server relays at most one per this i
 # A flooder is disconnected once this many requests have been refused faster
 # than the bucket refills (a burst of honest typing never gets near it).
 FLOOD_KICK = 40
+# Reliability (issue 6).
+MAX_CLIENTS = 10_000           # connections one server accepts (--max-clients)
+MAX_PER_ADDRESS = 50           # concurrent connections from one address...
+CONNECT_BURST = 30             # ...and new ones: a bucket of this many,
+CONNECT_RATE = 2.0             # refilled at this many per second
+CID_MEMORY = 500               # message ids (cid) remembered per nick, to drop resends
+CID_FORGET = 600.0             # ...for this long after the nick was last seen
+ID_BLOCK = 1000                # message ids reserved on disk ahead of use
+FSYNC_EVERY = 1.0              # --fsync second: seconds between fsyncs
+MAX_LOG_MB = 16.0              # a room log past this is compacted to its history
 # After a burst of this many connects and disconnects has been quiet for
 # TRIM_DELAY seconds, the server hands the heap memory it freed back to the OS.
 TRIM_CHURN = 200
@@ -173,12 +184,17 @@ ERRORS = {
     "not_operator": "Only operators can do that.",
     "banned": "You are banned from this server.",
     "muted": "You are muted: your messages are not delivered.",
+    "server_full": "The server is full; try again later.",
+    "too_many_connections": "Too many connections from your address.",
+    "connecting_too_fast": "Too many new connections from your address; wait a little.",
+    "storage_failed": "The server could not save your message, so it was not sent.",
 }
 
 # Field table: type -> {field: (python type, required)}.  validate() checks
 # every request against it before any handler runs.
 FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
-    "hello": {"nick": (str, True), "password": (str, False), "client": (str, False)},
+    "hello": {"nick": (str, True), "password": (str, False), "client": (str, False),
+              "token": (str, False), "after": (dict, False)},
     "msg": {"text": (str, True), "room": (str, False), "action": (bool, False),
             "cid": ((str, int), False)},
     "nick": {"nick": (str, True)},
@@ -187,7 +203,8 @@ FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "pong": {},
     "quit": {"reason": (str, False)},
     "typing": {"room": (str, False)},
-    "join": {"room": (str, True)},
+    "join": {"room": (str, True), "after": (int, False)},
+    "history": {"room": (str, True), "after": (int, False)},
     "part": {"room": (str, True), "reason": (str, False)},
     "rooms": {},
     "topic": {"room": (str, True), "topic": (str, False)},
@@ -404,7 +421,7 @@ class Session(asyncio.Protocol):
                  "closing", "leave_reason", "quit_message", "typing_at",
                  "grace_bytes", "away", "away_told", "operator", "auth_hold_until",
                  "connected_at", "last_rx", "pinged_at", "tokens", "token_time",
-                 "flood_penalty")
+                 "flood_penalty", "token")
 
     def __init__(self, server: ChatServer):
         self.server = server
@@ -431,6 +448,7 @@ class Session(asyncio.Protocol):
         self.tokens = float(server.flood_burst)
         self.token_time = now
         self.flood_penalty = 0.0
+        self.token = ""                # secret for taking this nick over after a drop
 
     # --- asyncio.Protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -438,11 +456,11 @@ class Session(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
-        self.server.sessions.add(self)
-        self.server.churn()
-        if self.server.address_banned(self.address):
-            self.send(encode(error("banned")))
-            self.close("banned")
+        refusal = self.server.admit(self)
+        if refusal:
+            self.send(encode(error(refusal)))
+            self.close(refusal)
+            log.info("refused %s: %s", self.peer, refusal)
         log.debug("connection from %s", self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -562,6 +580,164 @@ def heap_trimmer() -> Callable[[], Any] | None:
     return lambda: trim(0)
 
 
+def _room_file(name: str) -> str:
+    """A file name for a room's log: readable where it can be, unique always
+    (room names may hold any visible character; file systems may not)."""
+    key = nick_key(name)
+    slug = "".join(c for c in key if c.isascii() and (c.isalnum() or c in "-_"))[:24]
+    return f"{slug or 'room'}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.jsonl"
+
+
+class Store:
+    """--data-dir: each room's messages and topic in an append-only JSON-lines
+    log (written before anything is broadcast), plus state.json for what is
+    not per room (bans, mutes, the message id counter).
+
+    A torn last line (a crash mid-write) is cut off with a warning; other bad
+    lines are skipped with a warning; an unreadable file is skipped.  Nothing
+    here stops the server from starting except a directory it cannot create.
+    """
+
+    def __init__(self, directory: Path, fsync: str = "second",
+                 max_log_bytes: int = int(MAX_LOG_MB * 1024 * 1024)):
+        self.dir = directory
+        self.rooms_dir = directory / "rooms"
+        self.rooms_dir.mkdir(parents=True, exist_ok=True)  # OSError: the caller says so
+        self.fsync = fsync
+        self.max_log_bytes = max_log_bytes
+        self.files: dict[str, Any] = {}        # room key -> open append handle
+        self.sizes: dict[str, int] = {}        # room key -> bytes in its log
+        self.compacted: dict[str, int] = {}    # room key -> size right after compaction
+        self.unsynced: set[str] = set()        # room keys written since the last fsync
+
+    # --- loading
+    def load_rooms(self, history: int) -> list[tuple[str, list[dict], dict | None]]:
+        """(name, last `history` messages, last topic event) for every room log."""
+        rooms = []
+        for path in sorted(self.rooms_dir.glob("*.jsonl")):
+            try:
+                records = self._read_log(path)
+            except OSError as e:
+                log.warning("cannot read %s (%s); that room starts empty", path, e.strerror)
+                continue
+            name, topic = None, None
+            messages: collections.deque[dict] = collections.deque(maxlen=history)
+            for rec in records:
+                if not isinstance(rec.get("room"), str) or room_problem(rec["room"]):
+                    continue
+                name = rec["room"]
+                if rec.get("type") == "msg" and isinstance(rec.get("id"), int):
+                    messages.append(rec)
+                elif rec.get("type") == "topic":
+                    topic = rec
+            if name is not None:
+                rooms.append((name, list(messages), topic))
+        return rooms
+
+    @staticmethod
+    def _read_log(path: Path) -> list[dict]:
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        if lines and lines[-1]:  # no newline at the end: the last write was torn
+            log.warning("%s: the last line is incomplete (a crash while writing?); "
+                        "skipped", path)
+            with open(path, "r+b") as f:
+                f.truncate(len(data) - len(lines[-1]))
+        records = []
+        for number, line in enumerate(lines[:-1], 1):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = None
+            if isinstance(rec, dict):
+                records.append(rec)
+            elif line.strip():
+                log.warning("%s:%d: not a JSON object; skipped", path, number)
+        return records
+
+    def load_state(self) -> dict:
+        path = self.dir / "state.json"
+        try:
+            state = json.loads(path.read_text("utf-8"))
+            if isinstance(state, dict):
+                return state
+            log.warning("%s is not a JSON object; starting without it", path)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:
+            log.warning("cannot read %s (%s); starting without it", path, e)
+        return {}
+
+    # --- writing
+    def save_state(self, state: dict) -> None:
+        """Replace state.json atomically (bans and such change rarely)."""
+        path = self.dir / "state.json"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(state, f, ensure_ascii=False)
+            f.flush()
+            if self.fsync != "never":
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def append(self, room: Room, record: dict) -> None:
+        """Write one record to a room's log before it is broadcast; raises OSError."""
+        key = nick_key(room.name)
+        f = self.files.get(key)
+        if f is None:
+            path = self.rooms_dir / _room_file(room.name)
+            f = self.files[key] = open(path, "ab")
+            self.sizes[key] = f.tell()
+        line = encode(record)
+        f.write(line)
+        f.flush()  # in the OS now: a killed server loses nothing
+        self.sizes[key] += len(line)
+        if self.fsync == "always":
+            os.fsync(f.fileno())
+        else:
+            self.unsynced.add(key)
+        if self.sizes[key] > max(self.max_log_bytes, 2 * self.compacted.get(key, 0)):
+            self.compact(room)
+
+    def compact(self, room: Room) -> None:
+        """Rewrite a room's log as just its topic and the history kept in memory."""
+        key = nick_key(room.name)
+        path = self.rooms_dir / _room_file(room.name)
+        f = self.files.pop(key, None)
+        if f is not None:
+            f.close()
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as out:
+            if room.topic:
+                out.write(encode(room.topic_event()))
+            for message in room.history:
+                out.write(encode(message))
+            out.flush()
+            os.fsync(out.fileno())
+            size = out.tell()
+        os.replace(tmp, path)
+        self.compacted[key] = self.sizes[key] = size
+        log.info("compacted the log of %s to %d bytes", room.name, size)
+
+    def sync(self) -> None:
+        """fsync what was written since the last call (--fsync second)."""
+        for key in list(self.unsynced):
+            f = self.files.get(key)
+            if f is not None:
+                try:
+                    os.fsync(f.fileno())
+                except OSError as e:
+                    log.warning("fsync failed: %s", e)
+        self.unsynced.clear()
+
+    def close(self) -> None:
+        if self.fsync != "never":
+            self.sync()
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+
+
 class ChatServer:
     """The rooms, the sessions, the request handlers and the housekeeping task."""
 
@@ -572,7 +748,10 @@ class ChatServer:
                  motd: str | None = None, rooms: list[str] | None = None,
                  password: str | None = None, op_password: str | None = None,
                  ssl_context: Any = None,
-                 tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT):
+                 tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
+                 data_dir: str | Path | None = None, fsync: str = "second",
+                 max_log_mb: float = MAX_LOG_MB, max_clients: int = MAX_CLIENTS,
+                 max_per_address: int = MAX_PER_ADDRESS, connect_rate: float = CONNECT_RATE):
         self.history = history
         self.max_line_bytes = max_line_bytes
         self.max_text = max_text
@@ -586,6 +765,14 @@ class ChatServer:
         self.op_password = op_password or None
         self.ssl_context = ssl_context
         self.tls_handshake_timeout = tls_handshake_timeout
+        self.max_clients = max_clients          # 0: no limit (and the two below)
+        self.max_per_address = max_per_address
+        self.connect_rate = connect_rate
+        self.per_address: dict[str, int] = {}   # address -> open connections
+        self.connect_buckets: dict[str, list[float]] = {}  # address -> [tokens, time]
+        # nick key -> [last seen, {cid: the event it became}]: a message sent
+        # again after a reconnect is answered with its first echo, not repeated.
+        self.recent_cids: dict[str, list] = {}
         self.rooms: dict[str, Room] = {nick_key(LOBBY): Room(LOBBY, history, permanent=True)}
         for name in rooms or []:
             if nick_key(name) not in self.rooms:
@@ -600,6 +787,7 @@ class ChatServer:
         self.shutting_down = False
         self.instance = secrets.token_hex(6)  # message ids are only comparable within one
         self._ids = itertools.count(1)
+        self._id_floor = 0                      # ids below this are reserved on disk
         self._servers: list[asyncio.AbstractServer] = []
         self._housekeeper: asyncio.Task | None = None
         self._trim = heap_trimmer()
@@ -607,6 +795,10 @@ class ChatServer:
         self.trim_churn = TRIM_CHURN
         self.trim_delay = TRIM_DELAY
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.store = None if data_dir is None else \
+            Store(Path(data_dir), fsync, int(max_log_mb * 1024 * 1024))
+        if self.store is not None:
+            self._load()
         self.handlers: dict[str, Callable[[Session, dict], None]] = {
             "hello": self.handle_hello,
             "msg": self.handle_msg,
@@ -617,6 +809,7 @@ class ChatServer:
             "quit": self.handle_quit,
             "typing": self.handle_typing,
             "join": self.handle_join,
+            "history": self.handle_history,
             "part": self.handle_part,
             "rooms": self.handle_rooms,
             "topic": self.handle_topic,
@@ -652,6 +845,8 @@ class ChatServer:
                                                    reuse_address=True, **tls)
         self._servers.append(server)
         self._housekeeper = self.loop.create_task(self._housekeeping())
+        if self.store is not None and self.store.fsync == "second":
+            self.loop.call_later(FSYNC_EVERY, self._sync_tick)
         self.trim_memory()  # what compiling this file left behind
         return server.sockets[0].getsockname()[1]
 
@@ -687,6 +882,112 @@ class ChatServer:
             except asyncio.TimeoutError:
                 log.warning("some connections did not close in time")
         self._servers.clear()
+        if self.store is not None:
+            self.store.close()
+
+    # --- persistence (--data-dir)
+    def _load(self) -> None:
+        """Rooms, history, topics, bans, mutes and the id counter from the store."""
+        assert self.store is not None
+        state = self.store.load_state()
+        if isinstance(state.get("instance"), str) and state["instance"]:
+            self.instance = state["instance"]  # ids continue: clients may compare them
+        next_id = state.get("next_id") if isinstance(state.get("next_id"), int) else 1
+        for name, messages, topic in self.store.load_rooms(self.history):
+            room = self.rooms.get(nick_key(name))
+            if room is None:
+                if len(self.rooms) >= MAX_ROOMS:
+                    log.warning("more than %d rooms in the data directory; %s and "
+                                "others are not loaded", MAX_ROOMS, name)
+                    break
+                room = self.rooms[nick_key(name)] = Room(name, self.history, permanent=True)
+            room.history.extend(messages)
+            if topic:
+                room.topic = str(topic.get("topic") or "")
+                room.topic_by = str(topic.get("by") or "")
+                ts = topic.get("ts")
+                room.topic_ts = float(ts) if isinstance(ts, (int, float)) else 0.0
+            for m in messages:
+                next_id = max(next_id, m["id"] + 1)
+                if isinstance(m.get("from"), str) and m.get("cid") is not None:
+                    self._remember_cid(m["from"], m["cid"], m)
+        for entry in state.get("bans") or []:
+            if isinstance(entry, list) and len(entry) == 3 and \
+                    all(isinstance(x, str) for x in entry[:2]):
+                until = entry[2] if isinstance(entry[2], (int, float)) else float("inf")
+                self.bans[entry[0]] = (entry[1], until)
+        if isinstance(state.get("mutes"), dict):
+            self.mutes = {k: v for k, v in state["mutes"].items()
+                          if isinstance(k, str) and isinstance(v, str)}
+        self._ids = itertools.count(next_id)
+        self._id_floor = next_id
+        self.save_state()
+        log.info("loaded %d rooms from %s; next message id %d", len(self.rooms),
+                 self.store.dir, next_id)
+
+    def save_state(self) -> None:
+        if self.store is None:
+            return
+        bans = [[k, nick, None if until == float("inf") else until]
+                for k, (nick, until) in self.bans.items()]
+        try:
+            self.store.save_state({"instance": self.instance, "next_id": self._id_floor,
+                                   "bans": bans, "mutes": self.mutes})
+        except OSError as e:
+            log.error("cannot save %s: %s", self.store.dir / "state.json", e)
+
+    def next_id(self) -> int:
+        """The next message id; with a store, ids are reserved on disk in blocks,
+        so they keep growing across restarts and crashes."""
+        i = next(self._ids)
+        if self.store is not None and i >= self._id_floor:
+            self._id_floor = i + ID_BLOCK
+            self.save_state()
+        return i
+
+    def _persist(self, room: Room, record: dict) -> bool:
+        """Log a record of a room before it is broadcast; False if it could not be."""
+        if self.store is None:
+            return True
+        try:
+            self.store.append(room, record)
+        except OSError as e:
+            log.error("cannot write the log of %s: %s", room.name, e)
+            return False
+        room.permanent = True  # a room with a log is remembered, like a Discord channel
+        return True
+
+    def _sync_tick(self) -> None:
+        if self.store is not None and not self.shutting_down:
+            self.store.sync()
+            self.loop.call_later(FSYNC_EVERY, self._sync_tick)
+
+    # --- resends
+    def _remember_cid(self, nick: str, cid: Any, event: dict) -> None:
+        key = nick_key(nick)
+        entry = self.recent_cids.pop(key, None) or [0.0, {}]
+        entry[0] = time.monotonic()
+        self.recent_cids[key] = entry  # most recently used last
+        cids = entry[1]
+        cids[cid] = event
+        if len(cids) > CID_MEMORY:
+            del cids[next(iter(cids))]
+        oldest = next(iter(self.recent_cids))  # forget one stale nick per call: bounded
+        stale = time.monotonic() - self.recent_cids[oldest][0] > CID_FORGET
+        if (stale and oldest not in self.nicks) or \
+                len(self.recent_cids) > 2 * max(MAX_CLIENTS, self.max_clients):
+            del self.recent_cids[oldest]
+
+    def _resent(self, s: Session, msg: dict) -> bool:
+        """A message this nick sent before (its echo got lost): echo it again to
+        the sender only.  True if it was one."""
+        cid = msg.get("cid")
+        entry = self.recent_cids.get(nick_key(s.nick or ""))
+        if cid is None or entry is None or cid not in entry[1]:
+            return False
+        s.send(encode(entry[1][cid]))
+        log.info("%s sent message %r again; echoed, not repeated", s.nick, cid)
+        return True
 
     # --- output batching
     def schedule_flush(self) -> None:
@@ -738,11 +1039,44 @@ class ChatServer:
             self._trim()
             log.debug("heap trimmed in %.1f ms", (time.perf_counter() - started) * 1000)
 
+    def admit(self, s: Session) -> str | None:
+        """Count a new connection; the error code if it must be refused."""
+        self.sessions.add(s)
+        self.churn()
+        address = s.address
+        self.per_address[address] = self.per_address.get(address, 0) + 1
+        if self.address_banned(address):
+            return "banned"
+        if self.max_clients and len(self.sessions) > self.max_clients:
+            return "server_full"
+        if self.max_per_address and self.per_address[address] > self.max_per_address:
+            return "too_many_connections"
+        if self.connect_rate > 0:
+            now = self.loop.time()
+            bucket = self.connect_buckets.get(address)
+            if bucket is None:
+                if len(self.connect_buckets) > 4096:  # forget addresses with a full bucket
+                    full = CONNECT_BURST / self.connect_rate
+                    self.connect_buckets = {a: b for a, b in self.connect_buckets.items()
+                                            if now - b[1] < full}
+                bucket = self.connect_buckets[address] = [float(CONNECT_BURST), now]
+            bucket[0] = min(CONNECT_BURST, bucket[0] + (now - bucket[1]) * self.connect_rate)
+            bucket[1] = now
+            if bucket[0] < 1:
+                return "connecting_too_fast"
+            bucket[0] -= 1
+        return None
+
     def drop(self, s: Session) -> None:
         """Forget a session; tell its rooms it left (once)."""
         if s in self.sessions:
             self.sessions.discard(s)
             self.churn()
+            left = self.per_address.get(s.address, 1) - 1
+            if left > 0:
+                self.per_address[s.address] = left
+            else:
+                self.per_address.pop(s.address, None)
         if s.nick is None:
             return
         key = nick_key(s.nick)
@@ -860,24 +1194,57 @@ class ChatServer:
         if self.nick_banned(nick):
             self._reply_error(s, msg, "banned", f"The nick {nick} is banned here.")
             return
+        after = msg.get("after") or {}
+        after = {nick_key(str(k)): v for k, v in list(after.items())[:MAX_ROOMS_PER_USER + 1]
+                 if isinstance(v, int) and not isinstance(v, bool)}
+        ghost = self.nicks.get(nick_key(nick))
+        token = msg.get("token")
+        if ghost is not None and token and ghost.token and \
+                hmac.compare_digest(ghost.token.encode(), token.encode()):
+            self._take_over(s, ghost)
+            self._welcome(s, msg, resumed=True)
+            for room in list(s.rooms.values()):
+                self._send_room_state(s, room, after.get(nick_key(room.name)))
+            return
         if not self._check_nick(s, msg, nick):
             return
         s.nick = nick
-        key = nick_key(nick)
-        self.nicks[key] = s
+        self.nicks[nick_key(nick)] = s
+        self._welcome(s, msg, resumed=False)
         lobby = self.rooms[nick_key(LOBBY)]
-        welcome = {"type": "welcome", "nick": nick, "room": lobby.name, "server": SERVER_NAME,
-                   "version": __version__, "instance": self.instance,
+        self._join(s, lobby, after.get(nick_key(LOBBY)))
+
+    def _welcome(self, s: Session, msg: dict, resumed: bool) -> None:
+        s.token = secrets.token_urlsafe(18)
+        welcome = {"type": "welcome", "nick": s.nick, "room": LOBBY, "server": SERVER_NAME,
+                   "version": __version__, "instance": self.instance, "token": s.token,
                    "limits": {"max_text": self.max_text, "max_line_bytes": self.max_line_bytes,
                               "flood_burst": self.flood_burst, "flood_rate": self.flood_rate,
                               "ping_interval": self.ping_interval}}
+        if resumed:
+            welcome["resumed"] = True
+            welcome["rooms"] = [r.name for r in s.rooms.values()]
         if self.motd:
             welcome["motd"] = self.motd
         s.send(encode(welcome))
-        log.info("%s joined from %s (client %r)", nick, s.peer, str(msg.get("client", "?"))[:40])
-        self._join(s, lobby)
+        log.info("%s %s from %s (client %r)", s.nick, "came back" if resumed else "joined",
+                 s.peer, str(msg.get("client", "?"))[:40])
 
-    def _join(self, s: Session, room: Room) -> None:
+    def _take_over(self, s: Session, ghost: Session) -> None:
+        """A client back with its token after a dropped connection: the new
+        connection takes the old one's place (nick, rooms, away, operator) and
+        the old one is closed without anyone seeing a leave and a join."""
+        assert ghost.nick is not None
+        key = nick_key(ghost.nick)
+        s.nick, s.rooms, s.away, s.away_told, s.operator = \
+            ghost.nick, ghost.rooms, ghost.away, ghost.away_told, ghost.operator
+        for room in s.rooms.values():
+            room.members[key] = s
+        self.nicks[key] = s
+        ghost.nick, ghost.rooms = None, {}
+        ghost.abort("replaced")
+
+    def _join(self, s: Session, room: Room, after: int | None = None) -> None:
         assert s.nick is not None
         join = {"type": "join", "room": room.name, "nick": s.nick, "ts": round(time.time(), 3)}
         if s.away is not None:
@@ -885,12 +1252,27 @@ class ChatServer:
         self.broadcast(room, join)
         room.members[nick_key(s.nick)] = s
         s.rooms[nick_key(room.name)] = room
-        history = encode({"type": "history", "room": room.name, "messages": list(room.history)})
-        s.grace_bytes += len(history)  # a big history must not count as falling behind
-        s.send(history)
+        self._send_room_state(s, room, after)
+
+    def _send_room_state(self, s: Session, room: Room, after: int | None) -> None:
+        """What a member needs on (re)joining: history (after an id it already
+        has, if it says), the user list and the topic."""
+        self._send_history(s, room, after)
         s.send(encode(room.users_event()))
         if room.topic:
             s.send(encode(room.topic_event()))
+
+    def _send_history(self, s: Session, room: Room, after: int | None) -> None:
+        messages = list(room.history) if after is None else \
+            [m for m in room.history if m["id"] > after]
+        history = encode({"type": "history", "room": room.name, "messages": messages})
+        s.grace_bytes += len(history)  # a big history must not count as falling behind
+        s.send(history)
+
+    def handle_history(self, s: Session, msg: dict) -> None:
+        room = self._room_for(s, msg)
+        if room is not None:
+            self._send_history(s, room, msg.get("after"))
 
     def _room_for(self, s: Session, msg: dict) -> Room | None:
         name = msg.get("room") or LOBBY
@@ -907,16 +1289,22 @@ class ChatServer:
         if text is None:
             return
         room = self._room_for(s, msg)
-        if room is None:
+        if room is None or self._resent(s, msg):
             return
         cid = msg.get("cid")
         event = {"type": "msg", "room": room.name, "from": s.nick, "text": text,
-                 "ts": round(time.time(), 3), "id": next(self._ids)}
+                 "ts": round(time.time(), 3), "id": self.next_id()}
         if msg.get("action"):
             event["action"] = True
         if cid is not None:
             event["cid"] = cid
         room.history.append(event)
+        if not self._persist(room, event):  # not saved: not sent either
+            room.history.pop()
+            self._reply_error(s, msg, "storage_failed")
+            return
+        if cid is not None:
+            self._remember_cid(s.nick or "", cid, event)
         self.broadcast(room, event)
 
     def handle_nick(self, s: Session, msg: dict) -> None:
@@ -999,7 +1387,7 @@ class ChatServer:
                 self._reply_error(s, msg, "too_many_rooms", "This server has too many rooms.")
                 return
             room = self.rooms[nick_key(name)] = Room(name, self.history)
-        self._join(s, room)
+        self._join(s, room, msg.get("after"))
 
     def handle_part(self, s: Session, msg: dict) -> None:
         room = self._room_for(s, msg)
@@ -1035,7 +1423,12 @@ class ChatServer:
         if len(topic) > MAX_TOPIC:
             self._reply_error(s, msg, "too_long", f"Topics are limited to {MAX_TOPIC} characters.")
             return
+        before = room.topic, room.topic_by, room.topic_ts
         room.topic, room.topic_by, room.topic_ts = topic, s.nick or "", round(time.time(), 3)
+        if not self._persist(room, room.topic_event()):
+            room.topic, room.topic_by, room.topic_ts = before
+            self._reply_error(s, msg, "storage_failed", "The server could not save the topic.")
+            return
         self.broadcast(room, room.topic_event())
 
     # --- private messages and away
@@ -1065,18 +1458,21 @@ class ChatServer:
         text = self._chat_text(s, msg)
         if text is None:
             return
+        if self._resent(s, msg):
+            return
         target = self.nicks.get(nick_key(msg["to"]))
         if target is None:
             self._reply_error(s, msg, "no_such_nick", f"Nobody is called {msg['to'][:40]}.")
             return
         event = {"type": "pm", "from": s.nick, "to": target.nick, "text": text,
-                 "ts": round(time.time(), 3), "id": next(self._ids)}
+                 "ts": round(time.time(), 3), "id": self.next_id()}
         if msg.get("action"):
             event["action"] = True
         if target is not s:
             target.send(encode(event))
         if msg.get("cid") is not None:
             event["cid"] = msg["cid"]
+            self._remember_cid(s.nick or "", msg["cid"], event)
         s.send(encode(event))
         assert s.nick is not None
         if target.away is not None and nick_key(s.nick) not in (target.away_told or ()):
@@ -1206,10 +1602,11 @@ class ChatServer:
         if minutes is not None and not 0 < minutes <= 10 ** 7:
             self._reply_error(s, msg, "bad_request", "minutes is a positive number.")
             return
-        until = self.loop.time() + float(minutes) * 60 if minutes else float("inf")
+        until = time.time() + float(minutes) * 60 if minutes else float("inf")
         assert target.nick is not None
         self.bans[nick_key(target.nick)] = (target.nick, until)
         self.bans["@" + target.address] = (target.nick, until)
+        self.save_state()
         reason = self._reason(msg)
         self._announce(s, target, "ban", reason)
         text = f"banned by {s.nick}" + (f": {reason}" if reason else "")
@@ -1230,6 +1627,7 @@ class ChatServer:
         for k, (nick, _) in list(self.bans.items()):  # and the addresses banned with it
             if k.startswith("@") and nick_key(nick) == key:
                 del self.bans[k]
+        self.save_state()
         s.send(encode({"type": "moderation", "action": "unban", "nick": entry[0],
                        "by": s.nick, "reason": "", "ts": round(time.time(), 3)}))
 
@@ -1240,6 +1638,7 @@ class ChatServer:
             # By nick and address, so reconnecting or renaming does not unmute.
             self.mutes.update({nick_key(target.nick): target.address,
                                "@" + target.address: target.address})
+            self.save_state()
             self._announce(s, target, "mute", self._reason(msg))
 
     def handle_unmute(self, s: Session, msg: dict) -> None:
@@ -1250,6 +1649,7 @@ class ChatServer:
                                               if a == target.address}
             for key in gone:  # the nick and everything muted from that address
                 self.mutes.pop(key, None)
+            self.save_state()
             self._announce(s, target, "unmute", "")
 
     def is_muted(self, s: Session) -> bool:
@@ -1260,7 +1660,7 @@ class ChatServer:
         entry = self.bans.get(key)
         if entry is None:
             return False
-        if entry[1] <= self.loop.time():
+        if entry[1] <= time.time():
             del self.bans[key]
             return False
         return True
@@ -2905,7 +3305,6 @@ def nick_hex(nick: str) -> str:
     """A stable colour for a nick: one of 24 (12 hues 30 degrees apart, in two
     lightnesses), all readable on the dark background."""
     import colorsys
-    import hashlib  # a well-mixed hash: similar nicks land far apart
     i = int.from_bytes(hashlib.sha256(nick_key(nick).encode("utf-8")).digest()[:4], "big") % 24
     r, g, b = colorsys.hls_to_rgb((i % 12) / 12 + 0.02, 0.68 if i < 12 else 0.78, 0.75)
     return f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}"
