@@ -194,7 +194,7 @@ ERRORS = {
 # every request against it before any handler runs.
 FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "hello": {"nick": (str, True), "password": (str, False), "client": (str, False),
-              "token": (str, False), "after": (dict, False)},
+              "token": (str, False), "after": (dict, False), "instance": (str, False)},
     "msg": {"text": (str, True), "room": (str, False), "action": (bool, False),
             "cid": ((str, int), False)},
     "nick": {"nick": (str, True)},
@@ -1194,8 +1194,10 @@ class ChatServer:
         if self.nick_banned(nick):
             self._reply_error(s, msg, "banned", f"The nick {nick} is banned here.")
             return
-        after = msg.get("after") or {}
-        after = {nick_key(str(k)): v for k, v in list(after.items())[:MAX_ROOMS_PER_USER + 1]
+        # Ids the client has seen count only if they came from this server's
+        # numbering (a restart without --data-dir starts again from 1).
+        after = msg.get("after") if msg.get("instance") == self.instance else None
+        after = {nick_key(str(k)): v for k, v in list((after or {}).items())[:MAX_ROOMS_PER_USER + 1]
                  if isinstance(v, int) and not isinstance(v, bool)}
         ghost = self.nicks.get(nick_key(nick))
         token = msg.get("token")
@@ -1730,7 +1732,24 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
                 flood_rate=args.flood_rate, max_backlog_bytes=args.max_backlog_bytes,
                 ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
                 motd=args.motd, rooms=rooms, password=password, op_password=op_password,
-                ssl_context=ssl_context)
+                ssl_context=ssl_context, data_dir=args.data_dir, fsync=args.fsync,
+                max_log_mb=args.max_log_mb, max_clients=args.max_clients,
+                max_per_address=args.max_per_address, connect_rate=args.connect_rate)
+
+
+def _raise_open_files(wanted: int) -> None:
+    """Raise this process's open-files limit towards `wanted` where the OS allows."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -1740,6 +1759,11 @@ async def serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"pychat: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the data directory
+        print(f"pychat: cannot use --data-dir {args.data_dir}: {e.strerror or e}",
+              file=sys.stderr)
+        return 2
+    _raise_open_files((server.max_clients or MAX_CLIENTS) + 64)
     try:
         port = await server.start(args.host, args.port)
     except OSError as e:
@@ -1748,9 +1772,16 @@ async def serve(args: argparse.Namespace) -> int:
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second Ctrl-C: save what is written and go at once
+            if server.store is not None:
+                server.store.close()
+            os._exit(130)
+        stop.set()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         except (NotImplementedError, RuntimeError, AttributeError):
             pass  # Windows: Ctrl-C arrives as KeyboardInterrupt instead
     shown = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in server.addresses())
@@ -1814,7 +1845,8 @@ class ChatClient:
         self.room_users: dict[str, dict[str, str]] = {}  # room key -> nick key -> nick
         self.away: dict[str, str] = {}       # nick key -> away message of users away
         self.my_away: str | None = None
-        self._seen_rooms: set[str] = set()   # rooms whose history we showed already
+        self.last_ids: dict[str, int] = {}   # room key -> newest message id shown there
+        self._token: str | None = None       # from welcome: takes our nick back after a drop
         self.nick = nick
         self.on_event = on_event
         self.client_name = client
@@ -2095,9 +2127,15 @@ class ChatClient:
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
         """Register on a fresh connection and read events until it ends."""
         self._last_rx = time.monotonic()
-        hello = {"type": "hello", "nick": self.nick, "client": self.client_name}
+        hello: dict[str, Any] = {"type": "hello", "nick": self.nick, "client": self.client_name}
         if self.password is not None:
             hello["password"] = self.password
+        if self._token:  # back after a drop: our old connection may still hold the nick
+            hello["token"] = self._token
+        if self.last_ids:  # ...and we only need what we missed
+            hello["instance"] = self._instance
+            hello["after"] = {name: self.last_ids[key] for key, name in self.joined.items()
+                              if key in self.last_ids}
         writer.write(encode(hello))
         rejoin_tries = 0
         while not self.registered:
@@ -2191,21 +2229,27 @@ class ChatClient:
         if instance != self._instance:  # a restarted server numbers messages afresh
             self._instance = instance
             self.last_id = 0
-            self._seen_rooms.clear()
+            self.last_ids.clear()
+        self._token = event.get("token") if isinstance(event.get("token"), str) else None
         first = not self.ever_registered
         self.ever_registered = True
         # Back after a reconnect: into the same rooms (before anything is re-sent
-        # there), with the same away state, talking where we were.
+        # there), with the same away state, talking where we were.  A resumed
+        # session is still in its rooms and still away.
         lobby = nick_key(self.room)
-        self._rejoin = [{"type": "join", "room": name} for key, name in self.joined.items()
-                        if key != lobby]
-        if self.my_away is not None:
+        kept = {nick_key(str(r)): str(r) for r in event.get("rooms") or []} \
+            if event.get("resumed") else {lobby: self.room}
+        self._rejoin = [dict({"type": "join", "room": name},
+                             **({"after": self.last_ids[key]} if key in self.last_ids else {}))
+                        for key, name in self.joined.items() if key not in kept]
+        if self.my_away is not None and not event.get("resumed"):
             self._rejoin.append({"type": "away", "message": self.my_away})
         current = self._current_before
-        self.joined = {lobby: self.room}
+        self.joined = kept
         self.room_users = {}
-        if current and any(nick_key(r["room"]) == nick_key(current)
-                           for r in self._rejoin if r["type"] == "join"):
+        if current and (nick_key(current) in kept or any(
+                nick_key(r["room"]) == nick_key(current)
+                for r in self._rejoin if r["type"] == "join")):
             self.room = current
         event = dict(event, first=first)
         self._emit({"type": "status", "state": "connected",
@@ -2226,19 +2270,22 @@ class ChatClient:
             messages = event.get("messages")
             if not isinstance(messages, list):
                 return
-            # After a reconnect show only what we have not seen yet; a room
-            # joined for the first time shows all of it.
-            seen = room_key in self._seen_rooms
+            # After a reconnect show only what we have not seen in that room
+            # yet; a room joined for the first time shows all of it.
+            last = self.last_ids.get(room_key, -1)
             fresh = [m for m in messages if isinstance(m, dict)
-                     and isinstance(m.get("id"), int) and (m["id"] > self.last_id or not seen)
+                     and isinstance(m.get("id"), int) and m["id"] > last
                      and nick_key(str(m.get("from", ""))) not in self.ignored]
             if not self.want_history and not self._had_history:
                 fresh = []  # --no-history skips the backlog, not what we miss later
             self._had_history = True
-            self._seen_rooms.add(room_key)
-            for m in messages:
-                if isinstance(m, dict) and isinstance(m.get("id"), int):
-                    self.last_id = max(self.last_id, m["id"])
+            self.last_ids[room_key] = max([last, 0] + [m["id"] for m in messages if isinstance(
+                m, dict) and isinstance(m.get("id"), int)])
+            self.last_id = max(self.last_id, self.last_ids[room_key])
+            mine = [m.get("cid") for m in messages if isinstance(m, dict)
+                    and m.get("from") == self.nick and isinstance(m.get("cid"), str)]
+            if any(self.outbox.pop(cid, None) is not None for cid in mine):
+                self._outbox_changed()  # sent before the drop after all
             event = dict(event, messages=fresh)
         elif kind == "users":
             users = event.get("users")
@@ -2282,12 +2329,16 @@ class ChatClient:
             else:
                 self.away.pop(nick, None)
         elif kind in ("msg", "pm"):
-            if isinstance(event.get("id"), int):
-                self.last_id = max(self.last_id, event["id"])
             cid = event.get("cid")
             if event.get("from") == self.nick and isinstance(cid, str):
                 if self.outbox.pop(cid, None) is not None:
                     self._outbox_changed()
+            if isinstance(event.get("id"), int):
+                self.last_id = max(self.last_id, event["id"])
+                if kind == "msg" and room_key:
+                    if event["id"] <= self.last_ids.get(room_key, 0):
+                        return  # shown already (a resend's echo, or history)
+                    self.last_ids[room_key] = event["id"]
         elif kind == "error":
             if event.get("request") == "join" and nick_key(self.room) not in self.joined:
                 # A refused join: keep talking where we really are.
@@ -4909,21 +4960,6 @@ class ReferenceServer:
         await asyncio.Event().wait()
 
 
-def _raise_open_files(wanted: int) -> None:
-    """Raise this process's open-files limit towards `wanted` where the OS allows."""
-    try:
-        import resource  # POSIX only
-    except ImportError:
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            pass
-
-
 async def _start_server_process(cmd: list[str]) -> tuple[asyncio.subprocess.Process, int]:
     """Start a server subprocess on 127.0.0.1 and read the port it prints."""
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
@@ -4954,7 +4990,8 @@ async def run_bench(args: argparse.Namespace) -> list[dict]:
     progress = Progress(quiet=args.json)
     targets = [("pychat", [sys.executable, str(Path(__file__).resolve()), "server",
                            "--host", "127.0.0.1", "--port", "0", "--log-level", "warning",
-                           "--flood-rate", "0", "--ping-interval", "0",
+                           "--flood-rate", "0", "--ping-interval", "0", "--max-clients", "0",
+                           "--max-per-address", "0", "--connect-rate", "0",
                            *args.server_arg])]
     if args.reference:
         targets.append(("reference", [sys.executable, str(Path(__file__).resolve()), "bench",
@@ -5026,6 +5063,23 @@ def _port(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not more than 0")
+    return value
+
+
 def _non_negative(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -5084,6 +5138,23 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--certfile", metavar="PEM", help="serve TLS with this certificate chain")
     srv.add_argument("--keyfile", metavar="PEM",
                      help="the certificate's private key (if not inside --certfile)")
+    srv.add_argument("--data-dir", metavar="DIR",
+                     help="keep rooms, history, topics and bans in DIR across restarts "
+                          "(default: in memory only)")
+    srv.add_argument("--fsync", choices=["always", "second", "never"], default="second",
+                     help="with --data-dir: force writes to disk after every message, once "
+                          "a second, or when the OS likes (default: %(default)s)")
+    srv.add_argument("--max-log-mb", type=_positive_float, default=MAX_LOG_MB, metavar="MB",
+                     help="with --data-dir: compact a room's log past this size "
+                          "(default: %(default)s)")
+    srv.add_argument("--max-clients", type=_non_negative_int, default=MAX_CLIENTS, metavar="N",
+                     help="connections accepted at once, 0 for no limit (default: %(default)s)")
+    srv.add_argument("--max-per-address", type=_non_negative_int, default=MAX_PER_ADDRESS,
+                     metavar="N", help="connections from one address at once, 0 for no limit "
+                                       "(default: %(default)s)")
+    srv.add_argument("--connect-rate", type=_non_negative, default=CONNECT_RATE, metavar="R",
+                     help=f"new connections per second from one address after a burst of "
+                          f"{CONNECT_BURST}, 0 for no limit (default: %(default)s)")
     srv.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"], help="how much to log (default: %(default)s)")
     srv.set_defaults(func=cmd_server)
