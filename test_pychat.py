@@ -1286,6 +1286,506 @@ class ClientTests(ServerCase):
 
 
 # ===========================================================================
+# 4b. Reliability (issue 6): persistence, resends, resume, limits, hostile input
+# ===========================================================================
+
+def start_server_process(test: unittest.TestCase, *extra: str) -> tuple[subprocess.Popen, int]:
+    """`python pychat.py server` on 127.0.0.1 and a free port; killed at cleanup."""
+    proc = subprocess.Popen([sys.executable, PYCHAT, "server", "--host", HOST, "--port", "0",
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    test.addCleanup(lambda: proc.poll() is None and proc.kill())
+    test.addCleanup(proc.stdout.close)
+    test.addCleanup(proc.stderr.close)
+    line = proc.stdout.readline()
+    test.assertIn("listening on", line, proc.stderr.read() if proc.poll() is not None else "")
+    return proc, int(line.rsplit("(port ", 1)[1].rstrip(")\n"))
+
+
+class LinePeer:
+    """A blocking protocol client for tests that drive a server subprocess."""
+
+    def __init__(self, port: int, nick: str | None = None, **hello):
+        self.sock = socket.create_connection((HOST, port), timeout=TIMEOUT)
+        self.file = self.sock.makefile("rwb")
+        self.welcome: dict = {}
+        if nick is not None:
+            self.send({"type": "hello", "nick": nick, **hello})
+            self.welcome = self.expect("welcome")
+
+    def send(self, obj: dict) -> None:
+        self.file.write(encode(obj))
+        self.file.flush()
+
+    def recv(self) -> dict | None:
+        line = self.file.readline()
+        return json.loads(line) if line else None
+
+    def expect(self, kind: str, **fields) -> dict:
+        while True:
+            obj = self.recv()
+            if obj is None:
+                raise AssertionError(f"closed while waiting for {kind}")
+            if obj["type"] == kind and all(obj.get(k) == v for k, v in fields.items()):
+                return obj
+
+    def close(self) -> None:
+        for f in (self.file, self.sock):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+def rss_kib(pid: int) -> float:
+    return pychat.process_stats(pid).get("rss_kib", 0.0)
+
+
+class PersistenceTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="pychat-data-"))
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def peer(self, port: int, nick: str, **hello) -> LinePeer:
+        p = LinePeer(port, nick, **hello)
+        self.addCleanup(p.close)
+        return p
+
+    def chat(self, port: int, nick: str, texts: list[str], room: str = "#lobby") -> list[dict]:
+        p = self.peer(port, nick)
+        echoes = []
+        for i, text in enumerate(texts):
+            p.send({"type": "msg", "room": room, "text": text, "cid": f"{nick}-{i}"})
+            echoes.append(p.expect("msg", cid=f"{nick}-{i}"))
+        return echoes
+
+    def history(self, port: int, nick: str) -> tuple[list[dict], LinePeer]:
+        p = self.peer(port, nick)
+        return p.expect("history", room="#lobby")["messages"], p
+
+    def test_kill_9_loses_nothing_that_was_echoed_and_ids_continue(self):
+        proc, port = start_server_process(self, "--data-dir", str(self.dir), "--fsync", "never",
+                                          "--flood-rate", "0")
+        echoes = self.chat(port, "alice", [f"message {i}" for i in range(20)])
+        topic_setter = self.peer(port, "tina")
+        topic_setter.send({"type": "topic", "room": "#lobby", "topic": "kept across crashes"})
+        topic_setter.expect("topic", topic="kept across crashes")
+        pm = self.peer(port, "pat")
+        pm.send({"type": "pm", "to": "pat", "text": "note to self", "cid": "p1"})
+        pm_id = pm.expect("pm", cid="p1")["id"]
+        proc.kill()  # SIGKILL: no goodbye, no flushing
+        proc.wait(TIMEOUT)
+        proc2, port2 = start_server_process(self, "--data-dir", str(self.dir))
+        messages, p = self.history(port2, "bob")
+        self.assertEqual(messages, echoes)  # identical: ids, times, texts, cids
+        self.assertEqual(p.expect("topic")["topic"], "kept across crashes")
+        p.send({"type": "msg", "text": "after the crash"})
+        new_id = p.expect("msg", text="after the crash")["id"]
+        self.assertGreater(new_id, max(echoes[-1]["id"], pm_id))
+        # A resend of a message whose echo was lost in the crash is not repeated.
+        alice = self.peer(port2, "alice")
+        alice.send({"type": "msg", "text": "message 19", "cid": "alice-19"})
+        self.assertEqual(alice.expect("msg", cid="alice-19")["id"], echoes[-1]["id"])
+        p.send({"type": "msg", "text": "marker"})
+        self.assertEqual(p.expect("msg")["text"], "marker")  # bob never saw a second copy
+        proc2.terminate()
+        self.assertEqual(proc2.wait(TIMEOUT), 0)
+
+    def test_a_torn_last_line_and_corrupt_files_do_not_stop_the_server(self):
+        proc, port = start_server_process(self, "--data-dir", str(self.dir))
+        echoes = self.chat(port, "alice", ["one", "two"])
+        proc.kill()
+        proc.wait(TIMEOUT)
+        (log_file,) = (self.dir / "rooms").glob("*.jsonl")
+        with open(log_file, "ab") as f:
+            f.write(b'{"type":"msg","room":"#lobby","from":"alice","te')  # torn mid-write
+        (self.dir / "state.json").write_text("{not json")
+        (self.dir / "rooms" / "junk-0000000000.jsonl").write_bytes(b"\xff\xfe\x00garbage\n[1]\n")
+        proc2, port2 = start_server_process(self, "--data-dir", str(self.dir))
+        messages, p = self.history(port2, "bob")
+        self.assertEqual([m["text"] for m in messages], ["one", "two"])
+        p.send({"type": "msg", "text": "three"})
+        p.expect("msg", text="three")
+        proc2.terminate()
+        self.assertEqual(proc2.wait(TIMEOUT), 0)
+        err = proc2.stderr.read()
+        self.assertIn("incomplete", err)
+        self.assertIn("state.json", err)
+        self.assertNotIn("Traceback", err)
+        proc3, port3 = start_server_process(self, "--data-dir", str(self.dir))
+        messages, _ = self.history(port3, "carol")
+        self.assertEqual([m["text"] for m in messages], ["one", "two", "three"])
+        self.assertGreater(messages[-1]["id"], echoes[-1]["id"])
+
+    def test_logs_are_compacted_and_bans_survive_a_restart(self):
+        ops = self.dir / "ops"
+        ops.write_text("sekrit\n")
+        proc, port = start_server_process(self, "--data-dir", str(self.dir), "--history", "5",
+                                          "--flood-rate", "0",
+                                          "--max-log-mb", "0.002", "--op-password-file",
+                                          str(ops))
+        self.chat(port, "alice", [f"a fairly long message number {i:03}" for i in range(60)])
+        (log_file,) = (self.dir / "rooms").glob("*.jsonl")
+        self.assertLess(log_file.stat().st_size, 2 * 2048 + 1024)
+        proc.terminate()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        proc2, port2 = start_server_process(self, "--data-dir", str(self.dir), "--history", "5",
+                                            "--op-password-file", str(ops))
+        messages, _ = self.history(port2, "bob")
+        self.assertEqual([m["text"] for m in messages],
+                         [f"a fairly long message number {i:03}" for i in range(55, 60)])
+        op = self.peer(port2, "olga")
+        op.send({"type": "op", "password": "sekrit"})
+        op.expect("op", ok=True)
+        self.peer(port2, "mallory")
+        op.send({"type": "ban", "nick": "mallory", "minutes": 60})
+        op.expect("moderation", action="ban")
+        proc2.terminate()
+        self.assertEqual(proc2.wait(TIMEOUT), 0)
+        proc3, port3 = start_server_process(self, "--data-dir", str(self.dir))
+        again = LinePeer(port3)  # the tests all come from 127.0.0.1: banned with her
+        self.addCleanup(again.close)
+        again.send({"type": "hello", "nick": "mallory"})
+        self.assertEqual(again.expect("error")["code"], "banned")
+
+    def test_an_unusable_data_dir_is_a_clear_error(self):
+        blocker = self.dir / "file"
+        blocker.write_text("x")
+        out = subprocess.run([sys.executable, PYCHAT, "server", "--port", "0", "--data-dir",
+                              str(blocker / "sub")], capture_output=True, text=True,
+                             timeout=TIMEOUT)
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("cannot use --data-dir", out.stderr)
+        self.assertNotIn("Traceback", out.stderr)
+
+
+class ResendAndResumeTests(ServerCase):
+    async def test_a_resent_cid_is_echoed_to_the_sender_only(self):
+        alice, bob = await self.connect("alice"), await self.connect("bob")
+        await alice.send({"type": "msg", "text": "once", "cid": "c1"})
+        first = await alice.expect("msg", cid="c1")
+        await bob.expect("msg", text="once")
+        await alice.send({"type": "msg", "text": "once", "cid": "c1"})
+        self.assertEqual(await alice.expect("msg", cid="c1"), first)
+        await alice.send({"type": "pm", "to": "bob", "text": "psst", "cid": "c2"})
+        await alice.send({"type": "pm", "to": "bob", "text": "psst", "cid": "c2"})
+        await alice.send({"type": "msg", "text": "marker"})
+        await bob.expect("pm", text="psst")
+        self.assertEqual((await bob.expect("msg"))["text"], "marker")  # no second copy
+
+    async def test_the_token_takes_the_nick_back_without_a_leave_or_join(self):
+        alice, bob = await self.connect("alice"), await self.connect("bob")
+        welcome = next(e for e in alice.seen if e["type"] == "welcome")
+        await alice.send({"type": "join", "room": "#side"})
+        await alice.expect("users", room="#side")
+        await alice.send({"type": "msg", "text": "before the drop"})
+        await bob.expect("msg", text="before the drop")
+        last_id = (await alice.expect("msg", text="before the drop"))["id"]
+        # Alice's laptop slept: her old connection is still open on the server.
+        thief = await self.raw()
+        await thief.send({"type": "hello", "nick": "alice", "token": "guess"})
+        self.assertEqual((await thief.expect("error"))["code"], "nick_taken")
+        await bob.send({"type": "msg", "text": "while she slept"})
+        back = await self.raw()
+        await back.send({"type": "hello", "nick": "alice", "token": welcome["token"],
+                         "instance": welcome["instance"], "after": {"#lobby": last_id}})
+        again = await back.expect("welcome")
+        self.assertTrue(again["resumed"])
+        self.assertEqual(sorted(again["rooms"]), ["#lobby", "#side"])
+        self.assertNotEqual(again["token"], welcome["token"])
+        history = await back.expect("history", room="#lobby")
+        self.assertEqual([m["text"] for m in history["messages"]], ["while she slept"])
+        await alice.expect_eof()  # the stale connection is closed
+        await back.send({"type": "msg", "text": "I'm back"})
+        got = await bob.expect("msg", text="I'm back")
+        between = bob.seen[bob.seen.index(got) - 1]
+        self.assertEqual(between["text"], "while she slept")  # no leave, no join
+        self.assertNotIn("leave", [e["type"] for e in bob.seen])
+
+    async def test_history_after_an_id(self):
+        alice = await self.connect("alice")
+        ids = []
+        for text in ("a", "b", "c"):
+            await alice.send({"type": "msg", "text": text})
+            ids.append((await alice.expect("msg", text=text))["id"])
+        await alice.send({"type": "history", "room": "#lobby", "after": ids[0]})
+        got = await alice.expect("history")
+        self.assertEqual([m["text"] for m in got["messages"]], ["b", "c"])
+        await alice.send({"type": "history", "room": "#nowhere", "after": 0})
+        self.assertEqual((await alice.expect("error"))["code"], "no_such_room")
+
+    async def test_a_cut_connection_loses_and_doubles_nothing(self):
+        watcher = await self.connect("watcher")
+        client, events, _ = await self.start_client("alice")
+        await wait_for(lambda: client.registered, what="registration")
+        handled = []
+        original = self.server.handle_msg
+
+        def cut_after_fifth(s, msg):
+            original(s, msg)
+            handled.append(msg.get("text"))
+            if len(handled) == 5:  # broadcast, then the link dies before the echo is out
+                s.abort("test")
+        self.server.handlers["msg"] = cut_after_fifth
+        texts = [f"line {i}" for i in range(15)]
+        for text in texts:
+            client.send_msg(text)
+        got = []
+        while len(got) < len(texts):
+            got.append((await watcher.expect("msg", **{"from": "alice"}))["text"])
+        self.assertEqual(got, texts)  # every line once, in order
+        self.assertTrue(await client.wait_sent(TIMEOUT))
+        await watcher.send({"type": "msg", "text": "marker"})
+        self.assertEqual((await watcher.expect("msg"))["text"], "marker")  # no late copy
+        self.assertGreaterEqual(len(handled), 6)  # the fifth really was cut off
+        shown = []
+        for e in events:
+            if e["type"] == "msg" and e.get("from") == "alice":
+                shown.append(e["text"])
+            elif e["type"] == "history":
+                shown += [m["text"] for m in e["messages"] if m.get("from") == "alice"]
+        self.assertEqual(shown, texts)  # the client showed each once, in order
+
+    start_client = ClientTests.start_client
+
+
+class LimitsTests(ServerCase):
+    server_options = {"max_clients": 3, "max_per_address": 0, "connect_rate": 0}
+
+    async def test_a_full_server_says_so_politely(self):
+        for nick in ("a", "b", "c"):
+            await self.connect(nick)
+        extra = await self.raw()
+        self.assertEqual((await extra.expect("error"))["code"], "server_full")
+        await extra.expect_eof()
+
+
+class PerAddressLimitTests(ServerCase):
+    server_options = {"max_per_address": 2, "connect_rate": 0}
+
+    async def test_per_address_cap(self):
+        await self.connect("a")
+        await self.connect("b")
+        extra = await self.raw()
+        self.assertEqual((await extra.expect("error"))["code"], "too_many_connections")
+        await extra.expect_eof()
+
+
+class ConnectRateTests(ServerCase):
+    server_options = {"connect_rate": 0.01}
+
+    async def test_connection_rate_per_address(self):
+        codes = []
+        for _ in range(pychat.CONNECT_BURST + 2):
+            p = await self.raw()
+            await p.send({"type": "ping", "data": 1})
+            codes.append((await p.recv())["type"])
+            await p.close()
+        self.assertEqual(codes[:pychat.CONNECT_BURST], ["pong"] * pychat.CONNECT_BURST)
+        self.assertEqual(codes[pychat.CONNECT_BURST:], ["error", "error"])
+        self.assertEqual(self.peers[-1].seen[-1]["code"], "connecting_too_fast")
+
+
+
+FUZZ_SECONDS = 4.0
+
+
+async def _hostile(port: int, rng: random.Random, stop: float) -> int:
+    """One hostile connection after another until `stop`; returns how many."""
+    valid = [{"type": "hello", "nick": "fuzz"}, {"type": "msg", "text": "hi", "cid": "c"},
+             {"type": "join", "room": "#x"}, {"type": "pm", "to": "alice", "text": "x"},
+             {"type": "topic", "room": "#lobby", "topic": "t"}, {"type": "ping", "data": 1},
+             {"type": "history", "room": "#lobby", "after": 3}, {"type": "nick", "nick": "n"}]
+    count = 0
+    while time.monotonic() < stop:
+        count += 1
+        try:
+            reader, writer = await asyncio.open_connection(HOST, port)
+        except OSError:
+            continue
+        kind = rng.randrange(7)
+        try:
+            if kind == 0:  # mutated valid requests
+                for _ in range(20):
+                    line = bytearray(encode(rng.choice(valid)))
+                    for _ in range(rng.randrange(4)):
+                        line[rng.randrange(len(line))] = rng.randrange(256)
+                    writer.write(bytes(line))
+            elif kind == 1:  # random bytes
+                writer.write(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 5000))))
+            elif kind == 2:  # deeply nested and huge JSON
+                depth = rng.choice([100, 10_000, 100_000])
+                writer.write(b'{"type":"msg","text":' + b"[" * depth + b"]" * depth + b"}\n")
+                writer.write(b'{"type":"hello","nick":"' + b"n" * 200_000 + b'"}\n')
+            elif kind == 3:  # invalid UTF-8 and NUL bytes
+                writer.write(b'{"type":"hello","nick":"\xff\xfe"}\n\x00\x00{"type":"\x00"}\n')
+                writer.write(b'{"type":"hello","nick":"ok\\ud800"}\n{"type":"msg","text":"\\u0000"}\n')
+            elif kind == 4:  # half-open: half a line, then silence
+                writer.write(b'{"type":"hello","ni')
+                await writer.drain()
+                await asyncio.sleep(0.3)
+            elif kind == 5:  # one byte at a time (slowloris)
+                for b in b'{"type":"hello","nick":"slow"}':
+                    writer.write(bytes([b]))
+                    await writer.drain()
+                    await asyncio.sleep(0.2)
+                    if time.monotonic() > stop:
+                        break
+            else:  # a flood of valid chatter
+                writer.write(encode({"type": "hello", "nick": f"fl{count}"}))
+                writer.write(b"".join(encode({"type": "msg", "text": "spam"})
+                                      for _ in range(500)))
+            await writer.drain()
+        except (OSError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+    return count
+
+
+class FuzzTests(unittest.IsolatedAsyncioTestCase):
+    async def test_a_seeded_fuzz_run_leaves_the_server_and_a_chatting_pair_unharmed(self):
+        proc, port = start_server_process(self, "--max-per-address", "0", "--connect-rate", "0",
+                                          "--log-level", "warning")
+        alice, bob = await Peer.open(port), await Peer.open(port)
+        for p, nick in ((alice, "alice"), (bob, "bob")):
+            await p.send({"type": "hello", "nick": nick})
+            await p.expect("welcome")
+        rss_before = rss_kib(proc.pid)
+        stop = time.monotonic() + FUZZ_SECONDS
+        fuzzers = [asyncio.get_running_loop().create_task(
+            _hostile(port, random.Random(seed), stop)) for seed in range(8)]
+        worst, n = 0.0, 0
+        while time.monotonic() < stop:  # the pair keeps chatting all through
+            n += 1
+            sent = time.monotonic()
+            await alice.send({"type": "msg", "text": f"still here {n}"})
+            await bob.expect("msg", text=f"still here {n}")
+            worst = max(worst, time.monotonic() - sent)
+            await asyncio.sleep(0.25)  # under the flood limit of 5 a second
+        attacks = sum(await asyncio.gather(*fuzzers))
+        self.assertGreater(attacks, 20)
+        self.assertGreater(n, 8)
+        self.assertLess(worst, 2.0)  # a liveness bound, far above normal (~1 ms)
+        self.assertIsNone(proc.poll())  # alive
+        await alice.send({"type": "ping", "data": "after"})
+        await alice.expect("pong", data="after")
+        if rss_before:  # Linux: memory stays within the stated bound (64 MiB)
+            self.assertLess(rss_kib(proc.pid) - rss_before, 64 * 1024)
+        for p in (alice, bob):
+            await p.close()
+        proc.terminate()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        err = proc.stderr.read()
+        self.assertNotIn("Traceback", err)
+
+
+class ShutdownUnderLoadTests(unittest.IsolatedAsyncioTestCase):
+    async def test_sigterm_with_hundreds_of_clients_says_bye_saves_and_exits_zero(self):
+        data = Path(tempfile.mkdtemp(prefix="pychat-data-"))
+        self.addCleanup(shutil.rmtree, data, True)
+        proc, port = start_server_process(self, "--data-dir", str(data), "--max-per-address",
+                                          "0", "--connect-rate", "0", "--log-level", "warning",
+                                          "--flood-rate", "0")
+        peers = []
+        for i in range(300):
+            p = await Peer.open(port)
+            await p.send({"type": "hello", "nick": f"u{i}"})
+            peers.append(p)
+        for p in peers:
+            await p.expect("welcome")
+            await p.expect("users")
+        sender = peers[0]
+        echoed = []
+        for i in range(50):
+            await sender.send({"type": "msg", "text": f"m{i}", "cid": f"c{i}"})
+        for i in range(50):
+            echoed.append((await sender.expect("msg", cid=f"c{i}"))["id"])
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.get_running_loop().run_in_executor(None, proc.wait, TIMEOUT)
+        took = time.monotonic() - started
+        self.assertEqual(code, 0)
+        self.assertLess(took, 5.0)  # "within a second or two"; generous for a shared CI box
+        for p in peers:  # everyone's last line is the goodbye (read raw: 90,000 joins)
+            rest = await asyncio.wait_for(p.reader.read(), TIMEOUT)
+            self.assertEqual(json.loads(rest.rstrip(b"\n").rsplit(b"\n", 1)[-1])["type"], "bye")
+            await p.close()
+        (log_file,) = (data / "rooms").glob("*.jsonl")
+        saved = [json.loads(x)["id"] for x in log_file.read_text().splitlines()]
+        self.assertEqual(saved, echoed)
+
+
+@unittest.skipUnless(os.environ.get("PYCHAT_SOAK"), "soak test: set PYCHAT_SOAK=1 (CI does)")
+class SoakTests(unittest.IsolatedAsyncioTestCase):
+    async def test_churn_with_steady_clients_who_miss_nothing(self):
+        seconds = float(os.environ.get("PYCHAT_SOAK_SECONDS", "20"))
+        proc, port = start_server_process(self, "--max-per-address", "0", "--connect-rate", "0",
+                                          "--flood-rate", "0", "--log-level", "warning")
+        steady = []
+        for i in range(5):
+            p = await Peer.open(port)
+            await p.send({"type": "hello", "nick": f"steady{i}"})
+            await p.expect("welcome")
+            steady.append(p)
+        probe = steady[0]
+        rss_before = rss_kib(proc.pid)
+        stop = time.monotonic() + seconds
+        rng = random.Random(6)
+        sent = [0]
+
+        async def churner(n: int) -> None:
+            while time.monotonic() < stop:
+                try:
+                    reader, writer = await asyncio.open_connection(HOST, port)
+                    writer.write(encode({"type": "hello", "nick": f"ch{n}-{rng.randrange(10**6)}"}))
+                    for _ in range(rng.randrange(1, 4)):
+                        writer.write(encode({"type": "msg", "text": "churn"}))
+                        sent[0] += 1
+                    await writer.drain()
+                    await asyncio.sleep(rng.random() * 0.5)
+                    if rng.random() < 0.5:
+                        writer.write(encode({"type": "quit"}))
+                    writer.close()
+                except OSError:
+                    pass
+
+        async def reader_of(p: Peer) -> list[int]:
+            ids = []
+            while True:
+                try:
+                    obj = await p.recv(5)
+                except asyncio.TimeoutError:
+                    return ids
+                if obj["type"] == "msg":
+                    ids.append(obj["id"])
+                if obj["type"] == "msg" and obj.get("text") == "the end":
+                    return ids
+        readers = [asyncio.get_running_loop().create_task(reader_of(p)) for p in steady]
+        await asyncio.gather(*(churner(n) for n in range(200)))
+        await probe.send({"type": "msg", "text": "the end"})
+        results = await asyncio.gather(*readers)
+        for ids in results:
+            self.assertEqual(ids, list(range(ids[0], ids[0] + len(ids))))  # no gaps
+            self.assertGreater(len(ids), 100)
+        self.assertEqual(results[0], results[-1])
+        await probe.send({"type": "users"})  # everyone but the steady clients has gone
+        for _ in range(100):
+            await probe.send({"type": "users"})
+            users = await probe.expect("users")
+            if len(users["users"]) == 5:
+                break
+            await asyncio.sleep(0.1)
+        self.assertEqual(len(users["users"]), 5)
+        if rss_before:
+            self.assertLess(rss_kib(proc.pid) - rss_before, 64 * 1024)
+        for p in steady:
+            await p.close()
+        proc.terminate()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertNotIn("Traceback", proc.stderr.read())
+
+
+# ===========================================================================
 # 5. Sound
 # ===========================================================================
 
