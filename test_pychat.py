@@ -1715,6 +1715,27 @@ class ShutdownUnderLoadTests(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(saved, echoed)
 
 
+class SecondInterruptTests(unittest.TestCase):
+    def test_a_second_ctrl_c_exits_at_once(self):
+        proc, port = start_server_process(self, "--flood-rate", "0", "--max-backlog-bytes",
+                                          str(10 ** 9))
+        sloth = LinePeer(port, "sloth")  # never reads again: the goodbye cannot get through
+        self.addCleanup(sloth.close)
+        talker = LinePeer(port, "talker")
+        self.addCleanup(talker.close)
+        text = "x" * 3000
+        for i in range(3000):  # about 10 MB owed to the sloth, more than the kernel holds
+            talker.file.write(encode({"type": "msg", "text": text}))
+        talker.file.flush()
+        talker.send({"type": "ping", "data": "done"})
+        talker.expect("pong", data="done")
+        proc.send_signal(signal.SIGINT)
+        with self.assertRaises(subprocess.TimeoutExpired):
+            proc.wait(0.5)  # the first Ctrl-C waits (up to 2 s) for the goodbyes
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(1.0), 130)
+
+
 @unittest.skipUnless(os.environ.get("PYCHAT_SOAK"), "soak test: set PYCHAT_SOAK=1 (CI does)")
 class SoakTests(unittest.IsolatedAsyncioTestCase):
     async def test_churn_with_steady_clients_who_miss_nothing(self):
