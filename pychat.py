@@ -1760,7 +1760,8 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"pychat: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the data directory
-        print(f"pychat: cannot use --data-dir {args.data_dir}: {e.strerror or e}",
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"pychat: cannot use --data-dir {args.data_dir}: {e.strerror or e}{where}",
               file=sys.stderr)
         return 2
     _raise_open_files((server.max_clients or MAX_CLIENTS) + 64)
@@ -2067,7 +2068,8 @@ class ChatClient:
             try:
                 reason = await self._session(reader, writer)
             except (OSError, asyncio.IncompleteReadError, ValueError) as e:
-                reason = f"connection lost ({e.__class__.__name__}: {e})"
+                detail = os.strerror(e.errno) if getattr(e, "errno", None) else str(e)
+                reason = f"connection lost ({detail or e.__class__.__name__})"
             finally:
                 self.registered = False
                 if self._pump is not None:
@@ -2816,6 +2818,9 @@ class Terminal:
                               self.system(None, "end of history")])
         if kind == "welcome":
             self.my_nick = str(e.get("nick", ""))
+            if e.get("first") is False:  # back after a reconnect: where we were, still
+                return self.system(ts, f"Back as {e.get('nick')}" + (
+                    "; nobody saw you leave." if e.get("resumed") else "."))
             text = f"You are {e.get('nick')} in {e.get('room')} on {e.get('server')} " \
                    f"{e.get('version')}. Type /help for commands."
             lines = [self.system(ts, text)]
@@ -3135,7 +3140,6 @@ async def _run_cli(args: argparse.Namespace) -> int:
         line = line.rstrip("\r\n")
         if not line.strip():
             return True
-        term.erase_typed_line(line)
         cmd, arg = parse_command(line)
         first, _, rest = arg.partition(" ")
         rest = rest.strip()
@@ -3207,7 +3211,8 @@ async def _run_cli(args: argparse.Namespace) -> int:
             client.send_pm(to, text, action)
         if interactive and not client.registered:
             term.show(term.system(None, f"not connected: queued ({len(client.pending())} "
-                                        "waiting), sent when the connection is back"))
+                                        f"waiting), sent when the connection is back: "
+                                        f"{text[:60]}"))
         return True
 
     runner = loop.create_task(client.run())
@@ -3282,6 +3287,10 @@ def _start_input_thread(term: Terminal, loop: asyncio.AbstractEventLoop,
                 line = reader()
             except (KeyboardInterrupt, OSError, ValueError):
                 line = None
+            if line is not None and line.strip():
+                # Here, not on the loop: a message printed in between would be
+                # the line erased instead (the server's echo replaces ours).
+                term.erase_typed_line(line.rstrip("\r\n"))
             try:
                 loop.call_soon_threadsafe(lines.put_nowait, line)
             except RuntimeError:  # loop closed: we are exiting
@@ -5074,22 +5083,35 @@ def _non_negative_int(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
-    value = _non_negative(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not more than 0")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number above 0")
     return value
 
 
 def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of 0 or more")
     return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (not the whole usage block) and a hint."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per program part."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pychat.py",
         description="PyChat: a chat room in one Python file. Start a server, then join it "
                     "from terminals on the same network.",
@@ -5139,22 +5161,24 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--keyfile", metavar="PEM",
                      help="the certificate's private key (if not inside --certfile)")
     srv.add_argument("--data-dir", metavar="DIR",
-                     help="keep rooms, history, topics and bans in DIR across restarts "
-                          "(default: in memory only)")
+                     help="keep rooms, history, topics and bans in DIR (created if missing) "
+                          "across restarts and crashes; rooms with saved messages stay "
+                          "when they empty (default: in memory only)")
     srv.add_argument("--fsync", choices=["always", "second", "never"], default="second",
                      help="with --data-dir: force writes to disk after every message, once "
-                          "a second, or when the OS likes (default: %(default)s)")
+                          "a second (a power cut loses at most 1 s), or never (the OS "
+                          "writes when it chooses) (default: %(default)s)")
     srv.add_argument("--max-log-mb", type=_positive_float, default=MAX_LOG_MB, metavar="MB",
-                     help="with --data-dir: compact a room's log past this size "
-                          "(default: %(default)s)")
+                     help="with --data-dir: a room's log past this size is rewritten as "
+                          "its topic and last --history messages (default: %(default)s)")
     srv.add_argument("--max-clients", type=_non_negative_int, default=MAX_CLIENTS, metavar="N",
                      help="connections accepted at once, 0 for no limit (default: %(default)s)")
     srv.add_argument("--max-per-address", type=_non_negative_int, default=MAX_PER_ADDRESS,
                      metavar="N", help="connections from one address at once, 0 for no limit "
                                        "(default: %(default)s)")
     srv.add_argument("--connect-rate", type=_non_negative, default=CONNECT_RATE, metavar="R",
-                     help=f"new connections per second from one address after a burst of "
-                          f"{CONNECT_BURST}, 0 for no limit (default: %(default)s)")
+                     help=f"new connections per second allowed from one address, after a "
+                          f"first {CONNECT_BURST} at once; 0 for no limit (default: %(default)s)")
     srv.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"], help="how much to log (default: %(default)s)")
     srv.set_defaults(func=cmd_server)
