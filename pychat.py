@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import getpass
 import hashlib
@@ -128,6 +129,13 @@ CID_FORGET = 600.0             # ...for this long after the nick was last seen
 ID_BLOCK = 1000                # message ids reserved on disk ahead of use
 FSYNC_EVERY = 1.0              # --fsync second: seconds between fsyncs
 MAX_LOG_MB = 16.0              # a room log past this is compacted to its history
+# File transfer (issue 7).
+MAX_FILE_SIZE = 100 * 1024 * 1024  # --max-file-size; 0 turns transfers off
+FILE_CHUNK = 32 * 1024         # bytes per chunk line (base64 keeps it under 64 KiB)
+FILE_WINDOW = 16               # chunks a sender may have unacknowledged per receiver
+MAX_TRANSFERS = 5              # files one user may offer at a time
+FILE_OFFER_TTL = 600.0         # an offer nobody is receiving expires after this long
+MAX_FILE_NAME = 200            # characters kept of a file name
 # After a burst of this many connects and disconnects has been quiet for
 # TRIM_DELAY seconds, the server hands the heap memory it freed back to the OS.
 TRIM_CHURN = 200
@@ -188,6 +196,11 @@ ERRORS = {
     "too_many_connections": "Too many connections from your address.",
     "connecting_too_fast": "Too many new connections from your address; wait a little.",
     "storage_failed": "The server could not save your message, so it was not sent.",
+    "file_too_big": "That file is bigger than this server allows.",
+    "too_many_transfers": "You are offering too many files at once.",
+    "transfers_disabled": "This server does not relay files.",
+    "no_such_transfer": "No such file transfer.",
+    "file_window": "File chunks must wait for acknowledgements.",
 }
 
 # Field table: type -> {field: (python type, required)}.  validate() checks
@@ -205,6 +218,16 @@ FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "typing": {"room": (str, False)},
     "join": {"room": (str, True), "after": (int, False)},
     "history": {"room": (str, True), "after": (int, False)},
+    "file_offer": {"name": (str, True), "size": (int, True), "sha256": (str, True),
+                   "room": (str, False), "to": (str, False), "cid": ((str, int), False)},
+    "file_accept": {"id": (str, True)},
+    "file_decline": {"id": (str, True)},
+    "file_chunk": {"id": (str, True), "to": (str, True), "seq": (int, True),
+                   "data": (str, True)},
+    "file_ack": {"id": (str, True), "seq": (int, True)},
+    "file_done": {"id": (str, True), "to": (str, True)},
+    "file_received": {"id": (str, True), "ok": (bool, True), "reason": (str, False)},
+    "file_cancel": {"id": (str, True), "to": (str, False), "reason": (str, False)},
     "part": {"room": (str, True), "reason": (str, False)},
     "rooms": {},
     "topic": {"room": (str, True), "topic": (str, False)},
@@ -369,6 +392,44 @@ def tls_problem(e: BaseException) -> str:
     if "WRONG_VERSION_NUMBER" in str(reason).upper() or "wrong version" in str(e):
         return "the server does not speak TLS here (drop --tls?)."
     return f"{reason}."
+
+
+WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
+                    *(f"lpt{i}" for i in range(10))}
+
+
+def safe_file_name(name: str) -> str:
+    """A name that is safe to create in a download folder on any OS: the base
+    name only (no folders, drive letters or ..), no control or invisible
+    characters, none of Windows' forbidden characters or device names, at most
+    MAX_FILE_NAME characters with the extension kept."""
+    name = unicodedata.normalize("NFC", str(name)).replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in name if unicodedata.category(c)[0] not in "CZ" or c == " ")
+    name = re.sub(r'[<>:"|?*]', "_", name).strip(" .")
+    if name.split(".", 1)[0].lower() in WINDOWS_RESERVED:
+        name = "_" + name
+    if len(name) > MAX_FILE_NAME:
+        stem, ext = os.path.splitext(name)
+        ext = ext[:16]
+        name = stem[:MAX_FILE_NAME - len(ext)] + ext
+    return name or "file"
+
+
+def format_size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def parse_size(text: str) -> int:
+    """'5000', '10K', '2.5M', '1G' (powers of 1024) -> bytes; ValueError if not."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)i?[bB]?\s*", text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size (e.g. 500000, 10K, 20M, 1G)")
+    return int(float(match.group(1)) * 1024 ** " KMG".index(match.group(2).upper() or " "))
+
 
 
 # ===========================================================================
@@ -580,6 +641,19 @@ def heap_trimmer() -> Callable[[], Any] | None:
     return lambda: trim(0)
 
 
+class Transfer:
+    """One offered file: who may accept it, and a stream per receiver who did:
+    [receiver session, chunks not yet acknowledged, bytes relayed]."""
+
+    __slots__ = ("id", "sender", "offer", "eligible", "streams", "created")
+
+    def __init__(self, tid: str, sender: Session, offer: dict, eligible: set[str],
+                 created: float):
+        self.id, self.sender, self.offer, self.created = tid, sender, offer, created
+        self.eligible = eligible
+        self.streams: dict[str, list] = {}
+
+
 def _room_file(name: str) -> str:
     """A file name for a room's log: readable where it can be, unique always
     (room names may hold any visible character; file systems may not)."""
@@ -751,7 +825,8 @@ class ChatServer:
                  tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
                  data_dir: str | Path | None = None, fsync: str = "second",
                  max_log_mb: float = MAX_LOG_MB, max_clients: int = MAX_CLIENTS,
-                 max_per_address: int = MAX_PER_ADDRESS, connect_rate: float = CONNECT_RATE):
+                 max_per_address: int = MAX_PER_ADDRESS, connect_rate: float = CONNECT_RATE,
+                 max_file_size: int = MAX_FILE_SIZE):
         self.history = history
         self.max_line_bytes = max_line_bytes
         self.max_text = max_text
@@ -773,6 +848,9 @@ class ChatServer:
         # nick key -> [last seen, {cid: the event it became}]: a message sent
         # again after a reconnect is answered with its first echo, not repeated.
         self.recent_cids: dict[str, list] = {}
+        self.max_file_size = max_file_size
+        self.transfers: dict[str, Transfer] = {}
+        self._transfer_ids = itertools.count(1)
         self.rooms: dict[str, Room] = {nick_key(LOBBY): Room(LOBBY, history, permanent=True)}
         for name in rooms or []:
             if nick_key(name) not in self.rooms:
@@ -810,6 +888,14 @@ class ChatServer:
             "typing": self.handle_typing,
             "join": self.handle_join,
             "history": self.handle_history,
+            "file_offer": self.handle_file_offer,
+            "file_accept": self.handle_file_accept,
+            "file_decline": self.handle_file_decline,
+            "file_chunk": self.handle_file_chunk,
+            "file_ack": self.handle_file_ack,
+            "file_done": self.handle_file_done,
+            "file_received": self.handle_file_received,
+            "file_cancel": self.handle_file_cancel,
             "part": self.handle_part,
             "rooms": self.handle_rooms,
             "topic": self.handle_topic,
@@ -1077,6 +1163,8 @@ class ChatServer:
                 self.per_address[s.address] = left
             else:
                 self.per_address.pop(s.address, None)
+            if self.transfers:
+                self._drop_transfers(s)
         if s.nick is None:
             return
         key = nick_key(s.nick)
@@ -1129,8 +1217,11 @@ class ChatServer:
         if not line.strip():
             return
         # Every line costs a token, whatever it holds: garbage, pongs and
-        # unregistered chatter are throttled exactly like messages.
-        if not s.take_token(self.loop.time()):
+        # unregistered chatter are throttled exactly like messages.  File
+        # chunks and their acks are paced by the transfer window instead (a
+        # bad one costs a token in its handler).
+        if not line.startswith((b'{"type":"file_chunk"', b'{"type":"file_ack"')) and \
+                not s.take_token(self.loop.time()):
             if s.flood_penalty > FLOOD_KICK:
                 s.send(encode(error("flooding")))
                 s.close("flood")
@@ -1432,6 +1523,185 @@ class ChatServer:
             self._reply_error(s, msg, "storage_failed", "The server could not save the topic.")
             return
         self.broadcast(room, room.topic_event())
+
+    # --- file transfer: offers go to a room or one person; each receiver who
+    # accepts gets its own stream from the sender, relayed chunk by chunk with
+    # a window of FILE_WINDOW unacknowledged chunks, so the server never holds
+    # more than FILE_WINDOW chunks per stream (and never a whole file).
+    def _sweep_transfers(self) -> None:
+        now = self.loop.time()
+        for tid, t in list(self.transfers.items()):
+            if not t.streams and now - t.created > FILE_OFFER_TTL:
+                del self.transfers[tid]
+
+    def handle_file_offer(self, s: Session, msg: dict) -> None:
+        if self.max_file_size <= 0:
+            self._reply_error(s, msg, "transfers_disabled")
+            return
+        size, digest = msg["size"], msg["sha256"].lower()
+        if not 0 <= size <= self.max_file_size:
+            self._reply_error(s, msg, "file_too_big", f"Files are limited to "
+                              f"{format_size(self.max_file_size)} here.")
+            return
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            self._reply_error(s, msg, "bad_request", "sha256 is 64 hexadecimal digits.")
+            return
+        self._sweep_transfers()
+        if sum(t.sender is s for t in self.transfers.values()) >= MAX_TRANSFERS:
+            self._reply_error(s, msg, "too_many_transfers", f"You can offer at most "
+                              f"{MAX_TRANSFERS} files at a time; cancel one or wait.")
+            return
+        offer = {"type": "file_offer", "id": f"f{next(self._transfer_ids)}", "from": s.nick,
+                 "name": safe_file_name(msg["name"]), "size": size, "sha256": digest,
+                 "ts": round(time.time(), 3)}
+        if msg.get("to") is not None:
+            target = self.nicks.get(nick_key(msg["to"]))
+            if target is None or target is s:
+                self._reply_error(s, msg, "no_such_nick", f"Nobody else is called "
+                                  f"{msg['to'][:40]}.")
+                return
+            offer["to"] = target.nick
+            audience = [target]
+        else:
+            room = self._room_for(s, msg)
+            if room is None:
+                return
+            offer["room"] = room.name
+            audience = [m for m in room.members.values() if m is not s]
+        t = Transfer(offer["id"], s, offer, {nick_key(m.nick or "") for m in audience},
+                     self.loop.time())
+        self.transfers[t.id] = t
+        data = encode(offer)
+        for member in audience:
+            member.send(data)
+        echo = dict(offer)
+        if msg.get("cid") is not None:
+            echo["cid"] = msg["cid"]
+        s.send(encode(echo))
+        log.info("%s offers a file of %d bytes (%s)", s.nick, size, t.id)
+
+    def _transfer(self, s: Session, msg: dict) -> Transfer | None:
+        t = self.transfers.get(msg["id"])
+        if t is None:
+            self._reply_error(s, msg, "no_such_transfer", "That file is no longer offered.")
+        return t
+
+    def handle_file_accept(self, s: Session, msg: dict) -> None:
+        t = self._transfer(s, msg)
+        if t is None:
+            return
+        key = nick_key(s.nick or "")
+        if key not in t.eligible or key in t.streams:
+            self._reply_error(s, msg, "no_such_transfer", "That file was not offered to you "
+                              "(or you accepted it already).")
+            return
+        t.streams[key] = [s, 0, 0]  # receiver, unacknowledged chunks, bytes relayed
+        t.sender.send(encode({"type": "file_accept", "id": t.id, "nick": s.nick}))
+
+    def handle_file_decline(self, s: Session, msg: dict) -> None:
+        t = self._transfer(s, msg)
+        if t is not None and nick_key(s.nick or "") in t.eligible:
+            t.eligible.discard(nick_key(s.nick or ""))
+            t.sender.send(encode({"type": "file_decline", "id": t.id, "nick": s.nick}))
+
+    def _stream(self, s: Session, msg: dict) -> tuple[Transfer, list] | None:
+        """The sender's stream to msg["to"], or None after saying why not."""
+        t = self._transfer(s, msg)
+        if t is None:
+            return None
+        stream = t.streams.get(nick_key(msg["to"])) if t.sender is s else None
+        if stream is None:
+            self._reply_error(s, msg, "no_such_transfer",
+                              f"{msg['to'][:40]} has not accepted that file.")
+            return None
+        return t, stream
+
+    def handle_file_chunk(self, s: Session, msg: dict) -> None:
+        found = self._stream(s, msg)
+        if found is None:
+            return
+        t, stream = found
+        receiver = stream[0]
+        stream[1] += 1
+        data = msg["data"]
+        stream[2] += len(data) * 3 // 4 - (2 if data.endswith("==") else data.endswith("="))
+        if stream[1] > FILE_WINDOW or stream[2] > t.offer["size"] + 3:
+            self._reply_error(s, msg, "file_window", "Chunks must wait for acknowledgements "
+                              f"(at most {FILE_WINDOW} ahead) and add up to the offered size.")
+            self._end_stream(t, nick_key(receiver.nick or ""), "the sender broke the rules")
+            return
+        receiver.send(encode({"type": "file_chunk", "id": t.id, "seq": msg["seq"],
+                              "data": data}))
+
+    def handle_file_ack(self, s: Session, msg: dict) -> None:
+        t = self._transfer(s, msg)
+        stream = t.streams.get(nick_key(s.nick or "")) if t is not None else None
+        if t is not None and stream is not None and stream[0] is s:
+            stream[1] = max(0, stream[1] - 1)
+            t.sender.send(encode({"type": "file_ack", "id": t.id, "nick": s.nick,
+                                  "seq": msg["seq"]}))
+
+    def handle_file_done(self, s: Session, msg: dict) -> None:
+        found = self._stream(s, msg)
+        if found is not None:
+            found[1][0].send(encode({"type": "file_done", "id": found[0].id}))
+
+    def handle_file_received(self, s: Session, msg: dict) -> None:
+        t = self._transfer(s, msg)
+        key = nick_key(s.nick or "")
+        if t is None or key not in t.streams:
+            return
+        del t.streams[key]
+        t.eligible.discard(key)
+        result = {"type": "file_result", "id": t.id, "nick": s.nick, "ok": msg["ok"]}
+        if msg.get("reason"):
+            result["reason"] = clean_text(msg["reason"])[:MAX_REASON_LEN]
+        t.sender.send(encode(result))
+        if not t.eligible and "to" in t.offer:
+            self.transfers.pop(t.id, None)
+
+    def handle_file_cancel(self, s: Session, msg: dict) -> None:
+        t = self._transfer(s, msg)
+        if t is None:
+            return
+        reason = clean_text(msg.get("reason") or "cancelled")[:MAX_REASON_LEN]
+        if t.sender is s:
+            targets = [nick_key(msg["to"])] if msg.get("to") else list(t.eligible)
+            for key in targets:
+                self._end_stream(t, key, reason)
+            if not msg.get("to"):
+                self.transfers.pop(t.id, None)
+        else:
+            key = nick_key(s.nick or "")
+            involved = t.streams.pop(key, None) is not None or key in t.eligible
+            t.eligible.discard(key)
+            if involved:
+                t.sender.send(encode({"type": "file_cancel", "id": t.id, "nick": s.nick,
+                                      "reason": reason}))
+
+    def _end_stream(self, t: Transfer, key: str, reason: str) -> None:
+        """Tell a receiver (offered or streaming) that the sender's side is over."""
+        stream = t.streams.pop(key, None)
+        t.eligible.discard(key)
+        receiver = stream[0] if stream else self.nicks.get(key)
+        if receiver is not None:
+            receiver.send(encode({"type": "file_cancel", "id": t.id, "nick": t.sender.nick,
+                                  "reason": reason}))
+
+    def _drop_transfers(self, s: Session) -> None:
+        """A sender or receiver is gone: end what it was part of."""
+        for t in list(self.transfers.values()):
+            if t.sender is s:
+                for key in list(t.eligible | set(t.streams)):
+                    self._end_stream(t, key, f"{s.nick} left")
+                del self.transfers[t.id]
+            else:
+                key = nick_key(s.nick or "")
+                stream = t.streams.get(key)
+                if stream is not None and stream[0] is s:
+                    del t.streams[key]
+                    t.sender.send(encode({"type": "file_cancel", "id": t.id, "nick": s.nick,
+                                          "reason": f"{s.nick} left"}))
 
     # --- private messages and away
     def _chat_text(self, s: Session, msg: dict) -> str | None:
@@ -1828,7 +2098,38 @@ async def serve(args: argparse.Namespace) -> int:
 # ===========================================================================
 
 # Event types the client makes itself; the same types from a server are dropped.
-LOCAL_EVENTS = frozenset({"status", "nick_rejected", "failed", "fatal", "outbox"})
+LOCAL_EVENTS = frozenset({"status", "nick_rejected", "failed", "fatal", "outbox",
+                          "file_progress", "file_received", "file_sent", "file_failed"})
+
+
+def download_dir() -> Path:
+    """Where received files go unless --download-dir says otherwise."""
+    downloads = Path.home() / "Downloads"
+    return downloads if downloads.is_dir() else Path.home()
+
+
+def create_unique(folder: Path, name: str) -> tuple[Path, Any]:
+    """Create `name` in `folder` without overwriting anything: "name (1).ext" and
+    so on if it exists.  Returns the path and the file, open for writing."""
+    stem, ext = os.path.splitext(name)
+    if ext == ".part":  # keep "report.pdf.part" together: number the real name
+        stem, inner = os.path.splitext(stem)
+        ext = inner + ext
+    for n in range(10_000):
+        path = folder / (name if n == 0 else f"{stem} ({n}){ext}")
+        try:
+            return path, open(path, "xb")
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"too many files called {name} in {folder}")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class ChatClient:
@@ -1848,6 +2149,10 @@ class ChatClient:
         self.my_away: str | None = None
         self.last_ids: dict[str, int] = {}   # room key -> newest message id shown there
         self._token: str | None = None       # from welcome: takes our nick back after a drop
+        self.offers_in: dict[str, dict] = {}  # transfer id -> file_offer event, to answer
+        self.incoming: dict[str, dict] = {}   # transfer id -> state of a file being received
+        self.outgoing: dict[str, dict] = {}   # transfer id -> state of a file we offered
+        self._offers: dict[str, dict] = {}    # cid -> file we offered, until the echo
         self.nick = nick
         self.on_event = on_event
         self.client_name = client
@@ -1978,6 +2283,237 @@ class ChatClient:
             self._nick_future.cancel()
         self._stop.set()
 
+    # --- file transfer
+    def send_file(self, path: str | Path, to: str | None = None) -> str:
+        """Offer a file to `to` (a nick) or to the current room; returns the cid.
+        Raises OSError if the file cannot be read."""
+        path = Path(path).expanduser()
+        size = path.stat().st_size
+        if not path.is_file():
+            raise IsADirectoryError(f"{path} is not a file")
+        digest = file_sha256(path)
+        cid = f"{self._cid_prefix}-{next(self._cid_counter)}"
+        req: dict[str, Any] = {"type": "file_offer", "name": path.name, "size": size,
+                               "sha256": digest, "cid": cid}
+        if to is not None:
+            req["to"] = to
+        else:
+            req["room"] = self.room
+        self._offers[cid] = {"path": path, "size": size, "name": path.name}
+        self._enqueue(req)
+        return cid
+
+    def accept_file(self, tid: str, folder: str | Path | None = None) -> Path | None:
+        """Accept an offered file into `folder` (Downloads by default); the path it
+        is being written to (a .part file until verified), or None."""
+        offer = self.offers_in.get(tid)
+        if offer is None or tid in self.incoming:
+            return None
+        folder = Path(folder).expanduser() if folder else download_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        part, f = create_unique(folder, offer["name"] + ".part")
+        self.incoming[tid] = {"offer": offer, "file": f, "part": part, "folder": folder,
+                              "hash": hashlib.sha256(), "received": 0,
+                              "started": time.monotonic(), "shown": 0.0}
+        self._enqueue({"type": "file_accept", "id": tid})
+        return part
+
+    def decline_file(self, tid: str) -> bool:
+        if self.offers_in.pop(tid, None) is None:
+            return False
+        self._enqueue({"type": "file_decline", "id": tid})
+        return True
+
+    def cancel_file(self, tid: str) -> bool:
+        """Cancel a transfer in either direction."""
+        if tid in self.incoming:
+            self._end_incoming(tid, False, "you cancelled it")
+            self._enqueue({"type": "file_cancel", "id": tid})
+            return True
+        out = self.outgoing.pop(tid, None)
+        if out is None:
+            return False
+        for task in out["tasks"].values():
+            task.cancel()
+        self._enqueue({"type": "file_cancel", "id": tid})
+        self._emit({"type": "file_failed", "id": tid, "name": out["name"], "direction": "out",
+                    "nick": "", "reason": "you cancelled it"})
+        return True
+
+    def _progress(self, tid: str, direction: str, nick: str, done: int, size: int,
+                  started: float) -> None:
+        elapsed = max(1e-6, time.monotonic() - started)
+        speed = done / elapsed
+        self._emit({"type": "file_progress", "id": tid, "direction": direction, "nick": nick,
+                    "done": done, "size": size, "speed": speed,
+                    "eta": (size - done) / speed if speed > 0 else None})
+
+    def _file_event(self, event: dict) -> bool:
+        """Handle a file_* event; False if the UI should not see it as it is."""
+        kind, tid = event.get("type"), str(event.get("id", ""))
+        if kind == "file_offer":
+            cid = event.get("cid")
+            mine = event.get("from") == self.nick and cid in self._offers
+            if mine:
+                info = self._offers.pop(cid)
+                self.outgoing[tid] = dict(info, id=tid, tasks={}, acks={})
+            else:
+                self.offers_in[tid] = event
+            self._emit(dict(event, mine=mine))
+            return False
+        if kind == "file_accept":
+            out = self.outgoing.get(tid)
+            nick = str(event.get("nick", ""))
+            if out is not None and nick not in out["tasks"]:
+                out["acks"][nick] = asyncio.Event()
+                out["tasks"][nick] = asyncio.get_running_loop().create_task(
+                    self._stream_file(tid, nick))
+            return True
+        if kind == "file_ack":
+            out = self.outgoing.get(tid)
+            if out is not None and str(event.get("nick")) in out["acks"]:
+                out.setdefault("acked", {}).setdefault(str(event["nick"]), 0)
+                out["acked"][str(event["nick"])] += 1
+                out["acks"][str(event["nick"])].set()
+            return False
+        if kind == "file_chunk":
+            self._receive_chunk(tid, event)
+            return False
+        if kind == "file_done":
+            self._finish_incoming(tid)
+            return False
+        if kind == "file_result":
+            out = self.outgoing.get(tid)
+            name = out["name"] if out else tid
+            self._emit({"type": "file_sent" if event.get("ok") else "file_failed", "id": tid,
+                        "name": name, "direction": "out", "nick": event.get("nick"),
+                        "reason": event.get("reason", "")})
+            return False
+        if kind == "file_cancel":
+            if tid in self.incoming:
+                self._end_incoming(tid, False, str(event.get("reason") or "cancelled"))
+            elif tid in self.offers_in:
+                self.offers_in.pop(tid)
+            out = self.outgoing.get(tid)
+            nick = str(event.get("nick", ""))
+            if out is not None and nick in out["tasks"]:
+                out["tasks"].pop(nick).cancel()
+            return True
+        return True
+
+    async def _stream_file(self, tid: str, nick: str) -> None:
+        """Send the file to one receiver, at most FILE_WINDOW chunks ahead of its acks."""
+        out = self.outgoing[tid]
+        started, sent, seq = time.monotonic(), 0, 0
+        shown = 0.0
+        try:
+            with open(out["path"], "rb") as f:
+                while True:
+                    data = f.read(FILE_CHUNK)
+                    if not data and seq > 0 and sent >= out["size"]:
+                        break
+                    while seq - out.get("acked", {}).get(nick, 0) >= FILE_WINDOW:
+                        out["acks"][nick].clear()
+                        await out["acks"][nick].wait()
+                    writer = self._writer
+                    if writer is None:
+                        raise ConnectionError("not connected")
+                    writer.write(encode({"type": "file_chunk", "id": tid, "to": nick,
+                                         "seq": seq, "data": base64.b64encode(data).decode()}))
+                    await writer.drain()
+                    seq += 1
+                    sent += len(data)
+                    if time.monotonic() - shown > 0.2 or sent >= out["size"]:
+                        shown = time.monotonic()
+                        self._progress(tid, "out", nick, sent, out["size"], started)
+                    if not data:
+                        break
+            self._writer.write(encode({"type": "file_done", "id": tid, "to": nick}))
+        except asyncio.CancelledError:
+            raise
+        except (OSError, ConnectionError, AttributeError) as e:
+            self._emit({"type": "file_failed", "id": tid, "name": out["name"], "direction": "out",
+                        "nick": nick, "reason": str(e)})
+        finally:
+            out["tasks"].pop(nick, None)
+
+    def _receive_chunk(self, tid: str, event: dict) -> None:
+        state = self.incoming.get(tid)
+        if state is None:
+            return
+        try:
+            data = base64.b64decode(str(event.get("data", "")), validate=True)
+            state["file"].write(data)
+        except (ValueError, OSError) as e:
+            self._end_incoming(tid, False, f"could not write it: {e}")
+            self._enqueue({"type": "file_cancel", "id": tid, "reason": "receiver failed"})
+            return
+        state["hash"].update(data)
+        state["received"] += len(data)
+        size = state["offer"]["size"]
+        if state["received"] > size:
+            self._end_incoming(tid, False, "more data than offered")
+            self._enqueue({"type": "file_cancel", "id": tid, "reason": "too much data"})
+            return
+        if self._writer is not None:  # acks skip the paced queue: they are flow control
+            self._writer.write(encode({"type": "file_ack", "id": tid, "seq": event.get("seq")}))
+        if time.monotonic() - state["shown"] > 0.2 or state["received"] >= size:
+            state["shown"] = time.monotonic()
+            self._progress(tid, "in", str(state["offer"].get("from")), state["received"], size,
+                           state["started"])
+
+    def _finish_incoming(self, tid: str) -> None:
+        state = self.incoming.get(tid)
+        if state is None:
+            return
+        offer = state["offer"]
+        if state["received"] != offer["size"]:
+            ok, reason = False, f"incomplete: {state['received']} of {offer['size']} bytes"
+        elif state["hash"].hexdigest() != offer["sha256"]:
+            ok, reason = False, "the SHA-256 does not match: corrupted on the way"
+        else:
+            ok, reason = True, ""
+        self._end_incoming(tid, ok, reason)
+        req = {"type": "file_received", "id": tid, "ok": ok}
+        if reason:
+            req["reason"] = reason
+        self._enqueue(req)
+
+    def _end_incoming(self, tid: str, ok: bool, reason: str) -> None:
+        """Close a received file: keep it under its final name, or delete it."""
+        state = self.incoming.pop(tid)
+        self.offers_in.pop(tid, None)
+        state["file"].close()
+        offer = state["offer"]
+        if ok:
+            final, f = create_unique(state["folder"], offer["name"])
+            f.close()
+            os.replace(state["part"], final)
+            self._emit({"type": "file_received", "id": tid, "name": offer["name"],
+                        "path": str(final), "size": offer["size"],
+                        "nick": offer.get("from"), "direction": "in"})
+        else:
+            try:
+                state["part"].unlink()
+            except OSError:
+                pass
+            self._emit({"type": "file_failed", "id": tid, "name": offer["name"],
+                        "direction": "in", "nick": offer.get("from"),
+                        "reason": f"{reason}; the partial file was deleted"})
+
+    def _fail_transfers(self, reason: str) -> None:
+        """The connection is gone, and with it every transfer (the server forgets
+        them too)."""
+        for tid in list(self.incoming):
+            self._end_incoming(tid, False, reason)
+        for tid, out in list(self.outgoing.items()):
+            for nick, task in list(out["tasks"].items()):
+                task.cancel()
+                self._emit({"type": "file_failed", "id": tid, "name": out["name"],
+                            "direction": "out", "nick": nick, "reason": reason})
+        self.outgoing.clear()
+        self.offers_in.clear()
+
     # --- internals
     def _emit(self, event: dict) -> None:
         self.on_event(event)
@@ -2072,6 +2608,7 @@ class ChatClient:
                 reason = f"connection lost ({detail or e.__class__.__name__})"
             finally:
                 self.registered = False
+                self._fail_transfers("the connection was lost")
                 if self._pump is not None:
                     self._pump.cancel()
                     self._pump = None
@@ -2263,6 +2800,10 @@ class ChatClient:
         kind = event.get("type")
         if kind in LOCAL_EVENTS:
             return  # a server must not impersonate the client's own events
+        if isinstance(kind, str) and kind.startswith("file_"):
+            if isinstance(event.get("id"), str) and self._file_event(event):
+                self._emit(event)
+            return
         room_key = nick_key(str(event.get("room") or ""))
         sender = nick_key(str(event.get("from") or event.get("nick") or ""))
         if kind in ("msg", "pm", "typing") and sender in self.ignored and \

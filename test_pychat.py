@@ -9,6 +9,8 @@ never fixed sleeps.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import io
 import json
 import os
@@ -1806,6 +1808,194 @@ class SoakTests(unittest.TestCase):
         proc.terminate()
         self.assertEqual(proc.wait(TIMEOUT), 0)
         self.assertNotIn("Traceback", proc.stderr.read())
+
+
+# ===========================================================================
+# 4c. File transfer (issue 7)
+# ===========================================================================
+
+class FileNameTests(unittest.TestCase):
+    def test_hostile_names_become_safe_base_names(self):
+        cases = {"../../x": "x", "C:\\x": "x", "C:x": "C_x", "con.txt": "_con.txt",
+                 "LPT1": "_LPT1", "a\nb\x1b[31m.txt": "ab[31m.txt", "..": "file",
+                 ".hidden": "hidden", "/etc/passwd": "passwd", "ok name.pdf": "ok name.pdf",
+                 "a\u202egnp.exe": "agnp.exe", "x" * 300 + ".png": "x" * 196 + ".png",
+                 "what?.txt": "what_.txt", "": "file"}
+        for hostile, safe in cases.items():
+            with self.subTest(hostile=hostile):
+                self.assertEqual(pychat.safe_file_name(hostile), safe)
+
+    def test_sizes(self):
+        self.assertEqual(pychat.parse_size("5000"), 5000)
+        self.assertEqual(pychat.parse_size("10K"), 10240)
+        self.assertEqual(pychat.parse_size("2M"), 2 * 1024 ** 2)
+        self.assertEqual(pychat.parse_size("1G"), 1024 ** 3)
+        with self.assertRaises(ValueError):
+            pychat.parse_size("lots")
+
+    def test_existing_files_are_never_overwritten(self):
+        folder = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, folder, True)
+        names = []
+        for _ in range(3):
+            path, f = pychat.create_unique(folder, "report.pdf")
+            f.close()
+            names.append(path.name)
+        self.assertEqual(names, ["report.pdf", "report (1).pdf", "report (2).pdf"])
+
+
+class FileTransferTests(ServerCase):
+    server_options = {"max_file_size": 20 * 1024 * 1024}
+
+    async def start_client(self, nick: str, **kw) -> tuple[ChatClient, list[dict], asyncio.Task]:
+        client, events, task = await ClientTests.start_client(self, nick, **kw)
+        await wait_for(lambda: client.registered, what=f"{nick} registered")
+        return client, events, task
+
+    def make_file(self, name: str, size: int) -> Path:
+        folder = Path(tempfile.mkdtemp(prefix="pychat-send-"))
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = folder / name
+        path.write_bytes(random.Random(size).randbytes(size))
+        return path
+
+    def downloads(self) -> Path:
+        folder = Path(tempfile.mkdtemp(prefix="pychat-recv-"))
+        self.addCleanup(shutil.rmtree, folder, True)
+        return folder
+
+    async def offer_to_bob(self, path: Path) -> tuple:
+        alice, a_events, _ = await self.start_client("alice")
+        bob, b_events, _ = await self.start_client("bob")
+        alice.send_file(path, to="bob")
+        await wait_for(lambda: bob.offers_in, what="the offer")
+        (tid,) = bob.offers_in
+        return alice, a_events, bob, b_events, tid
+
+    async def test_a_multi_megabyte_file_arrives_identical_while_chat_flows(self):
+        path = self.make_file("big.bin", 6 * 1024 * 1024 + 123)
+        alice, a_events, bob, b_events, tid = await self.offer_to_bob(path)
+        offer = bob.offers_in[tid]
+        self.assertEqual((offer["from"], offer["name"], offer["size"]),
+                         ("alice", "big.bin", path.stat().st_size))
+        watcher = await self.connect("carol")
+        folder = self.downloads()
+        bob.accept_file(tid, folder)
+        worst, n = 0.0, 0
+        while not any(e["type"] == "file_received" for e in b_events):
+            n += 1
+            sent = time.monotonic()
+            await watcher.send({"type": "msg", "text": f"ping {n}"})
+            await watcher.expect("msg", text=f"ping {n}")
+            worst = max(worst, time.monotonic() - sent)
+            await wait_for(lambda: True)
+            if time.monotonic() - sent < 0.2:
+                await asyncio.sleep(0.2 - (time.monotonic() - sent))
+            self.assertLess(n, 200, "the transfer did not finish")
+        got = next(e for e in b_events if e["type"] == "file_received")
+        self.assertEqual(Path(got["path"]).read_bytes(), path.read_bytes())
+        self.assertEqual(sorted(p.name for p in folder.iterdir()), ["big.bin"])
+        await wait_for(lambda: any(e["type"] == "file_sent" for e in a_events), what="result")
+        self.assertTrue(any(e["type"] == "file_progress" and e["direction"] == "in"
+                            for e in b_events))
+        self.assertLess(worst, 2.0)  # a liveness bound: chat kept moving during the file
+
+    async def test_declining_writes_nothing(self):
+        path = self.make_file("no.txt", 1000)
+        alice, a_events, bob, b_events, tid = await self.offer_to_bob(path)
+        folder = self.downloads()
+        self.assertTrue(bob.decline_file(tid))
+        await wait_for(lambda: any(e["type"] == "file_decline" for e in a_events),
+                       what="the sender hears it")
+        self.assertEqual(list(folder.iterdir()), [])
+
+    async def test_a_corrupted_transfer_is_detected_and_removed(self):
+        path = self.make_file("data.bin", 100_000)
+        alice, a_events, bob, b_events, tid = await self.offer_to_bob(path)
+        path.write_bytes(b"\0" * 100_000)  # changed after the offer: the hash no longer fits
+        folder = self.downloads()
+        bob.accept_file(tid, folder)
+        await wait_for(lambda: any(e["type"] == "file_failed" for e in b_events),
+                       what="the failure")
+        failed = next(e for e in b_events if e["type"] == "file_failed")
+        self.assertIn("SHA-256", failed["reason"])
+        self.assertEqual(list(folder.iterdir()), [])
+        await wait_for(lambda: any(e["type"] == "file_failed" for e in a_events),
+                       what="the sender hears it")
+
+    async def test_a_truncated_transfer_is_detected_and_removed(self):
+        path = self.make_file("short.bin", 200_000)
+        alice, a_events, bob, b_events, tid = await self.offer_to_bob(path)
+        with open(path, "r+b") as f:
+            f.truncate(50_000)
+        folder = self.downloads()
+        bob.accept_file(tid, folder)
+        await wait_for(lambda: any(e["type"] == "file_failed" for e in b_events),
+                       what="the failure")
+        self.assertIn("incomplete", next(e for e in b_events if e["type"] == "file_failed")
+                      ["reason"])
+        self.assertEqual(list(folder.iterdir()), [])
+
+    async def test_hostile_names_land_safely_inside_the_download_folder(self):
+        bob, b_events, _ = await self.start_client("bob")
+        mallory = await self.connect("mallory")
+        folder = self.downloads()
+        for name in ("../../x", "C:\\x", "con.txt", "a\nb\x1b[2J.txt"):
+            await mallory.send({"type": "file_offer", "to": "bob", "name": name, "size": 3,
+                                "sha256": hashlib.sha256(b"abc").hexdigest()})
+            offer = await mallory.expect("file_offer")
+            await wait_for(lambda: offer["id"] in bob.offers_in, what="the offer")
+            bob.accept_file(offer["id"], folder)
+            await mallory.expect("file_accept")
+            await mallory.send({"type": "file_chunk", "id": offer["id"], "to": "bob", "seq": 0,
+                                "data": base64.b64encode(b"abc").decode()})
+            await mallory.send({"type": "file_done", "id": offer["id"], "to": "bob"})
+            await mallory.expect("file_result", ok=True)
+        self.assertEqual(sorted(p.name for p in folder.iterdir()),
+                         ["_con.txt", "ab[2J.txt", "x", "x (1)"])
+
+    async def test_over_size_and_disabled_transfers_are_refused(self):
+        alice = await self.connect("alice")
+        await self.connect("bob")
+        await alice.send({"type": "file_offer", "to": "bob", "name": "huge", "cid": "c1",
+                          "size": 20 * 1024 * 1024 + 1, "sha256": "0" * 64})
+        err = await alice.expect("error")
+        self.assertEqual((err["code"], err["cid"]), ("file_too_big", "c1"))
+        self.server.max_file_size = 0
+        await alice.send({"type": "file_offer", "to": "bob", "name": "x", "size": 1,
+                          "sha256": "0" * 64})
+        self.assertEqual((await alice.expect("error"))["code"], "transfers_disabled")
+
+    async def test_the_server_holds_only_a_window_of_chunks(self):
+        alice = await self.connect("alice")
+        bob = await self.connect("bob")
+        await alice.send({"type": "file_offer", "to": "bob", "name": "x", "size": 10 ** 7,
+                          "sha256": "0" * 64})
+        offer = await bob.expect("file_offer")
+        await bob.send({"type": "file_accept", "id": offer["id"]})
+        await alice.expect("file_accept")
+        chunk = base64.b64encode(b"\0" * pychat.FILE_CHUNK).decode()
+        for seq in range(pychat.FILE_WINDOW + 1):  # bob never acknowledges
+            await alice.send({"type": "file_chunk", "id": offer["id"], "to": "bob", "seq": seq,
+                              "data": chunk})
+        self.assertEqual((await alice.expect("error"))["code"], "file_window")
+        cancel = await bob.expect("file_cancel")
+        self.assertEqual(cancel["id"], offer["id"])
+        # What the server relayed to bob is bounded by the window, not the file size.
+        chunks = [e for e in bob.seen if e["type"] == "file_chunk"]
+        self.assertEqual(len(chunks), pychat.FILE_WINDOW)
+
+    async def test_cancel_from_either_side(self):
+        path = self.make_file("c.bin", 3 * 1024 * 1024)
+        alice, a_events, bob, b_events, tid = await self.offer_to_bob(path)
+        folder = self.downloads()
+        bob.accept_file(tid, folder)
+        await wait_for(lambda: any(e["type"] == "file_progress" for e in b_events),
+                       what="progress")
+        self.assertTrue(alice.cancel_file(tid))
+        await wait_for(lambda: any(e["type"] == "file_failed" for e in b_events),
+                       what="bob hears of it")
+        self.assertEqual(list(folder.iterdir()), [])
 
 
 # ===========================================================================
