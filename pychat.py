@@ -1574,7 +1574,7 @@ class ChatServer:
         data = encode(offer)
         for member in audience:
             member.send(data)
-        echo = dict(offer)
+        echo = dict(offer, recipients=[m.nick for m in audience])
         if msg.get("cid") is not None:
             echo["cid"] = msg["cid"]
         s.send(encode(echo))
@@ -1698,8 +1698,10 @@ class ChatServer:
             else:
                 key = nick_key(s.nick or "")
                 stream = t.streams.get(key)
-                if stream is not None and stream[0] is s:
-                    del t.streams[key]
+                if (stream is not None and stream[0] is s) or (stream is None and
+                                                                key in t.eligible):
+                    t.streams.pop(key, None)
+                    t.eligible.discard(key)
                     t.sender.send(encode({"type": "file_cancel", "id": t.id, "nick": s.nick,
                                           "reason": f"{s.nick} left"}))
 
@@ -2004,7 +2006,8 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
                 motd=args.motd, rooms=rooms, password=password, op_password=op_password,
                 ssl_context=ssl_context, data_dir=args.data_dir, fsync=args.fsync,
                 max_log_mb=args.max_log_mb, max_clients=args.max_clients,
-                max_per_address=args.max_per_address, connect_rate=args.connect_rate)
+                max_per_address=args.max_per_address, connect_rate=args.connect_rate,
+                max_file_size=args.max_file_size)
 
 
 def _raise_open_files(wanted: int) -> None:
@@ -2340,6 +2343,12 @@ class ChatClient:
                     "nick": "", "reason": "you cancelled it"})
         return True
 
+    def transfers_busy(self) -> bool:
+        """Files we offered that someone may still accept or is still receiving,
+        or files we are receiving."""
+        return bool(self._offers or self.incoming or any(
+            out["waiting"] or out["tasks"] for out in self.outgoing.values()))
+
     def _progress(self, tid: str, direction: str, nick: str, done: int, size: int,
                   started: float) -> None:
         elapsed = max(1e-6, time.monotonic() - started)
@@ -2356,7 +2365,8 @@ class ChatClient:
             mine = event.get("from") == self.nick and cid in self._offers
             if mine:
                 info = self._offers.pop(cid)
-                self.outgoing[tid] = dict(info, id=tid, tasks={}, acks={})
+                waiting = {str(n) for n in event.get("recipients") or []}
+                self.outgoing[tid] = dict(info, id=tid, tasks={}, acks={}, waiting=waiting)
             else:
                 self.offers_in[tid] = event
             self._emit(dict(event, mine=mine))
@@ -2382,9 +2392,16 @@ class ChatClient:
         if kind == "file_done":
             self._finish_incoming(tid)
             return False
+        if kind in ("file_result", "file_decline", "file_cancel") and tid in self.outgoing:
+            self.outgoing[tid]["waiting"].discard(str(event.get("nick", "")))
+            if not self.outgoing[tid]["waiting"] and not self.outgoing[tid]["tasks"] and \
+                    kind != "file_result":
+                self.outgoing.pop(tid)
         if kind == "file_result":
             out = self.outgoing.get(tid)
             name = out["name"] if out else tid
+            if out is not None and not out["waiting"] and not out["tasks"]:
+                self.outgoing.pop(tid)
             self._emit({"type": "file_sent" if event.get("ok") else "file_failed", "id": tid,
                         "name": name, "direction": "out", "nick": event.get("nick"),
                         "reason": event.get("reason", "")})
@@ -2432,6 +2449,7 @@ class ChatClient:
         except asyncio.CancelledError:
             raise
         except (OSError, ConnectionError, AttributeError) as e:
+            out["waiting"].discard(nick)
             self._emit({"type": "file_failed", "id": tid, "name": out["name"], "direction": "out",
                         "nick": nick, "reason": str(e)})
         finally:
@@ -3212,6 +3230,9 @@ CLI_HELP = """Commands:
   /msg NICK TEXT        a private message
   /away [MESSAGE]       mark yourself away; /back when you return
   /ignore [NICK]        hide someone here (saved); /unignore NICK; no NICK: the list
+  /send [NICK] PATH     offer a file to the room (or to NICK); they accept or decline
+  /accept ID  /decline ID  /cancel ID   answer a file offer, or stop a transfer
+  /files                files offered to you and transfers under way
   /op PASSWORD          become an operator, then:
   /kick NICK [WHY]  /ban NICK [MINUTES]  /unban NICK  /mute NICK  /unmute NICK
   /quit [REASON]        leave (Ctrl-D and Ctrl-C work too)
@@ -3220,7 +3241,8 @@ CLI_HELP = """Commands:
 
 COMMANDS = ("/help", "/nick", "/me", "/who", "/quit", "/join", "/room", "/part", "/rooms",
             "/topic", "/msg", "/away", "/back", "/ignore", "/unignore", "/op", "/kick",
-            "/ban", "/unban", "/mute", "/unmute")
+            "/ban", "/unban", "/mute", "/unmute", "/send", "/accept", "/decline", "/cancel",
+            "/files")
 
 
 def parse_command(line: str) -> tuple[str, str]:
@@ -3289,6 +3311,7 @@ class Terminal:
         self.editor: WindowsLineEditor | None = None
         self.rl_point: Callable[[], int] | None = None
         self.lock = threading.Lock()
+        self.transient_shown = False   # the last line printed was a progress line
         self.my_nick = ""
         self.room = LOBBY                # messages from other rooms get a [#room] prefix
         self.broken = False
@@ -3397,31 +3420,76 @@ class Terminal:
         if kind == "leave" and e.get("reason") == "part" and nick_key(
                 str(e.get("nick"))) == nick_key(self.my_nick):
             return self.system(ts, f"You left {e.get('room')}")
+        if kind.startswith("file_"):
+            return self.format_file_event(e)
+        return None
+
+    def format_file_event(self, e: dict) -> str | None:
+        kind, tid = e.get("type"), strip_terminal(str(e.get("id")))
+        name = strip_terminal(str(e.get("name", "")))
+        nick = strip_terminal(str(e.get("nick") or e.get("from") or ""))
+        size = format_size(e.get("size") or 0)
+        if kind == "file_offer":
+            if e.get("mine"):
+                to = strip_terminal(str(e.get("to") or e.get("room")))
+                return self.system(e.get("ts"), f"You offer {name} ({size}) to {to} [{tid}]; "
+                                                "waiting for answers")
+            where = "you" if e.get("to") else strip_terminal(str(e.get("room")))
+            return self.system(e.get("ts"), f"{nick} offers {name} ({size}) to {where}: "
+                                            f"/accept {tid} or /decline {tid}")
+        if kind == "file_accept":
+            return self.system(None, f"{nick} accepted [{tid}]; sending")
+        if kind == "file_decline":
+            return self.system(None, f"{nick} declined [{tid}]")
+        if kind == "file_cancel":
+            return self.system(None, f"[{tid}] {nick} stopped the transfer: "
+                                     f"{strip_terminal(str(e.get('reason', '')))}")
+        if kind == "file_received":
+            return self.system(None, f"Received {name} ({size}) from {nick}, size and SHA-256 "
+                                     f"checked: {strip_terminal(str(e.get('path')))}")
+        if kind == "file_sent":
+            return self.system(None, f"{nick} received {name}, checked")
+        if kind == "file_failed":
+            who = f" ({nick})" if nick else ""
+            return self._c("31", f"! {name}{who}: {strip_terminal(str(e.get('reason')))}")
+        if kind == "file_progress":
+            done, total = int(e.get("done") or 0), int(e.get("size") or 0)
+            share = 100 * done / total if total else 100
+            eta = e.get("eta")
+            left = f", {eta:.0f} s left" if isinstance(eta, (int, float)) and done < total else ""
+            arrow = "->" if e.get("direction") == "out" else "<-"
+            return (f"[{tid}] {arrow} {nick} {share:5.1f}% {format_size(done)} of "
+                    f"{format_size(total)} at {format_size(e.get('speed') or 0)}/s{left}")
         return None
 
     # --- output
-    def show(self, text: str) -> None:
-        """Print lines above the prompt and redraw the prompt and typed text."""
+    def show(self, text: str, transient: bool = False) -> None:
+        """Print lines above the prompt and redraw the prompt and typed text.  A
+        transient line (progress) is replaced by the next one on a terminal."""
         with self.lock:
             if self.broken:
                 return
             try:
-                self._write(text)
+                if self.interactive:
+                    columns = shutil.get_terminal_size().columns or 80
+                    text = text if not transient else text[:columns - 1]
+                self._write(text, transient)
             except (BrokenPipeError, OSError, ValueError):
                 self.broken = True  # stdout went away (| head): stop printing, keep chatting
 
-    def _write(self, text: str) -> None:
+    def _write(self, text: str, transient: bool = False) -> None:
         if not self.interactive:
             self.out.write(text + "\n")
             self.out.flush()
             return
+        replace, self.transient_shown = self.transient_shown, transient
         typed, point = self._draft()
         columns = shutil.get_terminal_size().columns or 80
         at = _width(self.prompt + typed[:point])   # where the cursor is in the draft
         end = _width(self.prompt + typed)
         # Up to the draft's first row, clear down, print, draw the draft again,
         # then put the cursor back where the user was editing.
-        up = at // columns
+        up = at // columns + (1 if replace else 0)  # the progress line above, too
         out = "\r" + (f"\x1b[{up}A" if up else "") + "\x1b[J" + text + "\n" + self.prompt + typed
         if point < len(typed):
             back = end // columns - at // columns
@@ -3549,7 +3617,7 @@ async def _run_cli(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str | None] = asyncio.Queue()
     done = asyncio.Event()
-    status = {"code": 0, "failed": 0, "input_started": False}
+    status = {"code": 0, "failed": 0, "input_started": False, "progress_at": 0.0}
     settings_path = config_dir() / "settings.json"
     settings = load_settings(settings_path)
     ignored = {str(n) for n in settings.get("ignore", []) if isinstance(n, str)}
@@ -3614,10 +3682,33 @@ async def _run_cli(args: argparse.Namespace) -> int:
         if kind == "status" and not interactive and event.get("state") in ("connecting",
                                                                            "connected"):
             return  # scripts want the chat, not the connection chatter
+        if kind == "file_failed":
+            status["failed"] += 1
+        if kind == "file_progress" and not interactive:  # a line every 2 s is plenty
+            if time.monotonic() - status["progress_at"] < 2 and event["done"] < event["size"]:
+                return
+            status["progress_at"] = time.monotonic()
         term.room = client.room
         text = term.format_event(event)
         if text is not None:
-            term.show(text)
+            term.show(text, transient=kind == "file_progress")
+        if kind == "file_offer" and not event.get("mine") and args.auto_accept_max is not None \
+                and int(event.get("size") or 0) <= args.auto_accept_max:
+            accept(str(event.get("id")))
+
+    def accept(tid: str) -> None:
+        try:
+            part = client.accept_file(tid, args.download_dir)
+        except OSError as e:
+            status["failed"] += 1
+            error_line(f"Cannot save into {args.download_dir or download_dir()}: "
+                       f"{e.strerror or e}")
+            return
+        if part is None:
+            error_line(f"No file offer {strip_terminal(tid)} is waiting for you. /files "
+                       "lists them.")
+        else:
+            term.show(term.system(None, f"Accepted [{tid}]; saving to {part.parent}"))
 
     password = None
     try:
@@ -3658,11 +3749,29 @@ async def _run_cli(args: argparse.Namespace) -> int:
                 await wait_registered()
                 if line is None:
                     await client.wait_sent()
+                    await wait_transfers()
             if line is None:  # end of input
                 await client.quit("end of input" if not interactive else "")
                 return
             if not await handle_input(line):
                 return
+
+    async def wait_transfers() -> None:
+        """A script's end waits for its files: every receiver has finished or
+        answered, or nothing has happened for a minute."""
+        idle_since, seen = time.monotonic(), None
+        while client.transfers_busy() and not client.closed:
+            now_state = (len(client.outgoing), len(client.incoming), status["failed"],
+                         sum(len(o["waiting"]) for o in client.outgoing.values()))
+            if now_state != seen:
+                seen, idle_since = now_state, time.monotonic()
+            busy = any(o["tasks"] for o in client.outgoing.values()) or client.incoming
+            if not busy and time.monotonic() - idle_since > 60:
+                waiting = sorted({n for o in client.outgoing.values() for n in o["waiting"]})
+                error_line(f"No answer from {', '.join(waiting)}; giving up on the files.")
+                status["failed"] += 1
+                return
+            await asyncio.sleep(0.05)
 
     async def wait_registered() -> None:
         while not client.ever_registered and not client.closed:
@@ -3724,6 +3833,36 @@ async def _run_cli(args: argparse.Namespace) -> int:
             if not first or not rest:
                 return error_line("Usage: /msg NICK TEXT")
             return _send(rest, False, to=first)
+        elif cmd == "send":
+            if not arg:
+                return error_line("Usage: /send [NICK] PATH")
+            # "/send bob my file.pdf": a nick first, unless the whole argument is a file.
+            to, path = (first, rest) if rest and not Path(arg).expanduser().exists() \
+                else (None, arg)
+            try:
+                client.send_file(path, to)
+            except OSError as e:
+                status["failed"] += 1
+                return error_line(f"Cannot send {path}: {e.strerror or e}")
+        elif cmd == "accept":
+            accept(first) if first else error_line("Usage: /accept ID (see /files)")
+        elif cmd == "decline":
+            if not client.decline_file(first):
+                error_line(f"No file offer {strip_terminal(first)} is waiting. /files lists them.")
+        elif cmd == "cancel":
+            if not client.cancel_file(first):
+                error_line(f"No transfer {strip_terminal(first)} under way. /files lists them.")
+        elif cmd == "files":
+            rows = [f"[{tid}] {strip_terminal(str(o.get('from')))} offers "
+                    f"{strip_terminal(str(o.get('name')))} ({format_size(o.get('size', 0))})"
+                    for tid, o in client.offers_in.items() if tid not in client.incoming]
+            rows += [f"[{tid}] receiving {strip_terminal(st['offer']['name'])}: "
+                     f"{format_size(st['received'])} of {format_size(st['offer']['size'])}"
+                     for tid, st in client.incoming.items()]
+            rows += [f"[{tid}] sending {strip_terminal(o['name'])} to "
+                     f"{', '.join(sorted(o['tasks'])) or 'nobody yet'}"
+                     for tid, o in client.outgoing.items()]
+            term.show(term.system(None, "Files: " + ("; ".join(rows) or "none")))
         elif isinstance(request := command_request(cmd, arg, client.room), tuple):
             client.request(request[0], **request[1])
         elif isinstance(request, str):
@@ -5613,6 +5752,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -5720,6 +5866,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--connect-rate", type=_non_negative, default=CONNECT_RATE, metavar="R",
                      help=f"new connections per second allowed from one address, after a "
                           f"first {CONNECT_BURST} at once; 0 for no limit (default: %(default)s)")
+    srv.add_argument("--max-file-size", type=_size, default=MAX_FILE_SIZE, metavar="SIZE",
+                     help="largest file relayed, in bytes or with K/M/G; 0 turns file "
+                          "transfer off (default: 100M)")
     srv.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"], help="how much to log (default: %(default)s)")
     srv.set_defaults(func=cmd_server)
@@ -5742,6 +5891,11 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--port", type=_port, default=DEFAULT_PORT, help="server port (default: %(default)s)")
     cli.add_argument("--nick", default=None,
                      help="your nick (default: asked for, or your login name when piped)")
+    cli.add_argument("--download-dir", metavar="DIR", default=None,
+                     help="where received files go (default: your Downloads folder)")
+    cli.add_argument("--auto-accept-max", type=_size, default=None, metavar="SIZE",
+                     help="accept offered files up to SIZE bytes without asking (K/M/G "
+                          "suffixes: 10M), e.g. for scripts")
     cli.add_argument("--no-history", action="store_true",
                      help="do not show the room's recent messages on joining")
     cli.add_argument("--password-file", metavar="FILE",

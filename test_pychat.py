@@ -1985,6 +1985,30 @@ class FileTransferTests(ServerCase):
         chunks = [e for e in bob.seen if e["type"] == "file_chunk"]
         self.assertEqual(len(chunks), pychat.FILE_WINDOW)
 
+    async def test_a_piped_cli_sends_a_file_to_an_auto_accepting_cli_and_waits(self):
+        path = self.make_file("report.pdf", 700_000)
+        folder = self.downloads()
+        bob = await asyncio.create_subprocess_exec(
+            sys.executable, PYCHAT, "cli", "--host", HOST, "--port", str(self.port), "--nick",
+            "bob", "--auto-accept-max", "1M", "--download-dir", str(folder),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        watcher = await self.connect("watcher")
+        await watcher.expect("join", nick="bob")
+        rc, out, err = await CliProcessTests.run_cli(self, "--nick", "ci",
+                                                     stdin=f"/send bob {path}\n")
+        self.assertEqual(rc, 0, err + out)  # only after bob has it, checked
+        self.assertIn("bob received report.pdf, checked", out)
+        self.assertEqual((folder / "report.pdf").read_bytes(), path.read_bytes())
+        bob.stdin.close()
+        bob_out, bob_err = await asyncio.wait_for(bob.communicate(), 30)
+        self.assertIn(b"Received report.pdf", bob_out)
+        self.assertNotIn(b"Traceback", bob_err)
+        rc, out, err = await CliProcessTests.run_cli(self, "--nick", "ci2",
+                                                     stdin="/send /nonexistent/file\n")
+        self.assertEqual(rc, 1)
+        self.assertIn("Cannot send /nonexistent/file", out + err)
+
     async def test_cancel_from_either_side(self):
         path = self.make_file("c.bin", 3 * 1024 * 1024)
         alice, a_events, bob, b_events, tid = await self.offer_to_bob(path)
