@@ -2287,7 +2287,8 @@ class ChatClient:
         self._stop.set()
 
     # --- file transfer
-    def send_file(self, path: str | Path, to: str | None = None) -> str:
+    def send_file(self, path: str | Path, to: str | None = None,
+                  room: str | None = None) -> str:
         """Offer a file to `to` (a nick) or to the current room; returns the cid.
         Raises OSError if the file cannot be read."""
         path = Path(path).expanduser()
@@ -2301,7 +2302,7 @@ class ChatClient:
         if to is not None:
             req["to"] = to
         else:
-            req["room"] = self.room
+            req["room"] = room or self.room
         self._offers[cid] = {"path": path, "size": size, "name": path.name}
         self._enqueue(req)
         return cid
@@ -2320,6 +2321,17 @@ class ChatClient:
                               "started": time.monotonic(), "shown": 0.0}
         self._enqueue({"type": "file_accept", "id": tid})
         return part
+
+    def report_file_error(self, call: Callable[..., Any], name: str, *args: Any) -> None:
+        """Run send_file or accept_file for a UI on another thread: a problem
+        comes back as a file_failed event instead of an exception."""
+        try:
+            call(*args)
+        except OSError as e:
+            self._emit({"type": "file_failed", "id": "", "name": name, "nick": "",
+                        "direction": "out" if call == self.send_file else "in",
+                        "reason": f"{e.strerror or e}" + (f": {e.filename}" if e.filename
+                                                          else "")})
 
     def decline_file(self, tid: str) -> bool:
         if self.offers_in.pop(tid, None) is None:
@@ -2995,6 +3007,21 @@ class ClientThread:
 
     def typing(self) -> None:
         self._call("typing")
+
+    def send_file(self, path: str, to: str | None = None, room: str | None = None) -> None:
+        if self.client is not None:
+            self._call("report_file_error", self.client.send_file, Path(path).name, path, to,
+                       room)
+
+    def accept_file(self, tid: str, name: str, folder: Path | None) -> None:
+        if self.client is not None:
+            self._call("report_file_error", self.client.accept_file, name, tid, folder)
+
+    def decline_file(self, tid: str) -> None:
+        self._call("decline_file", tid)
+
+    def cancel_file(self, tid: str) -> None:
+        self._call("cancel_file", tid)
 
     def set_nick(self, nick: str) -> None:
         self._call("set_nick", nick)
@@ -4037,6 +4064,7 @@ EMOJI = {
     "Symbols": "☺ ☹ ❤ ♥ ★ ☆ ✔ ✖ ☀ ☁ ☂ ☕ ♫ ⚡ ⚠ ♻ ✉ ✂ ⌛ ☎",
 }
 EMOJI_COLUMNS = 10
+THUMBNAIL = 200                # pixels: received pictures are shown this big at most
 COLOR_EMOJI_FONTS = ("Noto Color Emoji", "Apple Color Emoji", "Segoe UI Emoji",
                      "Twemoji", "JoyPixels", "EmojiOne Color", "Symbola")
 
@@ -4283,6 +4311,10 @@ class ChatWindow:
         self._link_count = 0
         self.links: dict[str, str] = {}    # url tag -> address
         self.draft = ""                    # what was typed before Up started recalling
+        self.download_dir: Path | None = None  # None: the Downloads folder
+        self.files: dict[str, dict] = {}   # transfer id -> its convo, name and widgets
+        self.thumbnails: collections.deque = collections.deque(maxlen=50)  # keep images alive
+        self.open_folder: Callable[[Path], Any] = _open_folder
         self.non_bmp = tk_handles_non_bmp(str(master.tk.call("info", "patchlevel")))
         families = set(tkfont.families(master))
         self.emoji = emoji_groups(self.non_bmp, families)
@@ -4392,9 +4424,14 @@ class ChatWindow:
                                         bg=THEME["button"], hover=THEME["button_hover"],
                                         font=(self.emoji_font or self.font[0], 12))
         self.emoji_button.widget.grid(row=0, column=1, padx=(8, 0), sticky="ns")
+        self.file_button = HoverButton(row, "📎" if self.emoji_font and self.non_bmp else "File",
+                                       self.choose_file, bg=THEME["button"],
+                                       hover=THEME["button_hover"],
+                                       font=(self.emoji_font or self.font[0], 12))
+        self.file_button.widget.grid(row=0, column=2, padx=(8, 0), sticky="ns")
         self.send_button = HoverButton(row, "Send", self.send_input, bg=THEME["accent"],
                                        hover=THEME["accent_hover"], font=self.fonts["bold"])
-        self.send_button.widget.grid(row=0, column=2, padx=(8, 0), sticky="ns")
+        self.send_button.widget.grid(row=0, column=3, padx=(8, 0), sticky="ns")
         self.input.bind("<Return>", self._on_return)
         self.input.bind("<Shift-Return>", self._on_shift_return)
         self.input.bind("<KP_Enter>", self._on_return)
@@ -4853,6 +4890,197 @@ class ChatWindow:
         self.pending_label.configure(
             text=tk_safe(f"⏳ Not delivered yet ({len(pending)}): {shown}{more}"))
 
+    # --- files
+    def choose_file(self) -> None:
+        from tkinter import filedialog
+        path = filedialog.askopenfilename(parent=self.master, title="Send a file")
+        if path:
+            self.offer_file(path)
+
+    def offer_file(self, path: str) -> None:
+        """Offer a file in the current conversation (a room, or one person)."""
+        target = Path(path).expanduser()
+        if not target.is_file():
+            self.add_system(f"Cannot send {path}: there is no such file.", "error")
+            return
+        if self.convo.is_room:
+            self.net.send_file(str(target), None, self.convo.name)
+        else:
+            self.net.send_file(str(target), self.convo.name, None)
+
+    def _file_convo(self, e: dict) -> Conversation:
+        if e.get("room"):
+            return self._convo(str(e["room"]))
+        other = e.get("to") if e.get("mine") else e.get("from")
+        return self._convo(str(other or LOBBY))
+
+    def _embed(self, convo: Conversation, widgets: list[Any], text: str = "",
+               tag: str = "system") -> None:
+        """A chat line holding widgets (buttons, a progress bar), after some text."""
+        c = convo.text
+        c.configure(state="normal")
+        c.insert("end", clock(None) + "  ", ("time",))
+        if text:
+            c.insert("end", tk_safe(text, self.non_bmp) + "  ", (tag,))
+        for w in widgets:
+            c.window_create("end", window=w, padx=3)
+        c.insert("end", "\n")
+        c.configure(state="disabled")
+        if convo.pinned:
+            c.see("end")
+
+    def _button(self, convo: Conversation, text: str, command: Callable[[], None],
+                colour: str = "button") -> Any:
+        return HoverButton(convo.text, text, command, bg=THEME[colour],
+                           hover=THEME["accent_hover" if colour == "accent" else "button_hover"],
+                           font=self.fonts["small"]).widget
+
+    def on_file_offer(self, e: dict) -> None:
+        tid, name = str(e.get("id")), str(e.get("name"))
+        convo = self._file_convo(e)
+        self.files[tid] = {"convo": convo, "name": name, "size": int(e.get("size") or 0)}
+        size = format_size(int(e.get("size") or 0))
+        if e.get("mine"):
+            self.add_system(f"You offer {name} ({size}); waiting for answers.", convo=convo)
+            return
+        accept = self._button(convo, "Accept", lambda: self.accept_file(tid), "accent")
+        decline = self._button(convo, "Decline", lambda: self.decline_file(tid))
+        self.files[tid]["answer"] = [accept, decline]
+        self._embed(convo, [accept, decline], f"{e.get('from')} offers {name} ({size})")
+        if not self.focused or convo is not self.convo:
+            convo.unread += 1
+            self._refresh_convos()
+        if not self.focused or e.get("to"):
+            self.notifier.ding()
+
+    def accept_file(self, tid: str) -> None:
+        info = self.files.get(tid)
+        if info is None:
+            return
+        for w in info.pop("answer", []):
+            w.destroy()
+        self.net.accept_file(tid, info["name"], self.download_dir)
+        self._progress_row(tid, "in", "")
+
+    def decline_file(self, tid: str) -> None:
+        info = self.files.pop(tid, None)
+        if info is not None:
+            for w in info.pop("answer", []):
+                w.destroy()
+            self.net.decline_file(tid)
+            self.add_system(f"You declined {info['name']}.", convo=info["convo"])
+
+    def _progress_row(self, tid: str, direction: str, nick: str) -> dict | None:
+        """The progress bar of one transfer (per receiver when sending)."""
+        from tkinter import ttk
+        info = self.files.get(tid)
+        if info is None:
+            return None
+        key = f"{direction}:{nick_key(nick)}" if direction == "out" else "in"
+        row = info.setdefault("rows", {}).get(key)
+        if row is None:
+            convo = info["convo"]
+            frame = self.tk.Frame(convo.text, bg=THEME["bg"])
+            label = self.tk.Label(frame, text=f"{info['name']}: waiting", bg=THEME["bg"],
+                                  fg=THEME["dim"], font=self.fonts["small"], anchor="w")
+            label.pack(side="top", fill="x")
+            bar = ttk.Progressbar(frame, length=260, maximum=100, mode="determinate")
+            bar.pack(side="left")
+            cancel = self._button(convo, "Cancel", lambda: self.net.cancel_file(tid))
+            row = info["rows"][key] = {"frame": frame, "label": label, "bar": bar,
+                                       "cancel": cancel}
+            self._embed(convo, [frame, cancel], ("Sending to " + nick) if nick else "")
+        return row
+
+    def on_file_accept(self, e: dict) -> None:
+        info = self.files.get(str(e.get("id")))
+        if info is not None:
+            self._progress_row(str(e.get("id")), "out", str(e.get("nick")))
+
+    def on_file_progress(self, e: dict) -> None:
+        row = self._progress_row(str(e.get("id")), str(e.get("direction")), str(e.get("nick")))
+        if row is None:
+            return
+        done, total = int(e.get("done") or 0), int(e.get("size") or 0)
+        row["bar"]["value"] = 100 * done / total if total else 100
+        eta = e.get("eta")
+        left = f" · {eta:.0f} s left" if isinstance(eta, (int, float)) and done < total else ""
+        row["label"].configure(text=f"{self.files[str(e['id'])]['name']}: "
+                                    f"{format_size(done)} of {format_size(total)} · "
+                                    f"{format_size(e.get('speed') or 0)}/s{left}")
+
+    def _finish_row(self, tid: str, key: str, text: str, colour: str) -> dict | None:
+        info = self.files.get(tid)
+        row = (info or {}).get("rows", {}).get(key)
+        if row is not None:
+            row["label"].configure(text=text, fg=THEME[colour])
+            row["cancel"].destroy()
+        return info
+
+    def on_file_received(self, e: dict) -> None:
+        tid, path = str(e.get("id")), Path(str(e.get("path")))
+        info = self._finish_row(tid, "in", f"{path.name}: saved, size and SHA-256 checked",
+                                "ok")
+        if info is None:
+            return
+        row = info["rows"]["in"]
+        row["bar"]["value"] = 100
+        convo = info["convo"]
+        opener = self._button(convo, "Open folder", lambda: self.open_folder(path.parent))
+        self._embed(convo, [opener], f"Saved as {path}")
+        if path.suffix.lower() in (".png", ".gif"):
+            self._thumbnail(convo, path)
+
+    def _thumbnail(self, convo: Conversation, path: Path) -> None:
+        """PNG and GIF pictures are shown inline, at most THUMBNAIL pixels wide or high."""
+        try:
+            image = self.tk.PhotoImage(master=self.master, file=str(path))
+        except self.tk.TclError as e:
+            self.add_system(f"(no preview: {e})", convo=convo)
+            return
+        factor = max(1, -(-max(image.width(), image.height()) // THUMBNAIL))
+        if factor > 1:
+            image = image.subsample(factor)
+        self.thumbnails.append(image)
+        c = convo.text
+        c.configure(state="normal")
+        c.image_create("end", image=image, padx=60)
+        c.insert("end", "\n")
+        c.configure(state="disabled")
+        if convo.pinned:
+            c.see("end")
+
+    def on_file_sent(self, e: dict) -> None:
+        tid = str(e.get("id"))
+        info = self._finish_row(tid, f"out:{nick_key(str(e.get('nick')))}",
+                                f"{e.get('name')}: {e.get('nick')} has it, checked", "ok")
+        if info is not None:
+            info["rows"][f"out:{nick_key(str(e.get('nick')))}"]["bar"]["value"] = 100
+
+    def on_file_failed(self, e: dict) -> None:
+        tid = str(e.get("id"))
+        key = "in" if e.get("direction") == "in" else f"out:{nick_key(str(e.get('nick')))}"
+        text = f"{e.get('name')}: {e.get('reason')}"
+        if self._finish_row(tid, key, text, "error") is None or \
+                key not in self.files.get(tid, {}).get("rows", {}):
+            info = self.files.get(tid)
+            self.add_system(text, "error", convo=info["convo"] if info else None)
+
+    def on_file_decline(self, e: dict) -> None:
+        info = self.files.get(str(e.get("id")))
+        if info is not None:
+            self.add_system(f"{e.get('nick')} declined {info['name']}.", convo=info["convo"])
+
+    def on_file_cancel(self, e: dict) -> None:
+        tid = str(e.get("id"))
+        info = self.files.get(tid)
+        if info is None:
+            return
+        for w in info.pop("answer", []):
+            w.destroy()
+        if not info.get("rows"):
+            self.add_system(f"{info['name']}: {e.get('reason')}", convo=info["convo"])
+
     def on_failed(self, e: dict) -> None:
         self.add_system(f"Not sent ({e.get('message')}): {str(e.get('text', ''))[:80]}", "error")
 
@@ -5069,6 +5297,9 @@ class ChatWindow:
         line = text.strip() if text.startswith("/") else text
         cmd, arg = parse_command(line)
         first, _, rest = arg.partition(" ")
+        if cmd == "send":
+            self.offer_file(arg) if arg else self.choose_file()
+            return
         if not self.convo.is_room and cmd == "part" and not first:
             self.close_convo(self.current)
             return
@@ -5153,6 +5384,19 @@ class ChatWindow:
         except self.tk.TclError:
             pass
         self.master.destroy()
+
+
+def _open_folder(folder: Path) -> None:
+    """Show a folder in the system's file manager."""
+    try:
+        if sys.platform == "win32":
+            os.startfile(folder)  # type: ignore[attr-defined]  # Windows only
+        else:
+            opener = "open" if sys.platform == "darwin" else "xdg-open"
+            subprocess.Popen([opener, str(folder)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    except OSError as e:
+        log.warning("could not open %s: %s", folder, e)
 
 
 def _open_in_browser(url: str) -> None:
@@ -5250,6 +5494,8 @@ class GuiApp:
         self.window = ChatWindow(self.root, self.net, nick=nick, host=host, port=port,
                                  notifier=self.notifier, ignored=self._ignored(),
                                  save_ignored=self._save_ignored)
+        folder = getattr(self.args, "download_dir", None)
+        self.window.download_dir = Path(folder).expanduser() if folder else None
         self.root.geometry("900x600")
         for event in self._early:  # what arrived before the window existed
             self.window.handle_event(event)
@@ -5912,6 +6158,8 @@ def build_parser() -> argparse.ArgumentParser:
     gui.add_argument("--host", default=None, help="server address")
     gui.add_argument("--port", type=_port, default=None, help="server port")
     gui.add_argument("--nick", default=None, help="your nick")
+    gui.add_argument("--download-dir", metavar="DIR", default=None,
+                     help="where received files go (default: your Downloads folder)")
     gui.set_defaults(func=cmd_gui)
 
     bench = sub.add_parser("bench", help="measure how many people a server can host",
