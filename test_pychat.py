@@ -3053,6 +3053,87 @@ class GuiWindowTests(GuiCase):
         self.assertEqual(window.mute_button.widget.cget("text"), "Muted")
 
 
+def tiny_png(width: int, height: int) -> bytes:
+    """A valid RGB PNG, made with the standard library."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+    rows = b"".join(b"\0" + bytes([200, 80, 40]) * width for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
+                                                               0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+class GuiFileTests(GuiCase):
+    def test_receiving_a_picture_with_progress_thumbnail_and_open_folder(self):
+        window = self.open_window("alice")
+        folder = Path(self.tmp.name) / "downloads"
+        window.download_dir = folder
+        opened: list[Path] = []
+        window.open_folder = opened.append
+        data = tiny_png(640, 480)
+        bob = SyncPeer(self.srv.port, "bob")
+        self.addCleanup(bob.close)
+        bob.send({"type": "file_offer", "to": "alice", "name": "../cat.png", "size": len(data),
+                  "sha256": hashlib.sha256(data).hexdigest()})
+        tid = bob.expect("file_offer")["id"]
+        self.pump(lambda: "answer" in window.files.get(tid, {}), "the Accept button")
+        accept = window.files[tid]["answer"][0]
+        self.assertEqual(accept.cget("text"), "Accept")
+        pane = window.files[tid]["convo"].text  # a private offer: bob's conversation
+        self.assertEqual(window.files[tid]["convo"].name, "bob")
+        self.assertIn("bob offers cat.png", pane.get("1.0", "end"))
+        accept.invoke()
+        bob.expect("file_accept")
+        half = len(data) // 2
+        for seq, part in enumerate((data[:half], data[half:])):
+            bob.send({"type": "file_chunk", "id": tid, "to": "alice", "seq": seq,
+                      "data": base64.b64encode(part).decode()})
+        bob.send({"type": "file_done", "id": tid, "to": "alice"})
+        self.assertTrue(bob.expect("file_result")["ok"])
+        self.pump(lambda: window.thumbnails, "the thumbnail")
+        row = window.files[tid]["rows"]["in"]
+        self.assertEqual(float(row["bar"]["value"]), 100.0)
+        self.assertIn("checked", row["label"].cget("text"))
+        self.assertEqual((folder / "cat.png").read_bytes(), data)
+        self.assertLessEqual(max(window.thumbnails[0].width(), window.thumbnails[0].height()),
+                             pychat.THUMBNAIL)
+        buttons = [window.master.nametowidget(w) for w in pane.window_names()]
+        open_button = next(b for b in buttons if isinstance(b, window.tk.Button)
+                           and b.cget("text") == "Open folder")
+        open_button.invoke()
+        self.assertEqual(opened, [folder])
+
+    def test_sending_from_the_window_shows_progress_until_the_receiver_has_it(self):
+        window = self.open_window("alice")
+        bob = SyncPeer(self.srv.port, "bob")
+        self.addCleanup(bob.close)
+        path = Path(self.tmp.name) / "notes.txt"
+        path.write_bytes(os.urandom(300_000))
+        self.type_and_send(window, f"/send {path}")
+        offer = bob.expect("file_offer")
+        self.assertEqual((offer["name"], offer["size"]), ("notes.txt", 300_000))
+        bob.send({"type": "file_accept", "id": offer["id"]})
+        got = b""
+        while True:  # bob receives and acknowledges, like a real client
+            self.root.update()
+            event = json.loads(bob.file.readline())
+            if event["type"] == "file_chunk":
+                got += base64.b64decode(event["data"])
+                bob.send({"type": "file_ack", "id": offer["id"], "seq": event["seq"]})
+            elif event["type"] == "file_done":
+                break
+        self.assertEqual(got, path.read_bytes())
+        bob.send({"type": "file_received", "id": offer["id"], "ok": True})
+        key = "out:bob"
+
+        def confirmed() -> bool:
+            row = window.files.get(offer["id"], {}).get("rows", {}).get(key)
+            return row is not None and "has it" in row["label"].cget("text")
+        self.pump(confirmed, "the receiver's confirmation")
+        self.assertEqual(float(window.files[offer["id"]]["rows"][key]["bar"]["value"]), 100.0)
+
+
 class GuiConversationTests(GuiCase):
     """Rooms and private conversations in the window (issue 4)."""
 
