@@ -2020,6 +2020,18 @@ class FileTransferTests(ServerCase):
         await wait_for(lambda: any(e["type"] == "file_failed" for e in b_events),
                        what="bob hears of it")
         self.assertEqual(list(folder.iterdir()), [])
+        # And the receiver's side: bob stops a second transfer; alice's stream ends.
+        alice.send_file(path, to="bob")
+        await wait_for(lambda: len(bob.offers_in) == 1, what="the second offer")
+        (tid2,) = bob.offers_in
+        bob.accept_file(tid2, folder)
+        await wait_for(lambda: any(e["type"] == "file_progress" and e["id"] == tid2
+                                   for e in b_events), what="progress")
+        self.assertTrue(bob.cancel_file(tid2))
+        await wait_for(lambda: any(e["type"] == "file_cancel" and e["id"] == tid2
+                                   for e in a_events), what="alice hears of it")
+        await wait_for(lambda: not alice.transfers_busy(), what="alice's stream stopped")
+        self.assertEqual(list(folder.iterdir()), [])
 
 
 # ===========================================================================
