@@ -133,7 +133,8 @@ MAX_LOG_MB = 16.0              # a room log past this is compacted to its histor
 MAX_FILE_SIZE = 100 * 1024 * 1024  # --max-file-size; 0 turns transfers off
 FILE_CHUNK = 32 * 1024         # bytes per chunk line (base64 keeps it under 64 KiB)
 FILE_WINDOW = 16               # chunks a sender may have unacknowledged per receiver
-MAX_TRANSFERS = 5              # files one user may offer at a time
+MAX_TRANSFERS = 5              # files one user may be sending at a time...
+MAX_OFFERS = 20                # ...and offers one user may have open
 FILE_OFFER_TTL = 600.0         # an offer nobody is receiving expires after this long
 MAX_FILE_NAME = 200            # characters kept of a file name
 # After a burst of this many connects and disconnects has been quiet for
@@ -1547,9 +1548,11 @@ class ChatServer:
             self._reply_error(s, msg, "bad_request", "sha256 is 64 hexadecimal digits.")
             return
         self._sweep_transfers()
-        if sum(t.sender is s for t in self.transfers.values()) >= MAX_TRANSFERS:
-            self._reply_error(s, msg, "too_many_transfers", f"You can offer at most "
-                              f"{MAX_TRANSFERS} files at a time; cancel one or wait.")
+        mine = [t for t in self.transfers.values() if t.sender is s]
+        if sum(bool(t.streams) for t in mine) >= MAX_TRANSFERS or len(mine) >= MAX_OFFERS:
+            self._reply_error(s, msg, "too_many_transfers", f"You can send {MAX_TRANSFERS} "
+                              f"files at a time and have {MAX_OFFERS} offers open; wait, or "
+                              "cancel one.")
             return
         offer = {"type": "file_offer", "id": f"f{next(self._transfer_ids)}", "from": s.nick,
                  "name": safe_file_name(msg["name"]), "size": size, "sha256": digest,
@@ -4901,7 +4904,8 @@ class ChatWindow:
         """Offer a file in the current conversation (a room, or one person)."""
         target = Path(path).expanduser()
         if not target.is_file():
-            self.add_system(f"Cannot send {path}: there is no such file.", "error")
+            what = "it is a folder" if target.is_dir() else "there is no such file"
+            self.add_system(f"Cannot send {path}: {what}.", "error")
             return
         if self.convo.is_room:
             self.net.send_file(str(target), None, self.convo.name)
@@ -4929,9 +4933,10 @@ class ChatWindow:
         if convo.pinned:
             c.see("end")
 
-    def _button(self, convo: Conversation, text: str, command: Callable[[], None],
+    def _button(self, master: Any, text: str, command: Callable[[], None],
                 colour: str = "button") -> Any:
-        return HoverButton(convo.text, text, command, bg=THEME[colour],
+        master = master.text if isinstance(master, Conversation) else master
+        return HoverButton(master, text, command, bg=THEME[colour],
                            hover=THEME["accent_hover" if colour == "accent" else "button_hover"],
                            font=self.fonts["small"]).widget
 
@@ -4941,7 +4946,9 @@ class ChatWindow:
         self.files[tid] = {"convo": convo, "name": name, "size": int(e.get("size") or 0)}
         size = format_size(int(e.get("size") or 0))
         if e.get("mine"):
-            self.add_system(f"You offer {name} ({size}); waiting for answers.", convo=convo)
+            cancel = self._button(convo, "Cancel", lambda: self.cancel_file(tid))
+            self.files[tid]["answer"] = [cancel]
+            self._embed(convo, [cancel], f"You offer {name} ({size}); waiting for answers.")
             return
         accept = self._button(convo, "Accept", lambda: self.accept_file(tid), "accent")
         decline = self._button(convo, "Decline", lambda: self.decline_file(tid))
@@ -4955,16 +4962,35 @@ class ChatWindow:
 
     def accept_file(self, tid: str) -> None:
         info = self.files.get(tid)
-        if info is None:
+        if info is None or "answer" not in info or info.get("rows"):
+            self.add_system(f"No file offer {tid} is waiting for you. /files lists them.",
+                            "error")
             return
         for w in info.pop("answer", []):
             w.destroy()
         self.net.accept_file(tid, info["name"], self.download_dir)
         self._progress_row(tid, "in", "")
 
+    def cancel_file(self, tid: str) -> None:
+        info = self.files.get(tid)
+        if info is None:
+            self.add_system(f"No transfer {tid}. /files lists them.", "error")
+            return
+        for w in info.pop("answer", []):
+            w.destroy()
+        self.net.cancel_file(tid)
+        self.add_system(f"You stopped {info['name']}.", convo=info["convo"])
+
+    def list_files(self) -> None:
+        rows = [f"[{tid}] {info['name']} ({format_size(info['size'])})"
+                for tid, info in self.files.items()]
+        self.add_system("Files: " + ("; ".join(rows) or "none"))
+
     def decline_file(self, tid: str) -> None:
         info = self.files.pop(tid, None)
-        if info is not None:
+        if info is None:
+            self.add_system(f"No file offer {tid} is waiting for you.", "error")
+        else:
             for w in info.pop("answer", []):
                 w.destroy()
             self.net.decline_file(tid)
@@ -4986,10 +5012,11 @@ class ChatWindow:
             label.pack(side="top", fill="x")
             bar = ttk.Progressbar(frame, length=260, maximum=100, mode="determinate")
             bar.pack(side="left")
-            cancel = self._button(convo, "Cancel", lambda: self.net.cancel_file(tid))
+            cancel = self._button(frame, "Cancel", lambda: self.net.cancel_file(tid))
+            cancel.pack(side="left", padx=8)
             row = info["rows"][key] = {"frame": frame, "label": label, "bar": bar,
                                        "cancel": cancel}
-            self._embed(convo, [frame, cancel], ("Sending to " + nick) if nick else "")
+            self._embed(convo, [frame], ("Sending to " + nick) if nick else "")
         return row
 
     def on_file_accept(self, e: dict) -> None:
@@ -5004,7 +5031,8 @@ class ChatWindow:
         done, total = int(e.get("done") or 0), int(e.get("size") or 0)
         row["bar"]["value"] = 100 * done / total if total else 100
         eta = e.get("eta")
-        left = f" · {eta:.0f} s left" if isinstance(eta, (int, float)) and done < total else ""
+        left = "" if not isinstance(eta, (int, float)) or done >= total else \
+            " · under 1 s left" if eta < 1 else f" · {eta:.0f} s left"
         row["label"].configure(text=f"{self.files[str(e['id'])]['name']}: "
                                     f"{format_size(done)} of {format_size(total)} · "
                                     f"{format_size(e.get('speed') or 0)}/s{left}")
@@ -5026,7 +5054,11 @@ class ChatWindow:
         row = info["rows"]["in"]
         row["bar"]["value"] = 100
         convo = info["convo"]
-        opener = self._button(convo, "Open folder", lambda: self.open_folder(path.parent))
+        def open_folder() -> None:
+            problem = self.open_folder(path.parent)
+            if problem:
+                self.add_system(f"Cannot open {path.parent}: {problem}", "error", convo=convo)
+        opener = self._button(convo, "Open folder", open_folder)
         self._embed(convo, [opener], f"Saved as {path}")
         if path.suffix.lower() in (".png", ".gif"):
             self._thumbnail(convo, path)
@@ -5300,6 +5332,13 @@ class ChatWindow:
         if cmd == "send":
             self.offer_file(arg) if arg else self.choose_file()
             return
+        if cmd in ("accept", "decline", "cancel") and first:
+            {"accept": self.accept_file, "decline": self.decline_file,
+             "cancel": self.cancel_file}[cmd](first)
+            return
+        if cmd == "files":
+            self.list_files()
+            return
         if not self.convo.is_room and cmd == "part" and not first:
             self.close_convo(self.current)
             return
@@ -5386,17 +5425,20 @@ class ChatWindow:
         self.master.destroy()
 
 
-def _open_folder(folder: Path) -> None:
-    """Show a folder in the system's file manager."""
+def _open_folder(folder: Path) -> str | None:
+    """Show a folder in the system's file manager; what went wrong, if anything."""
     try:
         if sys.platform == "win32":
             os.startfile(folder)  # type: ignore[attr-defined]  # Windows only
         else:
             opener = "open" if sys.platform == "darwin" else "xdg-open"
+            if shutil.which(opener) is None:
+                return f"there is no {opener} on this system to open folders with"
             subprocess.Popen([opener, str(folder)], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     except OSError as e:
-        log.warning("could not open %s: %s", folder, e)
+        return str(e.strerror or e)
+    return None
 
 
 def _open_in_browser(url: str) -> None:

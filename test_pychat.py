@@ -1845,7 +1845,7 @@ class FileNameTests(unittest.TestCase):
 
 
 class FileTransferTests(ServerCase):
-    server_options = {"max_file_size": 20 * 1024 * 1024}
+    server_options = {"max_file_size": 20 * 1024 * 1024, "flood_rate": 0}
 
     async def start_client(self, nick: str, **kw) -> tuple[ChatClient, list[dict], asyncio.Task]:
         client, events, task = await ClientTests.start_client(self, nick, **kw)
@@ -1965,6 +1965,23 @@ class FileTransferTests(ServerCase):
         await alice.send({"type": "file_offer", "to": "bob", "name": "x", "size": 1,
                           "sha256": "0" * 64})
         self.assertEqual((await alice.expect("error"))["code"], "transfers_disabled")
+
+    async def test_answered_room_offers_do_not_use_up_the_senders_slots(self):
+        alice = await self.connect("alice")
+        bob = await self.connect("bob")
+        for i in range(pychat.MAX_TRANSFERS + 2):
+            await alice.send({"type": "file_offer", "room": "#lobby", "name": f"f{i}",
+                              "size": 1, "sha256": "0" * 64})
+            offer = await bob.expect("file_offer")
+            await bob.send({"type": "file_decline", "id": offer["id"]})
+            await alice.expect("file_decline")
+        self.assertFalse([e for e in alice.seen if e["type"] == "error"])
+        for i in range(pychat.MAX_OFFERS - pychat.MAX_TRANSFERS - 2):  # open offers: capped
+            await alice.send({"type": "file_offer", "room": "#lobby", "name": "x", "size": 1,
+                              "sha256": "0" * 64})
+        await alice.send({"type": "file_offer", "room": "#lobby", "name": "x", "size": 1,
+                          "sha256": "0" * 64})
+        self.assertEqual((await alice.expect("error"))["code"], "too_many_transfers")
 
     async def test_the_server_holds_only_a_window_of_chunks(self):
         alice = await self.connect("alice")
@@ -3115,6 +3132,9 @@ class GuiFileTests(GuiCase):
                            and b.cget("text") == "Open folder")
         open_button.invoke()
         self.assertEqual(opened, [folder])
+        window.open_folder = lambda folder: "no file manager here"
+        open_button.invoke()
+        self.assertIn("Cannot open", pane.get("1.0", "end"))
 
     def test_sending_from_the_window_shows_progress_until_the_receiver_has_it(self):
         window = self.open_window("alice")
@@ -3144,6 +3164,14 @@ class GuiFileTests(GuiCase):
             return row is not None and "has it" in row["label"].cget("text")
         self.pump(confirmed, "the receiver's confirmation")
         self.assertEqual(float(window.files[offer["id"]]["rows"][key]["bar"]["value"]), 100.0)
+        # The sender can list and cancel offers from the window too.
+        self.type_and_send(window, f"/send {path}")
+        second = bob.expect("file_offer")
+        self.pump(lambda: second["id"] in window.files, "the second offer in the window")
+        self.type_and_send(window, "/files")
+        self.assertIn(f"[{second['id']}] notes.txt", self.chat_text(window))
+        self.type_and_send(window, f"/cancel {second['id']}")
+        self.assertEqual(bob.expect("file_cancel")["id"], second["id"])
 
 
 class GuiConversationTests(GuiCase):
