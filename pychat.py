@@ -483,9 +483,9 @@ class Session(asyncio.Protocol):
                  "closing", "leave_reason", "quit_message", "typing_at",
                  "grace_bytes", "away", "away_told", "operator", "auth_hold_until",
                  "connected_at", "last_rx", "pinged_at", "tokens", "token_time",
-                 "flood_penalty", "token")
+                 "flood_penalty", "token", "irc", "spoke")
 
-    def __init__(self, server: ChatServer):
+    def __init__(self, server: ChatServer, irc: bool = False):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -511,6 +511,8 @@ class Session(asyncio.Protocol):
         self.token_time = now
         self.flood_penalty = 0.0
         self.token = ""                # secret for taking this nick over after a drop
+        self.spoke = irc               # the first line decides: JSON, or IRC
+        self.irc: IrcClient | None = IrcClient(server, self) if irc else None
 
     # --- asyncio.Protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -577,6 +579,8 @@ class Session(asyncio.Protocol):
         """Write what this tick owes in one call; drop a peer that stopped reading."""
         out, self.out = self.out, []
         transport = self.transport
+        if self.irc is not None and out:
+            out = self.irc.outgoing(out)
         if out and transport is not None and not transport.is_closing():
             transport.write(b"".join(out) if len(out) > 1 else out[0])
             # The transport keeps what the kernel would not take.  Past the cap
@@ -827,7 +831,8 @@ class ChatServer:
                  data_dir: str | Path | None = None, fsync: str = "second",
                  max_log_mb: float = MAX_LOG_MB, max_clients: int = MAX_CLIENTS,
                  max_per_address: int = MAX_PER_ADDRESS, connect_rate: float = CONNECT_RATE,
-                 max_file_size: int = MAX_FILE_SIZE):
+                 max_file_size: int = MAX_FILE_SIZE, server_name: str = "pychat",
+                 irc_port: int | None = None):
         self.history = history
         self.max_line_bytes = max_line_bytes
         self.max_text = max_text
@@ -850,6 +855,8 @@ class ChatServer:
         # again after a reconnect is answered with its first echo, not repeated.
         self.recent_cids: dict[str, list] = {}
         self.max_file_size = max_file_size
+        self.server_name = server_name
+        self.irc_port = irc_port
         self.transfers: dict[str, Transfer] = {}
         self._transfer_ids = itertools.count(1)
         self.rooms: dict[str, Room] = {nick_key(LOBBY): Room(LOBBY, history, permanent=True)}
@@ -931,6 +938,10 @@ class ChatServer:
             server = await self.loop.create_server(lambda: Session(self), host, ports[0],
                                                    reuse_address=True, **tls)
         self._servers.append(server)
+        if self.irc_port is not None:  # IRC from the first line on
+            self._servers.append(await self.loop.create_server(
+                lambda: Session(self, irc=True), host, self.irc_port, reuse_address=True,
+                **tls))
         self._housekeeper = self.loop.create_task(self._housekeeping())
         if self.store is not None and self.store.fsync == "second":
             self.loop.call_later(FSYNC_EVERY, self._sync_tick)
@@ -1229,6 +1240,13 @@ class ChatServer:
             else:
                 s.send(encode(error("rate_limited")))
             return
+        if not s.spoke:  # a first line that is not a JSON object is IRC
+            s.spoke = True
+            if not line.lstrip().startswith(b"{"):
+                s.irc = IrcClient(self, s)
+        if s.irc is not None:
+            s.irc.handle(line)
+            return
         msg: dict | None = None
         try:
             msg = decode(line)
@@ -1305,8 +1323,9 @@ class ChatServer:
         s.nick = nick
         self.nicks[nick_key(nick)] = s
         self._welcome(s, msg, resumed=False)
-        lobby = self.rooms[nick_key(LOBBY)]
-        self._join(s, lobby, after.get(nick_key(LOBBY)))
+        if s.irc is None:  # IRC users choose their channels themselves
+            lobby = self.rooms[nick_key(LOBBY)]
+            self._join(s, lobby, after.get(nick_key(LOBBY)))
 
     def _welcome(self, s: Session, msg: dict, resumed: bool) -> None:
         s.token = secrets.token_urlsafe(18)
@@ -1351,6 +1370,9 @@ class ChatServer:
     def _send_room_state(self, s: Session, room: Room, after: int | None) -> None:
         """What a member needs on (re)joining: history (after an id it already
         has, if it says), the user list and the topic."""
+        if s.irc is not None:
+            s.irc.joined(room)
+            return
         self._send_history(s, room, after)
         s.send(encode(room.users_event()))
         if room.topic:
@@ -2010,7 +2032,8 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
                 ssl_context=ssl_context, data_dir=args.data_dir, fsync=args.fsync,
                 max_log_mb=args.max_log_mb, max_clients=args.max_clients,
                 max_per_address=args.max_per_address, connect_rate=args.connect_rate,
-                max_file_size=args.max_file_size)
+                max_file_size=args.max_file_size, server_name=args.server_name,
+                irc_port=args.irc_port)
 
 
 def _raise_open_files(wanted: int) -> None:
@@ -2086,6 +2109,499 @@ async def serve(args: argparse.Namespace) -> int:
         log.info("shutting down")
         await server.close()
     return 0
+
+
+# ===========================================================================
+# 3b. IRC gateway -- IrcClient: lets any IRC client (irssi, WeeChat, HexChat)
+#     into the same rooms, on the same port (a first line that does not start
+#     with "{" is IRC) or on --irc-port.  Uses: constants, protocol, server.
+#
+# IRC commands become the server's own requests, so every rule (flood,
+# backlog, bans, mutes, nick uniqueness) is the same for everyone.  What the
+# server sends as JSON events is translated into IRC lines when it is
+# written: replies to a command right after the command, broadcasts at the
+# end of the tick.  RFC 1459 / RFC 2812 for one server, as clients expect it.
+# ===========================================================================
+
+IRC_MAX_LINE = 512             # bytes, CRLF included
+IRC_USER = "pychat"            # the user part of nick!user@host prefixes
+
+# PyChat error codes -> IRC numerics (and what the numeric's parameter is).
+IRC_ERRORS = {
+    "no_such_nick": "401", "no_such_room": "403", "not_in_room": "442",
+    "room_invalid": "403", "too_many_rooms": "405", "nick_invalid": "432",
+    "nick_taken": "433", "not_registered": "451", "already_registered": "462",
+    "auth_failed": "464", "not_operator": "481", "muted": "404", "empty": "412",
+    "banned": "465",
+}
+
+
+def irc_split(text: str, budget: int) -> list[str]:
+    """Split text into pieces of at most `budget` UTF-8 bytes, at spaces where
+    possible and never inside a character."""
+    pieces: list[str] = []
+    for line in text.split("\n"):
+        while len(line.encode("utf-8")) > budget:
+            cut = len(line.encode("utf-8")[:budget].decode("utf-8", "ignore"))
+            space = line.rfind(" ", 0, cut + 1)
+            if space > 0:
+                cut = space
+            pieces.append(line[:cut])
+            line = line[cut:].lstrip(" ")
+        pieces.append(line)
+    return [p for p in pieces if p] or [""]
+
+
+def irc_parse(line: str) -> tuple[str, list[str]]:
+    """'CMD a b :c d' -> ('CMD', ['a', 'b', 'c d']); tags and prefix dropped."""
+    if line.startswith("@"):
+        line = line.partition(" ")[2]
+    if line.startswith(":"):
+        line = line.partition(" ")[2]
+    line = line.lstrip(" ")
+    head, sep, trailing = line.partition(" :")
+    params = head.split()
+    if sep:
+        params.append(trailing)
+    return (params[0].upper() if params else ""), params[1:]
+
+
+class IrcClient:
+    """The IRC side of one Session."""
+
+    def __init__(self, server: ChatServer, session: Session):
+        self.server, self.s = server, session
+        self.name = server.server_name
+        self.nick = ""                 # asked for before registration
+        self.user = ""
+        self.password: str | None = None
+        self.registered = False
+        self.quits_sent: set[str] = set()  # one QUIT per user per batch of leaves
+
+    # --- output
+    def me(self) -> str:
+        return self.s.nick or self.nick or "*"
+
+    def line(self, text: str) -> bytes:
+        data = text.encode("utf-8")[:IRC_MAX_LINE - 2]
+        return data.decode("utf-8", "ignore").encode("utf-8") + b"\r\n"
+
+    def numeric(self, code: str, *params: str, text: str = "") -> bytes:
+        middle = " ".join([self.me(), *params])
+        return self.line(f":{self.name} {code} {middle} :{text}")
+
+    def prefix(self, nick: Any) -> str:
+        return f"{nick}!{IRC_USER}@{self.name}"
+
+    def say(self, nick: str, command: str, target: str, text: str,
+            action: bool = False) -> list[bytes]:
+        """PRIVMSG/NOTICE lines, split to fit IRC's 512 bytes."""
+        head = f":{self.prefix(nick)} {command} {target} :"
+        budget = IRC_MAX_LINE - 2 - len(head.encode("utf-8")) - (9 if action else 0)
+        return [self.line(head + (f"\x01ACTION {p}\x01" if action else p))
+                for p in irc_split(text, max(budget, 50))]
+
+    def send(self, *lines: bytes) -> None:
+        for data in lines:
+            self.s.send(data)
+
+    def outgoing(self, out: list[bytes]) -> list[bytes]:
+        """Translate what the server queued as JSON events; IRC lines pass."""
+        lines: list[bytes] = []
+        self.quits_sent.clear()
+        for data in out:
+            if data.startswith(b"{"):
+                try:
+                    lines.extend(self.translate(json.loads(data)))
+                except (ValueError, KeyError, TypeError):
+                    log.exception("could not translate an event for IRC")
+            else:
+                lines.append(data)
+        return lines
+
+    def translate(self, e: dict, command: str = "") -> list[bytes]:
+        """One PyChat event as IRC lines for this client."""
+        kind, me = e.get("type"), nick_key(self.me())
+        if kind == "msg":
+            if nick_key(str(e.get("from"))) == me:
+                return []  # IRC clients show their own lines themselves
+            return self.say(e["from"], "PRIVMSG", e["room"], e["text"], bool(e.get("action")))
+        if kind == "pm":
+            if nick_key(str(e.get("from"))) == me:
+                return []
+            return self.say(e["from"], "PRIVMSG", self.me(), e["text"], bool(e.get("action")))
+        if kind == "join":
+            return [self.line(f":{self.prefix(e['nick'])} JOIN {e['room']}")]
+        if kind == "leave":
+            if e.get("reason") == "part":
+                message = f" :{e['message']}" if e.get("message") else ""
+                return [self.line(f":{self.prefix(e['nick'])} PART {e['room']}{message}")]
+            if e["nick"] in self.quits_sent:
+                return []
+            self.quits_sent.add(e["nick"])
+            why = e.get("message") or e.get("reason") or "Quit"
+            return [self.line(f":{self.prefix(e['nick'])} QUIT :{why}")]
+        if kind == "nick":
+            if nick_key(str(e["old"])) == me:
+                self.nick = e["new"]
+            return [self.line(f":{self.prefix(e['old'])} NICK :{e['new']}")]
+        if kind == "topic":
+            return [self.line(f":{self.prefix(e.get('by') or self.name)} TOPIC {e['room']} "
+                              f":{e.get('topic', '')}")]
+        if kind == "welcome":
+            return self.welcome(e)
+        if kind == "ping":
+            return [self.line(f"PING :{e.get('data', self.name)}")]
+        if kind == "pong":
+            return [self.line(f":{self.name} PONG {self.name} :{e.get('data', '')}")]
+        if kind == "away" and nick_key(str(e.get("nick"))) == me:
+            return [self.numeric("306", text="You have been marked as being away")
+                    if e.get("away") else
+                    self.numeric("305", text="You are no longer marked as being away")]
+        if kind == "notice" and e.get("away") is not None:
+            return [self.numeric("301", str(e.get("nick")), text=str(e.get("away") or "away"))]
+        if kind == "moderation":
+            return [self.line(f":{self.name} NOTICE {self.me()} :{e.get('by')} did "
+                              f"{e.get('action')} {e.get('nick')}"
+                              + (f": {e['reason']}" if e.get("reason") else ""))]
+        if kind == "bye":
+            return [self.line(f"ERROR :Closing link: {e.get('reason', '')}")]
+        if kind == "error":
+            return self.error(e, command)
+        return []  # typing, users, history, rooms...: IRC asks for those itself
+
+    def error(self, e: dict, context: str) -> list[bytes]:
+        code = str(e.get("code"))
+        message = str(e.get("message") or ERRORS.get(code, code))
+        if context.startswith("NOTICE "):
+            return []  # RFC 2812: no automatic replies to a NOTICE
+        numeric = IRC_ERRORS.get(code)
+        target = context.partition(" ")[2] or "*"
+        if code in ("flooding", "line_too_long", "auth_blocked", "server_full",
+                    "too_many_connections", "connecting_too_fast") or (
+                code == "banned" and not self.registered):
+            return [self.line(f"ERROR :Closing link: {message}")]
+        if numeric is None:
+            return [self.line(f":{self.name} NOTICE {self.me()} :{message}")]
+        if numeric in ("451", "462", "464", "465", "481", "412"):
+            return [self.numeric(numeric, text=message)]
+        return [self.numeric(numeric, target, text=message)]
+
+    def welcome(self, e: dict) -> list[bytes]:
+        nick, srv = self.me(), self.server
+        lines = [
+            self.numeric("001", text=f"Welcome to the PyChat IRC gateway {self.prefix(nick)}"),
+            self.numeric("002", text=f"Your host is {self.name}, running PyChat-{__version__}"),
+            self.numeric("003", text="This server was created when it started"),
+            self.line(f":{self.name} 004 {nick} {self.name} PyChat-{__version__} i nt"),
+            self.numeric("005", "CHANTYPES=#", f"NICKLEN={MAX_NICK_LEN}",
+                         f"CHANNELLEN={MAX_ROOM_LEN}", f"TOPICLEN={MAX_TOPIC}",
+                         f"AWAYLEN={MAX_AWAY}", "CASEMAPPING=ascii", "NETWORK=PyChat",
+                         "PREFIX=(o)@", "CHANMODES=,,,nt", f"CHANLIMIT=#:{MAX_ROOMS_PER_USER}",
+                         "MAXTARGETS=4", text="are supported by this server")]
+        if srv.motd:
+            lines.append(self.numeric("375", text=f"- {self.name} Message of the day -"))
+            lines += [self.numeric("372", text=f"- {part}") for part in srv.motd.split("\n")]
+            lines.append(self.numeric("376", text="End of /MOTD command."))
+        else:
+            lines.append(self.numeric("422", text="MOTD File is missing"))
+        return lines
+
+    # --- room state, asked for by the server on joining
+    def joined(self, room: Room) -> None:
+        """JOIN, topic, NAMES, then the recent history, as a JOIN reply goes."""
+        self.send(self.line(f":{self.prefix(self.me())} JOIN {room.name}"))
+        if room.topic:
+            self.send(*self.topic_lines(room))
+        self.send(*self.names(room))
+        for m in room.history:
+            stamp = time.strftime("%H:%M", time.localtime(float(m.get("ts") or 0)))
+            self.send(*self.say(m["from"], "PRIVMSG", room.name, f"[{stamp}] {m['text']}",
+                                bool(m.get("action"))))
+
+    def topic_lines(self, room: Room) -> list[bytes]:
+        return [self.numeric("332", room.name, text=room.topic),
+                self.line(f":{self.name} 333 {self.me()} {room.name} {room.topic_by or self.name}"
+                          f" {int(room.topic_ts)}")]
+
+    def names(self, room: Room) -> list[bytes]:
+        nicks = room.nicks()
+        lines, batch = [], []
+        for nick in nicks:
+            batch.append(("@" if room.members[nick_key(nick)].operator else "") + nick)
+            if len(" ".join(batch)) > 400:
+                lines.append(self.numeric("353", "=", room.name, text=" ".join(batch)))
+                batch = []
+        if batch:
+            lines.append(self.numeric("353", "=", room.name, text=" ".join(batch)))
+        return lines + [self.numeric("366", room.name, text="End of /NAMES list.")]
+
+    # --- input
+    def handle(self, raw: bytes) -> None:
+        text = raw[:IRC_MAX_LINE - 2].decode("utf-8", "replace")
+        command, params = irc_parse(text)
+        if not command:
+            return
+        handler = getattr(self, f"on_{command.lower()}", None)
+        if not self.registered and command not in ("CAP", "PASS", "NICK", "USER", "PING",
+                                                   "PONG", "QUIT"):
+            self.send(self.numeric("451", text="You have not registered"))
+            return
+        if handler is None:
+            self.send(self.numeric("421", command, text="Unknown command"))
+            return
+        handler(params)
+
+    def request(self, context: str, **msg: Any) -> None:
+        """Run a PyChat request for this client; translate what it answers now,
+        so it comes before the answer to the next command."""
+        s = self.s
+        mark = len(s.out)
+        try:
+            validate(msg)
+        except ProtocolError as e:
+            s.send(encode(error(e.code, e.message, request=msg["type"])))
+        else:
+            self.server.handlers[msg["type"]](s, msg)
+        new = s.out[mark:]
+        del s.out[mark:]
+        for data in new:
+            if data.startswith(b"{"):
+                for line in self.translate(json.loads(data), context):
+                    s.out.append(line)
+            else:
+                s.out.append(data)
+
+    def need(self, params: list[str], count: int, command: str) -> bool:
+        if len(params) < count or (count and not params[count - 1]):
+            self.send(self.numeric("461", command, text="Not enough parameters"))
+            return False
+        return True
+
+    def on_cap(self, params: list[str]) -> None:
+        sub = params[0].upper() if params else ""
+        if sub in ("LS", "LIST"):
+            self.send(self.line(f":{self.name} CAP {self.me()} {sub} :"))
+        elif sub == "REQ":
+            self.send(self.line(f":{self.name} CAP {self.me()} NAK :{params[-1] if params[1:] else ''}"))
+
+    def on_pass(self, params: list[str]) -> None:
+        if self.registered:
+            self.send(self.numeric("462", text="You may not reregister"))
+        elif self.need(params, 1, "PASS"):
+            self.password = params[0]
+
+    def on_nick(self, params: list[str]) -> None:
+        if not params or not params[0]:
+            self.send(self.numeric("431", text="No nickname given"))
+            return
+        nick = params[0]
+        if self.registered:
+            self.request(f"NICK {nick}", type="nick", nick=nick)
+            return
+        problem = nick_problem(nick)
+        if problem:
+            self.send(self.numeric("432", nick, text=problem))
+        elif nick_key(nick) in self.server.nicks:
+            self.send(self.numeric("433", nick, text="Nickname is already in use"))
+        else:
+            self.nick = nick
+            self.register()
+
+    def on_user(self, params: list[str]) -> None:
+        if self.registered:
+            self.send(self.numeric("462", text="You may not reregister"))
+        elif self.need(params, 4, "USER"):
+            self.user = params[0]
+            self.register()
+
+    def register(self) -> None:
+        if not (self.nick and self.user):
+            return
+        hello: dict[str, Any] = {"type": "hello", "nick": self.nick, "client": "irc"}
+        if self.password is not None:
+            hello["password"] = self.password
+        self.request(f"NICK {self.nick}", **hello)
+        self.registered = self.s.nick is not None
+        if not self.registered and any(b" 464 " in data for data in self.s.out):
+            self.send(self.line("ERROR :Closing link: wrong or missing password (PASS)"))
+            self.s.close("auth_failed")
+
+    def on_ping(self, params: list[str]) -> None:
+        if self.need(params, 1, "PING"):
+            self.send(self.line(f":{self.name} PONG {self.name} :{params[0]}"))
+
+    def on_pong(self, params: list[str]) -> None:
+        pass  # any line is a sign of life
+
+    def on_quit(self, params: list[str]) -> None:
+        reason = params[0] if params else ""
+        self.send(self.line(f"ERROR :Closing link: {self.s.peer} (Quit: {reason})"))
+        self.request("QUIT", type="quit", reason=reason)
+
+    def on_join(self, params: list[str]) -> None:
+        if not self.need(params, 1, "JOIN"):
+            return
+        if params[0] == "0":
+            for room in list(self.s.rooms.values()):
+                self.request(f"PART {room.name}", type="part", room=room.name)
+            return
+        for name in params[0].split(","):
+            if name and nick_key(name) not in self.s.rooms:
+                self.request(f"JOIN {name}", type="join", room=name)
+
+    def on_part(self, params: list[str]) -> None:
+        if not self.need(params, 1, "PART"):
+            return
+        for name in params[0].split(","):
+            fields: dict[str, Any] = {"type": "part", "room": name}
+            if len(params) > 1:
+                fields["reason"] = params[1]
+            self.request(f"PART {name}", **fields)
+
+    def on_privmsg(self, params: list[str], command: str = "PRIVMSG") -> None:
+        if not params:
+            if command == "PRIVMSG":
+                self.send(self.numeric("411", text="No recipient given (PRIVMSG)"))
+            return
+        if len(params) < 2 or not params[1]:
+            if command == "PRIVMSG":
+                self.send(self.numeric("412", text="No text to send"))
+            return
+        text, action = params[1], False
+        if text.startswith("\x01"):
+            body = text.strip("\x01")
+            if body.upper().startswith("ACTION "):
+                text, action = body[7:], True
+            else:
+                return  # other CTCP (VERSION, PING...): not relayed
+        for target in params[0].split(",")[:4]:
+            fields: dict[str, Any] = {"text": text}
+            if action:
+                fields["action"] = True
+            if target.startswith("#"):
+                self.request(f"{command} {target}", type="msg", room=target, **fields)
+            else:
+                self.request(f"{command} {target}", type="pm", to=target, **fields)
+
+    def on_notice(self, params: list[str]) -> None:
+        self.on_privmsg(params, "NOTICE")
+
+    def _room(self, name: str) -> Room | None:
+        room = self.server.rooms.get(nick_key(name))
+        if room is None:
+            self.send(self.numeric("403", name, text="No such channel"))
+        return room
+
+    def on_names(self, params: list[str]) -> None:
+        if not params:
+            self.send(self.numeric("366", "*", text="End of /NAMES list."))
+            return
+        for name in params[0].split(","):
+            room = self.server.rooms.get(nick_key(name))
+            self.send(*(self.names(room) if room else
+                        [self.numeric("366", name, text="End of /NAMES list.")]))
+
+    def on_topic(self, params: list[str]) -> None:
+        if not self.need(params, 1, "TOPIC"):
+            return
+        if len(params) > 1:
+            self.request(f"TOPIC {params[0]}", type="topic", room=params[0], topic=params[1])
+            return
+        room = self._room(params[0])
+        if room is None:
+            return
+        if nick_key(room.name) not in self.s.rooms:
+            self.send(self.numeric("442", room.name, text="You're not on that channel"))
+        elif room.topic:
+            self.send(*self.topic_lines(room))
+        else:
+            self.send(self.numeric("331", room.name, text="No topic is set"))
+
+    def on_list(self, params: list[str]) -> None:
+        wanted = {nick_key(n) for n in params[0].split(",")} if params else None
+        self.send(self.numeric("321", "Channel", text="Users  Name"))
+        for key, room in sorted(self.server.rooms.items()):
+            if wanted is None or key in wanted:
+                self.send(self.numeric("322", room.name, str(len(room.members)),
+                                       text=room.topic))
+        self.send(self.numeric("323", text="End of /LIST"))
+
+    def _who_line(self, target: str, s: Session) -> bytes:
+        flags = ("G" if s.away is not None else "H") + ("*" if s.operator else "")
+        return self.numeric("352", target, IRC_USER, self.name, self.name, str(s.nick), flags,
+                            text=f"0 {s.nick}")
+
+    def on_who(self, params: list[str]) -> None:
+        mask = params[0] if params else "*"
+        if mask.startswith("#"):
+            room = self.server.rooms.get(nick_key(mask))
+            for s in (room.members.values() if room else []):
+                self.send(self._who_line(room.name, s))
+        else:
+            s = self.server.nicks.get(nick_key(mask))
+            if s is not None:
+                self.send(self._who_line("*", s))
+        self.send(self.numeric("315", mask, text="End of /WHO list."))
+
+    def on_whois(self, params: list[str]) -> None:
+        if not self.need(params, 1, "WHOIS"):
+            return
+        nick = params[-1]
+        s = self.server.nicks.get(nick_key(nick))
+        if s is None:
+            self.send(self.numeric("401", nick, text="No such nick/channel"))
+        else:
+            nick = str(s.nick)
+            self.send(self.numeric("311", nick, IRC_USER, self.name, "*",
+                                   text="an IRC user" if s.irc else "a PyChat user"))
+            rooms = " ".join(r.name for r in s.rooms.values())
+            if rooms:
+                self.send(self.numeric("319", nick, text=rooms))
+            self.send(self.numeric("312", nick, self.name, text="PyChat"))
+            if s.away is not None:
+                self.send(self.numeric("301", nick, text=s.away or "away"))
+            if s.operator:
+                self.send(self.numeric("313", nick, text="is an operator"))
+        self.send(self.numeric("318", nick, text="End of /WHOIS list."))
+
+    def on_away(self, params: list[str]) -> None:
+        if params and params[0]:
+            self.request("AWAY", type="away", message=params[0])
+        else:
+            self.request("AWAY", type="back")
+
+    def on_mode(self, params: list[str]) -> None:
+        if not self.need(params, 1, "MODE"):
+            return
+        target = params[0]
+        if target.startswith("#"):
+            room = self._room(target)
+            if room is None:
+                return
+            if len(params) == 1:
+                self.send(self.numeric("324", room.name, "+nt"))
+            elif params[1].lstrip("+") in ("b", "e", "I"):
+                end = {"b": "368", "e": "349", "I": "347"}[params[1].lstrip("+")]
+                self.send(self.numeric(end, room.name, text="End of list"))
+            else:
+                self.send(self.numeric("482", room.name,
+                                       text="Channel modes are fixed on PyChat"))
+        elif nick_key(target) == nick_key(self.me()):
+            if len(params) == 1:
+                self.send(self.numeric("221", "+i"))
+        else:
+            self.send(self.numeric("502", text="Can't change mode for other users"))
+
+    def on_ison(self, params: list[str]) -> None:
+        online = [str(self.server.nicks[nick_key(n)].nick) for n in " ".join(params).split()
+                  if nick_key(n) in self.server.nicks]
+        self.send(self.numeric("303", text=" ".join(online)))
+
+    def on_userhost(self, params: list[str]) -> None:
+        found = [f"{self.server.nicks[nick_key(n)].nick}=+{IRC_USER}@{self.name}"
+                 for n in params[:5] if nick_key(n) in self.server.nicks]
+        self.send(self.numeric("302", text=" ".join(found)))
 
 
 # ===========================================================================
@@ -6157,6 +6673,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-file-size", type=_size, default=MAX_FILE_SIZE, metavar="SIZE",
                      help="largest file relayed, in bytes or with K/M/G; 0 turns file "
                           "transfer off (default: 100M)")
+    srv.add_argument("--irc-port", type=_port, default=None, metavar="PORT",
+                     help="also listen for IRC clients on PORT (they can use the main port "
+                          "too: the first line tells)")
+    srv.add_argument("--server-name", default="pychat", metavar="NAME",
+                     help="the server's name for IRC clients (default: %(default)s)")
     srv.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"], help="how much to log (default: %(default)s)")
     srv.set_defaults(func=cmd_server)
