@@ -2186,9 +2186,9 @@ class IrcClient:
         data = text.encode("utf-8")[:IRC_MAX_LINE - 2]
         return data.decode("utf-8", "ignore").encode("utf-8") + b"\r\n"
 
-    def numeric(self, code: str, *params: str, text: str = "") -> bytes:
+    def numeric(self, code: str, *params: str, text: str | None = None) -> bytes:
         middle = " ".join([self.me(), *params])
-        return self.line(f":{self.name} {code} {middle} :{text}")
+        return self.line(f":{self.name} {code} {middle}" + ("" if text is None else f" :{text}"))
 
     def prefix(self, nick: Any) -> str:
         return f"{nick}!{IRC_USER}@{self.name}"

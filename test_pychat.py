@@ -1174,6 +1174,219 @@ class ServerProcessTests(unittest.TestCase):
 
 
 # ===========================================================================
+# 3b. IRC gateway (issue 8)
+# ===========================================================================
+
+class IrcPeer:
+    """A raw IRC client over a real socket."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+        self.seen: list[str] = []
+
+    @classmethod
+    async def open(cls, port: int) -> "IrcPeer":
+        return cls(*await asyncio.open_connection(HOST, port))
+
+    async def send(self, *lines: str | bytes) -> None:
+        for line in lines:
+            self.writer.write(line if isinstance(line, bytes) else line.encode() + b"\r\n")
+        await self.writer.drain()
+
+    async def expect(self, pattern: str, timeout: float = TIMEOUT) -> str:
+        """Read lines until one contains `pattern`; every line must be CRLF-ended
+        UTF-8 of at most 512 bytes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {pattern!r} within {timeout}s; saw {self.seen[-6:]}")
+            raw = await asyncio.wait_for(self.reader.readline(), left)
+            if not raw:
+                raise EOFError(f"closed while waiting for {pattern!r}; saw {self.seen[-6:]}")
+            assert raw.endswith(b"\r\n") and len(raw) <= 512, raw
+            line = raw.decode("utf-8")[:-2]
+            self.seen.append(line)
+            if pattern in line:
+                return line
+
+    async def register(self, nick: str) -> None:
+        await self.send("CAP LS 302", f"NICK {nick}", f"USER {nick} 0 * :Real Name", "CAP END")
+        await self.expect(" 001 ")
+        await self.expect(" 422 ")  # no MOTD on the test server
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except OSError:
+            pass
+
+
+class IrcGatewayTests(ServerCase):
+    async def irc(self, nick: str | None = None) -> IrcPeer:
+        peer = await IrcPeer.open(self.port)
+        self.addAsyncCleanup(peer.close)
+        if nick:
+            await peer.register(nick)
+        return peer
+
+    async def test_registration_numerics_and_a_ping_before_it(self):
+        p = await self.irc()
+        await p.send("PING :early")
+        self.assertEqual(await p.expect("PONG"), ":pychat PONG pychat :early")
+        await p.send("JOIN #lobby")
+        await p.expect(" 451 ")
+        await p.send("CAP LS 302")
+        self.assertEqual(await p.expect("CAP"), ":pychat CAP * LS :")
+        await p.send("NICK irc_al", "USER al 0 * :Al")
+        self.assertIn("Welcome", await p.expect(" 001 irc_al "))
+        await p.expect(" 002 irc_al ")
+        await p.expect(" 003 irc_al ")
+        self.assertEqual(await p.expect(" 004 "), ":pychat 004 irc_al pychat PyChat-"
+                         f"{pychat.__version__} i nt")
+        isupport = await p.expect(" 005 ")
+        for token in ("CHANTYPES=#", "NICKLEN=32", "CHANNELLEN=33", "CASEMAPPING=ascii",
+                      "NETWORK=PyChat"):
+            self.assertIn(token, isupport)
+        await p.expect(" 422 ")
+        await p.send("USER again 0 * :x")
+        await p.expect(" 462 ")
+
+    async def test_nicks_are_shared_with_pychat_users(self):
+        await self.connect("bob")
+        p = await self.irc()
+        await p.send("NICK BOB", "USER b 0 * :b")
+        self.assertIn(" 433 * BOB ", await p.expect(" 433 "))
+        await p.send("NICK bob2")
+        await p.expect(" 001 bob2 ")
+        json_peer = await self.raw()
+        await json_peer.send({"type": "hello", "nick": "Bob2"})
+        self.assertEqual((await json_peer.expect("error"))["code"], "nick_taken")
+        await p.send("NICK bob")
+        await p.expect(" 433 bob2 bob ")
+        await p.send("NICK bad,nick")
+        await p.expect(" 432 ")
+
+    async def test_channel_and_private_messages_cross_both_ways(self):
+        bob = await self.connect("bob")
+        await bob.send({"type": "msg", "text": "before you came"})
+        await bob.expect("msg")
+        p = await self.irc("carol")
+        await p.send("JOIN #lobby")
+        self.assertEqual(await p.expect("JOIN"), ":carol!pychat@pychat JOIN #lobby")
+        names = await p.expect(" 353 ")
+        self.assertEqual(names.rsplit(":", 1)[1].split(), ["bob", "carol"])  # both protocols
+        await p.expect(" 366 ")
+        history = await p.expect("PRIVMSG #lobby")
+        self.assertRegex(history, r"^:bob!pychat@pychat PRIVMSG #lobby :\[\d\d:\d\d\] before you came$")
+        join = await bob.expect("join", nick="carol")
+        self.assertEqual(join["room"], "#lobby")
+        await p.send("PRIVMSG #lobby :hello from IRC", "PRIVMSG #lobby :\x01ACTION waves\x01")
+        self.assertEqual((await bob.expect("msg", text="hello from IRC"))["from"], "carol")
+        self.assertTrue((await bob.expect("msg", text="waves"))["action"])
+        await bob.send({"type": "msg", "text": "hi carol"})
+        self.assertEqual(await p.expect("hi carol"), ":bob!pychat@pychat PRIVMSG #lobby :hi carol")
+        await bob.send({"type": "msg", "text": "dances", "action": True})
+        self.assertEqual(await p.expect("dances"),
+                         ":bob!pychat@pychat PRIVMSG #lobby :\x01ACTION dances\x01")
+        await p.send("PRIVMSG bob :psst")
+        pm = await bob.expect("pm")
+        self.assertEqual((pm["from"], pm["text"]), ("carol", "psst"))
+        await bob.send({"type": "pm", "to": "carol", "text": "back at you"})
+        self.assertEqual(await p.expect("back at you"),
+                         ":bob!pychat@pychat PRIVMSG carol :back at you")
+        await p.send("PRIVMSG nobody :x")
+        await p.expect(" 401 carol nobody ")
+        await p.send("QUIT :off to bed")
+        await p.expect("ERROR")
+        leave = await bob.expect("leave", nick="carol")
+        self.assertEqual((leave["reason"], leave["message"]), ("quit", "off to bed"))
+
+    async def test_long_messages_are_split_for_irc_readers(self):
+        bob = await self.connect("bob")
+        p = await self.irc("carol")
+        await p.send("JOIN #lobby")
+        await p.expect(" 366 ")
+        words = " ".join(f"wörd{i}" for i in range(400))  # about 3,000 bytes
+        await bob.send({"type": "msg", "text": words})
+        got = []
+        while " ".join(got) != words:
+            line = await p.expect("PRIVMSG #lobby")  # expect() checks <= 512 bytes each
+            got.append(line.split(" :", 1)[1])
+        self.assertGreater(len(got), 5)
+        self.assertTrue(all(not part.startswith(" ") for part in got))
+
+    async def test_joins_parts_nicks_and_topics_look_like_irc(self):
+        p = await self.irc("carol")
+        await p.send("JOIN #lobby,#dev")
+        await p.expect("JOIN #dev")
+        await p.send("TOPIC #dev")
+        await p.expect(" 331 carol #dev ")
+        bob = await self.connect("bob")
+        self.assertEqual(await p.expect("JOIN #lobby"), ":bob!pychat@pychat JOIN #lobby")
+        await bob.send({"type": "join", "room": "#dev"})
+        await p.expect(":bob!pychat@pychat JOIN #dev")
+        await bob.send({"type": "topic", "room": "#dev", "topic": "ship it"})
+        self.assertEqual(await p.expect("TOPIC"), ":bob!pychat@pychat TOPIC #dev :ship it")
+        await bob.send({"type": "nick", "nick": "robert"})
+        self.assertEqual(await p.expect("NICK"), ":bob!pychat@pychat NICK :robert")
+        await bob.send({"type": "part", "room": "#dev", "reason": "lunch"})
+        self.assertEqual(await p.expect("PART"), ":robert!pychat@pychat PART #dev :lunch")
+        await bob.send({"type": "quit", "reason": "bye all"})
+        quit_line = await p.expect("QUIT")
+        self.assertEqual(quit_line, ":robert!pychat@pychat QUIT :bye all")
+        await p.send("PING :after")  # one QUIT, though robert shared two channels
+        await p.expect("PONG")
+        self.assertEqual(sum("QUIT" in line for line in p.seen), 1)
+        await p.send("TOPIC #dev :new topic", "PART #dev")
+        await p.expect("TOPIC #dev :new topic")
+        await p.expect(":carol!pychat@pychat PART #dev")
+
+    async def test_bad_irc_input_gets_numerics_and_hurts_nobody(self):
+        bob = await self.connect("bob")
+        p = await self.irc("carol")
+        await p.send("FROBNICATE x", "JOIN", "PRIVMSG #lobby", "PRIVMSG", "TOPIC",
+                     "NICK", "WHOIS", "PART #nowhere", "JOIN #bad room", "MODE #lobby +o x")
+        for numeric in (" 421 carol FROBNICATE ", " 461 carol JOIN ", " 412 ", " 411 ",
+                        " 461 carol TOPIC ", " 431 ", " 461 carol WHOIS ", " 403 carol #nowhere ",
+                        " 482 "):
+            await p.expect(numeric)
+        await p.send(b"PRIVMSG bob :" + b"x" * 2000 + b"\r\n")  # overlong: cut to 512
+        pm = await bob.expect("pm")
+        self.assertLess(len(pm["text"]), 512)
+        await p.send(b"\xff\xfe\x00junk \xc3\x28\r\n", b"PRIVMSG bob :caf\xe9\r\n")
+        self.assertEqual((await bob.expect("pm"))["text"], "caf\ufffd")
+        await p.send("PING :still here")
+        await p.expect("PONG")
+        await bob.send({"type": "msg", "text": "unharmed"})
+        await bob.expect("msg", text="unharmed")
+
+
+class IrcPasswordAndPortTests(ServerCase):
+    server_options = {"password": "s3cret", "irc_port": 0, "server_name": "chat.example"}
+
+    async def test_pass_is_the_server_password_and_server_name_is_used(self):
+        p = await IrcPeer.open(self.port)
+        self.addAsyncCleanup(p.close)
+        await p.send("NICK nopass", "USER n 0 * :n")
+        await p.expect(" 464 ")
+        await p.expect("ERROR")
+        q = await IrcPeer.open(self.port)
+        self.addAsyncCleanup(q.close)
+        await q.send("PASS s3cret", "NICK good", "USER g 0 * :g")
+        self.assertTrue((await q.expect(" 001 ")).startswith(":chat.example 001 good "))
+
+    async def test_a_dedicated_irc_port(self):
+        irc_port = self.server.addresses()[-1][1]
+        self.assertNotEqual(irc_port, self.port)
+        p = await IrcPeer.open(irc_port)
+        self.addAsyncCleanup(p.close)
+        await p.send("PASS s3cret", "NICK dedicated", "USER d 0 * :d")
+        await p.expect(" 001 dedicated ")
+
+
+# ===========================================================================
 # 4. Client core
 # ===========================================================================
 
