@@ -2174,6 +2174,7 @@ class IrcClient:
         self.name = server.server_name
         self.nick = ""                 # asked for before registration
         self.user = ""
+        self.realname = ""
         self.password: str | None = None
         self.registered = False
         self.quits_sent: set[str] = set()  # one QUIT per user per batch of leaves
@@ -2191,7 +2192,9 @@ class IrcClient:
         return self.line(f":{self.name} {code} {middle}" + ("" if text is None else f" :{text}"))
 
     def prefix(self, nick: Any) -> str:
-        return f"{nick}!{IRC_USER}@{self.name}"
+        other = self.server.nicks.get(nick_key(str(nick)))
+        user = other.irc.user if other is not None and other.irc is not None else IRC_USER
+        return f"{nick}!{user}@{self.name}"
 
     def say(self, nick: str, command: str, target: str, text: str,
             action: bool = False) -> list[bytes]:
@@ -2227,7 +2230,7 @@ class IrcClient:
                 return []  # IRC clients show their own lines themselves
             return self.say(e["from"], "PRIVMSG", e["room"], e["text"], bool(e.get("action")))
         if kind == "pm":
-            if nick_key(str(e.get("from"))) == me:
+            if nick_key(str(e.get("from"))) == me and nick_key(str(e.get("to"))) != me:
                 return []
             return self.say(e["from"], "PRIVMSG", self.me(), e["text"], bool(e.get("action")))
         if kind == "join":
@@ -2277,6 +2280,8 @@ class IrcClient:
             return []  # RFC 2812: no automatic replies to a NOTICE
         numeric = IRC_ERRORS.get(code)
         target = context.partition(" ")[2] or "*"
+        if code == "not_in_room" and context.startswith("PRIVMSG "):
+            numeric, message = "404", "Cannot send to channel (join it first)"
         if code in ("flooding", "line_too_long", "auth_blocked", "server_full",
                     "too_many_connections", "connecting_too_fast") or (
                 code == "banned" and not self.registered):
@@ -2293,19 +2298,20 @@ class IrcClient:
             self.numeric("001", text=f"Welcome to the PyChat IRC gateway {self.prefix(nick)}"),
             self.numeric("002", text=f"Your host is {self.name}, running PyChat-{__version__}"),
             self.numeric("003", text="This server was created when it started"),
-            self.line(f":{self.name} 004 {nick} {self.name} PyChat-{__version__} i nt"),
+            self.line(f":{self.name} 004 {nick} {self.name} PyChat-{__version__} i n"),
             self.numeric("005", "CHANTYPES=#", f"NICKLEN={MAX_NICK_LEN}",
                          f"CHANNELLEN={MAX_ROOM_LEN}", f"TOPICLEN={MAX_TOPIC}",
                          f"AWAYLEN={MAX_AWAY}", "CASEMAPPING=ascii", "NETWORK=PyChat",
-                         "PREFIX=(o)@", "CHANMODES=,,,nt", f"CHANLIMIT=#:{MAX_ROOMS_PER_USER}",
+                         "PREFIX=(o)@", "CHANMODES=,,,n", f"CHANLIMIT=#:{MAX_ROOMS_PER_USER}",
                          "MAXTARGETS=4", text="are supported by this server")]
-        if srv.motd:
-            lines.append(self.numeric("375", text=f"- {self.name} Message of the day -"))
-            lines += [self.numeric("372", text=f"- {part}") for part in srv.motd.split("\n")]
-            lines.append(self.numeric("376", text="End of /MOTD command."))
-        else:
-            lines.append(self.numeric("422", text="MOTD File is missing"))
-        return lines
+        return lines + self.motd()
+
+    def motd(self) -> list[bytes]:
+        if not self.server.motd:
+            return [self.numeric("422", text="MOTD File is missing")]
+        return ([self.numeric("375", text=f"- {self.name} Message of the day -")]
+                + [self.numeric("372", text=f"- {part}") for part in self.server.motd.split("\n")]
+                + [self.numeric("376", text="End of /MOTD command.")])
 
     # --- room state, asked for by the server on joining
     def joined(self, room: Room) -> None:
@@ -2316,12 +2322,14 @@ class IrcClient:
         self.send(*self.names(room))
         for m in room.history:
             stamp = time.strftime("%H:%M", time.localtime(float(m.get("ts") or 0)))
-            self.send(*self.say(m["from"], "PRIVMSG", room.name, f"[{stamp}] {m['text']}",
-                                bool(m.get("action"))))
+            action = "* " if m.get("action") else ""  # "[12:05] * waves", not "* al [12:05]"
+            self.send(*self.say(m["from"], "PRIVMSG", room.name,
+                                f"[{stamp}] {action}{m['text']}"))
 
     def topic_lines(self, room: Room) -> list[bytes]:
         return [self.numeric("332", room.name, text=room.topic),
-                self.line(f":{self.name} 333 {self.me()} {room.name} {room.topic_by or self.name}"
+                self.line(f":{self.name} 333 {self.me()} {room.name} "
+                          f"{self.prefix(room.topic_by) if room.topic_by else self.name}"
                           f" {int(room.topic_ts)}")]
 
     def names(self, room: Room) -> list[bytes]:
@@ -2345,7 +2353,7 @@ class IrcClient:
         handler = getattr(self, f"on_{command.lower()}", None)
         if not self.registered and command not in ("CAP", "PASS", "NICK", "USER", "PING",
                                                    "PONG", "QUIT"):
-            self.send(self.numeric("451", text="You have not registered"))
+            self.send(self.numeric("451", command, text="You have not registered"))
             return
         if handler is None:
             self.send(self.numeric("421", command, text="Unknown command"))
@@ -2412,7 +2420,8 @@ class IrcClient:
         if self.registered:
             self.send(self.numeric("462", text="You may not reregister"))
         elif self.need(params, 4, "USER"):
-            self.user = params[0]
+            self.user = "".join(c for c in params[0] if c.isalnum() or c in "-_.")[:16] or "irc"
+            self.realname = params[3][:MAX_REASON_LEN]
             self.register()
 
     def register(self) -> None:
@@ -2473,8 +2482,9 @@ class IrcClient:
             body = text.strip("\x01")
             if body.upper().startswith("ACTION "):
                 text, action = body[7:], True
-            else:
-                return  # other CTCP (VERSION, PING...): not relayed
+            else:  # other CTCP: PyChat users have no such thing; answer VERSION and PING
+                self.ctcp(command, params[0], body)
+                return
         for target in params[0].split(",")[:4]:
             fields: dict[str, Any] = {"text": text}
             if action:
@@ -2483,6 +2493,17 @@ class IrcClient:
                 self.request(f"{command} {target}", type="msg", room=target, **fields)
             else:
                 self.request(f"{command} {target}", type="pm", to=target, **fields)
+
+    def ctcp(self, command: str, target: str, body: str) -> None:
+        word, _, rest = body.partition(" ")
+        other = self.server.nicks.get(nick_key(target))
+        if command != "PRIVMSG" or other is None or other.irc is not None:
+            return  # IRC users answer for themselves (not relayed: no CTCP in PyChat)
+        answer = {"VERSION": f"VERSION PyChat {__version__} (via the IRC gateway)",
+                  "PING": f"PING {rest}"}.get(word.upper())
+        if answer:
+            self.send(self.line(f":{self.prefix(other.nick)} NOTICE {self.me()} "
+                                f":\x01{answer}\x01"))
 
     def on_notice(self, params: list[str]) -> None:
         self.on_privmsg(params, "NOTICE")
@@ -2529,8 +2550,9 @@ class IrcClient:
 
     def _who_line(self, target: str, s: Session) -> bytes:
         flags = ("G" if s.away is not None else "H") + ("*" if s.operator else "")
-        return self.numeric("352", target, IRC_USER, self.name, self.name, str(s.nick), flags,
-                            text=f"0 {s.nick}")
+        real = (s.irc.realname or str(s.nick)) if s.irc else "a PyChat user"
+        return self.numeric("352", target, s.irc.user if s.irc else IRC_USER, self.name,
+                            self.name, str(s.nick), flags, text=f"0 {real}")
 
     def on_who(self, params: list[str]) -> None:
         mask = params[0] if params else "*"
@@ -2553,8 +2575,9 @@ class IrcClient:
             self.send(self.numeric("401", nick, text="No such nick/channel"))
         else:
             nick = str(s.nick)
-            self.send(self.numeric("311", nick, IRC_USER, self.name, "*",
-                                   text="an IRC user" if s.irc else "a PyChat user"))
+            self.send(self.numeric("311", nick, s.irc.user if s.irc else IRC_USER, self.name,
+                                   "*", text=(s.irc.realname or nick) if s.irc else
+                                   "a PyChat user"))
             rooms = " ".join(r.name for r in s.rooms.values())
             if rooms:
                 self.send(self.numeric("319", nick, text=rooms))
@@ -2580,7 +2603,7 @@ class IrcClient:
             if room is None:
                 return
             if len(params) == 1:
-                self.send(self.numeric("324", room.name, "+nt"))
+                self.send(self.numeric("324", room.name, "+n"))
             elif params[1].lstrip("+") in ("b", "e", "I"):
                 end = {"b": "368", "e": "349", "I": "347"}[params[1].lstrip("+")]
                 self.send(self.numeric(end, room.name, text="End of list"))
@@ -2590,8 +2613,24 @@ class IrcClient:
         elif nick_key(target) == nick_key(self.me()):
             if len(params) == 1:
                 self.send(self.numeric("221", "+i"))
+            else:  # user modes are fixed: say what they are
+                self.send(self.line(f":{self.prefix(self.me())} MODE {self.me()} :+i"))
         else:
             self.send(self.numeric("502", text="Can't change mode for other users"))
+
+    def on_motd(self, params: list[str]) -> None:
+        self.send(*self.motd())
+
+    def on_version(self, params: list[str]) -> None:
+        self.send(self.numeric("351", f"PyChat-{__version__}.", self.name,
+                               text="PyChat's IRC gateway"))
+
+    def on_lusers(self, params: list[str]) -> None:
+        users = len(self.server.nicks)
+        self.send(self.numeric("251", text=f"There are {users} users and 0 invisible on 1 "
+                                           "server"),
+                  self.numeric("254", str(len(self.server.rooms)), text="channels formed"),
+                  self.numeric("255", text=f"I have {users} clients and 0 servers"))
 
     def on_ison(self, params: list[str]) -> None:
         online = [str(self.server.nicks[nick_key(n)].nick) for n in " ".join(params).split()

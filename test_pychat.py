@@ -1244,7 +1244,7 @@ class IrcGatewayTests(ServerCase):
         await p.expect(" 002 irc_al ")
         await p.expect(" 003 irc_al ")
         self.assertEqual(await p.expect(" 004 "), ":pychat 004 irc_al pychat PyChat-"
-                         f"{pychat.__version__} i nt")
+                         f"{pychat.__version__} i n")
         isupport = await p.expect(" 005 ")
         for token in ("CHANTYPES=#", "NICKLEN=32", "CHANNELLEN=33", "CASEMAPPING=ascii",
                       "NETWORK=PyChat"):
@@ -1274,7 +1274,7 @@ class IrcGatewayTests(ServerCase):
         await bob.expect("msg")
         p = await self.irc("carol")
         await p.send("JOIN #lobby")
-        self.assertEqual(await p.expect("JOIN"), ":carol!pychat@pychat JOIN #lobby")
+        self.assertEqual(await p.expect("JOIN"), ":carol!carol@pychat JOIN #lobby")
         names = await p.expect(" 353 ")
         self.assertEqual(names.rsplit(":", 1)[1].split(), ["bob", "carol"])  # both protocols
         await p.expect(" 366 ")
@@ -1341,7 +1341,7 @@ class IrcGatewayTests(ServerCase):
         self.assertEqual(sum("QUIT" in line for line in p.seen), 1)
         await p.send("TOPIC #dev :new topic", "PART #dev")
         await p.expect("TOPIC #dev :new topic")
-        await p.expect(":carol!pychat@pychat PART #dev")
+        await p.expect(":carol!carol@pychat PART #dev")
 
     async def test_bad_irc_input_gets_numerics_and_hurts_nobody(self):
         bob = await self.connect("bob")
@@ -1361,6 +1361,41 @@ class IrcGatewayTests(ServerCase):
         await p.expect("PONG")
         await bob.send({"type": "msg", "text": "unharmed"})
         await bob.expect("msg", text="unharmed")
+
+
+class IrcDetailsTests(ServerCase):
+    server_options = {"motd": "Be nice\nand have fun"}
+
+    async def test_what_stock_clients_ask_for_on_connecting(self):
+        bob = await self.connect("bob")
+        await bob.send({"type": "msg", "text": "waves", "action": True})
+        await bob.expect("msg")
+        await bob.send({"type": "topic", "room": "#lobby", "topic": "hi"})
+        await bob.expect("topic")
+        p = await IrcPeer.open(self.port)
+        self.addAsyncCleanup(p.close)
+        await p.send("JOIN :")
+        await p.expect(" 451 * JOIN ")
+        await p.send("NICK al", "USER alice 0 * :Alice Liddell")
+        await p.expect(" 375 al ")
+        self.assertEqual(await p.expect(" 372 "), ":pychat 372 al :- Be nice")
+        await p.expect(" 376 al ")
+        await p.send("MODE al +i", "JOIN #lobby")
+        self.assertEqual(await p.expect(" MODE al"), ":al!alice@pychat MODE al :+i")
+        self.assertEqual(await p.expect(" 333 "), f":pychat 333 al #lobby bob!pychat@pychat "
+                         f"{int(self.server.rooms['#lobby'].topic_ts)}")
+        self.assertRegex(await p.expect("PRIVMSG #lobby"),
+                         r":bob!pychat@pychat PRIVMSG #lobby :\[\d\d:\d\d\] \* waves$")
+        await p.send("WHOIS al", "PRIVMSG bob :\x01VERSION\x01", "PRIVMSG #elsewhere :x")
+        self.assertIn("al alice pychat * :Alice Liddell", await p.expect(" 311 "))
+        self.assertIn("VERSION PyChat", await p.expect("NOTICE al :\x01VERSION"))
+        await p.expect(" 403 al #elsewhere ")
+        await bob.send({"type": "join", "room": "#elsewhere"})
+        await bob.expect("users", room="#elsewhere")
+        await p.send("PRIVMSG #elsewhere :x", "VERSION", "LUSERS")
+        await p.expect(" 404 al #elsewhere ")
+        await p.expect(" 351 ")
+        await p.expect(" 251 ")
 
 
 class IrcPasswordAndPortTests(ServerCase):
