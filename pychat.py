@@ -2437,7 +2437,9 @@ class IrcClient:
             self.s.close("auth_failed")
 
     def on_ping(self, params: list[str]) -> None:
-        if self.need(params, 1, "PING"):
+        if not params or not params[0]:
+            self.send(self.numeric("409", text="No origin specified"))
+        else:
             self.send(self.line(f":{self.name} PONG {self.name} :{params[0]}"))
 
     def on_pong(self, params: list[str]) -> None:
@@ -6612,24 +6614,23 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _number(text: str, zero_ok: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a number above 0")
+    if not (0 <= value if zero_ok else 0 < value) or value == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a number {'of 0 or more' if zero_ok else 'above 0'}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _number(text, zero_ok=False)
 
 
 def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a number of 0 or more")
-    return value
+    return _number(text, zero_ok=True)
 
 
 class _Parser(argparse.ArgumentParser):
