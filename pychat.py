@@ -53,9 +53,11 @@ import json
 import logging
 import math
 import os
+import plistlib
 import queue
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -68,7 +70,7 @@ import time
 import unicodedata
 import wave
 import zlib
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Callable
 
 __version__ = "0.1.0"
@@ -6132,6 +6134,10 @@ def run_gui(args: argparse.Namespace) -> int:
         print(f"pychat: cannot open a window ({e}); use `python pychat.py cli` in a "
               "terminal instead.", file=sys.stderr)
         return 1
+    try:
+        root.iconphoto(True, tk.PhotoImage(master=root, data=ICON_PNG_B64))
+    except tk.TclError:  # a Tk without PNG support (before 8.6): the default icon
+        pass
     GuiApp(root, args)
 
     def heartbeat() -> None:  # lets Python see Ctrl-C while Tk waits for events
@@ -6142,6 +6148,204 @@ def run_gui(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+# ===========================================================================
+# 7b. Desktop launcher -- `install-desktop` / `uninstall-desktop`: a menu
+#     entry with an icon that starts `pychat.py gui`, for the current user
+#     only (freedesktop .desktop on Linux, PyChat.app on macOS, a Start-menu
+#     entry on Windows).  Uses: constants.
+# ===========================================================================
+
+# The application icon, drawn for PyChat (a 64x64 PNG: a speech bubble).
+ICON_PNG_B64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAYAAACqaXHeAAAB70lEQVR42u2bvU7EMAzH+0h9hD5C"
+    "R8YKiZmR/Wakjoy8ABMDE1JZmDshsRUxIqRIBxUf4ggxaqVTSUPbJK0bO9J/uctd4l9tp02d6OBo"
+    "G1FWxADG/SBRypUKJaEkkUg0c8qbOToHkClViAz+T1UzZ2sAsVK5IsO7KhsbJgFIkbm5TXikYwGk"
+    "ARjeVToUQBzIldd5QjwEQBmg8fs5wQggC9j4VpkJQEUAQNUHICFgfKtEByAnBCDXASgIASh0AAQh"
+    "AEIHQBKTWwCb01re3H7Kp+ed9NXgv2EMGAsNgJPNq7y7/5JzNxgTxl4UAEygrr/lUg3GtoBgB2Bp"
+    "4x1AsAOwhNubwmFWAJCEsLUJiXE6AMjE2BrMaTYAPpc6myVyNgBYGxoAkJQuLt9/1ZcsXfVBB+Ds"
+    "/O1Pf/jMRx90AEzLUXsFXfVBCQBcte838J3LPgyAQ4CTIC+DaAEEfyNE/laY/MMQ+cdh8hsivCXG"
+    "m6K8La5NjA+PO+9LHboXI2PuDwDQ4fFLmK/GwB0dr9PrAnB1/THqASk4ADr3t8zS6wGgc39k8e4X"
+    "QNf9Eca7XwD77o803gcBEDbujzzeB5XIFFPdfwXxPqhIalKZnGkHd21lcuQLJcmXynKxNJfL84EJ"
+    "PjLDh6b42BwfnOSjs3x4mpJ+AJywmLUVD/jHAAAAAElFTkSuQmCC"
+)
+
+
+def icon_png() -> bytes:
+    return base64.b64decode(ICON_PNG_B64)
+
+
+def icon_ico(png: bytes) -> bytes:
+    """A Windows .ico holding the PNG (Windows Vista and later read PNG icons)."""
+    return struct.pack("<HHHBBBBHHII", 0, 1, 1, 64, 64, 0, 0, 1, 32, len(png), 22) + png
+
+
+def icon_icns(png: bytes) -> bytes:
+    """A macOS .icns holding the PNG as its 64x64 image ('icp6')."""
+    entry = b"icp6" + struct.pack(">I", 8 + len(png)) + png
+    return b"icns" + struct.pack(">I", 8 + len(entry)) + entry
+
+
+def desktop_string(text: str) -> str:
+    """A value in a .desktop file: backslash, newline, tab, CR escaped."""
+    return (text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+            .replace("\r", "\\r"))
+
+
+def desktop_exec(argv: list[str]) -> str:
+    """A .desktop Exec value: each argument quoted as the freedesktop spec says
+    (reserved characters in double quotes, with " ` $ \\ escaped, % doubled),
+    then escaped as a string value, so a backslash ends up as four."""
+    words = []
+    for arg in argv:
+        if arg and not any(c in arg for c in ' \t\n"\'\\><~|&;$*?#()`%='):
+            words.append(arg)
+        else:
+            escaped = "".join("\\" + c if c in '"`$\\' else c for c in arg)
+            words.append('"' + escaped.replace("%", "%%") + '"')
+    return desktop_string(" ".join(words))
+
+
+def launcher_argv(script: Path, python: str, server: str | None = None,
+                  nick: str | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+    """The command a launcher runs: this interpreter, this file, `gui` and the
+    defaults given to install-desktop (`extra`: TLS flags)."""
+    argv = [python, str(script), "gui"]
+    if server:
+        host, _, port = server.rpartition(":")
+        argv += ["--host", host.strip("[]"), "--port", port]
+    if nick:
+        argv += ["--nick", nick]
+    return argv + list(extra)
+
+
+def gui_python(system: str, python: str) -> str:
+    """On Windows the interpreter to use is pythonw.exe (pythonw3.11.exe for
+    python3.11.exe), next to python.exe: it starts without a console window."""
+    if system == "win32":
+        exe = PureWindowsPath(python)
+        match = re.fullmatch(r"python([\d.]*)\.exe", exe.name, re.IGNORECASE)
+        if match:
+            return str(exe.with_name(f"pythonw{match[1]}.exe"))
+    return python
+
+
+def desktop_files(system: str, home: Path, env: dict[str, str], script: Path, python: str,
+                  server: str | None = None, nick: str | None = None,
+                  extra: tuple[str, ...] = ()) -> dict[Path, tuple[bytes, bool]]:
+    """What install-desktop writes on `system` ("linux", "darwin", "win32"):
+    {path: (contents, executable)}, the main launcher file first.  Pure: the
+    tests generate every system's files on any system."""
+    png = icon_png()
+    python = gui_python(system, python)
+    argv = launcher_argv(script, python, server, nick, extra)
+    missing = f"PyChat cannot start: {python} is gone. Run `pychat.py install-desktop` again."
+    if system == "darwin":
+        app = home / "Applications" / "PyChat.app" / "Contents"
+        plist = plistlib.dumps({
+            "CFBundleName": "PyChat", "CFBundleDisplayName": "PyChat",
+            "CFBundleIdentifier": "org.pychat.PyChat", "CFBundleVersion": __version__,
+            "CFBundleShortVersionString": __version__, "CFBundlePackageType": "APPL",
+            "CFBundleExecutable": "PyChat", "CFBundleIconFile": "PyChat.icns",
+            "LSMinimumSystemVersion": "10.13", "NSHighResolutionCapable": True})
+        alert = f"display alert {json.dumps(missing, ensure_ascii=False)}"  # AppleScript string
+        launcher = ("#!/bin/sh\n# Starts PyChat's window; written by `pychat.py install-desktop`.\n"
+                    f"if [ ! -x {shlex.quote(python)} ]; then\n"
+                    f"    osascript -e {shlex.quote(alert)}\n    exit 1\nfi\n"
+                    "exec " + " ".join(shlex.quote(a) for a in argv) + ' "$@"\n')
+        return {app / "Info.plist": (plist, False),
+                app / "MacOS" / "PyChat": (launcher.encode(), True),
+                app / "Resources" / "PyChat.icns": (icon_icns(png), False)}
+    if system == "win32":
+        appdata = Path(env.get("APPDATA") or home / "AppData" / "Roaming")
+        folder = appdata / "PyChat" / "launcher"
+        pyw = folder / "PyChat.pyw"
+        ico = folder / "PyChat.ico"
+        code = ("# Starts PyChat's window; written by `pychat.py install-desktop`.\n"
+                "import subprocess\n"
+                "try:\n"
+                f"    subprocess.Popen({argv!r}, close_fds=True)\n"
+                "except OSError:\n"
+                "    import ctypes\n"
+                f"    ctypes.windll.user32.MessageBoxW(None, {missing!r}, 'PyChat', 0x10)\n")
+        shortcut = ("[InternetShortcut]\r\n"
+                    f"URL={pyw.as_uri()}\r\n"
+                    f"IconFile={ico}\r\nIconIndex=0\r\n")
+        menu = appdata / "Microsoft" / "Windows" / "Start Menu" / "Programs" / "PyChat.url"
+        return {pyw: (code.encode("utf-8"), False), ico: (icon_ico(png), False),
+                menu: (shortcut.encode("utf-8"), False)}
+    data = Path(env.get("XDG_DATA_HOME") or home / ".local" / "share")
+    icon = data / "icons" / "hicolor" / "64x64" / "apps" / "pychat.png"
+    entry = "\n".join([
+        "[Desktop Entry]", "Type=Application", "Version=1.0", "Name=PyChat",
+        "GenericName=Chat", "Comment=A chat room in one Python file",
+        "TryExec=" + desktop_string(python), "Exec=" + desktop_exec(argv),
+        "Icon=" + desktop_string(str(icon)), "Terminal=false", "Categories=Network;Chat;InstantMessaging;",
+        "StartupWMClass=Pychat", ""])  # Tk title-cases the class: Tk(className="PyChat")
+    return {data / "applications" / "pychat.desktop": (entry.encode("utf-8"), False),
+            icon: (png, False)}
+
+
+def desktop_system() -> str:
+    return "win32" if sys.platform == "win32" else "darwin" if sys.platform == "darwin" \
+        else "linux"
+
+
+def install_desktop(files: dict[Path, tuple[bytes, bool]], dry_run: bool = False) -> list[str]:
+    """Write the launcher's files (in place when they exist); lines saying what
+    was (or would be) written.  OSError names the path that failed."""
+    said = []
+    for path, (data, executable) in files.items():
+        if not dry_run:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            try:
+                tmp.write_bytes(data)
+                if executable:
+                    tmp.chmod(0o755)
+                os.replace(tmp, path)
+            except OSError as e:
+                try:
+                    tmp.unlink()
+                except OSError:
+                    pass
+                raise OSError(e.errno, e.strerror, str(path)) from e
+        said.append(f"{'would write' if dry_run else 'wrote'} {path} ({len(data)} bytes)")
+    return said
+
+
+def desktop_folders(system: str, files: dict[Path, tuple[bytes, bool]]) -> list[Path]:
+    """Folders install may have made, deepest first: uninstall removes each one
+    that is empty afterwards (a folder with anybody else's files in it stays)."""
+    if system == "darwin":
+        contents = next(iter(files)).parent  # ~/Applications/PyChat.app/Contents
+        return [contents / "MacOS", contents / "Resources", contents, contents.parent,
+                contents.parent.parent]
+    if system == "win32":
+        launcher = next(iter(files)).parent  # %APPDATA%/PyChat/launcher
+        return [launcher, launcher.parent]
+    desktop, icon = list(files)
+    data = desktop.parent.parent          # XDG_DATA_HOME
+    return [icon.parent, icon.parent.parent, icon.parent.parent.parent, data / "icons",
+            desktop.parent]
+
+
+def uninstall_desktop(files: dict[Path, tuple[bytes, bool]], folders: list[Path],
+                      dry_run: bool = False) -> list[str]:
+    """Remove exactly the files install writes, then PyChat's own folders if
+    nothing else is in them."""
+    said = []
+    for path in files:
+        if path.exists():
+            said.append(f"{'would remove' if dry_run else 'removed'} {path}")
+            if not dry_run:
+                path.unlink()
+    for folder in folders:
+        if not dry_run and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            said.append(f"removed {folder}")
+    return said
 
 
 # ===========================================================================
@@ -6802,6 +7006,23 @@ def build_parser() -> argparse.ArgumentParser:
     ding.add_argument("path", nargs="?", default=DING_FILE,
                       help="where to write it (default: %(default)s)")
     ding.set_defaults(func=cmd_make_ding)
+
+    inst = sub.add_parser("install-desktop", help="add PyChat to your applications menu",
+                          parents=[tls],
+                          description="Create a launcher with PyChat's icon that opens the "
+                                      "window (for you only; no root needed): a .desktop entry "
+                                      "on Linux, ~/Applications/PyChat.app on macOS, a "
+                                      "Start-menu entry on Windows. Run again to update it.")
+    inst.add_argument("--server", metavar="HOST:PORT", type=_server,
+                      help="connect to this server when the launcher starts PyChat")
+    inst.add_argument("--nick", type=_nick, help="the nick the launcher starts PyChat with")
+    inst.add_argument("--dry-run", action="store_true", help="only say what would be written")
+    inst.set_defaults(func=cmd_install_desktop)
+    uninst = sub.add_parser("uninstall-desktop", help="remove what install-desktop created",
+                            description="Remove the launcher install-desktop created, and "
+                                        "nothing else.")
+    uninst.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    uninst.set_defaults(func=cmd_uninstall_desktop)
     return parser
 
 
@@ -6883,6 +7104,75 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(json.dumps(results, indent=2) if args.json else format_bench(results))
     return 0 if all(r.get("lost", 0) == 0 and not r.get("dropped_clients") for r in results) \
         else 1
+
+
+def _server(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 192.168.1.20:5050)")
+    return text
+
+
+def _nick(text: str) -> str:
+    problem = nick_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def _desktop_plan(args: argparse.Namespace) -> tuple[str, dict[Path, tuple[bytes, bool]]]:
+    """ValueError with a sentence when there is nothing a launcher could start."""
+    if not sys.executable:
+        raise ValueError("this Python does not know its own path (sys.executable is empty)")
+    extra: tuple[str, ...] = ()
+    if getattr(args, "cafile", None):
+        cafile = Path(args.cafile).expanduser().resolve()
+        if not cafile.is_file():
+            raise ValueError(f"--cafile {args.cafile}: no such file")
+        extra = ("--cafile", str(cafile))
+    elif getattr(args, "insecure", False):
+        extra = ("--insecure",)
+    elif getattr(args, "tls", False):
+        extra = ("--tls",)
+    system = desktop_system()
+    return system, desktop_files(system, Path.home(), dict(os.environ),
+                                 Path(__file__).resolve(), sys.executable,
+                                 getattr(args, "server", None), getattr(args, "nick", None),
+                                 extra)
+
+
+def cmd_install_desktop(args: argparse.Namespace) -> int:
+    try:
+        system, files = _desktop_plan(args)
+    except ValueError as e:
+        print(f"pychat: {e}", file=sys.stderr)
+        return 2
+    try:
+        for line in install_desktop(files, args.dry_run):
+            print(line)
+    except OSError as e:
+        print(f"pychat: cannot write {e.filename or 'the launcher'}: {e.strerror or e}",
+              file=sys.stderr)
+        return 1
+    if not args.dry_run:
+        where = {"darwin": "in ~/Applications and Launchpad",
+                 "win32": "in the Start menu"}.get(system, "in your applications menu")
+        print(f"PyChat is {where}. Remove it with: python pychat.py uninstall-desktop")
+    return 0
+
+
+def cmd_uninstall_desktop(args: argparse.Namespace) -> int:
+    system = desktop_system()
+    files = desktop_files(system, Path.home(), dict(os.environ), Path(__file__).resolve(),
+                          sys.executable or "python")
+    try:
+        said = uninstall_desktop(files, desktop_folders(system, files), args.dry_run)
+    except OSError as e:
+        print(f"pychat: cannot remove {e.filename or 'the launcher'}: {e.strerror or e}",
+              file=sys.stderr)
+        return 1
+    print("\n".join(said) if said else "Nothing to remove: PyChat's launcher is not installed.")
+    return 0
 
 
 def cmd_make_ding(args: argparse.Namespace) -> int:

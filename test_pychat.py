@@ -1546,7 +1546,7 @@ def start_server_process(test: unittest.TestCase, *extra: str) -> tuple[subproce
     """`python pychat.py server` on 127.0.0.1 and a free port; killed at cleanup."""
     proc = subprocess.Popen([sys.executable, PYCHAT, "server", "--host", HOST, "--port", "0",
                              *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    test.addCleanup(lambda: proc.poll() is None and proc.kill())
+    test.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait(TIMEOUT)))
     test.addCleanup(proc.stdout.close)
     test.addCleanup(proc.stderr.close)
     line = proc.stdout.readline()
@@ -3599,6 +3599,387 @@ class GuiConnectDialogTests(GuiCase):
         self.assertEqual(entry.get(), "ab")
         entry.insert(1, "é")
         self.assertEqual(entry.get(), "aéb")
+
+
+# ===========================================================================
+# 7b. Desktop launcher (issue 9): every system's files are generated into
+#     temporary folders on any OS; the Linux entry is started for real
+# ===========================================================================
+
+# A stand-in for pychat.py: writes the arguments it was started with as JSON.
+ECHO_ARGV = ("import json, os, sys\n"
+             "from pathlib import Path\n"
+             "Path(os.environ['PYCHAT_ARGV_OUT']).write_text(json.dumps(sys.argv))\n")
+
+# Every character a launcher has to quote, in a folder name.
+NASTY = "we ird 'q' \"dq\" $HOME %f ` \\back; (x) & é"
+
+
+def parse_exec(value: str) -> list[str]:
+    """A .desktop Exec value as the freedesktop spec reads it: string escapes
+    first, then double-quoted arguments with \\" \\` \\$ \\\\ escapes, %% for %."""
+    text, i = "", 0
+    while i < len(value):
+        if value[i] == "\\" and i + 1 < len(value):
+            text += {"s": " ", "n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[value[i + 1]]
+            i += 2
+        else:
+            text += value[i]
+            i += 1
+    args, word, quoted, i = [], None, False, 0
+    while i < len(text):
+        c = text[i]
+        if quoted and c == "\\" and text[i + 1] in '"`$\\':
+            word, i = word + text[i + 1], i + 2
+            continue
+        if c == '"':
+            quoted, word = not quoted, word or ""
+        elif c == "%" and text[i + 1] == "%":
+            word, i = (word or "") + "%", i + 1
+        elif c == " " and not quoted:
+            if word is not None:
+                args.append(word)
+            word = None
+        else:
+            word = (word or "") + c
+        i += 1
+    if word is not None:
+        args.append(word)
+    return args
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def read_ini(data: bytes, section: str) -> dict[str, str]:
+    import configparser
+    ini = configparser.ConfigParser(interpolation=None, strict=True)
+    ini.optionxform = str  # keys are case-sensitive
+    ini.read_string(data.decode("utf-8"))
+    return dict(ini[section])
+
+
+class DesktopFilesTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="pychat-desktop-"))
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.home = self.dir / "Home Dir"
+        self.nasty = self.dir / NASTY
+        self.nasty.mkdir()
+        self.echo = self.nasty / "pychat.py"
+        self.echo.write_text(ECHO_ARGV)
+        self.out = self.dir / "argv.json"
+
+    def wait_argv(self, proc: subprocess.Popen | None = None) -> list[str]:
+        """The arguments the stand-in was started with (it writes them once)."""
+        deadline = time.monotonic() + TIMEOUT
+        while not self.out.exists() or not self.out.read_text():
+            if time.monotonic() > deadline:
+                err = proc.stderr.read() if proc is not None and proc.poll() is not None else ""
+                raise AssertionError(f"the launcher did not start the program {err}")
+            time.sleep(0.02)
+        return json.loads(self.out.read_text())
+
+    def test_icon_is_a_64px_png_and_the_ico_and_icns_wrap_it(self):
+        png = pychat.icon_png()
+        self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
+        self.assertEqual(struct.unpack(">II", png[16:24]), (64, 64))
+        ico = pychat.icon_ico(png)
+        reserved, kind, count = struct.unpack("<HHH", ico[:6])
+        self.assertEqual((reserved, kind, count), (0, 1, 1))
+        width, height, _, _, planes, bits, size, offset = struct.unpack("<BBBBHHII", ico[6:22])
+        self.assertEqual((width, height, planes, bits, size), (64, 64, 1, 32, len(png)))
+        self.assertEqual(ico[offset:], png)
+        icns = pychat.icon_icns(png)
+        self.assertEqual(icns[:4], b"icns")
+        self.assertEqual(struct.unpack(">I", icns[4:8])[0], len(icns))
+        self.assertEqual(icns[8:12], b"icp6")  # the 64x64 PNG slot
+        self.assertEqual(struct.unpack(">I", icns[12:16])[0], 8 + len(png))
+        self.assertEqual(icns[16:], png)
+
+    def test_linux_entry_is_valid_and_its_exec_line_is_the_gui_command(self):
+        python = "/opt/My Python/bin/python3"
+        files = pychat.desktop_files("linux", self.home, {"XDG_DATA_HOME": str(self.dir / "da ta")},
+                                     self.nasty / "pychat.py", python, "[::1]:5050", "bob",
+                                     ("--cafile", str(self.nasty / "ca.pem")))
+        entry_path, icon_path = list(files)
+        self.assertEqual(entry_path, self.dir / "da ta" / "applications" / "pychat.desktop")
+        pychat.install_desktop(files)
+        entry = read_ini(entry_path.read_bytes(), "Desktop Entry")
+        self.assertEqual(entry["Type"], "Application")
+        self.assertEqual(entry["Name"], "PyChat")
+        self.assertEqual(entry["Terminal"], "false")
+        self.assertEqual(entry["TryExec"], python)
+        self.assertEqual(Path(entry["Icon"]), icon_path)
+        self.assertEqual(icon_path.read_bytes(), pychat.icon_png())
+        self.assertEqual(parse_exec(entry["Exec"]),
+                         [python, str(self.nasty / "pychat.py"), "gui", "--host", "::1",
+                          "--port", "5050", "--nick", "bob", "--cafile",
+                          str(self.nasty / "ca.pem")])
+        validate = shutil.which("desktop-file-validate")
+        if validate is None and os.environ.get("CI"):
+            self.fail("CI installs desktop-file-utils: desktop-file-validate is missing")
+        if validate:
+            result = subprocess.run([validate, str(entry_path)], capture_output=True, text=True)
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+            self.assertEqual(result.stdout, "")  # not even a hint
+
+    def test_a_real_freedesktop_launcher_reads_the_exec_line_as_written(self):
+        gio = shutil.which("gio")
+        if gio is None:
+            if os.environ.get("CI"):
+                self.fail("CI installs libglib2.0-bin: gio is missing")
+            self.skipTest("no gio (GLib's launcher) here")
+        files = pychat.desktop_files("linux", self.home, {"XDG_DATA_HOME": str(self.dir / "data")},
+                                     self.echo, sys.executable, "127.0.0.1:5050", "b$ob")
+        pychat.install_desktop(files)
+        env = dict(os.environ, PYCHAT_ARGV_OUT=str(self.out))
+        subprocess.run([gio, "launch", str(next(iter(files)))], env=env, check=True,
+                       timeout=TIMEOUT, capture_output=True)
+        self.assertEqual(self.wait_argv(), [str(self.echo), "gui", "--host", "127.0.0.1",
+                                            "--port", "5050", "--nick", "b$ob"])
+
+    def test_macos_bundle_structure_and_a_launcher_script_that_runs(self):
+        files = pychat.desktop_files("darwin", self.home, {}, self.echo, sys.executable,
+                                     "127.0.0.1:5050", "bob")
+        said = pychat.install_desktop(files)
+        app = self.home / "Applications" / "PyChat.app"
+        self.assertEqual(len(said), 3)
+        self.assertEqual(tree(app), {"Contents", "Contents/Info.plist", "Contents/MacOS",
+                                     "Contents/MacOS/PyChat", "Contents/Resources",
+                                     "Contents/Resources/PyChat.icns"})
+        import plistlib
+        with (app / "Contents" / "Info.plist").open("rb") as f:
+            info = plistlib.load(f)
+        self.assertEqual(info["CFBundlePackageType"], "APPL")
+        self.assertEqual(info["CFBundleName"], "PyChat")
+        self.assertTrue((app / "Contents" / "MacOS" / info["CFBundleExecutable"]).is_file())
+        self.assertTrue((app / "Contents" / "Resources" / info["CFBundleIconFile"]).is_file())
+        launcher = app / "Contents" / "MacOS" / "PyChat"
+        if os.name == "posix":
+            self.assertTrue(launcher.stat().st_mode & stat.S_IXUSR)
+            env = dict(os.environ, PYCHAT_ARGV_OUT=str(self.out))
+            subprocess.run([str(launcher), "-psn_0_1"], env=env, check=True, timeout=TIMEOUT)
+            self.assertEqual(self.wait_argv(), [str(self.echo), "gui", "--host", "127.0.0.1",
+                                                "--port", "5050", "--nick", "bob", "-psn_0_1"])
+
+    @unittest.skipUnless(os.name == "posix", "runs the bundle's /bin/sh script")
+    def test_macos_launcher_says_so_when_its_python_is_gone(self):
+        gone = str(self.nasty / "python3")  # never created
+        files = pychat.desktop_files("darwin", self.home, {}, self.echo, gone)
+        pychat.install_desktop(files)
+        fake = self.dir / "bin"  # stands in for macOS's osascript: records the alert
+        fake.mkdir()
+        (fake / "osascript").write_text('#!/bin/sh\nprintf "%s\\n" "$2" > "$ALERT_OUT"\n')
+        (fake / "osascript").chmod(0o755)
+        alert = self.dir / "alert.txt"
+        env = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}",
+                   ALERT_OUT=str(alert))
+        result = subprocess.run([str(self.home / "Applications/PyChat.app/Contents/MacOS/PyChat")],
+                                env=env, timeout=TIMEOUT, capture_output=True, text=True)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        text = alert.read_text(encoding="utf-8")
+        self.assertTrue(text.startswith('display alert "PyChat cannot start: '), text)
+        self.assertIn(gone.replace("\\", "\\\\").replace('"', '\\"'), text)
+
+    def test_windows_launcher_uses_pythonw_and_absolute_paths(self):
+        python = r"C:\Program Files\Python 3.11\python.exe"
+        appdata = self.dir / "App Data"
+        files = pychat.desktop_files("win32", self.home, {"APPDATA": str(appdata)},
+                                     self.nasty / "pychat.py", python, "10.0.0.5:5050", "bob")
+        pyw, ico, url = list(files)
+        self.assertEqual(url, appdata / "Microsoft" / "Windows" / "Start Menu" / "Programs"
+                         / "PyChat.url")
+        import ast
+        code = files[pyw][0].decode("utf-8")
+        tree_ = ast.parse(code)
+        compile(tree_, str(pyw), "exec")
+        popen = next(n for n in ast.walk(tree_) if isinstance(n, ast.Call)
+                     and getattr(n.func, "attr", "") == "Popen")
+        argv = ast.literal_eval(popen.args[0])
+        self.assertEqual(argv, [r"C:\Program Files\Python 3.11\pythonw.exe",
+                                str(self.nasty / "pychat.py"), "gui", "--host", "10.0.0.5",
+                                "--port", "5050", "--nick", "bob"])
+        self.assertTrue(pychat.PureWindowsPath(argv[0]).is_absolute())
+        self.assertTrue(Path(argv[1]).is_absolute())
+        self.assertIn("MessageBoxW", code)  # says so when pythonw is gone
+        shortcut = read_ini(files[url][0], "InternetShortcut")
+        self.assertEqual(shortcut["URL"], pyw.as_uri())
+        self.assertEqual(Path(shortcut["IconFile"]), ico)
+        self.assertEqual(files[ico][0], pychat.icon_ico(pychat.icon_png()))
+        self.assertEqual(pychat.gui_python("win32", r"D:\py\python3.12.exe"),
+                         r"D:\py\pythonw3.12.exe")
+
+    def test_windows_pyw_starts_the_program(self):
+        files = pychat.desktop_files("win32", self.home, {"APPDATA": str(self.dir / "App Data")},
+                                     self.echo, sys.executable, None, "bob")
+        pychat.install_desktop(files)
+        env = dict(os.environ, PYCHAT_ARGV_OUT=str(self.out))
+        subprocess.run([sys.executable, str(next(iter(files)))], env=env, check=True,
+                       timeout=TIMEOUT)
+        self.assertEqual(self.wait_argv(), [str(self.echo), "gui", "--nick", "bob"])
+
+    def test_install_twice_updates_in_place_and_uninstall_leaves_no_trace(self):
+        systems = {"linux": {"XDG_DATA_HOME": str(self.home / ".local" / "share")},
+                   "darwin": {}, "win32": {"APPDATA": str(self.home / "AppData" / "Roaming")}}
+        for system, env in systems.items():
+            with self.subTest(system=system):
+                shutil.rmtree(self.home, True)
+                # what a user already has: other apps next to PyChat's files
+                for other in [".local/share/applications/other.desktop",
+                              ".local/share/icons/hicolor/64x64/apps/other.png",
+                              "Applications/Other.app/Contents/Info.plist",
+                              "AppData/Roaming/Microsoft/Windows/Start Menu/Programs/Other.lnk"]:
+                    (self.home / other).parent.mkdir(parents=True, exist_ok=True)
+                    (self.home / other).write_text("not PyChat's")
+                before = tree(self.home)
+                first = pychat.desktop_files(system, self.home, env, self.echo, "/usr/bin/python3")
+                pychat.install_desktop(first)
+                second = pychat.desktop_files(system, self.home, env, self.echo,
+                                              "/usr/bin/python3", "127.0.0.1:6000", "carol")
+                self.assertEqual(list(first), list(second))
+                pychat.install_desktop(second)
+                for path, (data, _) in second.items():
+                    self.assertEqual(path.read_bytes(), data)
+                folders = pychat.desktop_folders(system, second)
+                made = {str(p.relative_to(self.home)) for p in [*second, *folders]} - before
+                self.assertEqual(tree(self.home) - before, made)
+                dry = pychat.uninstall_desktop(second, pychat.desktop_folders(system, second),
+                                               dry_run=True)
+                self.assertEqual(len(dry), len(second))
+                self.assertTrue(all(path.exists() for path in second))
+                pychat.uninstall_desktop(second, pychat.desktop_folders(system, second))
+                self.assertEqual(tree(self.home), before)
+                # and into a home with nothing but the folders every desktop has:
+                # not even an empty folder stays
+                shutil.rmtree(self.home)
+                (self.home / {"linux": ".local/share", "darwin": "",
+                              "win32": "AppData/Roaming/Microsoft/Windows/Start Menu/Programs"
+                              }[system]).mkdir(parents=True)
+                before = tree(self.home)
+                pychat.install_desktop(second)
+                pychat.uninstall_desktop(second, pychat.desktop_folders(system, second))
+                self.assertEqual(tree(self.home), before)
+
+
+class DesktopCommandTests(unittest.TestCase):
+    """`install-desktop` / `uninstall-desktop` as a user types them (Linux layout)."""
+
+    def setUp(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="pychat-desktop-"))
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.env = dict(os.environ, HOME=str(self.dir), XDG_DATA_HOME=str(self.dir / "share"))
+
+    def run_pychat(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, PYCHAT, *args], env=env or self.env,
+                              capture_output=True, text=True, timeout=TIMEOUT)
+
+    @unittest.skipIf(sys.platform in ("win32", "darwin"), "checks the freedesktop layout")
+    def test_install_says_where_dry_run_writes_nothing_uninstall_removes_all(self):
+        dry = self.run_pychat("install-desktop", "--dry-run", "--nick", "bob")
+        self.assertEqual(dry.returncode, 0, dry.stderr)
+        self.assertIn("would write " + str(self.dir / "share" / "applications" / "pychat.desktop"),
+                      dry.stdout)
+        self.assertEqual(tree(self.dir), set())
+        done = self.run_pychat("install-desktop", "--server", "127.0.0.1:5050", "--nick", "bob")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        entry = self.dir / "share" / "applications" / "pychat.desktop"
+        self.assertIn(f"wrote {entry}", done.stdout)
+        self.assertIn("applications menu", done.stdout)
+        argv = parse_exec(read_ini(entry.read_bytes(), "Desktop Entry")["Exec"])
+        self.assertEqual(argv, [sys.executable, str(Path(PYCHAT).resolve()), "gui", "--host",
+                                "127.0.0.1", "--port", "5050", "--nick", "bob"])
+        gone = self.run_pychat("uninstall-desktop")
+        self.assertEqual(gone.returncode, 0, gone.stderr)
+        self.assertIn(f"removed {entry}", gone.stdout)
+        self.assertEqual(tree(self.dir / "share"), set())
+        again = self.run_pychat("uninstall-desktop")
+        self.assertEqual((again.returncode, again.stdout.strip()),
+                         (0, "Nothing to remove: PyChat's launcher is not installed."))
+
+    @unittest.skipIf(sys.platform in ("win32", "darwin"), "checks the freedesktop layout")
+    def test_a_folder_that_cannot_be_written_is_one_clear_line(self):
+        (self.dir / "share").write_text("a file where a folder should be")
+        result = self.run_pychat("install-desktop")
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+        self.assertIn(f"pychat: cannot write {self.dir / 'share'}", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
+    def test_bad_arguments_are_one_line_errors(self):
+        for args, expected in [(["--server", "nohost"], "is not HOST:PORT"),
+                               (["--nick", "a b"], "--nick"),
+                               (["--cafile", str(self.dir / "missing.pem")], "no such file")]:
+            with self.subTest(args=args):
+                result = self.run_pychat("install-desktop", *args)
+                self.assertEqual(result.returncode, 2)
+                self.assertIn(expected, result.stderr)
+                self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+                self.assertEqual(tree(self.dir), set())
+
+
+class DesktopLaunchTests(unittest.TestCase):
+    """The installed menu entry, started the way a desktop starts it, opens the
+    GUI, which joins the server it was installed for."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        if _display_error:
+            raise unittest.SkipTest(f"no display: {_display_error}")
+        if sys.platform in ("win32", "darwin"):
+            raise unittest.SkipTest("the freedesktop entry is for Linux and the BSDs")
+
+    def test_the_menu_entry_opens_the_window_and_joins(self):
+        import tkinter
+        root = tkinter.Tk()
+        self.addCleanup(root.destroy)
+        icon = tkinter.PhotoImage(master=root, data=pychat.ICON_PNG_B64)
+        self.assertEqual((icon.width(), icon.height()), (64, 64))
+        self.assertFalse(icon.transparency_get(32, 32))  # the bubble, not a blank
+        self.assertTrue(icon.transparency_get(0, 0))
+
+        proc, port = start_server_process(self)
+        watcher = LinePeer(port, "watcher")
+        self.addCleanup(watcher.close)
+        data = Path(tempfile.mkdtemp(prefix="pychat-menu-"))
+        self.addCleanup(shutil.rmtree, data, True)
+        nick = f"menu{os.getpid()}"
+        env = dict(os.environ, XDG_DATA_HOME=str(data), HOME=str(data))
+        result = subprocess.run([sys.executable, PYCHAT, "install-desktop", "--server",
+                                 f"{HOST}:{port}", "--nick", nick], env=env,
+                                capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        entry = data / "applications" / "pychat.desktop"
+        values = read_ini(entry.read_bytes(), "Desktop Entry")
+        self.addCleanup(self._stop_gui, nick)
+        gio = shutil.which("gio")
+        if gio:  # GLib's launcher: what GNOME, Xfce and most menus use
+            subprocess.run([gio, "launch", str(entry)], env=env, check=True, timeout=TIMEOUT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        elif os.environ.get("CI"):
+            self.fail("CI installs libglib2.0-bin: gio is missing")
+        else:
+            subprocess.Popen(parse_exec(values["Exec"]), env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        joined = watcher.expect("join", nick=nick)
+        self.assertEqual(joined["room"], "#lobby")
+        self.assertEqual(root.winfo_class(), "Tk")
+        self.assertEqual(tkinter.Tk(className="PyChat").winfo_class(), values["StartupWMClass"])
+
+    @staticmethod
+    def _stop_gui(nick: str) -> None:
+        """End the GUI the launcher started (a separate process with no handle)."""
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                args = cmdline.read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"gui" in args and nick.encode() in args:
+                try:
+                    os.kill(int(cmdline.parent.name), signal.SIGTERM)
+                except OSError:
+                    pass
 
 
 # ===========================================================================
