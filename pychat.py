@@ -71,7 +71,7 @@ import unicodedata
 import wave
 import zlib
 from pathlib import Path, PureWindowsPath
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 __version__ = "0.1.0"
 
@@ -3602,14 +3602,35 @@ class ClientThread:
 
 
 # --- settings shared by the UIs (a small JSON file in the user's config folder)
-def config_dir() -> Path:
-    """Where PyChat keeps its small settings file, per platform convention."""
-    if sys.platform == "win32":
-        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
-        return base / "PyChat"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Application Support" / "PyChat"
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "pychat"
+def desktop_system() -> str:
+    """"win32", "darwin" or "linux" (which stands for every freedesktop system)."""
+    return "win32" if sys.platform == "win32" else "darwin" if sys.platform == "darwin" \
+        else "linux"
+
+
+def xdg_folder(env: Mapping[str, str], name: str, default: Path) -> Path:
+    """An XDG base folder; the spec says a relative value is to be ignored."""
+    value = env.get(name, "")
+    return Path(value) if value and Path(value).is_absolute() else default
+
+
+def windows_appdata(home: Path, env: Mapping[str, str]) -> Path:
+    value = env.get("APPDATA", "")
+    return Path(value) if value and Path(value).is_absolute() else home / "AppData" / "Roaming"
+
+
+def config_dir(system: str | None = None, home: Path | None = None,
+               env: Mapping[str, str] | None = None) -> Path:
+    """Where PyChat keeps its small files (the GUI's settings, the launcher
+    record), per platform convention; this machine's unless told otherwise."""
+    system = system or desktop_system()
+    home = home or Path.home()
+    env = os.environ if env is None else env
+    if system == "win32":
+        return windows_appdata(home, env) / "PyChat"
+    if system == "darwin":
+        return home / "Library" / "Application Support" / "PyChat"
+    return xdg_folder(env, "XDG_CONFIG_HOME", home / ".config") / "pychat"
 
 
 def load_settings(path: Path) -> dict:
@@ -6135,7 +6156,9 @@ def run_gui(args: argparse.Namespace) -> int:
               "terminal instead.", file=sys.stderr)
         return 1
     try:
-        root.iconphoto(True, tk.PhotoImage(master=root, data=ICON_PNG_B64))
+        # 128 and 64 px: X servers refuse a 256 px window icon (too big a request)
+        icon = tk.PhotoImage(master=root, data=ICON_PNG_B64)
+        root.iconphoto(True, icon.subsample(2), icon.subsample(4))
     except tk.TclError:  # a Tk without PNG support (before 8.6): the default icon
         pass
     GuiApp(root, args)
@@ -6157,19 +6180,60 @@ def run_gui(args: argparse.Namespace) -> int:
 #     entry on Windows).  Uses: constants.
 # ===========================================================================
 
-# The application icon, drawn for PyChat (a 64x64 PNG: a speech bubble).
+# The application icon, drawn for PyChat (a 256x256 PNG: a speech bubble).
 ICON_PNG_B64 = (
-    "iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAYAAACqaXHeAAAB70lEQVR42u2bvU7EMAzH+0h9hD5C"
-    "R8YKiZmR/Wakjoy8ABMDE1JZmDshsRUxIqRIBxUf4ggxaqVTSUPbJK0bO9J/uctd4l9tp02d6OBo"
-    "G1FWxADG/SBRypUKJaEkkUg0c8qbOToHkClViAz+T1UzZ2sAsVK5IsO7KhsbJgFIkbm5TXikYwGk"
-    "ARjeVToUQBzIldd5QjwEQBmg8fs5wQggC9j4VpkJQEUAQNUHICFgfKtEByAnBCDXASgIASh0AAQh"
-    "AEIHQBKTWwCb01re3H7Kp+ed9NXgv2EMGAsNgJPNq7y7/5JzNxgTxl4UAEygrr/lUg3GtoBgB2Bp"
-    "4x1AsAOwhNubwmFWAJCEsLUJiXE6AMjE2BrMaTYAPpc6myVyNgBYGxoAkJQuLt9/1ZcsXfVBB+Ds"
-    "/O1Pf/jMRx90AEzLUXsFXfVBCQBcte838J3LPgyAQ4CTIC+DaAEEfyNE/laY/MMQ+cdh8hsivCXG"
-    "m6K8La5NjA+PO+9LHboXI2PuDwDQ4fFLmK/GwB0dr9PrAnB1/THqASk4ADr3t8zS6wGgc39k8e4X"
-    "QNf9Eca7XwD77o803gcBEDbujzzeB5XIFFPdfwXxPqhIalKZnGkHd21lcuQLJcmXynKxNJfL84EJ"
-    "PjLDh6b42BwfnOSjs3x4mpJ+AJywmLUVD/jHAAAAAElFTkSuQmCC"
+    "iVBORw0KGgoAAAANSUhEUgAAAQAAAAEACAYAAABccqhmAAAKN0lEQVR42u3dvYpkRRiH8b2EvoS5"
+    "hL6EvYQON2wEQ3EzDYeNFyYSw8bMYGFgAyOhTYwMJhLMRgxFGFBX18+xS3pwdl1mu+dU1amq9/eH"
+    "BwQ/9nhO1dNvfZw6Dx69++MDADFxEwACAEAAAAgAAAEAIAAABACAADpiuWO143THZsd2z9WOa+AN"
+    "XN1qJ5t921nt2xIBNMxix3rH2Y4LDRmFuNi3sfW+zRHAzL/wOjxaEMKSAOpwsi/LLjU+NMblvm2e"
+    "EEB+Hu4418jQCef7NksAE1n7tUfnVcGaAHR8EMGaAA4r9bcaDAZl29rQoKVlvDMNBEE4a2UZsYXO"
+    "v7I5B0E3Ha0iC8CvPjBzNTDnJh4beID/NhQtowhAyQ80MiSo3fkfe9DAnTweVQAbDxc4iM1oAtD5"
+    "gQYloPMDgSWg8wOBJaDzA4ElYLYfCLw6UGqd3wMD8rNqXQBLm3yAopuFlq0KYGF7L1Bl2/CiRQF4"
+    "sQeo9wJRUwIw7gc6nA/IVfob9wP15wMWLQhA6Q90OhTIcYafBwHMx8M5BbD1AIBZ2c4lgLWbDzTB"
+    "eg4BXLrxQBNc1haAX39ggCrArz8QuAow8w8EXhG4jwB8pRdok/PSAjhxk4GmOSkpgFM3GGia05IC"
+    "MPkHDDQZeOxhH24w0D7LEgLw0g8w2EtCxwjAaT9AP6cGZRXAwk0FumKRUwC2/gIDbg02/gcCzwMY"
+    "/wOB5wEOFYAbCvRHFgFY/wcG3Q/gyG9gXFY5BGD/PzDoewE+8w2MyyaHALZuJNAlWwIACGCSAHz2"
+    "C+iTqxwCcCOBQfcCEABAAAQAEAABHM2Tpy+uP/n05fVnn/92/fU3f/6LlMnN/U33Ot3zdO+1QQKo"
+    "ynsf/vxv4/vq4g89spGkZ5GeSXo22igBFOHjza9+3TupEtKz0mYJYDLvvP/T9bPnL69fvPhbz+os"
+    "6ZmlZ5eeIQEQwNHo+GOJgAAI4OBJve9/+EvPGSzpmQadNCSAQ8v9NLssYyc942DDAgJ4Gx88+fn6"
+    "2+/86kdJetbpmRMAAVw//egXY/2gcwPp2RNAYAGk5SKJnQBLhgSg80tgCRCAzi+BJUAAr4/5Rd6U"
+    "QecECOD2bL8JP7lrYnDA1QECuFnnt9QnhywRDrZPgAASNvnIoUlthQAGEkDaAipyTAbaNkwA9vbL"
+    "sUlthgAGEEB6E0zkPhnkLcK4AkiTOWb9ZcqqwAATgnEF4NdfVAGBBeDXX3JUAQRgu68ETufbhGMK"
+    "wAGekiupLRFAZ0d3i+RMx0eOxxNAOiNeJGdSmyKATvDRDsmd1KYIoBNESoQA7PuXwOn0/YBYAjD+"
+    "F/MAgQXgtV8plU5fE44lAOv/Uiqd7gcgABECCCIAESsBBCBCAAQgQgAEIEIABDBX0lHTaQIpLSMl"
+    "0l/PeUS56yEAAiictHc8fWnmriOl0t9L/0yNdxdcDwEQQKWlovu8Opr+nRJLmK6HAAigQtLRUTlO"
+    "jkn/jRxHmbkeAiCAip0/5zflpn7D0PUQAAF02vmnNnLXQwAEUDElD4y8z8GmrocACKDihF9L7za4"
+    "HgIggIqpcVDkMQecuh4CIICK6/wtnXHoegiAACoKIG1QqfX/lP4s1zPtegiAALKm5kcj05/leqZd"
+    "DwEQQNa967X/v+7aG+96fqz27gABEMAsJ8PcNdvteuqtBhAAAcxyOORdh526nnqHwRIAAehwBEAA"
+    "hgBKbkMAAjAJaNLNJCABWAa07GYZkABsBLLxxkYgArAV2NZbW4EJwMtAXgbyMhABeB3Y68BeByYA"
+    "B4I4EMSBIATgSDBHgjkSjAAcCupQUIeCEoBjwR0L7lhwAvBhEB8G8WEQAhhBALfXwX2Kq5/rIQAC"
+    "KPrugI9x9nM9BEAAIgRAACIEQAAiBEAAIgTQOC0sFcmYmeOkIwIgACEAAmjtcEiJlzkOOyWAI/nk"
+    "05daqhRJalsE0DhPnr7QUqVIUtsiACsBYgWAAFqmpb3jMkZqnnFIAOYBxPifAHo5KFLGT40DTgnA"
+    "fgBpMJ2u/8cWwBwHRsqYKXmwKQEUZM6jo2SMpDbUcx8ILYBnz00GyrSkNkQAnZKOlFIFyJRf/5of"
+    "OSUAVYD49SeA3Hz/w19asxyV1GZGaPsE4P0AuUc63fdPAF4Tlqnp9LVfAnjbhGCrR01LO0ltZICJ"
+    "PwJo7Zty0sesf4kPmRJAQ6QvzYi8KaltjNbeCcA2YTkgnW/3JQASEJ2fAEhAdH4COG5OwMRgzAm/"
+    "Qcf8BHCf1QFLhLGW+gac7SeAqfsEbBYaP+kZD7bOTwC5tw17d2C8pGc60PZeAqjxFqG5gTHG+oO8"
+    "1UcAcwwLiKDvjh+s3CeAkkuGDhptP+kZBVjaI4A5jxw3WdhW0kc70rn9HR/dTQBeLZZDft0T6f6n"
+    "Dh90Uo8AnDD0apS8IICKm4ZamugKtKEFBKD8v72bzQw3CCBg+f/Fl797FiCAiOW/8T4IIGD5b7wP"
+    "Agha/hvvgwCClv/G+yCAoOW/8T4IIGD5b7wPAgha/hvvgwCClv/G+yCAoOW/8T4IIGD5b7wPAgha"
+    "/hvvgwCClv/G+yCAoOW/8T4IIGD5b7wPAgha/hvvgwCClv/G+yCAoOW/8T4IIGD5b7wPAgha/hvv"
+    "gwCClv/G+yCAoOW/8T4IIGD5b7wPAgha/hvvY3QBXCn/jffRJVc5BLBV/hvvo0u2BJC5/DfeRzQB"
+    "bJT/xvvokk0OAZwq/4330SWnOQSwil7+G++jU1Y5BLCMWv4b76NzljkE8CBi+W+8j9H3ABwjgItI"
+    "5b/xPgbgIqcAzqKU/8b7GISznAJYj17+G+9jMNY5BbAYufw33seALHIKYNh5gGfPX2osCDn+P1YA"
+    "Z24sMM74/1gBLN1YYIz1//sIIHHp5gJNc3lMnz5WAKduMND3/v8pAjhxg4GmOSkpgMS5mww0yfmx"
+    "/fk+AnjoRgNN8rCGAEwGAp1P/k0VwNoNB/rb+ptLAKoAoPNf/6kCUAUAHf/6TxVAqBODgUbZTunD"
+    "UwVgRQDobOY/pwC8JAR08NJPSQGk946vPAygKleHvvNfWgBhjg4HGmKVo+/mEoChANBR6V9CAKkc"
+    "ufBwgOKn/SxaFMDNoSHmA4By4/5lzj6bWwDmA4DGx/2lBZB47GEBWXlcoq+WEkCoz4oDhdmU6qcl"
+    "BUACQMOdv4YASABotPPXEgAJAA12/poCIAGgsc5fWwBWB4CZZvtbEcDNPgGbhYD/b/JZ1e6Pcwjg"
+    "ZsegbcPAf9t7l3P0xbkEcPPugBeI4MWejHv7exKAIQGU/DP3vxYEoBqAX/3gArh9xuBWA8GgbB9N"
+    "PMNvdAHcPnL8UoPBIFw+mnB0d0QBEAF0fAJ4ZWjgq8TohfPWSv3eBXBD+vb5qaoAjf7an+7baDd9"
+    "qjcBvL6Z6MyGIsy8gedsrk080QXw+jLimhBQqcOvW1nGI4C7K4TVvizb7JdgtjYd4S2bc27ayWbf"
+    "dlY9/8JHFgAAAgBAAAAIAAABACAAgAAAEACAaPwDL7iGF61OZR8AAAAASUVORK5CYII="
 )
+
+# Every text file install-desktop writes carries this line, so uninstall (and
+# a second install) can tell PyChat's files from somebody else's.
+LAUNCHER_MARK = "written by pychat.py install-desktop"
 
 
 def icon_png() -> bytes:
@@ -6177,13 +6241,14 @@ def icon_png() -> bytes:
 
 
 def icon_ico(png: bytes) -> bytes:
-    """A Windows .ico holding the PNG (Windows Vista and later read PNG icons)."""
-    return struct.pack("<HHHBBBBHHII", 0, 1, 1, 64, 64, 0, 0, 1, 32, len(png), 22) + png
+    """A Windows .ico holding the 256x256 PNG (Windows Vista and later read PNG
+    icons; a size byte of 0 means 256)."""
+    return struct.pack("<HHHBBBBHHII", 0, 1, 1, 0, 0, 0, 0, 1, 32, len(png), 22) + png
 
 
 def icon_icns(png: bytes) -> bytes:
-    """A macOS .icns holding the PNG as its 64x64 image ('icp6')."""
-    entry = b"icp6" + struct.pack(">I", 8 + len(png)) + png
+    """A macOS .icns holding the 256x256 PNG as its 'ic08' image."""
+    entry = b"ic08" + struct.pack(">I", 8 + len(png)) + png
     return b"icns" + struct.pack(">I", 8 + len(entry)) + entry
 
 
@@ -6222,16 +6287,18 @@ def launcher_argv(script: Path, python: str, server: str | None = None,
 
 def gui_python(system: str, python: str) -> str:
     """On Windows the interpreter to use is pythonw.exe (pythonw3.11.exe for
-    python3.11.exe), next to python.exe: it starts without a console window."""
+    python3.11.exe), next to python.exe: it starts without a console window.
+    Where it is missing (checked on Windows only) python.exe it is."""
     if system == "win32":
         exe = PureWindowsPath(python)
         match = re.fullmatch(r"python([\d.]*)\.exe", exe.name, re.IGNORECASE)
-        if match:
-            return str(exe.with_name(f"pythonw{match[1]}.exe"))
+        windowless = str(exe.with_name(f"pythonw{match[1]}.exe")) if match else python
+        if sys.platform != "win32" or Path(windowless).exists():
+            return windowless
     return python
 
 
-def desktop_files(system: str, home: Path, env: dict[str, str], script: Path, python: str,
+def desktop_files(system: str, home: Path, env: Mapping[str, str], script: Path, python: str,
                   server: str | None = None, nick: str | None = None,
                   extra: tuple[str, ...] = ()) -> dict[Path, tuple[bytes, bool]]:
     """What install-desktop writes on `system` ("linux", "darwin", "win32"):
@@ -6240,111 +6307,163 @@ def desktop_files(system: str, home: Path, env: dict[str, str], script: Path, py
     png = icon_png()
     python = gui_python(system, python)
     argv = launcher_argv(script, python, server, nick, extra)
-    missing = f"PyChat cannot start: {python} is gone. Run `pychat.py install-desktop` again."
+    gone = (f"PyChat cannot start: {python} or {script} is not there any more. Run "
+            "`python pychat.py install-desktop` again with the pychat.py you want to use.")
     if system == "darwin":
         app = home / "Applications" / "PyChat.app" / "Contents"
         plist = plistlib.dumps({
             "CFBundleName": "PyChat", "CFBundleDisplayName": "PyChat",
             "CFBundleIdentifier": "org.pychat.PyChat", "CFBundleVersion": __version__,
             "CFBundleShortVersionString": __version__, "CFBundlePackageType": "APPL",
-            "CFBundleExecutable": "PyChat", "CFBundleIconFile": "PyChat.icns",
-            "LSMinimumSystemVersion": "10.13", "NSHighResolutionCapable": True})
-        alert = f"display alert {json.dumps(missing, ensure_ascii=False)}"  # AppleScript string
-        launcher = ("#!/bin/sh\n# Starts PyChat's window; written by `pychat.py install-desktop`.\n"
-                    f"if [ ! -x {shlex.quote(python)} ]; then\n"
-                    f"    osascript -e {shlex.quote(alert)}\n    exit 1\nfi\n"
-                    "exec " + " ".join(shlex.quote(a) for a in argv) + ' "$@"\n')
+            "CFBundleInfoDictionaryVersion": "6.0", "CFBundleExecutable": "PyChat",
+            "CFBundleIconFile": "PyChat.icns", "LSMinimumSystemVersion": "10.13",
+            "NSHighResolutionCapable": True, "PyChatInstaller": LAUNCHER_MARK})
+        alert = "display alert " + json.dumps(gone, ensure_ascii=False)  # AppleScript string
+        launcher = (f"#!/bin/sh\n# Starts PyChat's window; {LAUNCHER_MARK}.\n"
+                    f"if [ ! -x {shlex.quote(python)} ] || [ ! -f {shlex.quote(str(script))} ]"
+                    f"; then\n    osascript -e {shlex.quote(alert)}\n    exit 1\nfi\n"
+                    "exec " + " ".join(shlex.quote(a) for a in argv) + "\n")
         return {app / "Info.plist": (plist, False),
                 app / "MacOS" / "PyChat": (launcher.encode(), True),
                 app / "Resources" / "PyChat.icns": (icon_icns(png), False)}
     if system == "win32":
-        appdata = Path(env.get("APPDATA") or home / "AppData" / "Roaming")
-        folder = appdata / "PyChat" / "launcher"
+        folder = windows_appdata(home, env) / "PyChat" / "launcher"
         pyw = folder / "PyChat.pyw"
         ico = folder / "PyChat.ico"
-        code = ("# Starts PyChat's window; written by `pychat.py install-desktop`.\n"
-                "import subprocess\n"
+        code = (f"# Starts PyChat's window; {LAUNCHER_MARK}.\n"
+                "import os, subprocess\n"
+                f"argv = {argv!r}\n"
                 "try:\n"
-                f"    subprocess.Popen({argv!r}, close_fds=True)\n"
+                "    if not os.path.isfile(argv[1]):\n"
+                "        raise OSError(argv[1])\n"
+                "    subprocess.Popen(argv, close_fds=True)\n"
                 "except OSError:\n"
                 "    import ctypes\n"
-                f"    ctypes.windll.user32.MessageBoxW(None, {missing!r}, 'PyChat', 0x10)\n")
-        shortcut = ("[InternetShortcut]\r\n"
-                    f"URL={pyw.as_uri()}\r\n"
-                    f"IconFile={ico}\r\nIconIndex=0\r\n")
-        menu = appdata / "Microsoft" / "Windows" / "Start Menu" / "Programs" / "PyChat.url"
-        return {pyw: (code.encode("utf-8"), False), ico: (icon_ico(png), False),
-                menu: (shortcut.encode("utf-8"), False)}
-    data = Path(env.get("XDG_DATA_HOME") or home / ".local" / "share")
-    icon = data / "icons" / "hicolor" / "64x64" / "apps" / "pychat.png"
+                f"    ctypes.windll.user32.MessageBoxW(None, {gone!r}, 'PyChat', 0x10)\n")
+        # Windows reads a .url in the ANSI code page; a path it cannot hold
+        # goes (UTF-7 encoded, as Explorer writes it) in [InternetShortcut.W].
+        lines = [f"; {LAUNCHER_MARK}", "[InternetShortcut]", f"URL={pyw.as_uri()}",
+                 "IconIndex=0"]
+        if str(ico).isascii():
+            lines.append(f"IconFile={ico}")
+        else:
+            lines += ["[InternetShortcut.W]", f"URL={pyw.as_uri()}",
+                      "IconFile=" + str(ico).encode("utf-7").decode("ascii")]
+        menu = (windows_appdata(home, env) / "Microsoft" / "Windows" / "Start Menu"
+                / "Programs" / "PyChat.url")
+        return {menu: ("\r\n".join(lines + [""]).encode("ascii"), False),
+                pyw: (code.encode("utf-8"), False), ico: (icon_ico(png), False)}
+    data = xdg_folder(env, "XDG_DATA_HOME", home / ".local" / "share")
+    icon = data / "icons" / "hicolor" / "256x256" / "apps" / "pychat.png"
     entry = "\n".join([
-        "[Desktop Entry]", "Type=Application", "Version=1.0", "Name=PyChat",
-        "GenericName=Chat", "Comment=A chat room in one Python file",
+        f"# {LAUNCHER_MARK}", "[Desktop Entry]", "Type=Application", "Version=1.0",
+        "Name=PyChat", "GenericName=Chat", "Comment=A chat room in one Python file",
         "TryExec=" + desktop_string(python), "Exec=" + desktop_exec(argv),
-        "Icon=" + desktop_string(str(icon)), "Terminal=false", "Categories=Network;Chat;InstantMessaging;",
+        "Icon=" + desktop_string(str(icon)), "Terminal=false",
+        "Categories=Network;Chat;InstantMessaging;",
         "StartupWMClass=Pychat", ""])  # Tk title-cases the class: Tk(className="PyChat")
     return {data / "applications" / "pychat.desktop": (entry.encode("utf-8"), False),
             icon: (png, False)}
 
 
-def desktop_system() -> str:
-    return "win32" if sys.platform == "win32" else "darwin" if sys.platform == "darwin" \
-        else "linux"
+def launcher_record(system: str, home: Path, env: Mapping[str, str]) -> Path:
+    """Where install-desktop notes the files it wrote and the folders it made
+    (next to the GUI's settings), so that uninstall removes exactly those."""
+    return config_dir(system, home, env) / "launcher.json"
 
 
-def install_desktop(files: dict[Path, tuple[bytes, bool]], dry_run: bool = False) -> list[str]:
-    """Write the launcher's files (in place when they exist); lines saying what
-    was (or would be) written.  OSError names the path that failed."""
+def _read_record(record: Path) -> tuple[list[Path], list[Path]]:
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+        return [Path(p) for p in data["files"]], [Path(p) for p in data["folders"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [], []
+
+
+def _is_ours(path: Path, expected: bytes, recorded: list[Path]) -> bool:
+    """Whether the file at `path` is PyChat's: recorded as written by install,
+    marked (text files), or the very bytes install writes there (icons)."""
+    if path in recorded:
+        return True
+    try:
+        content = path.read_bytes()
+    except OSError:
+        return False
+    mark = LAUNCHER_MARK.encode()
+    return mark in content if mark in expected else content == expected
+
+
+def install_desktop(files: dict[Path, tuple[bytes, bool]], record: Path,
+                    dry_run: bool = False) -> list[str]:
+    """Write the launcher's files (in place when they exist) and the record;
+    lines saying what was (or would be) written.  ValueError when one of the
+    paths holds a file PyChat did not write; OSError names the path that failed."""
+    old_files, old_folders = _read_record(record)
+    for path, (data, _) in files.items():
+        if path.exists() and not _is_ours(path, data, old_files):
+            raise ValueError(f"{path} exists and was not written by PyChat; move it away, "
+                             "then run install-desktop again")
+    made = set(old_folders)
+    for path in [*files, record]:
+        made.update(itertools.takewhile(lambda folder: not folder.exists(), path.parents))
     said = []
     for path, (data, executable) in files.items():
         if not dry_run:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            try:
-                tmp.write_bytes(data)
-                if executable:
-                    tmp.chmod(0o755)
-                os.replace(tmp, path)
-            except OSError as e:
-                try:
-                    tmp.unlink()
-                except OSError:
-                    pass
-                raise OSError(e.errno, e.strerror, str(path)) from e
+            _write_file(path, data, executable)
         said.append(f"{'would write' if dry_run else 'wrote'} {path} ({len(data)} bytes)")
+    note = {"files": sorted({str(p) for p in [*old_files, *files]}),
+            "folders": sorted({str(p) for p in made}, key=lambda p: (-len(Path(p).parts), p))}
+    data = json.dumps(note, indent=1).encode("utf-8")
+    if not dry_run:
+        _write_file(record, data)
+    said.append(f"{'would write' if dry_run else 'wrote'} {record} ({len(data)} bytes)")
     return said
 
 
-def desktop_folders(system: str, files: dict[Path, tuple[bytes, bool]]) -> list[Path]:
-    """Folders install may have made, deepest first: uninstall removes each one
-    that is empty afterwards (a folder with anybody else's files in it stays)."""
-    if system == "darwin":
-        contents = next(iter(files)).parent  # ~/Applications/PyChat.app/Contents
-        return [contents / "MacOS", contents / "Resources", contents, contents.parent,
-                contents.parent.parent]
-    if system == "win32":
-        launcher = next(iter(files)).parent  # %APPDATA%/PyChat/launcher
-        return [launcher, launcher.parent]
-    desktop, icon = list(files)
-    data = desktop.parent.parent          # XDG_DATA_HOME
-    return [icon.parent, icon.parent.parent, icon.parent.parent.parent, data / "icons",
-            desktop.parent]
+def _write_file(path: Path, data: bytes, executable: bool = False) -> None:
+    """Replace `path` with `data` atomically; OSError names `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        if executable:
+            tmp.chmod(0o755)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
-def uninstall_desktop(files: dict[Path, tuple[bytes, bool]], folders: list[Path],
+def uninstall_desktop(files: dict[Path, tuple[bytes, bool]], record: Path,
                       dry_run: bool = False) -> list[str]:
-    """Remove exactly the files install writes, then PyChat's own folders if
-    nothing else is in them."""
-    said = []
-    for path in files:
-        if path.exists():
-            said.append(f"{'would remove' if dry_run else 'removed'} {path}")
+    """Remove the files install wrote (those in the record, and PyChat's own at
+    today's paths), the record, then each folder install made if nothing else
+    is in it; a file PyChat did not write stays.  Lines saying what was done."""
+    recorded, folders = _read_record(record)
+    verb = "would remove" if dry_run else "removed"
+    said, gone = [], set()
+    for path in dict.fromkeys([*files, *recorded]):
+        if not path.is_file():
+            continue
+        if not _is_ours(path, files.get(path, (b"", False))[0], recorded):
+            said.append(f"left {path}: not written by PyChat")
+            continue
+        gone.add(path)
+    if record.is_file():
+        gone.add(record)
+    for path in [p for p in dict.fromkeys([*files, *recorded, record]) if p in gone]:
+        if not dry_run:
+            path.unlink()
+        said.append(f"{verb} {path}")
+    for folder in folders:  # deepest first
+        if folder.is_dir() and all(p in gone for p in folder.iterdir()):
+            gone.add(folder)
             if not dry_run:
-                path.unlink()
-    for folder in folders:
-        if not dry_run and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-            said.append(f"removed {folder}")
+                folder.rmdir()
+            said.append(f"{verb} {folder}")
     return said
 
 
@@ -7108,8 +7227,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _server(text: str) -> str:
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 192.168.1.20:5050)")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not bare.strip() or not port.isdigit() or not 0 < int(port) < 65536 \
+            or (":" in bare and bare == host) or any(c.isspace() for c in bare):
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 192.168.1.20:5050, "
+                                         "or [::1]:5050 for an IPv6 address)")
     return text
 
 
@@ -7120,10 +7242,13 @@ def _nick(text: str) -> str:
     return text
 
 
-def _desktop_plan(args: argparse.Namespace) -> tuple[str, dict[Path, tuple[bytes, bool]]]:
-    """ValueError with a sentence when there is nothing a launcher could start."""
-    if not sys.executable:
-        raise ValueError("this Python does not know its own path (sys.executable is empty)")
+def _desktop_plan(args: argparse.Namespace, python: str
+                  ) -> tuple[str, dict[Path, tuple[bytes, bool]], Path]:
+    """The system, the launcher's files and the record; ValueError with a
+    sentence when no launcher can be made."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and os.environ.get("SUDO_USER"):
+        raise ValueError("run this as yourself, without sudo: the launcher is for your own "
+                         "account and needs no administrator rights")
     extra: tuple[str, ...] = ()
     if getattr(args, "cafile", None):
         cafile = Path(args.cafile).expanduser().resolve()
@@ -7134,39 +7259,52 @@ def _desktop_plan(args: argparse.Namespace) -> tuple[str, dict[Path, tuple[bytes
         extra = ("--insecure",)
     elif getattr(args, "tls", False):
         extra = ("--tls",)
-    system = desktop_system()
-    return system, desktop_files(system, Path.home(), dict(os.environ),
-                                 Path(__file__).resolve(), sys.executable,
-                                 getattr(args, "server", None), getattr(args, "nick", None),
-                                 extra)
+    system, home, script = desktop_system(), Path.home(), Path(os.path.abspath(__file__))
+    try:
+        files = desktop_files(system, home, os.environ, script, python,
+                              getattr(args, "server", None), getattr(args, "nick", None), extra)
+    except ValueError as e:  # e.g. a folder name that is not valid text
+        raise ValueError(f"cannot make a launcher for {script}: {e}") from e
+    return system, files, launcher_record(system, home, os.environ)
 
 
 def cmd_install_desktop(args: argparse.Namespace) -> int:
+    if not sys.executable:
+        print("pychat: this Python does not know its own path (sys.executable is empty)",
+              file=sys.stderr)
+        return 2
     try:
-        system, files = _desktop_plan(args)
+        system, files, record = _desktop_plan(args, sys.executable)
     except ValueError as e:
         print(f"pychat: {e}", file=sys.stderr)
         return 2
     try:
-        for line in install_desktop(files, args.dry_run):
-            print(line)
+        print("\n".join(install_desktop(files, record, args.dry_run)))
+    except ValueError as e:
+        print(f"pychat: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         print(f"pychat: cannot write {e.filename or 'the launcher'}: {e.strerror or e}",
               file=sys.stderr)
         return 1
     if not args.dry_run:
-        where = {"darwin": "in ~/Applications and Launchpad",
+        where = {"darwin": "in ~/Applications, Launchpad and Spotlight",
                  "win32": "in the Start menu"}.get(system, "in your applications menu")
         print(f"PyChat is {where}. Remove it with: python pychat.py uninstall-desktop")
+    if system == "win32" and "WindowsApps" in sys.executable:
+        print("Note: this is the Microsoft Store Python, which may keep the Start-menu entry "
+              "in its private copy of AppData; if PyChat does not show up, install with the "
+              "python.org Python instead.")
     return 0
 
 
 def cmd_uninstall_desktop(args: argparse.Namespace) -> int:
-    system = desktop_system()
-    files = desktop_files(system, Path.home(), dict(os.environ), Path(__file__).resolve(),
-                          sys.executable or "python")
     try:
-        said = uninstall_desktop(files, desktop_folders(system, files), args.dry_run)
+        _, files, record = _desktop_plan(args, sys.executable or "python")
+        said = uninstall_desktop(files, record, args.dry_run)
+    except ValueError as e:
+        print(f"pychat: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"pychat: cannot remove {e.filename or 'the launcher'}: {e.strerror or e}",
               file=sys.stderr)

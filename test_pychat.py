@@ -3606,7 +3606,7 @@ class GuiConnectDialogTests(GuiCase):
 #     temporary folders on any OS; the Linux entry is started for real
 # ===========================================================================
 
-# A stand-in for pychat.py: writes the arguments it was started with as JSON.
+# A stand-in for pychat.py: writes the command line it was started with as JSON.
 ECHO_ARGV = ("import json, os, sys\n"
              "from pathlib import Path\n"
              "Path(os.environ['PYCHAT_ARGV_OUT']).write_text(json.dumps(sys.argv))\n")
@@ -3649,7 +3649,7 @@ def parse_exec(value: str) -> list[str]:
 
 
 def tree(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")}
 
 
 def read_ini(data: bytes, section: str) -> dict[str, str]:
@@ -3671,30 +3671,32 @@ class DesktopFilesTests(unittest.TestCase):
         self.echo.write_text(ECHO_ARGV)
         self.out = self.dir / "argv.json"
 
-    def wait_argv(self, proc: subprocess.Popen | None = None) -> list[str]:
-        """The arguments the stand-in was started with (it writes them once)."""
+    def record(self, system: str, env: dict | None = None) -> Path:
+        return pychat.launcher_record(system, self.home, env or {})
+
+    def wait_argv(self) -> list[str]:
+        """The command line the stand-in was started with (it writes it once)."""
         deadline = time.monotonic() + TIMEOUT
         while not self.out.exists() or not self.out.read_text():
             if time.monotonic() > deadline:
-                err = proc.stderr.read() if proc is not None and proc.poll() is not None else ""
-                raise AssertionError(f"the launcher did not start the program {err}")
+                raise AssertionError("the launcher did not start the program")
             time.sleep(0.02)
         return json.loads(self.out.read_text())
 
-    def test_icon_is_a_64px_png_and_the_ico_and_icns_wrap_it(self):
+    def test_icon_is_a_256px_png_and_the_ico_and_icns_wrap_it(self):
         png = pychat.icon_png()
         self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
-        self.assertEqual(struct.unpack(">II", png[16:24]), (64, 64))
+        self.assertEqual(struct.unpack(">II", png[16:24]), (256, 256))
+        self.assertEqual(zlib.crc32(png[12:29]), struct.unpack(">I", png[29:33])[0])  # IHDR
         ico = pychat.icon_ico(png)
-        reserved, kind, count = struct.unpack("<HHH", ico[:6])
-        self.assertEqual((reserved, kind, count), (0, 1, 1))
+        self.assertEqual(struct.unpack("<HHH", ico[:6]), (0, 1, 1))
         width, height, _, _, planes, bits, size, offset = struct.unpack("<BBBBHHII", ico[6:22])
-        self.assertEqual((width, height, planes, bits, size), (64, 64, 1, 32, len(png)))
+        self.assertEqual((width, height, planes, bits, size), (0, 0, 1, 32, len(png)))
         self.assertEqual(ico[offset:], png)
         icns = pychat.icon_icns(png)
         self.assertEqual(icns[:4], b"icns")
         self.assertEqual(struct.unpack(">I", icns[4:8])[0], len(icns))
-        self.assertEqual(icns[8:12], b"icp6")  # the 64x64 PNG slot
+        self.assertEqual(icns[8:12], b"ic08")  # the 256x256 PNG slot
         self.assertEqual(struct.unpack(">I", icns[12:16])[0], 8 + len(png))
         self.assertEqual(icns[16:], png)
 
@@ -3705,7 +3707,7 @@ class DesktopFilesTests(unittest.TestCase):
                                      ("--cafile", str(self.nasty / "ca.pem")))
         entry_path, icon_path = list(files)
         self.assertEqual(entry_path, self.dir / "da ta" / "applications" / "pychat.desktop")
-        pychat.install_desktop(files)
+        pychat.install_desktop(files, self.record("linux"))
         entry = read_ini(entry_path.read_bytes(), "Desktop Entry")
         self.assertEqual(entry["Type"], "Application")
         self.assertEqual(entry["Name"], "PyChat")
@@ -3725,6 +3727,16 @@ class DesktopFilesTests(unittest.TestCase):
             self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
             self.assertEqual(result.stdout, "")  # not even a hint
 
+    def test_relative_xdg_folders_are_ignored_as_the_spec_says(self):
+        env = {"XDG_DATA_HOME": "rel/share", "XDG_CONFIG_HOME": "rel/config"}
+        entry = next(iter(pychat.desktop_files("linux", self.home, env, self.echo, "/py")))
+        self.assertEqual(entry, self.home / ".local/share/applications/pychat.desktop")
+        self.assertEqual(pychat.launcher_record("linux", self.home, env),
+                         self.home / ".config/pychat/launcher.json")
+        ico = list(pychat.desktop_files("win32", self.home, {"APPDATA": "rel"}, self.echo,
+                                        "/py"))[2]
+        self.assertEqual(ico, self.home / "AppData/Roaming/PyChat/launcher/PyChat.ico")
+
     def test_a_real_freedesktop_launcher_reads_the_exec_line_as_written(self):
         gio = shutil.which("gio")
         if gio is None:
@@ -3733,7 +3745,7 @@ class DesktopFilesTests(unittest.TestCase):
             self.skipTest("no gio (GLib's launcher) here")
         files = pychat.desktop_files("linux", self.home, {"XDG_DATA_HOME": str(self.dir / "data")},
                                      self.echo, sys.executable, "127.0.0.1:5050", "b$ob")
-        pychat.install_desktop(files)
+        pychat.install_desktop(files, self.record("linux"))
         env = dict(os.environ, PYCHAT_ARGV_OUT=str(self.out))
         subprocess.run([gio, "launch", str(next(iter(files)))], env=env, check=True,
                        timeout=TIMEOUT, capture_output=True)
@@ -3743,9 +3755,8 @@ class DesktopFilesTests(unittest.TestCase):
     def test_macos_bundle_structure_and_a_launcher_script_that_runs(self):
         files = pychat.desktop_files("darwin", self.home, {}, self.echo, sys.executable,
                                      "127.0.0.1:5050", "bob")
-        said = pychat.install_desktop(files)
+        pychat.install_desktop(files, self.record("darwin"))
         app = self.home / "Applications" / "PyChat.app"
-        self.assertEqual(len(said), 3)
         self.assertEqual(tree(app), {"Contents", "Contents/Info.plist", "Contents/MacOS",
                                      "Contents/MacOS/PyChat", "Contents/Resources",
                                      "Contents/Resources/PyChat.icns"})
@@ -3754,21 +3765,20 @@ class DesktopFilesTests(unittest.TestCase):
             info = plistlib.load(f)
         self.assertEqual(info["CFBundlePackageType"], "APPL")
         self.assertEqual(info["CFBundleName"], "PyChat")
+        self.assertEqual(info["CFBundleIdentifier"], "org.pychat.PyChat")
         self.assertTrue((app / "Contents" / "MacOS" / info["CFBundleExecutable"]).is_file())
         self.assertTrue((app / "Contents" / "Resources" / info["CFBundleIconFile"]).is_file())
         launcher = app / "Contents" / "MacOS" / "PyChat"
         if os.name == "posix":
             self.assertTrue(launcher.stat().st_mode & stat.S_IXUSR)
             env = dict(os.environ, PYCHAT_ARGV_OUT=str(self.out))
+            # Finder may add arguments (-psn_... before 10.9): PyChat must not get them
             subprocess.run([str(launcher), "-psn_0_1"], env=env, check=True, timeout=TIMEOUT)
             self.assertEqual(self.wait_argv(), [str(self.echo), "gui", "--host", "127.0.0.1",
-                                                "--port", "5050", "--nick", "bob", "-psn_0_1"])
+                                                "--port", "5050", "--nick", "bob"])
 
     @unittest.skipUnless(os.name == "posix", "runs the bundle's /bin/sh script")
-    def test_macos_launcher_says_so_when_its_python_is_gone(self):
-        gone = str(self.nasty / "python3")  # never created
-        files = pychat.desktop_files("darwin", self.home, {}, self.echo, gone)
-        pychat.install_desktop(files)
+    def test_macos_launcher_says_so_when_python_or_pychat_is_gone(self):
         fake = self.dir / "bin"  # stands in for macOS's osascript: records the alert
         fake.mkdir()
         (fake / "osascript").write_text('#!/bin/sh\nprintf "%s\\n" "$2" > "$ALERT_OUT"\n')
@@ -3776,34 +3786,40 @@ class DesktopFilesTests(unittest.TestCase):
         alert = self.dir / "alert.txt"
         env = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}",
                    ALERT_OUT=str(alert))
-        result = subprocess.run([str(self.home / "Applications/PyChat.app/Contents/MacOS/PyChat")],
-                                env=env, timeout=TIMEOUT, capture_output=True, text=True)
-        self.assertEqual(result.returncode, 1, result.stderr)
-        text = alert.read_text(encoding="utf-8")
-        self.assertTrue(text.startswith('display alert "PyChat cannot start: '), text)
-        self.assertIn(gone.replace("\\", "\\\\").replace('"', '\\"'), text)
+        for python, script in [(str(self.nasty / "python3"), self.echo),
+                               (sys.executable, self.nasty / "moved.py")]:
+            with self.subTest(python=python, script=script):
+                files = pychat.desktop_files("darwin", self.home, {}, script, python)
+                pychat.install_desktop(files, self.record("darwin"))
+                result = subprocess.run(
+                    [str(self.home / "Applications/PyChat.app/Contents/MacOS/PyChat")],
+                    env=env, timeout=TIMEOUT, capture_output=True, text=True)
+                self.assertEqual(result.returncode, 1, result.stderr)
+                text = alert.read_text(encoding="utf-8")
+                self.assertTrue(text.startswith('display alert "PyChat cannot start: '), text)
+                self.assertIn("install-desktop` again", text)
+                self.assertIn(str(script).replace("\\", "\\\\").replace('"', '\\"'), text)
 
     def test_windows_launcher_uses_pythonw_and_absolute_paths(self):
         python = r"C:\Program Files\Python 3.11\python.exe"
         appdata = self.dir / "App Data"
         files = pychat.desktop_files("win32", self.home, {"APPDATA": str(appdata)},
                                      self.nasty / "pychat.py", python, "10.0.0.5:5050", "bob")
-        pyw, ico, url = list(files)
+        url, pyw, ico = list(files)
         self.assertEqual(url, appdata / "Microsoft" / "Windows" / "Start Menu" / "Programs"
                          / "PyChat.url")
         import ast
         code = files[pyw][0].decode("utf-8")
-        tree_ = ast.parse(code)
-        compile(tree_, str(pyw), "exec")
-        popen = next(n for n in ast.walk(tree_) if isinstance(n, ast.Call)
-                     and getattr(n.func, "attr", "") == "Popen")
-        argv = ast.literal_eval(popen.args[0])
+        module = ast.parse(code)
+        compile(module, str(pyw), "exec")
+        assign = next(n for n in module.body if isinstance(n, ast.Assign))
+        argv = ast.literal_eval(assign.value)
         self.assertEqual(argv, [r"C:\Program Files\Python 3.11\pythonw.exe",
                                 str(self.nasty / "pychat.py"), "gui", "--host", "10.0.0.5",
                                 "--port", "5050", "--nick", "bob"])
         self.assertTrue(pychat.PureWindowsPath(argv[0]).is_absolute())
         self.assertTrue(Path(argv[1]).is_absolute())
-        self.assertIn("MessageBoxW", code)  # says so when pythonw is gone
+        self.assertIn("MessageBoxW", code)  # says so when pythonw or pychat.py is gone
         shortcut = read_ini(files[url][0], "InternetShortcut")
         self.assertEqual(shortcut["URL"], pyw.as_uri())
         self.assertEqual(Path(shortcut["IconFile"]), ico)
@@ -3811,56 +3827,85 @@ class DesktopFilesTests(unittest.TestCase):
         self.assertEqual(pychat.gui_python("win32", r"D:\py\python3.12.exe"),
                          r"D:\py\pythonw3.12.exe")
 
+    def test_windows_shortcut_with_a_non_ascii_profile_folder(self):
+        appdata = self.dir / "José" / "AppData"
+        files = pychat.desktop_files("win32", self.home, {"APPDATA": str(appdata)}, self.echo,
+                                     "python.exe")
+        url, pyw, ico = list(files)
+        files[url][0].decode("ascii")  # Windows reads .url files in the ANSI code page
+        self.assertNotIn("IconFile", read_ini(files[url][0], "InternetShortcut"))
+        wide = read_ini(files[url][0], "InternetShortcut.W")
+        self.assertEqual(Path(wide["IconFile"].encode("ascii").decode("utf-7")), ico)
+        self.assertEqual(wide["URL"], pyw.as_uri())
+
     def test_windows_pyw_starts_the_program(self):
         files = pychat.desktop_files("win32", self.home, {"APPDATA": str(self.dir / "App Data")},
                                      self.echo, sys.executable, None, "bob")
-        pychat.install_desktop(files)
+        pychat.install_desktop(files, self.record("win32"))
         env = dict(os.environ, PYCHAT_ARGV_OUT=str(self.out))
-        subprocess.run([sys.executable, str(next(iter(files)))], env=env, check=True,
+        subprocess.run([sys.executable, str(list(files)[1])], env=env, check=True,
                        timeout=TIMEOUT)
         self.assertEqual(self.wait_argv(), [str(self.echo), "gui", "--nick", "bob"])
 
     def test_install_twice_updates_in_place_and_uninstall_leaves_no_trace(self):
-        systems = {"linux": {"XDG_DATA_HOME": str(self.home / ".local" / "share")},
-                   "darwin": {}, "win32": {"APPDATA": str(self.home / "AppData" / "Roaming")}}
+        systems = {"linux": {}, "darwin": {}, "win32": {}}
         for system, env in systems.items():
             with self.subTest(system=system):
                 shutil.rmtree(self.home, True)
-                # what a user already has: other apps next to PyChat's files
+                # what a user already has: other apps, empty folders, the GUI's settings
                 for other in [".local/share/applications/other.desktop",
-                              ".local/share/icons/hicolor/64x64/apps/other.png",
+                              ".config/pychat/settings.json",
                               "Applications/Other.app/Contents/Info.plist",
+                              "Library/Application Support/PyChat/settings.json",
+                              "AppData/Roaming/PyChat/settings.json",
                               "AppData/Roaming/Microsoft/Windows/Start Menu/Programs/Other.lnk"]:
                     (self.home / other).parent.mkdir(parents=True, exist_ok=True)
                     (self.home / other).write_text("not PyChat's")
+                (self.home / ".local/share/icons/hicolor").mkdir(parents=True)  # empty
                 before = tree(self.home)
+                record = self.record(system, env)
                 first = pychat.desktop_files(system, self.home, env, self.echo, "/usr/bin/python3")
-                pychat.install_desktop(first)
+                pychat.install_desktop(first, record)
                 second = pychat.desktop_files(system, self.home, env, self.echo,
                                               "/usr/bin/python3", "127.0.0.1:6000", "carol")
                 self.assertEqual(list(first), list(second))
-                pychat.install_desktop(second)
+                self.assertNotEqual(first, second)
+                said = pychat.install_desktop(second, record)
+                self.assertEqual(len(said), len(second) + 1)  # and the record
                 for path, (data, _) in second.items():
                     self.assertEqual(path.read_bytes(), data)
-                folders = pychat.desktop_folders(system, second)
-                made = {str(p.relative_to(self.home)) for p in [*second, *folders]} - before
-                self.assertEqual(tree(self.home) - before, made)
-                dry = pychat.uninstall_desktop(second, pychat.desktop_folders(system, second),
-                                               dry_run=True)
-                self.assertEqual(len(dry), len(second))
+                dry = pychat.uninstall_desktop(second, record, dry_run=True)
+                self.assertTrue(all(line.startswith("would remove ") for line in dry), dry)
                 self.assertTrue(all(path.exists() for path in second))
-                pychat.uninstall_desktop(second, pychat.desktop_folders(system, second))
+                done = pychat.uninstall_desktop(second, record)
+                self.assertEqual([line.replace("removed ", "would remove ") for line in done],
+                                 dry)
                 self.assertEqual(tree(self.home), before)
-                # and into a home with nothing but the folders every desktop has:
-                # not even an empty folder stays
+                # into an empty home: not even an empty folder stays
                 shutil.rmtree(self.home)
-                (self.home / {"linux": ".local/share", "darwin": "",
-                              "win32": "AppData/Roaming/Microsoft/Windows/Start Menu/Programs"
-                              }[system]).mkdir(parents=True)
-                before = tree(self.home)
-                pychat.install_desktop(second)
-                pychat.uninstall_desktop(second, pychat.desktop_folders(system, second))
-                self.assertEqual(tree(self.home), before)
+                self.home.mkdir()
+                pychat.install_desktop(second, record)
+                pychat.uninstall_desktop(second, record)
+                self.assertEqual(tree(self.home), set())
+
+    def test_a_file_pychat_did_not_write_is_neither_overwritten_nor_removed(self):
+        env = {"XDG_DATA_HOME": str(self.dir / "share")}
+        files = pychat.desktop_files("linux", self.home, env, self.echo, "/usr/bin/python3")
+        entry, icon = list(files)
+        entry.parent.mkdir(parents=True)
+        entry.write_text("[Desktop Entry]\nName=Somebody else's PyChat\n")
+        record = self.record("linux")
+        with self.assertRaisesRegex(ValueError, "was not written by PyChat"):
+            pychat.install_desktop(files, record)
+        self.assertFalse(icon.exists())
+        self.assertEqual(pychat.uninstall_desktop(files, record),
+                         [f"left {entry}: not written by PyChat"])
+        self.assertIn("Somebody else's", entry.read_text())
+        # PyChat's own entry from before (no record, e.g. ~/.config was wiped) is
+        # recognised by its mark and replaced
+        entry.write_bytes(files[entry][0].replace(b"Name=PyChat", b"Name=Old"))
+        pychat.install_desktop(files, record)
+        self.assertEqual(entry.read_bytes(), files[entry][0])
 
 
 class DesktopCommandTests(unittest.TestCase):
@@ -3869,7 +3914,9 @@ class DesktopCommandTests(unittest.TestCase):
     def setUp(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="pychat-desktop-"))
         self.addCleanup(shutil.rmtree, self.dir, True)
-        self.env = dict(os.environ, HOME=str(self.dir), XDG_DATA_HOME=str(self.dir / "share"))
+        self.env = dict(os.environ, HOME=str(self.dir), XDG_DATA_HOME=str(self.dir / "share"),
+                        XDG_CONFIG_HOME=str(self.dir / "config"))
+        self.env.pop("SUDO_USER", None)
 
     def run_pychat(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, PYCHAT, *args], env=env or self.env,
@@ -3888,12 +3935,12 @@ class DesktopCommandTests(unittest.TestCase):
         self.assertIn(f"wrote {entry}", done.stdout)
         self.assertIn("applications menu", done.stdout)
         argv = parse_exec(read_ini(entry.read_bytes(), "Desktop Entry")["Exec"])
-        self.assertEqual(argv, [sys.executable, str(Path(PYCHAT).resolve()), "gui", "--host",
-                                "127.0.0.1", "--port", "5050", "--nick", "bob"])
+        self.assertEqual(argv, [sys.executable, PYCHAT, "gui", "--host", "127.0.0.1",
+                                "--port", "5050", "--nick", "bob"])
         gone = self.run_pychat("uninstall-desktop")
         self.assertEqual(gone.returncode, 0, gone.stderr)
         self.assertIn(f"removed {entry}", gone.stdout)
-        self.assertEqual(tree(self.dir / "share"), set())
+        self.assertEqual(tree(self.dir), set())
         again = self.run_pychat("uninstall-desktop")
         self.assertEqual((again.returncode, again.stdout.strip()),
                          (0, "Nothing to remove: PyChat's launcher is not installed."))
@@ -3909,6 +3956,7 @@ class DesktopCommandTests(unittest.TestCase):
 
     def test_bad_arguments_are_one_line_errors(self):
         for args, expected in [(["--server", "nohost"], "is not HOST:PORT"),
+                               (["--server", "::1"], "[::1]:5050"),
                                (["--nick", "a b"], "--nick"),
                                (["--cafile", str(self.dir / "missing.pem")], "no such file")]:
             with self.subTest(args=args):
@@ -3918,10 +3966,18 @@ class DesktopCommandTests(unittest.TestCase):
                 self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
                 self.assertEqual(tree(self.dir), set())
 
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0,
+                         "sudo leaves the euid at 0; only root can imitate it")
+    def test_under_sudo_it_refuses_to_write_root_owned_files_into_a_home(self):
+        result = self.run_pychat("install-desktop", env=dict(self.env, SUDO_USER="alice"))
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("without sudo", result.stderr)
+        self.assertEqual(tree(self.dir), set())
+
 
 class DesktopLaunchTests(unittest.TestCase):
     """The installed menu entry, started the way a desktop starts it, opens the
-    GUI, which joins the server it was installed for."""
+    GUI with PyChat's icon, which joins the server it was installed for."""
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -3930,27 +3986,28 @@ class DesktopLaunchTests(unittest.TestCase):
         if sys.platform in ("win32", "darwin"):
             raise unittest.SkipTest("the freedesktop entry is for Linux and the BSDs")
 
-    def test_the_menu_entry_opens_the_window_and_joins(self):
+    def test_the_icon_loads_in_tk(self):
         import tkinter
         root = tkinter.Tk()
         self.addCleanup(root.destroy)
         icon = tkinter.PhotoImage(master=root, data=pychat.ICON_PNG_B64)
-        self.assertEqual((icon.width(), icon.height()), (64, 64))
-        self.assertFalse(icon.transparency_get(32, 32))  # the bubble, not a blank
-        self.assertTrue(icon.transparency_get(0, 0))
+        self.assertEqual((icon.width(), icon.height()), (256, 256))
+        self.assertFalse(icon.transparency_get(128, 128))  # the bubble, not a blank
+        self.assertTrue(icon.transparency_get(0, 0))      # rounded corners
 
+    def test_the_menu_entry_opens_the_window_and_joins(self):
         proc, port = start_server_process(self)
         watcher = LinePeer(port, "watcher")
         self.addCleanup(watcher.close)
         data = Path(tempfile.mkdtemp(prefix="pychat-menu-"))
         self.addCleanup(shutil.rmtree, data, True)
         nick = f"menu{os.getpid()}"
-        env = dict(os.environ, XDG_DATA_HOME=str(data), HOME=str(data))
+        env = dict(os.environ, XDG_DATA_HOME=str(data / "share"), HOME=str(data))
         result = subprocess.run([sys.executable, PYCHAT, "install-desktop", "--server",
                                  f"{HOST}:{port}", "--nick", nick], env=env,
                                 capture_output=True, text=True, timeout=TIMEOUT)
         self.assertEqual(result.returncode, 0, result.stderr)
-        entry = data / "applications" / "pychat.desktop"
+        entry = data / "share" / "applications" / "pychat.desktop"
         values = read_ini(entry.read_bytes(), "Desktop Entry")
         self.addCleanup(self._stop_gui, nick)
         gio = shutil.which("gio")
@@ -3962,10 +4019,21 @@ class DesktopLaunchTests(unittest.TestCase):
         else:
             subprocess.Popen(parse_exec(values["Exec"]), env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-        joined = watcher.expect("join", nick=nick)
-        self.assertEqual(joined["room"], "#lobby")
-        self.assertEqual(root.winfo_class(), "Tk")
-        self.assertEqual(tkinter.Tk(className="PyChat").winfo_class(), values["StartupWMClass"])
+        self.assertEqual(watcher.expect("join", nick=nick)["room"], "#lobby")
+        # The window's class is what StartupWMClass names, and it carries the icon.
+        xprop, xdotool = shutil.which("xprop"), shutil.which("xdotool")
+        if not (xprop and xdotool):
+            if os.environ.get("CI"):
+                self.fail("CI installs x11-utils and xdotool: xprop or xdotool is missing")
+            self.skipTest("no xprop/xdotool to look at the window")
+        window = subprocess.run([xdotool, "search", "--sync", "--classname", "^pyChat$"],
+                                capture_output=True, text=True, timeout=TIMEOUT).stdout.split()
+        self.assertTrue(window, "no PyChat window on the display")
+        props = subprocess.run([xprop, "-id", window[0], "WM_CLASS", "_NET_WM_ICON"],
+                               capture_output=True, text=True, timeout=TIMEOUT).stdout
+        self.assertIn(f'WM_CLASS(STRING) = "pyChat", "{values["StartupWMClass"]}"', props)
+        self.assertIn("Icon (128 x 128)", props)
+        self.assertIn("Icon (64 x 64)", props)
 
     @staticmethod
     def _stop_gui(nick: str) -> None:
@@ -3980,7 +4048,6 @@ class DesktopLaunchTests(unittest.TestCase):
                     os.kill(int(cmdline.parent.name), signal.SIGTERM)
                 except OSError:
                     pass
-
 
 # ===========================================================================
 # The README's screenshot:  python test_pychat.py screenshot [docs/screenshot.png]
