@@ -35,6 +35,7 @@ the ones above it:
     1. Constants and limits      5. Sound (make_ding, Notifier)
     2. Protocol                  6. Terminal client (run_cli)
     3. Server core               7. GUI client (ChatWindow, run_gui)
+    3b. IRC gateway (IrcClient)  7b. Desktop launcher (install-desktop)
     4. Client core (ChatClient)  8. Benchmark (bench)
                                  9. Entry point (build_parser, main)
 """
@@ -3608,15 +3609,14 @@ def desktop_system() -> str:
         else "linux"
 
 
-def xdg_folder(env: Mapping[str, str], name: str, default: Path) -> Path:
-    """An XDG base folder; the spec says a relative value is to be ignored."""
+def env_folder(env: Mapping[str, str], name: str, home: Path | None, default: str) -> Path:
+    """A folder named by an environment variable (XDG_DATA_HOME, APPDATA...),
+    else `default` in the home folder (looked up only then).  A relative value
+    is ignored, as the XDG spec says."""
     value = env.get(name, "")
-    return Path(value) if value and Path(value).is_absolute() else default
-
-
-def windows_appdata(home: Path, env: Mapping[str, str]) -> Path:
-    value = env.get("APPDATA", "")
-    return Path(value) if value and Path(value).is_absolute() else home / "AppData" / "Roaming"
+    if value and os.path.isabs(value):
+        return Path(os.path.abspath(value))
+    return (home or Path.home()) / default
 
 
 def config_dir(system: str | None = None, home: Path | None = None,
@@ -3624,13 +3624,12 @@ def config_dir(system: str | None = None, home: Path | None = None,
     """Where PyChat keeps its small files (the GUI's settings, the launcher
     record), per platform convention; this machine's unless told otherwise."""
     system = system or desktop_system()
-    home = home or Path.home()
     env = os.environ if env is None else env
     if system == "win32":
-        return windows_appdata(home, env) / "PyChat"
+        return env_folder(env, "APPDATA", home, "AppData/Roaming") / "PyChat"
     if system == "darwin":
-        return home / "Library" / "Application Support" / "PyChat"
-    return xdg_folder(env, "XDG_CONFIG_HOME", home / ".config") / "pychat"
+        return (home or Path.home()) / "Library" / "Application Support" / "PyChat"
+    return env_folder(env, "XDG_CONFIG_HOME", home, ".config") / "pychat"
 
 
 def load_settings(path: Path) -> dict:
@@ -6177,7 +6176,7 @@ def run_gui(args: argparse.Namespace) -> int:
 # 7b. Desktop launcher -- `install-desktop` / `uninstall-desktop`: a menu
 #     entry with an icon that starts `pychat.py gui`, for the current user
 #     only (freedesktop .desktop on Linux, PyChat.app on macOS, a Start-menu
-#     entry on Windows).  Uses: constants.
+#     entry on Windows).  Uses: constants, client core (config_dir).
 # ===========================================================================
 
 # The application icon, drawn for PyChat (a 256x256 PNG: a speech bubble).
@@ -6327,7 +6326,8 @@ def desktop_files(system: str, home: Path, env: Mapping[str, str], script: Path,
                 app / "MacOS" / "PyChat": (launcher.encode(), True),
                 app / "Resources" / "PyChat.icns": (icon_icns(png), False)}
     if system == "win32":
-        folder = windows_appdata(home, env) / "PyChat" / "launcher"
+        appdata = env_folder(env, "APPDATA", home, "AppData/Roaming")
+        folder = appdata / "PyChat" / "launcher"
         pyw = folder / "PyChat.pyw"
         ico = folder / "PyChat.ico"
         code = (f"# Starts PyChat's window; {LAUNCHER_MARK}.\n"
@@ -6349,11 +6349,10 @@ def desktop_files(system: str, home: Path, env: Mapping[str, str], script: Path,
         else:
             lines += ["[InternetShortcut.W]", f"URL={pyw.as_uri()}",
                       "IconFile=" + str(ico).encode("utf-7").decode("ascii")]
-        menu = (windows_appdata(home, env) / "Microsoft" / "Windows" / "Start Menu"
-                / "Programs" / "PyChat.url")
+        menu = appdata / "Microsoft" / "Windows" / "Start Menu" / "Programs" / "PyChat.url"
         return {menu: ("\r\n".join(lines + [""]).encode("ascii"), False),
                 pyw: (code.encode("utf-8"), False), ico: (icon_ico(png), False)}
-    data = xdg_folder(env, "XDG_DATA_HOME", home / ".local" / "share")
+    data = env_folder(env, "XDG_DATA_HOME", home, ".local/share")
     icon = data / "icons" / "hicolor" / "256x256" / "apps" / "pychat.png"
     entry = "\n".join([
         f"# {LAUNCHER_MARK}", "[Desktop Entry]", "Type=Application", "Version=1.0",
@@ -6372,51 +6371,85 @@ def launcher_record(system: str, home: Path, env: Mapping[str, str]) -> Path:
     return config_dir(system, home, env) / "launcher.json"
 
 
-def _read_record(record: Path) -> tuple[list[Path], list[Path]]:
-    try:
-        data = json.loads(record.read_text(encoding="utf-8"))
-        return [Path(p) for p in data["files"]], [Path(p) for p in data["folders"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return [], []
+class Record:
+    """What install-desktop wrote (path -> the sha256 of each version it
+    wrote there) and the folders it made, deepest first.  `readable` is False
+    for a file at the record's path that is not a record."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.files: dict[Path, list[str]] = {}
+        self.folders: list[Path] = []
+        self.readable = True
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            self.files = {Path(p): [h for h in hashes if isinstance(h, str)]
+                          for p, hashes in data["files"].items()
+                          if os.path.isabs(p) and isinstance(hashes, list)}
+            self.folders = [Path(p) for p in data["folders"]
+                            if isinstance(p, str) and os.path.isabs(p)]
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self.readable = False
+            self.files, self.folders = {}, []
+
+    def owns(self, path: Path, expected: bytes) -> bool:
+        """Whether the file at `path` is PyChat's: a version install wrote
+        there, or marked (text files), or the very bytes install writes (icons)."""
+        try:
+            content = path.read_bytes()
+        except OSError:
+            return False
+        if hashlib.sha256(content).hexdigest() in self.files.get(path, ()):
+            return True
+        mark = LAUNCHER_MARK.encode()
+        return mark in content if mark in expected else content == expected
+
+    def add(self, files: dict[Path, tuple[bytes, bool]], made: set[Path]) -> bytes:
+        """Note these files and folders; the record's new contents."""
+        for path, (data, _) in files.items():
+            digest = hashlib.sha256(data).hexdigest()
+            self.files[path] = [*(h for h in self.files.get(path, []) if h != digest), digest]
+        self.folders = sorted(set(self.folders) | made, key=lambda p: (-len(p.parts), str(p)))
+        return json.dumps({"files": {str(p): h for p, h in self.files.items()},
+                           "folders": [str(p) for p in self.folders]}, indent=1).encode()
 
 
-def _is_ours(path: Path, expected: bytes, recorded: list[Path]) -> bool:
-    """Whether the file at `path` is PyChat's: recorded as written by install,
-    marked (text files), or the very bytes install writes there (icons)."""
-    if path in recorded:
-        return True
-    try:
-        content = path.read_bytes()
-    except OSError:
-        return False
-    mark = LAUNCHER_MARK.encode()
-    return mark in content if mark in expected else content == expected
-
-
-def install_desktop(files: dict[Path, tuple[bytes, bool]], record: Path,
-                    dry_run: bool = False) -> list[str]:
-    """Write the launcher's files (in place when they exist) and the record;
-    lines saying what was (or would be) written.  ValueError when one of the
-    paths holds a file PyChat did not write; OSError names the path that failed."""
-    old_files, old_folders = _read_record(record)
+def install_desktop(files: dict[Path, tuple[bytes, bool]], record_path: Path,
+                    dry_run: bool = False, say: Callable[[str], None] = lambda line: None
+                    ) -> list[str]:
+    """Write the record, then the launcher's files (in place when they exist),
+    then remove PyChat's files from places no longer used.  Returns the lines
+    saying what was (or would be) done, each also given to `say` as it
+    happens.  ValueError when a path holds a file PyChat did not write;
+    OSError names the path that failed."""
+    record = Record(record_path)
+    if not record.readable:
+        raise ValueError(f"{record_path} is not a launcher record PyChat can read; move it "
+                         "away, then run install-desktop again")
     for path, (data, _) in files.items():
-        if path.exists() and not _is_ours(path, data, old_files):
+        if path.exists() and not record.owns(path, data):
             raise ValueError(f"{path} exists and was not written by PyChat; move it away, "
                              "then run install-desktop again")
-    made = set(old_folders)
-    for path in [*files, record]:
+    made = set()
+    for path in [*files, record_path]:
         made.update(itertools.takewhile(lambda folder: not folder.exists(), path.parents))
-    said = []
-    for path, (data, executable) in files.items():
+    stale = [p for p in record.files if p not in files and record.owns(p, b"")]
+    note = record.add(files, made)  # first: whatever fails later, uninstall knows
+    said: list[str] = []
+    for path, data, executable in [(record_path, note, False),
+                                   *((p, d, x) for p, (d, x) in files.items())]:
         if not dry_run:
             _write_file(path, data, executable)
         said.append(f"{'would write' if dry_run else 'wrote'} {path} ({len(data)} bytes)")
-    note = {"files": sorted({str(p) for p in [*old_files, *files]}),
-            "folders": sorted({str(p) for p in made}, key=lambda p: (-len(Path(p).parts), p))}
-    data = json.dumps(note, indent=1).encode("utf-8")
-    if not dry_run:
-        _write_file(record, data)
-    said.append(f"{'would write' if dry_run else 'wrote'} {record} ({len(data)} bytes)")
+        say(said[-1])
+    for path in stale:  # where an earlier install put it (another XDG_DATA_HOME, say)
+        if not dry_run:
+            path.unlink()
+        said.append(f"{'would remove' if dry_run else 'removed'} {path} (from an earlier "
+                    "install)")
+        say(said[-1])
     return said
 
 
@@ -6437,28 +6470,31 @@ def _write_file(path: Path, data: bytes, executable: bool = False) -> None:
         raise OSError(e.errno, e.strerror, str(path)) from e
 
 
-def uninstall_desktop(files: dict[Path, tuple[bytes, bool]], record: Path,
+def uninstall_desktop(files: dict[Path, tuple[bytes, bool]], record_path: Path,
                       dry_run: bool = False) -> list[str]:
     """Remove the files install wrote (those in the record, and PyChat's own at
     today's paths), the record, then each folder install made if nothing else
     is in it; a file PyChat did not write stays.  Lines saying what was done."""
-    recorded, folders = _read_record(record)
+    record = Record(record_path)
     verb = "would remove" if dry_run else "removed"
     said, gone = [], set()
-    for path in dict.fromkeys([*files, *recorded]):
+    for path in dict.fromkeys([*files, *record.files]):
         if not path.is_file():
             continue
-        if not _is_ours(path, files.get(path, (b"", False))[0], recorded):
+        if record.owns(path, files.get(path, (b"", False))[0]):
+            gone.add(path)
+        else:
             said.append(f"left {path}: not written by PyChat")
-            continue
-        gone.add(path)
-    if record.is_file():
-        gone.add(record)
-    for path in [p for p in dict.fromkeys([*files, *recorded, record]) if p in gone]:
+    if record_path.is_file():
+        if record.readable:
+            gone.add(record_path)
+        else:
+            said.append(f"left {record_path}: not a launcher record PyChat can read")
+    for path in [p for p in dict.fromkeys([*files, *record.files, record_path]) if p in gone]:
         if not dry_run:
             path.unlink()
         said.append(f"{verb} {path}")
-    for folder in folders:  # deepest first
+    for folder in record.folders:  # deepest first
         if folder.is_dir() and all(p in gone for p in folder.iterdir()):
             gone.add(folder)
             if not dry_run:
@@ -7228,8 +7264,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _server(text: str) -> str:
     host, sep, port = text.rpartition(":")
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not bare.strip() or not port.isdigit() or not 0 < int(port) < 65536 \
-            or (":" in bare and bare == host) or any(c.isspace() for c in bare):
+    if not sep or not bare.strip() or not (port.isascii() and port.isdigit()) \
+            or not 0 < int(port) < 65536 or any(c in "[] \t" for c in bare) \
+            or (":" in bare and bare == host):
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 192.168.1.20:5050, "
                                          "or [::1]:5050 for an IPv6 address)")
     return text
@@ -7242,24 +7279,39 @@ def _nick(text: str) -> str:
     return text
 
 
-def _desktop_plan(args: argparse.Namespace, python: str
+def _owner(path: Path) -> int | None:
+    try:
+        return path.stat().st_uid
+    except OSError:
+        return None
+
+
+def _desktop_plan(args: argparse.Namespace, python: str, installing: bool
                   ) -> tuple[str, dict[Path, tuple[bytes, bool]], Path]:
     """The system, the launcher's files and the record; ValueError with a
-    sentence when no launcher can be made."""
-    if hasattr(os, "geteuid") and os.geteuid() == 0 and os.environ.get("SUDO_USER"):
-        raise ValueError("run this as yourself, without sudo: the launcher is for your own "
-                         "account and needs no administrator rights")
+    sentence when no launcher can be made (or, as root, should not be)."""
+    try:
+        home = Path.home()
+    except RuntimeError:  # no HOME and no entry in the password database
+        raise ValueError("cannot tell where your home folder is; set HOME") from None
+    if not home.is_absolute():
+        raise ValueError(f"your home folder {str(home)!r} is not an absolute path; fix HOME")
+    if installing and hasattr(os, "geteuid") and os.geteuid() == 0 and (
+            os.environ.get("SUDO_USER") or os.environ.get("DOAS_USER")
+            or os.environ.get("PKEXEC_UID") or _owner(home) not in (0, None)):
+        raise ValueError("run this as yourself, not as root (no sudo): the launcher is for "
+                         "your own account and needs no administrator rights")
     extra: tuple[str, ...] = ()
     if getattr(args, "cafile", None):
-        cafile = Path(args.cafile).expanduser().resolve()
-        if not cafile.is_file():
+        cafile = os.path.abspath(os.path.expanduser(args.cafile))
+        if not os.path.isfile(cafile):
             raise ValueError(f"--cafile {args.cafile}: no such file")
-        extra = ("--cafile", str(cafile))
+        extra = ("--cafile", cafile)
     elif getattr(args, "insecure", False):
         extra = ("--insecure",)
     elif getattr(args, "tls", False):
         extra = ("--tls",)
-    system, home, script = desktop_system(), Path.home(), Path(os.path.abspath(__file__))
+    system, script = desktop_system(), Path(os.path.abspath(__file__))
     try:
         files = desktop_files(system, home, os.environ, script, python,
                               getattr(args, "server", None), getattr(args, "nick", None), extra)
@@ -7274,12 +7326,12 @@ def cmd_install_desktop(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        system, files, record = _desktop_plan(args, sys.executable)
+        system, files, record = _desktop_plan(args, sys.executable, installing=True)
     except ValueError as e:
         print(f"pychat: {e}", file=sys.stderr)
         return 2
     try:
-        print("\n".join(install_desktop(files, record, args.dry_run)))
+        install_desktop(files, record, args.dry_run, say=print)
     except ValueError as e:
         print(f"pychat: {e}", file=sys.stderr)
         return 1
@@ -7300,7 +7352,7 @@ def cmd_install_desktop(args: argparse.Namespace) -> int:
 
 def cmd_uninstall_desktop(args: argparse.Namespace) -> int:
     try:
-        _, files, record = _desktop_plan(args, sys.executable or "python")
+        _, files, record = _desktop_plan(args, sys.executable or "python", installing=False)
         said = uninstall_desktop(files, record, args.dry_run)
     except ValueError as e:
         print(f"pychat: {e}", file=sys.stderr)

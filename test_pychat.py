@@ -3907,6 +3907,53 @@ class DesktopFilesTests(unittest.TestCase):
         pychat.install_desktop(files, record)
         self.assertEqual(entry.read_bytes(), files[entry][0])
 
+    def test_a_recorded_file_the_user_replaced_is_theirs_again(self):
+        env = {"XDG_DATA_HOME": str(self.dir / "share")}
+        files = pychat.desktop_files("linux", self.home, env, self.echo, "/usr/bin/python3")
+        record = self.record("linux")
+        pychat.install_desktop(files, record)
+        entry = next(iter(files))
+        entry.write_text("[Desktop Entry]\nName=My own launcher now\n")
+        with self.assertRaisesRegex(ValueError, "was not written by PyChat"):
+            pychat.install_desktop(files, record)
+        self.assertIn(f"left {entry}: not written by PyChat",
+                      pychat.uninstall_desktop(files, record))
+        self.assertIn("My own launcher", entry.read_text())
+
+    def test_a_broken_record_never_names_files_to_remove(self):
+        files = pychat.desktop_files("linux", self.home, {}, self.echo, "/usr/bin/python3")
+        record = self.record("linux")
+        record.parent.mkdir(parents=True)
+        bystander = Path("a")  # relative: would be in the current folder
+        for text in ['{"files": "abc", "folders": "abc"}', '{"files": {"a": ["x"]}, '
+                     '"folders": ["a"]}', "not json"]:
+            with self.subTest(record=text):
+                record.write_text(text)
+                cwd = os.getcwd()
+                os.chdir(self.dir)
+                try:
+                    bystander.write_text("keep me")
+                    said = pychat.uninstall_desktop(files, record)
+                    self.assertEqual(bystander.read_text(), "keep me")
+                finally:
+                    os.chdir(cwd)
+                self.assertFalse(any(line.endswith(" a") for line in said), said)
+        with self.assertRaisesRegex(ValueError, "not a launcher record PyChat can read"):
+            pychat.install_desktop(files, record)
+        self.assertFalse(any(path.exists() for path in files))
+
+    def test_reinstall_after_the_data_folder_moved_removes_the_old_entry(self):
+        record = self.record("linux")
+        old = pychat.desktop_files("linux", self.home, {"XDG_DATA_HOME": str(self.dir / "old")},
+                                   self.echo, "/usr/bin/python3")
+        new = pychat.desktop_files("linux", self.home, {"XDG_DATA_HOME": str(self.dir / "new")},
+                                   self.echo, "/usr/bin/python3")
+        pychat.install_desktop(old, record)
+        said = pychat.install_desktop(new, record)
+        self.assertIn(f"removed {next(iter(old))} (from an earlier install)", said)
+        self.assertFalse(any(path.exists() for path in old))
+        pychat.uninstall_desktop(new, record)
+        self.assertEqual(tree(self.dir), {NASTY, f"{NASTY}/pychat.py"})
 
 class DesktopCommandTests(unittest.TestCase):
     """`install-desktop` / `uninstall-desktop` as a user types them (Linux layout)."""
@@ -3968,11 +4015,34 @@ class DesktopCommandTests(unittest.TestCase):
 
     @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0,
                          "sudo leaves the euid at 0; only root can imitate it")
-    def test_under_sudo_it_refuses_to_write_root_owned_files_into_a_home(self):
+    def test_as_root_for_somebody_else_it_refuses_but_uninstall_still_cleans_up(self):
         result = self.run_pychat("install-desktop", env=dict(self.env, SUDO_USER="alice"))
         self.assertEqual(result.returncode, 2)
-        self.assertIn("without sudo", result.stderr)
+        self.assertIn("not as root (no sudo)", result.stderr)
         self.assertEqual(tree(self.dir), set())
+        os.chown(self.dir, 12345, 12345)  # a home that belongs to another account
+        result = self.run_pychat("install-desktop")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("not as root", result.stderr)
+        self.assertEqual(tree(self.dir), set())
+        os.chown(self.dir, 0, 0)
+        self.assertEqual(self.run_pychat("install-desktop").returncode, 0)
+        os.chown(self.dir, 12345, 12345)  # what an earlier `sudo` install left behind
+        result = self.run_pychat("uninstall-desktop", env=dict(self.env, SUDO_USER="alice"))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(tree(self.dir), set())
+
+    def test_a_relative_home_or_an_unusable_record_is_one_line(self):
+        result = self.run_pychat("install-desktop", env=dict(self.env, HOME="relhome",
+                                                            XDG_DATA_HOME="", XDG_CONFIG_HOME=""))
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("is not an absolute path", result.stderr)
+        (self.dir / "config" / "pychat" / "launcher.json").mkdir(parents=True)
+        result = self.run_pychat("install-desktop")
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+        self.assertIn("launcher.json", result.stderr)
+        self.assertEqual(tree(self.dir), {"config", "config/pychat", "config/pychat/launcher.json"})
 
 
 class DesktopLaunchTests(unittest.TestCase):
