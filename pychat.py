@@ -7302,15 +7302,10 @@ def _desktop_plan(args: argparse.Namespace, python: str, installing: bool
         raise ValueError("run this as yourself, not as root (no sudo): the launcher is for "
                          "your own account and needs no administrator rights")
     extra: tuple[str, ...] = ()
-    if getattr(args, "cafile", None):
-        cafile = os.path.abspath(os.path.expanduser(args.cafile))
-        if not os.path.isfile(cafile):
-            raise ValueError(f"--cafile {args.cafile}: no such file")
-        extra = ("--cafile", cafile)
-    elif getattr(args, "insecure", False):
-        extra = ("--insecure",)
-    elif getattr(args, "tls", False):
-        extra = ("--tls",)
+    if installing:
+        tls_from_args(args)  # a --cafile that is not a certificate fails now, not at each start
+        extra = (("--tls",) * args.tls + ("--insecure",) * args.insecure
+                 + (("--cafile", os.path.abspath(args.cafile)) if args.cafile else ()))
     system, script = desktop_system(), Path(os.path.abspath(__file__))
     try:
         files = desktop_files(system, home, os.environ, script, python,

@@ -805,19 +805,24 @@ class PasswordTests(ServerCase):
         self.assertEqual(self.server.auth_failures["127.0.0.1"][0], 4)
 
 
+def make_certificate(folder: Path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and its key (skips without openssl)."""
+    if not shutil.which("openssl"):
+        raise unittest.SkipTest("no openssl command to make a test certificate")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
 class TlsTests(unittest.IsolatedAsyncioTestCase):
     @classmethod
     def setUpClass(cls) -> None:
-        if not shutil.which("openssl"):
-            raise unittest.SkipTest("no openssl command to make a test certificate")
         cls.tmp = tempfile.TemporaryDirectory()
-        cls.cert = str(Path(cls.tmp.name) / "cert.pem")
-        cls.key = str(Path(cls.tmp.name) / "key.pem")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", cls.key,
-                        "-out", cls.cert, "-days", "2", "-subj", "/CN=localhost",
-                        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-                       check=True, capture_output=True)
+        cls.cert, cls.key = make_certificate(Path(cls.tmp.name))
 
     @classmethod
     def tearDownClass(cls) -> None:
@@ -3993,6 +3998,19 @@ class DesktopCommandTests(unittest.TestCase):
                          (0, "Nothing to remove: PyChat's launcher is not installed."))
 
     @unittest.skipIf(sys.platform in ("win32", "darwin"), "checks the freedesktop layout")
+    def test_tls_flags_are_passed_on_with_an_absolute_cafile(self):
+        certs = self.dir / "certs"
+        certs.mkdir()
+        make_certificate(certs)
+        result = subprocess.run([sys.executable, PYCHAT, "install-desktop", "--cafile",
+                                 "cert.pem", "--server", "10.1.2.3:5050"], env=self.env,
+                                cwd=certs, capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        entry = self.dir / "share" / "applications" / "pychat.desktop"
+        argv = parse_exec(read_ini(entry.read_bytes(), "Desktop Entry")["Exec"])
+        self.assertEqual(argv[-2:], ["--cafile", str(certs / "cert.pem")])
+
+    @unittest.skipIf(sys.platform in ("win32", "darwin"), "checks the freedesktop layout")
     def test_a_folder_that_cannot_be_written_is_one_clear_line(self):
         (self.dir / "share").write_text("a file where a folder should be")
         result = self.run_pychat("install-desktop")
@@ -4005,7 +4023,8 @@ class DesktopCommandTests(unittest.TestCase):
         for args, expected in [(["--server", "nohost"], "is not HOST:PORT"),
                                (["--server", "::1"], "[::1]:5050"),
                                (["--nick", "a b"], "--nick"),
-                               (["--cafile", str(self.dir / "missing.pem")], "no such file")]:
+                               (["--cafile", str(self.dir / "missing.pem")], "cannot use --cafile"),
+                               (["--cafile", PYCHAT], "cannot use --cafile")]:
             with self.subTest(args=args):
                 result = self.run_pychat("install-desktop", *args)
                 self.assertEqual(result.returncode, 2)
