@@ -46,9 +46,12 @@ import argparse
 import asyncio
 import base64
 import collections
+import dataclasses
+import errno
 import getpass
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -102,7 +105,7 @@ MAX_REASON_LEN = 200           # quit reasons and other short free texts
 MAX_CID_LEN = 64               # client message ids are echoed, so keep them short
 MAX_CID_INT = 2 ** 53          # ...and integer ones exact in every JSON reader
 MAX_PING_DATA = 256            # bytes of ping data echoed back in a pong
-REGISTER_TIMEOUT = 30.0        # seconds a connection may stay without a nick
+REGISTER_TIMEOUT = 60.0        # seconds from connecting to a nick (time to type a password)
 MAX_ROOM_LEN = 33              # "#" plus 1 to 32 visible characters
 MAX_TOPIC = 300                # characters in a room topic
 MAX_ROOMS = 1000               # rooms on one server...
@@ -140,6 +143,19 @@ MAX_TRANSFERS = 5              # files one user may be sending at a time...
 MAX_OFFERS = 20                # ...and offers one user may have open
 FILE_OFFER_TTL = 600.0         # an offer nobody is receiving expires after this long
 MAX_FILE_NAME = 200            # characters kept of a file name
+# Hardening (issue 14): every resource a client can make the server hold is
+# capped here and charged to that client (see the server section's banner).
+HISTORY_GRACE = 4 * 1024 * 1024  # unread history replies a session may owe beyond its backlog cap
+MAX_HISTORY_MB = 64.0          # every room's history together; the oldest message goes first
+MAX_ROOMS_PER_ADDRESS = 20     # rooms that one address made and that still exist
+MAX_HANDSHAKES = 64            # TLS handshakes in progress at once (each holds ~40 KiB)
+MAX_RESEND_ENTRIES = 50_000    # message ids kept for resends, all users together
+LOG_BURST = 20                 # log lines one connection can cause in a burst...
+LOG_RATE = 0.2                 # ...and then per second
+ROOM_KEEP = 300.0              # a room's log outlives its last member this long (--data-dir)
+MAX_OPEN_LOGS = 32             # room logs kept open at once (--data-dir)
+ACCEPT_ERROR_EVERY = 10.0      # out of file descriptors: say so at most this often
+
 # After a burst of this many connects and disconnects has been quiet for
 # TRIM_DELAY seconds, the server hands the heap memory it freed back to the OS.
 TRIM_CHURN = 200
@@ -163,7 +179,13 @@ NICK_FORBIDDEN = set(",!@*?")
 #    the server and the client.  Uses: constants.
 # ===========================================================================
 
-class ProtocolError(ValueError):
+class PyChatError(Exception):
+    """Something the user must fix (a bad option, an unreadable file): the
+    entry point prints it as one line and exits non-zero.  Anything else that
+    escapes is a bug and keeps its traceback."""
+
+
+class ProtocolError(PyChatError, ValueError):
     """A request the peer got wrong; `code` is the stable wire error code."""
 
     def __init__(self, code: str, message: str):
@@ -174,7 +196,7 @@ class ProtocolError(ValueError):
 
 # Stable error codes and their default sentences.
 ERRORS = {
-    "bad_json": "That line is not valid UTF-8 JSON.",
+    "bad_json": "That line is not valid UTF-8 JSON (or it names a field twice).",
     "bad_request": "A field is missing or has the wrong type.",
     "unknown_type": "Unknown message type.",
     "not_registered": "Say hello with a nick first.",
@@ -205,6 +227,7 @@ ERRORS = {
     "transfers_disabled": "This server does not relay files.",
     "no_such_transfer": "No such file transfer.",
     "file_window": "File chunks must wait for acknowledgements.",
+    "history_pending": "The last history of that room has not reached you yet.",
 }
 
 # Field table: type -> {field: (python type, required)}.  validate() checks
@@ -266,6 +289,15 @@ def _clean_surrogates(value: Any) -> Any:
     return value
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    """JSON objects with a key twice are refused: parsers disagree on which
+    one wins, and a check on one copy must not let the other through."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("a key appears twice")
+    return obj
+
+
 def _no_constants(name: str) -> None:
     raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python-only extensions
 
@@ -273,7 +305,8 @@ def _no_constants(name: str) -> None:
 def decode(line: bytes) -> dict:
     """Parse one line (without its newline) into a message dict with a str type."""
     try:
-        obj = json.loads(line.decode("utf-8"), parse_constant=_no_constants)
+        obj = json.loads(line.decode("utf-8"), parse_constant=_no_constants,
+                         object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError):  # bad UTF-8 / JSON, absurd nesting or numbers
         raise ProtocolError("bad_json", ERRORS["bad_json"]) from None
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
@@ -363,19 +396,20 @@ def client_tls_context(cafile: str | None = None, insecure: bool = False) -> Any
     return ctx
 
 
+INSECURE_WARNING = ("WARNING: --insecure: the connection is encrypted but the server's "
+                    "identity is NOT checked; anyone in between could read everything.")
+
+
 def tls_from_args(args: Any) -> Any:
     """The client TLS context that --tls/--cafile/--insecure ask for, or None;
-    warns loudly about --insecure; ValueError with a sentence for a bad --cafile."""
+    PyChatError with a sentence for a bad --cafile.  (main() prints
+    INSECURE_WARNING for --insecure.)"""
     if not (args.tls or args.cafile or args.insecure):
         return None
-    if args.insecure:
-        print("pychat: WARNING: --insecure: the connection is encrypted but the server's "
-              "identity is NOT checked; anyone in between could read everything.",
-              file=sys.stderr)
     try:
         return client_tls_context(args.cafile, args.insecure)
     except OSError as e:  # missing file, or not a certificate (ssl.SSLError)
-        raise ValueError(f"cannot use --cafile {args.cafile}: {e}") from None
+        raise PyChatError(f"cannot use --cafile {args.cafile}: {e}") from None
 
 
 def _is_tls_error(e: BaseException) -> bool:
@@ -446,6 +480,96 @@ def parse_size(text: str) -> int:
 # peer: a session whose unsent backlog passes the cap is dropped instead.
 # ===========================================================================
 
+def read_secret(path: str) -> str:
+    """The first line of a password file (raises OSError or ValueError)."""
+    text = Path(path).read_text(encoding="utf-8").splitlines()
+    if not text or not text[0].strip():
+        raise ValueError(f"{path} is empty")
+    return text[0].strip()
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Every server option and limit, in one place.  The command line builds
+    one with from_args(); tests and the benchmark build their own.  0 turns a
+    count limit off where the flag's help says so."""
+
+    history: int = HISTORY_LEN
+    max_line_bytes: int = MAX_LINE_BYTES
+    max_text: int = MAX_TEXT
+    flood_burst: int = FLOOD_BURST
+    flood_rate: float = FLOOD_RATE
+    max_backlog_bytes: int = MAX_BACKLOG_BYTES
+    history_grace: int = HISTORY_GRACE
+    ping_interval: float = PING_INTERVAL
+    ping_timeout: float = PING_TIMEOUT
+    register_timeout: float = REGISTER_TIMEOUT
+    motd: str | None = None
+    rooms: tuple[str, ...] = ()
+    password: str | None = None
+    op_password: str | None = None
+    ssl_context: Any = None
+    tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT
+    max_handshakes: int = MAX_HANDSHAKES
+    data_dir: str | Path | None = None
+    repair: bool = False
+    fsync: str = "second"
+    max_log_mb: float = MAX_LOG_MB
+    room_keep: float = ROOM_KEEP
+    max_history_mb: float = MAX_HISTORY_MB
+    max_rooms: int = MAX_ROOMS
+    max_rooms_per_user: int = MAX_ROOMS_PER_USER
+    max_rooms_per_address: int = MAX_ROOMS_PER_ADDRESS
+    max_clients: int = MAX_CLIENTS
+    max_per_address: int = MAX_PER_ADDRESS
+    connect_rate: float = CONNECT_RATE
+    max_file_size: int = MAX_FILE_SIZE
+    max_resend_entries: int = MAX_RESEND_ENTRIES
+    auth_slow_after: int = AUTH_SLOW_AFTER
+    auth_block_after: int = AUTH_BLOCK_AFTER
+    server_name: str = "pychat"
+    irc_port: int | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServerConfig:
+        """The server's options from its command line; PyChatError for anything wrong."""
+        rooms = [r.strip() for r in args.rooms.split(",") if r.strip()]
+        for room in rooms:
+            problem = room_problem(room)
+            if problem:
+                raise PyChatError(f"bad room {room!r} in --rooms: {problem}")
+        if args.history < 0:
+            raise PyChatError("--history must be 0 or more")
+        try:
+            password = read_secret(args.password_file) if args.password_file else \
+                os.environ.get("PYCHAT_PASSWORD") or None
+            op_password = read_secret(args.op_password_file) if args.op_password_file else None
+        except (OSError, ValueError) as e:
+            raise PyChatError(f"cannot read a password file: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
+        ssl_context = None
+        if args.certfile:
+            try:
+                ssl_context = server_tls_context(args.certfile, args.keyfile)
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                raise PyChatError(f"cannot load the TLS certificate or key: {e}") from None
+        elif args.keyfile:
+            raise PyChatError("--keyfile needs --certfile")
+        return cls(history=args.history, max_line_bytes=args.max_line_bytes,
+                   max_text=args.max_text, flood_burst=args.flood_burst,
+                   flood_rate=args.flood_rate, max_backlog_bytes=args.max_backlog_bytes,
+                   ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
+                   motd=args.motd, rooms=tuple(rooms), password=password,
+                   op_password=op_password, ssl_context=ssl_context,
+                   data_dir=args.data_dir, repair=args.repair, fsync=args.fsync,
+                   max_log_mb=args.max_log_mb, max_history_mb=args.max_history_mb,
+                   max_rooms_per_address=args.max_rooms_per_address,
+                   max_clients=args.max_clients, max_per_address=args.max_per_address,
+                   connect_rate=args.connect_rate, max_handshakes=args.max_handshakes,
+                   max_file_size=args.max_file_size, server_name=args.server_name,
+                   irc_port=args.irc_port)
+
+
 class Room:
     """A chat room: its members and a bounded ring buffer of recent messages."""
 
@@ -454,9 +578,43 @@ class Room:
         self.permanent = permanent            # the lobby and --rooms stay when empty
         self.members: dict[str, Session] = {}  # nick_key -> session
         self.history: collections.deque[dict] = collections.deque(maxlen=history)
+        self.sizes: collections.deque[int] = collections.deque(maxlen=history)  # encoded bytes
+        self.history_bytes = 0
+        self.made_by = ""                     # the address key charged for making it
+        self.wait_until = 0.0                 # loaded from disk: kept until then for members
         self.topic = ""
         self.topic_by = ""
         self.topic_ts = 0.0
+
+    def remember(self, event: dict, size: int) -> dict | None:
+        """Add a message to the history; the one that fell out, if any."""
+        if self.history.maxlen == 0:
+            return event
+        dropped = self.history[0] if len(self.history) == self.history.maxlen else None
+        if dropped is not None:
+            self.history_bytes -= self.sizes[0]
+        self.history.append(event)
+        self.sizes.append(size)
+        self.history_bytes += size
+        return dropped
+
+    def forget_newest(self, dropped: dict | None) -> None:
+        """Undo remember() (the message could not be saved)."""
+        if self.history and self.history.maxlen:
+            self.history.pop()
+            self.history_bytes -= self.sizes.pop()
+        if dropped is not None:
+            self.history.appendleft(dropped)
+            size = len(encode(dropped))
+            self.sizes.appendleft(size)
+            self.history_bytes += size
+
+    def forget_oldest(self) -> int:
+        """Drop the oldest message; the bytes freed."""
+        self.history.popleft()
+        size = self.sizes.popleft()
+        self.history_bytes -= size
+        return size
 
     def nicks(self) -> list[str]:
         return sorted((s.nick for s in self.members.values()), key=nick_key)
@@ -477,6 +635,31 @@ class Room:
                 "ts": self.topic_ts}
 
 
+def canonical_address(address: str) -> str:
+    """An IP address as one spelling: IPv4 also when it came IPv4-mapped
+    (::ffff:1.2.3.4 on a dual-stack socket), IPv6 compressed, no zone."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address  # a Unix socket path, or nothing
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def address_key(address: str) -> str:
+    """What connection limits, bans and mutes count by: the IPv4 address, or
+    the IPv6 address's /64 network (one IPv6 host usually owns a whole /64,
+    so banning a single IPv6 address bans nobody)."""
+    try:
+        ip = ipaddress.ip_address(canonical_address(address))
+    except ValueError:
+        return address
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 class Session(asyncio.Protocol):
     """One client connection: framing, flood bucket, output backlog."""
 
@@ -486,7 +669,8 @@ class Session(asyncio.Protocol):
                  "closing", "leave_reason", "quit_message", "typing_at",
                  "grace_bytes", "away", "away_told", "operator", "auth_hold_until",
                  "connected_at", "last_rx", "pinged_at", "tokens", "token_time",
-                 "flood_penalty", "token", "irc", "spoke")
+                 "flood_penalty", "token", "irc", "spoke", "identity", "subnet",
+                 "log_tokens", "log_time", "log_dropped", "history_unread", "tls_wait")
 
     def __init__(self, server: ChatServer, irc: bool = False):
         self.server = server
@@ -510,25 +694,75 @@ class Session(asyncio.Protocol):
         self.connected_at = now
         self.last_rx = now
         self.pinged_at: float | None = None
-        self.tokens = float(server.flood_burst)
+        self.tokens = float(server.cfg.flood_burst)
         self.token_time = now
         self.flood_penalty = 0.0
         self.token = ""                # secret for taking this nick over after a drop
+        self.identity = ""             # who this is across reconnects (see make_token)
+        self.subnet = "?"              # the address key that limits, bans and mutes use
+        self.log_tokens = float(LOG_BURST)  # log lines this connection may still cause
+        self.log_time = now
+        self.log_dropped = 0
+        self.history_unread: set[str] = set()  # rooms whose history reply is not yet read
+        self.tls_wait = False          # accepted, TLS handshake still going
         self.spoke = irc               # the first line decides: JSON, or IRC
         self.irc: IrcClient | None = IrcClient(server, self) if irc else None
 
     # --- asyncio.Protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """A TCP connection: counted and limited at once, before any TLS
+        handshake (which would otherwise hold memory outside every limit)."""
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
-        refusal = self.server.admit(self)
+        self.address = canonical_address(str(peer[0]) if isinstance(peer, tuple) else str(peer))
+        self.peer = f"{self.address}:{peer[1]}" if isinstance(peer, tuple) else self.address
+        self.subnet = address_key(self.address)
+        server = self.server
+        refusal = server.admit(self)
+        if server.cfg.ssl_context is not None:
+            if server.handshakes >= server.cfg.max_handshakes or (
+                    refusal and server.handshakes >= server.cfg.max_handshakes // 2):
+                server.note_trouble("refused", f"{self.peer}: too many TLS handshakes at once")
+                self.abort(refusal or "handshakes")
+                return
+            self.tls_wait = True
+            transport.pause_reading()  # start_tls takes over from here
+            server.handshakes += 1
+            server.loop.create_task(self._start_tls(transport, refusal))
+            return
         if refusal:
-            self.send(encode(error(refusal)))
-            self.close(refusal)
-            log.info("refused %s: %s", self.peer, refusal)
+            self.refuse(refusal)
         log.debug("connection from %s", self.peer)
+
+    async def _start_tls(self, transport: asyncio.BaseTransport, refusal: str | None) -> None:
+        server = self.server
+        try:
+            tls = await server.loop.start_tls(
+                transport, self, server.cfg.ssl_context, server_side=True,  # type: ignore[arg-type]
+                ssl_handshake_timeout=server.cfg.tls_handshake_timeout)
+        except (OSError, asyncio.TimeoutError, ConnectionError) as e:  # ssl.SSLError: OSError
+            server.note_trouble("handshake", f"{self.peer}: TLS handshake failed: "
+                                f"{e or type(e).__name__}")
+            self.tls_wait = False
+            self.abort("handshake")
+            transport.abort()
+            return
+        finally:
+            server.handshakes -= 1
+        self.tls_wait = False
+        if tls is None or self.closing:  # the connection went meanwhile
+            transport.abort()
+            return
+        self.transport = tls  # type: ignore[assignment]
+        if refusal:
+            self.refuse(refusal)
+        elif self.out:
+            self.flush()
+
+    def refuse(self, code: str) -> None:
+        self.send(encode(error(code)))
+        self.close(code)
+        self.server.note_trouble("refused", f"{self.peer}: {code}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -544,7 +778,7 @@ class Session(asyncio.Protocol):
             buf += data
         else:
             buf = data
-        limit = self.server.max_line_bytes
+        limit = self.server.cfg.max_line_bytes
         start = 0
         while not self.closing:
             nl = buf.find(b"\n", max(start, scan_from))
@@ -580,6 +814,8 @@ class Session(asyncio.Protocol):
 
     def flush(self) -> None:
         """Write what this tick owes in one call; drop a peer that stopped reading."""
+        if self.tls_wait:
+            return  # written once the handshake is done
         out, self.out = self.out, []
         transport = self.transport
         if self.irc is not None and out:
@@ -589,9 +825,11 @@ class Session(asyncio.Protocol):
             # The transport keeps what the kernel would not take.  Past the cap
             # this peer is not keeping up: cut it rather than buffer for it.
             backlog = transport.get_write_buffer_size()
-            if backlog <= self.server.max_backlog_bytes:
-                self.grace_bytes = 0
-            elif backlog > self.server.max_backlog_bytes + self.grace_bytes:
+            if backlog <= self.server.cfg.max_backlog_bytes:
+                self.grace_bytes = 0  # read: the history replies are no longer owed
+                if self.history_unread:
+                    self.history_unread.clear()
+            elif backlog > self.server.cfg.max_backlog_bytes + self.grace_bytes:
                 self.abort("backlog")
 
     def close(self, reason: str) -> None:
@@ -619,12 +857,12 @@ class Session(asyncio.Protocol):
     # --- flood control
     def take_token(self, now: float) -> bool:
         """Token bucket: True if this request may go through."""
-        rate = self.server.flood_rate
+        rate = self.server.cfg.flood_rate
         if rate <= 0:
             return True
         elapsed = now - self.token_time
         self.token_time = now
-        self.tokens = min(self.server.flood_burst, self.tokens + elapsed * rate)
+        self.tokens = min(self.server.cfg.flood_burst, self.tokens + elapsed * rate)
         self.flood_penalty = max(0.0, self.flood_penalty - elapsed * rate)
         if self.tokens >= 1:
             self.tokens -= 1
@@ -673,21 +911,25 @@ def _room_file(name: str) -> str:
 class Store:
     """--data-dir: each room's messages and topic in an append-only JSON-lines
     log (written before anything is broadcast), plus state.json for what is
-    not per room (bans, mutes, the message id counter).
+    not per room (bans, mutes, the message id counter, the token secret).
 
-    A torn last line (a crash mid-write) is cut off with a warning; other bad
-    lines are skipped with a warning; an unreadable file is skipped.  Nothing
-    here stops the server from starting except a directory it cannot create.
+    A torn last line (a crash mid-write) is cut off with a warning; records
+    that are not what the server writes are skipped with a warning; an
+    unreadable room log is skipped.  An unreadable state.json stops the start
+    (it holds the bans) unless --repair sets it aside.  A write that fails is
+    cut back off the log, so a message refused with storage_failed never comes
+    back after a restart.  At most MAX_OPEN_LOGS logs are open at a time.
     """
 
     def __init__(self, directory: Path, fsync: str = "second",
-                 max_log_bytes: int = int(MAX_LOG_MB * 1024 * 1024)):
+                 max_log_bytes: int = int(MAX_LOG_MB * 1024 * 1024), repair: bool = False):
         self.dir = directory
         self.rooms_dir = directory / "rooms"
         self.rooms_dir.mkdir(parents=True, exist_ok=True)  # OSError: the caller says so
         self.fsync = fsync
         self.max_log_bytes = max_log_bytes
-        self.files: dict[str, Any] = {}        # room key -> open append handle
+        self.repair = repair
+        self.files: dict[str, Any] = {}        # room key -> open raw append handle, LRU order
         self.sizes: dict[str, int] = {}        # room key -> bytes in its log
         self.compacted: dict[str, int] = {}    # room key -> size right after compaction
         self.unsynced: set[str] = set()        # room keys written since the last fsync
@@ -702,19 +944,39 @@ class Store:
             except OSError as e:
                 log.warning("cannot read %s (%s); that room starts empty", path, e.strerror)
                 continue
-            name, topic = None, None
+            name, topic, bad = None, None, 0
             messages: collections.deque[dict] = collections.deque(maxlen=history)
             for rec in records:
-                if not isinstance(rec.get("room"), str) or room_problem(rec["room"]):
+                kind = self.record_kind(rec)
+                if kind is None:
+                    bad += 1
                     continue
                 name = rec["room"]
-                if rec.get("type") == "msg" and isinstance(rec.get("id"), int):
+                if kind == "msg":
                     messages.append(rec)
-                elif rec.get("type") == "topic":
+                else:
                     topic = rec
+            if bad:
+                log.warning("%s: %d records are not messages or topics PyChat wrote; "
+                            "skipped", path, bad)
             if name is not None:
                 rooms.append((name, list(messages), topic))
         return rooms
+
+    @staticmethod
+    def record_kind(rec: dict) -> str | None:
+        """"msg" or "topic" for a record the server could have written, else None."""
+        if not isinstance(rec.get("room"), str) or room_problem(rec["room"]):
+            return None
+        if rec.get("type") == "msg":
+            ok = (isinstance(rec.get("id"), int) and not isinstance(rec["id"], bool)
+                  and isinstance(rec.get("from"), str) and rec["from"]
+                  and isinstance(rec.get("text"), str)
+                  and isinstance(rec.get("ts"), (int, float)))
+            return "msg" if ok else None
+        if rec.get("type") == "topic" and isinstance(rec.get("topic"), str):
+            return "topic"
+        return None
 
     @staticmethod
     def _read_log(path: Path) -> list[dict]:
@@ -738,16 +1000,27 @@ class Store:
         return records
 
     def load_state(self) -> dict:
+        """state.json's contents ({} if there is none).  One that cannot be
+        read is never overwritten: PyChatError, or with --repair it is renamed
+        state.json.bad-TIME and the server starts without it."""
         path = self.dir / "state.json"
         try:
             state = json.loads(path.read_text("utf-8"))
             if isinstance(state, dict):
                 return state
-            log.warning("%s is not a JSON object; starting without it", path)
+            problem = "not a JSON object"
         except FileNotFoundError:
-            pass
+            return {}
         except (OSError, ValueError) as e:
-            log.warning("cannot read %s (%s); starting without it", path, e)
+            problem = str(getattr(e, "strerror", None) or e)
+        if not self.repair:
+            raise PyChatError(f"cannot read {path} ({problem}); it holds the bans, mutes and "
+                              "message ids, so the server will not start over it. Fix it, or "
+                              "start with --repair to set it aside and start without it.")
+        kept = path.with_name(f"state.json.bad-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, kept)
+        log.warning("cannot read %s (%s); kept it as %s and started without it", path,
+                    problem, kept.name)
         return {}
 
     # --- writing
@@ -762,18 +1035,48 @@ class Store:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
 
-    def append(self, room: Room, record: dict) -> None:
-        """Write one record to a room's log before it is broadcast; raises OSError."""
+    def _handle(self, room: Room) -> Any:
+        """The room's log, open for appending without a buffer (so a failed
+        write leaves nothing behind to be written later)."""
         key = nick_key(room.name)
-        f = self.files.get(key)
+        f = self.files.pop(key, None)
         if f is None:
-            path = self.rooms_dir / _room_file(room.name)
-            f = self.files[key] = open(path, "ab")
-            self.sizes[key] = f.tell()
+            while len(self.files) >= MAX_OPEN_LOGS:
+                self._close(next(iter(self.files)))
+            f = open(self.rooms_dir / _room_file(room.name), "ab", buffering=0)
+            self.sizes.setdefault(key, f.seek(0, os.SEEK_END))
+        self.files[key] = f  # most recently used last
+        return f
+
+    def _close(self, key: str) -> None:
+        f = self.files.pop(key)
+        if key in self.unsynced and self.fsync != "never":
+            self.unsynced.discard(key)
+            try:
+                os.fsync(f.fileno())
+            except OSError as e:
+                log.warning("fsync failed: %s", e)
+        f.close()
+
+    def append(self, room: Room, record: dict) -> None:
+        """Write one record to a room's log before it is broadcast; raises
+        OSError, with the log as it was before the call."""
+        key = nick_key(room.name)
+        f = self._handle(room)
         line = encode(record)
-        f.write(line)
-        f.flush()  # in the OS now: a killed server loses nothing
-        self.sizes[key] += len(line)
+        good = self.sizes[key]
+        try:
+            written = 0
+            while written < len(line):
+                written += f.write(line[written:]) or 0
+        except OSError:
+            try:  # cut the partial record off: the message was refused
+                f.truncate(good)
+            except OSError as e:
+                log.error("cannot cut a failed write off %s: %s", f.name, e)
+            self._close(key)
+            raise
+        self.sizes[key] = good + len(line)  # in the OS now: a killed server loses nothing
         if self.fsync == "always":
             os.fsync(f.fileno())
         else:
@@ -785,9 +1088,8 @@ class Store:
         """Rewrite a room's log as just its topic and the history kept in memory."""
         key = nick_key(room.name)
         path = self.rooms_dir / _room_file(room.name)
-        f = self.files.pop(key, None)
-        if f is not None:
-            f.close()
+        if key in self.files:
+            self._close(key)
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as out:
             if room.topic:
@@ -800,6 +1102,21 @@ class Store:
         os.replace(tmp, path)
         self.compacted[key] = self.sizes[key] = size
         log.info("compacted the log of %s to %d bytes", room.name, size)
+
+    def remove(self, room: Room) -> None:
+        """Delete a vanished room's log."""
+        key = nick_key(room.name)
+        if key in self.files:
+            self._close(key)
+        self.sizes.pop(key, None)
+        self.compacted.pop(key, None)
+        self.unsynced.discard(key)
+        try:
+            (self.rooms_dir / _room_file(room.name)).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cannot remove the log of %s: %s", room.name, e)
 
     def sync(self) -> None:
         """fsync what was written since the last call (--fsync second)."""
@@ -823,50 +1140,30 @@ class Store:
 class ChatServer:
     """The rooms, the sessions, the request handlers and the housekeeping task."""
 
-    def __init__(self, *, history: int = HISTORY_LEN, max_line_bytes: int = MAX_LINE_BYTES,
-                 max_text: int = MAX_TEXT, flood_burst: int = FLOOD_BURST,
-                 flood_rate: float = FLOOD_RATE, max_backlog_bytes: int = MAX_BACKLOG_BYTES,
-                 ping_interval: float = PING_INTERVAL, ping_timeout: float = PING_TIMEOUT,
-                 motd: str | None = None, rooms: list[str] | None = None,
-                 password: str | None = None, op_password: str | None = None,
-                 ssl_context: Any = None,
-                 tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
-                 data_dir: str | Path | None = None, fsync: str = "second",
-                 max_log_mb: float = MAX_LOG_MB, max_clients: int = MAX_CLIENTS,
-                 max_per_address: int = MAX_PER_ADDRESS, connect_rate: float = CONNECT_RATE,
-                 max_file_size: int = MAX_FILE_SIZE, server_name: str = "pychat",
-                 irc_port: int | None = None):
-        self.history = history
-        self.max_line_bytes = max_line_bytes
-        self.max_text = max_text
-        self.flood_burst = max(1, flood_burst)
-        self.flood_rate = flood_rate
-        self.max_backlog_bytes = max_backlog_bytes
-        self.ping_interval = ping_interval
-        self.ping_timeout = ping_timeout
-        self.motd = motd
-        self.password = password or None
-        self.op_password = op_password or None
-        self.ssl_context = ssl_context
-        self.tls_handshake_timeout = tls_handshake_timeout
-        self.max_clients = max_clients          # 0: no limit (and the two below)
-        self.max_per_address = max_per_address
-        self.connect_rate = connect_rate
-        self.per_address: dict[str, int] = {}   # address -> open connections
-        self.connect_buckets: dict[str, list[float]] = {}  # address -> [tokens, time]
-        # nick key -> [last seen, {cid: the event it became}]: a message sent
-        # again after a reconnect is answered with its first echo, not repeated.
-        self.recent_cids: dict[str, list] = {}
-        self.max_file_size = max_file_size
-        self.server_name = server_name
-        self.irc_port = irc_port
+    def __init__(self, config: ServerConfig | None = None, **options: Any):
+        """`options` override single fields of `config` (tests, the benchmark)."""
+        cfg = self.cfg = dataclasses.replace(config or ServerConfig(), **options)
+        self.per_address: dict[str, int] = {}   # address key -> open connections
+        self.connect_buckets: dict[str, list[float]] = {}  # address key -> [tokens, time]
+        self.handshakes = 0                     # TLS handshakes in progress
+        # Resend memory, by identity (see Session.identity), never by nick:
+        # identity -> {cid: (kind, id, room or recipient, ts)}, least recently
+        # used first.  Ids, not texts: a resend is echoed with its own text.
+        self.resend: dict[str, dict[Any, tuple]] = {}
+        self.resend_seen: dict[str, float] = {}  # identity -> when it last sent
+        self.resend_entries = 0                 # all identities together
         self.transfers: dict[str, Transfer] = {}
         self._transfer_ids = itertools.count(1)
-        self.rooms: dict[str, Room] = {nick_key(LOBBY): Room(LOBBY, history, permanent=True)}
-        for name in rooms or []:
+        self.history_bytes = 0                  # every room's history together
+        self.rooms_made: dict[str, int] = {}    # address key -> rooms it made that exist
+        self.rooms: dict[str, Room] = {nick_key(LOBBY): Room(LOBBY, cfg.history, permanent=True)}
+        for name in cfg.rooms:
             if nick_key(name) not in self.rooms:
-                self.rooms[nick_key(name)] = Room(name, history, permanent=True)
-        self.auth_failures: dict[str, list[float]] = {}  # address -> [count, last failure]
+                self.rooms[nick_key(name)] = Room(name, cfg.history, permanent=True)
+        # Wrong passwords per address key: [count, last failure]; the server
+        # password and the operator password each have their own record.
+        self.auth_failures: dict[str, list[float]] = {}
+        self.op_failures: dict[str, list[float]] = {}
         self.bans: dict[str, tuple[str, float]] = {}  # nick_key or "@address" -> (who, until)
         self.mutes: dict[str, str] = {}  # nick_key or "@address" -> the muted address
         self.nicks: dict[str, Session] = {}     # nick_key -> registered session
@@ -875,17 +1172,19 @@ class ChatServer:
         self._flush_scheduled = False
         self.shutting_down = False
         self.instance = secrets.token_hex(6)  # message ids are only comparable within one
+        self.secret = secrets.token_bytes(32)   # signs resume tokens (kept in state.json)
         self._ids = itertools.count(1)
         self._id_floor = 0                      # ids below this are reserved on disk
         self._servers: list[asyncio.AbstractServer] = []
         self._housekeeper: asyncio.Task | None = None
         self._trim = heap_trimmer()
         self._churn = 0                         # connects + disconnects since the last trim
+        self._trouble: dict[str, tuple[float, int]] = {}  # see note_trouble
         self.trim_churn = TRIM_CHURN
         self.trim_delay = TRIM_DELAY
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
-        self.store = None if data_dir is None else \
-            Store(Path(data_dir), fsync, int(max_log_mb * 1024 * 1024))
+        self.store = None if cfg.data_dir is None else \
+            Store(Path(cfg.data_dir), cfg.fsync, int(cfg.max_log_mb * 1024 * 1024), cfg.repair)
         if self.store is not None:
             self._load()
         self.handlers: dict[str, Callable[[Session, dict], None]] = {
@@ -925,13 +1224,10 @@ class ChatServer:
     async def start(self, host: str | None = None, port: int = DEFAULT_PORT) -> int:
         """Listen on host:port (None: every interface); return the port bound."""
         self.loop = asyncio.get_running_loop()
-        tls: dict[str, Any] = {}
-        if self.ssl_context is not None:
-            self.loop.set_exception_handler(_quiet_handshake_errors)
-            tls = {"ssl": self.ssl_context,
-                   "ssl_handshake_timeout": self.tls_handshake_timeout}
+        self.loop.set_exception_handler(self._loop_trouble)
+        # TLS is started by Session.connection_made, once the limits are applied.
         server = await self.loop.create_server(lambda: Session(self), host, port,
-                                               reuse_address=True, **tls)
+                                               reuse_address=True)
         ports = sorted({s.getsockname()[1] for s in server.sockets})
         if port == 0 and len(ports) > 1:
             # Every interface with port 0: IPv4 and IPv6 got different free
@@ -939,12 +1235,11 @@ class ChatServer:
             server.close()
             await server.wait_closed()
             server = await self.loop.create_server(lambda: Session(self), host, ports[0],
-                                                   reuse_address=True, **tls)
+                                                   reuse_address=True)
         self._servers.append(server)
-        if self.irc_port is not None:  # IRC from the first line on
+        if self.cfg.irc_port is not None:  # IRC from the first line on
             self._servers.append(await self.loop.create_server(
-                lambda: Session(self, irc=True), host, self.irc_port, reuse_address=True,
-                **tls))
+                lambda: Session(self, irc=True), host, self.cfg.irc_port, reuse_address=True))
         self._housekeeper = self.loop.create_task(self._housekeeping())
         if self.store is not None and self.store.fsync == "second":
             self.loop.call_later(FSYNC_EVERY, self._sync_tick)
@@ -994,24 +1289,32 @@ class ChatServer:
         if isinstance(state.get("instance"), str) and state["instance"]:
             self.instance = state["instance"]  # ids continue: clients may compare them
         next_id = state.get("next_id") if isinstance(state.get("next_id"), int) else 1
-        for name, messages, topic in self.store.load_rooms(self.history):
+        secret = state.get("secret")
+        if isinstance(secret, str) and len(secret) == 64:
+            self.secret = bytes.fromhex(secret)  # tokens from before a restart still resume
+        permanent = set(self.rooms)
+        for name, messages, topic in self.store.load_rooms(self.cfg.history):
             room = self.rooms.get(nick_key(name))
             if room is None:
-                if len(self.rooms) >= MAX_ROOMS:
+                if len(self.rooms) >= self.cfg.max_rooms:
                     log.warning("more than %d rooms in the data directory; %s and "
-                                "others are not loaded", MAX_ROOMS, name)
+                                "others are not loaded", self.cfg.max_rooms, name)
                     break
-                room = self.rooms[nick_key(name)] = Room(name, self.history, permanent=True)
-            room.history.extend(messages)
+                room = self.rooms[nick_key(name)] = Room(name, self.cfg.history)
+            if nick_key(name) not in permanent:  # made by joining: its members may come back
+                room.wait_until = time.monotonic() + self.cfg.room_keep
+            for m in messages:
+                next_id = max(next_id, m["id"] + 1)
+                identity = m.pop("sid", None)  # kept on disk only, for resends
+                if isinstance(identity, str) and m.get("cid") is not None:
+                    self._remember_cid(identity, m["cid"], ("msg", m["id"], room.name, m["ts"],
+                                                            bool(m.get("action"))))
+                self._add_history(room, m, len(encode(m)))
             if topic:
                 room.topic = str(topic.get("topic") or "")
                 room.topic_by = str(topic.get("by") or "")
                 ts = topic.get("ts")
                 room.topic_ts = float(ts) if isinstance(ts, (int, float)) else 0.0
-            for m in messages:
-                next_id = max(next_id, m["id"] + 1)
-                if isinstance(m.get("from"), str) and m.get("cid") is not None:
-                    self._remember_cid(m["from"], m["cid"], m)
         for entry in state.get("bans") or []:
             if isinstance(entry, list) and len(entry) == 3 and \
                     all(isinstance(x, str) for x in entry[:2]):
@@ -1033,7 +1336,8 @@ class ChatServer:
                 for k, (nick, until) in self.bans.items()]
         try:
             self.store.save_state({"instance": self.instance, "next_id": self._id_floor,
-                                   "bans": bans, "mutes": self.mutes})
+                                   "secret": self.secret.hex(), "bans": bans,
+                                   "mutes": self.mutes})
         except OSError as e:
             log.error("cannot save %s: %s", self.store.dir / "state.json", e)
 
@@ -1053,42 +1357,141 @@ class ChatServer:
         try:
             self.store.append(room, record)
         except OSError as e:
-            log.error("cannot write the log of %s: %s", room.name, e)
+            self.note_trouble("storage", f"cannot write the log of {room.name}: {e}",
+                              logging.ERROR)
             return False
-        room.permanent = True  # a room with a log is remembered, like a Discord channel
         return True
+
+    # --- history: every room's together is capped at --max-history-mb
+    def _add_history(self, room: Room, event: dict, size: int) -> dict | None:
+        """Keep a message in its room's history; the one that fell out, if any."""
+        before = room.history_bytes
+        dropped = room.remember(event, size)
+        self.history_bytes += room.history_bytes - before
+        budget = self.cfg.max_history_mb * 1024 * 1024
+        while self.history_bytes > budget:
+            # The oldest message anywhere goes first (ids grow with time).
+            oldest = min((r for r in self.rooms.values() if r.history),
+                         key=lambda r: r.history[0]["id"], default=None)
+            if oldest is None:
+                break
+            self.history_bytes -= oldest.forget_oldest()
+        return dropped
 
     def _sync_tick(self) -> None:
         if self.store is not None and not self.shutting_down:
             self.store.sync()
             self.loop.call_later(FSYNC_EVERY, self._sync_tick)
 
-    # --- resends
-    def _remember_cid(self, nick: str, cid: Any, event: dict) -> None:
-        key = nick_key(nick)
-        entry = self.recent_cids.pop(key, None) or [0.0, {}]
-        entry[0] = time.monotonic()
-        self.recent_cids[key] = entry  # most recently used last
-        cids = entry[1]
-        cids[cid] = event
+    # --- resends and identities.  A registration gets an identity; its resume
+    # token is the identity signed with the server's secret, so the identity
+    # (and with it the resend memory) survives a dropped link, and with
+    # --data-dir a restart, but never passes to someone who merely takes the
+    # same nick after her.
+    def make_token(self, identity: str) -> str:
+        nonce = secrets.token_hex(6)
+        mac = hmac.new(self.secret, f"{identity}.{nonce}".encode(), "sha256").hexdigest()
+        return f"{identity}.{nonce}.{mac[:32]}"
+
+    def token_identity(self, token: Any) -> str | None:
+        """The identity a token was made for, if this server (or, with
+        --data-dir, an earlier run of it) made it."""
+        if not isinstance(token, str) or token.count(".") != 2 or len(token) > 100:
+            return None
+        identity, nonce, mac = token.split(".")
+        good = hmac.new(self.secret, f"{identity}.{nonce}".encode(), "sha256").hexdigest()[:32]
+        return identity if hmac.compare_digest(good.encode(), mac.encode()) else None
+
+    def _remember_cid(self, identity: str, cid: Any, entry: tuple) -> None:
+        """Remember what a cid became: (kind, id, room or recipient, ts, action)."""
+        cids = self.resend.pop(identity, None)
+        if cids is None:
+            cids = {}
+        self.resend[identity] = cids  # most recently used last
+        self.resend_seen[identity] = time.monotonic()
+        if cid not in cids:
+            self.resend_entries += 1
+        cids[cid] = entry
         if len(cids) > CID_MEMORY:
             del cids[next(iter(cids))]
-        oldest = next(iter(self.recent_cids))  # forget one stale nick per call: bounded
-        stale = time.monotonic() - self.recent_cids[oldest][0] > CID_FORGET
-        if (stale and oldest not in self.nicks) or \
-                len(self.recent_cids) > 2 * max(MAX_CLIENTS, self.max_clients):
-            del self.recent_cids[oldest]
+            self.resend_entries -= 1
+        # Forget the least recently used identities: stale ones one per call,
+        # any number while over the cap (ids only: about 200 bytes an entry).
+        while self.resend:
+            oldest = next(iter(self.resend))
+            if self.resend_entries <= self.cfg.max_resend_entries and (
+                    oldest == identity
+                    or time.monotonic() - self.resend_seen[oldest] <= CID_FORGET):
+                break
+            self.resend_entries -= len(self.resend.pop(oldest))
+            del self.resend_seen[oldest]
+            if oldest == identity:
+                break
 
-    def _resent(self, s: Session, msg: dict) -> bool:
-        """A message this nick sent before (its echo got lost): echo it again to
-        the sender only.  True if it was one."""
+    def _resent(self, s: Session, msg: dict, text: str) -> bool:
+        """A message this sender sent before (its echo got lost): echo it again,
+        rebuilt around the text sent again, to the sender only.  True if it was."""
         cid = msg.get("cid")
-        entry = self.recent_cids.get(nick_key(s.nick or ""))
-        if cid is None or entry is None or cid not in entry[1]:
+        cids = self.resend.get(s.identity)
+        if cid is None or cids is None or cid not in cids:
             return False
-        s.send(encode(entry[1][cid]))
-        log.info("%s sent message %r again; echoed, not repeated", s.nick, cid)
+        kind, mid, where, ts, action = cids[cid]
+        echo: dict[str, Any] = {"type": kind}
+        if kind == "msg":
+            echo.update({"room": where, "from": s.nick})
+        else:
+            echo.update({"from": s.nick, "to": where})
+        echo.update({"text": text, "ts": ts, "id": mid})
+        if action:
+            echo["action"] = True
+        echo["cid"] = cid
+        s.send(encode(echo))
+        self.log(s, logging.INFO, "%s sent message %r again; echoed, not repeated",
+                 s.nick, cid)
         return True
+
+    # --- logging: the lines one client can make the server write are capped too
+    def log(self, s: Session, level: int, fmt: str, *args: Any) -> None:
+        """Log a line a client caused: LOG_BURST at once, then LOG_RATE a second
+        per connection; how many were held back is said with the next one."""
+        now = self.loop.time()
+        s.log_tokens = min(LOG_BURST, s.log_tokens + (now - s.log_time) * LOG_RATE)
+        s.log_time = now
+        if s.log_tokens < 1:
+            s.log_dropped += 1
+            return
+        s.log_tokens -= 1
+        if s.log_dropped:
+            log.log(level, "(%d lines about %s were not logged)", s.log_dropped, s.peer)
+            s.log_dropped = 0
+        log.log(level, fmt, *args)
+
+    def note_trouble(self, kind: str, text: str, level: int = logging.INFO) -> None:
+        """Log routine trouble from outside (refused connections, failed TLS
+        handshakes, no file descriptors left) once per ACCEPT_ERROR_EVERY
+        seconds per kind, with how many more there were."""
+        now = time.monotonic()
+        last, count = self._trouble.get(kind, (-math.inf, 0))
+        if now - last < ACCEPT_ERROR_EVERY:
+            self._trouble[kind] = (last, count + 1)
+            return
+        self._trouble[kind] = (now, 0)
+        log.log(level, "%s%s", text,
+                f" (and {count} more since the last such line)" if count else "")
+
+    def _loop_trouble(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """asyncio's own reports: running out of file descriptors, or a peer
+        that dropped a connection early, is one line now and then."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE,
+                                                      errno.ENOBUFS, errno.ENOMEM):
+            self.note_trouble("accept", f"cannot accept connections: {exc.strerror}; raise "
+                              "the open-files limit (ulimit -n) or lower --max-clients")
+        elif isinstance(exc, (ConnectionError, OSError, asyncio.TimeoutError)):
+            self.note_trouble("early", "a connection failed before it started: "
+                              f"{exc or context.get('message')}")
+        else:
+            loop.default_exception_handler(context)
 
     # --- output batching
     def schedule_flush(self) -> None:
@@ -1103,11 +1506,12 @@ class ChatServer:
         for s in dirty:
             s.flush()
 
-    def broadcast(self, room: Room, event: dict) -> None:
-        """Send one event to every member of a room, encoded once.  This is the
-        hot loop: Session.send inlined (measured: about 15 % of the server's time
-        per delivery at 1,000 members)."""
-        data = encode(event)
+    def broadcast(self, room: Room, event: dict, data: bytes | None = None) -> None:
+        """Send one event (or its `data`, already encoded) to every member of a
+        room, encoded once.  This is the hot loop: Session.send inlined
+        (measured: about 15 % of the server's time per delivery at 1,000 members)."""
+        if data is None:
+            data = encode(event)
         dirty = self.dirty
         for s in room.members.values():
             out = s.out
@@ -1144,24 +1548,24 @@ class ChatServer:
         """Count a new connection; the error code if it must be refused."""
         self.sessions.add(s)
         self.churn()
-        address = s.address
+        address = s.subnet
         self.per_address[address] = self.per_address.get(address, 0) + 1
         if self.address_banned(address):
             return "banned"
-        if self.max_clients and len(self.sessions) > self.max_clients:
+        if self.cfg.max_clients and len(self.sessions) > self.cfg.max_clients:
             return "server_full"
-        if self.max_per_address and self.per_address[address] > self.max_per_address:
+        if self.cfg.max_per_address and self.per_address[address] > self.cfg.max_per_address:
             return "too_many_connections"
-        if self.connect_rate > 0:
+        if self.cfg.connect_rate > 0:
             now = self.loop.time()
             bucket = self.connect_buckets.get(address)
             if bucket is None:
                 if len(self.connect_buckets) > 4096:  # forget addresses with a full bucket
-                    full = CONNECT_BURST / self.connect_rate
+                    full = CONNECT_BURST / self.cfg.connect_rate
                     self.connect_buckets = {a: b for a, b in self.connect_buckets.items()
                                             if now - b[1] < full}
                 bucket = self.connect_buckets[address] = [float(CONNECT_BURST), now]
-            bucket[0] = min(CONNECT_BURST, bucket[0] + (now - bucket[1]) * self.connect_rate)
+            bucket[0] = min(CONNECT_BURST, bucket[0] + (now - bucket[1]) * self.cfg.connect_rate)
             bucket[1] = now
             if bucket[0] < 1:
                 return "connecting_too_fast"
@@ -1173,11 +1577,11 @@ class ChatServer:
         if s in self.sessions:
             self.sessions.discard(s)
             self.churn()
-            left = self.per_address.get(s.address, 1) - 1
+            left = self.per_address.get(s.subnet, 1) - 1
             if left > 0:
-                self.per_address[s.address] = left
+                self.per_address[s.subnet] = left
             else:
-                self.per_address.pop(s.address, None)
+                self.per_address.pop(s.subnet, None)
             if self.transfers:
                 self._drop_transfers(s)
         if s.nick is None:
@@ -1199,28 +1603,52 @@ class ChatServer:
         s.nick = None
 
     def _forget_if_empty(self, room: Room) -> None:
-        """Rooms made on the fly vanish, history and topic included, when the last
-        member leaves; the lobby and --rooms rooms stay."""
-        if not room.members and not room.permanent:
-            self.rooms.pop(nick_key(room.name), None)
+        """Rooms made on the fly vanish, history, topic and log included, when
+        the last member leaves; the lobby and --rooms rooms stay.  (At shutdown
+        nothing vanishes: after a restart, a room from --data-dir waits
+        --room-keep seconds for its members to come back.)"""
+        if room.members or room.permanent or self.shutting_down or \
+                room.wait_until > time.monotonic():
+            return
+        if self.rooms.get(nick_key(room.name)) is not room:
+            return
+        del self.rooms[nick_key(room.name)]
+        self.history_bytes -= room.history_bytes
+        if room.made_by:
+            left = self.rooms_made.get(room.made_by, 1) - 1
+            if left > 0:
+                self.rooms_made[room.made_by] = left
+            else:
+                self.rooms_made.pop(room.made_by, None)
+        if self.store is not None:
+            self.store.remove(room)
 
     async def _housekeeping(self) -> None:
-        """Ping silent clients and drop those that never answer (0 turns it off)."""
-        if self.ping_interval <= 0 or self.ping_timeout <= 0:
-            return
-        period = max(0.05, min(self.ping_interval, self.ping_timeout) / 4)
+        """Close connections that never registered, ping silent clients and drop
+        those that never answer (a ping interval or timeout of 0 turns pinging
+        off), and let rooms loaded from disk go once nobody came back to them."""
+        cfg = self.cfg
+        pinging = cfg.ping_interval > 0 and cfg.ping_timeout > 0
+        period = max(0.05, min(cfg.register_timeout, *((cfg.ping_interval, cfg.ping_timeout)
+                                                       if pinging else ())) / 4)
         ping = encode({"type": "ping", "data": "keepalive"})
         while True:
             await asyncio.sleep(period)
             now = self.loop.time()
+            for room in [r for r in self.rooms.values() if r.wait_until]:
+                if room.wait_until <= time.monotonic():
+                    room.wait_until = 0.0
+                    self._forget_if_empty(room)
             for s in list(self.sessions):
-                if s.nick is None and now - s.connected_at > REGISTER_TIMEOUT:
+                if s.nick is None and now - s.connected_at > self.cfg.register_timeout:
                     s.send(encode(error("not_registered", "No hello in time; closing.")))
                     s.close("register_timeout")
+                elif not pinging:
+                    continue
                 elif s.pinged_at is not None:
-                    if now - s.pinged_at > self.ping_timeout:
+                    if now - s.pinged_at > self.cfg.ping_timeout:
                         s.abort("timeout")
-                elif now - s.last_rx > self.ping_interval:
+                elif now - s.last_rx > self.cfg.ping_interval:
                     s.pinged_at = now
                     s.send(ping)
 
@@ -1232,16 +1660,12 @@ class ChatServer:
         if not line.strip():
             return
         # Every line costs a token, whatever it holds: garbage, pongs and
-        # unregistered chatter are throttled exactly like messages.  File
-        # chunks and their acks are paced by the transfer window instead (a
-        # bad one costs a token in its handler).
-        if not line.startswith((b'{"type":"file_chunk"', b'{"type":"file_ack"')) and \
-                not s.take_token(self.loop.time()):
-            if s.flood_penalty > FLOOD_KICK:
-                s.send(encode(error("flooding")))
-                s.close("flood")
-            else:
-                s.send(encode(error("rate_limited")))
+        # unregistered chatter are throttled exactly like messages.  The one
+        # exception, file chunks and acks of a stream this session is part of
+        # (the transfer window paces those), is decided on the parsed request,
+        # never on the raw bytes: the prefix only says a parse must decide.
+        paced = s.irc is None and s.spoke and line.startswith(b'{"type":"file_')
+        if not paced and not self._take_token(s):
             return
         if not s.spoke:  # a first line that is not a JSON object is IRC
             s.spoke = True
@@ -1254,16 +1678,50 @@ class ChatServer:
         try:
             msg = decode(line)
             kind = msg["type"]
+            if paced and not self._in_stream(s, msg):
+                paced = False
+                if not self._take_token(s):
+                    return
             if s.nick is None and kind not in ("hello", "ping", "pong"):
                 raise ProtocolError("not_registered", ERRORS["not_registered"])
             validate(msg)
         except ProtocolError as e:
-            log.info("%s (%s): %s", s.nick or "unregistered", s.peer, e.code)
+            if paced and not self._take_token(s):
+                return
+            self.log(s, logging.INFO, "%s (%s): %s", s.nick or "unregistered", s.peer, e.code)
             extra = self._error_context(msg) if msg is not None else {}
             s.send(encode(error(e.code, e.message, **extra)))
             return
         handler = self.handlers[kind]  # looked up outside the try: a bug is not "unknown type"
         handler(s, msg)
+
+    def _take_token(self, s: Session) -> bool:
+        """Charge one request to the flood bucket; False (after telling the
+        client, or closing a flooder) if it must be dropped."""
+        if s.take_token(self.loop.time()):
+            return True
+        if s.flood_penalty > FLOOD_KICK:
+            s.send(encode(error("flooding")))
+            s.close("flood")
+        else:
+            s.send(encode(error("rate_limited")))
+        return False
+
+    def _in_stream(self, s: Session, msg: dict) -> bool:
+        """A file chunk this session may send now (it is the sender of an
+        accepted stream with room in its window), or an ack it owes (it
+        receives a stream with chunks unacknowledged)."""
+        t = self.transfers.get(msg.get("id"))  # type: ignore[arg-type]
+        if t is None or not isinstance(msg.get("id"), str):
+            return False
+        if msg["type"] == "file_chunk":
+            to = msg.get("to")
+            stream = t.streams.get(nick_key(to)) if isinstance(to, str) else None
+            return t.sender is s and stream is not None and stream[1] < FILE_WINDOW
+        if msg["type"] == "file_ack" and s.nick is not None:
+            stream = t.streams.get(nick_key(s.nick))
+            return stream is not None and stream[0] is s and stream[1] > 0
+        return False
 
     @staticmethod
     def _error_context(msg: dict) -> dict[str, Any]:
@@ -1278,7 +1736,8 @@ class ChatServer:
         return extra
 
     def _reply_error(self, s: Session, msg: dict, code: str, message: str | None = None) -> None:
-        log.info("%s (%s): %s %s", s.nick or "unregistered", s.peer, msg["type"][:40], code)
+        self.log(s, logging.INFO, "%s (%s): %s %s", s.nick or "unregistered", s.peer,
+                 msg["type"][:40], code)
         s.send(encode(error(code, message, **self._error_context(msg))))
 
     def _check_nick(self, s: Session, msg: dict, nick: str) -> bool:
@@ -1297,12 +1756,12 @@ class ChatServer:
             self._reply_error(s, msg, "already_registered")
             return
         nick = msg["nick"]
-        s.connected_at = self.loop.time()  # trying counts as alive: no deadline mid-prompt
-        if self.address_banned(s.address):
+        if self.address_banned(s.subnet):
             self._reply_error(s, msg, "banned")
             s.close("banned")
             return
-        if self.password is not None and not self._check_password(s, msg, self.password):
+        if self.cfg.password and not self._check_password(s, msg, self.cfg.password,
+                                                                 self.auth_failures):
             return
         if self.nick_banned(nick):
             self._reply_error(s, msg, "banned", f"The nick {nick} is banned here.")
@@ -1310,7 +1769,7 @@ class ChatServer:
         # Ids the client has seen count only if they came from this server's
         # numbering (a restart without --data-dir starts again from 1).
         after = msg.get("after") if msg.get("instance") == self.instance else None
-        after = {nick_key(str(k)): v for k, v in list((after or {}).items())[:MAX_ROOMS_PER_USER + 1]
+        after = {nick_key(str(k)): v for k, v in list((after or {}).items())[:self.cfg.max_rooms_per_user + 1]
                  if isinstance(v, int) and not isinstance(v, bool)}
         ghost = self.nicks.get(nick_key(nick))
         token = msg.get("token")
@@ -1324,6 +1783,7 @@ class ChatServer:
         if not self._check_nick(s, msg, nick):
             return
         s.nick = nick
+        s.identity = self.token_identity(token) or secrets.token_hex(8)
         self.nicks[nick_key(nick)] = s
         self._welcome(s, msg, resumed=False)
         if s.irc is None:  # IRC users choose their channels themselves
@@ -1331,17 +1791,17 @@ class ChatServer:
             self._join(s, lobby, after.get(nick_key(LOBBY)))
 
     def _welcome(self, s: Session, msg: dict, resumed: bool) -> None:
-        s.token = secrets.token_urlsafe(18)
+        s.token = self.make_token(s.identity)
         welcome = {"type": "welcome", "nick": s.nick, "room": LOBBY, "server": SERVER_NAME,
                    "version": __version__, "instance": self.instance, "token": s.token,
-                   "limits": {"max_text": self.max_text, "max_line_bytes": self.max_line_bytes,
-                              "flood_burst": self.flood_burst, "flood_rate": self.flood_rate,
-                              "ping_interval": self.ping_interval}}
+                   "limits": {"max_text": self.cfg.max_text, "max_line_bytes": self.cfg.max_line_bytes,
+                              "flood_burst": self.cfg.flood_burst, "flood_rate": self.cfg.flood_rate,
+                              "ping_interval": self.cfg.ping_interval}}
         if resumed:
             welcome["resumed"] = True
             welcome["rooms"] = [r.name for r in s.rooms.values()]
-        if self.motd:
-            welcome["motd"] = self.motd
+        if self.cfg.motd:
+            welcome["motd"] = self.cfg.motd
         s.send(encode(welcome))
         log.info("%s %s from %s (client %r)", s.nick, "came back" if resumed else "joined",
                  s.peer, str(msg.get("client", "?"))[:40])
@@ -1352,8 +1812,8 @@ class ChatServer:
         the old one is closed without anyone seeing a leave and a join."""
         assert ghost.nick is not None
         key = nick_key(ghost.nick)
-        s.nick, s.rooms, s.away, s.away_told, s.operator = \
-            ghost.nick, ghost.rooms, ghost.away, ghost.away_told, ghost.operator
+        s.nick, s.rooms, s.away, s.away_told, s.operator, s.identity = \
+            ghost.nick, ghost.rooms, ghost.away, ghost.away_told, ghost.operator, ghost.identity
         for room in s.rooms.values():
             room.members[key] = s
         self.nicks[key] = s
@@ -1385,13 +1845,26 @@ class ChatServer:
         messages = list(room.history) if after is None else \
             [m for m in room.history if m["id"] > after]
         history = encode({"type": "history", "room": room.name, "messages": messages})
-        s.grace_bytes += len(history)  # a big history must not count as falling behind
+        self._charge_history(s, room, len(history))
         s.send(history)
+
+    def _charge_history(self, s: Session, room: Room, size: int) -> None:
+        """A big history reply must not count as falling behind, but only up
+        to --history-grace bytes unread at once: a client that asks again and
+        again without reading is dropped like any slow reader."""
+        if s.grace_bytes + size <= self.cfg.history_grace:
+            s.grace_bytes += size
+        s.history_unread.add(nick_key(room.name))
 
     def handle_history(self, s: Session, msg: dict) -> None:
         room = self._room_for(s, msg)
-        if room is not None:
-            self._send_history(s, room, msg.get("after"))
+        if room is None:
+            return
+        if nick_key(room.name) in s.history_unread:
+            self._reply_error(s, msg, "history_pending", f"Your last history of {room.name} "
+                              "has not reached you yet; ask again once it has.")
+            return
+        self._send_history(s, room, msg.get("after"))
 
     def _room_for(self, s: Session, msg: dict) -> Room | None:
         name = msg.get("room") or LOBBY
@@ -1408,7 +1881,7 @@ class ChatServer:
         if text is None:
             return
         room = self._room_for(s, msg)
-        if room is None or self._resent(s, msg):
+        if room is None or self._resent(s, msg, text):
             return
         cid = msg.get("cid")
         event = {"type": "msg", "room": room.name, "from": s.nick, "text": text,
@@ -1417,14 +1890,20 @@ class ChatServer:
             event["action"] = True
         if cid is not None:
             event["cid"] = cid
-        room.history.append(event)
-        if not self._persist(room, event):  # not saved: not sent either
-            room.history.pop()
+        data = encode(event)
+        dropped = self._add_history(room, event, len(data))
+        # On disk the record also names the sender's identity, so a resend
+        # after a restart is recognised (see _load).
+        if not self._persist(room, dict(event, sid=s.identity) if cid is not None else event):
+            before = room.history_bytes  # not saved: not sent either
+            room.forget_newest(dropped)
+            self.history_bytes += room.history_bytes - before
             self._reply_error(s, msg, "storage_failed")
             return
         if cid is not None:
-            self._remember_cid(s.nick or "", cid, event)
-        self.broadcast(room, event)
+            self._remember_cid(s.identity, cid, ("msg", event["id"], room.name, event["ts"],
+                                                 bool(msg.get("action"))))
+        self.broadcast(room, event, data)
 
     def handle_nick(self, s: Session, msg: dict) -> None:
         new = msg["nick"]
@@ -1444,7 +1923,7 @@ class ChatServer:
         # Everyone who shares a room with her hears it once, and so does she.
         self._tell_sharers(s, {"type": "nick", "old": old, "new": new,
                                "ts": round(time.time(), 3)})
-        log.info("%s is now known as %s", old, new)
+        self.log(s, logging.INFO, "%s is now known as %s", old, new)
 
     def handle_users(self, s: Session, msg: dict) -> None:
         room = self._room_for(s, msg)
@@ -1497,15 +1976,23 @@ class ChatServer:
         if room is not None and nick_key(room.name) in s.rooms:
             s.send(encode(room.users_event()))  # already there: just the current list
             return
-        if len(s.rooms) >= MAX_ROOMS_PER_USER:
+        if len(s.rooms) >= self.cfg.max_rooms_per_user:
             self._reply_error(s, msg, "too_many_rooms",
-                              f"You can be in at most {MAX_ROOMS_PER_USER} rooms.")
+                              f"You can be in at most {self.cfg.max_rooms_per_user} rooms.")
             return
         if room is None:
-            if len(self.rooms) >= MAX_ROOMS:
+            if len(self.rooms) >= self.cfg.max_rooms:
                 self._reply_error(s, msg, "too_many_rooms", "This server has too many rooms.")
                 return
-            room = self.rooms[nick_key(name)] = Room(name, self.history)
+            made = self.rooms_made.get(s.subnet, 0)
+            if self.cfg.max_rooms_per_address and made >= self.cfg.max_rooms_per_address:
+                self._reply_error(s, msg, "too_many_rooms", "Your address has made "
+                                  f"{made} rooms that still exist; join one of those, or "
+                                  "wait until one empties.")
+                return
+            room = self.rooms[nick_key(name)] = Room(name, self.cfg.history)
+            room.made_by = s.subnet
+            self.rooms_made[s.subnet] = made + 1
         self._join(s, room, msg.get("after"))
 
     def handle_part(self, s: Session, msg: dict) -> None:
@@ -1561,13 +2048,13 @@ class ChatServer:
                 del self.transfers[tid]
 
     def handle_file_offer(self, s: Session, msg: dict) -> None:
-        if self.max_file_size <= 0:
+        if self.cfg.max_file_size <= 0:
             self._reply_error(s, msg, "transfers_disabled")
             return
         size, digest = msg["size"], msg["sha256"].lower()
-        if not 0 <= size <= self.max_file_size:
+        if not 0 <= size <= self.cfg.max_file_size:
             self._reply_error(s, msg, "file_too_big", f"Files are limited to "
-                              f"{format_size(self.max_file_size)} here.")
+                              f"{format_size(self.cfg.max_file_size)} here.")
             return
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             self._reply_error(s, msg, "bad_request", "sha256 is 64 hexadecimal digits.")
@@ -1606,7 +2093,7 @@ class ChatServer:
         if msg.get("cid") is not None:
             echo["cid"] = msg["cid"]
         s.send(encode(echo))
-        log.info("%s offers a file of %d bytes (%s)", s.nick, size, t.id)
+        self.log(s, logging.INFO, "%s offers a file of %d bytes (%s)", s.nick, size, t.id)
 
     def _transfer(self, s: Session, msg: dict) -> Transfer | None:
         t = self.transfers.get(msg["id"])
@@ -1664,8 +2151,8 @@ class ChatServer:
     def handle_file_ack(self, s: Session, msg: dict) -> None:
         t = self._transfer(s, msg)
         stream = t.streams.get(nick_key(s.nick or "")) if t is not None else None
-        if t is not None and stream is not None and stream[0] is s:
-            stream[1] = max(0, stream[1] - 1)
+        if t is not None and stream is not None and stream[0] is s and stream[1] > 0:
+            stream[1] -= 1  # (an ack for no chunk is not passed on)
             t.sender.send(encode({"type": "file_ack", "id": t.id, "nick": s.nick,
                                   "seq": msg["seq"]}))
 
@@ -1740,9 +2227,9 @@ class ChatServer:
         cid = msg.get("cid")
         if not text.strip():
             self._reply_error(s, msg, "empty", "Empty messages are not sent.")
-        elif len(text) > self.max_text:
+        elif len(text) > self.cfg.max_text:
             self._reply_error(s, msg, "too_long",
-                              f"Messages are limited to {self.max_text} characters.")
+                              f"Messages are limited to {self.cfg.max_text} characters.")
         elif (isinstance(cid, str) and len(cid) > MAX_CID_LEN) or (
                 isinstance(cid, int) and abs(cid) > MAX_CID_INT):
             self._reply_error(s, msg, "bad_request",
@@ -1760,7 +2247,7 @@ class ChatServer:
         text = self._chat_text(s, msg)
         if text is None:
             return
-        if self._resent(s, msg):
+        if self._resent(s, msg, text):
             return
         target = self.nicks.get(nick_key(msg["to"]))
         if target is None:
@@ -1774,7 +2261,8 @@ class ChatServer:
             target.send(encode(event))
         if msg.get("cid") is not None:
             event["cid"] = msg["cid"]
-            self._remember_cid(s.nick or "", msg["cid"], event)
+            self._remember_cid(s.identity, msg["cid"], ("pm", event["id"], target.nick,
+                                                        event["ts"], bool(msg.get("action"))))
         s.send(encode(event))
         assert s.nick is not None
         if target.away is not None and nick_key(s.nick) not in (target.away_told or ()):
@@ -1811,18 +2299,23 @@ class ChatServer:
         self._tell_sharers(s, {"type": "away", "nick": s.nick, "away": False})
 
     # --- authentication and moderation
-    def _check_password(self, s: Session, msg: dict, expected: str) -> bool:
+    def _check_password(self, s: Session, msg: dict, expected: str,
+                        failures: dict[str, list[float]]) -> bool:
         """Constant-time check, with wrong guesses slowed down and then refused per
-        address, so a password cannot be guessed at line speed."""
+        address, so a password cannot be guessed at line speed.  `failures` is
+        that password's own record: a right server password does not forgive
+        wrong operator passwords."""
         now = self.loop.time()
-        record = self.auth_failures.get(s.address)
+        key = s.subnet
+        record = failures.get(key)
         if record is not None and now - record[1] > AUTH_FORGET:
-            del self.auth_failures[s.address]
+            del failures[key]
             record = None
-        if record is not None and record[0] >= AUTH_BLOCK_AFTER and \
+        if record is not None and record[0] >= self.cfg.auth_block_after and \
                 now - record[1] < AUTH_BLOCK_SECONDS:
             self._reply_error(s, msg, "auth_blocked")
-            s.close("auth_blocked")
+            if s.nick is None:
+                s.close("auth_blocked")
             return False
         if now < s.auth_hold_until:
             self._reply_error(s, msg, "rate_limited", "Wait for the answer to your last try.")
@@ -1833,19 +2326,19 @@ class ChatServer:
             return False
         if isinstance(given, str) and hmac.compare_digest(given.encode("utf-8"),
                                                           expected.encode("utf-8")):
-            self.auth_failures.pop(s.address, None)  # a right answer forgives the typos
+            failures.pop(key, None)  # a right answer forgives the typos
             return True
-        if len(self.auth_failures) > 10000:  # bounded: forget the oldest half
-            for address in sorted(self.auth_failures, key=lambda a: self.auth_failures[a][1])[
-                    :5000]:
-                del self.auth_failures[address]
-        record = self.auth_failures.setdefault(s.address, [0, now])
+        if len(failures) > 10000:  # bounded: forget the oldest half
+            for address in sorted(failures, key=lambda a: failures[a][1])[:5000]:
+                del failures[address]
+        record = failures.setdefault(key, [0, now])
         record[0] += 1
         record[1] = now
-        log.warning("wrong password from %s (%d)", s.peer, int(record[0]))
+        self.log(s, logging.WARNING, "wrong %spassword from %s (%d)",
+                 "operator " if failures is self.op_failures else "", s.peer, int(record[0]))
         delay = 0.0
-        if record[0] >= AUTH_SLOW_AFTER:
-            delay = min(AUTH_MAX_DELAY, 0.5 * 2 ** (record[0] - AUTH_SLOW_AFTER))
+        if record[0] >= self.cfg.auth_slow_after:
+            delay = min(AUTH_MAX_DELAY, 0.5 * 2 ** (record[0] - self.cfg.auth_slow_after))
         reply = encode(error("auth_failed", "Wrong password.", **self._error_context(msg)))
         s.auth_hold_until = now + delay
         if delay:
@@ -1855,10 +2348,10 @@ class ChatServer:
         return False
 
     def handle_op(self, s: Session, msg: dict) -> None:
-        if self.op_password is None:
+        if not self.cfg.op_password:
             self._reply_error(s, msg, "not_operator", "This server has no operators.")
             return
-        if self._check_password(s, msg, self.op_password):
+        if self._check_password(s, msg, self.cfg.op_password, self.op_failures):
             s.operator = True
             log.info("%s (%s) is now an operator", s.nick, s.peer)
             s.send(encode({"type": "op", "nick": s.nick, "ok": True}))
@@ -1907,13 +2400,13 @@ class ChatServer:
         until = time.time() + float(minutes) * 60 if minutes else float("inf")
         assert target.nick is not None
         self.bans[nick_key(target.nick)] = (target.nick, until)
-        self.bans["@" + target.address] = (target.nick, until)
+        self.bans["@" + target.subnet] = (target.nick, until)
         self.save_state()
         reason = self._reason(msg)
         self._announce(s, target, "ban", reason)
         text = f"banned by {s.nick}" + (f": {reason}" if reason else "")
         for other in list(self.sessions):  # every connection from there, registered or not
-            if other.address == target.address and other is not s and other is not target:
+            if other.subnet == target.subnet and other is not s and other is not target:
                 self._remove(other, "banned", text)
         self._remove(target, "banned", text)
 
@@ -1938,8 +2431,8 @@ class ChatServer:
         if target is not None:
             assert target.nick is not None
             # By nick and address, so reconnecting or renaming does not unmute.
-            self.mutes.update({nick_key(target.nick): target.address,
-                               "@" + target.address: target.address})
+            self.mutes.update({nick_key(target.nick): target.subnet,
+                               "@" + target.subnet: target.subnet})
             self.save_state()
             self._announce(s, target, "mute", self._reason(msg))
 
@@ -1948,7 +2441,7 @@ class ChatServer:
         if target is not None:
             assert target.nick is not None
             gone = {nick_key(target.nick)} | {k for k, a in self.mutes.items()
-                                              if a == target.address}
+                                              if a == target.subnet}
             for key in gone:  # the nick and everything muted from that address
                 self.mutes.pop(key, None)
             self.save_state()
@@ -1956,7 +2449,7 @@ class ChatServer:
 
     def is_muted(self, s: Session) -> bool:
         return bool(self.mutes) and (nick_key(s.nick or "") in self.mutes
-                                     or "@" + s.address in self.mutes)
+                                     or "@" + s.subnet in self.mutes)
 
     def _banned(self, key: str) -> bool:
         entry = self.bans.get(key)
@@ -1974,15 +2467,6 @@ class ChatServer:
         return self._banned("@" + address)
 
 
-def _quiet_handshake_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-    """A peer that drops or botches a TLS handshake is routine: one log line."""
-    exc = context.get("exception")
-    if isinstance(exc, (ConnectionError, OSError, asyncio.TimeoutError)):
-        log.info("connection failed before it started: %s", exc or context.get("message"))
-    else:
-        loop.default_exception_handler(context)
-
-
 def lan_addresses() -> list[str]:
     """This machine's non-loopback IPv4 addresses, found without sending anything."""
     found: list[str] = []
@@ -1995,48 +2479,6 @@ def lan_addresses() -> list[str]:
         if not addr.startswith("127.") and addr not in found:
             found.append(addr)
     return found
-
-
-def read_secret(path: str) -> str:
-    """The first line of a password file (raises OSError or ValueError)."""
-    text = Path(path).read_text(encoding="utf-8").splitlines()
-    if not text or not text[0].strip():
-        raise ValueError(f"{path} is empty")
-    return text[0].strip()
-
-
-def server_options(args: argparse.Namespace) -> dict[str, Any]:
-    """ChatServer keyword arguments from the command line; raises ValueError with
-    a sentence for anything wrong."""
-    rooms = [r.strip() for r in args.rooms.split(",") if r.strip()]
-    for room in rooms:
-        problem = room_problem(room)
-        if problem:
-            raise ValueError(f"bad room {room!r} in --rooms: {problem}")
-    try:
-        password = read_secret(args.password_file) if args.password_file else \
-            os.environ.get("PYCHAT_PASSWORD") or None
-        op_password = read_secret(args.op_password_file) if args.op_password_file else None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read a password file: {getattr(e, 'strerror', None) or e}")
-    ssl_context = None
-    if args.certfile:
-        try:
-            ssl_context = server_tls_context(args.certfile, args.keyfile)
-        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
-            raise ValueError(f"cannot load the TLS certificate or key: {e}") from None
-    elif args.keyfile:
-        raise ValueError("--keyfile needs --certfile")
-    return dict(history=args.history, max_line_bytes=args.max_line_bytes,
-                max_text=args.max_text, flood_burst=args.flood_burst,
-                flood_rate=args.flood_rate, max_backlog_bytes=args.max_backlog_bytes,
-                ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
-                motd=args.motd, rooms=rooms, password=password, op_password=op_password,
-                ssl_context=ssl_context, data_dir=args.data_dir, fsync=args.fsync,
-                max_log_mb=args.max_log_mb, max_clients=args.max_clients,
-                max_per_address=args.max_per_address, connect_rate=args.connect_rate,
-                max_file_size=args.max_file_size, server_name=args.server_name,
-                irc_port=args.irc_port)
 
 
 def _raise_open_files(wanted: int) -> None:
@@ -2052,66 +2494,6 @@ def _raise_open_files(wanted: int) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError):
             pass
-
-
-async def serve(args: argparse.Namespace) -> int:
-    """Run the server until Ctrl-C or SIGTERM; return the exit status."""
-    try:
-        server = ChatServer(**server_options(args))
-    except ValueError as e:
-        print(f"pychat: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # the data directory
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"pychat: cannot use --data-dir {args.data_dir}: {e.strerror or e}{where}",
-              file=sys.stderr)
-        return 2
-    _raise_open_files((server.max_clients or MAX_CLIENTS) + 64)
-    try:
-        port = await server.start(args.host, args.port)
-    except OSError as e:
-        print(f"pychat: cannot listen on {args.host or '*'}:{args.port}: {e.strerror or e}",
-              file=sys.stderr)
-        return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        if stop.is_set():  # a second Ctrl-C: save what is written and go at once
-            if server.store is not None:
-                server.store.close()
-            os._exit(130)
-        stop.set()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, on_signal)
-        except (NotImplementedError, RuntimeError, AttributeError):
-            pass  # Windows: Ctrl-C arrives as KeyboardInterrupt instead
-    shown = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in server.addresses())
-    print(f"PyChat {__version__} server listening on {shown} (port {port})", flush=True)
-    if args.host in (None, "", "0.0.0.0", "::"):
-        lan = lan_addresses()
-        where = lan[0] if lan else socket.gethostname() or "<this machine's address>"
-    else:
-        where = args.host
-    tls = f" --cafile {args.certfile}" if args.certfile else ""
-    if where.startswith("127.") or where in ("localhost", "::1"):
-        print(f"Only this machine can join:  python pychat.py cli --host {where} --port {port}"
-              f"{tls}", flush=True)
-    else:
-        print(f"Friends on your network join with:  python pychat.py cli --host {where} "
-              f"--port {port}{tls}   (or: python pychat.py gui ...)", flush=True)
-    extras = [name for name, on in (("TLS", server.ssl_context), ("password",
-              server.password), ("operators", server.op_password)) if on]
-    if extras:
-        print(f"Enabled: {', '.join(extras)}.", flush=True)
-    print("Press Ctrl-C to stop.", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        log.info("shutting down")
-        await server.close()
-    return 0
 
 
 # ===========================================================================
@@ -2174,7 +2556,7 @@ class IrcClient:
 
     def __init__(self, server: ChatServer, session: Session):
         self.server, self.s = server, session
-        self.name = server.server_name
+        self.name = server.cfg.server_name
         self.nick = ""                 # asked for before registration
         self.user = ""
         self.realname = ""
@@ -2305,15 +2687,15 @@ class IrcClient:
             self.numeric("005", "CHANTYPES=#", f"NICKLEN={MAX_NICK_LEN}",
                          f"CHANNELLEN={MAX_ROOM_LEN}", f"TOPICLEN={MAX_TOPIC}",
                          f"AWAYLEN={MAX_AWAY}", "CASEMAPPING=ascii", "NETWORK=PyChat",
-                         "PREFIX=(o)@", "CHANMODES=,,,n", f"CHANLIMIT=#:{MAX_ROOMS_PER_USER}",
+                         "PREFIX=(o)@", "CHANMODES=,,,n", f"CHANLIMIT=#:{srv.cfg.max_rooms_per_user}",
                          "MAXTARGETS=4", text="are supported by this server")]
         return lines + self.motd()
 
     def motd(self) -> list[bytes]:
-        if not self.server.motd:
+        if not self.server.cfg.motd:
             return [self.numeric("422", text="MOTD File is missing")]
         return ([self.numeric("375", text=f"- {self.name} Message of the day -")]
-                + [self.numeric("372", text=f"- {part}") for part in self.server.motd.split("\n")]
+                + [self.numeric("372", text=f"- {part}") for part in self.server.cfg.motd.split("\n")]
                 + [self.numeric("376", text="End of /MOTD command.")])
 
     # --- room state, asked for by the server on joining
@@ -4328,11 +4710,7 @@ async def _run_cli(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     password = password or os.environ.get("PYCHAT_PASSWORD") or None
-    try:
-        ssl_context = tls_from_args(args)
-    except ValueError as e:
-        print(f"pychat: {e}", file=sys.stderr)
-        return 2
+    ssl_context = tls_from_args(args)  # PyChatError: main() says it in one line
     client = ChatClient(args.host, args.port, args.nick or default_nick(), on_event,
                         client=f"pychat-cli/{__version__}", history=not args.no_history,
                         connect_attempts=args.connect_attempts, password=password,
@@ -7061,6 +7439,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-log-mb", type=_positive_float, default=MAX_LOG_MB, metavar="MB",
                      help="with --data-dir: a room's log past this size is rewritten as "
                           "its topic and last --history messages (default: %(default)s)")
+    srv.add_argument("--max-history-mb", type=_positive_float, default=MAX_HISTORY_MB,
+                     metavar="MB", help="memory for all rooms' histories together; past it "
+                     "the oldest messages are forgotten first (default: %(default)s)")
+    srv.add_argument("--max-rooms-per-address", type=_non_negative_int,
+                     default=MAX_ROOMS_PER_ADDRESS, metavar="N",
+                     help="rooms that one address may have made at a time; 0: no limit "
+                     "(default: %(default)s)")
+    srv.add_argument("--max-handshakes", type=_positive_int, default=MAX_HANDSHAKES,
+                     metavar="N", help="TLS handshakes in progress at once; more connections "
+                     "wait in the kernel's queue (default: %(default)s)")
+    srv.add_argument("--repair", action="store_true",
+                     help="start even if --data-dir's state.json cannot be read (it is kept "
+                     "as state.json.bad-TIME and bans, mutes and ids start afresh)")
     srv.add_argument("--max-clients", type=_non_negative_int, default=MAX_CLIENTS, metavar="N",
                      help="connections accepted at once, 0 for no limit (default: %(default)s)")
     srv.add_argument("--max-per-address", type=_non_negative_int, default=MAX_PER_ADDRESS,
@@ -7181,12 +7572,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def serve(args: argparse.Namespace) -> int:
+    """Run the server until Ctrl-C or SIGTERM; return the exit status."""
+    try:
+        server = ChatServer(ServerConfig.from_args(args))
+    except OSError as e:  # the data directory
+        where = f" ({e.filename})" if e.filename else ""
+        raise PyChatError(f"cannot use --data-dir {args.data_dir}: {e.strerror or e}"
+                          f"{where}") from None
+    _raise_open_files((server.cfg.max_clients or MAX_CLIENTS) + 64)
+    try:
+        port = await server.start(args.host, args.port)
+    except OSError as e:
+        print(f"pychat: cannot listen on {args.host or '*'}:{args.port}: {e.strerror or e}",
+              file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second Ctrl-C: save what is written and go at once
+            if server.store is not None:
+                server.store.close()
+            os._exit(130)
+        stop.set()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, on_signal)
+        except (NotImplementedError, RuntimeError, AttributeError):
+            pass  # Windows: Ctrl-C arrives as KeyboardInterrupt instead
+    shown = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in server.addresses())
+    print(f"PyChat {__version__} server listening on {shown} (port {port})", flush=True)
+    if args.host in (None, "", "0.0.0.0", "::"):
+        lan = lan_addresses()
+        where = lan[0] if lan else socket.gethostname() or "<this machine's address>"
+    else:
+        where = args.host
+    tls = f" --cafile {args.certfile}" if args.certfile else ""
+    if where.startswith("127.") or where in ("localhost", "::1"):
+        print(f"Only this machine can join:  python pychat.py cli --host {where} --port {port}"
+              f"{tls}", flush=True)
+    else:
+        print(f"Friends on your network join with:  python pychat.py cli --host {where} "
+              f"--port {port}{tls}   (or: python pychat.py gui ...)", flush=True)
+    extras = [name for name, on in (("TLS", server.cfg.ssl_context), ("password",
+              server.cfg.password), ("operators", server.cfg.op_password)) if on]
+    if extras:
+        print(f"Enabled: {', '.join(extras)}.", flush=True)
+    print("Press Ctrl-C to stop.", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await server.close()
+    return 0
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(message)s")
-    if args.history < 0:
-        print("pychat: --history must be 0 or more", file=sys.stderr)
-        return 2
     try:
         return asyncio.run(serve(args))
     except KeyboardInterrupt:  # Windows: no signal handlers
@@ -7230,11 +7674,7 @@ def cmd_gui(args: argparse.Namespace) -> int:
         print(f"pychat: bad --nick {args.nick!r}: {nick_problem(args.nick)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        args.ssl_context = tls_from_args(args)
-    except ValueError as e:
-        print(f"pychat: {e}", file=sys.stderr)
-        return 2
+    args.ssl_context = tls_from_args(args)
     return run_gui(args)
 
 
@@ -7377,7 +7817,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    if getattr(args, "insecure", False):
+        print(f"pychat: {INSECURE_WARNING}", file=sys.stderr)
+    try:
+        return args.func(args)
+    except PyChatError as e:  # the user's to fix: one line, no traceback
+        print(f"pychat: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import io
 import json
@@ -101,6 +102,16 @@ class Peer:
             await self.writer.wait_closed()
         except OSError:
             pass
+
+
+def reconfigure(server: ChatServer, **changes) -> None:
+    """Change a running test server's options (its ServerConfig is frozen)."""
+    server.cfg = dataclasses.replace(server.cfg, **changes)
+
+
+def add_history(server: ChatServer, event: dict, room: str = "#lobby") -> None:
+    """Put a message straight into a room's history, as if it had been sent."""
+    server._add_history(server.rooms[room], event, len(encode(event)))
 
 
 async def wait_for(cond, timeout: float = TIMEOUT, what: str = "condition") -> None:
@@ -267,7 +278,7 @@ class RegistrationTests(ServerCase):
         self.assertEqual((await peer.expect("error"))["code"], "already_registered")
 
     async def test_motd_is_sent_when_set(self):
-        self.server.motd = "Be nice"
+        reconfigure(self.server, motd="Be nice")
         peer = await self.raw()
         await peer.send({"type": "hello", "nick": "m"})
         self.assertEqual((await peer.expect("welcome"))["motd"], "Be nice")
@@ -300,7 +311,7 @@ class ChatTests(ServerCase):
         self.assertEqual(ids, sorted(set(ids)))
 
     async def test_empty_and_too_long_text_are_refused(self):
-        self.server.max_text = 10
+        reconfigure(self.server, max_text=10)
         alice = await self.connect("alice")
         for text, code in [("", "empty"), ("  \n\t ", "empty"), ("\x00\x07", "empty"),
                            ("x" * 11, "too_long")]:
@@ -424,7 +435,7 @@ class LimitTests(ServerCase):
         self.assertLessEqual(len(received), 6)
 
     async def test_flood_rate_zero_turns_it_off(self):
-        self.server.flood_rate = 0
+        reconfigure(self.server, flood_rate=0)
         alice = await self.connect("alice")
         await alice.send_raw(b"".join(encode({"type": "msg", "text": f"m{i}"}) for i in range(100)))
         await alice.expect("msg", text="m99")
@@ -558,9 +569,9 @@ class ReviewHardeningTests(ServerCase):
     async def test_a_history_bigger_than_the_backlog_cap_still_reaches_newcomers(self):
         alice = await self.connect("alice")
         text = "漢" * 4000  # 12 KB of UTF-8 each: 100 of them are 1.2 MB, far over 64 KiB
-        self.server.rooms["#lobby"].history.extend(
-            {"type": "msg", "room": "#lobby", "from": "alice", "text": f"{i}{text}",
-             "ts": 1.0, "id": i + 1} for i in range(100))
+        for i in range(100):
+            add_history(self.server, {"type": "msg", "room": "#lobby", "from": "alice",
+                                      "text": f"{i}{text}", "ts": 1.0, "id": i + 1})
         newcomer = await Peer.open(self.port, sock=self.small_buffers())
         self.peers.append(newcomer)
         await newcomer.send({"type": "hello", "nick": "newcomer"})
@@ -598,9 +609,7 @@ class ReviewHardeningTests(ServerCase):
         self.assertEqual((await peer.expect("pong"))["data"], {"n": 1})
 
     async def test_a_connection_that_never_says_hello_is_closed(self):
-        old = pychat.REGISTER_TIMEOUT
-        pychat.REGISTER_TIMEOUT = 0.5
-        self.addCleanup(setattr, pychat, "REGISTER_TIMEOUT", old)
+        reconfigure(self.server, register_timeout=0.5)
         lurker = await self.raw()
         started = time.monotonic()
         while True:  # answering pings does not count as registering
@@ -783,10 +792,7 @@ class PasswordTests(ServerCase):
         await peer.expect("welcome")
 
     async def test_guessing_is_slowed_down_then_refused(self):
-        old = (pychat.AUTH_SLOW_AFTER, pychat.AUTH_BLOCK_AFTER)
-        pychat.AUTH_SLOW_AFTER, pychat.AUTH_BLOCK_AFTER = 2, 4
-        self.addCleanup(lambda: (setattr(pychat, "AUTH_SLOW_AFTER", old[0]),
-                                 setattr(pychat, "AUTH_BLOCK_AFTER", old[1])))
+        reconfigure(self.server, auth_slow_after=2, auth_block_after=4)
         times = []
         for i in range(4):
             peer = await self.raw()
@@ -1462,7 +1468,7 @@ class ClientTests(ServerCase):
         await wait_for(lambda: client.users == {"alice": "alice"}, what="leave")
 
     async def test_refused_message_becomes_a_failed_event(self):
-        self.server.max_text = 5
+        reconfigure(self.server, max_text=5)
         client, events, _ = await self.start_client("alice")
         client.send_msg("far too long")
         await wait_for(lambda: any(e["type"] == "failed" for e in events), what="failed event")
@@ -1523,9 +1529,8 @@ class ClientTests(ServerCase):
         self.server = ChatServer()
         # Posted on the new server before alice is back: its ids start at 1
         # again, and she must still be shown it.
-        self.server.rooms["#lobby"].history.append(
-            {"type": "msg", "room": "#lobby", "from": "dave", "text": "while you were away",
-             "ts": 1.0, "id": 1})
+        add_history(self.server, {"type": "msg", "room": "#lobby", "from": "dave",
+                                  "text": "while you were away", "ts": 1.0, "id": 1})
         await self.server.start(HOST, self.port)
         self.addAsyncCleanup(self.server.close)
         watcher = await self.connect("watcher")
@@ -1600,6 +1605,7 @@ def rss_kib(pid: int) -> float:
 
 class PersistenceTests(unittest.TestCase):
     def setUp(self) -> None:
+        self.tokens: dict[str, str] = {}
         self.dir = Path(tempfile.mkdtemp(prefix="pychat-data-"))
         self.addCleanup(shutil.rmtree, self.dir, True)
 
@@ -1610,6 +1616,7 @@ class PersistenceTests(unittest.TestCase):
 
     def chat(self, port: int, nick: str, texts: list[str], room: str = "#lobby") -> list[dict]:
         p = self.peer(port, nick)
+        self.tokens[nick] = p.welcome["token"]
         echoes = []
         for i, text in enumerate(texts):
             p.send({"type": "msg", "room": room, "text": text, "cid": f"{nick}-{i}"})
@@ -1639,8 +1646,19 @@ class PersistenceTests(unittest.TestCase):
         p.send({"type": "msg", "text": "after the crash"})
         new_id = p.expect("msg", text="after the crash")["id"]
         self.assertGreater(new_id, max(echoes[-1]["id"], pm_id))
-        # A resend of a message whose echo was lost in the crash is not repeated.
-        alice = self.peer(port2, "alice")
+        # Someone else who takes the nick "alice" after the crash and happens
+        # to use her cid gets a message of her own, not alice's old echo...
+        impostor = self.peer(port2, "alice")
+        impostor.send({"type": "msg", "text": "not hers", "cid": "alice-19"})
+        self.assertGreater(impostor.expect("msg", cid="alice-19")["id"], new_id)
+        self.assertEqual(p.expect("msg", cid="alice-19")["text"], "not hers")
+        impostor.close()
+        # ...but alice, back with her token, has her lost echo answered, not
+        # her message repeated.
+        alice = LinePeer(port2)
+        self.addCleanup(alice.close)
+        alice.send({"type": "hello", "nick": "alice", "token": self.tokens["alice"]})
+        alice.expect("welcome")
         alice.send({"type": "msg", "text": "message 19", "cid": "alice-19"})
         self.assertEqual(alice.expect("msg", cid="alice-19")["id"], echoes[-1]["id"])
         p.send({"type": "msg", "text": "marker"})
@@ -1658,7 +1676,19 @@ class PersistenceTests(unittest.TestCase):
             f.write(b'{"type":"msg","room":"#lobby","from":"alice","te')  # torn mid-write
         (self.dir / "state.json").write_text("{not json")
         (self.dir / "rooms" / "junk-0000000000.jsonl").write_bytes(b"\xff\xfe\x00garbage\n[1]\n")
-        proc2, port2 = start_server_process(self, "--data-dir", str(self.dir))
+        # state.json holds the bans: a damaged one stops the start, in one line,
+        # and is left exactly as it was...
+        out = subprocess.run([sys.executable, PYCHAT, "server", "--port", "0", "--data-dir",
+                              str(self.dir)], capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(out.returncode, 2)
+        self.assertEqual(len(out.stderr.strip().splitlines()), 1, out.stderr)
+        self.assertIn("state.json", out.stderr)
+        self.assertIn("--repair", out.stderr)
+        self.assertEqual((self.dir / "state.json").read_text(), "{not json")
+        # ...and --repair sets it aside (kept, renamed) and starts.
+        proc2, port2 = start_server_process(self, "--data-dir", str(self.dir), "--repair")
+        (kept,) = self.dir.glob("state.json.bad-*")
+        self.assertEqual(kept.read_text(), "{not json")
         messages, p = self.history(port2, "bob")
         self.assertEqual([m["text"] for m in messages], ["one", "two"])
         p.send({"type": "msg", "text": "three"})
@@ -2217,7 +2247,7 @@ class FileTransferTests(ServerCase):
                           "size": 20 * 1024 * 1024 + 1, "sha256": "0" * 64})
         err = await alice.expect("error")
         self.assertEqual((err["code"], err["cid"]), ("file_too_big", "c1"))
-        self.server.max_file_size = 0
+        reconfigure(self.server, max_file_size=0)
         await alice.send({"type": "file_offer", "to": "bob", "name": "x", "size": 1,
                           "sha256": "0" * 64})
         self.assertEqual((await alice.expect("error"))["code"], "transfers_disabled")
@@ -2621,9 +2651,7 @@ class CliProcessTests(ServerCase):
         self.assertIn("No longer ignoring alice", out)
 
     async def test_a_refused_join_leaves_the_cli_in_its_room(self):
-        old = pychat.MAX_ROOMS
-        pychat.MAX_ROOMS = 1  # the lobby alone fills the server
-        self.addCleanup(setattr, pychat, "MAX_ROOMS", old)
+        reconfigure(self.server, max_rooms=1)  # the lobby alone fills the server
         rc, out, err = await self.run_cli("--nick", "ann", stdin="/join #new\nlost?\n")
         self.assertIn("too many rooms", out)
         # What was typed for the refused room is reported, never silently lost...
@@ -2640,7 +2668,7 @@ class CliProcessTests(ServerCase):
         self.assertIn("too_many_rooms", [e.get("code") for e in events])
 
     async def test_an_operator_kicks_a_flooder_from_the_cli(self):
-        self.server.op_password = "0p"
+        reconfigure(self.server, op_password="0p")
         flooder = await self.connect("flooder")
         rc, out, err = await self.run_cli("--nick", "boss",
                                           stdin="/op 0p\n/kick flooder stop it\n/who\n")
@@ -2650,7 +2678,7 @@ class CliProcessTests(ServerCase):
         self.assertIn("flooder was kicked by boss: stop it", out)
 
     async def test_password_from_the_environment_and_a_wrong_one(self):
-        self.server.password = "pw"
+        reconfigure(self.server, password="pw")
         rc, out, err = await self.run_cli("--nick", "ann", stdin="hi\n",
                                           env={"PYCHAT_PASSWORD": "pw"})
         self.assertEqual(rc, 0, err)
@@ -2667,7 +2695,7 @@ class CliProcessTests(ServerCase):
         self.assertEqual(rc, 0, err)
 
     async def test_too_long_line_is_reported_and_exit_status_is_1(self):
-        self.server.max_text = 20
+        reconfigure(self.server, max_text=20)
         watcher = await self.connect("watcher")
         rc, out, err = await self.run_cli("--nick", "ci", stdin="short\n" + "x" * 50 + "\nend\n")
         self.assertEqual(rc, 1)
