@@ -670,7 +670,7 @@ class Session(asyncio.Protocol):
                  "grace_bytes", "away", "away_told", "operator", "auth_hold_until",
                  "connected_at", "last_rx", "pinged_at", "tokens", "token_time",
                  "flood_penalty", "token", "irc", "spoke", "identity", "subnet",
-                 "log_tokens", "log_time", "log_dropped", "history_unread", "tls_wait")
+                 "log_tokens", "log_time", "log_dropped", "history_unread", "tls_wait", "paused")
 
     def __init__(self, server: ChatServer, irc: bool = False):
         self.server = server
@@ -705,6 +705,7 @@ class Session(asyncio.Protocol):
         self.log_dropped = 0
         self.history_unread: set[str] = set()  # rooms whose history reply is not yet read
         self.tls_wait = False          # accepted, TLS handshake still going
+        self.paused = False            # the transport's buffer is past its high-water mark
         self.spoke = irc               # the first line decides: JSON, or IRC
         self.irc: IrcClient | None = IrcClient(server, self) if irc else None
 
@@ -767,6 +768,14 @@ class Session(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.server.drop(self)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.irc is not None and self.irc.replay:
+            self.irc.replay_next()
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = self.server.loop.time()
@@ -1911,6 +1920,9 @@ class ChatServer:
         assert old is not None
         if new == old or not self._check_nick(s, msg, new):
             return
+        if self.is_muted(s):  # a new nick is seen by everyone: a message by other means
+            self._reply_error(s, msg, "muted", "You are muted: you cannot change your nick.")
+            return
         if self.nick_banned(new):
             self._reply_error(s, msg, "banned", f"The nick {new} is banned here.")
             return
@@ -2051,6 +2063,9 @@ class ChatServer:
         if self.cfg.max_file_size <= 0:
             self._reply_error(s, msg, "transfers_disabled")
             return
+        if self.is_muted(s):  # a file name is a message too
+            self._reply_error(s, msg, "muted")
+            return
         size, digest = msg["size"], msg["sha256"].lower()
         if not 0 <= size <= self.cfg.max_file_size:
             self._reply_error(s, msg, "file_too_big", f"Files are limited to "
@@ -2169,7 +2184,7 @@ class ChatServer:
         del t.streams[key]
         t.eligible.discard(key)
         result = {"type": "file_result", "id": t.id, "nick": s.nick, "ok": msg["ok"]}
-        if msg.get("reason"):
+        if msg.get("reason") and not self.is_muted(s):
             result["reason"] = clean_text(msg["reason"])[:MAX_REASON_LEN]
         t.sender.send(encode(result))
         if not t.eligible and "to" in t.offer:
@@ -2179,11 +2194,14 @@ class ChatServer:
         t = self._transfer(s, msg)
         if t is None:
             return
-        reason = clean_text(msg.get("reason") or "cancelled")[:MAX_REASON_LEN]
+        reason = "cancelled" if self.is_muted(s) else \
+            clean_text(msg.get("reason") or "cancelled")[:MAX_REASON_LEN]
         if t.sender is s:
-            targets = [nick_key(msg["to"])] if msg.get("to") else list(t.eligible)
+            parties = t.eligible | set(t.streams)  # a reason reaches no one else
+            targets = [nick_key(msg["to"])] if msg.get("to") else list(parties)
             for key in targets:
-                self._end_stream(t, key, reason)
+                if key in parties:
+                    self._end_stream(t, key, reason)
             if not msg.get("to"):
                 self.transfers.pop(t.id, None)
         else:
@@ -2195,10 +2213,12 @@ class ChatServer:
                                       "reason": reason}))
 
     def _end_stream(self, t: Transfer, key: str, reason: str) -> None:
-        """Tell a receiver (offered or streaming) that the sender's side is over."""
+        """Tell a receiver (offered or streaming) that the sender's side is over;
+        nobody who was not offered the file hears of it."""
         stream = t.streams.pop(key, None)
+        offered = key in t.eligible
         t.eligible.discard(key)
-        receiver = stream[0] if stream else self.nicks.get(key)
+        receiver = stream[0] if stream else self.nicks.get(key) if offered else None
         if receiver is not None:
             receiver.send(encode({"type": "file_cancel", "id": t.id, "nick": t.sender.nick,
                                   "reason": reason}))
@@ -2510,6 +2530,7 @@ def _raise_open_files(wanted: int) -> None:
 
 IRC_MAX_LINE = 512             # bytes, CRLF included
 IRC_USER = "pychat"            # the user part of nick!user@host prefixes
+_IRC_BREAKS = re.compile("[\r\n\0]")  # what would end an IRC line early
 
 # PyChat error codes -> IRC numerics (and what the numeric's parameter is).
 IRC_ERRORS = {
@@ -2523,17 +2544,23 @@ IRC_ERRORS = {
 
 def irc_split(text: str, budget: int) -> list[str]:
     """Split text into pieces of at most `budget` UTF-8 bytes, at spaces where
-    possible and never inside a character."""
+    possible and never inside a character.  Linear: the text is encoded once
+    and cut as bytes."""
     pieces: list[str] = []
     for line in text.split("\n"):
-        while len(line.encode("utf-8")) > budget:
-            cut = len(line.encode("utf-8")[:budget].decode("utf-8", "ignore"))
-            space = line.rfind(" ", 0, cut + 1)
-            if space > 0:
-                cut = space
-            pieces.append(line[:cut])
-            line = line[cut:].lstrip(" ")
-        pieces.append(line)
+        data = line.encode("utf-8")
+        start = 0
+        while len(data) - start > budget:
+            end = start + budget
+            while end > start and data[end] & 0xC0 == 0x80:  # inside a character
+                end -= 1
+            space = data.rfind(b" ", start, end + 1)
+            cut = space if space > start else end
+            pieces.append(data[start:cut].decode("utf-8"))
+            start = cut
+            while start < len(data) and data[start] == 0x20:
+                start += 1
+        pieces.append(data[start:].decode("utf-8"))
     return [p for p in pieces if p] or [""]
 
 
@@ -2563,12 +2590,17 @@ class IrcClient:
         self.password: str | None = None
         self.registered = False
         self.quits_sent: set[str] = set()  # one QUIT per user per batch of leaves
+        self.replay: collections.deque[tuple[Room, list[dict]]] = collections.deque()
 
     # --- output
     def me(self) -> str:
         return self.s.nick or self.nick or "*"
 
     def line(self, text: str) -> bytes:
+        """Every IRC line leaves through here: one line, whatever its parts
+        held (a CR, LF or NUL from a real name or a reason would let a user
+        forge lines for others), at most 512 bytes with its CRLF."""
+        text = _IRC_BREAKS.sub(" ", text)
         data = text.encode("utf-8")[:IRC_MAX_LINE - 2]
         return data.decode("utf-8", "ignore").encode("utf-8") + b"\r\n"
 
@@ -2700,16 +2732,36 @@ class IrcClient:
 
     # --- room state, asked for by the server on joining
     def joined(self, room: Room) -> None:
-        """JOIN, topic, NAMES, then the recent history, as a JOIN reply goes."""
+        """JOIN, topic, NAMES, then the recent history, as a JOIN reply goes.
+        History is replayed one room per tick and only while the client reads
+        (see Session.resume_writing), so JOIN #a,#b,... with 50 full rooms
+        neither builds everything at once nor piles up for a client that
+        does not read."""
         self.send(self.line(f":{self.prefix(self.me())} JOIN {room.name}"))
         if room.topic:
             self.send(*self.topic_lines(room))
         self.send(*self.names(room))
-        for m in room.history:
+        if room.history:
+            self.replay.append((room, list(room.history)))
+            if len(self.replay) == 1:
+                self.replay_next()
+
+    def replay_next(self) -> None:
+        """Replay the next room's history, unless the client has not read the
+        last one yet (resume_writing calls again when it has)."""
+        s = self.s
+        if not self.replay or s.closing or s.paused:
+            return
+        room, messages = self.replay.popleft()
+        lines = []
+        for m in messages:
             stamp = time.strftime("%H:%M", time.localtime(float(m.get("ts") or 0)))
             action = "* " if m.get("action") else ""  # "[12:05] * waves", not "* al [12:05]"
-            self.send(*self.say(m["from"], "PRIVMSG", room.name,
-                                f"[{stamp}] {action}{m['text']}"))
+            lines += self.say(m["from"], "PRIVMSG", room.name, f"[{stamp}] {action}{m['text']}")
+        self.server._charge_history(s, room, sum(map(len, lines)))
+        self.send(*lines)
+        if self.replay:  # the next room in a later tick, after this one is written
+            s.server.loop.call_soon(self.replay_next)
 
     def topic_lines(self, room: Room) -> list[bytes]:
         return [self.numeric("332", room.name, text=room.topic),
@@ -2806,7 +2858,7 @@ class IrcClient:
             self.send(self.numeric("462", text="You may not reregister"))
         elif self.need(params, 4, "USER"):
             self.user = "".join(c for c in params[0] if c.isalnum() or c in "-_.")[:16] or "irc"
-            self.realname = params[3][:MAX_REASON_LEN]
+            self.realname = clean_text(params[3]).replace("\n", " ")[:MAX_REASON_LEN]
             self.register()
 
     def register(self) -> None:
