@@ -2591,6 +2591,7 @@ class IrcClient:
         self.registered = False
         self.quits_sent: set[str] = set()  # one QUIT per user per batch of leaves
         self.replay: collections.deque[tuple[Room, list[dict]]] = collections.deque()
+        self.replay_busy = False       # a room's history was replayed this tick
 
     # --- output
     def me(self) -> str:
@@ -2743,12 +2744,13 @@ class IrcClient:
         self.send(*self.names(room))
         if room.history:
             self.replay.append((room, list(room.history)))
-            if len(self.replay) == 1:
+            if not self.replay_busy:
                 self.replay_next()
 
     def replay_next(self) -> None:
-        """Replay the next room's history, unless the client has not read the
-        last one yet (resume_writing calls again when it has)."""
+        """Replay the next room's history, unless one was replayed this tick or
+        the client has not read the last one yet (resume_writing calls again
+        when it has)."""
         s = self.s
         if not self.replay or s.closing or s.paused:
             return
@@ -2760,8 +2762,12 @@ class IrcClient:
             lines += self.say(m["from"], "PRIVMSG", room.name, f"[{stamp}] {action}{m['text']}")
         self.server._charge_history(s, room, sum(map(len, lines)))
         self.send(*lines)
-        if self.replay:  # the next room in a later tick, after this one is written
-            s.server.loop.call_soon(self.replay_next)
+        self.replay_busy = True  # the next room in a later tick, after this one is written
+        s.server.loop.call_soon(self._replay_later)
+
+    def _replay_later(self) -> None:
+        self.replay_busy = False
+        self.replay_next()
 
     def topic_lines(self, room: Room) -> list[bytes]:
         return [self.numeric("332", room.name, text=room.topic),

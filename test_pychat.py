@@ -1874,6 +1874,454 @@ class ConnectRateTests(ServerCase):
 
 
 
+# ===========================================================================
+# Issue 14: every byte a client makes the server hold is charged and capped.
+# Each test is an attack from the audit (numbered as in the issue) and failed
+# on the code before the fix.
+# ===========================================================================
+
+def tiny_socket(server: ChatServer, port: int) -> socket.socket:
+    """A client socket that reads nothing into a tiny buffer, connected to a
+    server whose next accepted socket has a tiny send buffer too: the server
+    really has to hold what it sends (loopback otherwise takes megabytes)."""
+    for srv in server._servers:
+        for sock in srv.sockets:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect((HOST, port))
+    client.setblocking(False)
+    return client
+
+
+def held_bytes(s: "pychat.Session") -> int:
+    """What the server holds for a session's peer: its transport's buffer and
+    what this tick still owes it."""
+    held = sum(map(len, s.out))
+    if s.transport is not None:
+        held += s.transport.get_write_buffer_size()
+    return held
+
+
+class HardeningHistoryTests(ServerCase):
+    server_options = {"flood_rate": 0, "max_backlog_bytes": 64 * 1024,
+                      "history_grace": 512 * 1024, "rooms": ("#sync",)}
+
+    async def test_1_history_asked_again_and_again_without_reading_is_not_held(self):
+        for i in range(100):  # about 300 KB of history
+            add_history(self.server, {"type": "msg", "room": "#lobby", "from": "old",
+                                      "text": f"{i} " + "x" * 3000, "ts": 1.0, "id": i + 1})
+        watcher = await self.connect("watcher")
+        await watcher.send({"type": "join", "room": "#sync"})
+        await watcher.expect("users", room="#sync")
+        eve = await Peer.open(self.port, sock=tiny_socket(self.server, self.port))
+        self.peers.append(eve)
+        await eve.send({"type": "hello", "nick": "eve"})
+        await wait_for(lambda: "eve" in self.server.nicks, what="eve registered")
+        session = self.server.nicks["eve"]
+        for _ in range(40):  # 12 MB of history if each were answered and held
+            await eve.send({"type": "history", "room": "#lobby"})
+        await eve.send({"type": "join", "room": "#sync"})
+        await watcher.expect("join", room="#sync", nick="eve")  # all 41 were handled
+        cfg = self.server.cfg
+        self.assertLessEqual(held_bytes(session), cfg.max_backlog_bytes + cfg.history_grace)
+        # ...and once she reads, she has one full history and the refusals.
+        histories, refused = 0, 0
+        while histories + refused < 41 - 0:
+            event = await eve.recv()
+            if event["type"] == "history":
+                self.assertEqual(len(event["messages"]), 100)
+                histories += 1
+            elif event.get("code") == "history_pending":
+                refused += 1
+        self.assertGreaterEqual(refused, 30)
+
+
+class HardeningFloodTests(ServerCase):
+    async def test_2_a_duplicate_type_key_neither_skips_the_flood_bucket_nor_sends(self):
+        alice = await self.connect("alice")
+        bob = await self.connect("bob")
+        with self.assertLogs("pychat", level="INFO") as logged:
+            spam = b"".join(b'{"type":"file_ack","type":"msg","text":"free %d"}\n' % i
+                            for i in range(200))
+            await alice.send_raw(spam)
+            codes = set()
+            while "flooding" not in codes:
+                event = await alice.recv()
+                codes.add(event.get("code"))
+            await alice.expect_eof()
+        self.assertIn("bad_json", codes)
+        self.assertIn("rate_limited", codes)  # every line paid, whatever its prefix
+        # What one client can make the server log is capped too.
+        self.assertLess(len(logged.output), pychat.LOG_BURST + 10)
+        await bob.send({"type": "ping", "data": "sync"})
+        await bob.expect("pong", data="sync")
+        self.assertFalse([e for e in bob.seen if e.get("type") == "msg"])
+
+    async def test_2_acks_and_chunks_of_no_stream_of_yours_cost_tokens(self):
+        mallory = await self.connect("mallory")
+        lines = b"".join(encode({"type": "file_ack", "id": f"f{i}", "seq": i}) +
+                         encode({"type": "file_chunk", "id": "f1", "to": "x", "seq": i,
+                                 "data": "QUJD"}) for i in range(60))
+        await mallory.send_raw(lines)
+        codes = []
+        while "rate_limited" not in codes:
+            codes.append((await mallory.expect("error"))["code"])
+        self.assertIn("no_such_transfer", codes)
+
+    def test_2_decode_refuses_duplicate_keys(self):
+        with self.assertRaises(ProtocolError) as caught:
+            decode(b'{"type":"file_ack","type":"msg"}')
+        self.assertEqual(caught.exception.code, "bad_json")
+        with self.assertRaises(ProtocolError):
+            decode(b'{"type":"msg","text":"a","x":{"k":1,"k":2}}')
+
+
+class HardeningIrcTests(ServerCase):
+    rooms = tuple(f"#r{i}" for i in range(20))
+    server_options = {"flood_rate": 0, "history": 20, "rooms": rooms}
+
+    async def test_3_a_join_of_many_full_rooms_is_replayed_as_the_client_reads(self):
+        for room in self.rooms:
+            for i in range(20):  # 3,000 characters: 7 IRC lines each
+                add_history(self.server, {"type": "msg", "room": room, "from": "old",
+                                          "text": f"{room} {i} " + "y " * 1500, "ts": 1.0,
+                                          "id": i + 1}, room=room)
+        flushes: list[int] = []
+        original = pychat.Session.flush
+
+        def measured(session):
+            if session.irc is not None and session.nick == "ircy":
+                flushes.append(sum(map(len, session.out)))
+            original(session)
+        pychat.Session.flush = measured
+        self.addCleanup(setattr, pychat.Session, "flush", original)
+        sock = tiny_socket(self.server, self.port)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        irc = IrcPeer(reader, writer)
+        self.addAsyncCleanup(irc.close)
+        await irc.send("NICK ircy", "USER ircy 0 * :Ircy")
+        await wait_for(lambda: "ircy" in self.server.nicks, what="registration")
+        await irc.send("JOIN " + ",".join(self.rooms))
+        await wait_for(lambda: self.server.nicks["ircy"].paused, what="a full buffer")
+        one_room = 20 * 7 * 512
+        self.assertLess(max(flushes), 2 * one_room)  # never all 20 rooms in one write
+        # Reading brings every room's history, in full and in order.
+        seen: dict[str, int] = {}
+        while len(seen) < 20 or min(seen.values()) < 20 * 7:
+            line = await irc.expect(" PRIVMSG #r")
+            room = line.split(" PRIVMSG ")[1].split(" ")[0]
+            seen[room] = seen.get(room, 0) + 1
+        self.assertEqual(sorted(seen), sorted(self.rooms))
+
+    def test_3_irc_split_cuts_bytes_exactly(self):
+        text = ("mot " * 2000 + "漢字" * 3000)
+        pieces = pychat.irc_split(text, 400)
+        self.assertTrue(all(len(p.encode()) <= 400 for p in pieces))
+        self.assertEqual("".join(pieces).replace(" ", ""), text.replace(" ", ""))
+
+    async def test_10_a_real_name_cannot_carry_a_line_break_to_others(self):
+        evil = await IrcPeer.open(self.port)
+        self.addAsyncCleanup(evil.close)
+        await evil.send(b"NICK evil\r\nUSER evil 0 * :Real\rPRIVMSG #r0 :forged\x00x\r\n")
+        await evil.expect(" 001 ")
+        viewer = await IrcPeer.open(self.port)
+        self.addAsyncCleanup(viewer.close)
+        await viewer.register("viewer")
+        await viewer.send("WHOIS evil", "WHO evil")
+        for pattern in (" 311 ", " 352 "):
+            line = await viewer.expect(pattern)
+            self.assertNotIn("\r", line)
+            self.assertNotIn("\x00", line)
+            self.assertIn("Real PRIVMSG #r0 :forged", line)
+
+
+class HardeningResendTests(ServerCase):
+    server_options = {"max_resend_entries": 100, "flood_rate": 0}
+
+    async def test_4_a_new_owner_of_a_nick_gets_none_of_the_old_owners_messages(self):
+        alice, bob = await self.connect("alice"), await self.connect("bob")
+        await alice.send({"type": "pm", "to": "bob", "text": "the secret", "cid": "k3-1"})
+        await bob.expect("pm", text="the secret")
+        await alice.send({"type": "quit"})
+        await alice.expect_eof()
+        await bob.expect("leave", nick="alice")
+        other = await self.connect("alice")
+        await other.send({"type": "pm", "to": "bob", "text": "hello", "cid": "k3-1"})
+        echo = await other.expect("pm", cid="k3-1")
+        self.assertEqual(echo["text"], "hello")
+        self.assertEqual((await bob.expect("pm"))["text"], "hello")  # delivered, not eaten
+        self.assertNotIn("the secret", json.dumps(other.seen))
+
+    async def test_4_resend_memory_keeps_ids_not_texts_and_is_capped_in_total(self):
+        for n in range(5):
+            p = await self.connect(f"user{n}")
+            for i in range(50):
+                await p.send({"type": "pm", "to": f"user{n}", "text": "t" * 4000,
+                              "cid": f"c{i}"})
+            await p.expect("pm", cid="c49")
+            await p.close()
+        self.assertLessEqual(self.server.resend_entries, 100)
+        kept = [entry for cids in self.server.resend.values() for entry in cids.values()]
+        self.assertEqual(len(kept), self.server.resend_entries)
+        self.assertFalse([e for e in kept if any(isinstance(x, str) and len(x) > 100
+                                                  for x in e)])  # no texts
+
+
+class HardeningTlsTests(unittest.IsolatedAsyncioTestCase):
+    async def asyncSetUp(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        cert, key = make_certificate(Path(self.tmp.name))
+        self.ctx = pychat.server_tls_context(cert, key)
+
+    async def silent_connections(self, server: ChatServer, count: int) -> int:
+        """Open `count` TCP connections that never start TLS; how many the
+        server closes within 3 s (its handshake timeout is 30 s)."""
+        port = await server.start(HOST, 0)
+        self.addAsyncCleanup(server.close)
+        conns = [await asyncio.open_connection(HOST, port) for _ in range(count)]
+        self.addCleanup(lambda: [w.close() for _, w in conns])
+
+        async def closed(reader: asyncio.StreamReader) -> bool:
+            try:
+                return await asyncio.wait_for(reader.read(1), 3.0) == b""
+            except asyncio.TimeoutError:
+                return False
+            except ConnectionError:
+                return True
+        results = await asyncio.gather(*(closed(r) for r, _ in conns))
+        return sum(results)
+
+    async def test_5_per_address_limits_apply_before_the_handshake(self):
+        # Three are let in to shake hands, one more to be told why not (fewer
+        # than half the handshake slots are busy), the rest are cut at once.
+        server = ChatServer(ssl_context=self.ctx, tls_handshake_timeout=30.0,
+                            max_per_address=3, connect_rate=0, max_handshakes=8)
+        self.assertGreaterEqual(await self.silent_connections(server, 12), 8)
+        self.assertLessEqual(len(server.sessions), 4)
+
+    async def test_5_handshakes_in_progress_are_capped(self):
+        server = ChatServer(ssl_context=self.ctx, tls_handshake_timeout=30.0,
+                            max_per_address=0, connect_rate=0, max_handshakes=4)
+        self.assertGreaterEqual(await self.silent_connections(server, 12), 8)
+        self.assertLessEqual(server.handshakes, 4)
+
+
+class HardeningPasswordTests(ServerCase):
+    server_options = {"password": "pw", "op_password": "0p", "auth_block_after": 4,
+                      "auth_slow_after": 100}
+
+    async def test_7_a_right_server_password_does_not_forgive_operator_guesses(self):
+        for i in range(4):
+            peer = await self.raw()
+            await peer.send({"type": "hello", "nick": f"guesser{i}", "password": "pw"})
+            await peer.expect("welcome")
+            await peer.send({"type": "op", "password": f"guess{i}"})
+            self.assertEqual((await peer.expect("error"))["code"], "auth_failed")
+            await peer.close()
+        peer = await self.raw()
+        await peer.send({"type": "hello", "nick": "guesser", "password": "pw"})
+        await peer.expect("welcome")
+        await peer.send({"type": "op", "password": "0p"})  # even the right one, now
+        self.assertEqual((await peer.expect("error"))["code"], "auth_blocked")
+
+
+class HardeningRoomTests(ServerCase):
+    server_options = {"flood_rate": 0, "max_history_mb": 0.1, "max_rooms_per_address": 3}
+
+    async def test_8_all_histories_together_stay_within_the_budget(self):
+        alice = await self.connect("alice")
+        for room in ("#a", "#b"):
+            await alice.send({"type": "join", "room": room})
+            await alice.expect("users", room=room)
+        for i in range(60):  # 60 x 3 KB into three rooms: 180 KB > 100 KB
+            room = ("#lobby", "#a", "#b")[i % 3]
+            await alice.send({"type": "msg", "room": room, "text": f"{i} " + "z" * 3000})
+            await alice.expect("msg", text=f"{i} " + "z" * 3000)
+        budget = 0.1 * 1024 * 1024
+        total = sum(r.history_bytes for r in self.server.rooms.values())
+        self.assertEqual(total, self.server.history_bytes)
+        self.assertLessEqual(total, budget)
+        kept = sorted(m["id"] for r in self.server.rooms.values() for m in r.history)
+        self.assertEqual(kept[-1], 60)  # the newest are kept...
+        self.assertEqual(kept, list(range(kept[0], 61)))  # ...and the oldest went first
+        await alice.send({"type": "history", "room": "#a"})
+        self.assertTrue((await alice.expect("history", room="#a"))["messages"])
+
+    async def test_8_one_address_may_make_only_so_many_rooms(self):
+        alice = await self.connect("alice")
+        bob = await self.connect("bob")  # the same address (127.0.0.1)
+        for room in ("#a", "#b"):
+            await alice.send({"type": "join", "room": room})
+            await alice.expect("users", room=room)
+        await bob.send({"type": "join", "room": "#c"})
+        await bob.expect("users", room="#c")
+        await bob.send({"type": "join", "room": "#d"})
+        self.assertEqual((await bob.expect("error"))["code"], "too_many_rooms")
+        await bob.send({"type": "join", "room": "#a"})  # joining one that exists is fine
+        await bob.expect("users", room="#a")
+        await alice.send({"type": "part", "room": "#b"})  # #b empties and vanishes
+        await alice.expect("leave", room="#b")
+        await bob.send({"type": "join", "room": "#d"})
+        await bob.expect("users", room="#d")
+
+
+class HardeningStoreTests(unittest.IsolatedAsyncioTestCase):
+    async def asyncSetUp(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="pychat-data-"))
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    async def start(self, **options) -> tuple[ChatServer, int]:
+        server = ChatServer(data_dir=self.dir, flood_rate=0, **options)
+        port = await server.start(HOST, 0)
+        self.addAsyncCleanup(server.close)
+        return server, port
+
+    async def hello(self, port: int, nick: str) -> Peer:
+        p = await Peer.open(port)
+        self.addAsyncCleanup(p.close)
+        await p.send({"type": "hello", "nick": nick})
+        await p.expect("users")
+        return p
+
+    def logs(self) -> list[str]:
+        return sorted(p.name.split("-")[0] for p in (self.dir / "rooms").glob("*.jsonl"))
+
+    async def test_9_rooms_made_by_joining_leave_no_log_behind_and_logs_are_not_all_open(self):
+        server, port = await self.start(max_rooms_per_address=0)
+        alice = await self.hello(port, "alice")
+        for i in range(pychat.MAX_OPEN_LOGS + 8):
+            await alice.send({"type": "join", "room": f"#room{i}"})
+            await alice.send({"type": "msg", "room": f"#room{i}", "text": "mine for good?"})
+            await alice.expect("msg", room=f"#room{i}")
+        self.assertLessEqual(len(server.store.files), pychat.MAX_OPEN_LOGS)
+        self.assertEqual(len(self.logs()), pychat.MAX_OPEN_LOGS + 8)
+        for i in range(pychat.MAX_OPEN_LOGS + 8):
+            await alice.send({"type": "part", "room": f"#room{i}"})
+            await alice.expect("leave", room=f"#room{i}")
+        self.assertEqual(self.logs(), [])
+        self.assertEqual(list(server.rooms), ["#lobby"])
+
+    async def test_9_after_a_restart_a_room_waits_a_little_for_its_members(self):
+        server, port = await self.start()
+        alice = await self.hello(port, "alice")
+        await alice.send({"type": "join", "room": "#side"})
+        await alice.send({"type": "msg", "room": "#side", "text": "kept over a restart"})
+        await alice.expect("msg", room="#side")
+        await server.close()
+        self.assertEqual(self.logs(), ["side"])  # a shutdown deletes nothing
+        server2, port2 = await self.start(room_keep=0.3, ping_interval=0.2, ping_timeout=0.2)
+        self.assertIn("#side", server2.rooms)
+        await wait_for(lambda: "#side" not in server2.rooms, what="the room to go")
+        self.assertEqual(self.logs(), [])
+
+    @unittest.skipUnless(hasattr(signal, "SIGXFSZ"), "needs POSIX file size limits")
+    async def test_13_a_message_refused_for_a_full_disk_never_comes_back(self):
+        import resource
+        server, port = await self.start()
+        alice = await self.hello(port, "alice")
+        await alice.send({"type": "msg", "text": "saved"})
+        await alice.expect("msg", text="saved")
+        (log_file,) = (self.dir / "rooms").glob("*.jsonl")
+        old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (log_file.stat().st_size + 20, hard))
+        try:  # the disk is full: the first 20 bytes fit, the rest does not
+            await alice.send({"type": "msg", "text": "refused " * 50})
+            self.assertEqual((await alice.expect("error"))["code"], "storage_failed")
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, old_handler)
+        await alice.send({"type": "msg", "text": "after"})  # space again
+        await alice.expect("msg", text="after")
+        await server.close()
+        server2, port2 = await self.start()
+        history = server2.rooms["#lobby"].history
+        self.assertEqual([m["text"] for m in history], ["saved", "after"])
+
+    async def test_14_a_record_without_a_sender_is_skipped_at_load(self):
+        rooms = self.dir / "rooms"
+        rooms.mkdir(parents=True)
+        records = [{"type": "msg", "room": "#lobby", "text": "no from", "ts": 1.0, "id": 1},
+                   {"type": "msg", "room": "#lobby", "from": "ann", "text": "fine", "ts": 2.0,
+                    "id": 2},
+                   {"type": "msg", "room": "#lobby", "from": "ann", "text": 5, "ts": 3.0,
+                    "id": 3}]
+        (rooms / pychat._room_file("#lobby")).write_bytes(b"".join(map(encode, records)))
+        with self.assertLogs("pychat", level="WARNING") as logged:
+            server, port = await self.start()
+        self.assertIn("2 records", "\n".join(logged.output))
+        irc = await IrcPeer.open(port)
+        self.addAsyncCleanup(irc.close)
+        await irc.register("ircy")
+        await irc.send("JOIN #lobby")
+        await irc.expect(" 366 ")
+        self.assertIn("fine", await irc.expect(" PRIVMSG #lobby "))
+
+
+class HardeningAddressTests(unittest.TestCase):
+    def test_16_bans_count_ipv4_mapped_as_ipv4_and_ipv6_by_64(self):
+        key = pychat.address_key
+        self.assertEqual(key("::ffff:192.0.2.7"), "192.0.2.7")
+        self.assertEqual(key("192.0.2.7"), "192.0.2.7")
+        self.assertEqual(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:ffff:1:2:3"))
+        self.assertEqual(key("2001:db8:1:2::1"), "2001:db8:1:2::/64")
+        self.assertNotEqual(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"))
+        self.assertEqual(key("fe80::1%eth0"), "fe80::/64")
+        self.assertEqual(pychat.canonical_address("::ffff:10.0.0.1"), "10.0.0.1")
+
+
+class HardeningModerationTests(ServerCase):
+    server_options = {"op_password": "0p"}
+
+    async def test_12_a_muted_user_cannot_speak_through_files_or_nicks(self):
+        boss, bob = await self.connect("boss"), await self.connect("bob")
+        mallory = await self.connect("mallory")
+        await boss.send({"type": "op", "password": "0p"})
+        await boss.expect("op", ok=True)
+        await boss.send({"type": "mute", "nick": "mallory"})
+        await mallory.expect("moderation", action="mute")
+        await mallory.send({"type": "file_offer", "name": "BUY CHEAP PILLS.txt", "size": 1,
+                            "sha256": "0" * 64})
+        self.assertEqual((await mallory.expect("error"))["code"], "muted")
+        await mallory.send({"type": "nick", "nick": "BUY_CHEAP_PILLS"})
+        self.assertEqual((await mallory.expect("error"))["code"], "muted")
+        await bob.send({"type": "ping", "data": "sync"})
+        await bob.expect("pong", data="sync")
+        self.assertFalse([e for e in bob.seen if e["type"] in ("file_offer", "nick")])
+
+    async def test_12_a_cancel_reason_reaches_only_the_parties_of_the_transfer(self):
+        alice, bob = await self.connect("alice"), await self.connect("bob")
+        carol = await self.connect("carol")
+        await alice.send({"type": "file_offer", "name": "a.txt", "size": 3, "sha256": "0" * 64,
+                          "to": "bob"})
+        offer = await alice.expect("file_offer")
+        await alice.send({"type": "file_cancel", "id": offer["id"], "to": "carol",
+                          "reason": "a message carol was never meant to get"})
+        await alice.send({"type": "file_cancel", "id": offer["id"], "to": "bob",
+                          "reason": "changed my mind"})
+        self.assertEqual((await bob.expect("file_cancel"))["reason"], "changed my mind")
+        await carol.send({"type": "ping", "data": "sync"})
+        await carol.expect("pong", data="sync")
+        self.assertFalse([e for e in carol.seen if e["type"] == "file_cancel"])
+
+
+class HardeningRegistrationTests(ServerCase):
+    server_options = {"register_timeout": 0.5}
+
+    async def test_17_invalid_hellos_do_not_push_the_deadline_back(self):
+        lurker = await self.raw()
+        started = time.monotonic()
+        with self.assertRaises((AssertionError, EOFError, ConnectionError)):  # closed
+            while time.monotonic() - started < 4.0:
+                await lurker.send({"type": "hello", "nick": ""})
+                await lurker.expect("error", timeout=1.0)
+                await asyncio.sleep(0.25)  # the attack's pace: under the flood limit
+        self.assertLess(time.monotonic() - started, 3.0)
+
+
+
 FUZZ_SECONDS = 4.0
 
 
