@@ -304,6 +304,32 @@ def clean_text(text: str) -> str:
     return _CONTROL_RE.sub("", text)
 
 
+# --- nicks and room names: which are allowed, and when two are the same
+# Latin letters that look like another Latin letter but that NFKC leaves alone
+# (UTS #39's confusables, the few that matter for Latin nicks): the small
+# capitals (ᴀ looks like a), dotless i and j, and the IPA alpha and script g.
+# Long s (ſ), fullwidth (ａ) and mathematical letters (𝐚) are already folded by
+# NFKC.  Other scripts are kept apart by the mixed-script rule in nick_problem.
+_LOOKALIKE_FOLD = str.maketrans("ᴀʙᴄᴅᴇꜰɢʜɪᴊᴋʟᴍɴᴏᴘꞯʀꜱᴛᴜᴠᴡʏᴢıȷɑɡ",
+                                "abcdefghijklmnopqrstuvwyzijag")
+# Scripts whose letters pass for each other's (а/a, ο/o, р/p, ν/v): a nick may
+# use one of them, not two.  The stdlib has no script property; the first word
+# of a letter's Unicode name is the script for these three.
+_LOOKALIKE_SCRIPTS = ("LATIN", "CYRILLIC", "GREEK")
+
+
+def _letter_scripts(nick: str) -> set[str]:
+    """Which of _LOOKALIKE_SCRIPTS the letters of `nick` come from (after NFKC,
+    so a fullwidth or mathematical Latin letter counts as Latin)."""
+    scripts = set()
+    for ch in unicodedata.normalize("NFKC", nick):
+        if ch.isalpha():
+            script = unicodedata.name(ch, "").split(" ", 1)[0]
+            if script in _LOOKALIKE_SCRIPTS:
+                scripts.add(script)
+    return scripts
+
+
 def nick_problem(nick: str) -> str | None:
     """Why `nick` is not allowed, or None when it is fine."""
     if not 1 <= len(nick) <= MAX_NICK_LEN:
@@ -317,6 +343,8 @@ def nick_problem(nick: str) -> str | None:
             return "A nick may not contain control or invisible characters."
         if ch in NICK_FORBIDDEN:
             return "A nick may not contain any of , ! @ * ?"
+    if not nick.isascii() and len(_letter_scripts(nick)) > 1:
+        return "A nick may not mix Latin, Cyrillic and Greek letters (they look alike)."
     return None
 
 
@@ -332,8 +360,14 @@ def room_problem(name: str) -> str | None:
 
 
 def nick_key(nick: str) -> str:
-    """The case-insensitive identity of a nick (or a room name)."""
-    return nick.casefold()
+    """The identity of a nick (or a room name): two nicks with the same key are
+    the same nick.  Case-insensitive, and blind to look-alike spellings: NFKC
+    (fullwidth and other compatibility forms), case folding, then the small
+    confusables fold above, and a dot above i or j (invisible) is dropped."""
+    if nick.isascii():  # nearly every nick: the fast path, same answer
+        return nick.lower()
+    key = unicodedata.normalize("NFKC", nick).casefold().translate(_LOOKALIKE_FOLD)
+    return unicodedata.normalize("NFC", key.replace("i\u0307", "i").replace("j\u0307", "j"))
 
 
 def error(code: str, message: str | None = None, **extra: Any) -> dict:

@@ -2308,6 +2308,51 @@ class FileTransferTests(ServerCase):
 
 
 # ===========================================================================
+# 4c. Audit hardening (issue 14): look-alike nicks, Windows device names,
+#     hostile file names from a server, forged lines in the terminal
+# ===========================================================================
+
+class LookAlikeNickTests(ServerCase):
+    """Finding 19: nicks that look like a registered one are the same nick, and
+    a nick mixing Latin with Cyrillic or Greek letters is refused."""
+
+    def test_nick_key_folds_look_alikes_and_nick_problem_refuses_mixed_scripts(self):
+        key = pychat.nick_key("alice")
+        for twin in ["ALICE", "ａｌｉｃｅ", "alıce", "ᴀlice", "ᴀʟɪᴄᴇ", "ali\u0307ce", "𝐚𝐥𝐢𝐜𝐞",
+                     "Alice"]:
+            with self.subTest(twin=twin):
+                self.assertEqual(pychat.nick_key(twin), key)
+        self.assertEqual(pychat.nick_key("ſam"), pychat.nick_key("sam"))
+        self.assertEqual(pychat.nick_key("ɡreg"), pychat.nick_key("greg"))
+        self.assertEqual(pychat.nick_key("#ＤＥＶ"), pychat.nick_key("#dev"))  # rooms too
+        for other in ["алиса", "аlice", "alicia", "élice", "日本語"]:
+            self.assertNotEqual(pychat.nick_key(other), key, other)
+        for mixed in ["аlice", "alicе", "αlice", "bοb", "Bob_ω", "µbob"]:  # Cyrillic/Greek in
+            with self.subTest(mixed=mixed):
+                self.assertIsNotNone(pychat.nick_problem(mixed))
+        for fine in ["алиса", "Алиса_2", "αλίκη", "Σωκράτης", "日本語", "アリス", "bob日本",
+                     "élodie", "ａｌｉｃｅ", "Zoë", "d'Artagnan", "x-1"]:
+            with self.subTest(fine=fine):
+                self.assertIsNone(pychat.nick_problem(fine))
+        self.assertEqual(pychat.nick_key("Bob_[2]"), "bob_[2]")  # ASCII: just lower case
+
+    async def test_look_alikes_are_taken_and_mixed_scripts_invalid_on_a_real_server(self):
+        await self.connect("alice")
+        peer = await self.raw()
+        for nick, code in [("ａｌｉｃｅ", "nick_taken"), ("alıce", "nick_taken"),
+                           ("ᴀlice", "nick_taken"), ("аlice", "nick_invalid")]:
+            await peer.send({"type": "hello", "nick": nick})
+            err = await peer.expect("error")
+            self.assertEqual(err["code"], code, nick)
+        await peer.send({"type": "hello", "nick": "алиса"})
+        await peer.expect("welcome", nick="алиса")
+        await peer.expect("users")
+        # ...and a change of nick to a look-alike is refused the same way.
+        await peer.send({"type": "nick", "nick": "ᴀʟɪᴄᴇ"})
+        self.assertEqual((await peer.expect("error"))["code"], "nick_taken")
+
+
+# ===========================================================================
 # 5. Sound
 # ===========================================================================
 
