@@ -432,8 +432,20 @@ def tls_problem(e: BaseException) -> str:
     return f"{reason}."
 
 
-WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
-                    *(f"lpt{i}" for i in range(10))}
+# Windows device names: a file whose name is one of these, with any extension,
+# opens the device instead ("con.txt" is the console).  Windows also reads
+# COM¹-COM³ and LPT¹-LPT³ as devices; they are caught by comparing NFKC forms
+# (¹ is 1), as are fullwidth spellings.
+WINDOWS_RESERVED = {"con", "prn", "aux", "nul", "conin$", "conout$",
+                    *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+
+
+def windows_device(name: str) -> bool:
+    """True if Windows would open a device for a file called `name`: its part
+    before the first dot, without trailing dots and spaces (Windows ignores
+    them: "com1 .txt" is COM1), NFKC-normalised and case-folded, is reserved."""
+    stem = name.split(".", 1)[0].rstrip(" .")
+    return unicodedata.normalize("NFKC", stem).casefold() in WINDOWS_RESERVED
 
 
 def safe_file_name(name: str) -> str:
@@ -444,12 +456,12 @@ def safe_file_name(name: str) -> str:
     name = unicodedata.normalize("NFC", str(name)).replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(c for c in name if unicodedata.category(c)[0] not in "CZ" or c == " ")
     name = re.sub(r'[<>:"|?*]', "_", name).strip(" .")
-    if name.split(".", 1)[0].lower() in WINDOWS_RESERVED:
+    if windows_device(name):
         name = "_" + name
     if len(name) > MAX_FILE_NAME:
         stem, ext = os.path.splitext(name)
         ext = ext[:16]
-        name = stem[:MAX_FILE_NAME - len(ext)] + ext
+        name = (stem[:MAX_FILE_NAME - len(ext)] + ext).rstrip(" .")  # Windows drops those
     return name or "file"
 
 

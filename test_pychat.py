@@ -2352,6 +2352,29 @@ class LookAlikeNickTests(ServerCase):
         self.assertEqual((await peer.expect("error"))["code"], "nick_taken")
 
 
+class DeviceNameTests(unittest.TestCase):
+    """Finding 18: every spelling Windows reads as a device name is made safe."""
+
+    def test_windows_device_names_in_any_spelling_are_made_safe(self):
+        cases = {"com1 .txt": "_com1 .txt", "lpt1 .txt": "_lpt1 .txt", "COM¹.txt": "_COM¹.txt",
+                 "LPT³": "_LPT³", "conin$": "_conin$", "CONOUT$.txt": "_CONOUT$.txt",
+                 "con.tar.gz": "_con.tar.gz", "nul.": "_nul", "Aux . .log": "_Aux . .log",
+                 "ｃｏｍ２.txt": "_ｃｏｍ２.txt", "prn": "_prn", "com9": "_com9",
+                 # Not devices: left alone.
+                 "console.txt": "console.txt", "com10.txt": "com10.txt",
+                 "lpt.txt": "lpt.txt", "conin.txt": "conin.txt", "nul_x": "nul_x",
+                 "my com1.txt": "my com1.txt"}
+        for hostile, safe in cases.items():
+            with self.subTest(hostile=hostile):
+                self.assertEqual(pychat.safe_file_name(hostile), safe)
+
+    def test_a_cut_name_never_ends_in_a_dot_or_space(self):
+        for tail in (" ", ".", " . "):
+            name = pychat.safe_file_name("x" * (pychat.MAX_FILE_NAME - 1) + tail + "yz")
+            self.assertLessEqual(len(name), pychat.MAX_FILE_NAME)
+            self.assertFalse(name.endswith((" ", ".")), repr(name[-5:]))
+
+
 # ===========================================================================
 # 5. Sound
 # ===========================================================================
