@@ -46,6 +46,7 @@ import argparse
 import asyncio
 import base64
 import collections
+import errno
 import getpass
 import hashlib
 import hmac
@@ -2720,15 +2721,31 @@ def download_dir() -> Path:
     return downloads if downloads.is_dir() else Path.home()
 
 
+def inside_folder(folder: Path, name: str) -> Path | None:
+    """folder / name if that is a file directly inside `folder` once every link
+    and .. is resolved; None if it would be anywhere else (a path, "..", an
+    absolute path or a drive, or a link pointing out)."""
+    path = folder / name
+    if os.path.dirname(os.path.realpath(path)) != os.path.realpath(folder):
+        return None
+    return path
+
+
 def create_unique(folder: Path, name: str) -> tuple[Path, Any]:
     """Create `name` in `folder` without overwriting anything: "name (1).ext" and
-    so on if it exists.  Returns the path and the file, open for writing."""
+    so on if it exists.  Returns the path and the file, open for writing.
+    Raises PermissionError, creating nothing, for a name that would put the
+    file outside `folder`: received names are cleaned by safe_file_name when
+    the offer arrives, and this is the check on the path itself."""
     stem, ext = os.path.splitext(name)
     if ext == ".part":  # keep "report.pdf.part" together: number the real name
         stem, inner = os.path.splitext(stem)
         ext = inner + ext
     for n in range(10_000):
-        path = folder / (name if n == 0 else f"{stem} ({n}){ext}")
+        path = inside_folder(folder, name if n == 0 else f"{stem} ({n}){ext}")
+        if path is None:
+            raise PermissionError(errno.EACCES, f"{name} would be saved outside {folder}; "
+                                  "refused", name)
         try:
             return path, open(path, "xb")
         except FileExistsError:
@@ -2924,6 +2941,15 @@ class ChatClient:
             return None
         folder = Path(folder).expanduser() if folder else download_dir()
         folder.mkdir(parents=True, exist_ok=True)
+        if inside_folder(folder, offer["name"] + ".part") is None:
+            # Cannot happen with a name from _file_event (safe_file_name); if
+            # it ever does, the offer is refused, never written elsewhere.
+            self.offers_in.pop(tid)
+            self._enqueue({"type": "file_decline", "id": tid})
+            self._emit({"type": "file_failed", "id": tid, "name": offer["name"],
+                        "direction": "in", "nick": offer.get("from"),
+                        "reason": f"refused: the name would be saved outside {folder}"})
+            return None
         part, f = create_unique(folder, offer["name"] + ".part")
         self.incoming[tid] = {"offer": offer, "file": f, "part": part, "folder": folder,
                               "hash": hashlib.sha256(), "received": 0,
@@ -2982,6 +3008,13 @@ class ChatClient:
         """Handle a file_* event; False if the UI should not see it as it is."""
         kind, tid = event.get("type"), str(event.get("id", ""))
         if kind == "file_offer":
+            size = event.get("size")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or \
+                    not isinstance(event.get("sha256"), str):
+                return False  # no offer we could check; the UIs would trip on it
+            # The server cleans names, but a hostile one would not: from here on
+            # every UI shows, and the client saves under, the safe name.
+            event = dict(event, name=safe_file_name(str(event.get("name", ""))))
             cid = event.get("cid")
             mine = event.get("from") == self.nick and cid in self._offers
             if mine:
@@ -3112,33 +3145,42 @@ class ChatClient:
             ok, reason = False, "the SHA-256 does not match: corrupted on the way"
         else:
             ok, reason = True, ""
-        self._end_incoming(tid, ok, reason)
-        req = {"type": "file_received", "id": tid, "ok": ok}
+        reason = self._end_incoming(tid, ok, reason)  # saving can fail too
+        req = {"type": "file_received", "id": tid, "ok": not reason}
         if reason:
             req["reason"] = reason
         self._enqueue(req)
 
-    def _end_incoming(self, tid: str, ok: bool, reason: str) -> None:
-        """Close a received file: keep it under its final name, or delete it."""
+    def _end_incoming(self, tid: str, ok: bool, reason: str) -> str:
+        """Close a received file: keep it under its final name, or delete it.
+        Returns why it was not kept ("" when it was)."""
         state = self.incoming.pop(tid)
         self.offers_in.pop(tid, None)
         state["file"].close()
         offer = state["offer"]
+        final = None
         if ok:
-            final, f = create_unique(state["folder"], offer["name"])
-            f.close()
-            os.replace(state["part"], final)
-            self._emit({"type": "file_received", "id": tid, "name": offer["name"],
-                        "path": str(final), "size": offer["size"],
-                        "nick": offer.get("from"), "direction": "in"})
-        else:
             try:
-                state["part"].unlink()
-            except OSError:
-                pass
-            self._emit({"type": "file_failed", "id": tid, "name": offer["name"],
-                        "direction": "in", "nick": offer.get("from"),
-                        "reason": f"{reason}; the partial file was deleted"})
+                final, f = create_unique(state["folder"], offer["name"])
+                f.close()
+                os.replace(state["part"], final)
+            except OSError as e:  # outside the folder (refused), or the disk said no
+                reason = f"could not keep it: {e.strerror or e}"
+                if final is not None:
+                    final.unlink(missing_ok=True)
+            else:
+                self._emit({"type": "file_received", "id": tid, "name": offer["name"],
+                            "path": str(final), "size": offer["size"],
+                            "nick": offer.get("from"), "direction": "in"})
+                return ""
+        try:
+            state["part"].unlink()
+        except OSError:
+            pass
+        self._emit({"type": "file_failed", "id": tid, "name": offer["name"],
+                    "direction": "in", "nick": offer.get("from"),
+                    "reason": f"{reason}; the partial file was deleted"})
+        return reason
 
     def _fail_transfers(self, reason: str) -> None:
         """The connection is gone, and with it every transfer (the server forgets
@@ -4352,6 +4394,10 @@ async def _run_cli(args: argparse.Namespace) -> int:
             accept(str(event.get("id")))
 
     def accept(tid: str) -> None:
+        if tid not in client.offers_in or tid in client.incoming:
+            error_line(f"No file offer {strip_terminal(tid)} is waiting for you. /files "
+                       "lists them.")
+            return
         try:
             part = client.accept_file(tid, args.download_dir)
         except OSError as e:
@@ -4359,10 +4405,7 @@ async def _run_cli(args: argparse.Namespace) -> int:
             error_line(f"Cannot save into {args.download_dir or download_dir()}: "
                        f"{e.strerror or e}")
             return
-        if part is None:
-            error_line(f"No file offer {strip_terminal(tid)} is waiting for you. /files "
-                       "lists them.")
-        else:
+        if part is not None:  # None: refused, and a file_failed event said why
             term.show(term.system(None, f"Accepted [{tid}]; saving to {part.parent}"))
 
     password = None

@@ -2375,6 +2375,157 @@ class DeviceNameTests(unittest.TestCase):
             self.assertFalse(name.endswith((" ", ".")), repr(name[-5:]))
 
 
+class HostileFileServer:
+    """A fake server on 127.0.0.1 that speaks the JSON-lines protocol and offers
+    files under the names it is given: it welcomes whoever says hello, offers
+    each name in turn (3 bytes each), sends the data when the client accepts,
+    and records how the client answered (file_received, or a decline)."""
+
+    DATA = b"abc"
+
+    def __init__(self, names: list[str], malformed: bool = False):
+        self.names, self.malformed = names, malformed
+        self.answers: list[dict] = []
+        self.done = asyncio.Event()   # every offer answered
+
+    async def start(self, test: unittest.IsolatedAsyncioTestCase) -> int:
+        server = await asyncio.start_server(self.serve, HOST, 0)
+        test.addAsyncCleanup(server.wait_closed)
+        test.addCleanup(server.close)
+        return server.sockets[0].getsockname()[1]
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        def send(obj: dict) -> None:
+            writer.write(encode(obj))
+        try:
+            nick = json.loads(await reader.readline())["nick"]
+            send({"type": "welcome", "nick": nick, "room": "#lobby", "server": "Evil",
+                  "version": "0"})
+            send({"type": "history", "room": "#lobby", "messages": []})
+            send({"type": "users", "room": "#lobby", "users": [nick, "mallory"]})
+            digest = hashlib.sha256(self.DATA).hexdigest()
+            if self.malformed:  # fields of the wrong type: never shown, never answered
+                send({"type": "file_offer", "id": "bad", "from": "mallory", "to": nick,
+                      "name": "bad.txt", "size": "3", "sha256": digest})
+            for n, name in enumerate(self.names):
+                tid = f"f{n}"
+                send({"type": "file_offer", "id": tid, "from": "mallory", "to": nick,
+                      "name": name, "size": len(self.DATA), "sha256": digest, "ts": time.time()})
+                while True:
+                    line = await reader.readline()
+                    if not line:
+                        return
+                    msg = json.loads(line)
+                    if msg.get("id") != tid:
+                        continue
+                    if msg["type"] == "file_accept":
+                        send({"type": "file_chunk", "id": tid, "from": "mallory", "seq": 0,
+                              "data": base64.b64encode(self.DATA).decode()})
+                        send({"type": "file_done", "id": tid, "from": "mallory"})
+                    elif msg["type"] in ("file_received", "file_decline", "file_cancel"):
+                        self.answers.append(msg)
+                        break
+            self.done.set()
+            await reader.read()  # until the client leaves
+        finally:
+            writer.close()
+
+
+class HostileServerFileTests(unittest.IsolatedAsyncioTestCase):
+    """Finding 6: a server offering a file named ../x, /abs/x, C:\\x or ..\\..\\x
+    gets it saved inside the download folder under a safe name, never outside."""
+
+    def sandbox(self) -> tuple[Path, Path, list[str], set[str]]:
+        """A private folder holding the download folder, the hostile names that
+        would escape into the sandbox (never further), and the safe names."""
+        sandbox = Path(tempfile.mkdtemp(prefix="pychat-hostile-"))
+        self.addCleanup(shutil.rmtree, sandbox, True)
+        downloads = sandbox / "downloads"
+        names = ["../escaped.txt", str(sandbox / "absolute.txt"), "C:\\x", "..\\..\\x",
+                 "..", "a/../../deep.txt", "com1 .txt"]
+        safe = {"escaped.txt", "absolute.txt", "x", "x (1)", "file", "deep.txt", "_com1 .txt"}
+        return sandbox, downloads, names, safe
+
+    async def test_a_hostile_servers_names_land_inside_the_download_folder(self):
+        sandbox, downloads, names, safe = self.sandbox()
+        fake = HostileFileServer(names, malformed=True)
+        port = await fake.start(self)
+        events: list[dict] = []
+
+        def on_event(e: dict) -> None:
+            events.append(e)
+            if e["type"] == "file_offer":
+                client.accept_file(e["id"], downloads)
+        client = ChatClient(HOST, port, "bob", on_event)
+        task = asyncio.get_running_loop().create_task(client.run())
+        await asyncio.wait_for(fake.done.wait(), TIMEOUT)
+        await client.quit()
+        await asyncio.wait_for(task, TIMEOUT)
+        self.assertEqual(sorted(p.name for p in sandbox.iterdir()), ["downloads"])
+        self.assertEqual({p.name for p in downloads.iterdir()}, safe)
+        self.assertTrue(all(a["type"] == "file_received" and a["ok"] for a in fake.answers),
+                        fake.answers)
+        offers = [e for e in events if e["type"] == "file_offer"]
+        self.assertEqual([o["id"] for o in offers], [f"f{n}" for n in range(len(names))])
+        self.assertEqual({o["name"] for o in offers} | {"x (1)"}, safe)  # shown as saved
+        for got in (e for e in events if e["type"] == "file_received"):
+            self.assertEqual(Path(got["path"]).parent, downloads)
+            self.assertEqual(Path(got["path"]).read_bytes(), HostileFileServer.DATA)
+
+    async def test_the_cli_auto_accepting_from_a_hostile_server_stays_in_its_folder(self):
+        sandbox, downloads, names, safe = self.sandbox()
+        fake = HostileFileServer(names)
+        port = await fake.start(self)
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, PYCHAT, "cli", "--host", HOST, "--port", str(port), "--nick", "bob",
+            "--auto-accept-max", "1K", "--download-dir", str(downloads),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        try:
+            await asyncio.wait_for(fake.done.wait(), 30)
+        finally:
+            cli.stdin.close()
+            out, err = await asyncio.wait_for(cli.communicate(), 30)
+        self.assertEqual(sorted(p.name for p in sandbox.iterdir()), ["downloads"])
+        self.assertEqual({p.name for p in downloads.iterdir()}, safe)
+        text = out.decode("utf-8")
+        self.assertIn("Received escaped.txt", text)
+        self.assertNotIn("../", text)
+        self.assertNotIn(str(sandbox / "absolute.txt"), text)
+        self.assertNotIn(b"Traceback", err)
+
+    async def test_a_name_that_would_leave_the_folder_is_refused_before_any_write(self):
+        # Behind safe_file_name: the check on the final path itself, for an
+        # offer whose name somehow escaped cleaning.
+        sandbox, downloads, _, _ = self.sandbox()
+        downloads.mkdir()
+        for bad in ("../x", str(sandbox / "abs"), "..", ".", "", "sub/x"):
+            with self.subTest(bad=bad), self.assertRaises(PermissionError):
+                pychat.create_unique(downloads, bad)
+        events: list[dict] = []
+        client = ChatClient(HOST, 9, "bob", events.append)
+        digest = hashlib.sha256(b"abc").hexdigest()
+        client.offers_in["f1"] = {"type": "file_offer", "id": "f1", "from": "mallory",
+                                  "name": "../x", "size": 3, "sha256": digest}
+        self.assertIsNone(client.accept_file("f1", downloads))
+        failed = [e for e in events if e["type"] == "file_failed"]
+        self.assertEqual([(e["id"], e["direction"]) for e in failed], [("f1", "in")])
+        self.assertIn("outside", failed[0]["reason"])
+        self.assertNotIn("f1", client.offers_in)
+        self.assertEqual([r["type"] for r in client.queue], ["file_decline"])
+        # ...and at the rename, once the data is in and checked.
+        client.offers_in["f2"] = {"type": "file_offer", "id": "f2", "from": "mallory",
+                                  "name": "ok.txt", "size": 0, "sha256": digest}
+        part = client.accept_file("f2", downloads)
+        self.assertEqual(part, downloads / "ok.txt.part")
+        client.incoming["f2"]["offer"]["name"] = "../renamed.txt"
+        client._end_incoming("f2", True, "")
+        self.assertEqual(events[-1]["type"], "file_failed")
+        self.assertIn("outside", events[-1]["reason"])
+        self.assertEqual(sorted(p.name for p in sandbox.iterdir()), ["downloads"])
+        self.assertEqual(list(downloads.iterdir()), [])
+
+
 # ===========================================================================
 # 5. Sound
 # ===========================================================================
