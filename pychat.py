@@ -3875,6 +3875,46 @@ def _width(text: str) -> int:
     return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
+# Rows after the first of one message (a newline in it, or wrapping) start
+# this far in, past "HH:MM ", so they can never pass for a line of their own.
+CONTINUATION_INDENT = 6
+
+
+def wrap_rows(line: str, columns: int, indent: int = CONTINUATION_INDENT) -> list[str]:
+    """One line (no newline in it) cut into rows narrower than `columns`, so the
+    terminal never wraps it by itself; every row after the first starts with
+    `indent` spaces.  Otherwise a peer could pad a message with spaces until
+    the terminal's own wrap starts a row at column 0 with a fake "00:30 <alice>
+    ...".  Breaks after a space where it can; escape sequences (our colours)
+    take no room; a tab becomes the spaces it would advance."""
+    limit = max(columns - 1, indent + 8)  # the last column is left free: no auto-wrap
+    if "\t" not in line and _width(line) <= limit:  # most lines (escapes overcounted: safe)
+        return [line]
+    rows: list[str] = []
+    row: list[tuple[str, int]] = []      # (text, width) pieces of the row so far
+    col = 0
+    for piece in re.split(f"({_ESCAPE_RE.pattern})", line):
+        if piece.startswith(("\x1b", "\x9b")):
+            row.append((piece, 0))
+            continue
+        for ch in piece:
+            for c in (" " * (8 - col % 8) if ch == "\t" else ch):
+                w = _width(c)
+                if col + w > limit:  # a new row: after the last space if what
+                    cut = len(row)   # follows it fits there, else hard at the edge
+                    text_from = 1 if rows else 0  # a continuation row's piece 0 is the indent
+                    spaces = [i for i, (t, _) in enumerate(row) if t == " " and i > text_from]
+                    if spaces and indent + sum(n for _, n in row[spaces[-1] + 1:]) + w <= limit:
+                        cut = spaces[-1] + 1
+                    rows.append("".join(t for t, _ in row[:cut]))
+                    row = [(" " * indent, indent)] + row[cut:]
+                    col = sum(n for _, n in row)
+                row.append((c, w))
+                col += w
+    rows.append("".join(t for t, _ in row))
+    return rows
+
+
 def _readline_point(readline: Any) -> Callable[[], int] | None:
     """A reader of readline's cursor position (rl_point), which Python does not
     expose; found through ctypes in the library the readline module uses."""
@@ -3997,9 +4037,12 @@ def complete_nick(prefix: str, nicks: list[str]) -> list[str]:
 class Terminal:
     """Formats events and prints them above the prompt without garbling input."""
 
-    def __init__(self, out: Any = None, color: bool | None = None, interactive: bool = False):
+    def __init__(self, out: Any = None, color: bool | None = None, interactive: bool = False,
+                 columns: int | None = None):
         self.out = out or sys.stdout
         isatty = hasattr(self.out, "isatty") and self.out.isatty()
+        self.isatty = isatty
+        self.width = columns             # None: ask the terminal (see columns())
         ansi = isatty and enable_windows_ansi()  # colours and redraws need escape codes
         self.color = ansi and not os.environ.get("NO_COLOR") if color is None else color
         self.interactive = interactive and ansi
@@ -4026,7 +4069,7 @@ class Terminal:
     def format_msg(self, m: dict) -> str:
         who = strip_terminal(str(m.get("from", "?")))
         lines = [strip_terminal(part) for part in str(m.get("text", "")).split("\n")]
-        body = ("\n" + " " * 6).join(lines)
+        body = ("\n" + " " * CONTINUATION_INDENT).join(lines)
         mention = bool(self.my_nick) and who != self.my_nick and \
             nick_key(self.my_nick) in nick_key(body)
         where = ""
@@ -4160,16 +4203,30 @@ class Terminal:
         return None
 
     # --- output
+    def columns(self) -> int | None:
+        """The width to wrap at: the one given, the terminal's, or $COLUMNS when
+        the output is piped; None when piped without $COLUMNS (a script reading
+        the output gets one line per message, as sent)."""
+        if self.width:
+            return self.width
+        if self.isatty or os.environ.get("COLUMNS"):
+            return shutil.get_terminal_size().columns or 80
+        return None
+
     def show(self, text: str, transient: bool = False) -> None:
         """Print lines above the prompt and redraw the prompt and typed text.  A
-        transient line (progress) is replaced by the next one on a terminal."""
+        transient line (progress) is replaced by the next one on a terminal.
+        Every line is wrapped here (wrap_rows), whatever event it came from."""
         with self.lock:
             if self.broken:
                 return
             try:
-                if self.interactive:
-                    columns = shutil.get_terminal_size().columns or 80
-                    text = text if not transient else text[:columns - 1]
+                columns = self.columns()
+                if self.interactive and transient:  # one row, so it can be replaced
+                    text = text[:(columns or 80) - 1]
+                elif columns:
+                    text = "\n".join(row for line in text.split("\n")
+                                     for row in wrap_rows(line, columns))
                 self._write(text, transient)
             except (BrokenPipeError, OSError, ValueError):
                 self.broken = True  # stdout went away (| head): stop printing, keep chatting

@@ -2526,6 +2526,89 @@ class HostileServerFileTests(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(list(downloads.iterdir()), [])
 
 
+class TerminalWrapTests(ServerCase):
+    """Finding 15: the terminal client wraps every line itself, below the
+    width, and indents every row after the first, so no row of a message can
+    start at column 0 and pass for a line of its own."""
+
+    FAKE = "00:30 <alice> fake"
+
+    def shown_rows(self, columns: int, event: dict) -> list[str]:
+        out = io.StringIO()
+        term = pychat.Terminal(out=out, color=False, columns=columns)
+        term.show(term.format_event(event))
+        return out.getvalue().split("\n")[:-1]
+
+    def assert_no_forged_row(self, rows: list[str], columns: int) -> None:
+        self.assertGreater(len(rows), 1, rows)
+        for row in rows:
+            self.assertNotIn("\t", row)
+            self.assertLess(pychat._width(row), columns, row)  # the terminal never wraps
+        for row in rows[1:]:
+            self.assertTrue(row.startswith(" " * 6), row)
+
+    def test_a_padded_message_cannot_start_a_row_of_its_own(self):
+        ts = time.mktime((2026, 1, 2, 13, 45, 0, 0, 0, -1))
+        prefix = "13:45 <bob> "
+        for columns in (40, 80, 33):
+            for pad in range(columns - len(prefix) - 2, columns - len(prefix) + 3):
+                with self.subTest(columns=columns, pad=pad):
+                    text = " " * pad + self.FAKE
+                    rows = self.shown_rows(columns, {"type": "msg", "from": "bob",
+                                                     "text": text, "ts": ts})
+                    self.assert_no_forged_row(rows, columns)
+                    # Nothing is lost: the rows put back together are the line.
+                    self.assertEqual(rows[0] + "".join(r[6:] for r in rows[1:]), prefix + text)
+        odd = ["\t" * 9 + self.FAKE,                     # tabs: up to 8 columns each
+               "日本語" * 9 + self.FAKE,                  # wide characters: 2 columns each
+               "x" * 100 + " " + self.FAKE,              # one long word, then the fake
+               "first line\n" + " " * 34 + self.FAKE]   # a newline, then padding
+        for text in odd:
+            with self.subTest(text=text[:12]):
+                rows = self.shown_rows(40, {"type": "msg", "from": "bob", "text": text,
+                                            "ts": ts})
+                self.assert_no_forged_row(rows, 40)
+        # Any text at any width: rows fit, continuation rows are indented, and
+        # nothing is lost (a seeded run over words, spaces and wide characters).
+        rng = random.Random(15)
+        for _ in range(300):
+            text = "".join(rng.choice(["a", "bb ", " ", "   ", "日", "x" * rng.randint(1, 50),
+                                       self.FAKE]) for _ in range(rng.randint(1, 40)))
+            columns = rng.randint(20, 100)
+            rows = pychat.wrap_rows(text, columns)
+            for row in rows:
+                self.assertLess(pychat._width(row), columns, (text, columns))
+            for row in rows[1:]:
+                self.assertTrue(row.startswith(" " * 6), (text, columns))
+            self.assertEqual(rows[0] + "".join(r[6:] for r in rows[1:]), text)
+        # Peer text in system lines (here a topic) is wrapped the same way.
+        rows = self.shown_rows(40, {"type": "topic", "room": "#lobby", "by": "mallory",
+                                    "topic": " " * 60 + self.FAKE, "ts": ts})
+        self.assert_no_forged_row(rows, 40)
+        # Colour codes take no room.
+        out = io.StringIO()
+        term = pychat.Terminal(out=out, color=True, columns=40)
+        term.show(term.format_event({"type": "msg", "from": "bob", "ts": ts,
+                                     "text": " " * 28 + self.FAKE}))
+        self.assertIn("\x1b[", out.getvalue())
+        rows = pychat._ESCAPE_RE.sub("", out.getvalue()).split("\n")[:-1]
+        self.assert_no_forged_row(rows, 40)
+
+    async def test_the_cli_wraps_to_columns_and_indents(self):
+        mallory = await self.connect("mallory")
+        prefix = time.strftime("%H:%M", time.localtime()) + " <mallory> "
+        await mallory.send({"type": "msg", "text": " " * (40 - len(prefix)) + self.FAKE})
+        await mallory.expect("msg")
+        rc, out, err = await CliProcessTests.run_cli(self, "--nick", "bob",
+                                                     env={"COLUMNS": "40", "NO_COLOR": "1"})
+        self.assertEqual(rc, 0, err)
+        rows = out.split("\n")
+        (fake,) = [r for r in rows if self.FAKE in r]
+        self.assertTrue(fake.startswith(" " * 6), fake)
+        for row in rows:
+            self.assertLess(pychat._width(row), 40, row)
+
+
 # ===========================================================================
 # 5. Sound
 # ===========================================================================
