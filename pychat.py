@@ -337,6 +337,32 @@ def clean_text(text: str) -> str:
     return _CONTROL_RE.sub("", text)
 
 
+# --- nicks and room names: which are allowed, and when two are the same
+# Latin letters that look like another Latin letter but that NFKC leaves alone
+# (UTS #39's confusables, the few that matter for Latin nicks): the small
+# capitals (ᴀ looks like a), dotless i and j, and the IPA alpha and script g.
+# Long s (ſ), fullwidth (ａ) and mathematical letters (𝐚) are already folded by
+# NFKC.  Other scripts are kept apart by the mixed-script rule in nick_problem.
+_LOOKALIKE_FOLD = str.maketrans("ᴀʙᴄᴅᴇꜰɢʜɪᴊᴋʟᴍɴᴏᴘꞯʀꜱᴛᴜᴠᴡʏᴢıȷɑɡ",
+                                "abcdefghijklmnopqrstuvwyzijag")
+# Scripts whose letters pass for each other's (а/a, ο/o, р/p, ν/v): a nick may
+# use one of them, not two.  The stdlib has no script property; the first word
+# of a letter's Unicode name is the script for these three.
+_LOOKALIKE_SCRIPTS = ("LATIN", "CYRILLIC", "GREEK")
+
+
+def _letter_scripts(nick: str) -> set[str]:
+    """Which of _LOOKALIKE_SCRIPTS the letters of `nick` come from (after NFKC,
+    so a fullwidth or mathematical Latin letter counts as Latin)."""
+    scripts = set()
+    for ch in unicodedata.normalize("NFKC", nick):
+        if ch.isalpha():
+            script = unicodedata.name(ch, "").split(" ", 1)[0]
+            if script in _LOOKALIKE_SCRIPTS:
+                scripts.add(script)
+    return scripts
+
+
 def nick_problem(nick: str) -> str | None:
     """Why `nick` is not allowed, or None when it is fine."""
     if not 1 <= len(nick) <= MAX_NICK_LEN:
@@ -350,6 +376,8 @@ def nick_problem(nick: str) -> str | None:
             return "A nick may not contain control or invisible characters."
         if ch in NICK_FORBIDDEN:
             return "A nick may not contain any of , ! @ * ?"
+    if not nick.isascii() and len(_letter_scripts(nick)) > 1:
+        return "A nick may not mix Latin, Cyrillic and Greek letters (they look alike)."
     return None
 
 
@@ -365,8 +393,14 @@ def room_problem(name: str) -> str | None:
 
 
 def nick_key(nick: str) -> str:
-    """The case-insensitive identity of a nick (or a room name)."""
-    return nick.casefold()
+    """The identity of a nick (or a room name): two nicks with the same key are
+    the same nick.  Case-insensitive, and blind to look-alike spellings: NFKC
+    (fullwidth and other compatibility forms), case folding, then the small
+    confusables fold above, and a dot above i or j (invisible) is dropped."""
+    if nick.isascii():  # nearly every nick: the fast path, same answer
+        return nick.lower()
+    key = unicodedata.normalize("NFKC", nick).casefold().translate(_LOOKALIKE_FOLD)
+    return unicodedata.normalize("NFC", key.replace("i\u0307", "i").replace("j\u0307", "j"))
 
 
 def error(code: str, message: str | None = None, **extra: Any) -> dict:
@@ -432,8 +466,20 @@ def tls_problem(e: BaseException) -> str:
     return f"{reason}."
 
 
-WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
-                    *(f"lpt{i}" for i in range(10))}
+# Windows device names: a file whose name is one of these, with any extension,
+# opens the device instead ("con.txt" is the console).  Windows also reads
+# COM¹-COM³ and LPT¹-LPT³ as devices; they are caught by comparing NFKC forms
+# (¹ is 1), as are fullwidth spellings.
+WINDOWS_RESERVED = {"con", "prn", "aux", "nul", "conin$", "conout$",
+                    *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+
+
+def windows_device(name: str) -> bool:
+    """True if Windows would open a device for a file called `name`: its part
+    before the first dot, without trailing dots and spaces (Windows ignores
+    them: "com1 .txt" is COM1), NFKC-normalised and case-folded, is reserved."""
+    stem = name.split(".", 1)[0].rstrip(" .")
+    return unicodedata.normalize("NFKC", stem).casefold() in WINDOWS_RESERVED
 
 
 def safe_file_name(name: str) -> str:
@@ -444,12 +490,12 @@ def safe_file_name(name: str) -> str:
     name = unicodedata.normalize("NFC", str(name)).replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(c for c in name if unicodedata.category(c)[0] not in "CZ" or c == " ")
     name = re.sub(r'[<>:"|?*]', "_", name).strip(" .")
-    if name.split(".", 1)[0].lower() in WINDOWS_RESERVED:
+    if windows_device(name):
         name = "_" + name
     if len(name) > MAX_FILE_NAME:
         stem, ext = os.path.splitext(name)
         ext = ext[:16]
-        name = stem[:MAX_FILE_NAME - len(ext)] + ext
+        name = (stem[:MAX_FILE_NAME - len(ext)] + ext).rstrip(" .")  # Windows drops those
     return name or "file"
 
 
@@ -3114,15 +3160,31 @@ def download_dir() -> Path:
     return downloads if downloads.is_dir() else Path.home()
 
 
+def inside_folder(folder: Path, name: str) -> Path | None:
+    """folder / name if that is a file directly inside `folder` once every link
+    and .. is resolved; None if it would be anywhere else (a path, "..", an
+    absolute path or a drive, or a link pointing out)."""
+    path = folder / name
+    if os.path.dirname(os.path.realpath(path)) != os.path.realpath(folder):
+        return None
+    return path
+
+
 def create_unique(folder: Path, name: str) -> tuple[Path, Any]:
     """Create `name` in `folder` without overwriting anything: "name (1).ext" and
-    so on if it exists.  Returns the path and the file, open for writing."""
+    so on if it exists.  Returns the path and the file, open for writing.
+    Raises PermissionError, creating nothing, for a name that would put the
+    file outside `folder`: received names are cleaned by safe_file_name when
+    the offer arrives, and this is the check on the path itself."""
     stem, ext = os.path.splitext(name)
     if ext == ".part":  # keep "report.pdf.part" together: number the real name
         stem, inner = os.path.splitext(stem)
         ext = inner + ext
     for n in range(10_000):
-        path = folder / (name if n == 0 else f"{stem} ({n}){ext}")
+        path = inside_folder(folder, name if n == 0 else f"{stem} ({n}){ext}")
+        if path is None:
+            raise PermissionError(errno.EACCES, f"{name} would be saved outside {folder}; "
+                                  "refused", name)
         try:
             return path, open(path, "xb")
         except FileExistsError:
@@ -3318,6 +3380,15 @@ class ChatClient:
             return None
         folder = Path(folder).expanduser() if folder else download_dir()
         folder.mkdir(parents=True, exist_ok=True)
+        if inside_folder(folder, offer["name"] + ".part") is None:
+            # Cannot happen with a name from _file_event (safe_file_name); if
+            # it ever does, the offer is refused, never written elsewhere.
+            self.offers_in.pop(tid)
+            self._enqueue({"type": "file_decline", "id": tid})
+            self._emit({"type": "file_failed", "id": tid, "name": offer["name"],
+                        "direction": "in", "nick": offer.get("from"),
+                        "reason": f"refused: the name would be saved outside {folder}"})
+            return None
         part, f = create_unique(folder, offer["name"] + ".part")
         self.incoming[tid] = {"offer": offer, "file": f, "part": part, "folder": folder,
                               "hash": hashlib.sha256(), "received": 0,
@@ -3376,6 +3447,13 @@ class ChatClient:
         """Handle a file_* event; False if the UI should not see it as it is."""
         kind, tid = event.get("type"), str(event.get("id", ""))
         if kind == "file_offer":
+            size = event.get("size")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or \
+                    not isinstance(event.get("sha256"), str):
+                return False  # no offer we could check; the UIs would trip on it
+            # The server cleans names, but a hostile one would not: from here on
+            # every UI shows, and the client saves under, the safe name.
+            event = dict(event, name=safe_file_name(str(event.get("name", ""))))
             cid = event.get("cid")
             mine = event.get("from") == self.nick and cid in self._offers
             if mine:
@@ -3506,33 +3584,42 @@ class ChatClient:
             ok, reason = False, "the SHA-256 does not match: corrupted on the way"
         else:
             ok, reason = True, ""
-        self._end_incoming(tid, ok, reason)
-        req = {"type": "file_received", "id": tid, "ok": ok}
+        reason = self._end_incoming(tid, ok, reason)  # saving can fail too
+        req = {"type": "file_received", "id": tid, "ok": not reason}
         if reason:
             req["reason"] = reason
         self._enqueue(req)
 
-    def _end_incoming(self, tid: str, ok: bool, reason: str) -> None:
-        """Close a received file: keep it under its final name, or delete it."""
+    def _end_incoming(self, tid: str, ok: bool, reason: str) -> str:
+        """Close a received file: keep it under its final name, or delete it.
+        Returns why it was not kept ("" when it was)."""
         state = self.incoming.pop(tid)
         self.offers_in.pop(tid, None)
         state["file"].close()
         offer = state["offer"]
+        final = None
         if ok:
-            final, f = create_unique(state["folder"], offer["name"])
-            f.close()
-            os.replace(state["part"], final)
-            self._emit({"type": "file_received", "id": tid, "name": offer["name"],
-                        "path": str(final), "size": offer["size"],
-                        "nick": offer.get("from"), "direction": "in"})
-        else:
             try:
-                state["part"].unlink()
-            except OSError:
-                pass
-            self._emit({"type": "file_failed", "id": tid, "name": offer["name"],
-                        "direction": "in", "nick": offer.get("from"),
-                        "reason": f"{reason}; the partial file was deleted"})
+                final, f = create_unique(state["folder"], offer["name"])
+                f.close()
+                os.replace(state["part"], final)
+            except OSError as e:  # outside the folder (refused), or the disk said no
+                reason = f"could not keep it: {e.strerror or e}"
+                if final is not None:
+                    final.unlink(missing_ok=True)
+            else:
+                self._emit({"type": "file_received", "id": tid, "name": offer["name"],
+                            "path": str(final), "size": offer["size"],
+                            "nick": offer.get("from"), "direction": "in"})
+                return ""
+        try:
+            state["part"].unlink()
+        except OSError:
+            pass
+        self._emit({"type": "file_failed", "id": tid, "name": offer["name"],
+                    "direction": "in", "nick": offer.get("from"),
+                    "reason": f"{reason}; the partial file was deleted"})
+        return reason
 
     def _fail_transfers(self, reason: str) -> None:
         """The connection is gone, and with it every transfer (the server forgets
@@ -4227,6 +4314,46 @@ def _width(text: str) -> int:
     return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
+# Rows after the first of one message (a newline in it, or wrapping) start
+# this far in, past "HH:MM ", so they can never pass for a line of their own.
+CONTINUATION_INDENT = 6
+
+
+def wrap_rows(line: str, columns: int, indent: int = CONTINUATION_INDENT) -> list[str]:
+    """One line (no newline in it) cut into rows narrower than `columns`, so the
+    terminal never wraps it by itself; every row after the first starts with
+    `indent` spaces.  Otherwise a peer could pad a message with spaces until
+    the terminal's own wrap starts a row at column 0 with a fake "00:30 <alice>
+    ...".  Breaks after a space where it can; escape sequences (our colours)
+    take no room; a tab becomes the spaces it would advance."""
+    limit = max(columns - 1, indent + 8)  # the last column is left free: no auto-wrap
+    if "\t" not in line and _width(line) <= limit:  # most lines (escapes overcounted: safe)
+        return [line]
+    rows: list[str] = []
+    row: list[tuple[str, int]] = []      # (text, width) pieces of the row so far
+    col = 0
+    for piece in re.split(f"({_ESCAPE_RE.pattern})", line):
+        if piece.startswith(("\x1b", "\x9b")):
+            row.append((piece, 0))
+            continue
+        for ch in piece:
+            for c in (" " * (8 - col % 8) if ch == "\t" else ch):
+                w = _width(c)
+                if col + w > limit:  # a new row: after the last space if what
+                    cut = len(row)   # follows it fits there, else hard at the edge
+                    text_from = 1 if rows else 0  # a continuation row's piece 0 is the indent
+                    spaces = [i for i, (t, _) in enumerate(row) if t == " " and i > text_from]
+                    if spaces and indent + sum(n for _, n in row[spaces[-1] + 1:]) + w <= limit:
+                        cut = spaces[-1] + 1
+                    rows.append("".join(t for t, _ in row[:cut]))
+                    row = [(" " * indent, indent)] + row[cut:]
+                    col = sum(n for _, n in row)
+                row.append((c, w))
+                col += w
+    rows.append("".join(t for t, _ in row))
+    return rows
+
+
 def _readline_point(readline: Any) -> Callable[[], int] | None:
     """A reader of readline's cursor position (rl_point), which Python does not
     expose; found through ctypes in the library the readline module uses."""
@@ -4349,9 +4476,12 @@ def complete_nick(prefix: str, nicks: list[str]) -> list[str]:
 class Terminal:
     """Formats events and prints them above the prompt without garbling input."""
 
-    def __init__(self, out: Any = None, color: bool | None = None, interactive: bool = False):
+    def __init__(self, out: Any = None, color: bool | None = None, interactive: bool = False,
+                 columns: int | None = None):
         self.out = out or sys.stdout
         isatty = hasattr(self.out, "isatty") and self.out.isatty()
+        self.isatty = isatty
+        self.width = columns             # None: ask the terminal (see columns())
         ansi = isatty and enable_windows_ansi()  # colours and redraws need escape codes
         self.color = ansi and not os.environ.get("NO_COLOR") if color is None else color
         self.interactive = interactive and ansi
@@ -4378,7 +4508,7 @@ class Terminal:
     def format_msg(self, m: dict) -> str:
         who = strip_terminal(str(m.get("from", "?")))
         lines = [strip_terminal(part) for part in str(m.get("text", "")).split("\n")]
-        body = ("\n" + " " * 6).join(lines)
+        body = ("\n" + " " * CONTINUATION_INDENT).join(lines)
         mention = bool(self.my_nick) and who != self.my_nick and \
             nick_key(self.my_nick) in nick_key(body)
         where = ""
@@ -4512,16 +4642,30 @@ class Terminal:
         return None
 
     # --- output
+    def columns(self) -> int | None:
+        """The width to wrap at: the one given, the terminal's, or $COLUMNS when
+        the output is piped; None when piped without $COLUMNS (a script reading
+        the output gets one line per message, as sent)."""
+        if self.width:
+            return self.width
+        if self.isatty or os.environ.get("COLUMNS"):
+            return shutil.get_terminal_size().columns or 80
+        return None
+
     def show(self, text: str, transient: bool = False) -> None:
         """Print lines above the prompt and redraw the prompt and typed text.  A
-        transient line (progress) is replaced by the next one on a terminal."""
+        transient line (progress) is replaced by the next one on a terminal.
+        Every line is wrapped here (wrap_rows), whatever event it came from."""
         with self.lock:
             if self.broken:
                 return
             try:
-                if self.interactive:
-                    columns = shutil.get_terminal_size().columns or 80
-                    text = text if not transient else text[:columns - 1]
+                columns = self.columns()
+                if self.interactive and transient:  # one row, so it can be replaced
+                    text = text[:(columns or 80) - 1]
+                elif columns:
+                    text = "\n".join(row for line in text.split("\n")
+                                     for row in wrap_rows(line, columns))
                 self._write(text, transient)
             except (BrokenPipeError, OSError, ValueError):
                 self.broken = True  # stdout went away (| head): stop printing, keep chatting
@@ -4746,6 +4890,10 @@ async def _run_cli(args: argparse.Namespace) -> int:
             accept(str(event.get("id")))
 
     def accept(tid: str) -> None:
+        if tid not in client.offers_in or tid in client.incoming:
+            error_line(f"No file offer {strip_terminal(tid)} is waiting for you. /files "
+                       "lists them.")
+            return
         try:
             part = client.accept_file(tid, args.download_dir)
         except OSError as e:
@@ -4753,10 +4901,7 @@ async def _run_cli(args: argparse.Namespace) -> int:
             error_line(f"Cannot save into {args.download_dir or download_dir()}: "
                        f"{e.strerror or e}")
             return
-        if part is None:
-            error_line(f"No file offer {strip_terminal(tid)} is waiting for you. /files "
-                       "lists them.")
-        else:
+        if part is not None:  # None: refused, and a file_failed event said why
             term.show(term.system(None, f"Accepted [{tid}]; saving to {part.parent}"))
 
     password = None

@@ -2786,6 +2786,308 @@ class FileTransferTests(ServerCase):
 
 
 # ===========================================================================
+# 4c. Audit hardening (issue 14): look-alike nicks, Windows device names,
+#     hostile file names from a server, forged lines in the terminal
+# ===========================================================================
+
+class LookAlikeNickTests(ServerCase):
+    """Finding 19: nicks that look like a registered one are the same nick, and
+    a nick mixing Latin with Cyrillic or Greek letters is refused."""
+
+    def test_nick_key_folds_look_alikes_and_nick_problem_refuses_mixed_scripts(self):
+        key = pychat.nick_key("alice")
+        for twin in ["ALICE", "ａｌｉｃｅ", "alıce", "ᴀlice", "ᴀʟɪᴄᴇ", "ali\u0307ce", "𝐚𝐥𝐢𝐜𝐞",
+                     "Alice"]:
+            with self.subTest(twin=twin):
+                self.assertEqual(pychat.nick_key(twin), key)
+        self.assertEqual(pychat.nick_key("ſam"), pychat.nick_key("sam"))
+        self.assertEqual(pychat.nick_key("ɡreg"), pychat.nick_key("greg"))
+        self.assertEqual(pychat.nick_key("#ＤＥＶ"), pychat.nick_key("#dev"))  # rooms too
+        for other in ["алиса", "аlice", "alicia", "élice", "日本語"]:
+            self.assertNotEqual(pychat.nick_key(other), key, other)
+        for mixed in ["аlice", "alicе", "αlice", "bοb", "Bob_ω", "µbob"]:  # Cyrillic/Greek in
+            with self.subTest(mixed=mixed):
+                self.assertIsNotNone(pychat.nick_problem(mixed))
+        for fine in ["алиса", "Алиса_2", "αλίκη", "Σωκράτης", "日本語", "アリス", "bob日本",
+                     "élodie", "ａｌｉｃｅ", "Zoë", "d'Artagnan", "x-1"]:
+            with self.subTest(fine=fine):
+                self.assertIsNone(pychat.nick_problem(fine))
+        self.assertEqual(pychat.nick_key("Bob_[2]"), "bob_[2]")  # ASCII: just lower case
+
+    async def test_look_alikes_are_taken_and_mixed_scripts_invalid_on_a_real_server(self):
+        await self.connect("alice")
+        peer = await self.raw()
+        for nick, code in [("ａｌｉｃｅ", "nick_taken"), ("alıce", "nick_taken"),
+                           ("ᴀlice", "nick_taken"), ("аlice", "nick_invalid")]:
+            await peer.send({"type": "hello", "nick": nick})
+            err = await peer.expect("error")
+            self.assertEqual(err["code"], code, nick)
+        await peer.send({"type": "hello", "nick": "алиса"})
+        await peer.expect("welcome", nick="алиса")
+        await peer.expect("users")
+        # ...and a change of nick to a look-alike is refused the same way.
+        await peer.send({"type": "nick", "nick": "ᴀʟɪᴄᴇ"})
+        self.assertEqual((await peer.expect("error"))["code"], "nick_taken")
+
+
+class DeviceNameTests(unittest.TestCase):
+    """Finding 18: every spelling Windows reads as a device name is made safe."""
+
+    def test_windows_device_names_in_any_spelling_are_made_safe(self):
+        cases = {"com1 .txt": "_com1 .txt", "lpt1 .txt": "_lpt1 .txt", "COM¹.txt": "_COM¹.txt",
+                 "LPT³": "_LPT³", "conin$": "_conin$", "CONOUT$.txt": "_CONOUT$.txt",
+                 "con.tar.gz": "_con.tar.gz", "nul.": "_nul", "Aux . .log": "_Aux . .log",
+                 "ｃｏｍ２.txt": "_ｃｏｍ２.txt", "prn": "_prn", "com9": "_com9",
+                 # Not devices: left alone.
+                 "console.txt": "console.txt", "com10.txt": "com10.txt",
+                 "lpt.txt": "lpt.txt", "conin.txt": "conin.txt", "nul_x": "nul_x",
+                 "my com1.txt": "my com1.txt"}
+        for hostile, safe in cases.items():
+            with self.subTest(hostile=hostile):
+                self.assertEqual(pychat.safe_file_name(hostile), safe)
+
+    def test_a_cut_name_never_ends_in_a_dot_or_space(self):
+        for tail in (" ", ".", " . "):
+            name = pychat.safe_file_name("x" * (pychat.MAX_FILE_NAME - 1) + tail + "yz")
+            self.assertLessEqual(len(name), pychat.MAX_FILE_NAME)
+            self.assertFalse(name.endswith((" ", ".")), repr(name[-5:]))
+
+
+class HostileFileServer:
+    """A fake server on 127.0.0.1 that speaks the JSON-lines protocol and offers
+    files under the names it is given: it welcomes whoever says hello, offers
+    each name in turn (3 bytes each), sends the data when the client accepts,
+    and records how the client answered (file_received, or a decline)."""
+
+    DATA = b"abc"
+
+    def __init__(self, names: list[str], malformed: bool = False):
+        self.names, self.malformed = names, malformed
+        self.answers: list[dict] = []
+        self.done = asyncio.Event()   # every offer answered
+
+    async def start(self, test: unittest.IsolatedAsyncioTestCase) -> int:
+        server = await asyncio.start_server(self.serve, HOST, 0)
+        test.addAsyncCleanup(server.wait_closed)
+        test.addCleanup(server.close)
+        return server.sockets[0].getsockname()[1]
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        def send(obj: dict) -> None:
+            writer.write(encode(obj))
+        try:
+            nick = json.loads(await reader.readline())["nick"]
+            send({"type": "welcome", "nick": nick, "room": "#lobby", "server": "Evil",
+                  "version": "0"})
+            send({"type": "history", "room": "#lobby", "messages": []})
+            send({"type": "users", "room": "#lobby", "users": [nick, "mallory"]})
+            digest = hashlib.sha256(self.DATA).hexdigest()
+            if self.malformed:  # fields of the wrong type: never shown, never answered
+                send({"type": "file_offer", "id": "bad", "from": "mallory", "to": nick,
+                      "name": "bad.txt", "size": "3", "sha256": digest})
+            for n, name in enumerate(self.names):
+                tid = f"f{n}"
+                send({"type": "file_offer", "id": tid, "from": "mallory", "to": nick,
+                      "name": name, "size": len(self.DATA), "sha256": digest, "ts": time.time()})
+                while True:
+                    line = await reader.readline()
+                    if not line:
+                        return
+                    msg = json.loads(line)
+                    if msg.get("id") != tid:
+                        continue
+                    if msg["type"] == "file_accept":
+                        send({"type": "file_chunk", "id": tid, "from": "mallory", "seq": 0,
+                              "data": base64.b64encode(self.DATA).decode()})
+                        send({"type": "file_done", "id": tid, "from": "mallory"})
+                    elif msg["type"] in ("file_received", "file_decline", "file_cancel"):
+                        self.answers.append(msg)
+                        break
+            self.done.set()
+            await reader.read()  # until the client leaves
+        finally:
+            writer.close()
+
+
+class HostileServerFileTests(unittest.IsolatedAsyncioTestCase):
+    """Finding 6: a server offering a file named ../x, /abs/x, C:\\x or ..\\..\\x
+    gets it saved inside the download folder under a safe name, never outside."""
+
+    def sandbox(self) -> tuple[Path, Path, list[str], set[str]]:
+        """A private folder holding the download folder, the hostile names that
+        would escape into the sandbox (never further), and the safe names."""
+        sandbox = Path(tempfile.mkdtemp(prefix="pychat-hostile-"))
+        self.addCleanup(shutil.rmtree, sandbox, True)
+        downloads = sandbox / "downloads"
+        names = ["../escaped.txt", str(sandbox / "absolute.txt"), "C:\\x", "..\\..\\x",
+                 "..", "a/../../deep.txt", "com1 .txt"]
+        safe = {"escaped.txt", "absolute.txt", "x", "x (1)", "file", "deep.txt", "_com1 .txt"}
+        return sandbox, downloads, names, safe
+
+    async def test_a_hostile_servers_names_land_inside_the_download_folder(self):
+        sandbox, downloads, names, safe = self.sandbox()
+        fake = HostileFileServer(names, malformed=True)
+        port = await fake.start(self)
+        events: list[dict] = []
+
+        def on_event(e: dict) -> None:
+            events.append(e)
+            if e["type"] == "file_offer":
+                client.accept_file(e["id"], downloads)
+        client = ChatClient(HOST, port, "bob", on_event)
+        task = asyncio.get_running_loop().create_task(client.run())
+        await asyncio.wait_for(fake.done.wait(), TIMEOUT)
+        await client.quit()
+        await asyncio.wait_for(task, TIMEOUT)
+        self.assertEqual(sorted(p.name for p in sandbox.iterdir()), ["downloads"])
+        self.assertEqual({p.name for p in downloads.iterdir()}, safe)
+        self.assertTrue(all(a["type"] == "file_received" and a["ok"] for a in fake.answers),
+                        fake.answers)
+        offers = [e for e in events if e["type"] == "file_offer"]
+        self.assertEqual([o["id"] for o in offers], [f"f{n}" for n in range(len(names))])
+        self.assertEqual({o["name"] for o in offers} | {"x (1)"}, safe)  # shown as saved
+        for got in (e for e in events if e["type"] == "file_received"):
+            self.assertEqual(Path(got["path"]).parent, downloads)
+            self.assertEqual(Path(got["path"]).read_bytes(), HostileFileServer.DATA)
+
+    async def test_the_cli_auto_accepting_from_a_hostile_server_stays_in_its_folder(self):
+        sandbox, downloads, names, safe = self.sandbox()
+        fake = HostileFileServer(names)
+        port = await fake.start(self)
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, PYCHAT, "cli", "--host", HOST, "--port", str(port), "--nick", "bob",
+            "--auto-accept-max", "1K", "--download-dir", str(downloads),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        try:
+            await asyncio.wait_for(fake.done.wait(), 30)
+        finally:
+            cli.stdin.close()
+            out, err = await asyncio.wait_for(cli.communicate(), 30)
+        self.assertEqual(sorted(p.name for p in sandbox.iterdir()), ["downloads"])
+        self.assertEqual({p.name for p in downloads.iterdir()}, safe)
+        text = out.decode("utf-8")
+        self.assertIn("Received escaped.txt", text)
+        self.assertNotIn("../", text)
+        self.assertNotIn(str(sandbox / "absolute.txt"), text)
+        self.assertNotIn(b"Traceback", err)
+
+    async def test_a_name_that_would_leave_the_folder_is_refused_before_any_write(self):
+        # Behind safe_file_name: the check on the final path itself, for an
+        # offer whose name somehow escaped cleaning.
+        sandbox, downloads, _, _ = self.sandbox()
+        downloads.mkdir()
+        for bad in ("../x", str(sandbox / "abs"), "..", ".", "", "sub/x"):
+            with self.subTest(bad=bad), self.assertRaises(PermissionError):
+                pychat.create_unique(downloads, bad)
+        events: list[dict] = []
+        client = ChatClient(HOST, 9, "bob", events.append)
+        digest = hashlib.sha256(b"abc").hexdigest()
+        client.offers_in["f1"] = {"type": "file_offer", "id": "f1", "from": "mallory",
+                                  "name": "../x", "size": 3, "sha256": digest}
+        self.assertIsNone(client.accept_file("f1", downloads))
+        failed = [e for e in events if e["type"] == "file_failed"]
+        self.assertEqual([(e["id"], e["direction"]) for e in failed], [("f1", "in")])
+        self.assertIn("outside", failed[0]["reason"])
+        self.assertNotIn("f1", client.offers_in)
+        self.assertEqual([r["type"] for r in client.queue], ["file_decline"])
+        # ...and at the rename, once the data is in and checked.
+        client.offers_in["f2"] = {"type": "file_offer", "id": "f2", "from": "mallory",
+                                  "name": "ok.txt", "size": 0, "sha256": digest}
+        part = client.accept_file("f2", downloads)
+        self.assertEqual(part, downloads / "ok.txt.part")
+        client.incoming["f2"]["offer"]["name"] = "../renamed.txt"
+        client._end_incoming("f2", True, "")
+        self.assertEqual(events[-1]["type"], "file_failed")
+        self.assertIn("outside", events[-1]["reason"])
+        self.assertEqual(sorted(p.name for p in sandbox.iterdir()), ["downloads"])
+        self.assertEqual(list(downloads.iterdir()), [])
+
+
+class TerminalWrapTests(ServerCase):
+    """Finding 15: the terminal client wraps every line itself, below the
+    width, and indents every row after the first, so no row of a message can
+    start at column 0 and pass for a line of its own."""
+
+    FAKE = "00:30 <alice> fake"
+
+    def shown_rows(self, columns: int, event: dict) -> list[str]:
+        out = io.StringIO()
+        term = pychat.Terminal(out=out, color=False, columns=columns)
+        term.show(term.format_event(event))
+        return out.getvalue().split("\n")[:-1]
+
+    def assert_no_forged_row(self, rows: list[str], columns: int) -> None:
+        self.assertGreater(len(rows), 1, rows)
+        for row in rows:
+            self.assertNotIn("\t", row)
+            self.assertLess(pychat._width(row), columns, row)  # the terminal never wraps
+        for row in rows[1:]:
+            self.assertTrue(row.startswith(" " * 6), row)
+
+    def test_a_padded_message_cannot_start_a_row_of_its_own(self):
+        ts = time.mktime((2026, 1, 2, 13, 45, 0, 0, 0, -1))
+        prefix = "13:45 <bob> "
+        for columns in (40, 80, 33):
+            for pad in range(columns - len(prefix) - 2, columns - len(prefix) + 3):
+                with self.subTest(columns=columns, pad=pad):
+                    text = " " * pad + self.FAKE
+                    rows = self.shown_rows(columns, {"type": "msg", "from": "bob",
+                                                     "text": text, "ts": ts})
+                    self.assert_no_forged_row(rows, columns)
+                    # Nothing is lost: the rows put back together are the line.
+                    self.assertEqual(rows[0] + "".join(r[6:] for r in rows[1:]), prefix + text)
+        odd = ["\t" * 9 + self.FAKE,                     # tabs: up to 8 columns each
+               "日本語" * 9 + self.FAKE,                  # wide characters: 2 columns each
+               "x" * 100 + " " + self.FAKE,              # one long word, then the fake
+               "first line\n" + " " * 34 + self.FAKE]   # a newline, then padding
+        for text in odd:
+            with self.subTest(text=text[:12]):
+                rows = self.shown_rows(40, {"type": "msg", "from": "bob", "text": text,
+                                            "ts": ts})
+                self.assert_no_forged_row(rows, 40)
+        # Any text at any width: rows fit, continuation rows are indented, and
+        # nothing is lost (a seeded run over words, spaces and wide characters).
+        rng = random.Random(15)
+        for _ in range(300):
+            text = "".join(rng.choice(["a", "bb ", " ", "   ", "日", "x" * rng.randint(1, 50),
+                                       self.FAKE]) for _ in range(rng.randint(1, 40)))
+            columns = rng.randint(20, 100)
+            rows = pychat.wrap_rows(text, columns)
+            for row in rows:
+                self.assertLess(pychat._width(row), columns, (text, columns))
+            for row in rows[1:]:
+                self.assertTrue(row.startswith(" " * 6), (text, columns))
+            self.assertEqual(rows[0] + "".join(r[6:] for r in rows[1:]), text)
+        # Peer text in system lines (here a topic) is wrapped the same way.
+        rows = self.shown_rows(40, {"type": "topic", "room": "#lobby", "by": "mallory",
+                                    "topic": " " * 60 + self.FAKE, "ts": ts})
+        self.assert_no_forged_row(rows, 40)
+        # Colour codes take no room.
+        out = io.StringIO()
+        term = pychat.Terminal(out=out, color=True, columns=40)
+        term.show(term.format_event({"type": "msg", "from": "bob", "ts": ts,
+                                     "text": " " * 28 + self.FAKE}))
+        self.assertIn("\x1b[", out.getvalue())
+        rows = pychat._ESCAPE_RE.sub("", out.getvalue()).split("\n")[:-1]
+        self.assert_no_forged_row(rows, 40)
+
+    async def test_the_cli_wraps_to_columns_and_indents(self):
+        mallory = await self.connect("mallory")
+        prefix = time.strftime("%H:%M", time.localtime()) + " <mallory> "
+        await mallory.send({"type": "msg", "text": " " * (40 - len(prefix)) + self.FAKE})
+        await mallory.expect("msg")
+        rc, out, err = await CliProcessTests.run_cli(self, "--nick", "bob",
+                                                     env={"COLUMNS": "40", "NO_COLOR": "1"})
+        self.assertEqual(rc, 0, err)
+        rows = out.split("\n")
+        (fake,) = [r for r in rows if self.FAKE in r]
+        self.assertTrue(fake.startswith(" " * 6), fake)
+        for row in rows:
+            self.assertLess(pychat._width(row), 40, row)
+
+
+# ===========================================================================
 # 5. Sound
 # ===========================================================================
 
