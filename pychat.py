@@ -1374,15 +1374,21 @@ class ChatServer:
             if isinstance(entry, list) and len(entry) == 3 and \
                     all(isinstance(x, str) for x in entry[:2]):
                 until = entry[2] if isinstance(entry[2], (int, float)) else float("inf")
-                self.bans[entry[0]] = (entry[1], until)
+                self.bans[self._state_key(entry[0])] = (entry[1], until)
         if isinstance(state.get("mutes"), dict):
-            self.mutes = {k: v for k, v in state["mutes"].items()
+            self.mutes = {self._state_key(k): v for k, v in state["mutes"].items()
                           if isinstance(k, str) and isinstance(v, str)}
         self._ids = itertools.count(next_id)
         self._id_floor = next_id
         self.save_state()
         log.info("loaded %d rooms from %s; next message id %d", len(self.rooms),
                  self.store.dir, next_id)
+
+    @staticmethod
+    def _state_key(key: str) -> str:
+        """A ban or mute key from state.json as this version spells it: nick
+        keys through today's nick_key, addresses through address_key."""
+        return "@" + address_key(key[1:]) if key.startswith("@") else nick_key(key)
 
     def save_state(self) -> None:
         if self.store is None:
