@@ -2338,7 +2338,7 @@ async def _hostile(port: int, rng: random.Random, stop: float) -> int:
             reader, writer = await asyncio.open_connection(HOST, port)
         except OSError:
             continue
-        kind = rng.randrange(7)
+        kind = rng.randrange(10)
         try:
             if kind == 0:  # mutated valid requests
                 for _ in range(20):
@@ -2366,6 +2366,21 @@ async def _hostile(port: int, rng: random.Random, stop: float) -> int:
                     await asyncio.sleep(0.2)
                     if time.monotonic() > stop:
                         break
+            elif kind == 7:  # duplicate keys and chunk/ack look-alikes (issue 14, 2)
+                writer.write(encode({"type": "hello", "nick": f"dk{count}"}))
+                writer.write(b"".join(rng.choice([
+                    b'{"type":"file_ack","type":"msg","text":"free ride"}\n',
+                    b'{"type":"file_chunk","id":"f1","to":"alice","seq":1,"data":"QUJD"}\n',
+                    b'{"type":"file_ack","id":"f%d","seq":1}\n' % rng.randrange(9),
+                    b'{"type":"file_chunk"' + bytes(rng.randrange(256) for _ in range(9)) + b"\n",
+                ]) for _ in range(400)))
+            elif kind == 8:  # IRC: one JOIN of many rooms, then never reading (3)
+                rooms = ",".join(["#lobby"] + [f"#fz{rng.randrange(30)}" for _ in range(48)])
+                writer.write(f"NICK irc{count}\r\nUSER u 0 * :r\r\nJOIN {rooms}\r\n"
+                             f"PRIVMSG #lobby :hi\r\nWHO *\r\n".encode())
+            elif kind == 9:  # full histories asked for again and again, never read (1)
+                writer.write(encode({"type": "hello", "nick": f"hi{count}"}))
+                writer.write(encode({"type": "history", "room": "#lobby"}) * 100)
             else:  # a flood of valid chatter
                 writer.write(encode({"type": "hello", "nick": f"fl{count}"}))
                 writer.write(b"".join(encode({"type": "msg", "text": "spam"})
@@ -2386,22 +2401,29 @@ class FuzzTests(unittest.IsolatedAsyncioTestCase):
         for p, nick in ((alice, "alice"), (bob, "bob")):
             await p.send({"type": "hello", "nick": nick})
             await p.expect("welcome")
+        for i in range(18):  # a lobby history worth asking for: 18 x 3.9 KB
+            await alice.send({"type": "msg", "text": f"{i} " + "h" * 3900})
+            await bob.expect("msg", text=f"{i} " + "h" * 3900)
         rss_before = rss_kib(proc.pid)
         stop = time.monotonic() + FUZZ_SECONDS
         fuzzers = [asyncio.get_running_loop().create_task(
             _hostile(port, random.Random(seed), stop)) for seed in range(8)]
-        worst, n = 0.0, 0
+        latencies = []
         while time.monotonic() < stop:  # the pair keeps chatting all through
-            n += 1
+            n = len(latencies)
             sent = time.monotonic()
             await alice.send({"type": "msg", "text": f"still here {n}"})
             await bob.expect("msg", text=f"still here {n}")
-            worst = max(worst, time.monotonic() - sent)
-            await asyncio.sleep(0.25)  # under the flood limit of 5 a second
+            latencies.append(time.monotonic() - sent)
+            await asyncio.sleep(0.2)  # under the flood limit of 5 a second
         attacks = sum(await asyncio.gather(*fuzzers))
         self.assertGreater(attacks, 20)
-        self.assertGreater(n, 8)
-        self.assertLess(worst, 2.0)  # a liveness bound, far above normal (~1 ms)
+        self.assertGreater(len(latencies), 10)
+        latencies.sort()
+        p99 = latencies[int(0.99 * (len(latencies) - 1))]
+        # Measured on a 2-core machine: about 11 ms now, 140-240 ms before the
+        # issue 14 fixes (the duplicate-key flood and the history floods).
+        self.assertLess(p99, 0.1, f"honest round trips under attack: {latencies}")
         self.assertIsNone(proc.poll())  # alive
         await alice.send({"type": "ping", "data": "after"})
         await alice.expect("pong", data="after")
@@ -3820,6 +3842,7 @@ class GuiCase(unittest.TestCase):
         elif app is not None and app.net is not None:
             app.net.close(1.0)
         try:
+            self.root.update_idletasks()  # pending theme notices, before the Tcl side goes
             self.root.destroy()
         except Exception:  # already destroyed by the window itself
             pass
