@@ -772,8 +772,10 @@ class Session(asyncio.Protocol):
                 server.note_trouble("refused", f"{self.peer}: too many TLS handshakes at once")
                 self.abort(refusal or "handshakes")
                 return
+            # start_tls (the task's first step, queued before any read of this
+            # socket) stops reading and hands the bytes to the TLS layer.
+            # Pausing here first would break that on Python 3.10.
             self.tls_wait = True
-            transport.pause_reading()  # start_tls takes over from here
             server.handshakes += 1
             server.loop.create_task(self._start_tls(transport, refusal))
             return
