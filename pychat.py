@@ -139,13 +139,15 @@ MAX_LOG_MB = 16.0              # a room log past this is compacted to its histor
 MAX_FILE_SIZE = 100 * 1024 * 1024  # --max-file-size; 0 turns transfers off
 FILE_CHUNK = 32 * 1024         # bytes per chunk line (base64 keeps it under 64 KiB)
 FILE_WINDOW = 16               # chunks a sender may have unacknowledged per receiver
+MIN_FREE_CHUNK = 4096          # smaller chunks (but a file's last) pay flood tokens
 MAX_TRANSFERS = 5              # files one user may be sending at a time...
 MAX_OFFERS = 20                # ...and offers one user may have open
 FILE_OFFER_TTL = 600.0         # an offer nobody is receiving expires after this long
 MAX_FILE_NAME = 200            # characters kept of a file name
 # Hardening (issue 14): every resource a client can make the server hold is
 # capped here and charged to that client (see the server section's banner).
-HISTORY_GRACE = 4 * 1024 * 1024  # unread history replies a session may owe beyond its backlog cap
+HISTORY_GRACE = 4 * 1024 * 1024  # unread history replies a session may owe beyond its backlog cap...
+MAX_GRACE_TOTAL = 64 * 1024 * 1024  # ...and all sessions together
 MAX_HISTORY_MB = 64.0          # every room's history together; the oldest message goes first
 MAX_ROOMS_PER_ADDRESS = 20     # rooms that one address made and that still exist
 MAX_HANDSHAKES = 64            # TLS handshakes in progress at once (each holds ~40 KiB)
@@ -547,6 +549,7 @@ class ServerConfig:
     flood_rate: float = FLOOD_RATE
     max_backlog_bytes: int = MAX_BACKLOG_BYTES
     history_grace: int = HISTORY_GRACE
+    max_grace_total: int = MAX_GRACE_TOTAL
     ping_interval: float = PING_INTERVAL
     ping_timeout: float = PING_TIMEOUT
     register_timeout: float = REGISTER_TIMEOUT
@@ -646,7 +649,9 @@ class Room:
 
     def forget_newest(self, dropped: dict | None) -> None:
         """Undo remember() (the message could not be saved)."""
-        if self.history and self.history.maxlen:
+        if not self.history.maxlen:
+            return  # nothing was kept
+        if self.history:
             self.history.pop()
             self.history_bytes -= self.sizes.pop()
         if dropped is not None:
@@ -767,9 +772,14 @@ class Session(asyncio.Protocol):
         server = self.server
         refusal = server.admit(self)
         if server.cfg.ssl_context is not None:
-            if server.handshakes >= server.cfg.max_handshakes or (
-                    refusal and server.handshakes >= server.cfg.max_handshakes // 2):
-                server.note_trouble("refused", f"{self.peer}: too many TLS handshakes at once")
+            # A refused TLS connection is cut before its handshake (it cannot
+            # be told why without one), and so is one past the handshake
+            # caps: all at once, and per address (an eighth of them).
+            busy = server.handshaking.get(self.subnet, 0)
+            if refusal or server.handshakes >= server.cfg.max_handshakes or \
+                    busy >= max(1, server.cfg.max_handshakes // 8):
+                server.note_trouble("refused", f"{self.peer}: "
+                                    f"{refusal or 'too many TLS handshakes at once'}")
                 self.abort(refusal or "handshakes")
                 return
             # start_tls (the task's first step, queued before any read of this
@@ -777,13 +787,14 @@ class Session(asyncio.Protocol):
             # Pausing here first would break that on Python 3.10.
             self.tls_wait = True
             server.handshakes += 1
-            server.loop.create_task(self._start_tls(transport, refusal))
+            server.handshaking[self.subnet] = busy + 1
+            server.loop.create_task(self._start_tls(transport))
             return
         if refusal:
             self.refuse(refusal)
         log.debug("connection from %s", self.peer)
 
-    async def _start_tls(self, transport: asyncio.BaseTransport, refusal: str | None) -> None:
+    async def _start_tls(self, transport: asyncio.BaseTransport) -> None:
         server = self.server
         try:
             tls = await server.loop.start_tls(
@@ -798,14 +809,17 @@ class Session(asyncio.Protocol):
             return
         finally:
             server.handshakes -= 1
+            left = server.handshaking.get(self.subnet, 1) - 1
+            if left > 0:
+                server.handshaking[self.subnet] = left
+            else:
+                server.handshaking.pop(self.subnet, None)
         self.tls_wait = False
         if tls is None or self.closing:  # the connection went meanwhile
             transport.abort()
             return
         self.transport = tls  # type: ignore[assignment]
-        if refusal:
-            self.refuse(refusal)
-        elif self.out:
+        if self.out:
             self.flush()
 
     def refuse(self, code: str) -> None:
@@ -883,11 +897,20 @@ class Session(asyncio.Protocol):
             # this peer is not keeping up: cut it rather than buffer for it.
             backlog = transport.get_write_buffer_size()
             if backlog <= self.server.cfg.max_backlog_bytes:
-                self.grace_bytes = 0  # read: the history replies are no longer owed
+                if self.grace_bytes:  # read: the history replies are no longer owed
+                    self.server.grace_total -= self.grace_bytes
+                    self.grace_bytes = 0
                 if self.history_unread:
                     self.history_unread.clear()
             elif backlog > self.server.cfg.max_backlog_bytes + self.grace_bytes:
                 self.abort("backlog")
+
+    def owed(self) -> int:
+        """Bytes this peer has not taken yet: the transport's and this tick's."""
+        held = sum(map(len, self.out))
+        if self.transport is not None:
+            held += self.transport.get_write_buffer_size()
+        return held
 
     def close(self, reason: str) -> None:
         """Flush what we owe, then close gracefully."""
@@ -946,7 +969,7 @@ def heap_trimmer() -> Callable[[], Any] | None:
 
 class Transfer:
     """One offered file: who may accept it, and a stream per receiver who did:
-    [receiver session, chunks not yet acknowledged, bytes relayed]."""
+    [receiver session, chunks not yet acknowledged, bytes relayed, chunks relayed]."""
 
     __slots__ = ("id", "sender", "offer", "eligible", "streams", "created")
 
@@ -1018,7 +1041,24 @@ class Store:
                             "skipped", path, bad)
             if name is not None:
                 rooms.append((name, list(messages), topic))
+                self._rename_old_log(path, name)
         return rooms
+
+    def _rename_old_log(self, path: Path, name: str) -> None:
+        """A log named by an older version's spelling of the room (nick_key
+        changed) takes today's name, so it is the one written and removed."""
+        wanted = self.rooms_dir / _room_file(name)
+        if path == wanted:
+            return
+        target = wanted if not wanted.exists() else path.with_name(path.name + ".old")
+        try:
+            os.replace(path, target)
+        except OSError as e:
+            log.warning("cannot rename %s to %s: %s", path, target.name, e)
+            return
+        if target != wanted:
+            log.warning("%s is a second log of %s (an older spelling); loaded once and "
+                        "kept as %s", path.name, name, target.name)
 
     @staticmethod
     def record_kind(rec: dict) -> str | None:
@@ -1139,7 +1179,10 @@ class Store:
         else:
             self.unsynced.add(key)
         if self.sizes[key] > max(self.max_log_bytes, 2 * self.compacted.get(key, 0)):
-            self.compact(room)
+            try:  # the record is written: a failed compaction only postpones this
+                self.compact(room)
+            except OSError as e:
+                log.error("cannot compact the log of %s: %s", room.name, e)
 
     def compact(self, room: Room) -> None:
         """Rewrite a room's log as just its topic and the history kept in memory."""
@@ -1202,7 +1245,9 @@ class ChatServer:
         cfg = self.cfg = dataclasses.replace(config or ServerConfig(), **options)
         self.per_address: dict[str, int] = {}   # address key -> open connections
         self.connect_buckets: dict[str, list[float]] = {}  # address key -> [tokens, time]
-        self.handshakes = 0                     # TLS handshakes in progress
+        self.handshakes = 0                     # TLS handshakes in progress...
+        self.handshaking: dict[str, int] = {}   # ...and per address key
+        self.grace_total = 0                    # history allowances given, all sessions
         # Resend memory, by identity (see Session.identity), never by nick:
         # identity -> {cid: (kind, id, room or recipient, ts)}, least recently
         # used first.  Ids, not texts: a resend is echoed with its own text.
@@ -1637,6 +1682,9 @@ class ChatServer:
 
     def drop(self, s: Session) -> None:
         """Forget a session; tell its rooms it left (once)."""
+        if s.grace_bytes:
+            self.grace_total -= s.grace_bytes
+            s.grace_bytes = 0
         if s in self.sessions:
             self.sessions.discard(s)
             self.churn()
@@ -1720,7 +1768,8 @@ class ChatServer:
         """Decode, validate and dispatch one request line."""
         if line.endswith(b"\r"):
             line = line[:-1]
-        if not line.strip():
+        if not line.strip():  # nothing to do, but not free either
+            self._take_token(s)
             return
         # Every line costs a token, whatever it holds: garbage, pongs and
         # unregistered chatter are throttled exactly like messages.  The one
@@ -1774,13 +1823,21 @@ class ChatServer:
         """A file chunk this session may send now (it is the sender of an
         accepted stream with room in its window), or an ack it owes (it
         receives a stream with chunks unacknowledged)."""
-        t = self.transfers.get(msg.get("id"))  # type: ignore[arg-type]
-        if t is None or not isinstance(msg.get("id"), str):
+        tid = msg.get("id")
+        t = self.transfers.get(tid) if isinstance(tid, str) else None
+        if t is None:
             return False
         if msg["type"] == "file_chunk":
-            to = msg.get("to")
+            to, data = msg.get("to"), msg.get("data")
             stream = t.streams.get(nick_key(to)) if isinstance(to, str) else None
-            return t.sender is s and stream is not None and stream[1] < FILE_WINDOW
+            if t.sender is not s or stream is None or stream[1] >= FILE_WINDOW or \
+                    not isinstance(data, str):
+                return False
+            # A big chunk moves the file on; a small one is free only as the
+            # file's last (once): tiny or empty chunks are no flood-free channel.
+            got, size = len(data) * 3 // 4, t.offer["size"]
+            return got >= MIN_FREE_CHUNK or (stream[2] + got >= size
+                                             and (stream[2] < size or not stream[3]))
         if msg["type"] == "file_ack" and s.nick is not None:
             stream = t.streams.get(nick_key(s.nick))
             return stream is not None and stream[0] is s and stream[1] > 0
@@ -1905,19 +1962,30 @@ class ChatServer:
             s.send(encode(room.topic_event()))
 
     def _send_history(self, s: Session, room: Room, after: int | None) -> None:
+        """A room's history, charged before it is built and written at once,
+        so many requests in one tick are checked one by one."""
+        size = room.history_bytes + 64  # the reply's size, near enough
+        if not self._charge_history(s, room, size) and \
+                s.owed() + size > self.cfg.max_backlog_bytes:
+            s.abort("backlog")  # owes too much already and has no allowance left
+            return
         messages = list(room.history) if after is None else \
             [m for m in room.history if m["id"] > after]
-        history = encode({"type": "history", "room": room.name, "messages": messages})
-        self._charge_history(s, room, len(history))
-        s.send(history)
+        s.send(encode({"type": "history", "room": room.name, "messages": messages}))
+        s.flush()
 
-    def _charge_history(self, s: Session, room: Room, size: int) -> None:
+    def _charge_history(self, s: Session, room: Room, size: int) -> bool:
         """A big history reply must not count as falling behind, but only up
-        to --history-grace bytes unread at once: a client that asks again and
-        again without reading is dropped like any slow reader."""
-        if s.grace_bytes + size <= self.cfg.history_grace:
-            s.grace_bytes += size
+        to history_grace bytes unread at once per client and max_grace_total
+        for everyone: a client that asks again and again without reading is
+        dropped like any slow reader.  True if the reply is allowed for."""
         s.history_unread.add(nick_key(room.name))
+        if s.grace_bytes + size > self.cfg.history_grace or \
+                self.grace_total + size > self.cfg.max_grace_total:
+            return False
+        s.grace_bytes += size
+        self.grace_total += size
+        return True
 
     def handle_history(self, s: Session, msg: dict) -> None:
         room = self._room_for(s, msg)
@@ -2179,7 +2247,7 @@ class ChatServer:
             self._reply_error(s, msg, "no_such_transfer", "That file was not offered to you "
                               "(or you accepted it already).")
             return
-        t.streams[key] = [s, 0, 0]  # receiver, unacknowledged chunks, bytes relayed
+        t.streams[key] = [s, 0, 0, 0]  # receiver, unacknowledged chunks, bytes, chunks
         t.sender.send(encode({"type": "file_accept", "id": t.id, "nick": s.nick}))
 
     def handle_file_decline(self, s: Session, msg: dict) -> None:
@@ -2207,9 +2275,10 @@ class ChatServer:
         t, stream = found
         receiver = stream[0]
         stream[1] += 1
-        data = msg["data"]
+        stream[3] += 1
+        data, size = msg["data"], t.offer["size"]
         stream[2] += len(data) * 3 // 4 - (2 if data.endswith("==") else data.endswith("="))
-        if stream[1] > FILE_WINDOW or stream[2] > t.offer["size"] + 3:
+        if stream[1] > FILE_WINDOW or stream[2] > size + 3:
             self._reply_error(s, msg, "file_window", "Chunks must wait for acknowledgements "
                               f"(at most {FILE_WINDOW} ahead) and add up to the offered size.")
             self._end_stream(t, nick_key(receiver.nick or ""), "the sender broke the rules")
@@ -2644,7 +2713,7 @@ class IrcClient:
         self.password: str | None = None
         self.registered = False
         self.quits_sent: set[str] = set()  # one QUIT per user per batch of leaves
-        self.replay: collections.deque[tuple[Room, list[dict]]] = collections.deque()
+        self.replay: collections.deque[Room] = collections.deque()  # history still to send
         self.replay_busy = False       # a room's history was replayed this tick
 
     # --- output
@@ -2797,7 +2866,9 @@ class IrcClient:
             self.send(*self.topic_lines(room))
         self.send(*self.names(room))
         if room.history:
-            self.replay.append((room, list(room.history)))
+            if room in self.replay:  # joined, left and joined again: replay it once
+                self.replay.remove(room)
+            self.replay.append(room)
             if not self.replay_busy:
                 self.replay_next()
 
@@ -2806,11 +2877,13 @@ class IrcClient:
         the client has not read the last one yet (resume_writing calls again
         when it has)."""
         s = self.s
+        while self.replay and s.rooms.get(nick_key(self.replay[0].name)) is not self.replay[0]:
+            self.replay.popleft()  # left meanwhile (PART, JOIN 0): nothing to replay
         if not self.replay or s.closing or s.paused:
             return
-        room, messages = self.replay.popleft()
+        room = self.replay.popleft()
         lines = []
-        for m in messages:
+        for m in room.history:
             stamp = time.strftime("%H:%M", time.localtime(float(m.get("ts") or 0)))
             action = "* " if m.get("action") else ""  # "[12:05] * waves", not "* al [12:05]"
             lines += self.say(m["from"], "PRIVMSG", room.name, f"[{stamp}] {action}{m['text']}")
@@ -2876,6 +2949,11 @@ class IrcClient:
                     s.out.append(line)
             else:
                 s.out.append(data)
+
+    def extra_token(self) -> bool:
+        """The line paid for its first target; each further one (JOIN #a,#b,
+        PART, PRIVMSG a,b) pays a flood token of its own."""
+        return self.server._take_token(self.s)
 
     def need(self, params: list[str], count: int, command: str) -> bool:
         if len(params) < count or (count and not params[count - 1]):
@@ -2951,17 +3029,23 @@ class IrcClient:
         if not self.need(params, 1, "JOIN"):
             return
         if params[0] == "0":
-            for room in list(self.s.rooms.values()):
+            for i, room in enumerate(list(self.s.rooms.values())):
+                if i and not self.extra_token():
+                    return
                 self.request(f"PART {room.name}", type="part", room=room.name)
             return
-        for name in params[0].split(","):
+        for i, name in enumerate(params[0].split(",")):
+            if i and not self.extra_token():
+                return
             if name and nick_key(name) not in self.s.rooms:
                 self.request(f"JOIN {name}", type="join", room=name)
 
     def on_part(self, params: list[str]) -> None:
         if not self.need(params, 1, "PART"):
             return
-        for name in params[0].split(","):
+        for i, name in enumerate(params[0].split(",")):
+            if i and not self.extra_token():
+                return
             fields: dict[str, Any] = {"type": "part", "room": name}
             if len(params) > 1:
                 fields["reason"] = params[1]
@@ -2984,7 +3068,9 @@ class IrcClient:
             else:  # other CTCP: PyChat users have no such thing; answer VERSION and PING
                 self.ctcp(command, params[0], body)
                 return
-        for target in params[0].split(",")[:4]:
+        for i, target in enumerate(params[0].split(",")[:4]):
+            if i and not self.extra_token():
+                return
             fields: dict[str, Any] = {"text": text}
             if action:
                 fields["action"] = True

@@ -2344,6 +2344,147 @@ class HardeningRegistrationTests(ServerCase):
 
 
 
+class HardeningReviewTests(ServerCase):
+    """Attacks from the review of the first fixes (each failed before its fix)."""
+    rooms = tuple(f"#h{i}" for i in range(12))
+    server_options = {"max_backlog_bytes": 64 * 1024, "history_grace": 512 * 1024,
+                      "rooms": rooms + ("#sync",), "max_rooms_per_address": 0}
+
+    def fill(self, rooms=None) -> int:
+        """About 100 KB of history in each room; the size of one history reply."""
+        for room in rooms or self.rooms:
+            for i in range(30):
+                add_history(self.server, {"type": "msg", "room": room, "from": "old",
+                                          "text": f"{i} " + "w" * 3300, "ts": 1.0,
+                                          "id": i + 1}, room=room)
+        return self.server.rooms[self.rooms[0]].history_bytes
+
+    async def test_many_joins_in_one_tick_are_checked_one_by_one(self):
+        one = self.fill()
+        eve = await Peer.open(self.port, sock=tiny_socket(self.server, self.port))
+        self.peers.append(eve)
+        await eve.send({"type": "hello", "nick": "eve"})
+        await wait_for(lambda: "eve" in self.server.nicks, what="eve registered")
+        session = self.server.nicks["eve"]
+        held = []
+        original = pychat.Session.flush
+
+        def measured(s):
+            if s is session:
+                held.append(held_bytes(s))
+            original(s)
+        pychat.Session.flush = measured
+        self.addCleanup(setattr, pychat.Session, "flush", original)
+        # Twelve joins in one write: 1.2 MB of history asked for in one tick.
+        await eve.send_raw(b"".join(encode({"type": "join", "room": r}) for r in self.rooms))
+        await wait_for(lambda: session.closing or len(session.rooms) == 13, what="the joins")
+        cfg = self.server.cfg
+        self.assertLessEqual(max(held), cfg.max_backlog_bytes + cfg.history_grace + 2 * one)
+        self.assertLessEqual(self.server.grace_total,
+                             sum(s.grace_bytes for s in self.server.sessions))
+
+    async def test_blank_lines_pay_like_any_other(self):
+        blank = await self.raw()
+        await blank.send_raw(b"\n" * 200)
+        codes = {(await blank.expect("error"))["code"] for _ in range(3)}
+        self.assertIn("rate_limited", codes)
+
+    async def test_a_request_with_a_list_for_an_id_is_an_error_not_a_crash(self):
+        peer = await self.raw()
+        await peer.send({"type": "ping", "data": "first"})  # a JSON client from here on
+        await peer.send_raw(b'{"type":"file_chunk","id":[],"to":"x","seq":0,"data":""}\n')
+        self.assertEqual((await peer.expect("error"))["code"], "not_registered")
+        await peer.send({"type": "ping", "data": "alive"})
+        await peer.expect("pong", data="alive")
+
+    async def test_empty_chunks_of_an_empty_file_are_not_free(self):
+        alice, bob = await self.connect("alice"), await self.connect("bob")
+        await alice.send({"type": "file_offer", "to": "bob", "name": "e", "size": 0,
+                          "sha256": hashlib.sha256(b"").hexdigest()})
+        tid = (await alice.expect("file_offer"))["id"]
+        await bob.send({"type": "file_accept", "id": tid})
+        await alice.expect("file_accept")
+        chunk = encode({"type": "file_chunk", "id": tid, "to": "bob", "seq": 0, "data": ""})
+        ack = encode({"type": "file_ack", "id": tid, "seq": 0})
+        await alice.send_raw(chunk)
+        await bob.expect("file_chunk")
+        for _ in range(40):  # a colluding pair: chunk, ack, chunk, ack...
+            await bob.send_raw(ack)
+            await alice.expect("file_ack")
+            await alice.send_raw(chunk)
+            try:
+                await bob.expect("file_chunk", timeout=1.0)
+            except (AssertionError, asyncio.TimeoutError):
+                break  # the chunk was refused: see below
+        await alice.expect("error", code="rate_limited")
+
+    async def test_an_irc_join_of_many_rooms_pays_per_room(self):
+        irc = await IrcPeer.open(self.port)
+        self.addAsyncCleanup(irc.close)
+        await irc.register("ircy")
+        many = ",".join(f"#new{i}" for i in range(45))
+        await irc.send(f"JOIN {many}")
+        await irc.expect(" NOTICE ")  # rate_limited, as a notice
+        joined = [line for line in irc.seen if " JOIN #new" in line]
+        self.assertLess(len(joined), 25)
+
+    async def test_an_irc_part_drops_the_replay_still_to_come(self):
+        self.fill(self.rooms[:3])
+        irc = await IrcPeer.open(self.port)
+        self.addAsyncCleanup(irc.close)
+        await irc.register("ircy")
+        # A room left before its history was replayed is not replayed.
+        await irc.send("JOIN #h0,#h1,#h2", "PART #h1,#h2", "PING :done")
+        await irc.expect("PONG")
+        self.assertTrue([line for line in irc.seen if " PRIVMSG #h0 " in line])
+        await irc.send("PING :later")
+        await irc.expect(":later")
+        self.assertFalse([line for line in irc.seen if " PRIVMSG #h1 " in line
+                          or " PRIVMSG #h2 " in line])
+
+
+class HardeningReviewStoreTests(HardeningStoreTests):
+    async def test_a_failed_compaction_does_not_refuse_a_saved_message(self):
+        server, port = await self.start(max_log_mb=0.001)
+        alice = await self.hello(port, "alice")
+        await alice.send({"type": "msg", "text": "first"})
+        await alice.expect("msg", text="first")
+        (log_file,) = (self.dir / "rooms").glob("*.jsonl")
+        log_file.with_suffix(".tmp").mkdir()  # compaction cannot write its temporary file
+        texts = [f"kept {i} " + "k" * 300 for i in range(8)]
+        for text in texts:
+            await alice.send({"type": "msg", "text": text})
+            await alice.expect("msg", text=text)  # echoed: saved
+        self.assertFalse([e for e in alice.seen if e.get("code") == "storage_failed"])
+        await server.close()
+        server2, _ = await self.start()
+        self.assertEqual([m["text"] for m in server2.rooms["#lobby"].history],
+                         ["first"] + texts)
+
+    async def test_a_log_named_by_an_older_spelling_is_renamed(self):
+        rooms = self.dir / "rooms"
+        rooms.mkdir(parents=True)
+        record = {"type": "msg", "room": "#Ｄev", "from": "ann", "text": "hi", "ts": 1.0, "id": 1}
+        (rooms / "old-0000000000.jsonl").write_bytes(encode(record))
+        server, _ = await self.start()
+        self.assertEqual([p.name for p in rooms.glob("*.jsonl")], [pychat._room_file("#Ｄev")])
+
+    def test_history_zero_counts_nothing(self):
+        room = pychat.Room("#z", 0)
+        dropped = room.remember({"id": 1}, 100)
+        room.forget_newest(dropped)
+        self.assertEqual(room.history_bytes, 0)
+
+
+class HardeningReviewTlsTests(HardeningTlsTests):
+    async def test_one_address_holds_at_most_an_eighth_of_the_handshakes(self):
+        server = ChatServer(ssl_context=self.ctx, tls_handshake_timeout=30.0,
+                            max_per_address=0, connect_rate=0, max_handshakes=16)
+        await self.silent_connections(server, 6, cut=4)  # 2 of 16 per address
+        self.assertEqual(server.handshakes, 2)
+
+
+
 FUZZ_SECONDS = 4.0
 
 
