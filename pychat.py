@@ -313,7 +313,9 @@ def decode(line: bytes) -> dict:
         raise ProtocolError("bad_json", ERRORS["bad_json"]) from None
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
         raise ProtocolError("bad_request", 'Each line must be a JSON object with a "type".')
-    if b"\\u" in line:  # only \u escapes can smuggle in a lone surrogate
+    # Only \u escapes can smuggle in a lone surrogate.  (One byte first: a
+    # search for two is ten times slower, and a 32 KiB file chunk has no "\\".)
+    if b"\\" in line and b"\\u" in line:
         obj = _clean_surrogates(obj)
     return obj
 
