@@ -713,6 +713,46 @@ def address_key(address: str) -> str:
     return str(ip)
 
 
+class Wire:
+    """How one connection's bytes become requests and events become bytes.
+    This base is the core's own wire, JSON lines (protocol v1): the core
+    encodes each event once and writes those bytes to every JSON member
+    itself.  Other wires (IRC, section 3b) subclass it: the core hands them
+    parsed lines and event dicts, asks them to render a broadcast once per
+    wire kind, and never looks inside."""
+
+    native = True       # JSON lines: the core writes them without asking
+    joins_lobby = True  # registration puts the member in the lobby
+
+    def __init__(self, server: ChatServer, session: Session):
+        self.server, self.s = server, session
+
+    def receive(self, line: bytes) -> None:
+        """One input line, after the flood bucket took its token.  (JSON
+        lines never come here: the core parses them itself, in handle_line.)"""
+        raise NotImplementedError
+
+    def tell(self, event: dict) -> None:
+        self.s.send(encode(event))
+
+    def render(self, event: dict) -> Any:
+        """What a broadcast of `event` becomes for every member with this
+        kind of wire, computed once per broadcast."""
+        return encode(event)
+
+    def take(self, event: dict, rendered: Any) -> None:
+        """A broadcast for this member: `rendered` from render().  The core
+        has already made sure the session will be flushed."""
+        self.s.out.append(rendered)
+
+    def joined(self, room: Room, after: int | None) -> None:
+        """What a member needs on (re)joining a room."""
+        self.server.send_room_state(self.s, room, after)
+
+    def resume(self) -> None:
+        """The peer has read what was written: its transport wants more."""
+
+
 class Session(asyncio.Protocol):
     """One client connection: framing, flood bucket, output backlog."""
 
@@ -722,10 +762,10 @@ class Session(asyncio.Protocol):
                  "closing", "leave_reason", "quit_message", "typing_at",
                  "grace_bytes", "away", "away_told", "operator", "auth_hold_until",
                  "connected_at", "last_rx", "pinged_at", "tokens", "token_time",
-                 "flood_penalty", "token", "irc", "spoke", "identity", "subnet",
+                 "flood_penalty", "token", "wire", "native", "spoke", "identity", "subnet",
                  "log_tokens", "log_time", "log_dropped", "history_unread", "tls_wait", "paused")
 
-    def __init__(self, server: ChatServer, irc: bool = False):
+    def __init__(self, server: ChatServer, wire: type[Wire] | None = None):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -759,8 +799,12 @@ class Session(asyncio.Protocol):
         self.history_unread: set[str] = set()  # rooms whose history reply is not yet read
         self.tls_wait = False          # accepted, TLS handshake still going
         self.paused = False            # the transport's buffer is past its high-water mark
-        self.spoke = irc               # the first line decides: JSON, or IRC
-        self.irc: IrcClient | None = IrcClient(server, self) if irc else None
+        # How this connection's bytes are read and written: JSON lines (the
+        # core's own, written without a detour) unless a listener or the
+        # first line says otherwise (see ChatServer.foreign_wire).
+        self.spoke = wire is not None
+        self.wire: Wire = (wire or Wire)(server, self)
+        self.native = self.wire.native
 
     # --- asyncio.Protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -825,7 +869,7 @@ class Session(asyncio.Protocol):
             self.flush()
 
     def refuse(self, code: str) -> None:
-        self.send(encode(error(code)))
+        self.tell(error(code))
         self.close(code)
         self.server.note_trouble("refused", f"{self.peer}: {code}")
 
@@ -838,8 +882,8 @@ class Session(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        if self.irc is not None and self.irc.replay:
-            self.irc.replay_next()
+        if not self.native:
+            self.wire.resume()
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = self.server.loop.time()
@@ -872,10 +916,18 @@ class Session(asyncio.Protocol):
         self.inbuf = rest if rest else b""
         if len(rest) > limit:
             self.inbuf = b""
-            self.send(encode(error("line_too_long", f"Lines are limited to {limit} bytes; closing.")))
+            self.tell(error("line_too_long", f"Lines are limited to {limit} bytes; closing."))
             self.close("line_too_long")
 
     # --- output
+    def tell(self, event: dict, data: bytes | None = None) -> None:
+        """Send an event in this session's wire format; `data` is its JSON
+        line when the caller has it already (one encoding for many)."""
+        if self.native:
+            self.send(data if data is not None else encode(event))
+        else:
+            self.wire.tell(event)
+
     def send(self, data: bytes) -> None:
         """Queue bytes for this session; they are written at the end of the tick."""
         if self.closing:
@@ -891,8 +943,6 @@ class Session(asyncio.Protocol):
             return  # written once the handshake is done
         out, self.out = self.out, []
         transport = self.transport
-        if self.irc is not None and out:
-            out = self.irc.outgoing(out)
         if out and transport is not None and not transport.is_closing():
             transport.write(b"".join(out) if len(out) > 1 else out[0])
             # The transport keeps what the kernel would not take.  Past the cap
@@ -1242,6 +1292,10 @@ class Store:
 class ChatServer:
     """The rooms, the sessions, the request handlers and the housekeeping task."""
 
+    # The wire for connections whose first line is not JSON (and for
+    # --irc-port): set by section 3b, so this section never names IRC.
+    foreign_wire: type[Wire] | None = None
+
     def __init__(self, config: ServerConfig | None = None, **options: Any):
         """`options` override single fields of `config` (tests, the benchmark)."""
         cfg = self.cfg = dataclasses.replace(config or ServerConfig(), **options)
@@ -1274,6 +1328,7 @@ class ChatServer:
         self.sessions: set[Session] = set()     # every open connection
         self.dirty: list[Session] = []          # sessions with output this tick
         self._flush_scheduled = False
+        self.tick = 0                           # flushes so far (wires batch per tick)
         self.shutting_down = False
         self.instance = secrets.token_hex(6)  # message ids are only comparable within one
         self.secret = secrets.token_bytes(32)   # signs resume tokens (kept in state.json)
@@ -1343,7 +1398,8 @@ class ChatServer:
         self._servers.append(server)
         if self.cfg.irc_port is not None:  # IRC from the first line on
             self._servers.append(await self.loop.create_server(
-                lambda: Session(self, irc=True), host, self.cfg.irc_port, reuse_address=True))
+                lambda: Session(self, self.foreign_wire), host, self.cfg.irc_port,
+                reuse_address=True))
         self._housekeeper = self.loop.create_task(self._housekeeping())
         if self.store is not None and self.store.fsync == "second":
             self.loop.call_later(FSYNC_EVERY, self._sync_tick)
@@ -1360,10 +1416,11 @@ class ChatServer:
             srv.close()
         if self._housekeeper is not None:
             self._housekeeper.cancel()
-        bye = encode({"type": "bye", "reason": reason})
+        bye_event = {"type": "bye", "reason": reason}
+        bye = encode(bye_event)
         sessions = list(self.sessions)
         for s in sessions:
-            s.send(bye)
+            s.tell(bye_event, bye)
             s.close("shutdown")
         self.flush_all()
         # Give the transports a moment to write the goodbye, then cut.
@@ -1555,7 +1612,7 @@ class ChatServer:
         if action:
             echo["action"] = True
         echo["cid"] = cid
-        s.send(encode(echo))
+        s.tell(echo)
         self.log(s, logging.INFO, "%s sent message %r again; echoed, not repeated",
                  s.nick, cid)
         return True
@@ -1611,6 +1668,7 @@ class ChatServer:
 
     def flush_all(self) -> None:
         """Write what every session is owed: one write per session per tick."""
+        self.tick += 1
         self._flush_scheduled = False
         dirty, self.dirty = self.dirty, []
         for s in dirty:
@@ -1618,18 +1676,26 @@ class ChatServer:
 
     def broadcast(self, room: Room, event: dict, data: bytes | None = None) -> None:
         """Send one event (or its `data`, already encoded) to every member of a
-        room, encoded once.  This is the hot loop: Session.send inlined
-        (measured: about 15 % of the server's time per delivery at 1,000 members)."""
+        room, encoded once per wire kind.  This is the hot loop: Session.send
+        inlined (measured: about 15 % of the server's time per delivery at
+        1,000 members); JSON members get the same bytes without a call."""
         if data is None:
             data = encode(event)
         dirty = self.dirty
+        rendered: dict[type, Any] = {}
         for s in room.members.values():
             out = s.out
             if not out:
                 if s.closing:
                     continue
                 dirty.append(s)
-            out.append(data)
+            if s.native:
+                out.append(data)
+                continue
+            kind = type(s.wire)
+            if kind not in rendered:
+                rendered[kind] = s.wire.render(event)
+            s.wire.take(event, rendered[kind])
         if dirty:
             self.schedule_flush()
 
@@ -1744,7 +1810,8 @@ class ChatServer:
         pinging = cfg.ping_interval > 0 and cfg.ping_timeout > 0
         period = max(0.05, min(cfg.register_timeout, *((cfg.ping_interval, cfg.ping_timeout)
                                                        if pinging else ())) / 4)
-        ping = encode({"type": "ping", "data": "keepalive"})
+        ping_event = {"type": "ping", "data": "keepalive"}
+        ping = encode(ping_event)
         while True:
             await asyncio.sleep(period)
             now = self.loop.time()
@@ -1754,7 +1821,7 @@ class ChatServer:
                     self._forget_if_empty(room)
             for s in list(self.sessions):
                 if s.nick is None and now - s.connected_at > self.cfg.register_timeout:
-                    s.send(encode(error("not_registered", "No hello in time; closing.")))
+                    s.tell(error("not_registered", "No hello in time; closing."))
                     s.close("register_timeout")
                 elif not pinging:
                     continue
@@ -1763,7 +1830,7 @@ class ChatServer:
                         s.abort("timeout")
                 elif now - s.last_rx > self.cfg.ping_interval:
                     s.pinged_at = now
-                    s.send(ping)
+                    s.tell(ping_event, ping)
 
     # --- requests
     def handle_line(self, s: Session, line: bytes) -> None:
@@ -1778,15 +1845,16 @@ class ChatServer:
         # exception, file chunks and acks of a stream this session is part of
         # (the transfer window paces those), is decided on the parsed request,
         # never on the raw bytes: the prefix only says a parse must decide.
-        paced = s.irc is None and s.spoke and line.startswith(b'{"type":"file_')
+        paced = s.native and s.spoke and line.startswith(b'{"type":"file_')
         if not paced and not self._take_token(s):
             return
-        if not s.spoke:  # a first line that is not a JSON object is IRC
+        if not s.spoke:  # a first line that is not a JSON object picks another wire
             s.spoke = True
-            if not line.lstrip().startswith(b"{"):
-                s.irc = IrcClient(self, s)
-        if s.irc is not None:
-            s.irc.handle(line)
+            if not line.lstrip().startswith(b"{") and self.foreign_wire is not None:
+                s.wire = self.foreign_wire(self, s)
+                s.native = False
+        if not s.native:
+            s.wire.receive(line)
             return
         msg: dict | None = None
         try:
@@ -1804,7 +1872,7 @@ class ChatServer:
                 return
             self.log(s, logging.INFO, "%s (%s): %s", s.nick or "unregistered", s.peer, e.code)
             extra = self._error_context(msg) if msg is not None else {}
-            s.send(encode(error(e.code, e.message, **extra)))
+            s.tell(error(e.code, e.message, **extra))
             return
         handler = self.handlers[kind]  # looked up outside the try: a bug is not "unknown type"
         handler(s, msg)
@@ -1815,10 +1883,10 @@ class ChatServer:
         if s.take_token(self.loop.time()):
             return True
         if s.flood_penalty > FLOOD_KICK:
-            s.send(encode(error("flooding")))
+            s.tell(error("flooding"))
             s.close("flood")
         else:
-            s.send(encode(error("rate_limited")))
+            s.tell(error("rate_limited"))
         return False
 
     def _in_stream(self, s: Session, msg: dict) -> bool:
@@ -1860,7 +1928,7 @@ class ChatServer:
     def _reply_error(self, s: Session, msg: dict, code: str, message: str | None = None) -> None:
         self.log(s, logging.INFO, "%s (%s): %s %s", s.nick or "unregistered", s.peer,
                  msg["type"][:40], code)
-        s.send(encode(error(code, message, **self._error_context(msg))))
+        s.tell(error(code, message, **self._error_context(msg)))
 
     def _check_nick(self, s: Session, msg: dict, nick: str) -> bool:
         problem = nick_problem(nick)
@@ -1900,7 +1968,7 @@ class ChatServer:
             self._take_over(s, ghost)
             self._welcome(s, msg, resumed=True)
             for room in list(s.rooms.values()):
-                self._send_room_state(s, room, after.get(nick_key(room.name)))
+                s.wire.joined(room, after.get(nick_key(room.name)))
             return
         if not self._check_nick(s, msg, nick):
             return
@@ -1908,7 +1976,7 @@ class ChatServer:
         s.identity = self.token_identity(token) or secrets.token_hex(8)
         self.nicks[nick_key(nick)] = s
         self._welcome(s, msg, resumed=False)
-        if s.irc is None:  # IRC users choose their channels themselves
+        if s.wire.joins_lobby:  # (IRC users choose their channels themselves)
             lobby = self.rooms[nick_key(LOBBY)]
             self._join(s, lobby, after.get(nick_key(LOBBY)))
 
@@ -1924,7 +1992,7 @@ class ChatServer:
             welcome["rooms"] = [r.name for r in s.rooms.values()]
         if self.cfg.motd:
             welcome["motd"] = self.cfg.motd
-        s.send(encode(welcome))
+        s.tell(welcome)
         log.info("%s %s from %s (client %r)", s.nick, "came back" if resumed else "joined",
                  s.peer, str(msg.get("client", "?"))[:40])
 
@@ -1950,18 +2018,15 @@ class ChatServer:
         self.broadcast(room, join)
         room.members[nick_key(s.nick)] = s
         s.rooms[nick_key(room.name)] = room
-        self._send_room_state(s, room, after)
+        s.wire.joined(room, after)
 
-    def _send_room_state(self, s: Session, room: Room, after: int | None) -> None:
-        """What a member needs on (re)joining: history (after an id it already
-        has, if it says), the user list and the topic."""
-        if s.irc is not None:
-            s.irc.joined(room)
-            return
+    def send_room_state(self, s: Session, room: Room, after: int | None) -> None:
+        """What a JSON member needs on (re)joining: history (after an id it
+        already has, if it says), the user list and the topic."""
         self._send_history(s, room, after)
-        s.send(encode(room.users_event()))
+        s.tell(room.users_event())
         if room.topic:
-            s.send(encode(room.topic_event()))
+            s.tell(room.topic_event())
 
     def _send_history(self, s: Session, room: Room, after: int | None) -> None:
         """A room's history, charged before it is built and written at once,
@@ -1973,7 +2038,7 @@ class ChatServer:
             return
         messages = list(room.history) if after is None else \
             [m for m in room.history if m["id"] > after]
-        s.send(encode({"type": "history", "room": room.name, "messages": messages}))
+        s.tell({"type": "history", "room": room.name, "messages": messages})
         s.flush()
 
     def _charge_history(self, s: Session, room: Room, size: int) -> bool:
@@ -2064,18 +2129,19 @@ class ChatServer:
     def handle_users(self, s: Session, msg: dict) -> None:
         room = self._room_for(s, msg)
         if room is not None:
-            s.send(encode(room.users_event()))
+            s.tell(room.users_event())
 
     def handle_ping(self, s: Session, msg: dict) -> None:
+        pong = {"type": "pong", "data": msg.get("data")}
         try:
-            data = encode({"type": "pong", "data": msg.get("data")})
+            data = encode(pong)
         except (ValueError, RecursionError):  # absurdly nested data
             data = b""
         if not data or len(data) > MAX_PING_DATA + 30:
             self._reply_error(s, msg, "bad_request",
                               f"Ping data is echoed only up to {MAX_PING_DATA} bytes.")
             return
-        s.send(data)
+        s.tell(pong, data)
 
     def handle_pong(self, s: Session, msg: dict) -> None:
         pass  # any incoming line already counts as a sign of life
@@ -2090,10 +2156,11 @@ class ChatServer:
         if room is None:
             return
         s.typing_at = now
-        data = encode({"type": "typing", "room": room.name, "nick": s.nick})
+        typing = {"type": "typing", "room": room.name, "nick": s.nick}
+        data = encode(typing)
         for member in room.members.values():
             if member is not s:
-                member.send(data)
+                member.tell(typing, data)
 
     def handle_quit(self, s: Session, msg: dict) -> None:
         reason = clean_text(msg.get("reason") or "").replace("\n", " ").strip()[:MAX_REASON_LEN]
@@ -2110,7 +2177,7 @@ class ChatServer:
             return
         room = self.rooms.get(nick_key(name))
         if room is not None and nick_key(room.name) in s.rooms:
-            s.send(encode(room.users_event()))  # already there: just the current list
+            s.tell(room.users_event())  # already there: just the current list
             return
         if len(s.rooms) >= self.cfg.max_rooms_per_user:
             self._reply_error(s, msg, "too_many_rooms",
@@ -2149,14 +2216,14 @@ class ChatServer:
     def handle_rooms(self, s: Session, msg: dict) -> None:
         rooms = [{"room": r.name, "users": len(r.members), "topic": r.topic}
                  for r in sorted(self.rooms.values(), key=lambda r: nick_key(r.name))]
-        s.send(encode({"type": "rooms", "rooms": rooms}))
+        s.tell({"type": "rooms", "rooms": rooms})
 
     def handle_topic(self, s: Session, msg: dict) -> None:
         room = self._room_for(s, msg)
         if room is None:
             return
         if "topic" not in msg:  # a question, not a change
-            s.send(encode(room.topic_event()))
+            s.tell(room.topic_event())
             return
         if self.is_muted(s):
             self._reply_error(s, msg, "muted")
@@ -2227,11 +2294,11 @@ class ChatServer:
         self.transfers[t.id] = t
         data = encode(offer)
         for member in audience:
-            member.send(data)
+            member.tell(offer, data)
         echo = dict(offer, recipients=[m.nick for m in audience])
         if msg.get("cid") is not None:
             echo["cid"] = msg["cid"]
-        s.send(encode(echo))
+        s.tell(echo)
         self.log(s, logging.INFO, "%s offers a file of %d bytes (%s)", s.nick, size, t.id)
 
     def _transfer(self, s: Session, msg: dict) -> Transfer | None:
@@ -2250,13 +2317,13 @@ class ChatServer:
                               "(or you accepted it already).")
             return
         t.streams[key] = [s, 0, 0, 0]  # receiver, unacknowledged chunks, bytes, chunks
-        t.sender.send(encode({"type": "file_accept", "id": t.id, "nick": s.nick}))
+        t.sender.tell({"type": "file_accept", "id": t.id, "nick": s.nick})
 
     def handle_file_decline(self, s: Session, msg: dict) -> None:
         t = self._transfer(s, msg)
         if t is not None and nick_key(s.nick or "") in t.eligible:
             t.eligible.discard(nick_key(s.nick or ""))
-            t.sender.send(encode({"type": "file_decline", "id": t.id, "nick": s.nick}))
+            t.sender.tell({"type": "file_decline", "id": t.id, "nick": s.nick})
 
     def _stream(self, s: Session, msg: dict) -> tuple[Transfer, list] | None:
         """The sender's stream to msg["to"], or None after saying why not."""
@@ -2285,21 +2352,21 @@ class ChatServer:
                               f"(at most {FILE_WINDOW} ahead) and add up to the offered size.")
             self._end_stream(t, nick_key(receiver.nick or ""), "the sender broke the rules")
             return
-        receiver.send(encode({"type": "file_chunk", "id": t.id, "seq": msg["seq"],
-                              "data": data}))
+        receiver.tell({"type": "file_chunk", "id": t.id, "seq": msg["seq"],
+                              "data": data})
 
     def handle_file_ack(self, s: Session, msg: dict) -> None:
         t = self._transfer(s, msg)
         stream = t.streams.get(nick_key(s.nick or "")) if t is not None else None
         if t is not None and stream is not None and stream[0] is s and stream[1] > 0:
             stream[1] -= 1  # (an ack for no chunk is not passed on)
-            t.sender.send(encode({"type": "file_ack", "id": t.id, "nick": s.nick,
-                                  "seq": msg["seq"]}))
+            t.sender.tell({"type": "file_ack", "id": t.id, "nick": s.nick,
+                                  "seq": msg["seq"]})
 
     def handle_file_done(self, s: Session, msg: dict) -> None:
         found = self._stream(s, msg)
         if found is not None:
-            found[1][0].send(encode({"type": "file_done", "id": found[0].id}))
+            found[1][0].tell({"type": "file_done", "id": found[0].id})
 
     def handle_file_received(self, s: Session, msg: dict) -> None:
         t = self._transfer(s, msg)
@@ -2311,7 +2378,7 @@ class ChatServer:
         result = {"type": "file_result", "id": t.id, "nick": s.nick, "ok": msg["ok"]}
         if msg.get("reason") and not self.is_muted(s):
             result["reason"] = clean_text(msg["reason"])[:MAX_REASON_LEN]
-        t.sender.send(encode(result))
+        t.sender.tell(result)
         if not t.eligible and "to" in t.offer:
             self.transfers.pop(t.id, None)
 
@@ -2334,8 +2401,8 @@ class ChatServer:
             involved = t.streams.pop(key, None) is not None or key in t.eligible
             t.eligible.discard(key)
             if involved:
-                t.sender.send(encode({"type": "file_cancel", "id": t.id, "nick": s.nick,
-                                      "reason": reason}))
+                t.sender.tell({"type": "file_cancel", "id": t.id, "nick": s.nick,
+                                      "reason": reason})
 
     def _end_stream(self, t: Transfer, key: str, reason: str) -> None:
         """Tell a receiver (offered or streaming) that the sender's side is over;
@@ -2345,8 +2412,8 @@ class ChatServer:
         t.eligible.discard(key)
         receiver = stream[0] if stream else self.nicks.get(key) if offered else None
         if receiver is not None:
-            receiver.send(encode({"type": "file_cancel", "id": t.id, "nick": t.sender.nick,
-                                  "reason": reason}))
+            receiver.tell({"type": "file_cancel", "id": t.id, "nick": t.sender.nick,
+                                  "reason": reason})
 
     def _drop_transfers(self, s: Session) -> None:
         """A sender or receiver is gone: end what it was part of."""
@@ -2362,8 +2429,8 @@ class ChatServer:
                                                                 key in t.eligible):
                     t.streams.pop(key, None)
                     t.eligible.discard(key)
-                    t.sender.send(encode({"type": "file_cancel", "id": t.id, "nick": s.nick,
-                                          "reason": f"{s.nick} left"}))
+                    t.sender.tell({"type": "file_cancel", "id": t.id, "nick": s.nick,
+                                          "reason": f"{s.nick} left"})
 
     # --- private messages and away
     def _chat_text(self, s: Session, msg: dict) -> str | None:
@@ -2403,19 +2470,19 @@ class ChatServer:
         if msg.get("action"):
             event["action"] = True
         if target is not s:
-            target.send(encode(event))
+            target.tell(event)
         if msg.get("cid") is not None:
             event["cid"] = msg["cid"]
             self._remember_cid(s.identity, msg["cid"], ("pm", event["id"], target.nick,
                                                         event["ts"], bool(msg.get("action"))))
-        s.send(encode(event))
+        s.tell(event)
         assert s.nick is not None
         if target.away is not None and nick_key(s.nick) not in (target.away_told or ()):
             if target.away_told is None:
                 target.away_told = set()
             target.away_told.add(nick_key(s.nick))  # once per conversation
-            s.send(encode({"type": "notice", "nick": target.nick, "away": target.away,
-                           "text": f"{target.nick} is away: {target.away or '(no message)'}"}))
+            s.tell({"type": "notice", "nick": target.nick, "away": target.away,
+                           "text": f"{target.nick} is away: {target.away or '(no message)'}"})
 
     def _tell_sharers(self, s: Session, event: dict, also: Session | None = None) -> None:
         """Send an event about `s` once to everyone sharing a room with her, to her,
@@ -2425,7 +2492,7 @@ class ChatServer:
             audience.update(room.members.values())
         data = encode(event)
         for member in audience:
-            member.send(data)
+            member.tell(event, data)
 
     def handle_away(self, s: Session, msg: dict) -> None:
         message = clean_text(msg.get("message") or "").replace("\n", " ").strip()
@@ -2484,12 +2551,12 @@ class ChatServer:
         delay = 0.0
         if record[0] >= self.cfg.auth_slow_after:
             delay = min(AUTH_MAX_DELAY, 0.5 * 2 ** (record[0] - self.cfg.auth_slow_after))
-        reply = encode(error("auth_failed", "Wrong password.", **self._error_context(msg)))
+        reply = error("auth_failed", "Wrong password.", **self._error_context(msg))
         s.auth_hold_until = now + delay
         if delay:
-            self.loop.call_later(delay, s.send, reply)
+            self.loop.call_later(delay, s.tell, reply)
         else:
-            s.send(reply)
+            s.tell(reply)
         return False
 
     def handle_op(self, s: Session, msg: dict) -> None:
@@ -2499,7 +2566,7 @@ class ChatServer:
         if self._check_password(s, msg, self.cfg.op_password, self.op_failures):
             s.operator = True
             log.info("%s (%s) is now an operator", s.nick, s.peer)
-            s.send(encode({"type": "op", "nick": s.nick, "ok": True}))
+            s.tell({"type": "op", "nick": s.nick, "ok": True})
 
     def _moderate(self, s: Session, msg: dict) -> Session | None:
         """The target of a moderation request, or None after replying why not."""
@@ -2522,7 +2589,7 @@ class ChatServer:
         return clean_text(msg.get("reason") or "").replace("\n", " ").strip()[:MAX_REASON_LEN]
 
     def _remove(self, target: Session, code: str, text: str) -> None:
-        target.send(encode({"type": "bye", "code": code, "reason": text}))
+        target.tell({"type": "bye", "code": code, "reason": text})
         target.quit_message = text
         target.close(code)
 
@@ -2568,8 +2635,8 @@ class ChatServer:
             if k.startswith("@") and nick_key(nick) == key:
                 del self.bans[k]
         self.save_state()
-        s.send(encode({"type": "moderation", "action": "unban", "nick": entry[0],
-                       "by": s.nick, "reason": "", "ts": round(time.time(), 3)}))
+        s.tell({"type": "moderation", "action": "unban", "nick": entry[0],
+                       "by": s.nick, "reason": "", "ts": round(time.time(), 3)})
 
     def handle_mute(self, s: Session, msg: dict) -> None:
         target = self._moderate(s, msg)
@@ -2703,12 +2770,24 @@ def irc_parse(line: str) -> tuple[str, list[str]]:
     return (params[0].upper() if params else ""), params[1:]
 
 
-class IrcClient:
-    """The IRC side of one Session."""
+def irc_of(s: Session) -> IrcWire | None:
+    """A session's IRC wire, if it came by IRC."""
+    return s.wire if isinstance(s.wire, IrcWire) else None
+
+
+class IrcWire(Wire):
+    """The IRC side of one Session: IRC lines in, the core's requests out;
+    the core's events in, IRC lines out."""
+
+    native = False
+    joins_lobby = False  # IRC users choose their channels themselves
 
     def __init__(self, server: ChatServer, session: Session):
-        self.server, self.s = server, session
+        super().__init__(server, session)
         self.name = server.cfg.server_name
+        self.context = ""              # the command being answered (for error numerics)
+        self.last_error = ""           # the code of the last error it was told
+        self.quit_tick = -1            # the tick quits_sent belongs to
         self.nick = ""                 # asked for before registration
         self.user = ""
         self.realname = ""
@@ -2736,7 +2815,8 @@ class IrcClient:
 
     def prefix(self, nick: Any) -> str:
         other = self.server.nicks.get(nick_key(str(nick)))
-        user = other.irc.user if other is not None and other.irc is not None else IRC_USER
+        wire = irc_of(other) if other is not None else None
+        user = wire.user if wire is not None else IRC_USER
         return f"{nick}!{user}@{self.name}"
 
     def say(self, nick: str, command: str, target: str, text: str,
@@ -2751,49 +2831,83 @@ class IrcClient:
         for data in lines:
             self.s.send(data)
 
-    def outgoing(self, out: list[bytes]) -> list[bytes]:
-        """Translate what the server queued as JSON events; IRC lines pass."""
-        lines: list[bytes] = []
-        self.quits_sent.clear()
-        for data in out:
-            if data.startswith(b"{"):
-                try:
-                    lines.extend(self.translate(json.loads(data)))
-                except (ValueError, KeyError, TypeError):
-                    log.exception("could not translate an event for IRC")
-            else:
-                lines.append(data)
-        return lines
+    # --- events from the core
+    def tell(self, event: dict) -> None:
+        self.send(*self.translate(event, self.context))
+        if event.get("code") == "auth_failed" and not self.registered and \
+                event.get("type") == "error":  # IRC has no second try: 464, then goodbye
+            self.send(self.line("ERROR :Closing link: wrong or missing password (PASS)"))
+            self.s.close("auth_failed")
 
-    def translate(self, e: dict, command: str = "") -> list[bytes]:
-        """One PyChat event as IRC lines for this client."""
-        kind, me = e.get("type"), nick_key(self.me())
+    def render(self, e: dict) -> list[bytes] | None:
+        """A broadcast's lines, the same for every IRC member (None: it is
+        different for each, see translate)."""
+        try:
+            return self.shared_lines(e)
+        except (KeyError, TypeError, ValueError):
+            log.exception("could not translate an event for IRC")
+            return []
+
+    def take(self, e: dict, rendered: list[bytes] | None) -> None:
+        if self.wanted(e):
+            self.s.out.extend(rendered if rendered is not None else self.translate(e))
+
+    def wanted(self, e: dict) -> bool:
+        """False for what this client must not see again: its own messages
+        (IRC clients show them themselves) and a second QUIT of one user
+        (who left several shared channels) in one tick."""
+        kind = e.get("type")
         if kind == "msg":
-            if nick_key(str(e.get("from"))) == me:
-                return []  # IRC clients show their own lines themselves
+            return nick_key(str(e.get("from"))) != nick_key(self.me())
+        if kind == "leave" and e.get("reason") != "part":
+            if self.quit_tick != self.server.tick:
+                self.quit_tick = self.server.tick
+                self.quits_sent.clear()
+            if e.get("nick") in self.quits_sent:
+                return False
+            self.quits_sent.add(str(e.get("nick")))
+        return True
+
+    def shared_lines(self, e: dict) -> list[bytes] | None:
+        kind = e.get("type")
+        if kind == "msg":
             return self.say(e["from"], "PRIVMSG", e["room"], e["text"], bool(e.get("action")))
-        if kind == "pm":
-            if nick_key(str(e.get("from"))) == me and nick_key(str(e.get("to"))) != me:
-                return []
-            return self.say(e["from"], "PRIVMSG", self.me(), e["text"], bool(e.get("action")))
         if kind == "join":
             return [self.line(f":{self.prefix(e['nick'])} JOIN {e['room']}")]
         if kind == "leave":
             if e.get("reason") == "part":
                 message = f" :{e['message']}" if e.get("message") else ""
                 return [self.line(f":{self.prefix(e['nick'])} PART {e['room']}{message}")]
-            if e["nick"] in self.quits_sent:
-                return []
-            self.quits_sent.add(e["nick"])
             why = e.get("message") or e.get("reason") or "Quit"
             return [self.line(f":{self.prefix(e['nick'])} QUIT :{why}")]
+        if kind == "topic":
+            return [self.line(f":{self.prefix(e.get('by') or self.name)} TOPIC {e['room']} "
+                              f":{e.get('topic', '')}")]
+        return None
+
+    def translate(self, e: dict, command: str = "") -> list[bytes]:
+        """One PyChat event as IRC lines for this client."""
+        try:
+            return self._translate(e, command)
+        except (KeyError, TypeError, ValueError):
+            log.exception("could not translate an event for IRC")
+            return []
+
+    def _translate(self, e: dict, command: str) -> list[bytes]:
+        if not self.wanted(e):
+            return []
+        shared = self.shared_lines(e)
+        if shared is not None:
+            return shared
+        kind, me = e.get("type"), nick_key(self.me())
+        if kind == "pm":
+            if nick_key(str(e.get("from"))) == me and nick_key(str(e.get("to"))) != me:
+                return []
+            return self.say(e["from"], "PRIVMSG", self.me(), e["text"], bool(e.get("action")))
         if kind == "nick":
             if nick_key(str(e["old"])) == me:
                 self.nick = e["new"]
             return [self.line(f":{self.prefix(e['old'])} NICK :{e['new']}")]
-        if kind == "topic":
-            return [self.line(f":{self.prefix(e.get('by') or self.name)} TOPIC {e['room']} "
-                              f":{e.get('topic', '')}")]
         if kind == "welcome":
             return self.welcome(e)
         if kind == "ping":
@@ -2817,7 +2931,7 @@ class IrcClient:
         return []  # typing, users, history, rooms...: IRC asks for those itself
 
     def error(self, e: dict, context: str) -> list[bytes]:
-        code = str(e.get("code"))
+        code = self.last_error = str(e.get("code"))
         message = str(e.get("message") or ERRORS.get(code, code))
         if context.startswith("NOTICE "):
             return []  # RFC 2812: no automatic replies to a NOTICE
@@ -2857,7 +2971,7 @@ class IrcClient:
                 + [self.numeric("376", text="End of /MOTD command.")])
 
     # --- room state, asked for by the server on joining
-    def joined(self, room: Room) -> None:
+    def joined(self, room: Room, after: int | None = None) -> None:
         """JOIN, topic, NAMES, then the recent history, as a JOIN reply goes.
         History is replayed one room per tick and only while the client reads
         (see Session.resume_writing), so JOIN #a,#b,... with 50 full rooms
@@ -2916,8 +3030,11 @@ class IrcClient:
             lines.append(self.numeric("353", "=", room.name, text=" ".join(batch)))
         return lines + [self.numeric("366", room.name, text="End of /NAMES list.")]
 
+    def resume(self) -> None:
+        self.replay_next()
+
     # --- input
-    def handle(self, raw: bytes) -> None:
+    def receive(self, raw: bytes) -> None:
         text = raw[:IRC_MAX_LINE - 2].decode("utf-8", "replace")
         command, params = irc_parse(text)
         if not command:
@@ -2933,24 +3050,19 @@ class IrcClient:
         handler(params)
 
     def request(self, context: str, **msg: Any) -> None:
-        """Run a PyChat request for this client; translate what it answers now,
-        so it comes before the answer to the next command."""
-        s = self.s
-        mark = len(s.out)
+        """Run a PyChat request for this client, exactly as a JSON client's
+        would run; what it answers is translated as it is told, with
+        `context` (the IRC command) for the error numerics."""
+        outer, self.context = self.context, context
         try:
-            validate(msg)
-        except ProtocolError as e:
-            s.send(encode(error(e.code, e.message, request=msg["type"])))
-        else:
-            self.server.handlers[msg["type"]](s, msg)
-        new = s.out[mark:]
-        del s.out[mark:]
-        for data in new:
-            if data.startswith(b"{"):
-                for line in self.translate(json.loads(data), context):
-                    s.out.append(line)
-            else:
-                s.out.append(data)
+            try:
+                validate(msg)
+            except ProtocolError as e:
+                self.tell(error(e.code, e.message, request=msg["type"]))
+                return
+            self.server.handlers[msg["type"]](self.s, msg)
+        finally:
+            self.context = outer
 
     def extra_token(self) -> bool:
         """The line paid for its first target; each further one (JOIN #a,#b,
@@ -3009,9 +3121,6 @@ class IrcClient:
             hello["password"] = self.password
         self.request(f"NICK {self.nick}", **hello)
         self.registered = self.s.nick is not None
-        if not self.registered and any(b" 464 " in data for data in self.s.out):
-            self.send(self.line("ERROR :Closing link: wrong or missing password (PASS)"))
-            self.s.close("auth_failed")
 
     def on_ping(self, params: list[str]) -> None:
         if not params or not params[0]:
@@ -3084,7 +3193,7 @@ class IrcClient:
     def ctcp(self, command: str, target: str, body: str) -> None:
         word, _, rest = body.partition(" ")
         other = self.server.nicks.get(nick_key(target))
-        if command != "PRIVMSG" or other is None or other.irc is not None:
+        if command != "PRIVMSG" or other is None or irc_of(other) is not None:
             return  # IRC users answer for themselves (not relayed: no CTCP in PyChat)
         answer = {"VERSION": f"VERSION PyChat {__version__} (via the IRC gateway)",
                   "PING": f"PING {rest}"}.get(word.upper())
@@ -3137,8 +3246,9 @@ class IrcClient:
 
     def _who_line(self, target: str, s: Session) -> bytes:
         flags = ("G" if s.away is not None else "H") + ("*" if s.operator else "")
-        real = (s.irc.realname or str(s.nick)) if s.irc else "a PyChat user"
-        return self.numeric("352", target, s.irc.user if s.irc else IRC_USER, self.name,
+        wire = irc_of(s)
+        real = (wire.realname or str(s.nick)) if wire else "a PyChat user"
+        return self.numeric("352", target, wire.user if wire else IRC_USER, self.name,
                             self.name, str(s.nick), flags, text=f"0 {real}")
 
     def on_who(self, params: list[str]) -> None:
@@ -3162,8 +3272,9 @@ class IrcClient:
             self.send(self.numeric("401", nick, text="No such nick/channel"))
         else:
             nick = str(s.nick)
-            self.send(self.numeric("311", nick, s.irc.user if s.irc else IRC_USER, self.name,
-                                   "*", text=(s.irc.realname or nick) if s.irc else
+            wire = irc_of(s)
+            self.send(self.numeric("311", nick, wire.user if wire else IRC_USER, self.name,
+                                   "*", text=(wire.realname or nick) if wire else
                                    "a PyChat user"))
             rooms = " ".join(r.name for r in s.rooms.values())
             if rooms:
@@ -3228,6 +3339,9 @@ class IrcClient:
         found = [f"{self.server.nicks[nick_key(n)].nick}=+{IRC_USER}@{self.name}"
                  for n in params[:5] if nick_key(n) in self.server.nicks]
         self.send(self.numeric("302", text=" ".join(found)))
+
+
+ChatServer.foreign_wire = IrcWire  # a first line that is not JSON is IRC
 
 
 # ===========================================================================

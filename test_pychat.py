@@ -2009,7 +2009,7 @@ class HardeningIrcTests(ServerCase):
         original = pychat.Session.flush
 
         def measured(session):
-            if session.irc is not None and session.nick == "ircy":
+            if not session.native and session.nick == "ircy":
                 flushes.append(sum(map(len, session.out)))
             original(session)
         pychat.Session.flush = measured
