@@ -35,7 +35,7 @@ the ones above it:
     1. Constants and limits      5. Sound (make_ding, Notifier)
     2. Protocol                  6. Terminal client (run_cli)
     3. Server core               7. GUI client (ChatWindow, run_gui)
-    3b. IRC gateway (IrcClient)  7b. Desktop launcher (install-desktop)
+    3b. IRC gateway (IrcWire)    7b. Desktop launcher (install-desktop)
     4. Client core (ChatClient)  8. Benchmark (bench)
                                  9. Entry point (build_parser, main)
 """
@@ -521,13 +521,25 @@ def parse_size(text: str) -> int:
 
 
 # ===========================================================================
-# 3. Server core -- Room, Session, ChatServer.  Uses: constants, protocol.
+# 3. Server core -- ServerConfig, Wire, Room, Session, Store, ChatServer.
+#    Uses: constants, protocol.
 #
 # Each connection is an asyncio.Protocol (a Session) with its own line
-# splitting.  Broadcast encodes an event once and appends the same bytes to
-# every member's output list; one callback per event-loop tick writes what
-# each session is owed in a single transport.write().  Nothing ever awaits a
-# peer: a session whose unsent backlog passes the cap is dropped instead.
+# splitting and a Wire that says how its bytes are read and written (JSON
+# lines natively; other wires plug in from below, so this section knows
+# none of them).  Broadcast encodes an event once per wire kind and appends
+# the same bytes to every member's output list; one callback per event-loop
+# tick writes what each session is owed in a single transport.write().
+# Nothing ever awaits a peer: a session whose unsent backlog passes the cap
+# is dropped instead.
+#
+# The rule for everything a client can make the server hold (output
+# backlog, history replies, rooms, room histories, resend memory, file
+# streams, half-open TLS handshakes, log lines): it has a named per-client
+# or global cap in ServerConfig, it is charged to the client that caused
+# it, and it is released when that client goes.  No request skips the
+# flood bucket (file chunks and acks are paced by their stream's window
+# instead, and only once parsed and found to belong to one).
 # ===========================================================================
 
 def read_secret(path: str) -> str:
@@ -2709,15 +2721,15 @@ def _raise_open_files(wanted: int) -> None:
 
 
 # ===========================================================================
-# 3b. IRC gateway -- IrcClient: lets any IRC client (irssi, WeeChat, HexChat)
+# 3b. IRC gateway -- IrcWire: lets any IRC client (irssi, WeeChat, HexChat)
 #     into the same rooms, on the same port (a first line that does not start
 #     with "{" is IRC) or on --irc-port.  Uses: constants, protocol, server.
 #
-# IRC commands become the server's own requests, so every rule (flood,
-# backlog, bans, mutes, nick uniqueness) is the same for everyone.  What the
-# server sends as JSON events is translated into IRC lines when it is
-# written: replies to a command right after the command, broadcasts at the
-# end of the tick.  RFC 1459 / RFC 2812 for one server, as clients expect it.
+# IRC commands become the server's own requests, run by the same handlers,
+# so every rule (flood, backlog, bans, mutes, nick uniqueness) is the same
+# for everyone.  The events the server tells an IRC session become IRC lines
+# as they are told (a broadcast's lines are rendered once for all IRC
+# members).  RFC 1459 / RFC 2812 for one server, as clients expect it.
 # ===========================================================================
 
 IRC_MAX_LINE = 512             # bytes, CRLF included
