@@ -7399,6 +7399,41 @@ class BenchClient(asyncio.Protocol):
             self.transport.write(data)
 
 
+class BenchIrcClient(asyncio.Protocol):
+    """One simulated IRC user (bench --irc): joins #lobby, counts the PRIVMSG
+    lines it receives, answers PING.  A receiver only."""
+
+    def __init__(self, nick: str, measure: bool = False):
+        self.nick = nick
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.received = 0
+        self.latencies: list[float] = []
+        self.welcomed = asyncio.get_running_loop().create_future()
+        self.closed = False
+        self.to_send = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(f"NICK {self.nick}\r\nUSER {self.nick} 0 * :bench\r\n"  # type: ignore
+                        f"JOIN {LOBBY}\r\n".encode())
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        end = buf.rfind(b"\n") + 1
+        self.received += buf.count(b" PRIVMSG ", 0, end)
+        if not self.welcomed.done() and b" 366 " in buf[:end]:
+            self.welcomed.set_result(True)
+        if b"PING" in buf[:end] and self.transport is not None:
+            self.transport.write(b"PONG :bench\r\n")
+        self.buf = buf[end:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.welcomed.done():
+            self.welcomed.set_exception(ConnectionError("closed before joining"))
+
+
 def _percentile(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -7446,15 +7481,18 @@ class Progress:
 
 
 async def _connect_clients(host: str, port: int, count: int, measure: int,
-                           progress: Progress, prefix: str = "b") -> list[BenchClient]:
-    """Open and register `count` clients, a few hundred connects at a time."""
+                           progress: Progress, prefix: str = "b",
+                           irc: int = 0) -> list[Any]:
+    """Open and register `count` clients, a few hundred connects at a time;
+    `irc` of them (after the `measure` ones) come by IRC."""
     loop = asyncio.get_running_loop()
-    clients: list[BenchClient] = []
+    clients: list[Any] = []
     step = 200
     for start in range(0, count, step):
         batch = []
         for i in range(start, min(count, start + step)):
-            client = BenchClient(f"{prefix}{i}", i < measure)
+            kind = BenchIrcClient if measure <= i < measure + irc else BenchClient
+            client = kind(f"{prefix}{i}", i < measure)
             await loop.create_connection(lambda c=client: c, host, port)
             batch.append(client)
         await asyncio.wait_for(asyncio.gather(*(c.welcomed for c in batch)), 120)
@@ -7465,11 +7503,18 @@ async def _connect_clients(host: str, port: int, count: int, measure: int,
 
 async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messages: int,
                        rate: float, progress: Progress, timeout: float,
-                       server_pid: int | None) -> dict[str, Any]:
-    """N clients in one room; S of them send M messages each; everyone counts."""
+                       server_pid: int | None, irc: int = 0) -> dict[str, Any]:
+    """N clients in one room; S of them send M messages each; everyone counts
+    (`irc` of the receivers by IRC)."""
     gen_cpu0 = time.process_time()
     started = time.monotonic()
-    clients = await _connect_clients(host, port, clients_n, BENCH_LATENCY_SAMPLE, progress)
+    room = clients_n - senders - min(BENCH_LATENCY_SAMPLE, clients_n)  # plain receivers
+    if irc > max(0, room):
+        raise PyChatError(f"--irc {irc}: at most {max(0, room)} of these clients can be IRC "
+                          f"receivers (not senders, nor the {BENCH_LATENCY_SAMPLE} that time "
+                          "messages)")
+    clients = await _connect_clients(host, port, clients_n, BENCH_LATENCY_SAMPLE, progress,
+                                     irc=irc)
     connect_s = time.monotonic() - started
     before = process_stats(server_pid) if server_pid else {}
     expected = senders * messages * clients_n
@@ -7502,7 +7547,8 @@ async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messa
         t.cancel()
     latencies = [x for c in clients for x in c.latencies]
     result = {
-        "scenario": "fanout", "clients": clients_n, "senders": senders, "messages": messages,
+        "scenario": "fanout", "clients": clients_n, "irc_clients": irc, "senders": senders,
+        "messages": messages,
         "rate": rate, "connect_seconds": round(connect_s, 3),
         "connects_per_second": round(clients_n / connect_s, 1) if connect_s else None,
         "sent": senders * messages, "expected_deliveries": expected,
@@ -7704,7 +7750,7 @@ async def run_bench(args: argparse.Namespace) -> list[dict]:
             if args.scenario == "fanout":
                 result = await bench_fanout(host, port, args.clients, args.senders,
                                             args.messages, args.rate, progress, args.timeout,
-                                            pid)
+                                            pid, args.irc if name == "pychat" else 0)
             else:
                 result = await bench_connections(host, port, args.clients, progress, pid)
         finally:
@@ -7953,6 +7999,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how many of them send (default: %(default)s)")
     bench.add_argument("--messages", type=_positive_int, default=500, metavar="M",
                        help="messages each sender sends (default: %(default)s)")
+    bench.add_argument("--irc", type=_non_negative_int, default=0, metavar="N",
+                       help="fanout: N of the receivers join by IRC (the reference server "
+                       "gets JSON clients only) (default: %(default)s)")
     bench.add_argument("--rate", type=_non_negative, default=0.0, metavar="R",
                        help="messages per second per sender; 0 sends as fast as possible "
                             "(default: %(default)s)")

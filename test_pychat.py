@@ -3385,6 +3385,18 @@ class BenchTests(unittest.TestCase):
             self.assertLessEqual(lat["p99"], lat["max"])
         self.assertIn("vs_reference", results[0])
 
+    def test_irc_receivers_count_every_message_too(self):
+        (result,) = self.run_bench("--clients", "20", "--irc", "8", "--senders", "2",
+                                   "--messages", "15")
+        self.assertEqual(result["irc_clients"], 8)
+        self.assertEqual(result["received_deliveries"], 2 * 15 * 20)
+        self.assertEqual(result["lost"], 0)
+        out = subprocess.run([sys.executable, PYCHAT, "bench", "--clients", "12", "--senders",
+                              "1", "--irc", "5"],
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("--irc 5", out.stderr)
+
     def test_connections_and_a_readable_table(self):
         results = self.run_bench("--scenario", "connections", "--clients", "30")
         self.assertEqual(results[0]["open"], 30)
