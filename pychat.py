@@ -2736,13 +2736,76 @@ IRC_MAX_LINE = 512             # bytes, CRLF included
 IRC_USER = "pychat"            # the user part of nick!user@host prefixes
 _IRC_BREAKS = re.compile("[\r\n\0]")  # what would end an IRC line early
 
+# Numeric replies, named as in RFC 2812 and modern.ircdocs.horse.
+RPL_WELCOME = "001"
+RPL_YOURHOST = "002"
+RPL_CREATED = "003"
+RPL_MYINFO = "004"
+RPL_ISUPPORT = "005"
+RPL_UMODEIS = "221"
+RPL_LUSERCLIENT = "251"
+RPL_LUSERCHANNELS = "254"
+RPL_LUSERME = "255"
+RPL_AWAY = "301"
+RPL_USERHOST = "302"
+RPL_ISON = "303"
+RPL_UNAWAY = "305"
+RPL_NOWAWAY = "306"
+RPL_WHOISUSER = "311"
+RPL_WHOISSERVER = "312"
+RPL_WHOISOPERATOR = "313"
+RPL_ENDOFWHO = "315"
+RPL_ENDOFWHOIS = "318"
+RPL_WHOISCHANNELS = "319"
+RPL_LISTSTART = "321"
+RPL_LIST = "322"
+RPL_LISTEND = "323"
+RPL_CHANNELMODEIS = "324"
+RPL_NOTOPIC = "331"
+RPL_TOPIC = "332"
+RPL_TOPICWHOTIME = "333"
+RPL_ENDOFINVITELIST = "347"
+RPL_ENDOFEXCEPTLIST = "349"
+RPL_VERSION = "351"
+RPL_WHOREPLY = "352"
+RPL_NAMREPLY = "353"
+RPL_ENDOFNAMES = "366"
+RPL_ENDOFBANLIST = "368"
+RPL_MOTD = "372"
+RPL_MOTDSTART = "375"
+RPL_ENDOFMOTD = "376"
+ERR_NOSUCHNICK = "401"
+ERR_NOSUCHCHANNEL = "403"
+ERR_CANNOTSENDTOCHAN = "404"
+ERR_TOOMANYCHANNELS = "405"
+ERR_NOORIGIN = "409"
+ERR_INVALIDCAPCMD = "410"
+ERR_NORECIPIENT = "411"
+ERR_NOTEXTTOSEND = "412"
+ERR_UNKNOWNCOMMAND = "421"
+ERR_NOMOTD = "422"
+ERR_NONICKNAMEGIVEN = "431"
+ERR_ERRONEUSNICKNAME = "432"
+ERR_NICKNAMEINUSE = "433"
+ERR_NOTONCHANNEL = "442"
+ERR_NOTREGISTERED = "451"
+ERR_NEEDMOREPARAMS = "461"
+ERR_ALREADYREGISTERED = "462"
+ERR_PASSWDMISMATCH = "464"
+ERR_YOUREBANNEDCREEP = "465"
+ERR_NOPRIVILEGES = "481"
+ERR_CHANOPRIVSNEEDED = "482"
+ERR_USERSDONTMATCH = "502"
+
 # PyChat error codes -> IRC numerics (and what the numeric's parameter is).
 IRC_ERRORS = {
-    "no_such_nick": "401", "no_such_room": "403", "not_in_room": "442",
-    "room_invalid": "403", "too_many_rooms": "405", "nick_invalid": "432",
-    "nick_taken": "433", "not_registered": "451", "already_registered": "462",
-    "auth_failed": "464", "not_operator": "481", "muted": "404", "empty": "412",
-    "banned": "465",
+    "no_such_nick": ERR_NOSUCHNICK, "no_such_room": ERR_NOSUCHCHANNEL,
+    "not_in_room": ERR_NOTONCHANNEL, "room_invalid": ERR_NOSUCHCHANNEL,
+    "too_many_rooms": ERR_TOOMANYCHANNELS, "nick_invalid": ERR_ERRONEUSNICKNAME,
+    "nick_taken": ERR_NICKNAMEINUSE, "not_registered": ERR_NOTREGISTERED,
+    "already_registered": ERR_ALREADYREGISTERED, "auth_failed": ERR_PASSWDMISMATCH,
+    "not_operator": ERR_NOPRIVILEGES, "muted": ERR_CANNOTSENDTOCHAN,
+    "empty": ERR_NOTEXTTOSEND, "banned": ERR_YOUREBANNEDCREEP,
 }
 
 
@@ -2927,11 +2990,11 @@ class IrcWire(Wire):
         if kind == "pong":
             return [self.line(f":{self.name} PONG {self.name} :{e.get('data', '')}")]
         if kind == "away" and nick_key(str(e.get("nick"))) == me:
-            return [self.numeric("306", text="You have been marked as being away")
+            return [self.numeric(RPL_NOWAWAY, text="You have been marked as being away")
                     if e.get("away") else
-                    self.numeric("305", text="You are no longer marked as being away")]
+                    self.numeric(RPL_UNAWAY, text="You are no longer marked as being away")]
         if kind == "notice" and e.get("away") is not None:
-            return [self.numeric("301", str(e.get("nick")), text=str(e.get("away") or "away"))]
+            return [self.numeric(RPL_AWAY, str(e.get("nick")), text=str(e.get("away") or "away"))]
         if kind == "moderation":
             return [self.line(f":{self.name} NOTICE {self.me()} :{e.get('by')} did "
                               f"{e.get('action')} {e.get('nick')}"
@@ -2950,25 +3013,26 @@ class IrcWire(Wire):
         numeric = IRC_ERRORS.get(code)
         target = context.partition(" ")[2] or "*"
         if code == "not_in_room" and context.startswith("PRIVMSG "):
-            numeric, message = "404", "Cannot send to channel (join it first)"
+            numeric, message = ERR_CANNOTSENDTOCHAN, "Cannot send to channel (join it first)"
         if code in ("flooding", "line_too_long", "auth_blocked", "server_full",
                     "too_many_connections", "connecting_too_fast") or (
                 code == "banned" and not self.registered):
             return [self.line(f"ERROR :Closing link: {message}")]
         if numeric is None:
             return [self.line(f":{self.name} NOTICE {self.me()} :{message}")]
-        if numeric in ("451", "462", "464", "465", "481", "412"):
+        if numeric in (ERR_NOTREGISTERED, ERR_ALREADYREGISTERED, ERR_PASSWDMISMATCH,
+                       ERR_YOUREBANNEDCREEP, ERR_NOPRIVILEGES, ERR_NOTEXTTOSEND):
             return [self.numeric(numeric, text=message)]
         return [self.numeric(numeric, target, text=message)]
 
     def welcome(self, e: dict) -> list[bytes]:
         nick, srv = self.me(), self.server
         lines = [
-            self.numeric("001", text=f"Welcome to the PyChat IRC gateway {self.prefix(nick)}"),
-            self.numeric("002", text=f"Your host is {self.name}, running PyChat-{__version__}"),
-            self.numeric("003", text="This server was created when it started"),
-            self.line(f":{self.name} 004 {nick} {self.name} PyChat-{__version__} i n"),
-            self.numeric("005", "CHANTYPES=#", f"NICKLEN={MAX_NICK_LEN}",
+            self.numeric(RPL_WELCOME, text=f"Welcome to the PyChat IRC gateway {self.prefix(nick)}"),
+            self.numeric(RPL_YOURHOST, text=f"Your host is {self.name}, running PyChat-{__version__}"),
+            self.numeric(RPL_CREATED, text="This server was created when it started"),
+            self.line(f":{self.name} {RPL_MYINFO} {nick} {self.name} PyChat-{__version__} i n"),
+            self.numeric(RPL_ISUPPORT, "CHANTYPES=#", f"NICKLEN={MAX_NICK_LEN}",
                          f"CHANNELLEN={MAX_ROOM_LEN}", f"TOPICLEN={MAX_TOPIC}",
                          f"AWAYLEN={MAX_AWAY}", "CASEMAPPING=ascii", "NETWORK=PyChat",
                          "PREFIX=(o)@", "CHANMODES=,,,n", f"CHANLIMIT=#:{srv.cfg.max_rooms_per_user}",
@@ -2977,10 +3041,10 @@ class IrcWire(Wire):
 
     def motd(self) -> list[bytes]:
         if not self.server.cfg.motd:
-            return [self.numeric("422", text="MOTD File is missing")]
-        return ([self.numeric("375", text=f"- {self.name} Message of the day -")]
-                + [self.numeric("372", text=f"- {part}") for part in self.server.cfg.motd.split("\n")]
-                + [self.numeric("376", text="End of /MOTD command.")])
+            return [self.numeric(ERR_NOMOTD, text="MOTD File is missing")]
+        return ([self.numeric(RPL_MOTDSTART, text=f"- {self.name} Message of the day -")]
+                + [self.numeric(RPL_MOTD, text=f"- {part}") for part in self.server.cfg.motd.split("\n")]
+                + [self.numeric(RPL_ENDOFMOTD, text="End of /MOTD command.")])
 
     # --- room state, asked for by the server on joining
     def joined(self, room: Room, after: int | None = None) -> None:
@@ -3025,8 +3089,8 @@ class IrcWire(Wire):
         self.replay_next()
 
     def topic_lines(self, room: Room) -> list[bytes]:
-        return [self.numeric("332", room.name, text=room.topic),
-                self.line(f":{self.name} 333 {self.me()} {room.name} "
+        return [self.numeric(RPL_TOPIC, room.name, text=room.topic),
+                self.line(f":{self.name} {RPL_TOPICWHOTIME} {self.me()} {room.name} "
                           f"{self.prefix(room.topic_by) if room.topic_by else self.name}"
                           f" {int(room.topic_ts)}")]
 
@@ -3036,11 +3100,11 @@ class IrcWire(Wire):
         for nick in nicks:
             batch.append(("@" if room.members[nick_key(nick)].operator else "") + nick)
             if len(" ".join(batch)) > 400:
-                lines.append(self.numeric("353", "=", room.name, text=" ".join(batch)))
+                lines.append(self.numeric(RPL_NAMREPLY, "=", room.name, text=" ".join(batch)))
                 batch = []
         if batch:
-            lines.append(self.numeric("353", "=", room.name, text=" ".join(batch)))
-        return lines + [self.numeric("366", room.name, text="End of /NAMES list.")]
+            lines.append(self.numeric(RPL_NAMREPLY, "=", room.name, text=" ".join(batch)))
+        return lines + [self.numeric(RPL_ENDOFNAMES, room.name, text="End of /NAMES list.")]
 
     def resume(self) -> None:
         self.replay_next()
@@ -3051,15 +3115,14 @@ class IrcWire(Wire):
         command, params = irc_parse(text)
         if not command:
             return
-        handler = getattr(self, f"on_{command.lower()}", None)
-        if not self.registered and command not in ("CAP", "PASS", "NICK", "USER", "PING",
-                                                   "PONG", "QUIT"):
-            self.send(self.numeric("451", command, text="You have not registered"))
+        handler = IRC_COMMANDS.get(command)  # looked up apart from the call: a bug is no 421
+        if not self.registered and command not in IRC_BEFORE_REGISTRATION:
+            self.send(self.numeric(ERR_NOTREGISTERED, command, text="You have not registered"))
             return
         if handler is None:
-            self.send(self.numeric("421", command, text="Unknown command"))
+            self.send(self.numeric(ERR_UNKNOWNCOMMAND, command, text="Unknown command"))
             return
-        handler(params)
+        handler(self, params)
 
     def request(self, context: str, **msg: Any) -> None:
         """Run a PyChat request for this client, exactly as a JSON client's
@@ -3083,7 +3146,7 @@ class IrcWire(Wire):
 
     def need(self, params: list[str], count: int, command: str) -> bool:
         if len(params) < count or (count and not params[count - 1]):
-            self.send(self.numeric("461", command, text="Not enough parameters"))
+            self.send(self.numeric(ERR_NEEDMOREPARAMS, command, text="Not enough parameters"))
             return False
         return True
 
@@ -3096,13 +3159,13 @@ class IrcWire(Wire):
 
     def on_pass(self, params: list[str]) -> None:
         if self.registered:
-            self.send(self.numeric("462", text="You may not reregister"))
+            self.send(self.numeric(ERR_ALREADYREGISTERED, text="You may not reregister"))
         elif self.need(params, 1, "PASS"):
             self.password = params[0]
 
     def on_nick(self, params: list[str]) -> None:
         if not params or not params[0]:
-            self.send(self.numeric("431", text="No nickname given"))
+            self.send(self.numeric(ERR_NONICKNAMEGIVEN, text="No nickname given"))
             return
         nick = params[0]
         if self.registered:
@@ -3110,16 +3173,16 @@ class IrcWire(Wire):
             return
         problem = nick_problem(nick)
         if problem:
-            self.send(self.numeric("432", nick, text=problem))
+            self.send(self.numeric(ERR_ERRONEUSNICKNAME, nick, text=problem))
         elif nick_key(nick) in self.server.nicks:
-            self.send(self.numeric("433", nick, text="Nickname is already in use"))
+            self.send(self.numeric(ERR_NICKNAMEINUSE, nick, text="Nickname is already in use"))
         else:
             self.nick = nick
             self.register()
 
     def on_user(self, params: list[str]) -> None:
         if self.registered:
-            self.send(self.numeric("462", text="You may not reregister"))
+            self.send(self.numeric(ERR_ALREADYREGISTERED, text="You may not reregister"))
         elif self.need(params, 4, "USER"):
             self.user = "".join(c for c in params[0] if c.isalnum() or c in "-_.")[:16] or "irc"
             self.realname = clean_text(params[3]).replace("\n", " ")[:MAX_REASON_LEN]
@@ -3136,7 +3199,7 @@ class IrcWire(Wire):
 
     def on_ping(self, params: list[str]) -> None:
         if not params or not params[0]:
-            self.send(self.numeric("409", text="No origin specified"))
+            self.send(self.numeric(ERR_NOORIGIN, text="No origin specified"))
         else:
             self.send(self.line(f":{self.name} PONG {self.name} :{params[0]}"))
 
@@ -3177,11 +3240,11 @@ class IrcWire(Wire):
     def on_privmsg(self, params: list[str], command: str = "PRIVMSG") -> None:
         if not params:
             if command == "PRIVMSG":
-                self.send(self.numeric("411", text="No recipient given (PRIVMSG)"))
+                self.send(self.numeric(ERR_NORECIPIENT, text="No recipient given (PRIVMSG)"))
             return
         if len(params) < 2 or not params[1]:
             if command == "PRIVMSG":
-                self.send(self.numeric("412", text="No text to send"))
+                self.send(self.numeric(ERR_NOTEXTTOSEND, text="No text to send"))
             return
         text, action = params[1], False
         if text.startswith("\x01"):
@@ -3219,17 +3282,17 @@ class IrcWire(Wire):
     def _room(self, name: str) -> Room | None:
         room = self.server.rooms.get(nick_key(name))
         if room is None:
-            self.send(self.numeric("403", name, text="No such channel"))
+            self.send(self.numeric(ERR_NOSUCHCHANNEL, name, text="No such channel"))
         return room
 
     def on_names(self, params: list[str]) -> None:
         if not params:
-            self.send(self.numeric("366", "*", text="End of /NAMES list."))
+            self.send(self.numeric(RPL_ENDOFNAMES, "*", text="End of /NAMES list."))
             return
         for name in params[0].split(","):
             room = self.server.rooms.get(nick_key(name))
             self.send(*(self.names(room) if room else
-                        [self.numeric("366", name, text="End of /NAMES list.")]))
+                        [self.numeric(RPL_ENDOFNAMES, name, text="End of /NAMES list.")]))
 
     def on_topic(self, params: list[str]) -> None:
         if not self.need(params, 1, "TOPIC"):
@@ -3241,26 +3304,26 @@ class IrcWire(Wire):
         if room is None:
             return
         if nick_key(room.name) not in self.s.rooms:
-            self.send(self.numeric("442", room.name, text="You're not on that channel"))
+            self.send(self.numeric(ERR_NOTONCHANNEL, room.name, text="You're not on that channel"))
         elif room.topic:
             self.send(*self.topic_lines(room))
         else:
-            self.send(self.numeric("331", room.name, text="No topic is set"))
+            self.send(self.numeric(RPL_NOTOPIC, room.name, text="No topic is set"))
 
     def on_list(self, params: list[str]) -> None:
         wanted = {nick_key(n) for n in params[0].split(",")} if params else None
-        self.send(self.numeric("321", "Channel", text="Users  Name"))
+        self.send(self.numeric(RPL_LISTSTART, "Channel", text="Users  Name"))
         for key, room in sorted(self.server.rooms.items()):
             if wanted is None or key in wanted:
-                self.send(self.numeric("322", room.name, str(len(room.members)),
+                self.send(self.numeric(RPL_LIST, room.name, str(len(room.members)),
                                        text=room.topic))
-        self.send(self.numeric("323", text="End of /LIST"))
+        self.send(self.numeric(RPL_LISTEND, text="End of /LIST"))
 
     def _who_line(self, target: str, s: Session) -> bytes:
         flags = ("G" if s.away is not None else "H") + ("*" if s.operator else "")
         wire = irc_of(s)
         real = (wire.realname or str(s.nick)) if wire else "a PyChat user"
-        return self.numeric("352", target, wire.user if wire else IRC_USER, self.name,
+        return self.numeric(RPL_WHOREPLY, target, wire.user if wire else IRC_USER, self.name,
                             self.name, str(s.nick), flags, text=f"0 {real}")
 
     def on_who(self, params: list[str]) -> None:
@@ -3273,7 +3336,7 @@ class IrcWire(Wire):
             s = self.server.nicks.get(nick_key(mask))
             if s is not None:
                 self.send(self._who_line("*", s))
-        self.send(self.numeric("315", mask, text="End of /WHO list."))
+        self.send(self.numeric(RPL_ENDOFWHO, mask, text="End of /WHO list."))
 
     def on_whois(self, params: list[str]) -> None:
         if not self.need(params, 1, "WHOIS"):
@@ -3281,22 +3344,22 @@ class IrcWire(Wire):
         nick = params[-1]
         s = self.server.nicks.get(nick_key(nick))
         if s is None:
-            self.send(self.numeric("401", nick, text="No such nick/channel"))
+            self.send(self.numeric(ERR_NOSUCHNICK, nick, text="No such nick/channel"))
         else:
             nick = str(s.nick)
             wire = irc_of(s)
-            self.send(self.numeric("311", nick, wire.user if wire else IRC_USER, self.name,
+            self.send(self.numeric(RPL_WHOISUSER, nick, wire.user if wire else IRC_USER, self.name,
                                    "*", text=(wire.realname or nick) if wire else
                                    "a PyChat user"))
             rooms = " ".join(r.name for r in s.rooms.values())
             if rooms:
-                self.send(self.numeric("319", nick, text=rooms))
-            self.send(self.numeric("312", nick, self.name, text="PyChat"))
+                self.send(self.numeric(RPL_WHOISCHANNELS, nick, text=rooms))
+            self.send(self.numeric(RPL_WHOISSERVER, nick, self.name, text="PyChat"))
             if s.away is not None:
-                self.send(self.numeric("301", nick, text=s.away or "away"))
+                self.send(self.numeric(RPL_AWAY, nick, text=s.away or "away"))
             if s.operator:
-                self.send(self.numeric("313", nick, text="is an operator"))
-        self.send(self.numeric("318", nick, text="End of /WHOIS list."))
+                self.send(self.numeric(RPL_WHOISOPERATOR, nick, text="is an operator"))
+        self.send(self.numeric(RPL_ENDOFWHOIS, nick, text="End of /WHOIS list."))
 
     def on_away(self, params: list[str]) -> None:
         if params and params[0]:
@@ -3313,46 +3376,59 @@ class IrcWire(Wire):
             if room is None:
                 return
             if len(params) == 1:
-                self.send(self.numeric("324", room.name, "+n"))
+                self.send(self.numeric(RPL_CHANNELMODEIS, room.name, "+n"))
             elif params[1].lstrip("+") in ("b", "e", "I"):
-                end = {"b": "368", "e": "349", "I": "347"}[params[1].lstrip("+")]
+                end = {"b": RPL_ENDOFBANLIST, "e": RPL_ENDOFEXCEPTLIST,
+                       "I": RPL_ENDOFINVITELIST}[params[1].lstrip("+")]
                 self.send(self.numeric(end, room.name, text="End of list"))
             else:
-                self.send(self.numeric("482", room.name,
+                self.send(self.numeric(ERR_CHANOPRIVSNEEDED, room.name,
                                        text="Channel modes are fixed on PyChat"))
         elif nick_key(target) == nick_key(self.me()):
             if len(params) == 1:
-                self.send(self.numeric("221", "+i"))
+                self.send(self.numeric(RPL_UMODEIS, "+i"))
             else:  # user modes are fixed: say what they are
                 self.send(self.line(f":{self.prefix(self.me())} MODE {self.me()} :+i"))
         else:
-            self.send(self.numeric("502", text="Can't change mode for other users"))
+            self.send(self.numeric(ERR_USERSDONTMATCH, text="Can't change mode for other users"))
 
     def on_motd(self, params: list[str]) -> None:
         self.send(*self.motd())
 
     def on_version(self, params: list[str]) -> None:
-        self.send(self.numeric("351", f"PyChat-{__version__}.", self.name,
+        self.send(self.numeric(RPL_VERSION, f"PyChat-{__version__}.", self.name,
                                text="PyChat's IRC gateway"))
 
     def on_lusers(self, params: list[str]) -> None:
         users = len(self.server.nicks)
-        self.send(self.numeric("251", text=f"There are {users} users and 0 invisible on 1 "
+        self.send(self.numeric(RPL_LUSERCLIENT, text=f"There are {users} users and 0 invisible on 1 "
                                            "server"),
-                  self.numeric("254", str(len(self.server.rooms)), text="channels formed"),
-                  self.numeric("255", text=f"I have {users} clients and 0 servers"))
+                  self.numeric(RPL_LUSERCHANNELS, str(len(self.server.rooms)), text="channels formed"),
+                  self.numeric(RPL_LUSERME, text=f"I have {users} clients and 0 servers"))
 
     def on_ison(self, params: list[str]) -> None:
         online = [str(self.server.nicks[nick_key(n)].nick) for n in " ".join(params).split()
                   if nick_key(n) in self.server.nicks]
-        self.send(self.numeric("303", text=" ".join(online)))
+        self.send(self.numeric(RPL_ISON, text=" ".join(online)))
 
     def on_userhost(self, params: list[str]) -> None:
         found = [f"{self.server.nicks[nick_key(n)].nick}=+{IRC_USER}@{self.name}"
                  for n in params[:5] if nick_key(n) in self.server.nicks]
-        self.send(self.numeric("302", text=" ".join(found)))
+        self.send(self.numeric(RPL_USERHOST, text=" ".join(found)))
 
 
+# IRC commands and their handlers (a table: what is not in it gets 421).
+IRC_COMMANDS: dict[str, Callable[[IrcWire, list[str]], None]] = {
+    "CAP": IrcWire.on_cap, "PASS": IrcWire.on_pass, "NICK": IrcWire.on_nick,
+    "USER": IrcWire.on_user, "PING": IrcWire.on_ping, "PONG": IrcWire.on_pong,
+    "QUIT": IrcWire.on_quit, "JOIN": IrcWire.on_join, "PART": IrcWire.on_part,
+    "PRIVMSG": IrcWire.on_privmsg, "NOTICE": IrcWire.on_notice, "NAMES": IrcWire.on_names,
+    "TOPIC": IrcWire.on_topic, "LIST": IrcWire.on_list, "WHO": IrcWire.on_who,
+    "WHOIS": IrcWire.on_whois, "AWAY": IrcWire.on_away, "MODE": IrcWire.on_mode,
+    "MOTD": IrcWire.on_motd, "VERSION": IrcWire.on_version, "LUSERS": IrcWire.on_lusers,
+    "ISON": IrcWire.on_ison, "USERHOST": IrcWire.on_userhost,
+}
+IRC_BEFORE_REGISTRATION = frozenset({"CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"})
 ChatServer.foreign_wire = IrcWire  # a first line that is not JSON is IRC
 
 
