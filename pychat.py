@@ -238,7 +238,7 @@ FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "hello": {"nick": (str, True), "password": (str, False), "client": (str, False),
               "token": (str, False), "after": (dict, False), "instance": (str, False)},
     "msg": {"text": (str, True), "room": (str, False), "action": (bool, False),
-            "cid": ((str, int), False)},
+            "notice": (bool, False), "cid": ((str, int), False)},
     "nick": {"nick": (str, True)},
     "users": {"room": (str, False)},
     "ping": {},
@@ -261,7 +261,7 @@ FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "rooms": {},
     "topic": {"room": (str, True), "topic": (str, False)},
     "pm": {"to": (str, True), "text": (str, True), "action": (bool, False),
-           "cid": ((str, int), False)},
+           "notice": (bool, False), "ctcp": (bool, False), "cid": ((str, int), False)},
     "away": {"message": (str, False)},
     "back": {},
     "op": {"password": (str, True)},
@@ -1778,8 +1778,6 @@ class ChatServer:
         if s.nick is None:
             return
         key = nick_key(s.nick)
-        if self.nicks.get(key) is s:
-            del self.nicks[key]
         log.info("%s (%s) left: %s", s.nick, s.peer, s.leave_reason)
         event = {"type": "leave", "room": "", "nick": s.nick, "reason": s.leave_reason,
                  "ts": round(time.time(), 3)}
@@ -1791,6 +1789,8 @@ class ChatServer:
                 self.broadcast(room, dict(event, room=room.name))
             self._forget_if_empty(room)
         s.rooms.clear()
+        if self.nicks.get(key) is s:  # only now: wires may look her up to render her leave
+            del self.nicks[key]
         s.nick = None
 
     def _forget_if_empty(self, room: Room) -> None:
@@ -2098,6 +2098,8 @@ class ChatServer:
                  "ts": round(time.time(), 3), "id": self.next_id()}
         if msg.get("action"):
             event["action"] = True
+        if msg.get("notice"):  # a notice: no automatic replies to it (IRC's NOTICE)
+            event["notice"] = True
         if cid is not None:
             event["cid"] = cid
         data = encode(event)
@@ -2479,8 +2481,9 @@ class ChatServer:
             return
         event = {"type": "pm", "from": s.nick, "to": target.nick, "text": text,
                  "ts": round(time.time(), 3), "id": self.next_id()}
-        if msg.get("action"):
-            event["action"] = True
+        for flag in ("action", "notice", "ctcp"):  # ctcp: a client-to-client query's body
+            if msg.get(flag):
+                event[flag] = True
         if target is not s:
             target.tell(event)
         if msg.get("cid") is not None:
@@ -2821,7 +2824,9 @@ def irc_split(text: str, budget: int) -> list[str]:
             end = start + budget
             while end > start and data[end] & 0xC0 == 0x80:  # inside a character
                 end -= 1
-            space = data.rfind(b" ", start, end + 1)
+            # At a space in the window's last fifth; else by bytes (a cut at an
+            # early space would leave a line of one word, or of just "[12:05]").
+            space = data.rfind(b" ", start + budget * 4 // 5, end + 1)
             cut = space if space > start else end
             pieces.append(data[start:cut].decode("utf-8"))
             start = cut
@@ -2888,8 +2893,10 @@ class IrcWire(Wire):
         middle = " ".join([self.me(), *params])
         return self.line(f":{self.name} {code} {middle}" + ("" if text is None else f" :{text}"))
 
-    def prefix(self, nick: Any) -> str:
-        other = self.server.nicks.get(nick_key(str(nick)))
+    def prefix(self, nick: Any, now: Any = None) -> str:
+        """nick!user@server for a user (`now`: the nick she has now, after a
+        NICK), with her own USER name if she came by IRC."""
+        other = self.server.nicks.get(nick_key(str(now or nick)))
         wire = irc_of(other) if other is not None else None
         user = wire.user if wire is not None else IRC_USER
         return f"{nick}!{user}@{self.name}"
@@ -2946,7 +2953,8 @@ class IrcWire(Wire):
     def shared_lines(self, e: dict) -> list[bytes] | None:
         kind = e.get("type")
         if kind == "msg":
-            return self.say(e["from"], "PRIVMSG", e["room"], e["text"], bool(e.get("action")))
+            return self.say(e["from"], "NOTICE" if e.get("notice") else "PRIVMSG", e["room"],
+                            e["text"], bool(e.get("action")))
         if kind == "join":
             return [self.line(f":{self.prefix(e['nick'])} JOIN {e['room']}")]
         if kind == "leave":
@@ -2978,11 +2986,15 @@ class IrcWire(Wire):
         if kind == "pm":
             if nick_key(str(e.get("from"))) == me and nick_key(str(e.get("to"))) != me:
                 return []
-            return self.say(e["from"], "PRIVMSG", self.me(), e["text"], bool(e.get("action")))
+            command = "NOTICE" if e.get("notice") else "PRIVMSG"
+            if e.get("ctcp"):  # relayed between IRC users unchanged
+                return [self.line(f":{self.prefix(e['from'])} {command} {self.me()} "
+                                  f":\x01{e['text']}\x01")]
+            return self.say(e["from"], command, self.me(), e["text"], bool(e.get("action")))
         if kind == "nick":
             if nick_key(str(e["old"])) == me:
                 self.nick = e["new"]
-            return [self.line(f":{self.prefix(e['old'])} NICK :{e['new']}")]
+            return [self.line(f":{self.prefix(e['old'], e['new'])} NICK :{e['new']}")]
         if kind == "welcome":
             return self.welcome(e)
         if kind == "ping":
@@ -3251,27 +3263,59 @@ class IrcWire(Wire):
             body = text.strip("\x01")
             if body.upper().startswith("ACTION "):
                 text, action = body[7:], True
-            else:  # other CTCP: PyChat users have no such thing; answer VERSION and PING
+            else:
                 self.ctcp(command, params[0], body)
                 return
         for i, target in enumerate(params[0].split(",")[:4]):
             if i and not self.extra_token():
                 return
-            fields: dict[str, Any] = {"text": text}
+            fields: dict[str, Any] = {"text": self.fit(command, target, text, action)}
             if action:
                 fields["action"] = True
+            if command == "NOTICE":
+                fields["notice"] = True
             if target.startswith("#"):
                 self.request(f"{command} {target}", type="msg", room=target, **fields)
             else:
                 self.request(f"{command} {target}", type="pm", to=target, **fields)
 
+    def fit(self, command: str, target: str, text: str, action: bool) -> str:
+        """An IRC user's message, cut to what fits in ONE line as the other
+        IRC users will see it (with this user's full prefix): a line that
+        came as one line is relayed as one line."""
+        shown = self.server.rooms.get(nick_key(target)) if target.startswith("#") else \
+            self.server.nicks.get(nick_key(target))
+        name = (shown.name if isinstance(shown, Room) else shown.nick) if shown else target
+        head = f":{self.prefix(self.me())} {command} {name} :"
+        budget = IRC_MAX_LINE - 2 - len(head.encode("utf-8")) - (9 if action else 0)
+        data = text.encode("utf-8")
+        if len(data) <= budget:
+            return text
+        return data[:max(budget, 0)].decode("utf-8", "ignore")
+
     def ctcp(self, command: str, target: str, body: str) -> None:
+        """A CTCP query or reply (not ACTION): relayed unchanged to an IRC
+        user, answered by the gateway for a PyChat user (VERSION, PING,
+        TIME); DCC is refused, since files go through the server here."""
         word, _, rest = body.partition(" ")
         other = self.server.nicks.get(nick_key(target))
-        if command != "PRIVMSG" or other is None or irc_of(other) is not None:
-            return  # IRC users answer for themselves (not relayed: no CTCP in PyChat)
+        if word.upper() == "DCC":
+            if command == "PRIVMSG":
+                self.send(self.line(f":{self.name} NOTICE {self.me()} :DCC is not supported "
+                                    "here; PyChat sends files through the server"))
+            return
+        if other is not None and irc_of(other) is not None:
+            fields: dict[str, Any] = {"text": clean_text(body)[:self.server.cfg.max_text],
+                                      "ctcp": True}
+            if command == "NOTICE":
+                fields["notice"] = True
+            self.request(f"{command} {target}", type="pm", to=target, **fields)
+            return
+        if command != "PRIVMSG" or other is None:
+            return
         answer = {"VERSION": f"VERSION PyChat {__version__} (via the IRC gateway)",
-                  "PING": f"PING {rest}"}.get(word.upper())
+                  "PING": f"PING {rest}",
+                  "TIME": "TIME " + time.strftime("%a %b %d %H:%M:%S %Y")}.get(word.upper())
         if answer:
             self.send(self.line(f":{self.prefix(other.nick)} NOTICE {self.me()} "
                                 f":\x01{answer}\x01"))
@@ -3412,8 +3456,13 @@ class IrcWire(Wire):
         self.send(self.numeric(RPL_ISON, text=" ".join(online)))
 
     def on_userhost(self, params: list[str]) -> None:
-        found = [f"{self.server.nicks[nick_key(n)].nick}=+{IRC_USER}@{self.name}"
-                 for n in params[:5] if nick_key(n) in self.server.nicks]
+        found = []
+        for n in params[:5]:
+            other = self.server.nicks.get(nick_key(n))
+            if other is not None:  # nick=+user@host, "-" when away
+                wire = irc_of(other)
+                found.append(f"{other.nick}={'-' if other.away is not None else '+'}"
+                             f"{wire.user if wire else IRC_USER}@{self.name}")
         self.send(self.numeric(RPL_USERHOST, text=" ".join(found)))
 
 
