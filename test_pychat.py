@@ -1454,6 +1454,89 @@ class IrcPasswordAndPortTests(ServerCase):
 # 4. Client core
 # ===========================================================================
 
+class IrcConformanceTests(ServerCase):
+    """Issue 15's numbered conformance items, with raw IRC sockets."""
+
+    async def irc(self, nick: str, user: str | None = None) -> IrcPeer:
+        peer = await IrcPeer.open(self.port)
+        self.addAsyncCleanup(peer.close)
+        await peer.send("CAP LS 302", f"NICK {nick}", f"USER {user or nick} 0 * :Real Name",
+                        "CAP END")
+        await peer.expect(" 001 ")
+        await peer.expect(" 422 ")
+        return peer
+
+    async def joined(self, peer: IrcPeer, room: str = "#lobby") -> None:
+        await peer.send(f"JOIN {room}")
+        await peer.expect(" 366 ")
+
+    async def test_3_10_an_irc_line_reaches_other_irc_users_as_one_line(self):
+        a = await self.irc("a", user="u")
+        b = await self.irc("b")
+        await self.joined(a)
+        await self.joined(b)
+        text = "word " * 200  # the input line is cut at 512 bytes; what is left...
+        await a.send(f"PRIVMSG #lobby :{text}")
+        line = await b.expect(" PRIVMSG #lobby :word")
+        await b.send("PING :sync")
+        await b.expect(":sync")
+        relayed = [x for x in b.seen if " PRIVMSG #lobby " in x]
+        self.assertEqual(len(relayed), 1)  # ...arrives as one line, never 512 + 68
+        self.assertTrue(line.startswith(":a!u@pychat PRIVMSG #lobby :word word"))
+
+    async def test_5_notice_stays_notice_both_ways(self):
+        a, b = await self.irc("a"), await self.irc("b")
+        pychat_user = await self.connect("p")
+        await self.joined(a)
+        await self.joined(b)
+        await a.send("NOTICE #lobby :heads up", "NOTICE b :just you")
+        await b.expect(":a!a@pychat NOTICE #lobby :heads up")
+        await b.expect(":a!a@pychat NOTICE b :just you")
+        seen = await pychat_user.expect("msg", text="heads up")
+        self.assertTrue(seen["notice"])
+        await pychat_user.send({"type": "msg", "text": "from json", "notice": True})
+        await b.expect(":p!pychat@pychat NOTICE #lobby :from json")
+        self.assertFalse([x for x in b.seen if "PRIVMSG" in x])
+
+    async def test_6_userhost_and_prefixes_carry_the_real_user_and_away(self):
+        a = await self.irc("a", user="alice_u")
+        b = await self.irc("b")
+        await self.joined(a)
+        await self.joined(b)
+        await a.send("AWAY :lunch")
+        await a.expect(" 306 ")
+        await b.send("USERHOST a b")
+        line = await b.expect(" 302 ")
+        self.assertIn("a=-alice_u@pychat", line)
+        self.assertIn("b=+b@pychat", line)
+        await a.send("NICK a2")
+        self.assertIn(":a!alice_u@pychat NICK :a2", await b.expect(" NICK "))
+        await a.send("QUIT :bye")
+        self.assertIn(":a2!alice_u@pychat QUIT", await b.expect(" QUIT "))
+
+    async def test_7_ctcp_between_irc_users_is_relayed_and_dcc_refused(self):
+        a, b = await self.irc("a"), await self.irc("b")
+        await a.send("PRIVMSG b :\x01VERSION\x01")
+        self.assertIn(":a!a@pychat PRIVMSG b :\x01VERSION\x01", await b.expect("VERSION"))
+        await b.send("NOTICE a :\x01VERSION irssi 1.4\x01")
+        self.assertIn("NOTICE a :\x01VERSION irssi 1.4\x01", await a.expect("irssi"))
+        await a.send("PRIVMSG b :\x01DCC SEND x 1 2 3\x01")
+        self.assertIn("DCC is not supported", await a.expect("DCC"))
+        await b.send("PING :sync")
+        await b.expect(":sync")
+        self.assertFalse([x for x in b.seen if "DCC" in x])
+        p = await self.connect("p")
+        await a.send("PRIVMSG p :\x01TIME\x01")
+        self.assertIn("\x01TIME ", await a.expect("TIME"))
+
+    def test_9_long_lines_are_cut_near_the_end_of_the_window(self):
+        pieces = pychat.irc_split("LONGC " + "😀" * 200, 400)
+        self.assertGreater(len(pieces[0].encode()), 300)  # not "LONGC" alone
+        pieces = pychat.irc_split("[23:38] " + "x" * 900, 400)
+        self.assertNotEqual(pieces[0], "[23:38]")
+        self.assertTrue(all(len(p.encode()) <= 400 for p in pieces))
+
+
 class ClientTests(ServerCase):
     async def start_client(self, nick: str, **kw) -> tuple[ChatClient, list[dict], asyncio.Task]:
         events: list[dict] = []
