@@ -2800,6 +2800,10 @@ ERR_NOPRIVILEGES = "481"
 ERR_CHANOPRIVSNEEDED = "482"
 ERR_USERSDONTMATCH = "502"
 
+# IRCv3 capabilities offered (https://ircv3.net/specs): each one fully works.
+IRC_CAPS = ("away-notify", "cap-notify", "echo-message", "multi-prefix", "server-time",
+            "userhost-in-names")
+
 # PyChat error codes -> IRC numerics (and what the numeric's parameter is).
 IRC_ERRORS = {
     "no_such_nick": ERR_NOSUCHNICK, "no_such_room": ERR_NOSUCHCHANNEL,
@@ -2836,6 +2840,12 @@ def irc_split(text: str, budget: int) -> list[str]:
     return [p for p in pieces if p] or [""]
 
 
+def irc_time(ts: float) -> str:
+    """A server-time tag's value: UTC, milliseconds, as IRCv3 wants it."""
+    ts = float(ts)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+
+
 def irc_parse(line: str) -> tuple[str, list[str]]:
     """'CMD a b :c d' -> ('CMD', ['a', 'b', 'c d']); tags and prefix dropped."""
     if line.startswith("@"):
@@ -2866,6 +2876,8 @@ class IrcWire(Wire):
         super().__init__(server, session)
         self.name = server.cfg.server_name
         self.context = ""              # the command being answered (for error numerics)
+        self.caps: set[str] = set()    # IRCv3 capabilities this client asked for
+        self.negotiating = False       # CAP LS/REQ before registration: wait for CAP END
         self.last_error = ""           # the code of the last error it was told
         self.quit_tick = -1            # the tick quits_sent belongs to
         self.nick = ""                 # asked for before registration
@@ -2915,7 +2927,7 @@ class IrcWire(Wire):
 
     # --- events from the core
     def tell(self, event: dict) -> None:
-        self.send(*self.translate(event, self.context))
+        self.send(*self.extras(event, self.translate(event, self.context)))
         if event.get("code") == "auth_failed" and not self.registered and \
                 event.get("type") == "error":  # IRC has no second try: 464, then goodbye
             self.send(self.line("ERROR :Closing link: wrong or missing password (PASS)"))
@@ -2932,15 +2944,31 @@ class IrcWire(Wire):
 
     def take(self, e: dict, rendered: list[bytes] | None) -> None:
         if self.wanted(e):
-            self.s.out.extend(rendered if rendered is not None else self.translate(e))
+            self.s.out.extend(self.extras(e, rendered if rendered is not None
+                                          else self.translate(e)))
+
+    def extras(self, e: dict, lines: list[bytes]) -> list[bytes]:
+        """What this client's capabilities add: an AWAY after the JOIN of
+        someone away (away-notify), the event's time on every line
+        (server-time)."""
+        if not self.caps or not lines:
+            return lines
+        if "away-notify" in self.caps and e.get("type") == "join" and \
+                e.get("away") is not None:
+            lines = lines + [self.line(f":{self.prefix(e['nick'])} AWAY :{e['away'] or 'away'}")]
+        if "server-time" in self.caps and isinstance(e.get("ts"), (int, float)):
+            tag = b"@time=" + irc_time(e["ts"]).encode() + b" "
+            lines = [tag + line for line in lines]
+        return lines
 
     def wanted(self, e: dict) -> bool:
         """False for what this client must not see again: its own messages
         (IRC clients show them themselves) and a second QUIT of one user
         (who left several shared channels) in one tick."""
         kind = e.get("type")
-        if kind == "msg":
-            return nick_key(str(e.get("from"))) != nick_key(self.me())
+        if kind == "msg":  # (echo-message: a client that asked for its own lines back)
+            return nick_key(str(e.get("from"))) != nick_key(self.me()) or \
+                "echo-message" in self.caps
         if kind == "leave" and e.get("reason") != "part":
             if self.quit_tick != self.server.tick:
                 self.quit_tick = self.server.tick
@@ -2984,13 +3012,16 @@ class IrcWire(Wire):
             return shared
         kind, me = e.get("type"), nick_key(self.me())
         if kind == "pm":
+            to = self.me()
             if nick_key(str(e.get("from"))) == me and nick_key(str(e.get("to"))) != me:
-                return []
+                if "echo-message" not in self.caps:
+                    return []  # her own line: the client shows it itself
+                to = str(e.get("to"))
             command = "NOTICE" if e.get("notice") else "PRIVMSG"
             if e.get("ctcp"):  # relayed between IRC users unchanged
-                return [self.line(f":{self.prefix(e['from'])} {command} {self.me()} "
+                return [self.line(f":{self.prefix(e['from'])} {command} {to} "
                                   f":\x01{e['text']}\x01")]
-            return self.say(e["from"], command, self.me(), e["text"], bool(e.get("action")))
+            return self.say(e["from"], command, to, e["text"], bool(e.get("action")))
         if kind == "nick":
             if nick_key(str(e["old"])) == me:
                 self.nick = e["new"]
@@ -3005,6 +3036,9 @@ class IrcWire(Wire):
             return [self.numeric(RPL_NOWAWAY, text="You have been marked as being away")
                     if e.get("away") else
                     self.numeric(RPL_UNAWAY, text="You are no longer marked as being away")]
+        if kind == "away" and "away-notify" in self.caps:
+            return [self.line(f":{self.prefix(e['nick'])} AWAY"
+                              + (f" :{e.get('message') or 'away'}" if e.get("away") else ""))]
         if kind == "notice" and e.get("away") is not None:
             return [self.numeric(RPL_AWAY, str(e.get("nick")), text=str(e.get("away") or "away"))]
         if kind == "moderation":
@@ -3087,7 +3121,13 @@ class IrcWire(Wire):
             return
         room = self.replay.popleft()
         lines = []
+        tagged = "server-time" in self.caps
         for m in room.history:
+            if tagged:  # the message's own time, as a tag: the text stays as it was sent
+                tag = b"@time=" + irc_time(m.get("ts") or 0).encode() + b" "
+                lines += [tag + line for line in self.say(m["from"], "PRIVMSG", room.name,
+                                                          m["text"], bool(m.get("action")))]
+                continue
             stamp = time.strftime("%H:%M", time.localtime(float(m.get("ts") or 0)))
             action = "* " if m.get("action") else ""  # "[12:05] * waves", not "* al [12:05]"
             lines += self.say(m["from"], "PRIVMSG", room.name, f"[{stamp}] {action}{m['text']}")
@@ -3109,8 +3149,10 @@ class IrcWire(Wire):
     def names(self, room: Room) -> list[bytes]:
         nicks = room.nicks()
         lines, batch = [], []
+        full = "userhost-in-names" in self.caps
         for nick in nicks:
-            batch.append(("@" if room.members[nick_key(nick)].operator else "") + nick)
+            batch.append(("@" if room.members[nick_key(nick)].operator else "")
+                         + (self.prefix(nick) if full else nick))
             if len(" ".join(batch)) > 400:
                 lines.append(self.numeric(RPL_NAMREPLY, "=", room.name, text=" ".join(batch)))
                 batch = []
@@ -3163,11 +3205,34 @@ class IrcWire(Wire):
         return True
 
     def on_cap(self, params: list[str]) -> None:
+        """IRCv3 capability negotiation (CAP 302): LS or REQ before
+        registration holds it until CAP END."""
         sub = params[0].upper() if params else ""
-        if sub in ("LS", "LIST"):
-            self.send(self.line(f":{self.name} CAP {self.me()} {sub} :"))
+        head = f":{self.name} CAP {self.s.nick or '*'}"  # "*" until registered
+        if sub == "LS":
+            self.negotiating = not self.registered
+            if params[1:2] and params[1].isdigit() and int(params[1]) >= 302:
+                self.caps.add("cap-notify")  # implied by CAP LS 302
+            self.send(self.line(f"{head} LS :{' '.join(IRC_CAPS)}"))
+        elif sub == "LIST":
+            self.send(self.line(f"{head} LIST :{' '.join(sorted(self.caps))}"))
         elif sub == "REQ":
-            self.send(self.line(f":{self.name} CAP {self.me()} NAK :{params[-1] if params[1:] else ''}"))
+            self.negotiating = not self.registered
+            wanted = params[1].split() if params[1:] else []
+            known = all(name.lstrip("-") in IRC_CAPS for name in wanted)
+            self.send(self.line(f"{head} {'ACK' if known and wanted else 'NAK'} "
+                                f":{' '.join(wanted)}"))
+            if known:  # all or nothing, as the spec says
+                for name in wanted:
+                    (self.caps.discard if name.startswith("-") else self.caps.add)(
+                        name.lstrip("-"))
+        elif sub == "END":
+            if self.negotiating:
+                self.negotiating = False
+                self.register()
+        else:
+            self.send(self.numeric(ERR_INVALIDCAPCMD, sub or "*",
+                                   text="Invalid CAP command"))
 
     def on_pass(self, params: list[str]) -> None:
         if self.registered:
@@ -3201,7 +3266,7 @@ class IrcWire(Wire):
             self.register()
 
     def register(self) -> None:
-        if not (self.nick and self.user):
+        if not (self.nick and self.user) or self.negotiating or self.registered:
             return
         hello: dict[str, Any] = {"type": "hello", "nick": self.nick, "client": "irc"}
         if self.password is not None:

@@ -1232,7 +1232,8 @@ class IrcPeer:
             raw = await asyncio.wait_for(self.reader.readline(), left)
             if not raw:
                 raise EOFError(f"closed while waiting for {pattern!r}; saw {self.seen[-6:]}")
-            assert raw.endswith(b"\r\n") and len(raw) <= 512, raw
+            body = raw.partition(b" ")[2] if raw.startswith(b"@") else raw  # IRCv3 tags
+            assert raw.endswith(b"\r\n") and len(body) <= 512, raw
             line = raw.decode("utf-8")[:-2]
             self.seen.append(line)
             if pattern in line:
@@ -1266,8 +1267,11 @@ class IrcGatewayTests(ServerCase):
         await p.send("JOIN #lobby")
         await p.expect(" 451 ")
         await p.send("CAP LS 302")
-        self.assertEqual(await p.expect("CAP"), ":pychat CAP * LS :")
-        await p.send("NICK irc_al", "USER al 0 * :Al")
+        self.assertEqual(await p.expect("CAP"), ":pychat CAP * LS :" + " ".join(pychat.IRC_CAPS))
+        await p.send("NICK irc_al", "USER al 0 * :Al", "PING :held")
+        await p.expect(":held")  # CAP LS holds registration until CAP END
+        self.assertFalse([line for line in p.seen if " 001 " in line])
+        await p.send("CAP END")
         self.assertIn("Welcome", await p.expect(" 001 irc_al "))
         await p.expect(" 002 irc_al ")
         await p.expect(" 003 irc_al ")
@@ -1469,6 +1473,80 @@ class IrcConformanceTests(ServerCase):
     async def joined(self, peer: IrcPeer, room: str = "#lobby") -> None:
         await peer.send(f"JOIN {room}")
         await peer.expect(" 366 ")
+
+    async def capped(self, nick: str, caps: str) -> IrcPeer:
+        peer = await IrcPeer.open(self.port)
+        self.addAsyncCleanup(peer.close)
+        await peer.send("CAP LS 302", f"NICK {nick}", f"USER {nick} 0 * :Real Name",
+                        f"CAP REQ :{caps}", "CAP END")
+        self.assertIn(f"ACK :{caps}", await peer.expect(" ACK "))
+        await peer.expect(" 422 ")
+        return peer
+
+    async def test_4_cap_negotiation(self):
+        p = await IrcPeer.open(self.port)
+        self.addAsyncCleanup(p.close)
+        await p.send("CAP LS 302", "NICK capper", "USER capper 0 * :C")
+        caps = (await p.expect(" LS ")).split(" :", 1)[1].split()
+        self.assertEqual(caps, list(pychat.IRC_CAPS))
+        await p.send("CAP REQ :echo-message no-such-cap")
+        self.assertIn("CAP * NAK :echo-message no-such-cap", await p.expect(" NAK "))
+        await p.send("CAP REQ :echo-message server-time")
+        self.assertIn("CAP * ACK :echo-message server-time", await p.expect(" ACK "))
+        await p.send("CAP LIST")
+        self.assertEqual(sorted((await p.expect(" LIST ")).split(" :", 1)[1].split()),
+                         ["cap-notify", "echo-message", "server-time"])
+        await p.send("CAP BOGUS")
+        self.assertIn(" 410 ", await p.expect(" 410 "))
+        await p.send("PING :still-waiting")
+        await p.expect(":still-waiting")
+        self.assertFalse([line for line in p.seen if " 001 " in line])  # held until END
+        await p.send("CAP END")
+        await p.expect(" 001 capper ")
+
+    async def test_echo_message_and_server_time(self):
+        a = await self.capped("a", "echo-message server-time")
+        b = await self.irc("b")
+        await self.joined(a)
+        await self.joined(b)
+        await a.send("PRIVMSG #lobby :hello all", "PRIVMSG b :hello you")
+        mine = await a.expect("PRIVMSG #lobby :hello all")
+        self.assertRegex(mine, r"^@time=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z "
+                               r":a!a@pychat PRIVMSG #lobby :hello all$")
+        self.assertIn(":a!a@pychat PRIVMSG b :hello you", await a.expect("hello you"))
+        plain = await b.expect("PRIVMSG #lobby :hello all")
+        self.assertTrue(plain.startswith(":a!a@pychat"))  # no tags for a client without
+
+    async def test_server_time_replays_history_with_the_original_time(self):
+        talker = await self.connect("talker")
+        await talker.send({"type": "msg", "text": "from before"})
+        sent = await talker.expect("msg", text="from before")
+        a = await self.capped("a", "server-time")
+        await a.send("JOIN #lobby")
+        line = await a.expect("from before")
+        self.assertTrue(line.startswith(f"@time={pychat.irc_time(sent['ts'])} "))
+        self.assertTrue(line.endswith("PRIVMSG #lobby :from before"))  # no [HH:MM]
+
+    async def test_away_notify_and_userhost_in_names(self):
+        a = await self.capped("a", "away-notify userhost-in-names")
+        b = await self.irc("b", user="bu")
+        await self.joined(b)
+        await a.send("JOIN #lobby")
+        names = await a.expect(" 353 ")
+        self.assertIn("b!bu@pychat", names)
+        await b.send("AWAY :lunch")
+        self.assertIn(":b!bu@pychat AWAY :lunch", await a.expect(" AWAY "))
+        await b.send("AWAY")
+        self.assertTrue((await a.expect(" AWAY")).endswith("AWAY"))
+        c = await self.connect("c")
+        await c.send({"type": "away", "message": "brb"})
+        await c.send({"type": "join", "room": "#side"})
+        await a.send("JOIN #side")
+        await a.expect(" 366 ")
+        await c.send({"type": "part", "room": "#side"})
+        await c.send({"type": "join", "room": "#side"})
+        await a.expect(":c!pychat@pychat JOIN #side")
+        self.assertIn(":c!pychat@pychat AWAY :brb", await a.expect(" AWAY "))
 
     async def test_3_10_an_irc_line_reaches_other_irc_users_as_one_line(self):
         a = await self.irc("a", user="u")
