@@ -157,6 +157,7 @@ LOG_RATE = 0.2                 # ...and then per second
 ROOM_KEEP = 300.0              # a room's log outlives its last member this long (--data-dir)
 MAX_OPEN_LOGS = 32             # room logs kept open at once (--data-dir)
 ACCEPT_ERROR_EVERY = 10.0      # out of file descriptors: say so at most this often
+REFUSE_WAIT = 0.5              # a refused connection waits this long for its first line
 
 # After a burst of this many connects and disconnects has been quiet for
 # TRIM_DELAY seconds, the server hands the heap memory it freed back to the OS.
@@ -775,7 +776,7 @@ class Session(asyncio.Protocol):
                  "grace_bytes", "away", "away_told", "operator", "auth_hold_until",
                  "connected_at", "last_rx", "pinged_at", "tokens", "token_time",
                  "flood_penalty", "token", "wire", "native", "spoke", "identity", "subnet",
-                 "log_tokens", "log_time", "log_dropped", "history_unread", "tls_wait", "paused")
+                 "log_tokens", "log_time", "log_dropped", "history_unread", "tls_wait", "paused", "refusal")
 
     def __init__(self, server: ChatServer, wire: type[Wire] | None = None):
         self.server = server
@@ -811,6 +812,7 @@ class Session(asyncio.Protocol):
         self.history_unread: set[str] = set()  # rooms whose history reply is not yet read
         self.tls_wait = False          # accepted, TLS handshake still going
         self.paused = False            # the transport's buffer is past its high-water mark
+        self.refusal = ""              # refused; said once its first line shows its protocol
         # How this connection's bytes are read and written: JSON lines (the
         # core's own, written without a detour) unless a listener or the
         # first line says otherwise (see ChatServer.foreign_wire).
@@ -848,8 +850,11 @@ class Session(asyncio.Protocol):
             server.handshaking[self.subnet] = busy + 1
             server.loop.create_task(self._start_tls(transport))
             return
-        if refusal:
+        if refusal and self.spoke:
             self.refuse(refusal)
+        elif refusal:  # refused in the protocol of its first line (or JSON if none comes)
+            self.refusal = refusal
+            server.loop.call_later(REFUSE_WAIT, self.refuse, refusal)
         log.debug("connection from %s", self.peer)
 
     async def _start_tls(self, transport: asyncio.BaseTransport) -> None:
@@ -881,6 +886,8 @@ class Session(asyncio.Protocol):
             self.flush()
 
     def refuse(self, code: str) -> None:
+        if self.closing:
+            return
         self.tell(error(code))
         self.close(code)
         self.server.note_trouble("refused", f"{self.peer}: {code}")
@@ -1865,6 +1872,9 @@ class ChatServer:
             if not line.lstrip().startswith(b"{") and self.foreign_wire is not None:
                 s.wire = self.foreign_wire(self, s)
                 s.native = False
+            if s.refusal:
+                s.refuse(s.refusal)
+                return
         if not s.native:
             s.wire.receive(line)
             return

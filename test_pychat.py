@@ -1615,6 +1615,22 @@ class IrcConformanceTests(ServerCase):
         self.assertTrue(all(len(p.encode()) <= 400 for p in pieces))
 
 
+class IrcRefusalTests(ServerCase):
+    server_options = {"max_per_address": 1, "connect_rate": 0}
+
+    async def test_8_a_refused_irc_client_is_told_in_irc(self):
+        await self.connect("first")  # the one connection this address may have
+        irc = await IrcPeer.open(self.port)
+        self.addAsyncCleanup(irc.close)
+        await irc.send("CAP LS 302", "NICK second", "USER second 0 * :S")
+        line = await irc.expect("ERROR")
+        self.assertEqual(line, "ERROR :Closing link: Too many connections from your address.")
+        self.assertFalse([x for x in irc.seen if x.startswith("{")])
+        json_peer = await self.raw()  # a JSON client still gets JSON
+        await json_peer.send({"type": "hello", "nick": "third"})
+        self.assertEqual((await json_peer.expect("error"))["code"], "too_many_connections")
+
+
 class ClientTests(ServerCase):
     async def start_client(self, nick: str, **kw) -> tuple[ChatClient, list[dict], asyncio.Task]:
         events: list[dict] = []
