@@ -2850,6 +2850,12 @@ def irc_split(text: str, budget: int) -> list[str]:
     return [p for p in pieces if p] or [""]
 
 
+def irc_mask(mask: str) -> re.Pattern:
+    """An IRC wildcard mask (* any run, ? one character), case-folded as nicks are."""
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c)
+                              for c in nick_key(mask)), re.S)
+
+
 def irc_time(ts: float) -> str:
     """A server-time tag's value: UTC, milliseconds, as IRCv3 wants it."""
     ts = float(ts)
@@ -3446,15 +3452,27 @@ class IrcWire(Wire):
                             self.name, str(s.nick), flags, text=f"0 {real}")
 
     def on_who(self, params: list[str]) -> None:
+        """WHO #chan, WHO nick, WHO mask (* and ?, on nick!user@host and the
+        real name).  Everyone is +i, so only those who share a channel with
+        the asker (and the asker) are shown, as RFC 2812 says."""
         mask = params[0] if params else "*"
+        me = self.s
+        seen = {m for room in me.rooms.values() for m in room.members.values()} | {me}
         if mask.startswith("#"):
             room = self.server.rooms.get(nick_key(mask))
+            inside = room is not None and nick_key(room.name) in me.rooms
             for s in (room.members.values() if room else []):
-                self.send(self._who_line(room.name, s))
+                if inside or s is me:
+                    self.send(self._who_line(room.name, s))
         else:
-            s = self.server.nicks.get(nick_key(mask))
-            if s is not None:
-                self.send(self._who_line("*", s))
+            pattern = irc_mask(mask if mask != "0" else "*")
+            for s in sorted(seen, key=lambda x: nick_key(x.nick or "")):
+                wire = irc_of(s)
+                real = (wire.realname if wire else "") or "a PyChat user"
+                if s.nick is not None and (pattern.fullmatch(nick_key(s.nick)) or
+                                           pattern.fullmatch(nick_key(self.prefix(s.nick))) or
+                                           pattern.fullmatch(nick_key(real))):
+                    self.send(self._who_line("*", s))
         self.send(self.numeric(RPL_ENDOFWHO, mask, text="End of /WHO list."))
 
     def on_whois(self, params: list[str]) -> None:

@@ -1548,6 +1548,31 @@ class IrcConformanceTests(ServerCase):
         await a.expect(":c!pychat@pychat JOIN #side")
         self.assertIn(":c!pychat@pychat AWAY :brb", await a.expect(" AWAY "))
 
+    async def test_2_who_with_masks_shows_only_those_who_share_a_channel(self):
+        a = await self.irc("coolnick", user="cu")
+        b = await self.irc("coolnik2")
+        c = await self.irc("coldone")
+        await self.joined(a)
+        await self.joined(b)
+        await c.send("JOIN #elsewhere")
+        await c.expect(" 366 ")
+        await a.send("WHO cool*")
+        lines = [await a.expect(" 352 "), await a.expect(" 352 ")]
+        await a.expect(" 315 ")
+        self.assertEqual(sorted(line.split()[7] for line in lines), ["coolnick", "coolnik2"])
+        await a.send("WHO co*")  # coldone shares no channel with a: invisible to her
+        await a.expect(" 352 ")
+        await a.expect(" 352 ")
+        end = await a.expect(" 315 ")
+        self.assertFalse([x for x in a.seen[-4:] if "coldone" in x and " 352 " in x], end)
+        await a.send("WHO #elsewhere")  # not her channel: nobody shown
+        await a.expect(" 315 ")
+        self.assertNotIn(" 352 ", a.seen[-2])
+        await c.send("WHO *")
+        await c.expect(" 315 ")
+        shown = [x.split()[7] for x in c.seen if " 352 " in x]
+        self.assertEqual(shown, ["coldone"])
+
     async def test_3_10_an_irc_line_reaches_other_irc_users_as_one_line(self):
         a = await self.irc("a", user="u")
         b = await self.irc("b")
