@@ -266,7 +266,8 @@ FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "away": {"message": (str, False)},
     "back": {},
     "op": {"password": (str, True)},
-    "kick": {"nick": (str, True), "reason": (str, False)},
+    "kick": {"nick": (str, True), "reason": (str, False), "room": (str, False)},
+    "mode": {"room": (str, True), "nick": (str, True), "op": (bool, True)},
     "ban": {"nick": (str, True), "reason": (str, False), "minutes": ((int, float), False)},
     "unban": {"nick": (str, True)},
     "mute": {"nick": (str, True), "reason": (str, False)},
@@ -645,6 +646,7 @@ class Room:
         self.sizes: collections.deque[int] = collections.deque(maxlen=history)  # encoded bytes
         self.history_bytes = 0
         self.made_by = ""                     # the address key charged for making it
+        self.ops: set[str] = set()            # nick keys of its operators (its maker first)
         self.wait_until = 0.0                 # loaded from disk: kept until then for members
         self.topic = ""
         self.topic_by = ""
@@ -694,7 +696,15 @@ class Room:
         away = self.away()
         if away:
             event["away"] = away
+        if self.ops:
+            event["ops"] = sorted((s.nick for k, s in self.members.items() if k in self.ops),
+                                  key=nick_key)
         return event
+
+    def leave(self, key: str) -> None:
+        """A member is gone from the room (and with her, her operator mark)."""
+        self.members.pop(key, None)
+        self.ops.discard(key)
 
     def topic_event(self) -> dict:
         return {"type": "topic", "room": self.name, "topic": self.topic, "by": self.topic_by,
@@ -1392,6 +1402,7 @@ class ChatServer:
             "back": self.handle_back,
             "op": self.handle_op,
             "kick": self.handle_kick,
+            "mode": self.handle_mode,
             "ban": self.handle_ban,
             "unban": self.handle_unban,
             "mute": self.handle_mute,
@@ -1791,7 +1802,7 @@ class ChatServer:
         if s.quit_message:
             event["message"] = s.quit_message
         for room in list(s.rooms.values()):
-            room.members.pop(key, None)
+            room.leave(key)
             if not self.shutting_down:  # at shutdown everyone gets "bye" instead: no O(N^2)
                 self.broadcast(room, dict(event, room=room.name))
             self._forget_if_empty(room)
@@ -2145,6 +2156,9 @@ class ChatServer:
         for room in s.rooms.values():
             room.members.pop(nick_key(old))
             room.members[nick_key(new)] = s
+            if nick_key(old) in room.ops:
+                room.ops.discard(nick_key(old))
+                room.ops.add(nick_key(new))
         # Everyone who shares a room with her hears it once, and so does she.
         self._tell_sharers(s, {"type": "nick", "old": old, "new": new,
                                "ts": round(time.time(), 3)})
@@ -2219,6 +2233,7 @@ class ChatServer:
                 return
             room = self.rooms[nick_key(name)] = Room(name, self.cfg.history)
             room.made_by = s.subnet
+            room.ops.add(nick_key(s.nick or ""))  # whoever makes a room runs it, as on IRC
             self.rooms_made[s.subnet] = made + 1
         self._join(s, room, msg.get("after"))
 
@@ -2233,7 +2248,7 @@ class ChatServer:
         if reason and not self.is_muted(s):
             event["message"] = reason[:MAX_REASON_LEN]
         self.broadcast(room, event)  # she hears it too: that is her confirmation
-        room.members.pop(nick_key(s.nick), None)
+        room.leave(nick_key(s.nick))
         s.rooms.pop(nick_key(room.name), None)
         self._forget_if_empty(room)
 
@@ -2263,6 +2278,52 @@ class ChatServer:
             self._reply_error(s, msg, "storage_failed", "The server could not save the topic.")
             return
         self.broadcast(room, room.topic_event())
+
+    # --- room operators: whoever makes a room runs it (and server operators
+    # run every room); they can make others operators of it and kick from it.
+    def _room_operator(self, s: Session, msg: dict) -> tuple[Room, Session] | None:
+        """The room and the member a room-operator request is about, or None
+        after saying why not."""
+        room = self.rooms.get(nick_key(msg["room"]))
+        if room is not None and not s.operator and nick_key(s.nick or "") not in room.ops:
+            self._reply_error(s, msg, "not_operator", f"You are not an operator of {room.name}.")
+            return None
+        room = self._room_for(s, msg)
+        if room is None:
+            return None
+        target = room.members.get(nick_key(msg["nick"]))
+        if target is None:
+            self._reply_error(s, msg, "no_such_nick", f"Nobody called {msg['nick'][:40]} is "
+                              f"in {room.name}.")
+            return None
+        return room, target
+
+    def handle_mode(self, s: Session, msg: dict) -> None:
+        found = self._room_operator(s, msg)
+        if found is None:
+            return
+        room, target = found
+        key = nick_key(target.nick or "")
+        if (key in room.ops) == msg["op"]:
+            return  # nothing changes: nothing to announce
+        (room.ops.add if msg["op"] else room.ops.discard)(key)
+        self.broadcast(room, {"type": "mode", "room": room.name, "nick": target.nick,
+                              "op": msg["op"], "by": s.nick, "ts": round(time.time(), 3)})
+
+    def _kick_from_room(self, s: Session, msg: dict) -> None:
+        found = self._room_operator(s, msg)
+        if found is None:
+            return
+        room, target = found
+        event = {"type": "leave", "room": room.name, "nick": target.nick, "reason": "kick",
+                 "by": s.nick, "ts": round(time.time(), 3)}
+        reason = self._reason(msg)
+        if reason:
+            event["message"] = reason
+        self.broadcast(room, event)  # the one kicked hears it too
+        room.leave(nick_key(target.nick or ""))
+        target.rooms.pop(nick_key(room.name), None)
+        self._forget_if_empty(room)
 
     # --- file transfer: offers go to a room or one person; each receiver who
     # accepts gets its own stream from the sender, relayed chunk by chunk with
@@ -2619,6 +2680,9 @@ class ChatServer:
         target.close(code)
 
     def handle_kick(self, s: Session, msg: dict) -> None:
+        if msg.get("room"):
+            self._kick_from_room(s, msg)
+            return
         target = self._moderate(s, msg)
         if target is not None:
             reason = self._reason(msg)
@@ -2850,6 +2914,11 @@ def irc_split(text: str, budget: int) -> list[str]:
     return [p for p in pieces if p] or [""]
 
 
+def is_room_op(room: Room, s: Session) -> bool:
+    """The @ of IRC: an operator of the room, or of the whole server."""
+    return s.operator or nick_key(s.nick or "") in room.ops
+
+
 def irc_mask(mask: str) -> re.Pattern:
     """An IRC wildcard mask (* any run, ? one character), case-folded as nicks are."""
     return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c)
@@ -2985,7 +3054,7 @@ class IrcWire(Wire):
         if kind == "msg":  # (echo-message: a client that asked for its own lines back)
             return nick_key(str(e.get("from"))) != nick_key(self.me()) or \
                 "echo-message" in self.caps
-        if kind == "leave" and e.get("reason") != "part":
+        if kind == "leave" and e.get("reason") not in ("part", "kick"):
             if self.quit_tick != self.server.tick:
                 self.quit_tick = self.server.tick
                 self.quits_sent.clear()
@@ -3005,11 +3074,17 @@ class IrcWire(Wire):
             if e.get("reason") == "part":
                 message = f" :{e['message']}" if e.get("message") else ""
                 return [self.line(f":{self.prefix(e['nick'])} PART {e['room']}{message}")]
+            if e.get("reason") == "kick":
+                return [self.line(f":{self.prefix(e.get('by') or self.name)} KICK {e['room']} "
+                                  f"{e['nick']} :{e.get('message') or e.get('by')}")]
             why = e.get("message") or e.get("reason") or "Quit"
             return [self.line(f":{self.prefix(e['nick'])} QUIT :{why}")]
         if kind == "topic":
             return [self.line(f":{self.prefix(e.get('by') or self.name)} TOPIC {e['room']} "
                               f":{e.get('topic', '')}")]
+        if kind == "mode":
+            return [self.line(f":{self.prefix(e.get('by') or self.name)} MODE {e['room']} "
+                              f"{'+' if e.get('op') else '-'}o {e['nick']}")]
         return None
 
     def translate(self, e: dict, command: str = "") -> list[bytes]:
@@ -3074,6 +3149,8 @@ class IrcWire(Wire):
             return []  # RFC 2812: no automatic replies to a NOTICE
         numeric = IRC_ERRORS.get(code)
         target = context.partition(" ")[2] or "*"
+        if code == "not_operator" and context.startswith(("MODE #", "KICK #")):
+            numeric, message = ERR_CHANOPRIVSNEEDED, "You're not channel operator"
         if code == "not_in_room" and context.startswith("PRIVMSG "):
             numeric, message = ERR_CANNOTSENDTOCHAN, "Cannot send to channel (join it first)"
         if code in ("flooding", "line_too_long", "auth_blocked", "server_full",
@@ -3167,7 +3244,7 @@ class IrcWire(Wire):
         lines, batch = [], []
         full = "userhost-in-names" in self.caps
         for nick in nicks:
-            batch.append(("@" if room.members[nick_key(nick)].operator else "")
+            batch.append(("@" if is_room_op(room, room.members[nick_key(nick)]) else "")
                          + (self.prefix(nick) if full else nick))
             if len(" ".join(batch)) > 400:
                 lines.append(self.numeric(RPL_NAMREPLY, "=", room.name, text=" ".join(batch)))
@@ -3444,8 +3521,9 @@ class IrcWire(Wire):
                                        text=room.topic))
         self.send(self.numeric(RPL_LISTEND, text="End of /LIST"))
 
-    def _who_line(self, target: str, s: Session) -> bytes:
-        flags = ("G" if s.away is not None else "H") + ("*" if s.operator else "")
+    def _who_line(self, target: str, s: Session, room: Room | None = None) -> bytes:
+        flags = ("G" if s.away is not None else "H") + ("*" if s.operator else "") + \
+            ("@" if room is not None and is_room_op(room, s) else "")
         wire = irc_of(s)
         real = (wire.realname or str(s.nick)) if wire else "a PyChat user"
         return self.numeric(RPL_WHOREPLY, target, wire.user if wire else IRC_USER, self.name,
@@ -3463,7 +3541,7 @@ class IrcWire(Wire):
             inside = room is not None and nick_key(room.name) in me.rooms
             for s in (room.members.values() if room else []):
                 if inside or s is me:
-                    self.send(self._who_line(room.name, s))
+                    self.send(self._who_line(room.name, s, room))
         else:
             pattern = irc_mask(mask if mask != "0" else "*")
             for s in sorted(seen, key=lambda x: nick_key(x.nick or "")):
@@ -3488,7 +3566,8 @@ class IrcWire(Wire):
             self.send(self.numeric(RPL_WHOISUSER, nick, wire.user if wire else IRC_USER, self.name,
                                    "*", text=(wire.realname or nick) if wire else
                                    "a PyChat user"))
-            rooms = " ".join(r.name for r in s.rooms.values())
+            rooms = " ".join(("@" if is_room_op(r, s) else "") + r.name
+                             for r in s.rooms.values())
             if rooms:
                 self.send(self.numeric(RPL_WHOISCHANNELS, nick, text=rooms))
             self.send(self.numeric(RPL_WHOISSERVER, nick, self.name, text="PyChat"))
@@ -3518,9 +3597,11 @@ class IrcWire(Wire):
                 end = {"b": RPL_ENDOFBANLIST, "e": RPL_ENDOFEXCEPTLIST,
                        "I": RPL_ENDOFINVITELIST}[params[1].lstrip("+")]
                 self.send(self.numeric(end, room.name, text="End of list"))
+            elif params[1].lstrip("+-") and set(params[1].lstrip("+-")) <= set("o+-"):
+                self.modes(room, params[1], params[2:])
             else:
                 self.send(self.numeric(ERR_CHANOPRIVSNEEDED, room.name,
-                                       text="Channel modes are fixed on PyChat"))
+                                       text="Only +o/-o can change on PyChat"))
         elif nick_key(target) == nick_key(self.me()):
             if len(params) == 1:
                 self.send(self.numeric(RPL_UMODEIS, "+i"))
@@ -3528,6 +3609,27 @@ class IrcWire(Wire):
                 self.send(self.line(f":{self.prefix(self.me())} MODE {self.me()} :+i"))
         else:
             self.send(self.numeric(ERR_USERSDONTMATCH, text="Can't change mode for other users"))
+
+    def modes(self, room: Room, change: str, nicks: list[str]) -> None:
+        """MODE #chan +o nick, -o nick, +oo-o a b c: operators of the room."""
+        give = True
+        for letter in change:
+            if letter in "+-":
+                give = letter == "+"
+                continue
+            if not nicks:
+                self.send(self.numeric(ERR_NEEDMOREPARAMS, "MODE", text="Not enough parameters"))
+                return
+            self.request(f"MODE {room.name}", type="mode", room=room.name, nick=nicks.pop(0),
+                         op=give)
+
+    def on_kick(self, params: list[str]) -> None:
+        if not self.need(params, 2, "KICK"):
+            return
+        fields: dict[str, Any] = {"type": "kick", "room": params[0], "nick": params[1]}
+        if len(params) > 2:
+            fields["reason"] = params[2]
+        self.request(f"KICK {params[0]}", **fields)
 
     def on_motd(self, params: list[str]) -> None:
         self.send(*self.motd())
@@ -3568,7 +3670,7 @@ IRC_COMMANDS: dict[str, Callable[[IrcWire, list[str]], None]] = {
     "TOPIC": IrcWire.on_topic, "LIST": IrcWire.on_list, "WHO": IrcWire.on_who,
     "WHOIS": IrcWire.on_whois, "AWAY": IrcWire.on_away, "MODE": IrcWire.on_mode,
     "MOTD": IrcWire.on_motd, "VERSION": IrcWire.on_version, "LUSERS": IrcWire.on_lusers,
-    "ISON": IrcWire.on_ison, "USERHOST": IrcWire.on_userhost,
+    "ISON": IrcWire.on_ison, "USERHOST": IrcWire.on_userhost, "KICK": IrcWire.on_kick,
 }
 IRC_BEFORE_REGISTRATION = frozenset({"CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"})
 ChatServer.foreign_wire = IrcWire  # a first line that is not JSON is IRC
@@ -4409,7 +4511,7 @@ class ChatClient:
         elif kind == "leave":
             nick = nick_key(str(event.get("nick", "")))
             self.room_users.get(room_key, {}).pop(nick, None)
-            if event.get("reason") != "part":  # gone from the server: not away any more
+            if event.get("reason") not in ("part", "kick"):  # gone from the server: not away
                 self.away.pop(nick, None)
             if nick == nick_key(self.nick):  # we parted
                 self.joined.pop(room_key, None)
@@ -5017,9 +5119,17 @@ class Terminal:
             return self.system(ts, f"{len(users)} in {e.get('room')}: {', '.join(users)}")
         if kind == "join":
             return self.system(ts, f"{e.get('nick')} joined {e.get('room')}")
+        if kind == "leave" and e.get("reason") == "kick":
+            why = f" ({e['message']})" if e.get("message") else ""
+            return self.system(ts, f"{e.get('nick')} was kicked out of {e.get('room')} by "
+                                   f"{e.get('by')}{why}")
         if kind == "leave":
             why = f"{e.get('reason')}: {e['message']}" if e.get("message") else e.get("reason")
             return self.system(ts, f"{e.get('nick')} left {e.get('room')} ({why})")
+        if kind == "mode":
+            change = "made {} an operator of {}" if e.get("op") else \
+                "took {}'s operator status in {}"
+            return self.system(ts, f"{e.get('by')} " + change.format(e.get("nick"), e.get("room")))
         if kind == "nick":
             if nick_key(str(e.get("old", ""))) == nick_key(self.my_nick):
                 self.my_nick = str(e.get("new", ""))

@@ -1548,6 +1548,39 @@ class IrcConformanceTests(ServerCase):
         await a.expect(":c!pychat@pychat JOIN #side")
         self.assertIn(":c!pychat@pychat AWAY :brb", await a.expect(" AWAY "))
 
+    async def test_1_whoever_makes_a_channel_is_its_operator(self):
+        a = await self.irc("maker")
+        b = await self.irc("guest", user="gu")
+        json_user = await self.connect("jay")
+        await a.send("JOIN #made")
+        self.assertIn("@maker", await a.expect(" 353 "))
+        await b.send("JOIN #made")
+        self.assertIn(":guest @maker", await b.expect(" 353 "))
+        await json_user.send({"type": "join", "room": "#made"})
+        users = await json_user.expect("users", room="#made")
+        self.assertEqual(users["ops"], ["maker"])
+        await b.send("WHO #made")
+        flags = {line.split()[7]: line.split()[8] for line in
+                 [await b.expect(" 352 "), await b.expect(" 352 "), await b.expect(" 352 ")]}
+        self.assertEqual(flags, {"maker": "H@", "guest": "H", "jay": "H"})
+        await b.send("WHOIS maker")
+        self.assertIn(":@#made", await b.expect(" 319 "))
+        await b.send("MODE #made +o guest")  # not hers to give
+        self.assertIn(" 482 guest #made ", await b.expect(" 482 "))
+        await a.send("MODE #made +o guest")
+        self.assertIn(":maker!maker@pychat MODE #made +o guest", await b.expect(" MODE "))
+        mode = await json_user.expect("mode")
+        self.assertEqual((mode["nick"], mode["op"], mode["by"]), ("guest", True, "maker"))
+        await b.send("KICK #made jay :out")
+        self.assertIn(":guest!gu@pychat KICK #made jay :out", await a.expect(" KICK "))
+        leave = await json_user.expect("leave", room="#made")
+        self.assertEqual((leave["reason"], leave["by"]), ("kick", "guest"))
+        await json_user.send({"type": "msg", "room": "#made", "text": "still here?"})
+        self.assertEqual((await json_user.expect("error"))["code"], "not_in_room")
+        await a.send("PART #made")  # her mark goes with her
+        await b.send("NAMES #made")
+        self.assertIn("@guest", await b.expect(" 353 "))
+
     async def test_2_who_with_masks_shows_only_those_who_share_a_channel(self):
         a = await self.irc("coolnick", user="cu")
         b = await self.irc("coolnik2")
@@ -2248,6 +2281,9 @@ class HardeningIrcTests(ServerCase):
         viewer = await IrcPeer.open(self.port)
         self.addAsyncCleanup(viewer.close)
         await viewer.register("viewer")
+        await evil.send("JOIN #r0")  # WHO shows only those who share a channel
+        await viewer.send("JOIN #r0")
+        await viewer.expect(" 366 ")
         await viewer.send("WHOIS evil", "WHO evil")
         for pattern in (" 311 ", " 352 "):
             line = await viewer.expect(pattern)
