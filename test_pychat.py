@@ -1689,6 +1689,45 @@ class IrcRefusalTests(ServerCase):
         self.assertEqual((await json_peer.expect("error"))["code"], "too_many_connections")
 
 
+@unittest.skipUnless(shutil.which("irssi") and shutil.which("tmux"),
+                     "needs irssi and tmux (CI installs both)")
+class RealIrcClientTests(ServerCase):
+    """irssi 1.4 (Debian's), driven through tmux, beside a PyChat user."""
+
+    def tmux(self, *args: str) -> str:
+        return subprocess.run(["tmux", *args], capture_output=True, text=True,
+                              timeout=TIMEOUT).stdout
+
+    async def screen_shows(self, text: str) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while text not in self.tmux("capture-pane", "-p", "-t", self.session):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"irssi never showed {text!r}")
+            await asyncio.sleep(0.1)
+
+    async def test_irssi_chats_with_a_pychat_user(self):
+        home = Path(tempfile.mkdtemp(prefix="pychat-irssi-"))
+        self.addCleanup(shutil.rmtree, home, True)
+        self.session = f"pychat-test-{os.getpid()}"
+        self.tmux("new-session", "-d", "-s", self.session, "-x", "150", "-y", "40",
+                  f"irssi --home={home} -c {HOST} -p {self.port} -n irssi_u")
+        self.addCleanup(self.tmux, "kill-session", "-t", self.session)
+        await wait_for(lambda: "irssi_u" in self.server.nicks, what="irssi registering")
+        wire = pychat.irc_of(self.server.nicks["irssi_u"])
+        self.assertTrue({"server-time", "away-notify", "multi-prefix"} <= wire.caps, wire.caps)
+        bob = await self.connect("bob")
+        self.tmux("send-keys", "-t", self.session, "/join #lobby", "Enter")
+        await wait_for(lambda: "irssi_u" in self.server.rooms["#lobby"].members,
+                       what="irssi joining")
+        await bob.send({"type": "msg", "text": "hello irssi"})
+        await self.screen_shows("< bob> hello irssi")
+        self.tmux("send-keys", "-t", self.session, "hi bob, from irssi", "Enter")
+        await bob.expect("msg", text="hi bob, from irssi")
+        self.tmux("send-keys", "-t", self.session, "/quit bye", "Enter")
+        leave = await bob.expect("leave", nick="irssi_u")
+        self.assertEqual(leave.get("message"), "bye")
+
+
 class ClientTests(ServerCase):
     async def start_client(self, nick: str, **kw) -> tuple[ChatClient, list[dict], asyncio.Task]:
         events: list[dict] = []
