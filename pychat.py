@@ -266,6 +266,7 @@ FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "away": {"message": (str, False)},
     "back": {},
     "op": {"password": (str, True)},
+    "auth": {"password": (str, True)},
     "kick": {"nick": (str, True), "reason": (str, False), "room": (str, False)},
     "mode": {"room": (str, True), "nick": (str, True), "op": (bool, True)},
     "ban": {"nick": (str, True), "reason": (str, False), "minutes": ((int, float), False)},
@@ -786,7 +787,7 @@ class Session(asyncio.Protocol):
                  "grace_bytes", "away", "away_told", "operator", "auth_hold_until",
                  "connected_at", "last_rx", "pinged_at", "tokens", "token_time",
                  "flood_penalty", "token", "wire", "native", "spoke", "identity", "subnet",
-                 "log_tokens", "log_time", "log_dropped", "history_unread", "tls_wait", "paused", "refusal")
+                 "log_tokens", "log_time", "log_dropped", "history_unread", "tls_wait", "paused", "refusal", "authed")
 
     def __init__(self, server: ChatServer, wire: type[Wire] | None = None):
         self.server = server
@@ -823,6 +824,7 @@ class Session(asyncio.Protocol):
         self.tls_wait = False          # accepted, TLS handshake still going
         self.paused = False            # the transport's buffer is past its high-water mark
         self.refusal = ""              # refused; said once its first line shows its protocol
+        self.authed = False            # gave the server password before its hello (auth)
         # How this connection's bytes are read and written: JSON lines (the
         # core's own, written without a detour) unless a listener or the
         # first line says otherwise (see ChatServer.foreign_wire).
@@ -1401,6 +1403,7 @@ class ChatServer:
             "away": self.handle_away,
             "back": self.handle_back,
             "op": self.handle_op,
+            "auth": self.handle_auth,
             "kick": self.handle_kick,
             "mode": self.handle_mode,
             "ban": self.handle_ban,
@@ -1897,7 +1900,7 @@ class ChatServer:
                 paced = False
                 if not self._take_token(s):
                     return
-            if s.nick is None and kind not in ("hello", "ping", "pong"):
+            if s.nick is None and kind not in ("hello", "auth", "ping", "pong"):
                 raise ProtocolError("not_registered", ERRORS["not_registered"])
             validate(msg)
         except ProtocolError as e:
@@ -1983,8 +1986,8 @@ class ChatServer:
             self._reply_error(s, msg, "banned")
             s.close("banned")
             return
-        if self.cfg.password and not self._check_password(s, msg, self.cfg.password,
-                                                                 self.auth_failures):
+        if self.cfg.password and not s.authed and \
+                not self._check_password(s, msg, self.cfg.password, self.auth_failures):
             return
         if self.nick_banned(nick):
             self._reply_error(s, msg, "banned", f"The nick {nick} is banned here.")
@@ -2645,6 +2648,18 @@ class ChatServer:
             s.tell(reply)
         return False
 
+    def handle_auth(self, s: Session, msg: dict) -> None:
+        """The server password before hello (IRC's SASL PLAIN): checked like
+        the one in hello, with the same record of wrong guesses."""
+        if s.nick is not None:
+            self._reply_error(s, msg, "already_registered")
+        elif not self.cfg.password:
+            s.authed = True
+            s.tell({"type": "auth", "ok": True})
+        elif self._check_password(s, msg, self.cfg.password, self.auth_failures):
+            s.authed = True
+            s.tell({"type": "auth", "ok": True})
+
     def handle_op(self, s: Session, msg: dict) -> None:
         if not self.cfg.op_password:
             self._reply_error(s, msg, "not_operator", "This server has no operators.")
@@ -2873,8 +2888,14 @@ ERR_YOUREBANNEDCREEP = "465"
 ERR_NOPRIVILEGES = "481"
 ERR_CHANOPRIVSNEEDED = "482"
 ERR_USERSDONTMATCH = "502"
+RPL_LOGGEDIN = "900"
+RPL_SASLSUCCESS = "903"
+ERR_SASLFAIL = "904"
+ERR_SASLABORTED = "906"
+RPL_SASLMECHS = "908"
 
-# IRCv3 capabilities offered (https://ircv3.net/specs): each one fully works.
+# IRCv3 capabilities offered (https://ircv3.net/specs): each one fully works
+# (and sasl, PLAIN, where the server has a password).
 IRC_CAPS = ("away-notify", "cap-notify", "echo-message", "multi-prefix", "server-time",
             "userhost-in-names")
 
@@ -2963,6 +2984,7 @@ class IrcWire(Wire):
         self.context = ""              # the command being answered (for error numerics)
         self.caps: set[str] = set()    # IRCv3 capabilities this client asked for
         self.negotiating = False       # CAP LS/REQ before registration: wait for CAP END
+        self.sasl: str | None = None   # AUTHENTICATE PLAIN: the base64 received so far
         self.last_error = ""           # the code of the last error it was told
         self.quit_tick = -1            # the tick quits_sent belongs to
         self.nick = ""                 # asked for before registration
@@ -3014,7 +3036,8 @@ class IrcWire(Wire):
     def tell(self, event: dict) -> None:
         self.send(*self.extras(event, self.translate(event, self.context)))
         if event.get("code") == "auth_failed" and not self.registered and \
-                event.get("type") == "error":  # IRC has no second try: 464, then goodbye
+                event.get("type") == "error" and self.context != "AUTHENTICATE":
+            # IRC has no second try at PASS: 464, then goodbye (SASL may try again)
             self.send(self.line("ERROR :Closing link: wrong or missing password (PASS)"))
             self.s.close("auth_failed")
 
@@ -3138,8 +3161,17 @@ class IrcWire(Wire):
                               + (f": {e['reason']}" if e.get("reason") else ""))]
         if kind == "bye":
             return [self.line(f"ERROR :Closing link: {e.get('reason', '')}")]
+        if kind == "error" and command == "AUTHENTICATE":
+            if e.get("code") == "auth_blocked":
+                return [self.line(f"ERROR :Closing link: {e.get('message')}")]
+            return [self.numeric(ERR_SASLFAIL, text="SASL authentication failed")]
         if kind == "error":
             return self.error(e, command)
+        if kind == "auth":  # SASL PLAIN accepted (accounts are just the nick here)
+            who = self.nick or "*"
+            return [self.numeric(RPL_LOGGEDIN, self.prefix(who), who,
+                                 text=f"You are now logged in as {who}"),
+                    self.numeric(RPL_SASLSUCCESS, text="SASL authentication successful")]
         return []  # typing, users, history, rooms...: IRC asks for those itself
 
     def error(self, e: dict, context: str) -> list[bytes]:
@@ -3304,15 +3336,18 @@ class IrcWire(Wire):
         head = f":{self.name} CAP {self.s.nick or '*'}"  # "*" until registered
         if sub == "LS":
             self.negotiating = not self.registered
-            if params[1:2] and params[1].isdigit() and int(params[1]) >= 302:
+            v302 = bool(params[1:2] and params[1].isdigit() and int(params[1]) >= 302)
+            if v302:
                 self.caps.add("cap-notify")  # implied by CAP LS 302
-            self.send(self.line(f"{head} LS :{' '.join(IRC_CAPS)}"))
+            offered = [("sasl=PLAIN" if v302 else c) if c == "sasl" else c
+                       for c in self.offered()]
+            self.send(self.line(f"{head} LS :{' '.join(offered)}"))
         elif sub == "LIST":
             self.send(self.line(f"{head} LIST :{' '.join(sorted(self.caps))}"))
         elif sub == "REQ":
             self.negotiating = not self.registered
             wanted = params[1].split() if params[1:] else []
-            known = all(name.lstrip("-") in IRC_CAPS for name in wanted)
+            known = all(name.lstrip("-") in self.offered() for name in wanted)
             self.send(self.line(f"{head} {'ACK' if known and wanted else 'NAK'} "
                                 f":{' '.join(wanted)}"))
             if known:  # all or nothing, as the spec says
@@ -3357,6 +3392,41 @@ class IrcWire(Wire):
             self.user = "".join(c for c in params[0] if c.isalnum() or c in "-_.")[:16] or "irc"
             self.realname = clean_text(params[3]).replace("\n", " ")[:MAX_REASON_LEN]
             self.register()
+
+    def offered(self) -> tuple[str, ...]:
+        """The capabilities offered: sasl only where there is a password to give."""
+        return IRC_CAPS + (("sasl",) if self.server.cfg.password else ())
+
+    def on_authenticate(self, params: list[str]) -> None:
+        """SASL PLAIN (IRCv3): the server password as authzid NUL authcid NUL
+        password, base64, in 400-byte pieces ("+" ends an exact multiple)."""
+        arg = params[0] if params else ""
+        if self.registered or "sasl" not in self.caps:
+            self.send(self.numeric(ERR_SASLFAIL, text="SASL authentication failed"))
+        elif arg == "*":
+            self.sasl = None
+            self.send(self.numeric(ERR_SASLABORTED, text="SASL authentication aborted"))
+        elif self.sasl is None:
+            if arg.upper() == "PLAIN":
+                self.sasl = ""
+                self.send(self.line("AUTHENTICATE +"))
+            else:
+                self.send(self.numeric(RPL_SASLMECHS, "PLAIN", text="are available SASL "
+                                       "mechanisms"),
+                          self.numeric(ERR_SASLFAIL, text="SASL authentication failed"))
+        else:
+            self.sasl += "" if arg == "+" else arg
+            if len(arg) == 400 and len(self.sasl) < 4000:
+                return  # more pieces follow
+            try:
+                parts = base64.b64decode(self.sasl, validate=True).decode("utf-8").split("\0")
+            except ValueError:
+                parts = []
+            self.sasl = None
+            if len(parts) != 3:
+                self.send(self.numeric(ERR_SASLFAIL, text="SASL authentication failed"))
+                return
+            self.request("AUTHENTICATE", type="auth", password=parts[2])
 
     def register(self) -> None:
         if not (self.nick and self.user) or self.negotiating or self.registered:
@@ -3671,8 +3741,10 @@ IRC_COMMANDS: dict[str, Callable[[IrcWire, list[str]], None]] = {
     "WHOIS": IrcWire.on_whois, "AWAY": IrcWire.on_away, "MODE": IrcWire.on_mode,
     "MOTD": IrcWire.on_motd, "VERSION": IrcWire.on_version, "LUSERS": IrcWire.on_lusers,
     "ISON": IrcWire.on_ison, "USERHOST": IrcWire.on_userhost, "KICK": IrcWire.on_kick,
+    "AUTHENTICATE": IrcWire.on_authenticate,
 }
-IRC_BEFORE_REGISTRATION = frozenset({"CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"})
+IRC_BEFORE_REGISTRATION = frozenset({"CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT",
+                                     "AUTHENTICATE"})
 ChatServer.foreign_wire = IrcWire  # a first line that is not JSON is IRC
 
 

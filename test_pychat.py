@@ -1728,6 +1728,39 @@ class RealIrcClientTests(ServerCase):
         self.assertEqual(leave.get("message"), "bye")
 
 
+class IrcSaslTests(ServerCase):
+    server_options = {"password": "s3cret"}
+
+    async def sasl(self, nick: str, password: str) -> IrcPeer:
+        p = await IrcPeer.open(self.port)
+        self.addAsyncCleanup(p.close)
+        await p.send("CAP LS 302", f"NICK {nick}", f"USER {nick} 0 * :S")
+        self.assertIn("sasl=PLAIN", await p.expect(" LS "))
+        await p.send("CAP REQ :sasl")
+        await p.expect(" ACK ")
+        await p.send("AUTHENTICATE PLAIN")
+        await p.expect("AUTHENTICATE +")
+        token = base64.b64encode(f"{nick}\0{nick}\0{password}".encode()).decode()
+        await p.send(f"AUTHENTICATE {token}")
+        return p
+
+    async def test_sasl_plain_carries_the_server_password(self):
+        p = await self.sasl("saslu", "s3cret")
+        self.assertIn(" 900 ", await p.expect(" 900 "))
+        await p.expect(" 903 ")
+        await p.send("CAP END")
+        await p.expect(" 001 saslu ")
+
+    async def test_a_wrong_sasl_password_is_904_and_pass_still_decides(self):
+        p = await self.sasl("wrong", "nope")
+        await p.expect(" 904 ")
+        await p.send("CAP END")  # no password given: the server says so and closes
+        await p.expect(" 464 ")
+        await p.expect("ERROR :Closing link")
+        self.assertNotIn("wrong", self.server.nicks)
+        self.assertEqual(self.server.auth_failures["127.0.0.1"][0], 1)  # the guess counted
+
+
 class ClientTests(ServerCase):
     async def start_client(self, nick: str, **kw) -> tuple[ChatClient, list[dict], asyncio.Task]:
         events: list[dict] = []
