@@ -105,6 +105,7 @@ MAX_REASON_LEN = 200           # quit reasons and other short free texts
 MAX_CID_LEN = 64               # client message ids are echoed, so keep them short
 MAX_CID_INT = 2 ** 53          # ...and integer ones exact in every JSON reader
 MAX_PING_DATA = 256            # bytes of ping data echoed back in a pong
+MAX_TAG_BYTES = 4094           # client tags on one message (IRCv3 message-tags)
 REGISTER_TIMEOUT = 60.0        # seconds from connecting to a nick (time to type a password)
 MAX_ROOM_LEN = 33              # "#" plus 1 to 32 visible characters
 MAX_TOPIC = 300                # characters in a room topic
@@ -231,6 +232,7 @@ ERRORS = {
     "no_such_transfer": "No such file transfer.",
     "file_window": "File chunks must wait for acknowledgements.",
     "history_pending": "The last history of that room has not reached you yet.",
+    "bad_tags": "Tags are a JSON object of short strings (4,094 bytes in all).",
 }
 
 # Field table: type -> {field: (python type, required)}.  validate() checks
@@ -239,7 +241,7 @@ FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "hello": {"nick": (str, True), "password": (str, False), "client": (str, False),
               "token": (str, False), "after": (dict, False), "instance": (str, False)},
     "msg": {"text": (str, True), "room": (str, False), "action": (bool, False),
-            "notice": (bool, False), "cid": ((str, int), False)},
+            "notice": (bool, False), "tags": (dict, False), "cid": ((str, int), False)},
     "nick": {"nick": (str, True)},
     "users": {"room": (str, False)},
     "ping": {},
@@ -262,7 +264,9 @@ FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "rooms": {},
     "topic": {"room": (str, True), "topic": (str, False)},
     "pm": {"to": (str, True), "text": (str, True), "action": (bool, False),
-           "notice": (bool, False), "ctcp": (bool, False), "cid": ((str, int), False)},
+           "notice": (bool, False), "ctcp": (bool, False), "tags": (dict, False),
+           "cid": ((str, int), False)},
+    "tagmsg": {"tags": (dict, True), "room": (str, False), "to": (str, False)},
     "away": {"message": (str, False)},
     "back": {},
     "op": {"password": (str, True)},
@@ -1386,6 +1390,7 @@ class ChatServer:
             "pong": self.handle_pong,
             "quit": self.handle_quit,
             "typing": self.handle_typing,
+            "tagmsg": self.handle_tagmsg,
             "join": self.handle_join,
             "history": self.handle_history,
             "file_offer": self.handle_file_offer,
@@ -2112,7 +2117,8 @@ class ChatServer:
 
     def handle_msg(self, s: Session, msg: dict) -> None:
         text = self._chat_text(s, msg)
-        if text is None:
+        tags = self._tags(s, msg) if text is not None else False
+        if tags is False:
             return
         room = self._room_for(s, msg)
         if room is None or self._resent(s, msg, text):
@@ -2124,6 +2130,8 @@ class ChatServer:
             event["action"] = True
         if msg.get("notice"):  # a notice: no automatic replies to it (IRC's NOTICE)
             event["notice"] = True
+        if tags:
+            event["tags"] = tags
         if cid is not None:
             event["cid"] = cid
         data = encode(event)
@@ -2202,6 +2210,28 @@ class ChatServer:
         for member in room.members.values():
             if member is not s:
                 member.tell(typing, data)
+
+    def handle_tagmsg(self, s: Session, msg: dict) -> None:
+        """Tags without a message (IRC's TAGMSG: reactions and the like), to a
+        room or one person; never stored."""
+        tags = self._tags(s, msg)
+        if tags is False or not tags or self.is_muted(s):
+            return
+        event: dict[str, Any] = {"type": "tagmsg", "from": s.nick, "tags": tags,
+                                 "ts": round(time.time(), 3)}
+        if msg.get("to") is not None:
+            target = self.nicks.get(nick_key(msg["to"]))
+            if target is None:
+                self._reply_error(s, msg, "no_such_nick", f"Nobody is called {msg['to'][:40]}.")
+                return
+            event["to"] = target.nick
+            target.tell(event)
+            if target is not s:
+                s.tell(event)
+            return
+        room = self._room_for(s, msg)
+        if room is not None:
+            self.broadcast(room, dict(event, room=room.name))
 
     def handle_quit(self, s: Session, msg: dict) -> None:
         reason = clean_text(msg.get("reason") or "").replace("\n", " ").strip()[:MAX_REASON_LEN]
@@ -2521,6 +2551,18 @@ class ChatServer:
                                           "reason": f"{s.nick} left"})
 
     # --- private messages and away
+    def _tags(self, s: Session, msg: dict) -> dict | None | bool:
+        """A request's client tags (opaque names and values relayed to the
+        clients that want them, e.g. IRC's +draft/react), {} for none, or
+        False after saying they are not acceptable."""
+        tags = msg.get("tags") or {}
+        if tags and (not all(isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= 100
+                             and k.startswith("+") for k, v in tags.items())
+                     or len(encode(tags)) > MAX_TAG_BYTES):
+            self._reply_error(s, msg, "bad_tags")
+            return False
+        return tags
+
     def _chat_text(self, s: Session, msg: dict) -> str | None:
         """The cleaned text of a msg or pm, or None after replying with the problem."""
         text = clean_text(msg["text"])
@@ -2545,9 +2587,8 @@ class ChatServer:
         """A private message: to the recipient and back to the sender, never stored
         and never logged."""
         text = self._chat_text(s, msg)
-        if text is None:
-            return
-        if self._resent(s, msg, text):
+        tags = self._tags(s, msg) if text is not None else False
+        if tags is False or self._resent(s, msg, text or ""):
             return
         target = self.nicks.get(nick_key(msg["to"]))
         if target is None:
@@ -2558,6 +2599,8 @@ class ChatServer:
         for flag in ("action", "notice", "ctcp"):  # ctcp: a client-to-client query's body
             if msg.get(flag):
                 event[flag] = True
+        if tags:
+            event["tags"] = tags
         if target is not s:
             target.tell(event)
         if msg.get("cid") is not None:
@@ -2826,6 +2869,7 @@ def _raise_open_files(wanted: int) -> None:
 
 IRC_MAX_LINE = 512             # bytes, CRLF included
 IRC_USER = "pychat"            # the user part of nick!user@host prefixes
+IRC_MAX_TAGS = 8191            # bytes of IRCv3 tags allowed before a line's 512
 _IRC_BREAKS = re.compile("[\r\n\0]")  # what would end an IRC line early
 
 # Numeric replies, named as in RFC 2812 and modern.ircdocs.horse.
@@ -2888,6 +2932,7 @@ ERR_YOUREBANNEDCREEP = "465"
 ERR_NOPRIVILEGES = "481"
 ERR_CHANOPRIVSNEEDED = "482"
 ERR_USERSDONTMATCH = "502"
+ERR_INPUTTOOLONG = "417"
 RPL_LOGGEDIN = "900"
 RPL_SASLSUCCESS = "903"
 ERR_SASLFAIL = "904"
@@ -2896,8 +2941,8 @@ RPL_SASLMECHS = "908"
 
 # IRCv3 capabilities offered (https://ircv3.net/specs): each one fully works
 # (and sasl, PLAIN, where the server has a password).
-IRC_CAPS = ("away-notify", "cap-notify", "echo-message", "multi-prefix", "server-time",
-            "userhost-in-names")
+IRC_CAPS = ("away-notify", "cap-notify", "echo-message", "message-tags", "multi-prefix",
+            "server-time", "userhost-in-names")
 
 # PyChat error codes -> IRC numerics (and what the numeric's parameter is).
 IRC_ERRORS = {
@@ -2952,6 +2997,27 @@ def irc_time(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
 
 
+_TAG_ESCAPES = {";": "\\:", " ": "\\s", "\\": "\\\\", "\r": "\\r", "\n": "\\n"}
+_TAG_UNESCAPES = {v[1]: k for k, v in _TAG_ESCAPES.items()}
+
+
+def irc_tags(text: str) -> dict[str, str]:
+    """'+a=1;+b;time=x' -> {'+a': '1', '+b': '', 'time': 'x'} (values unescaped)."""
+    tags = {}
+    for item in text.split(";"):
+        key, _, value = item.partition("=")
+        if key:
+            tags[key] = re.sub(r"\\(.?)", lambda m: _TAG_UNESCAPES.get(m.group(1), m.group(1)),
+                               value)
+    return tags
+
+
+def irc_tag_text(tags: dict[str, str]) -> str:
+    """The inverse of irc_tags: '@k=v;k2 ' with values escaped."""
+    return "@" + ";".join(k + ("=" + "".join(_TAG_ESCAPES.get(c, c) for c in v) if v else "")
+                          for k, v in tags.items()) + " "
+
+
 def irc_parse(line: str) -> tuple[str, list[str]]:
     """'CMD a b :c d' -> ('CMD', ['a', 'b', 'c d']); tags and prefix dropped."""
     if line.startswith("@"):
@@ -2985,6 +3051,7 @@ class IrcWire(Wire):
         self.caps: set[str] = set()    # IRCv3 capabilities this client asked for
         self.negotiating = False       # CAP LS/REQ before registration: wait for CAP END
         self.sasl: str | None = None   # AUTHENTICATE PLAIN: the base64 received so far
+        self.in_tags: dict[str, str] = {}  # the client tags of the line being handled
         self.last_error = ""           # the code of the last error it was told
         self.quit_tick = -1            # the tick quits_sent belongs to
         self.nick = ""                 # asked for before registration
@@ -3057,16 +3124,24 @@ class IrcWire(Wire):
 
     def extras(self, e: dict, lines: list[bytes]) -> list[bytes]:
         """What this client's capabilities add: an AWAY after the JOIN of
-        someone away (away-notify), the event's time on every line
-        (server-time)."""
+        someone away (away-notify), and one tag section on every line: the
+        event's time (server-time) and the sender's own tags (message-tags)."""
         if not self.caps or not lines:
             return lines
         if "away-notify" in self.caps and e.get("type") == "join" and \
                 e.get("away") is not None:
             lines = lines + [self.line(f":{self.prefix(e['nick'])} AWAY :{e['away'] or 'away'}")]
+        tags = {}
         if "server-time" in self.caps and isinstance(e.get("ts"), (int, float)):
-            tag = b"@time=" + irc_time(e["ts"]).encode() + b" "
-            lines = [tag + line for line in lines]
+            tags["time"] = irc_time(e["ts"])
+        if "message-tags" in self.caps:
+            if e.get("type") == "typing":
+                tags["+typing"] = "active"
+            elif isinstance(e.get("tags"), dict):
+                tags.update(e["tags"])
+        if tags:
+            section = irc_tag_text(tags).encode("utf-8")
+            lines = [section + line for line in lines]
         return lines
 
     def wanted(self, e: dict) -> bool:
@@ -3074,7 +3149,9 @@ class IrcWire(Wire):
         (IRC clients show them themselves) and a second QUIT of one user
         (who left several shared channels) in one tick."""
         kind = e.get("type")
-        if kind == "msg":  # (echo-message: a client that asked for its own lines back)
+        if kind in ("msg", "tagmsg"):  # (echo-message: its own lines back, if it asks)
+            if kind == "tagmsg" and "message-tags" not in self.caps:
+                return False
             return nick_key(str(e.get("from"))) != nick_key(self.me()) or \
                 "echo-message" in self.caps
         if kind == "leave" and e.get("reason") not in ("part", "kick"):
@@ -3108,6 +3185,8 @@ class IrcWire(Wire):
         if kind == "mode":
             return [self.line(f":{self.prefix(e.get('by') or self.name)} MODE {e['room']} "
                               f"{'+' if e.get('op') else '-'}o {e['nick']}")]
+        if kind == "tagmsg" and e.get("room"):
+            return [self.line(f":{self.prefix(e['from'])} TAGMSG {e['room']}")]
         return None
 
     def translate(self, e: dict, command: str = "") -> list[bytes]:
@@ -3142,6 +3221,11 @@ class IrcWire(Wire):
             return [self.line(f":{self.prefix(e['old'], e['new'])} NICK :{e['new']}")]
         if kind == "welcome":
             return self.welcome(e)
+        if kind == "tagmsg":  # to one person
+            to = str(e.get("to")) if nick_key(str(e.get("from"))) == me else self.me()
+            return [self.line(f":{self.prefix(e['from'])} TAGMSG {to}")]
+        if kind == "typing" and "message-tags" in self.caps:  # +typing: see extras
+            return [self.line(f":{self.prefix(e['nick'])} TAGMSG {e['room']}")]
         if kind == "ping":
             return [self.line(f"PING :{e.get('data', self.name)}")]
         if kind == "pong":
@@ -3290,6 +3374,15 @@ class IrcWire(Wire):
 
     # --- input
     def receive(self, raw: bytes) -> None:
+        self.in_tags = {}
+        if raw.startswith(b"@"):  # IRCv3 tags: up to 8191 bytes before the 512
+            head, _, raw = raw.partition(b" ")
+            if len(head) > IRC_MAX_TAGS:
+                self.send(self.numeric(ERR_INPUTTOOLONG, text="Input line was too long"))
+                return
+            if "message-tags" in self.caps:
+                self.in_tags = {k: v for k, v in irc_tags(head[1:].decode("utf-8", "replace"))
+                                .items() if k.startswith("+")}  # only clients' own tags
         text = raw[:IRC_MAX_LINE - 2].decode("utf-8", "replace")
         command, params = irc_parse(text)
         if not command:
@@ -3498,6 +3591,8 @@ class IrcWire(Wire):
             if i and not self.extra_token():
                 return
             fields: dict[str, Any] = {"text": self.fit(command, target, text, action)}
+            if self.in_tags:
+                fields["tags"] = self.in_tags
             if action:
                 fields["action"] = True
             if command == "NOTICE":
@@ -3693,6 +3788,19 @@ class IrcWire(Wire):
             self.request(f"MODE {room.name}", type="mode", room=room.name, nick=nicks.pop(0),
                          op=give)
 
+    def on_tagmsg(self, params: list[str]) -> None:
+        """Tags without text (message-tags): +typing becomes PyChat's typing
+        notice; other client tags are relayed to those who asked for them."""
+        if not self.need(params, 1, "TAGMSG") or not self.in_tags:
+            return
+        target = params[0].split(",")[0]
+        typing = self.in_tags.pop("+typing", None)
+        if typing == "active" and target.startswith("#"):
+            self.request(f"TAGMSG {target}", type="typing", room=target)
+        if self.in_tags:
+            where = {"room": target} if target.startswith("#") else {"to": target}
+            self.request(f"TAGMSG {target}", type="tagmsg", tags=self.in_tags, **where)
+
     def on_kick(self, params: list[str]) -> None:
         if not self.need(params, 2, "KICK"):
             return
@@ -3741,7 +3849,7 @@ IRC_COMMANDS: dict[str, Callable[[IrcWire, list[str]], None]] = {
     "WHOIS": IrcWire.on_whois, "AWAY": IrcWire.on_away, "MODE": IrcWire.on_mode,
     "MOTD": IrcWire.on_motd, "VERSION": IrcWire.on_version, "LUSERS": IrcWire.on_lusers,
     "ISON": IrcWire.on_ison, "USERHOST": IrcWire.on_userhost, "KICK": IrcWire.on_kick,
-    "AUTHENTICATE": IrcWire.on_authenticate,
+    "AUTHENTICATE": IrcWire.on_authenticate, "TAGMSG": IrcWire.on_tagmsg,
 }
 IRC_BEFORE_REGISTRATION = frozenset({"CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT",
                                      "AUTHENTICATE"})

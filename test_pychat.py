@@ -1606,6 +1606,34 @@ class IrcConformanceTests(ServerCase):
         shown = [x.split()[7] for x in c.seen if " 352 " in x]
         self.assertEqual(shown, ["coldone"])
 
+    async def test_message_tags_are_relayed_and_typing_crosses_over(self):
+        a = await self.capped("a", "message-tags")
+        b = await self.capped("b", "message-tags")
+        c = await self.irc("c")
+        json_user = await self.connect("jay")
+        for peer in (a, b, c):
+            await self.joined(peer)
+        await a.send("@+draft/react=\U0001F44D;+x=a\\sb PRIVMSG #lobby :tagged")
+        line = await b.expect("PRIVMSG #lobby :tagged")
+        self.assertTrue(line.startswith("@+draft/react=\U0001F44D;+x=a\\sb :a!a@pychat "), line)
+        self.assertTrue((await c.expect("PRIVMSG #lobby :tagged")).startswith(":a!"))
+        self.assertEqual((await json_user.expect("msg", text="tagged"))["tags"],
+                         {"+draft/react": "\U0001F44D", "+x": "a b"})
+        await a.send("@+draft/react=\U0001F389 TAGMSG #lobby")
+        self.assertIn("TAGMSG #lobby", await b.expect("TAGMSG"))
+        await a.send("@+typing=active TAGMSG #lobby")
+        self.assertEqual((await json_user.expect("typing"))["nick"], "a")
+        await json_user.send({"type": "typing"})
+        self.assertIn("@+typing=active :a!a@pychat TAGMSG #lobby", await b.expect("+typing"))
+        typing = await b.expect(":jay!pychat@pychat TAGMSG")
+        self.assertTrue(typing.startswith("@+typing=active :jay!pychat@pychat TAGMSG #lobby"),
+                        typing)
+        await c.send("PING :sync")
+        await c.expect(":sync")
+        self.assertFalse([x for x in c.seen if "TAGMSG" in x or x.startswith("@")])
+        await a.send("@" + "+k=" + "v" * 9000 + " PRIVMSG #lobby :too much")
+        await a.expect(" 417 ")
+
     async def test_3_10_an_irc_line_reaches_other_irc_users_as_one_line(self):
         a = await self.irc("a", user="u")
         b = await self.irc("b")
