@@ -47,6 +47,7 @@ import asyncio
 import base64
 import collections
 import dataclasses
+import datetime
 import errno
 import getpass
 import hashlib
@@ -2941,8 +2942,9 @@ RPL_SASLMECHS = "908"
 
 # IRCv3 capabilities offered (https://ircv3.net/specs): each one fully works
 # (and sasl, PLAIN, where the server has a password).
-IRC_CAPS = ("away-notify", "cap-notify", "echo-message", "message-tags", "multi-prefix",
-            "server-time", "userhost-in-names")
+IRC_CAPS = ("away-notify", "batch", "cap-notify", "draft/chathistory", "echo-message",
+            "message-tags", "multi-prefix", "server-time", "userhost-in-names")
+CHATHISTORY_MAX = 100          # messages one CHATHISTORY request may ask for
 
 # PyChat error codes -> IRC numerics (and what the numeric's parameter is).
 IRC_ERRORS = {
@@ -2991,10 +2993,25 @@ def irc_mask(mask: str) -> re.Pattern:
                               for c in nick_key(mask)), re.S)
 
 
+def chathistory_ref(text: str) -> tuple[str, float] | None:
+    """A CHATHISTORY reference: * (None), msgid=ID or timestamp=ISO-8601;
+    ValueError for anything else."""
+    if text == "*":
+        return None
+    kind, _, value = text.partition("=")
+    if kind == "msgid":
+        return ("msgid", float(int(value)))
+    if kind == "timestamp":
+        stamp = datetime.datetime.strptime(value.rstrip("Z").split(".")[0], "%Y-%m-%dT%H:%M:%S")
+        fraction = float("0." + value.rstrip("Z").split(".")[1]) if "." in value else 0.0
+        return ("ts", stamp.replace(tzinfo=datetime.timezone.utc).timestamp() + fraction)
+    raise ValueError(text)
+
+
 def irc_time(ts: float) -> str:
     """A server-time tag's value: UTC, milliseconds, as IRCv3 wants it."""
-    ts = float(ts)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+    ms = round(float(ts) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
 _TAG_ESCAPES = {";": "\\:", " ": "\\s", "\\": "\\\\", "\r": "\\r", "\n": "\\n"}
@@ -3052,6 +3069,7 @@ class IrcWire(Wire):
         self.negotiating = False       # CAP LS/REQ before registration: wait for CAP END
         self.sasl: str | None = None   # AUTHENTICATE PLAIN: the base64 received so far
         self.in_tags: dict[str, str] = {}  # the client tags of the line being handled
+        self.batches = 0               # batch references given out
         self.last_error = ""           # the code of the last error it was told
         self.quit_tick = -1            # the tick quits_sent belongs to
         self.nick = ""                 # asked for before registration
@@ -3139,6 +3157,8 @@ class IrcWire(Wire):
                 tags["+typing"] = "active"
             elif isinstance(e.get("tags"), dict):
                 tags.update(e["tags"])
+            if e.get("type") in ("msg", "pm") and isinstance(e.get("id"), int):
+                tags["msgid"] = str(e["id"])  # what CHATHISTORY's msgid= refers to
         if tags:
             section = irc_tag_text(tags).encode("utf-8")
             lines = [section + line for line in lines]
@@ -3291,7 +3311,8 @@ class IrcWire(Wire):
                          f"CHANNELLEN={MAX_ROOM_LEN}", f"TOPICLEN={MAX_TOPIC}",
                          f"AWAYLEN={MAX_AWAY}", "CASEMAPPING=ascii", "NETWORK=PyChat",
                          "PREFIX=(o)@", "CHANMODES=,,,n", f"CHANLIMIT=#:{srv.cfg.max_rooms_per_user}",
-                         "MAXTARGETS=4", text="are supported by this server")]
+                         "MAXTARGETS=4", f"CHATHISTORY={CHATHISTORY_MAX}",
+                         "MSGREFTYPES=msgid,timestamp", text="are supported by this server")]
         return lines + self.motd()
 
     def motd(self) -> list[bytes]:
@@ -3329,21 +3350,91 @@ class IrcWire(Wire):
         if not self.replay or s.closing or s.paused:
             return
         room = self.replay.popleft()
-        lines = []
-        tagged = "server-time" in self.caps
-        for m in room.history:
-            if tagged:  # the message's own time, as a tag: the text stays as it was sent
-                tag = b"@time=" + irc_time(m.get("ts") or 0).encode() + b" "
-                lines += [tag + line for line in self.say(m["from"], "PRIVMSG", room.name,
-                                                          m["text"], bool(m.get("action")))]
-                continue
-            stamp = time.strftime("%H:%M", time.localtime(float(m.get("ts") or 0)))
-            action = "* " if m.get("action") else ""  # "[12:05] * waves", not "* al [12:05]"
-            lines += self.say(m["from"], "PRIVMSG", room.name, f"[{stamp}] {action}{m['text']}")
+        lines = self.history_lines(room.name, list(room.history))
         self.server._charge_history(s, room, sum(map(len, lines)))
         self.send(*lines)
         self.replay_busy = True  # the next room in a later tick, after this one is written
         s.server.loop.call_soon(self._replay_later)
+
+    def history_lines(self, target: str, messages: list[dict]) -> list[bytes]:
+        """Stored messages as this client wants them: with server-time each
+        keeps its own time as a tag (and its msgid with message-tags), else a
+        "[12:05]" prefix says when; a chathistory batch if it has batch."""
+        lines: list[bytes] = []
+        tagged = "server-time" in self.caps
+        for m in messages:
+            command = "NOTICE" if m.get("notice") else "PRIVMSG"
+            if tagged:  # the text stays as it was sent
+                said = self.say(m["from"], command, target, m["text"], bool(m.get("action")))
+            else:
+                stamp = time.strftime("%H:%M", time.localtime(float(m.get("ts") or 0)))
+                action = "* " if m.get("action") else ""  # "[12:05] * waves"
+                said = self.say(m["from"], command, target, f"[{stamp}] {action}{m['text']}")
+            lines += self.extras(m, said)
+        if "batch" not in self.caps:
+            return lines
+        self.batches += 1
+        ref = f"h{self.batches}"
+        tag = f"batch={ref}".encode()
+        inner = [b"@" + tag + b";" + line[1:] if line.startswith(b"@") else b"@" + tag + b" " + line
+                 for line in lines]
+        return ([self.line(f":{self.name} BATCH +{ref} chathistory {target}")] + inner
+                + [self.line(f":{self.name} BATCH -{ref}")])
+
+    def on_chathistory(self, params: list[str]) -> None:
+        """draft/chathistory: LATEST, BEFORE, AFTER, AROUND, BETWEEN (msgid= or
+        timestamp= references, or * for LATEST) and TARGETS, from the rooms'
+        kept history; private messages are never kept, so they have none."""
+        sub = params[0].upper() if params else ""
+        if "draft/chathistory" not in self.caps or sub not in (
+                "LATEST", "BEFORE", "AFTER", "AROUND", "BETWEEN", "TARGETS"):
+            self.send(self.line(f":{self.name} FAIL CHATHISTORY UNKNOWN_COMMAND {sub or '*'} "
+                                ":Unknown CHATHISTORY subcommand"))
+            return
+        fail = self.line(f":{self.name} FAIL CHATHISTORY INVALID_PARAMS {sub} "
+                         ":Invalid parameters")
+        if sub == "TARGETS":  # the rooms one is in, by their newest message
+            rooms = [r for r in self.s.rooms.values() if r.history]
+            self.send(*[self.line(f":{self.name} CHATHISTORY TARGETS {r.name} "
+                                  f"{irc_time(r.history[-1]['ts'])}") for r in rooms])
+            return
+        if len(params) < (5 if sub == "BETWEEN" else 4) or not params[-1].isdigit():
+            self.send(fail)
+            return
+        target, limit = params[1], min(int(params[-1]), CHATHISTORY_MAX)
+        room = self.server.rooms.get(nick_key(target)) if target.startswith("#") else None
+        if target.startswith("#") and (room is None or nick_key(room.name) not in self.s.rooms):
+            self.send(self.line(f":{self.name} FAIL CHATHISTORY INVALID_TARGET {sub} {target} "
+                                ":You are not in that channel"))
+            return
+        messages = list(room.history) if room else []
+        try:
+            refs = [chathistory_ref(p) for p in params[2:-1]]
+        except ValueError:
+            self.send(fail)
+            return
+        def after(m: dict, ref: tuple[str, float]) -> bool:
+            return (m["id"] if ref[0] == "msgid" else m["ts"]) > ref[1]
+
+        def before(m: dict, ref: tuple[str, float]) -> bool:
+            return (m["id"] if ref[0] == "msgid" else m["ts"]) < ref[1]
+        if sub == "LATEST":
+            picked = [m for m in messages if refs[0] is None or after(m, refs[0])][-limit:]
+        elif None in refs:
+            self.send(fail)
+            return
+        elif sub == "BEFORE":
+            picked = [m for m in messages if before(m, refs[0])][-limit:]
+        elif sub == "AFTER":
+            picked = [m for m in messages if after(m, refs[0])][:limit]
+        elif sub == "AROUND":
+            older = [m for m in messages if before(m, refs[0])][-(limit // 2):] if limit > 1 \
+                else []
+            picked = older + [m for m in messages if not before(m, refs[0])][:limit - len(older)]
+        else:  # BETWEEN, in either order
+            low, high = sorted(refs, key=lambda r: r[1]) if refs[0][0] == refs[1][0] else refs
+            picked = [m for m in messages if after(m, low) and before(m, high)][:limit]
+        self.send(*self.history_lines(room.name if room else target, picked))
 
     def _replay_later(self) -> None:
         self.replay_busy = False
@@ -3850,6 +3941,7 @@ IRC_COMMANDS: dict[str, Callable[[IrcWire, list[str]], None]] = {
     "MOTD": IrcWire.on_motd, "VERSION": IrcWire.on_version, "LUSERS": IrcWire.on_lusers,
     "ISON": IrcWire.on_ison, "USERHOST": IrcWire.on_userhost, "KICK": IrcWire.on_kick,
     "AUTHENTICATE": IrcWire.on_authenticate, "TAGMSG": IrcWire.on_tagmsg,
+    "CHATHISTORY": IrcWire.on_chathistory,
 }
 IRC_BEFORE_REGISTRATION = frozenset({"CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT",
                                      "AUTHENTICATE"})

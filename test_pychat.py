@@ -1615,7 +1615,7 @@ class IrcConformanceTests(ServerCase):
             await self.joined(peer)
         await a.send("@+draft/react=\U0001F44D;+x=a\\sb PRIVMSG #lobby :tagged")
         line = await b.expect("PRIVMSG #lobby :tagged")
-        self.assertTrue(line.startswith("@+draft/react=\U0001F44D;+x=a\\sb :a!a@pychat "), line)
+        self.assertRegex(line, "^@\\+draft/react=\U0001F44D;\\+x=a\\\\sb;msgid=\\d+ :a!a@pychat ")
         self.assertTrue((await c.expect("PRIVMSG #lobby :tagged")).startswith(":a!"))
         self.assertEqual((await json_user.expect("msg", text="tagged"))["tags"],
                          {"+draft/react": "\U0001F44D", "+x": "a b"})
@@ -1633,6 +1633,46 @@ class IrcConformanceTests(ServerCase):
         self.assertFalse([x for x in c.seen if "TAGMSG" in x or x.startswith("@")])
         await a.send("@" + "+k=" + "v" * 9000 + " PRIVMSG #lobby :too much")
         await a.expect(" 417 ")
+
+    async def test_batch_and_chathistory(self):
+        talker = await self.connect("talker")
+        sent = []
+        for i in range(6):
+            await talker.send({"type": "msg", "text": f"m{i}"})
+            sent.append(await talker.expect("msg", text=f"m{i}"))
+        a = await self.capped("a", "batch draft/chathistory message-tags server-time")
+        await a.send("JOIN #lobby")
+        start = await a.expect(" BATCH +")
+        ref = start.split("BATCH +")[1].split()[0]
+        self.assertTrue(start.endswith(f"BATCH +{ref} chathistory #lobby"))
+        first = await a.expect("PRIVMSG #lobby :m0")
+        self.assertTrue(first.startswith(f"@batch={ref};time={pychat.irc_time(sent[0]['ts'])};"
+                                         f"msgid={sent[0]['id']} "), first)
+        await a.expect(f"BATCH -{ref}")
+        await a.send(f"CHATHISTORY BEFORE #lobby msgid={sent[4]['id']} 2")
+        await a.expect(" BATCH +")
+        got = [await a.expect("PRIVMSG"), await a.expect("PRIVMSG")]
+        self.assertEqual([g.rsplit(":", 1)[1] for g in got], ["m2", "m3"])
+        await a.expect(" BATCH -")
+        await a.send(f"CHATHISTORY AFTER #lobby msgid={sent[3]['id']} 10")
+        await a.expect(" BATCH +")
+        got = [await a.expect("PRIVMSG"), await a.expect("PRIVMSG")]
+        self.assertEqual([g.rsplit(":", 1)[1] for g in got], ["m4", "m5"])
+        await a.expect(" BATCH -")
+        since = pychat.irc_time(sent[0]["ts"] - 1)  # the same millisecond is likely: a second
+        await a.send(f"CHATHISTORY AFTER #lobby timestamp={since} 3")
+        await a.expect(" BATCH +")
+        got = [await a.expect("PRIVMSG") for _ in range(3)]
+        self.assertEqual([g.rsplit(":", 1)[1] for g in got], ["m0", "m1", "m2"])
+        await a.expect(" BATCH -")
+        await a.send("CHATHISTORY LATEST #lobby * 1")
+        await a.expect(" BATCH +")
+        self.assertTrue((await a.expect("PRIVMSG")).endswith(":m5"))
+        await a.send("CHATHISTORY LATEST #elsewhere * 1", "CHATHISTORY FROB #lobby",
+                     "CHATHISTORY BEFORE #lobby msgid=x 5")
+        self.assertIn("FAIL CHATHISTORY INVALID_TARGET", await a.expect("FAIL"))
+        self.assertIn("FAIL CHATHISTORY UNKNOWN_COMMAND", await a.expect("FAIL"))
+        self.assertIn("FAIL CHATHISTORY INVALID_PARAMS", await a.expect("FAIL"))
 
     async def test_3_10_an_irc_line_reaches_other_irc_users_as_one_line(self):
         a = await self.irc("a", user="u")
