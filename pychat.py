@@ -281,6 +281,9 @@ FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
 }
 
 _CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# A client tag's name: "+", an optional vendor (a host name) and "/", then
+# letters, digits and hyphens (IRCv3 message-tags).
+_TAG_NAME = re.compile(r"\+(?:[A-Za-z0-9.-]{1,63}/)?[A-Za-z0-9-]{1,64}")
 
 
 def encode(obj: dict) -> bytes:
@@ -2070,13 +2073,20 @@ class ChatServer:
         if room.topic:
             s.tell(room.topic_event())
 
-    def _send_history(self, s: Session, room: Room, after: int | None) -> None:
-        """A room's history, charged before it is built and written at once,
-        so many requests in one tick are checked one by one."""
-        size = room.history_bytes + 64  # the reply's size, near enough
+    def may_send_history(self, s: Session, room: Room, size: int) -> bool:
+        """Charge a history reply of about `size` bytes before it is built;
+        False (and the session dropped) if it owes too much already and has
+        no allowance left.  Whoever sends the reply writes it at once, so
+        many requests in one tick are checked one by one."""
         if not self._charge_history(s, room, size) and \
                 s.owed() + size > self.cfg.max_backlog_bytes:
-            s.abort("backlog")  # owes too much already and has no allowance left
+            s.abort("backlog")
+            return False
+        return True
+
+    def _send_history(self, s: Session, room: Room, after: int | None) -> None:
+        """A room's history, charged before it is built and written at once."""
+        if not self.may_send_history(s, room, room.history_bytes + 64):
             return
         messages = list(room.history) if after is None else \
             [m for m in room.history if m["id"] > after]
@@ -2557,12 +2567,12 @@ class ChatServer:
         clients that want them, e.g. IRC's +draft/react), {} for none, or
         False after saying they are not acceptable."""
         tags = msg.get("tags") or {}
-        if tags and (not all(isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= 100
-                             and k.startswith("+") for k, v in tags.items())
+        if tags and (not all(isinstance(k, str) and isinstance(v, str) and _TAG_NAME.fullmatch(k)
+                             for k, v in tags.items())
                      or len(encode(tags)) > MAX_TAG_BYTES):
             self._reply_error(s, msg, "bad_tags")
             return False
-        return tags
+        return {k: _CONTROL_RE.sub("", v) for k, v in tags.items()}
 
     def _chat_text(self, s: Session, msg: dict) -> str | None:
         """The cleaned text of a msg or pm, or None after replying with the problem."""
@@ -2945,6 +2955,7 @@ RPL_SASLMECHS = "908"
 IRC_CAPS = ("away-notify", "batch", "cap-notify", "draft/chathistory", "echo-message",
             "message-tags", "multi-prefix", "server-time", "userhost-in-names")
 CHATHISTORY_MAX = 100          # messages one CHATHISTORY request may ask for
+IRC_MODES = 4                  # mode changes in one MODE line
 
 # PyChat error codes -> IRC numerics (and what the numeric's parameter is).
 IRC_ERRORS = {
@@ -2987,10 +2998,26 @@ def is_room_op(room: Room, s: Session) -> bool:
     return s.operator or nick_key(s.nick or "") in room.ops
 
 
-def irc_mask(mask: str) -> re.Pattern:
-    """An IRC wildcard mask (* any run, ? one character), case-folded as nicks are."""
-    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c)
-                              for c in nick_key(mask)), re.S)
+def irc_match(mask: str, text: str) -> bool:
+    """IRC wildcards (* any run, ? one character), case-folded as nicks are.
+    Matched greedily with one backtrack point, in time linear in the lengths
+    (a regular expression of many *s can take exponential time)."""
+    mask, text = nick_key(mask), nick_key(text)
+    m = t = 0
+    star, mark = -1, 0
+    while t < len(text):
+        if m < len(mask) and mask[m] in ("?", text[t]):
+            m += 1
+            t += 1
+        elif m < len(mask) and mask[m] == "*":
+            star, mark = m, t
+            m += 1
+        elif star >= 0:
+            m, mark = star + 1, mark + 1
+            t = mark
+        else:
+            return False
+    return mask[m:].strip("*") == ""
 
 
 def chathistory_ref(text: str) -> tuple[str, float] | None:
@@ -3311,7 +3338,8 @@ class IrcWire(Wire):
                          f"CHANNELLEN={MAX_ROOM_LEN}", f"TOPICLEN={MAX_TOPIC}",
                          f"AWAYLEN={MAX_AWAY}", "CASEMAPPING=ascii", "NETWORK=PyChat",
                          "PREFIX=(o)@", "CHANMODES=,,,n", f"CHANLIMIT=#:{srv.cfg.max_rooms_per_user}",
-                         "MAXTARGETS=4", f"CHATHISTORY={CHATHISTORY_MAX}",
+                         "MAXTARGETS=4", text="are supported by this server"),
+            self.numeric(RPL_ISUPPORT, f"MODES={IRC_MODES}", f"CHATHISTORY={CHATHISTORY_MAX}",
                          "MSGREFTYPES=msgid,timestamp", text="are supported by this server")]
         return lines + self.motd()
 
@@ -3398,7 +3426,8 @@ class IrcWire(Wire):
             self.send(*[self.line(f":{self.name} CHATHISTORY TARGETS {r.name} "
                                   f"{irc_time(r.history[-1]['ts'])}") for r in rooms])
             return
-        if len(params) < (5 if sub == "BETWEEN" else 4) or not params[-1].isdigit():
+        if len(params) < (5 if sub == "BETWEEN" else 4) or not params[-1].isdigit() or \
+                len(params[-1]) > 6:
             self.send(fail)
             return
         target, limit = params[1], min(int(params[-1]), CHATHISTORY_MAX)
@@ -3434,7 +3463,11 @@ class IrcWire(Wire):
         else:  # BETWEEN, in either order
             low, high = sorted(refs, key=lambda r: r[1]) if refs[0][0] == refs[1][0] else refs
             picked = [m for m in messages if after(m, low) and before(m, high)][:limit]
+        if room is not None and not self.server.may_send_history(
+                self.s, room, sum(len(m["text"]) for m in picked) + 100 * len(picked)):
+            return  # it owes too much already: dropped like any slow reader
         self.send(*self.history_lines(room.name if room else target, picked))
+        self.s.flush()  # written now: the next request in this tick sees it owed
 
     def _replay_later(self) -> None:
         self.replay_busy = False
@@ -3799,13 +3832,12 @@ class IrcWire(Wire):
                 if inside or s is me:
                     self.send(self._who_line(room.name, s, room))
         else:
-            pattern = irc_mask(mask if mask != "0" else "*")
+            pattern = mask if mask != "0" else "*"
             for s in sorted(seen, key=lambda x: nick_key(x.nick or "")):
                 wire = irc_of(s)
                 real = (wire.realname if wire else "") or "a PyChat user"
-                if s.nick is not None and (pattern.fullmatch(nick_key(s.nick)) or
-                                           pattern.fullmatch(nick_key(self.prefix(s.nick))) or
-                                           pattern.fullmatch(nick_key(real))):
+                if s.nick is not None and any(irc_match(pattern, text) for text in
+                                              (s.nick, self.prefix(s.nick), real)):
                     self.send(self._who_line("*", s))
         self.send(self.numeric(RPL_ENDOFWHO, mask, text="End of /WHO list."))
 
@@ -3868,11 +3900,14 @@ class IrcWire(Wire):
 
     def modes(self, room: Room, change: str, nicks: list[str]) -> None:
         """MODE #chan +o nick, -o nick, +oo-o a b c: operators of the room."""
-        give = True
+        give, done = True, 0
         for letter in change:
             if letter in "+-":
                 give = letter == "+"
                 continue
+            if done == IRC_MODES or (done and not self.extra_token()):
+                return  # MODES=4; each change after the first pays a flood token
+            done += 1
             if not nicks:
                 self.send(self.numeric(ERR_NEEDMOREPARAMS, "MODE", text="Not enough parameters"))
                 return
