@@ -2608,7 +2608,7 @@ class ChatServer:
         event = {"type": "pm", "from": s.nick, "to": target.nick, "text": text,
                  "ts": round(time.time(), 3), "id": self.next_id()}
         for flag in ("action", "notice", "ctcp"):  # ctcp: a client-to-client query's body
-            if msg.get(flag):
+            if msg.get(flag) and (flag != "ctcp" or not s.native):  # (IRC's; not JSON's)
                 event[flag] = True
         if tags:
             event["tags"] = tags
@@ -2944,6 +2944,7 @@ ERR_NOPRIVILEGES = "481"
 ERR_CHANOPRIVSNEEDED = "482"
 ERR_USERSDONTMATCH = "502"
 ERR_INPUTTOOLONG = "417"
+ERR_USERNOTINCHANNEL = "441"
 RPL_LOGGEDIN = "900"
 RPL_SASLSUCCESS = "903"
 ERR_SASLFAIL = "904"
@@ -3097,6 +3098,7 @@ class IrcWire(Wire):
         self.sasl: str | None = None   # AUTHENTICATE PLAIN: the base64 received so far
         self.in_tags: dict[str, str] = {}  # the client tags of the line being handled
         self.batches = 0               # batch references given out
+        self.v302 = False              # it said CAP LS 302
         self.last_error = ""           # the code of the last error it was told
         self.quit_tick = -1            # the tick quits_sent belongs to
         self.nick = ""                 # asked for before registration
@@ -3146,9 +3148,11 @@ class IrcWire(Wire):
 
     # --- events from the core
     def tell(self, event: dict) -> None:
-        self.send(*self.extras(event, self.translate(event, self.context)))
+        # (an answer to auth may come late, outside its command: it says so)
+        context = "AUTHENTICATE" if event.get("request") == "auth" else self.context
+        self.send(*self.extras(event, self.translate(event, context)))
         if event.get("code") == "auth_failed" and not self.registered and \
-                event.get("type") == "error" and self.context != "AUTHENTICATE":
+                event.get("type") == "error" and context != "AUTHENTICATE":
             # IRC has no second try at PASS: 464, then goodbye (SASL may try again)
             self.send(self.line("ERROR :Closing link: wrong or missing password (PASS)"))
             self.s.close("auth_failed")
@@ -3179,16 +3183,18 @@ class IrcWire(Wire):
         tags = {}
         if "server-time" in self.caps and isinstance(e.get("ts"), (int, float)):
             tags["time"] = irc_time(e["ts"])
+        first = dict(tags)  # the message's own tags go on its first piece only
         if "message-tags" in self.caps:
             if e.get("type") == "typing":
-                tags["+typing"] = "active"
+                first["+typing"] = "active"
             elif isinstance(e.get("tags"), dict):
-                tags.update(e["tags"])
+                first.update(e["tags"])
             if e.get("type") in ("msg", "pm") and isinstance(e.get("id"), int):
-                tags["msgid"] = str(e["id"])  # what CHATHISTORY's msgid= refers to
-        if tags:
-            section = irc_tag_text(tags).encode("utf-8")
-            lines = [section + line for line in lines]
+                first["msgid"] = str(e["id"])  # what CHATHISTORY's msgid= refers to
+        if first:
+            rest = irc_tag_text(tags).encode("utf-8") if tags else b""
+            lines = [irc_tag_text(first).encode("utf-8") + lines[0]] + \
+                [rest + line for line in lines[1:]]
         return lines
 
     def wanted(self, e: dict) -> bool:
@@ -3258,9 +3264,11 @@ class IrcWire(Wire):
                     return []  # her own line: the client shows it itself
                 to = str(e.get("to"))
             command = "NOTICE" if e.get("notice") else "PRIVMSG"
-            if e.get("ctcp"):  # relayed between IRC users unchanged
-                return [self.line(f":{self.prefix(e['from'])} {command} {to} "
-                                  f":\x01{e['text']}\x01")]
+            if e.get("ctcp"):  # relayed between IRC users unchanged (and whole)
+                head = f":{self.prefix(e['from'])} {command} {to} :\x01"
+                room = IRC_MAX_LINE - 3 - len(head.encode("utf-8"))
+                body = e["text"].encode("utf-8")[:max(room, 0)].decode("utf-8", "ignore")
+                return [self.line(f"{head}{body}\x01")]
             return self.say(e["from"], command, to, e["text"], bool(e.get("action")))
         if kind == "nick":
             if nick_key(str(e["old"])) == me:
@@ -3314,6 +3322,11 @@ class IrcWire(Wire):
         target = context.partition(" ")[2] or "*"
         if code == "not_operator" and context.startswith(("MODE #", "KICK #")):
             numeric, message = ERR_CHANOPRIVSNEEDED, "You're not channel operator"
+            target = target.split(" ")[0]
+        if code == "no_such_nick" and context.startswith(("MODE #", "KICK #")):
+            chan, _, nick = target.partition(" ")  # 441 <nick> <channel>
+            return [self.numeric(ERR_USERNOTINCHANNEL, nick, chan,
+                                 text="They aren't on that channel")]
         if code == "not_in_room" and context.startswith("PRIVMSG "):
             numeric, message = ERR_CANNOTSENDTOCHAN, "Cannot send to channel (join it first)"
         if code in ("flooding", "line_too_long", "auth_blocked", "server_full",
@@ -3378,8 +3391,9 @@ class IrcWire(Wire):
         if not self.replay or s.closing or s.paused:
             return
         room = self.replay.popleft()
+        if not self.server.may_send_history(s, room, 2 * room.history_bytes + 64):
+            return  # owed too much already: dropped like any slow reader
         lines = self.history_lines(room.name, list(room.history))
-        self.server._charge_history(s, room, sum(map(len, lines)))
         self.send(*lines)
         self.replay_busy = True  # the next room in a later tick, after this one is written
         s.server.loop.call_soon(self._replay_later)
@@ -3399,6 +3413,10 @@ class IrcWire(Wire):
                 action = "* " if m.get("action") else ""  # "[12:05] * waves"
                 said = self.say(m["from"], command, target, f"[{stamp}] {action}{m['text']}")
             lines += self.extras(m, said)
+        return self.batched("chathistory", target, lines)
+
+    def batched(self, kind: str, target: str, lines: list[bytes]) -> list[bytes]:
+        """Lines inside a batch of `kind`, for a client that has batch."""
         if "batch" not in self.caps:
             return lines
         self.batches += 1
@@ -3406,8 +3424,8 @@ class IrcWire(Wire):
         tag = f"batch={ref}".encode()
         inner = [b"@" + tag + b";" + line[1:] if line.startswith(b"@") else b"@" + tag + b" " + line
                  for line in lines]
-        return ([self.line(f":{self.name} BATCH +{ref} chathistory {target}")] + inner
-                + [self.line(f":{self.name} BATCH -{ref}")])
+        return ([self.line(f":{self.name} BATCH +{ref} {kind}" + (f" {target}" if target else ""))]
+                + inner + [self.line(f":{self.name} BATCH -{ref}")])
 
     def on_chathistory(self, params: list[str]) -> None:
         """draft/chathistory: LATEST, BEFORE, AFTER, AROUND, BETWEEN (msgid= or
@@ -3421,13 +3439,23 @@ class IrcWire(Wire):
             return
         fail = self.line(f":{self.name} FAIL CHATHISTORY INVALID_PARAMS {sub} "
                          ":Invalid parameters")
-        if sub == "TARGETS":  # the rooms one is in, by their newest message
-            rooms = [r for r in self.s.rooms.values() if r.history]
-            self.send(*[self.line(f":{self.name} CHATHISTORY TARGETS {r.name} "
-                                  f"{irc_time(r.history[-1]['ts'])}") for r in rooms])
+        if sub == "TARGETS":  # your rooms whose newest message falls between two times
+            try:
+                low, high = sorted(chathistory_ref(p)[1] for p in params[1:3])  # type: ignore
+                limit = min(int(params[3]), CHATHISTORY_MAX)
+            except (ValueError, TypeError, IndexError):
+                self.send(fail)
+                return
+            rooms = sorted((r for r in self.s.rooms.values()
+                            if r.history and low <= r.history[-1]["ts"] <= high),
+                           key=lambda r: r.history[-1]["ts"])[:limit]
+            lines = [self.line(f":{self.name} CHATHISTORY TARGETS {r.name} "
+                               f"{irc_time(r.history[-1]['ts'])}")
+                     for r in rooms]
+            self.send(*self.batched("draft/chathistory-targets", "", lines))
             return
-        if len(params) < (5 if sub == "BETWEEN" else 4) or not params[-1].isdigit() or \
-                len(params[-1]) > 6:
+        if len(params) < (5 if sub == "BETWEEN" else 4) or not (
+                params[-1].isascii() and params[-1].isdigit()) or len(params[-1]) > 6:
             self.send(fail)
             return
         target, limit = params[1], min(int(params[-1]), CHATHISTORY_MAX)
@@ -3486,7 +3514,7 @@ class IrcWire(Wire):
         for nick in nicks:
             batch.append(("@" if is_room_op(room, room.members[nick_key(nick)]) else "")
                          + (self.prefix(nick) if full else nick))
-            if len(" ".join(batch)) > 400:
+            if len(" ".join(batch).encode("utf-8")) > 380:  # bytes: the line is 512 bytes
                 lines.append(self.numeric(RPL_NAMREPLY, "=", room.name, text=" ".join(batch)))
                 batch = []
         if batch:
@@ -3553,7 +3581,8 @@ class IrcWire(Wire):
         head = f":{self.name} CAP {self.s.nick or '*'}"  # "*" until registered
         if sub == "LS":
             self.negotiating = not self.registered
-            v302 = bool(params[1:2] and params[1].isdigit() and int(params[1]) >= 302)
+            v302 = bool(params[1:2] and params[1].isdigit() and int(params[1][:4]) >= 302)
+            self.v302 = self.v302 or v302
             if v302:
                 self.caps.add("cap-notify")  # implied by CAP LS 302
             offered = [("sasl=PLAIN" if v302 else c) if c == "sasl" else c
@@ -3564,7 +3593,8 @@ class IrcWire(Wire):
         elif sub == "REQ":
             self.negotiating = not self.registered
             wanted = params[1].split() if params[1:] else []
-            known = all(name.lstrip("-") in self.offered() for name in wanted)
+            known = all(name.lstrip("-") in self.offered() for name in wanted) and not (
+                "-cap-notify" in wanted and self.v302)  # CAP 302 keeps cap-notify on
             self.send(self.line(f"{head} {'ACK' if known and wanted else 'NAK'} "
                                 f":{' '.join(wanted)}"))
             if known:  # all or nothing, as the spec says
@@ -3782,7 +3812,8 @@ class IrcWire(Wire):
             return
         for name in params[0].split(","):
             room = self.server.rooms.get(nick_key(name))
-            self.send(*(self.names(room) if room else
+            inside = room is not None and nick_key(room.name) in self.s.rooms
+            self.send(*(self.names(room) if inside else  # everyone is +i: members only
                         [self.numeric(RPL_ENDOFNAMES, name, text="End of /NAMES list.")]))
 
     def on_topic(self, params: list[str]) -> None:
@@ -3911,7 +3942,8 @@ class IrcWire(Wire):
             if not nicks:
                 self.send(self.numeric(ERR_NEEDMOREPARAMS, "MODE", text="Not enough parameters"))
                 return
-            self.request(f"MODE {room.name}", type="mode", room=room.name, nick=nicks.pop(0),
+            nick = nicks.pop(0)
+            self.request(f"MODE {room.name} {nick}", type="mode", room=room.name, nick=nick,
                          op=give)
 
     def on_tagmsg(self, params: list[str]) -> None:
@@ -3933,7 +3965,7 @@ class IrcWire(Wire):
         fields: dict[str, Any] = {"type": "kick", "room": params[0], "nick": params[1]}
         if len(params) > 2:
             fields["reason"] = params[2]
-        self.request(f"KICK {params[0]}", **fields)
+        self.request(f"KICK {params[0]} {params[1]}", **fields)
 
     def on_motd(self, params: list[str]) -> None:
         self.send(*self.motd())

@@ -1674,6 +1674,47 @@ class IrcConformanceTests(ServerCase):
         self.assertIn("FAIL CHATHISTORY UNKNOWN_COMMAND", await a.expect("FAIL"))
         self.assertIn("FAIL CHATHISTORY INVALID_PARAMS", await a.expect("FAIL"))
 
+    async def test_review_hostile_input_on_the_new_paths(self):
+        a = await self.capped("a", "message-tags batch draft/chathistory")
+        b = await self.capped("b", "message-tags")
+        await self.joined(a)
+        await self.joined(b)
+        jay = await self.connect("jay")
+        await jay.send({"type": "msg", "text": "x", "tags": {"+x :evil!e@h PRIVMSG #lobby": "1"}})
+        self.assertEqual((await jay.expect("error"))["code"], "bad_tags")
+        await jay.send({"type": "msg", "text": "y", "tags": {"+ok": "a\x00b\r\nc"}})
+        line = await b.expect("PRIVMSG #lobby :y")
+        self.assertTrue(line.startswith("@+ok=ab\\nc;"), line)  # NUL, CR gone; LF escaped
+        await jay.send({"type": "pm", "to": "b", "text": "DCC SEND x", "ctcp": True})
+        self.assertNotIn("\x01", await b.expect("DCC SEND"))  # JSON cannot send CTCP
+        await jay.send({"type": "msg", "text": "long " * 300, "tags": {"+big": "v" * 3000}})
+        pieces = [await b.expect("PRIVMSG #lobby :long") for _ in range(2)]
+        self.assertIn("+big=", pieces[0])
+        self.assertNotIn("+big=", pieces[1])  # the message's tags go on its first piece
+        await a.send("CHATHISTORY LATEST #lobby * \u00b2")
+        self.assertIn("INVALID_PARAMS", await a.expect("FAIL"))
+        self.assertTrue(pychat.irc_match("*a" * 40 + "b", "a" * 200 + "b"))
+        self.assertFalse(pychat.irc_match("*a" * 40 + "b", "a" * 200))  # and quickly
+        await a.send("NAMES #lobby")
+        self.assertIn("@", (await a.expect(" 353 ")) + "@")
+        outsider = await self.irc("outsider")
+        await outsider.send("NAMES #lobby")
+        await outsider.expect(" 366 ")
+        self.assertFalse([x for x in outsider.seen if " 353 " in x])  # everyone is +i
+        await a.send("CAP REQ :-cap-notify")
+        self.assertIn(" NAK ", await a.expect(" NAK "))
+
+    async def test_review_modes_and_kicks_pay_and_name_the_missing(self):
+        a = await self.irc("boss")
+        await a.send("JOIN #made")
+        await a.expect(" 366 ")
+        await a.send("MODE #made +oooooo a b c d e f", "PING :sync")
+        await a.expect(":sync")
+        self.assertEqual(sum(" 441 " in x for x in a.seen), 4)  # MODES=4, then no more
+        await a.send("KICK #made ghost")
+        self.assertIn(" 441 boss ghost #made ", await a.expect(" 441 "))
+
+
     async def test_3_10_an_irc_line_reaches_other_irc_users_as_one_line(self):
         a = await self.irc("a", user="u")
         b = await self.irc("b")
@@ -1827,6 +1868,22 @@ class IrcSaslTests(ServerCase):
         await p.expect("ERROR :Closing link")
         self.assertNotIn("wrong", self.server.nicks)
         self.assertEqual(self.server.auth_failures["127.0.0.1"][0], 1)  # the guess counted
+
+
+class IrcSaslDelayTests(ServerCase):
+    server_options = {"password": "s3cret", "auth_slow_after": 1}
+
+    async def test_a_late_sasl_answer_is_still_904(self):
+        p = await IrcPeer.open(self.port)
+        self.addAsyncCleanup(p.close)
+        await p.send("CAP LS 302", "NICK slow", "USER slow 0 * :S", "CAP REQ :sasl")
+        await p.expect(" ACK ")
+        for _ in range(2):  # the second wrong guess is answered late
+            await p.send("AUTHENTICATE PLAIN")
+            await p.expect("AUTHENTICATE +")
+            await p.send("AUTHENTICATE " + base64.b64encode(b"slow\0slow\0nope").decode())
+            await p.expect(" 904 ")
+        self.assertFalse([x for x in p.seen if " 464 " in x or x.startswith("ERROR")])
 
 
 class ClientTests(ServerCase):
