@@ -1817,6 +1817,9 @@ class RealIrcClientTests(ServerCase):
     async def test_irssi_chats_with_a_pychat_user(self):
         home = Path(tempfile.mkdtemp(prefix="pychat-irssi-"))
         self.addCleanup(shutil.rmtree, home, True)
+        # irssi paces its own commands (2.2 s apart after a burst): not here.
+        (home / "config").write_text('settings = { "irc/core" = { cmd_queue_speed = "0msec"; '
+                                     'cmds_max_at_once = "100"; }; };\n')
         self.session = f"pychat-test-{os.getpid()}"
         self.tmux("new-session", "-d", "-s", self.session, "-x", "150", "-y", "40",
                   f"irssi --home={home} -c {HOST} -p {self.port} -n irssi_u")
