@@ -5453,8 +5453,9 @@ class Terminal:
             return "\n".join(lines)
         if kind == "users":
             away = e.get("away") if isinstance(e.get("away"), dict) else {}
-            users = [strip_terminal(str(u)) + (" (away)" if u in away else "")
-                     for u in e.get("users", [])]
+            ops = e.get("ops") if isinstance(e.get("ops"), list) else []
+            users = [("@" if u in ops else "") + strip_terminal(str(u))
+                     + (" (away)" if u in away else "") for u in e.get("users", [])]
             return self.system(ts, f"{len(users)} in {e.get('room')}: {', '.join(users)}")
         if kind == "join":
             return self.system(ts, f"{e.get('nick')} joined {e.get('room')}")

@@ -3880,6 +3880,15 @@ class MemoryTrimTests(ServerCase):
 # ===========================================================================
 
 class TerminalFormatTests(unittest.TestCase):
+    def test_room_operators_are_marked_in_the_user_list(self):
+        term = pychat.Terminal(out=io.StringIO(), color=False)
+        line = term.format_event({"type": "users", "room": "#dev", "users": ["ann", "bob"],
+                                  "ops": ["ann"], "away": {"bob": "tea"}})
+        self.assertIn("2 in #dev: @ann, bob (away)", line)
+        line = term.format_event({"type": "mode", "room": "#dev", "nick": "bob", "op": True,
+                                  "by": "ann", "ts": 1.0})
+        self.assertIn("ann made bob an operator of #dev", line)
+
     def test_strip_terminal_removes_escapes_and_controls(self):
         evil = ("\x1b[2J\x1b[H\x1b]0;pwned\x07\x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\"
                 "\x1bPdcs\x1b\\\x1bc\x9b31m\x07\x08\rok\u202eevil")
