@@ -720,6 +720,16 @@ class Room:
                 "ts": self.topic_ts}
 
 
+def count_down(counts: dict[str, int], key: str) -> None:
+    """One fewer of `key` (per-address counters): forgotten at zero, so the
+    counter never holds addresses that are gone."""
+    left = counts.get(key, 1) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
 def canonical_address(address: str) -> str:
     """An IP address as one spelling: IPv4 also when it came IPv4-mapped
     (::ffff:1.2.3.4 on a dual-stack socket), IPv6 compressed, no zone."""
@@ -892,11 +902,7 @@ class Session(asyncio.Protocol):
             return
         finally:
             server.handshakes -= 1
-            left = server.handshaking.get(self.subnet, 1) - 1
-            if left > 0:
-                server.handshaking[self.subnet] = left
-            else:
-                server.handshaking.pop(self.subnet, None)
+            count_down(server.handshaking, self.subnet)
         self.tls_wait = False
         if tls is None or self.closing:  # the connection went meanwhile
             transport.abort()
@@ -1798,11 +1804,7 @@ class ChatServer:
         if s in self.sessions:
             self.sessions.discard(s)
             self.churn()
-            left = self.per_address.get(s.subnet, 1) - 1
-            if left > 0:
-                self.per_address[s.subnet] = left
-            else:
-                self.per_address.pop(s.subnet, None)
+            count_down(self.per_address, s.subnet)
             if self.transfers:
                 self._drop_transfers(s)
         if s.nick is None:
@@ -1836,11 +1838,7 @@ class ChatServer:
         del self.rooms[nick_key(room.name)]
         self.history_bytes -= room.history_bytes
         if room.made_by:
-            left = self.rooms_made.get(room.made_by, 1) - 1
-            if left > 0:
-                self.rooms_made[room.made_by] = left
-            else:
-                self.rooms_made.pop(room.made_by, None)
+            count_down(self.rooms_made, room.made_by)
         if self.store is not None:
             self.store.remove(room)
 
