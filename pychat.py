@@ -4029,7 +4029,7 @@ ChatServer.foreign_wire = IrcWire  # a first line that is not JSON is IRC
 # ===========================================================================
 
 # Event types the client makes itself; the same types from a server are dropped.
-LOCAL_EVENTS = frozenset({"status", "nick_rejected", "failed", "fatal", "outbox",
+LOCAL_EVENTS = frozenset({"status", "nick_rejected", "failed", "fatal", "outbox", "state",
                           "file_progress", "file_received", "file_sent", "file_failed"})
 
 
@@ -4079,6 +4079,368 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Events that get "you": true when they are about this client itself.
+ABOUT_YOU = frozenset({"msg", "pm", "nick", "join", "leave", "away", "mode", "moderation"})
+
+# Transfer states the UIs show: "offered", "receiving", "sending", then one of
+FINAL = frozenset({"done", "received", "declined", "cancelled", "failed"})
+MAX_SHOWN_TRANSFERS = 200      # finished ones beyond this are forgotten, oldest first
+
+
+class ClientState:
+    """Everything a client knows about the chat, in one place: its own nick,
+    whether it is connected, the rooms it is in (members, operators, topic),
+    who is away, the people it talks to privately (and whether they are still
+    here) and the file transfers with their states.
+
+    ChatClient feeds it every event it passes on (apply, on the network
+    thread) and tells the UI what changed with one {"type": "state", "part":
+    ...} event; the UIs never track any of this themselves, they ask the read
+    methods below, which copy under a lock (the window reads from Tk's thread).
+    """
+
+    PARTS = ("connection", "nick", "rooms", "members", "people", "transfers")
+
+    def __init__(self, nick: str):
+        self.lock = threading.RLock()
+        self.nick = nick
+        self.connected = False
+        self.rooms: dict[str, dict] = {}    # room key -> name, members, ops, topic
+        self.away: dict[str, str] = {}      # nick key -> away message
+        self.people: dict[str, dict] = {}   # private partners: nick key -> nick, here
+        self.transfers: dict[str, dict] = {}  # transfer id -> what the UIs show of it
+        self._apply = {
+            "status": self._status, "welcome": self._welcome, "users": self._users,
+            "join": self._join, "leave": self._leave, "nick": self._nick,
+            "away": self._away, "topic": self._topic, "mode": self._mode,
+            "pm": self._pm, "failed": self._failed, "file_offer": self._file_offer,
+            "file_accept": self._file_peer, "file_decline": self._file_peer,
+            "file_cancel": self._file_cancel, "file_sent": self._file_peer,
+            "file_failed": self._file_failed, "file_received": self._file_received,
+            "file_progress": self._file_progress,
+        }
+
+    # --- read methods (any thread)
+    def room_names(self) -> list[str]:
+        with self.lock:
+            return [r["name"] for r in self.rooms.values()]
+
+    def in_room(self, room: str) -> str | None:
+        """The room's name as the server spells it, if we are in it."""
+        with self.lock:
+            r = self.rooms.get(nick_key(room))
+            return r["name"] if r else None
+
+    def members(self, room: str) -> list[str]:
+        """Who is in a room we are in, sorted."""
+        with self.lock:
+            r = self.rooms.get(nick_key(room))
+            return sorted(r["members"].values(), key=nick_key) if r else []
+
+    def is_op(self, room: str, nick: str) -> bool:
+        with self.lock:
+            r = self.rooms.get(nick_key(room))
+            return bool(r) and nick_key(nick) in r["ops"]
+
+    def topic(self, room: str) -> str:
+        with self.lock:
+            r = self.rooms.get(nick_key(room))
+            return r["topic"] if r else ""
+
+    def away_message(self, nick: str) -> str | None:
+        """None when the nick is not away."""
+        with self.lock:
+            return self.away.get(nick_key(nick))
+
+    def everyone(self) -> list[str]:
+        """Everyone we can see in any of our rooms, sorted."""
+        with self.lock:
+            seen = {k: n for r in self.rooms.values() for k, n in r["members"].items()}
+        return sorted(seen.values(), key=nick_key)
+
+    def here(self, nick: str) -> bool:
+        """False for a private partner we saw leave the server."""
+        with self.lock:
+            person = self.people.get(nick_key(nick))
+            return person is None or person["here"]
+
+    def partners(self) -> list[tuple[str, bool]]:
+        """The people we talked to privately: (nick, still here)."""
+        with self.lock:
+            return [(p["nick"], p["here"]) for p in self.people.values()]
+
+    def transfer(self, tid: str) -> dict | None:
+        with self.lock:
+            t = self.transfers.get(tid)
+            return dict(t, peers=dict(t["peers"])) if t else None
+
+    def transfer_list(self) -> list[dict]:
+        with self.lock:
+            return [dict(t, peers=dict(t["peers"])) for t in self.transfers.values()]
+
+    def where(self, ui: str, room: str, private: str | None = None,
+              max_text: int = MAX_TEXT) -> Where:
+        """What plan_command needs to know about this client."""
+        with self.lock:
+            gone = frozenset(k for k, p in self.people.items() if not p["here"])
+        return Where(ui=ui, room=room, private=private, rooms=tuple(self.room_names()),
+                     nicks=tuple(self.everyone()), gone=gone, max_text=max_text)
+
+    # --- updates (the network thread)
+    def apply(self, event: dict) -> str | None:
+        """Take in one event; the part of the state it changed, if any."""
+        handler = self._apply.get(str(event.get("type")))
+        if handler is None:
+            return None
+        with self.lock:
+            return handler(event)
+
+    def welcome(self, nick: str, rooms: dict[str, str]) -> None:
+        """A (re)registration: these rooms, members to follow in users events."""
+        with self.lock:
+            self.nick = nick
+            self.rooms = {key: self._room(name) for key, name in rooms.items()}
+
+    def settle(self, tid: str, state: str, reason: str = "") -> str | None:
+        """A transfer this client ended itself (declined, cancelled)."""
+        with self.lock:
+            t = self.transfers.get(tid)
+            if t is None:
+                return None
+            t["state"], t["reason"] = state, reason
+            for nick, peer in t["peers"].items():
+                if peer in ("waiting", "sending"):
+                    t["peers"][nick] = state
+            return "transfers"
+
+    @staticmethod
+    def _room(name: str) -> dict:
+        return {"name": name, "members": {}, "ops": set(), "topic": ""}
+
+    def _status(self, e: dict) -> str | None:
+        connected = e.get("state") == "connected"
+        if connected == self.connected:
+            return None
+        self.connected = connected
+        return "connection"
+
+    def _welcome(self, e: dict) -> str | None:
+        self.nick = str(e.get("nick", self.nick))
+        return "rooms"
+
+    def _users(self, e: dict) -> str | None:
+        users = e.get("users")
+        if not isinstance(users, list) or not e.get("room"):
+            return None
+        r = self.rooms.setdefault(nick_key(str(e["room"])), self._room(str(e["room"])))
+        r["name"] = str(e["room"])
+        r["members"] = {nick_key(str(u)): str(u) for u in users}
+        ops = e.get("ops") if isinstance(e.get("ops"), list) else []
+        r["ops"] = {nick_key(str(u)) for u in ops}
+        away = e.get("away") if isinstance(e.get("away"), dict) else {}
+        for key in r["members"]:  # the list is the truth for everyone in it
+            self.away.pop(key, None)
+        self.away.update({nick_key(str(k)): str(v) for k, v in away.items()})
+        for key in r["members"]:
+            if key in self.people:
+                self.people[key]["here"] = True
+        return "members"
+
+    def _join(self, e: dict) -> str | None:
+        nick = str(e.get("nick", ""))
+        key = nick_key(nick)
+        r = self.rooms.get(nick_key(str(e.get("room") or "")))
+        if r is None:
+            return None
+        r["members"][key] = nick
+        if isinstance(e.get("away"), str):
+            self.away[key] = e["away"]
+        else:
+            self.away.pop(key, None)
+        if key in self.people:
+            self.people[key]["here"] = True
+        return "members"
+
+    def _leave(self, e: dict) -> str | None:
+        key = nick_key(str(e.get("nick", "")))
+        room_key = nick_key(str(e.get("room") or ""))
+        r = self.rooms.get(room_key)
+        if r is not None:
+            r["members"].pop(key, None)
+            r["ops"].discard(key)
+        if key == nick_key(self.nick):
+            if e.get("reason") in ("part", "kick"):
+                self.rooms.pop(room_key, None)
+                return "rooms"
+            return None
+        if e.get("reason") not in ("part", "kick"):  # gone from the server
+            self.away.pop(key, None)
+            if key in self.people:
+                self.people[key]["here"] = False
+                return "people"
+        return "members" if r is not None else None
+
+    def _nick(self, e: dict) -> str | None:
+        old, new = str(e.get("old", "")), str(e.get("new", ""))
+        old_key, new_key = nick_key(old), nick_key(new)
+        for r in self.rooms.values():
+            if r["members"].pop(old_key, None) is not None:
+                r["members"][new_key] = new
+            if old_key in r["ops"]:
+                r["ops"].discard(old_key)
+                r["ops"].add(new_key)
+        if old_key in self.away:
+            self.away[new_key] = self.away.pop(old_key)
+        if old_key in self.people:  # the conversation follows the new nick
+            self.people.pop(old_key)
+            self.people[new_key] = {"nick": new, "here": True}
+        if old_key == nick_key(self.nick):
+            self.nick = new
+            return "nick"
+        return "members"
+
+    def _away(self, e: dict) -> str | None:
+        key = nick_key(str(e.get("nick", "")))
+        if e.get("away"):
+            self.away[key] = str(e.get("message") or "")
+        else:
+            self.away.pop(key, None)
+        return "members"
+
+    def _topic(self, e: dict) -> str | None:
+        r = self.rooms.get(nick_key(str(e.get("room") or "")))
+        if r is None:
+            return None
+        r["topic"] = str(e.get("topic") or "")
+        return "members"
+
+    def _mode(self, e: dict) -> str | None:
+        r = self.rooms.get(nick_key(str(e.get("room") or "")))
+        if r is None:
+            return None
+        (r["ops"].add if e.get("op") else r["ops"].discard)(nick_key(str(e.get("nick", ""))))
+        return "members"
+
+    def _pm(self, e: dict) -> str | None:
+        mine = nick_key(str(e.get("from", ""))) == nick_key(self.nick)
+        other = str(e.get("to") if mine else e.get("from"))
+        key = nick_key(other)
+        if self.people.get(key) == {"nick": other, "here": True}:
+            return None
+        self.people[key] = {"nick": other, "here": True}
+        return "people"
+
+    def _failed(self, e: dict) -> str | None:
+        """A private message to someone who is not here: they left."""
+        to = e.get("to")
+        if e.get("code") != "no_such_nick" or not isinstance(to, str):
+            return None
+        self.people[nick_key(to)] = {"nick": to, "here": False}
+        return "people"
+
+    # --- transfers, as the UIs show them
+    def _file_offer(self, e: dict) -> str | None:
+        tid = str(e.get("id", ""))
+        record = {"id": tid, "name": str(e.get("name", "")), "size": int(e.get("size") or 0),
+                  "done": 0, "state": "offered", "reason": "", "path": ""}
+        if e.get("mine"):
+            recipients = [str(n) for n in e.get("recipients") or []]
+            record.update(direction="out", nick=str(e.get("to") or e.get("room") or ""),
+                          peers={n: "waiting" for n in recipients})
+        else:
+            record.update(direction="in", nick=str(e.get("from", "")), peers={})
+        self.transfers[tid] = record
+        while len(self.transfers) > MAX_SHOWN_TRANSFERS:  # forget the oldest finished
+            old = next((k for k, t in self.transfers.items() if t["state"] in FINAL), None)
+            if old is None:
+                break
+            del self.transfers[old]
+        return "transfers"
+
+    def _file_peer(self, e: dict) -> str | None:
+        """A receiver of our file answered or finished."""
+        t = self.transfers.get(str(e.get("id", "")))
+        if t is None or t["direction"] != "out":
+            return None
+        outcome = {"file_accept": "sending", "file_decline": "declined",
+                   "file_sent": "received"}[str(e["type"])]
+        t["peers"][str(e.get("nick", ""))] = outcome
+        self._settle_out(t)
+        return "transfers"
+
+    def _file_cancel(self, e: dict) -> str | None:
+        t = self.transfers.get(str(e.get("id", "")))
+        if t is None or t["state"] in FINAL:
+            return None
+        if t["direction"] == "in":
+            t["state"], t["reason"] = "cancelled", str(e.get("reason") or "cancelled")
+        else:
+            t["peers"][str(e.get("nick", ""))] = "cancelled"
+            self._settle_out(t)
+        return "transfers"
+
+    def _file_failed(self, e: dict) -> str | None:
+        t = self.transfers.get(str(e.get("id", "")))
+        if t is None or t["state"] in FINAL:
+            return None
+        nick = str(e.get("nick") or "")
+        if t["direction"] == "out" and nick in t["peers"]:
+            t["peers"][nick] = "failed"
+            self._settle_out(t)
+        else:
+            t["state"], t["reason"] = "failed", str(e.get("reason") or "")
+            for n, peer in t["peers"].items():
+                if peer in ("waiting", "sending"):
+                    t["peers"][n] = "failed"
+        return "transfers"
+
+    def _file_received(self, e: dict) -> str | None:
+        t = self.transfers.get(str(e.get("id", "")))
+        if t is None:
+            return None
+        t["state"], t["path"], t["done"] = "received", str(e.get("path", "")), t["size"]
+        return "transfers"
+
+    def _file_progress(self, e: dict) -> str | None:
+        t = self.transfers.get(str(e.get("id", "")))
+        if t is not None and t["direction"] == "in":
+            t["done"] = int(e.get("done") or 0)
+            if t["state"] == "offered":
+                t["state"] = "receiving"
+        return None  # progress has its own events; no state event each time
+
+    @staticmethod
+    def _settle_out(t: dict) -> None:
+        peers = t["peers"].values()
+        if any(p == "sending" for p in peers):
+            t["state"] = "sending"
+        elif any(p == "waiting" for p in peers):
+            t["state"] = "offered"
+        else:
+            t["state"] = "done"
+
+
+def transfer_summary(t: dict) -> str:
+    """One line about a transfer's state, for /files and the offer's own line."""
+    if t["direction"] == "in":
+        return {"offered": "waiting for your answer", "receiving":
+                f"receiving, {format_size(t['done'])} of {format_size(t['size'])}",
+                "received": f"saved as {t['path']}", "declined": "you declined it",
+                "cancelled": f"stopped: {t['reason']}",
+                "failed": f"failed: {t['reason']}"}.get(t["state"], t["state"])
+    groups: dict[str, list[str]] = {}
+    for nick, peer in sorted(t["peers"].items(), key=lambda p: nick_key(p[0])):
+        groups.setdefault(peer, []).append(nick)
+    words = {"waiting": "waiting for {}", "sending": "sending to {}",
+             "received": "delivered to {}", "declined": "declined by {}",
+             "cancelled": "cancelled for {}", "failed": "failed for {}"}
+    parts = [words[p].format(", ".join(n)) for p, n in groups.items() if p in words]
+    if t["state"] == "failed" and t["reason"]:
+        parts.append(t["reason"])
+    return "; ".join(parts) or ("nobody to send it to" if t["state"] == "done"
+                                else "waiting for answers")
+
+
 class ChatClient:
     """The network side of both UIs: one connection, reconnected as needed."""
 
@@ -4090,9 +4452,7 @@ class ChatClient:
         self.password = password
         self.ssl_context = ssl_context
         self.ignored: set[str] = {nick_key(n) for n in ignored or ()}  # hidden, locally
-        self.joined: dict[str, str] = {}     # room key -> room name, rooms we are in
-        self.room_users: dict[str, dict[str, str]] = {}  # room key -> nick key -> nick
-        self.away: dict[str, str] = {}       # nick key -> away message of users away
+        self.state = ClientState(nick)       # rooms, members, away, people, transfers
         self.my_away: str | None = None
         self.last_ids: dict[str, int] = {}   # room key -> newest message id shown there
         self._token: str | None = None       # from welcome: takes our nick back after a drop
@@ -4100,7 +4460,6 @@ class ChatClient:
         self.incoming: dict[str, dict] = {}   # transfer id -> state of a file being received
         self.outgoing: dict[str, dict] = {}   # transfer id -> state of a file we offered
         self._offers: dict[str, dict] = {}    # cid -> file we offered, until the echo
-        self.nick = nick
         self.on_event = on_event
         self.client_name = client
         self.want_history = history
@@ -4128,11 +4487,32 @@ class ChatClient:
         self._had_history = False
         self._rejoin: list[dict] = []        # joins to send first after a reconnect
         self._current_before = LOBBY
+        self._trackers: dict[str, Callable[[dict], dict | None]] = {
+            "history": self._track_history, "msg": self._track_message,
+            "pm": self._track_message, "leave": self._track_leave, "error": self._track_error}
+
+    @property
+    def nick(self) -> str:
+        return self.state.nick
+
+    @nick.setter
+    def nick(self, nick: str) -> None:
+        self.state.nick = nick
+
+    @property
+    def joined(self) -> dict[str, str]:
+        """room key -> room name, for the rooms we are in."""
+        return {nick_key(name): name for name in self.state.room_names()}
 
     @property
     def users(self) -> dict[str, str]:
         """nick key -> nick for the current room."""
-        return self.room_users.get(nick_key(self.room), {})
+        return {nick_key(n): n for n in self.state.members(self.room)}
+
+    def where(self, ui: str, private: str | None = None) -> Where:
+        """What plan_command needs to plan a line typed in this client."""
+        return self.state.where(ui, self.room, private,
+                                int(self.limits.get("max_text", MAX_TEXT)))
 
     # --- public methods (called by UIs)
     def send_msg(self, text: str, action: bool = False, room: str | None = None) -> str:
@@ -4170,7 +4550,7 @@ class ChatClient:
 
     def switch_room(self, room: str) -> bool:
         """Make a joined room the current one (False if we are not in it)."""
-        name = self.joined.get(nick_key(room))
+        name = self.state.in_room(room)
         if name is None:
             return False
         self.room = name
@@ -4269,6 +4649,7 @@ class ChatClient:
                         "reason": f"refused: the name would be saved outside {folder}"})
             return None
         part, f = create_unique(folder, offer["name"] + ".part")
+        self._changed(self.state.settle(tid, "receiving"))
         self.incoming[tid] = {"offer": offer, "file": f, "part": part, "folder": folder,
                               "hash": hashlib.sha256(), "received": 0,
                               "started": time.monotonic(), "shown": 0.0}
@@ -4290,17 +4671,23 @@ class ChatClient:
         if self.offers_in.pop(tid, None) is None:
             return False
         self._enqueue({"type": "file_decline", "id": tid})
+        self._changed(self.state.settle(tid, "declined"))
         return True
 
     def cancel_file(self, tid: str) -> bool:
-        """Cancel a transfer in either direction."""
+        """Cancel a transfer in either direction (False if none is under way)."""
         if tid in self.incoming:
+            self._changed(self.state.settle(tid, "cancelled", "you cancelled it"))
             self._end_incoming(tid, False, "you cancelled it")
             self._enqueue({"type": "file_cancel", "id": tid})
             return True
+        shown = self.state.transfer(tid)
+        if shown is not None and shown["state"] in FINAL:
+            return False  # finished: nothing to stop
         out = self.outgoing.pop(tid, None)
         if out is None:
             return False
+        self._changed(self.state.settle(tid, "cancelled", "you cancelled it"))
         for task in out["tasks"].values():
             task.cancel()
         self._enqueue({"type": "file_cancel", "id": tid})
@@ -4515,7 +4902,23 @@ class ChatClient:
 
     # --- internals
     def _emit(self, event: dict) -> None:
+        """Pass an event to the UI, after taking it into the state.  Events about
+        this client itself (its messages, its nick, its joins) say "you": true,
+        so the UIs never need to remember who they are."""
+        kind = event.get("type")
+        subject = event.get("old") if kind == "nick" else \
+            event.get("from") if kind in ("msg", "pm") else event.get("nick")
+        if kind in ABOUT_YOU and isinstance(subject, str) and \
+                nick_key(subject) == nick_key(self.nick):
+            event = dict(event, you=True)
+        part = self.state.apply(event)
         self.on_event(event)
+        self._changed(part)
+
+    def _changed(self, part: str | None) -> None:
+        """One event per change of the state, naming the part that changed."""
+        if part is not None:
+            self.on_event({"type": "state", "part": part})
 
     def _close_writer(self) -> None:
         if self._writer is not None:
@@ -4783,8 +5186,7 @@ class ChatClient:
         if self.my_away is not None and not event.get("resumed"):
             self._rejoin.append({"type": "away", "message": self.my_away})
         current = self._current_before
-        self.joined = kept
-        self.room_users = {}
+        self.state.welcome(self.nick, kept)
         if current and (nick_key(current) in kept or any(
                 nick_key(r["room"]) == nick_key(current)
                 for r in self._rejoin if r["type"] == "join")):
@@ -4795,7 +5197,8 @@ class ChatClient:
         self._emit(event)
 
     def _track(self, event: dict) -> None:
-        """Keep local state (users, nick, outbox, last id) and pass the event on."""
+        """Keep the outbox and the last message ids, then pass the event on
+        (the state takes it in on the way, in _emit)."""
         kind = event.get("type")
         if kind in LOCAL_EVENTS:
             return  # a server must not impersonate the client's own events
@@ -4803,99 +5206,74 @@ class ChatClient:
             if isinstance(event.get("id"), str) and self._file_event(event):
                 self._emit(event)
             return
-        room_key = nick_key(str(event.get("room") or ""))
         sender = nick_key(str(event.get("from") or event.get("nick") or ""))
         if kind in ("msg", "pm", "typing") and sender in self.ignored and \
                 sender != nick_key(self.nick):
             return  # /ignore: hidden in this client
-        if kind == "history":
-            messages = event.get("messages")
-            if not isinstance(messages, list):
-                return
-            # After a reconnect show only what we have not seen in that room
-            # yet; a room joined for the first time shows all of it.
-            last = self.last_ids.get(room_key, -1)
-            fresh = [m for m in messages if isinstance(m, dict)
-                     and isinstance(m.get("id"), int) and m["id"] > last
-                     and nick_key(str(m.get("from", ""))) not in self.ignored]
-            if not self.want_history and not self._had_history:
-                fresh = []  # --no-history skips the backlog, not what we miss later
-            self._had_history = True
-            self.last_ids[room_key] = max([last, 0] + [m["id"] for m in messages if isinstance(
-                m, dict) and isinstance(m.get("id"), int)])
-            self.last_id = max(self.last_id, self.last_ids[room_key])
-            mine = [m.get("cid") for m in messages if isinstance(m, dict)
-                    and m.get("from") == self.nick and isinstance(m.get("cid"), str)]
-            if any(self.outbox.pop(cid, None) is not None for cid in mine):
-                self._outbox_changed()  # sent before the drop after all
-            event = dict(event, messages=fresh)
-        elif kind == "users":
-            users = event.get("users")
-            if isinstance(users, list) and room_key:
-                self.joined[room_key] = str(event.get("room"))
-                self.room_users[room_key] = {nick_key(str(u)): str(u) for u in users}
-                away = event.get("away") if isinstance(event.get("away"), dict) else {}
-                for u in users:  # the list is the truth for everyone in it
-                    self.away.pop(nick_key(str(u)), None)
-                self.away.update({nick_key(str(k)): str(v) for k, v in away.items()})
-        elif kind == "join":
-            nick = str(event.get("nick", ""))
-            self.room_users.setdefault(room_key, {})[nick_key(nick)] = nick
-            if isinstance(event.get("away"), str):
-                self.away[nick_key(nick)] = event["away"]
-            else:
-                self.away.pop(nick_key(nick), None)
-        elif kind == "leave":
-            nick = nick_key(str(event.get("nick", "")))
-            self.room_users.get(room_key, {}).pop(nick, None)
-            if event.get("reason") not in ("part", "kick"):  # gone from the server: not away
-                self.away.pop(nick, None)
-            if nick == nick_key(self.nick):  # we parted
-                self.joined.pop(room_key, None)
-                self.room_users.pop(room_key, None)
-                if nick_key(self.room) == room_key:
-                    self.room = next(iter(self.joined.values()), LOBBY)
-        elif kind == "nick":
-            old, new = str(event.get("old", "")), str(event.get("new", ""))
-            for users in self.room_users.values():
-                if users.pop(nick_key(old), None) is not None:
-                    users[nick_key(new)] = new
-            if nick_key(old) in self.away:
-                self.away[nick_key(new)] = self.away.pop(nick_key(old))
-            if nick_key(old) == nick_key(self.nick):
-                self.nick = new
-        elif kind == "away":
-            nick = nick_key(str(event.get("nick", "")))
-            if event.get("away"):
-                self.away[nick] = str(event.get("message") or "")
-            else:
-                self.away.pop(nick, None)
-        elif kind in ("msg", "pm"):
-            cid = event.get("cid")
-            if event.get("from") == self.nick and isinstance(cid, str):
-                if self.outbox.pop(cid, None) is not None:
-                    self._outbox_changed()
-            if isinstance(event.get("id"), int):
-                self.last_id = max(self.last_id, event["id"])
-                if kind == "msg" and room_key:
-                    if event["id"] <= self.last_ids.get(room_key, 0):
-                        return  # shown already (a resend's echo, or history)
-                    self.last_ids[room_key] = event["id"]
-        elif kind == "error":
-            if event.get("request") == "join" and nick_key(self.room) not in self.joined:
-                # A refused join: keep talking where we really are.
-                self.room = next(iter(self.joined.values()), LOBBY)
-            cid = event.get("cid")
-            if isinstance(cid, str) and cid in self.outbox:
-                if event.get("code") == "rate_limited":
-                    self._resend_later(cid)
-                    return
-                req = self.outbox.pop(cid)
-                self._emit({"type": "failed", "cid": cid, "text": req.get("text", ""),
-                            "code": event.get("code"), "message": event.get("message", "")})
+        tracker = self._trackers.get(str(kind))
+        shown = tracker(event) if tracker is not None else event
+        if shown is not None:
+            self._emit(shown)
+
+    def _track_history(self, event: dict) -> dict | None:
+        messages = event.get("messages")
+        if not isinstance(messages, list):
+            return None
+        room_key = nick_key(str(event.get("room") or ""))
+        # After a reconnect show only what we have not seen in that room
+        # yet; a room joined for the first time shows all of it.
+        last = self.last_ids.get(room_key, -1)
+        fresh = [m for m in messages if isinstance(m, dict)
+                 and isinstance(m.get("id"), int) and m["id"] > last
+                 and nick_key(str(m.get("from", ""))) not in self.ignored]
+        if not self.want_history and not self._had_history:
+            fresh = []  # --no-history skips the backlog, not what we miss later
+        self._had_history = True
+        self.last_ids[room_key] = max([last, 0] + [m["id"] for m in messages if isinstance(
+            m, dict) and isinstance(m.get("id"), int)])
+        self.last_id = max(self.last_id, self.last_ids[room_key])
+        mine = [m.get("cid") for m in messages if isinstance(m, dict)
+                and m.get("from") == self.nick and isinstance(m.get("cid"), str)]
+        if any(self.outbox.pop(cid, None) is not None for cid in mine):
+            self._outbox_changed()  # sent before the drop after all
+        return dict(event, messages=fresh)
+
+    def _track_message(self, event: dict) -> dict | None:
+        cid = event.get("cid")
+        if event.get("from") == self.nick and isinstance(cid, str):
+            if self.outbox.pop(cid, None) is not None:
                 self._outbox_changed()
-                return
+        if isinstance(event.get("id"), int):
+            self.last_id = max(self.last_id, event["id"])
+            room_key = nick_key(str(event.get("room") or ""))
+            if event.get("type") == "msg" and room_key:
+                if event["id"] <= self.last_ids.get(room_key, 0):
+                    return None  # shown already (a resend's echo, or history)
+                self.last_ids[room_key] = event["id"]
+        return event
+
+    def _track_leave(self, event: dict) -> None:
         self._emit(event)
+        if self.state.in_room(self.room) is None and \
+                nick_key(str(event.get("nick", ""))) == nick_key(self.nick):
+            self.room = next(iter(self.state.room_names()), LOBBY)  # we parted
+
+    def _track_error(self, event: dict) -> dict | None:
+        if event.get("request") == "join" and self.state.in_room(self.room) is None:
+            # A refused join: keep talking where we really are.
+            self.room = next(iter(self.state.room_names()), LOBBY)
+        cid = event.get("cid")
+        if isinstance(cid, str) and cid in self.outbox:
+            if event.get("code") == "rate_limited":
+                self._resend_later(cid)
+                return None
+            req = self.outbox.pop(cid)
+            self._emit({"type": "failed", "cid": cid, "text": req.get("text", ""),
+                        "to": req.get("to"), "code": event.get("code"),
+                        "message": event.get("message", "")})
+            self._outbox_changed()
+            return None
+        return event
 
     def _outbox_changed(self) -> None:
         self._emit({"type": "outbox", "pending": [r["text"] for r in self.outbox.values()]})
@@ -4940,6 +5318,12 @@ class ClientThread:
             self.events.put({"type": "fatal", "message": f"Network error: {e}"})
         finally:
             self.loop.close()
+
+    @property
+    def state(self) -> ClientState:
+        """The client's state, to read from the UI's thread."""
+        assert self.client is not None, "start() makes the client"
+        return self.client.state
 
     def _call(self, method: str, *args: Any) -> None:
         if self.client is None:
@@ -5052,6 +5436,343 @@ def save_settings(path: Path, settings: dict) -> None:
         path.write_text(json.dumps(settings, indent=2), encoding="utf-8")
     except OSError as e:
         log.warning("could not save settings to %s: %s", path, e)
+
+
+# --- commands typed in either UI: one table, one planner
+#
+# Both the terminal and the window turn a typed line into a Plan with
+# plan_command(line, where): a pure function, tested without Tk or a
+# terminal.  Each UI then carries the plan out with its own do_<plan.do>
+# method.  The help of both UIs is made from COMMANDS.
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    args: str                  # what follows the name, as shown in the help
+    help: str
+    uis: tuple[str, ...] = ("cli", "gui")
+    aliases: tuple[str, ...] = ()
+
+
+COMMANDS = (
+    Command("msg", "NICK TEXT", "a private message", aliases=("query",)),
+    Command("msg", "NICK [TEXT]", "talk privately with NICK (opens the conversation)",
+            uis=("gui",), aliases=("query",)),
+    Command("me", "ACTION", "say something in the third person (* alice waves)"),
+    Command("join", "#ROOM", "join (or create) a room and talk there"),
+    Command("room", "[#ROOM]", "switch between the rooms you are in (or list them)",
+            aliases=("switch",)),
+    Command("part", "[#ROOM] [WHY]", "leave a room (the current one by default)"),
+    Command("close", "", "close the private conversation on show", uis=("gui",)),
+    Command("rooms", "", "list the rooms with their people and topics"),
+    Command("who", "", "list who is in the current room"),
+    Command("topic", "[TEXT]", "show or set the current room's topic"),
+    Command("nick", "NEW", "change your nick"),
+    Command("away", "[MESSAGE]", "mark yourself away"),
+    Command("back", "", "you are back"),
+    Command("send", "[NICK] PATH", "offer a file to the room, or to NICK (quote a path "
+            'with spaces: "my file.pdf")', uis=("cli",)),
+    Command("send", "[NICK] [PATH]", "offer a file here, or to NICK (no PATH: choose one)",
+            uis=("gui",)),
+    Command("accept", "ID", "accept a file offered to you"),
+    Command("decline", "ID", "decline a file offered to you"),
+    Command("cancel", "ID", "stop a transfer"),
+    Command("files", "", "files offered to you and transfers under way"),
+    Command("ignore", "[NICK]", "hide someone here, saved (no NICK: who is hidden)"),
+    Command("unignore", "NICK", "show someone again"),
+    Command("op", "PASSWORD", "become a server operator, for:"),
+    Command("kick", "NICK [WHY]", "put someone out of the chat"),
+    Command("ban", "NICK [MINUTES]", "keep someone out (for good without MINUTES)"),
+    Command("unban", "NICK", "let someone back in"),
+    Command("mute", "NICK [WHY]", "stop someone from talking"),
+    Command("unmute", "NICK", "let someone talk again"),
+    Command("help", "", "this list"),
+    Command("quit", "[REASON]", "leave (Ctrl-D and Ctrl-C work too)", uis=("cli",),
+            aliases=("exit",)),
+    Command("quit", "[REASON]", "leave and close the window", uis=("gui",), aliases=("exit",)),
+)
+
+HELP_FOOTER = {
+    "cli": [("//TEXT", "send a message that starts with a slash"),
+            ("Tab", "complete nicks, commands, rooms after /join, paths after /send")],
+    "gui": [("//TEXT", "send a message that starts with a slash"),
+            ("Enter", "send; Shift+Enter starts a new line; Up recalls what you sent"),
+            ("Tab", "complete nicks; double-click someone to talk privately")],
+}
+
+
+def command_for(name: str, ui: str) -> Command | None:
+    name = name.lower()
+    return next((c for c in COMMANDS if ui in c.uis and (c.name == name or name in c.aliases)),
+                None)
+
+
+def command_names(ui: str) -> list[str]:
+    """Every "/name" a UI understands, aliases too, sorted (for completion)."""
+    return sorted({f"/{n}" for c in COMMANDS if ui in c.uis for n in (c.name, *c.aliases)})
+
+
+def help_rows(ui: str) -> list[tuple[str, str]]:
+    """(usage, what it does) for every command the UI has, then its keys."""
+    rows = [(f"/{c.name} {c.args}".rstrip(), c.help) for c in COMMANDS if ui in c.uis]
+    return rows + HELP_FOOTER[ui]
+
+
+def help_text(ui: str) -> str:
+    """The help as plain text in two columns (for a terminal's fixed font)."""
+    rows = help_rows(ui)
+    width = max(len(usage) for usage, _ in rows) + 2
+    return "Commands:\n" + "\n".join(f"  {usage:<{width}}{what}" for usage, what in rows)
+
+
+def usage(name: str, ui: str) -> str:
+    c = command_for(name, ui)
+    return f"Usage: /{c.name} {c.args}".rstrip() if c else ""
+
+
+def split_args(text: str) -> list[str]:
+    """Words of a command's arguments: "quoted words" and 'these' stay one,
+    and a backslash keeps a space or a quote in the word (big\\ file.pdf).
+    Other backslashes are left alone, so Windows paths need no doubling.
+    Raises ValueError for an unclosed quote."""
+    words: list[str] = []
+    word: list[str] | None = None
+    quote = ""
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            if ch == quote:
+                quote = ""
+            else:
+                word = (word or []) + [ch]
+        elif ch == "\\" and i + 1 < len(text) and text[i + 1] in " \t\"'":
+            word = (word or []) + [text[i + 1]]
+            i += 1
+        elif ch in "\"'":
+            quote = ch
+            word = word or []
+        elif ch.isspace():
+            if word is not None:
+                words.append("".join(word))
+                word = None
+        else:
+            word = (word or []) + [ch]
+        i += 1
+    if quote:
+        raise ValueError(f"the {quote} quote is not closed")
+    if word is not None:
+        words.append("".join(word))
+    return words
+
+
+@dataclasses.dataclass(frozen=True)
+class Where:
+    """What plan_command knows of the client a line was typed in."""
+    ui: str                          # "cli" or "gui"
+    room: str                        # the room talked in (the current one)
+    private: str | None = None       # the window's private conversation on show
+    rooms: tuple[str, ...] = ()      # rooms we are in
+    nicks: tuple[str, ...] = ()      # people in our rooms
+    gone: frozenset = frozenset()    # nick keys of private partners who left
+    max_text: int = MAX_TEXT
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a typed line asks the UI to do: its do_<do>(**args) method."""
+    do: str
+    args: dict = dataclasses.field(default_factory=dict)
+    note: str = ""                   # a warning to show first
+
+
+def _error(text: str) -> Plan:
+    return Plan("error", {"text": text})
+
+
+def plan_command(line: str, where: Where) -> Plan:
+    """The plan for one typed line (never raises; problems are error plans)."""
+    if line.lstrip().startswith("/") and not line.lstrip().startswith("//"):
+        line = line.strip()
+    if line.startswith("//"):
+        return _say(line[1:], False, where)
+    if not line.startswith("/") or len(line) == 1:
+        return _say(line, False, where) if line.strip() else Plan("nothing")
+    name, _, arg = line[1:].partition(" ")
+    arg = arg.strip()
+    command = command_for(name, where.ui)
+    if command is None:
+        return _error(f"Unknown command /{name}. Type /help for the list.")
+    planner = _PLANNERS.get(command.name)
+    if planner is not None:
+        return planner(arg, where)
+    return _request(command.name, arg, where)
+
+
+def _say(text: str, action: bool, where: Where) -> Plan:
+    if len(text) > where.max_text:
+        return _error(f"Not sent: {len(text)} characters, the server allows {where.max_text}.")
+    to = where.private
+    note = ""
+    if to is not None and nick_key(to) in where.gone:
+        note = f"{to} has left the chat; sending anyway in case they are back."
+    return Plan("say", {"text": text, "action": action, "to": to, "room": where.room}, note)
+
+
+def _plan_me(arg: str, where: Where) -> Plan:
+    return _say(arg, True, where) if arg else _error(usage("me", where.ui))
+
+
+def _plan_msg(arg: str, where: Where) -> Plan:
+    nick, _, text = arg.partition(" ")
+    text = text.strip()
+    if not nick or (not text and where.ui == "cli"):
+        return _error(usage("msg", where.ui))
+    if not text:
+        return Plan("query", {"nick": nick})
+    plan = _say(text, False, dataclasses.replace(where, private=nick))
+    return dataclasses.replace(plan, args=dict(plan.args, open=True))
+
+
+def _plan_nick(arg: str, where: Where) -> Plan:
+    problem = nick_problem(arg) if arg else usage("nick", where.ui)
+    return _error(problem) if problem else Plan("nick", {"nick": arg})
+
+
+def _plan_join(arg: str, where: Where) -> Plan:
+    room = arg.split()[0] if arg else ""
+    problem = room_problem(room) if room else usage("join", where.ui)
+    return _error(problem) if problem else Plan("join", {"room": room})
+
+
+def _plan_room(arg: str, where: Where) -> Plan:
+    if not arg:
+        return Plan("show", {"text": f"You are talking in {where.room}; you are in "
+                                     f"{', '.join(where.rooms) or 'no room'}."})
+    room = arg.split()[0]
+    joined = next((r for r in where.rooms if nick_key(r) == nick_key(room)), None)
+    if joined is None:
+        return _error(f"You are not in {room}; /join it first.")
+    return Plan("switch", {"room": joined})
+
+
+def _plan_part(arg: str, where: Where) -> Plan:
+    if where.private is not None and not arg:
+        return Plan("close")
+    first, _, rest = arg.partition(" ")
+    room = first if first.startswith(("#", "&")) else where.room
+    reason = rest.strip() if first.startswith(("#", "&")) else arg
+    return Plan("request", {"kind": "part", "fields": {"room": room, **(
+        {"reason": reason} if reason else {})}})
+
+
+def _plan_close(arg: str, where: Where) -> Plan:
+    if where.private is None:
+        return _error("/close closes a private conversation; use /part to leave a room.")
+    return Plan("close")
+
+
+def _plan_topic(arg: str, where: Where) -> Plan:
+    if where.private is not None:
+        return _error("Topics belong to rooms; this is a private conversation.")
+    return Plan("request", {"kind": "topic", "fields": {"room": where.room, **(
+        {"topic": arg} if arg else {})}})
+
+
+def _plan_send(arg: str, where: Where) -> Plan:
+    """/send PATH, /send NICK PATH; quotes or backslashes keep spaces in a path."""
+    if not arg:
+        return Plan("pick_file") if where.ui == "gui" else _error(usage("send", where.ui))
+    if Path(arg).expanduser().is_file():  # a bare path with spaces, unquoted
+        return Plan("send_file", {"path": arg, "to": where.private})
+    try:
+        words = split_args(arg)
+    except ValueError as e:
+        return _error(f"Cannot read that path: {e}.")
+    if len(words) == 1:
+        return Plan("send_file", {"path": words[0], "to": where.private})
+    first, path = words[0], " ".join(words[1:])
+    nick = next((n for n in where.nicks if nick_key(n) == nick_key(first)), None)
+    if nick is None and where.private and nick_key(where.private) == nick_key(first):
+        nick = where.private
+    if nick is None:
+        if Path(" ".join(words)).expanduser().exists():
+            return Plan("send_file", {"path": " ".join(words), "to": where.private})
+        return _error(f"Nobody called {first} is in your rooms, and there is no file "
+                      f"{arg}. For a path with spaces use quotes: /send \"my file.pdf\".")
+    return Plan("send_file", {"path": path, "to": nick})
+
+
+def _plan_transfer(name: str) -> Callable[[str, Where], Plan]:
+    def plan(arg: str, where: Where) -> Plan:
+        tid = arg.split()[0] if arg else ""
+        if not tid:
+            return _error(f"{usage(name, where.ui)} (/files lists them)")
+        return Plan(name, {"tid": tid})
+    return plan
+
+
+def _plan_ignore(name: str) -> Callable[[str, Where], Plan]:
+    def plan(arg: str, where: Where) -> Plan:
+        nick = arg.split()[0] if arg else ""
+        if not nick:
+            return Plan("ignores") if name == "ignore" else _error(usage(name, where.ui))
+        return Plan("ignore", {"nick": nick, "on": name == "ignore"})
+    return plan
+
+
+def _request(name: str, arg: str, where: Where) -> Plan:
+    """Commands that are one request to the server."""
+    first, _, rest = arg.partition(" ")
+    rest = rest.strip()
+    fields: dict[str, Any]
+    if name in ("rooms", "back"):
+        fields = {}
+    elif name == "away":
+        fields = {"message": arg}
+    elif name == "op":
+        if not arg:
+            return _error(usage(name, where.ui))
+        fields = {"password": arg}
+    elif name == "ban":
+        if not first:
+            return _error(usage(name, where.ui))
+        try:
+            minutes = float(rest) if rest else None
+        except ValueError:
+            return _error(f"{usage(name, where.ui)} (MINUTES is a number)")
+        fields = {"nick": first, **({"minutes": minutes} if minutes else {})}
+    else:  # kick, mute, unban, unmute: a nick, maybe a reason
+        if not first:
+            return _error(usage(name, where.ui))
+        fields = {"nick": first, **({"reason": rest} if rest and name in ("kick", "mute")
+                                    else {})}
+    return Plan("request", {"kind": name, "fields": fields})
+
+
+_PLANNERS: dict[str, Callable[[str, Where], Plan]] = {
+    "me": _plan_me, "msg": _plan_msg, "nick": _plan_nick, "join": _plan_join,
+    "room": _plan_room, "part": _plan_part, "close": _plan_close, "topic": _plan_topic,
+    "send": _plan_send, "accept": _plan_transfer("accept"),
+    "decline": _plan_transfer("decline"), "cancel": _plan_transfer("cancel"),
+    "ignore": _plan_ignore("ignore"), "unignore": _plan_ignore("unignore"),
+    "who": lambda arg, where: Plan("who", {"room": where.room}),
+    "files": lambda arg, where: Plan("files"),
+    "help": lambda arg, where: Plan("help", {"rows": help_rows(where.ui)}),
+    "quit": lambda arg, where: Plan("quit", {"reason": arg}),
+}
+
+
+def typing_counts(line: str) -> bool:
+    """Whether a draft will go out as a message, so "typing" may be said about
+    it: plain text and /me, never other commands."""
+    stripped = line.lstrip()
+    if not line.strip():
+        return False
+    if stripped.startswith("//") or not stripped.startswith("/"):
+        return True
+    name = stripped[1:].split(" ", 1)[0].lower()
+    return name == "me" and " " in stripped and bool(stripped.split(" ", 1)[1].strip())
 
 
 # ===========================================================================
@@ -5273,79 +5994,6 @@ def clock(ts: Any) -> str:
         return time.strftime("%H:%M")
 
 
-CLI_HELP = """Commands:
-  /nick NEW             change your nick
-  /me ACTION            say something in the third person (* alice waves)
-  /who                  list who is in the current room
-  /join #ROOM           join (or create) a room and talk there
-  /room [#ROOM]         switch between the rooms you are in (or show them)
-  /part [#ROOM] [WHY]   leave a room (the current one by default)
-  /rooms                list the rooms with their people and topics
-  /topic [TEXT]         show or set the current room's topic
-  /msg NICK TEXT        a private message
-  /away [MESSAGE]       mark yourself away; /back when you return
-  /ignore [NICK]        hide someone here (saved); /unignore NICK; no NICK: the list
-  /send [NICK] PATH     offer a file to the room (or to NICK); they accept or decline
-  /accept ID  /decline ID  /cancel ID   answer a file offer, or stop a transfer
-  /files                files offered to you and transfers under way
-  /op PASSWORD          become an operator, then:
-  /kick NICK [WHY]  /ban NICK [MINUTES]  /unban NICK  /mute NICK  /unmute NICK
-  /quit [REASON]        leave (Ctrl-D and Ctrl-C work too)
-  /help                 this list
-  //text                send a message that starts with a slash"""
-
-COMMANDS = ("/help", "/nick", "/me", "/who", "/quit", "/join", "/room", "/part", "/rooms",
-            "/topic", "/msg", "/away", "/back", "/ignore", "/unignore", "/op", "/kick",
-            "/ban", "/unban", "/mute", "/unmute", "/send", "/accept", "/decline", "/cancel",
-            "/files")
-
-
-def parse_command(line: str) -> tuple[str, str]:
-    """Split a typed line into (command, argument); command "" means plain text."""
-    if line.startswith("//"):
-        return "", line[1:]
-    if line.startswith("/") and len(line) > 1:
-        head, _, rest = line[1:].partition(" ")
-        return head.lower(), rest.strip()
-    return "", line
-
-
-def command_request(cmd: str, arg: str, room: str) -> tuple[str, dict] | str | None:
-    """The server request a slash command stands for, as (type, fields); a usage
-    sentence when the arguments are wrong; None for commands that are not simple
-    requests (the UIs handle those themselves).  Shared by the CLI and the GUI."""
-    first, _, rest = arg.partition(" ")
-    rest = rest.strip()
-    if cmd == "part":
-        target = first or room
-        return ("part", {"room": target, **({"reason": rest} if rest else {})})
-    if cmd == "rooms":
-        return ("rooms", {})
-    if cmd == "topic":
-        return ("topic", {"room": room, **({"topic": arg} if arg else {})})
-    if cmd == "away":
-        return ("away", {"message": arg})
-    if cmd == "back":
-        return ("back", {})
-    if cmd == "op":
-        return ("op", {"password": arg}) if arg else "Usage: /op PASSWORD"
-    if cmd in ("kick", "mute"):
-        if not first:
-            return f"Usage: /{cmd} NICK [REASON]"
-        return (cmd, {"nick": first, **({"reason": rest} if rest else {})})
-    if cmd == "ban":
-        if not first:
-            return "Usage: /ban NICK [MINUTES]"
-        try:
-            minutes = float(rest) if rest else None
-        except ValueError:
-            return "Usage: /ban NICK [MINUTES] (minutes is a number)"
-        return ("ban", {"nick": first, **({"minutes": minutes} if minutes else {})})
-    if cmd in ("unban", "unmute"):
-        return (cmd, {"nick": first}) if first else f"Usage: /{cmd} NICK"
-    return None
-
-
 def complete_nick(prefix: str, nicks: list[str]) -> list[str]:
     """Nicks starting with `prefix`, case-insensitively, sorted."""
     p = nick_key(prefix)
@@ -5370,7 +6018,7 @@ class Terminal:
         self.rl_point: Callable[[], int] | None = None
         self.lock = threading.Lock()
         self.transient_shown = False   # the last line printed was a progress line
-        self.my_nick = ""
+        self.me: Callable[[], str] = lambda: ""  # our nick now (the client knows it)
         self.room = LOBBY                # messages from other rooms get a [#room] prefix
         self.broken = False
 
@@ -5388,12 +6036,13 @@ class Terminal:
         who = strip_terminal(str(m.get("from", "?")))
         lines = [strip_terminal(part) for part in str(m.get("text", "")).split("\n")]
         body = ("\n" + " " * CONTINUATION_INDENT).join(lines)
-        mention = bool(self.my_nick) and who != self.my_nick and \
-            nick_key(self.my_nick) in nick_key(body)
+        me = self.me()
+        mine = m.get("you") or nick_key(who) == nick_key(me)
+        mention = bool(me) and not mine and nick_key(me) in nick_key(body)
         where = ""
         if m.get("type") == "pm":
             to = strip_terminal(str(m.get("to", "?")))
-            where = self._c("35", f"[pm -> {to}] " if who == self.my_nick else "[pm] ")
+            where = self._c("35", f"[pm -> {to}] " if mine else "[pm] ")
         elif m.get("room") and nick_key(str(m["room"])) != nick_key(self.room):
             where = f"[{strip_terminal(str(m['room']))}] "
         if m.get("action"):
@@ -5439,7 +6088,6 @@ class Terminal:
             return "\n".join([self.system(None, f"last {len(msgs)} messages:"), *msgs,
                               self.system(None, "end of history")])
         if kind == "welcome":
-            self.my_nick = str(e.get("nick", ""))
             if e.get("first") is False:  # back after a reconnect: where we were, still
                 return self.system(ts, f"Back as {e.get('nick')}" + (
                     "; nobody saw you leave." if e.get("resumed") else "."))
@@ -5461,6 +6109,8 @@ class Terminal:
             why = f" ({e['message']})" if e.get("message") else ""
             return self.system(ts, f"{e.get('nick')} was kicked out of {e.get('room')} by "
                                    f"{e.get('by')}{why}")
+        if kind == "leave" and e.get("reason") == "part" and e.get("you"):
+            return self.system(ts, f"You left {e.get('room')}")
         if kind == "leave":
             why = f"{e.get('reason')}: {e['message']}" if e.get("message") else e.get("reason")
             return self.system(ts, f"{e.get('nick')} left {e.get('room')} ({why})")
@@ -5469,8 +6119,7 @@ class Terminal:
                 "took {}'s operator status in {}"
             return self.system(ts, f"{e.get('by')} " + change.format(e.get("nick"), e.get("room")))
         if kind == "nick":
-            if nick_key(str(e.get("old", ""))) == nick_key(self.my_nick):
-                self.my_nick = str(e.get("new", ""))
+            if e.get("you"):
                 return self.system(ts, f"You are now known as {e.get('new')}")
             return self.system(ts, f"{e.get('old')} is now known as {e.get('new')}")
         if kind == "error":
@@ -5484,9 +6133,6 @@ class Terminal:
             return self.system(None, str(e.get("message", "")))
         if kind == "bye":
             return self.system(None, f"Server says bye: {e.get('reason')}")
-        if kind == "leave" and e.get("reason") == "part" and nick_key(
-                str(e.get("nick"))) == nick_key(self.my_nick):
-            return self.system(ts, f"You left {e.get('room')}")
         if kind.startswith("file_"):
             return self.format_file_event(e)
         return None
@@ -5687,324 +6333,365 @@ async def run_cli(args: argparse.Namespace) -> int:
     """The terminal client: returns the process exit status."""
     restore = _restore_terminal()  # before readline changes the tty modes
     try:
-        return await _run_cli(args)
+        return await CliSession(args).run()
     finally:
         restore()
 
 
-async def _run_cli(args: argparse.Namespace) -> int:
-    interactive = sys.stdin.isatty()
-    term = Terminal(interactive=interactive)
-    loop = asyncio.get_running_loop()
-    lines: asyncio.Queue[str | None] = asyncio.Queue()
-    done = asyncio.Event()
-    status = {"code": 0, "failed": 0, "input_started": False, "progress_at": 0.0}
-    settings_path = config_dir() / "settings.json"
-    settings = load_settings(settings_path)
-    ignored = {str(n) for n in settings.get("ignore", []) if isinstance(n, str)}
+class CliSession:
+    """One run of the terminal client: the connection (a ChatClient), the
+    terminal, and the lines typed or piped in.  Events from the client are
+    shown by on_event (special kinds by the _on_<kind> methods); a typed line
+    becomes a Plan (plan_command) that a do_<plan> method carries out."""
 
-    def ask(prompt: str, secret: bool = False) -> asyncio.Future:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.interactive = sys.stdin.isatty()
+        self.term = Terminal(interactive=self.interactive)
+        self.term.me = lambda: self.client.nick
+        self.loop = asyncio.get_running_loop()
+        self.lines: asyncio.Queue[str | None] = asyncio.Queue()
+        self.done = asyncio.Event()
+        self.code = 0                  # the exit status, once something decided it
+        self.failed = 0                # messages or files that did not go through
+        self.input_started = False
+        self.progress_at = 0.0
+        self.settings_path = config_dir() / "settings.json"
+        self.settings = load_settings(self.settings_path)
+        self.client: ChatClient = None  # type: ignore[assignment]  # made in run()
+
+    async def run(self) -> int:
+        args = self.args
+        try:
+            password = read_secret(args.password_file) if args.password_file else None
+        except (OSError, ValueError) as e:
+            raise PyChatError(f"cannot read {args.password_file}: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
+        password = password or os.environ.get("PYCHAT_PASSWORD") or None
+        ignored = {str(n) for n in self.settings.get("ignore", []) if isinstance(n, str)}
+        self.client = ChatClient(
+            args.host, args.port, args.nick or default_nick(), self.on_event,
+            client=f"pychat-cli/{__version__}", history=not args.no_history,
+            connect_attempts=args.connect_attempts, password=password,
+            ssl_context=tls_from_args(args),  # PyChatError: main() says it in one line
+            ignored=ignored, give_up_after=None if self.interactive else 60.0)
+        if not self.interactive:
+            self._start_input()
+        runner = self.loop.create_task(self.client.run())
+        reader = self.loop.create_task(self.read_input())
+        waiter = self.loop.create_task(self.done.wait())
+        try:  # Ctrl-C leaves cleanly; where signal handlers don't exist (Windows)
+            self.loop.add_signal_handler(signal.SIGINT,
+                                         lambda: self.loop.create_task(self.client.quit("")))
+        except (NotImplementedError, RuntimeError, AttributeError):
+            pass  # ...it arrives as KeyboardInterrupt and cmd_cli handles it
+        try:
+            await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reader.cancel()
+            waiter.cancel()
+            if not runner.done():
+                await self.client.quit("")
+                await asyncio.wait({runner}, timeout=3)
+            try:
+                self.loop.remove_signal_handler(signal.SIGINT)
+            except (NotImplementedError, RuntimeError, AttributeError):
+                pass
+            if self.term.interactive:
+                self.term.out.write("\n")  # leave the shell prompt on a line of its own
+                self.term.out.flush()
+        return self._exit_status()
+
+    def _exit_status(self) -> int:
+        client = self.client
+        if client.outbox:
+            print(f"pychat: {len(client.outbox)} message(s) could not be delivered.",
+                  file=sys.stderr)
+            return self.code or 1
+        if self.code == 0 and self.failed and not self.interactive:
+            return 1
+        if self.code == 0 and not client.ever_registered:
+            print("pychat: left before joining the chat." if client.closed and self.interactive
+                  else "pychat: never got connected.", file=sys.stderr)
+            return 1
+        return self.code
+
+    def _start_input(self) -> None:
+        self.input_started = True
+        _start_input_thread(self.term, self.loop, self.lines, self.nicks)
+
+    def nicks(self) -> list[str]:
+        """Nicks to complete (called from the stdin thread)."""
+        return self.client.state.members(self.client.room)
+
+    # --- events from the client
+    def on_event(self, event: dict) -> None:
+        kind = str(event.get("type"))
+        handler = getattr(self, f"_on_{kind}", None)
+        if handler is not None and handler(event):
+            return  # handled, nothing more to show
+        self.term.room = self.client.room
+        text = self.term.format_event(event)
+        if text is not None:
+            self.term.show(text, transient=kind == "file_progress")
+
+    def _on_nick_rejected(self, event: dict) -> bool:
+        return self._ask_again(event, "Type another nick: ", False, self._take_nick,
+                               "choose another with --nick")
+
+    def _on_password_needed(self, event: dict) -> bool:
+        return self._ask_again(event, "Password: ", True, self._take_password,
+                               "give it with --password-file or PYCHAT_PASSWORD")
+
+    def _ask_again(self, event: dict, prompt: str, secret: bool,
+                   take: Callable[[str], str | None], hint: str) -> bool:
+        """The server refused what we said (nick or password): ask the person
+        at the terminal, or, for a script, give up with a hint."""
+        message = str(event.get("message"))
+        if not self.interactive:
+            print(f"pychat: {message} ({hint})", file=sys.stderr)
+            self.code = 2
+            self.loop.create_task(self.client.quit())
+            return True
+
+        async def ask() -> None:
+            self.error_line(strip_terminal(message))
+            while True:
+                answer = await self.ask(prompt, secret)
+                if answer is None:
+                    await self.client.quit()
+                    return
+                problem = take(answer)
+                if problem is None:
+                    return
+                self.error_line(problem)
+        self.loop.create_task(ask())
+        return True
+
+    def _take_nick(self, answer: str) -> str | None:
+        problem = nick_problem(answer.strip())
+        if problem is None:
+            self.client.set_nick(answer.strip())
+        return problem
+
+    def _take_password(self, answer: str) -> str | None:
+        self.client.set_password(answer)
+        return None
+
+    def ask(self, prompt: str, secret: bool = False) -> asyncio.Future:
         """Ask on the terminal in a daemon thread (never blocks exiting)."""
-        future = loop.create_future()
+        future = self.loop.create_future()
 
         def run() -> None:
             try:
                 answer: str | None = (getpass.getpass if secret else input)(prompt)
             except (EOFError, KeyboardInterrupt, OSError):
                 answer = None
-            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(answer))
+            self.loop.call_soon_threadsafe(lambda: future.done() or future.set_result(answer))
         threading.Thread(target=run, name="pychat-ask", daemon=True).start()
         return future
 
-    async def ask_nick(message: str) -> None:
-        term.show(term._c("31", f"! {strip_terminal(message)}"))
+    def _on_fatal(self, event: dict) -> bool:
+        print(f"pychat: {event.get('message')}", file=sys.stderr)
+        self.code = 1
+        self.done.set()
+        return True
+
+    def _on_failed(self, event: dict) -> bool:
+        self.failed += 1
+        return False
+
+    def _on_file_failed(self, event: dict) -> bool:
+        self.failed += 1
+        return False
+
+    def _on_welcome(self, event: dict) -> bool:
+        if not self.input_started:
+            self._start_input()
+        return False
+
+    def _on_status(self, event: dict) -> bool:
+        # Scripts want the chat, not the connection chatter.
+        return not self.interactive and event.get("state") in ("connecting", "connected")
+
+    def _on_file_progress(self, event: dict) -> bool:
+        if self.interactive:
+            return False
+        if time.monotonic() - self.progress_at < 2 and event["done"] < event["size"]:
+            return True  # a line every 2 s is plenty in a log
+        self.progress_at = time.monotonic()
+        return False
+
+    def _on_file_offer(self, event: dict) -> bool:
+        limit = self.args.auto_accept_max
+        if not event.get("mine") and limit is not None and int(event.get("size") or 0) <= limit:
+            self.loop.call_soon(self.do_accept, str(event.get("id")))  # after the offer line
+        return False
+
+    # --- typed lines
+    async def read_input(self) -> None:
         while True:
-            nick = await ask("Type another nick: ")
-            if nick is None:
-                await client.quit()
-                return
-            problem = nick_problem(nick.strip())
-            if problem is None:
-                client.set_nick(nick.strip())
-                return
-            term.show(term._c("31", f"! {problem}"))
-
-    async def ask_password(message: str) -> None:
-        term.show(term._c("31", f"! {strip_terminal(message)}"))
-        password = await ask("Password: ", secret=True)
-        if password is None:
-            await client.quit()
-        else:
-            client.set_password(password)
-
-    def on_event(event: dict) -> None:
-        kind = event.get("type")
-        if kind in ("nick_rejected", "password_needed"):
-            if interactive:
-                asker = ask_nick if kind == "nick_rejected" else ask_password
-                loop.create_task(asker(str(event.get("message"))))
-                return
-            what = ("choose another with --nick" if kind == "nick_rejected" else
-                    "give it with --password-file or PYCHAT_PASSWORD")
-            print(f"pychat: {event.get('message')} ({what})", file=sys.stderr)
-            status["code"] = 2
-            loop.create_task(client.quit())
-            return
-        if kind == "fatal":
-            print(f"pychat: {event.get('message')}", file=sys.stderr)
-            status["code"] = 1
-            done.set()
-            return
-        if kind == "failed":
-            status["failed"] += 1
-        if kind == "welcome" and not status["input_started"]:
-            status["input_started"] = True
-            _start_input_thread(term, loop, lines, nicks)
-        if kind == "status" and not interactive and event.get("state") in ("connecting",
-                                                                           "connected"):
-            return  # scripts want the chat, not the connection chatter
-        if kind == "file_failed":
-            status["failed"] += 1
-        if kind == "file_progress" and not interactive:  # a line every 2 s is plenty
-            if time.monotonic() - status["progress_at"] < 2 and event["done"] < event["size"]:
-                return
-            status["progress_at"] = time.monotonic()
-        term.room = client.room
-        text = term.format_event(event)
-        if text is not None:
-            term.show(text, transient=kind == "file_progress")
-        if kind == "file_offer" and not event.get("mine") and args.auto_accept_max is not None \
-                and int(event.get("size") or 0) <= args.auto_accept_max:
-            accept(str(event.get("id")))
-
-    def accept(tid: str) -> None:
-        if tid not in client.offers_in or tid in client.incoming:
-            error_line(f"No file offer {strip_terminal(tid)} is waiting for you. /files "
-                       "lists them.")
-            return
-        try:
-            part = client.accept_file(tid, args.download_dir)
-        except OSError as e:
-            status["failed"] += 1
-            error_line(f"Cannot save into {args.download_dir or download_dir()}: "
-                       f"{e.strerror or e}")
-            return
-        if part is not None:  # None: refused, and a file_failed event said why
-            term.show(term.system(None, f"Accepted [{tid}]; saving to {part.parent}"))
-
-    password = None
-    try:
-        if args.password_file:
-            password = read_secret(args.password_file)
-    except (OSError, ValueError) as e:
-        print(f"pychat: cannot read {args.password_file}: {getattr(e, 'strerror', None) or e}",
-              file=sys.stderr)
-        return 2
-    password = password or os.environ.get("PYCHAT_PASSWORD") or None
-    ssl_context = tls_from_args(args)  # PyChatError: main() says it in one line
-    client = ChatClient(args.host, args.port, args.nick or default_nick(), on_event,
-                        client=f"pychat-cli/{__version__}", history=not args.no_history,
-                        connect_attempts=args.connect_attempts, password=password,
-                        ssl_context=ssl_context, ignored=ignored,
-                        give_up_after=None if interactive else 60.0)
-
-    def nicks() -> list[str]:  # called from the stdin thread: copy defensively
-        try:
-            return list(client.users.values())
-        except RuntimeError:
-            return []
-
-    if not interactive:
-        status["input_started"] = True
-        _start_input_thread(term, loop, lines, nicks)
-
-    async def input_task() -> None:
-        while True:
-            line = await lines.get()
-            if not interactive:
+            line = await self.lines.get()
+            if not self.interactive:
                 # A script's lines follow the server's welcome, and its end of
                 # input waits until every line was sent and confirmed.
-                await wait_registered()
+                await self.wait_registered()
                 if line is None:
-                    await client.wait_sent()
-                    await wait_transfers()
+                    await self.client.wait_sent()
+                    await self.wait_transfers()
             if line is None:  # end of input
-                await client.quit("end of input" if not interactive else "")
+                await self.client.quit("end of input" if not self.interactive else "")
                 return
-            if not await handle_input(line):
+            if not await self.handle_input(line):
                 return
 
-    async def wait_transfers() -> None:
+    async def handle_input(self, line: str) -> bool:
+        """Act on one typed line; False when the user quits."""
+        plan = plan_command(line.rstrip("\r\n"), self.client.where("cli"))
+        if plan.note:
+            self.show(plan.note)
+        done = getattr(self, f"do_{plan.do}")(**plan.args)
+        if asyncio.iscoroutine(done):
+            done = await done
+        return done is not False
+
+    async def wait_registered(self) -> None:
+        while not self.client.ever_registered and not self.client.closed:
+            await asyncio.sleep(0.02)
+
+    async def wait_transfers(self) -> None:
         """A script's end waits for its files: every receiver has finished or
         answered, or nothing has happened for a minute."""
+        client = self.client
         idle_since, seen = time.monotonic(), None
         while client.transfers_busy() and not client.closed:
-            now_state = (len(client.outgoing), len(client.incoming), status["failed"],
-                         sum(len(o["waiting"]) for o in client.outgoing.values()))
+            now_state = (self.failed, tuple((t["state"], tuple(t["peers"].values()))
+                                            for t in client.state.transfer_list()))
             if now_state != seen:
                 seen, idle_since = now_state, time.monotonic()
-            busy = any(o["tasks"] for o in client.outgoing.values()) or client.incoming
+            busy = any(t["state"] in ("sending", "receiving")
+                       for t in client.state.transfer_list())
             if not busy and time.monotonic() - idle_since > 60:
-                waiting = sorted({n for o in client.outgoing.values() for n in o["waiting"]})
-                error_line(f"No answer from {', '.join(waiting)}; giving up on the files.")
-                status["failed"] += 1
+                waiting = sorted({n for t in client.state.transfer_list()
+                                  for n, p in t["peers"].items() if p == "waiting"})
+                self.error_line(f"No answer from {', '.join(waiting)}; giving up on the files.")
+                self.failed += 1
                 return
             await asyncio.sleep(0.05)
 
-    async def wait_registered() -> None:
-        while not client.ever_registered and not client.closed:
-            await asyncio.sleep(0.02)
+    def show(self, text: str) -> None:
+        self.term.show(self.term.system(None, text))
 
-    def error_line(text: str) -> bool:
-        term.show(term._c("31", f"! {text}"))
-        return True
+    def error_line(self, text: str) -> None:
+        self.term.show(self.term._c("31", f"! {text}"))
 
-    def save_ignores() -> None:
-        settings["ignore"] = sorted(client.ignored)
-        save_settings(settings_path, settings)
+    def do_nothing(self) -> None:
+        pass
 
-    async def handle_input(line: str) -> bool:
-        """Act on one typed line; False when the user quits."""
-        line = line.rstrip("\r\n")
-        if not line.strip():
-            return True
-        cmd, arg = parse_command(line)
-        first, _, rest = arg.partition(" ")
-        rest = rest.strip()
-        if cmd == "":
-            return _send(arg, False)
-        if cmd == "me":
-            return _send(arg, True) if arg else error_line("Usage: /me ACTION")
-        if cmd in ("quit", "exit"):
-            if not interactive:
-                await client.wait_sent()
-            await client.quit(arg)
-            return False
-        if cmd == "help":
-            term.show(CLI_HELP)
-        elif cmd == "nick":
-            problem = nick_problem(arg) if arg else "Usage: /nick NEW"
-            error_line(problem) if problem else client.change_nick(arg)
-        elif cmd == "who":
-            client.request_users()
-        elif cmd == "join":
-            problem = room_problem(first) if first else "Usage: /join #ROOM"
-            if problem:
-                return error_line(problem)
-            if not client.switch_room(first):
-                # Requests go out in order, so what is typed next already
-                # belongs to the new room.
-                client.request("join", room=first)
-                client.room = first
-            term.room = client.room
-            term.show(term.system(None, f"Now talking in {client.room}."))
-        elif cmd in ("room", "switch"):
-            if not first:
-                term.show(term.system(None, f"You are talking in {client.room}; you are in "
-                                            f"{', '.join(client.joined.values())}."))
-            elif client.switch_room(first):
-                term.room = client.room
-                term.show(term.system(None, f"Now talking in {client.room}."))
-            else:
-                error_line(f"You are not in {first}; /join it first.")
-        elif cmd in ("msg", "query"):
-            if not first or not rest:
-                return error_line("Usage: /msg NICK TEXT")
-            return _send(rest, False, to=first)
-        elif cmd == "send":
-            if not arg:
-                return error_line("Usage: /send [NICK] PATH")
-            # "/send bob my file.pdf": a nick first, unless the whole argument is a file.
-            to, path = (first, rest) if rest and not Path(arg).expanduser().exists() \
-                else (None, arg)
-            try:
-                client.send_file(path, to)
-            except OSError as e:
-                status["failed"] += 1
-                return error_line(f"Cannot send {path}: {e.strerror or e}")
-        elif cmd == "accept":
-            accept(first) if first else error_line("Usage: /accept ID (see /files)")
-        elif cmd == "decline":
-            if not client.decline_file(first):
-                error_line(f"No file offer {strip_terminal(first)} is waiting. /files lists them.")
-        elif cmd == "cancel":
-            if not client.cancel_file(first):
-                error_line(f"No transfer {strip_terminal(first)} under way. /files lists them.")
-        elif cmd == "files":
-            rows = [f"[{tid}] {strip_terminal(str(o.get('from')))} offers "
-                    f"{strip_terminal(str(o.get('name')))} ({format_size(o.get('size', 0))})"
-                    for tid, o in client.offers_in.items() if tid not in client.incoming]
-            rows += [f"[{tid}] receiving {strip_terminal(st['offer']['name'])}: "
-                     f"{format_size(st['received'])} of {format_size(st['offer']['size'])}"
-                     for tid, st in client.incoming.items()]
-            rows += [f"[{tid}] sending {strip_terminal(o['name'])} to "
-                     f"{', '.join(sorted(o['tasks'])) or 'nobody yet'}"
-                     for tid, o in client.outgoing.items()]
-            term.show(term.system(None, "Files: " + ("; ".join(rows) or "none")))
-        elif isinstance(request := command_request(cmd, arg, client.room), tuple):
-            client.request(request[0], **request[1])
-        elif isinstance(request, str):
-            error_line(request)
-        elif cmd in ("ignore", "unignore"):
-            if not first:
-                shown = ", ".join(sorted(client.ignored)) or "nobody"
-                term.show(term.system(None, f"Ignoring: {shown}"))
-                return True
-            client.ignore(first, cmd == "ignore")
-            save_ignores()
-            verb = "Ignoring" if cmd == "ignore" else "No longer ignoring"
-            term.show(term.system(None, f"{verb} {first} (saved in {settings_path})."))
-        else:
-            error_line(f"Unknown command /{strip_terminal(cmd)}. Type /help for the list.")
-        return True
+    def do_error(self, text: str) -> None:
+        if text.startswith("Not sent"):
+            self.failed += 1
+        self.error_line(strip_terminal(text))
 
-    def _send(text: str, action: bool, to: str | None = None) -> bool:
-        limit = int(client.limits.get("max_text", MAX_TEXT))
-        if len(text) > limit:
-            status["failed"] += 1
-            return error_line(f"Not sent: {len(text)} characters, the server allows {limit}.")
+    def do_show(self, text: str) -> None:
+        self.show(text)
+
+    def do_say(self, text: str, action: bool, to: str | None, room: str,
+               open: bool = False) -> None:
+        client = self.client
         if to is None:
-            client.send_msg(text, action)
+            client.send_msg(text, action, room)
         else:
             client.send_pm(to, text, action)
-        if interactive and not client.registered:
-            term.show(term.system(None, f"not connected: queued ({len(client.pending())} "
-                                        f"waiting), sent when the connection is back: "
-                                        f"{text[:60]}"))
-        return True
+        if self.interactive and not client.registered:
+            self.show(f"not connected: queued ({len(client.pending())} waiting), sent when "
+                      f"the connection is back: {text[:60]}")
 
-    runner = loop.create_task(client.run())
-    reader = loop.create_task(input_task())
-    waiter = loop.create_task(done.wait())
-    try:  # Ctrl-C leaves cleanly; where signal handlers don't exist (Windows)
-        loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(client.quit("")))
-    except (NotImplementedError, RuntimeError, AttributeError):
-        pass  # ...it arrives as KeyboardInterrupt and cmd_cli handles it
-    try:
-        await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        reader.cancel()
-        waiter.cancel()
-        if not runner.done():
-            await client.quit("")
-            await asyncio.wait({runner}, timeout=3)
+    async def do_quit(self, reason: str) -> bool:
+        if not self.interactive:
+            await self.client.wait_sent()
+        await self.client.quit(reason)
+        return False
+
+    def do_help(self, rows: list[tuple[str, str]]) -> None:
+        self.term.show(help_text("cli"))
+
+    def do_nick(self, nick: str) -> None:
+        self.client.change_nick(nick)
+
+    def do_who(self, room: str) -> None:
+        self.client.request_users()
+
+    def do_join(self, room: str) -> None:
+        if not self.client.switch_room(room):
+            # Requests go out in order, so what is typed next already
+            # belongs to the new room.
+            self.client.request("join", room=room)
+            self.client.room = room
+        self.do_switch(self.client.room)
+
+    def do_switch(self, room: str) -> None:
+        self.client.switch_room(room)
+        self.term.room = self.client.room
+        self.show(f"Now talking in {self.client.room}.")
+
+    def do_request(self, kind: str, fields: dict) -> None:
+        self.client.request(kind, **fields)
+
+    def do_send_file(self, path: str, to: str | None) -> None:
         try:
-            loop.remove_signal_handler(signal.SIGINT)
-        except (NotImplementedError, RuntimeError, AttributeError):
-            pass
-        if term.interactive:
-            term.out.write("\n")  # leave the shell prompt on a line of its own
-            term.out.flush()
-    if client.outbox:
-        print(f"pychat: {len(client.outbox)} message(s) could not be delivered.", file=sys.stderr)
-        return status["code"] or 1
-    if status["code"] == 0 and status["failed"] and not interactive:
-        return 1
-    if status["code"] == 0 and not client.ever_registered:
-        print("pychat: left before joining the chat." if client.closed and interactive
-              else "pychat: never got connected.", file=sys.stderr)
-        return 1
-    return status["code"]
+            self.client.send_file(path, to)
+        except OSError as e:
+            self.failed += 1
+            self.error_line(f"Cannot send {strip_terminal(path)}: {e.strerror or e}")
+
+    def do_accept(self, tid: str) -> None:
+        shown = self.client.state.transfer(tid)
+        if shown is None or shown["direction"] != "in" or shown["state"] != "offered":
+            self.error_line(f"No file offer {strip_terminal(tid)} is waiting for you. /files "
+                            "lists them.")
+            return
+        folder = self.args.download_dir
+        try:
+            part = self.client.accept_file(tid, folder)
+        except OSError as e:
+            self.failed += 1
+            self.error_line(f"Cannot save into {folder or download_dir()}: {e.strerror or e}")
+            return
+        if part is not None:  # None: refused, and a file_failed event said why
+            self.show(f"Accepted [{tid}]; saving to {part.parent}")
+
+    def do_decline(self, tid: str) -> None:
+        if not self.client.decline_file(tid):
+            self.error_line(f"No file offer {strip_terminal(tid)} is waiting. /files lists them.")
+
+    def do_cancel(self, tid: str) -> None:
+        shown = self.client.state.transfer(tid)
+        if self.client.cancel_file(tid):
+            return
+        if shown is not None and shown["state"] in FINAL:
+            self.error_line(f"{strip_terminal(shown['name'])} has finished "
+                            f"({strip_terminal(transfer_summary(shown))}); nothing to stop.")
+        else:
+            self.error_line(f"No transfer {strip_terminal(tid)} under way. /files lists them.")
+
+    def do_files(self) -> None:
+        rows = []
+        for t in self.client.state.transfer_list():
+            arrow = f"from {t['nick']}" if t["direction"] == "in" else f"to {t['nick']}"
+            rows.append(f"[{t['id']}] {t['name']} ({format_size(t['size'])}) {arrow}: "
+                        f"{transfer_summary(t)}")
+        self.show("Files: " + (strip_terminal("; ".join(rows)) or "none"))
+
+    def do_ignores(self) -> None:
+        self.show(f"Ignoring: {', '.join(sorted(self.client.ignored)) or 'nobody'}")
+
+    def do_ignore(self, nick: str, on: bool) -> None:
+        self.client.ignore(nick, on)
+        self.settings["ignore"] = sorted(self.client.ignored)
+        save_settings(self.settings_path, self.settings)
+        verb = "Ignoring" if on else "No longer ignoring"
+        self.show(f"{verb} {nick} (saved in {self.settings_path}).")
 
 
 def _start_input_thread(term: Terminal, loop: asyncio.AbstractEventLoop,
@@ -6068,7 +6755,8 @@ def _make_completer(nicks: Callable[[], list[str]],
         if state == 0:
             matches.clear()
             if text.startswith("/"):
-                matches.extend(c + " " for c in COMMANDS if c.startswith(text.lower()))
+                matches.extend(c + " " for c in command_names("cli")
+                               if c.startswith(text.lower()))
             else:
                 # irssi style: "bob: " at the start of a line, "bob " elsewhere.
                 at_start = readline_begidx() == 0
@@ -6183,30 +6871,6 @@ def emoji_groups(non_bmp: bool, families: set[str]) -> dict[str, list[str]]:
     return groups
 
 
-def gui_command(text: str) -> tuple[str, str] | None:
-    """What a line typed in the window asks for: (action, argument), or None
-    for a usage problem already explained by the returned tuple ("error", why)."""
-    cmd, arg = parse_command(text)
-    if cmd == "":
-        return ("say", arg)
-    if cmd == "me":
-        return ("me", arg) if arg else ("error", "Usage: /me ACTION")
-    if cmd == "nick":
-        if not arg:
-            return ("error", "Usage: /nick NEW")
-        problem = nick_problem(arg)
-        return ("error", problem) if problem else ("nick", arg)
-    if cmd in ("who", "help", "quit", "exit"):
-        return ("quit" if cmd == "exit" else cmd, arg)
-    return ("error", f"Unknown command /{cmd}. Type /help for the list.")
-
-
-GUI_HELP = CLI_HELP.replace("(Ctrl-D and Ctrl-C work too)", "(closes the window)") + """
-  /close                close the private conversation on show
-Keys: Enter sends, Shift+Enter starts a new line, Up recalls what you sent,
-Tab completes nicks. Double-click someone in the list to talk privately."""
-
-
 class HoverButton:
     """A flat tk.Button that lights up under the mouse and shows keyboard focus."""
 
@@ -6316,12 +6980,12 @@ class Conversation:
         self.key, self.name = key, name
         self.is_room = name.startswith("#")
         self.frame, self.text = frame, text
-        self.users: dict[str, str] = {}     # rooms: nick key -> nick
         self.topic = ""
         self.unread = 0                      # messages not yet looked at
         self.marker_pending = False          # the unread marker goes before the next one
         self.pinned = True                   # follow new lines unless scrolled up
         self.colours: set[str] = set()       # nick colour tags made in this pane
+        self.said_gone = False               # private: "bob left the chat" was shown
 
 
 def convo_key(name: str) -> str:
@@ -6332,21 +6996,18 @@ def convo_key(name: str) -> str:
 class ChatWindow:
     """The main window: conversations, sidebar, input box, status bar."""
 
-    def __init__(self, master: Any, net: Any, *, nick: str, host: str = "", port: int = 0,
+    def __init__(self, master: Any, net: Any, *, host: str = "", port: int = 0,
                  notifier: Notifier | None = None, open_url: Callable[[str], Any] | None = None,
-                 ignored: set[str] | None = None,
                  save_ignored: Callable[[set[str]], None] | None = None):
         import tkinter as tk
         import tkinter.font as tkfont
         self.tk = tk
         self.master = master
         self.net = net
-        self.nick = nick
         self.address = f"{host}:{port}"
         self.convos: dict[str, Conversation] = {}
+        self.listed: list[str] = []          # the nicks the sidebar shows
         self.current = ""
-        self.away: dict[str, str] = {}       # nick key -> away message
-        self.ignored = set(ignored or ())    # nick keys, hidden locally
         self.save_ignored = save_ignored or (lambda keys: None)
         self.notifier = notifier or Notifier()
         self.open_url = open_url or _open_in_browser
@@ -6404,8 +7065,13 @@ class ChatWindow:
         return self.convo.name
 
     @property
-    def users(self) -> dict[str, str]:
-        return self.convo.users
+    def state(self) -> ClientState:
+        """What the client knows (the window only shows it)."""
+        return self.net.state
+
+    @property
+    def nick(self) -> str:
+        return self.state.nick
 
     @property
     def pinned(self) -> bool:
@@ -6602,11 +7268,14 @@ class ChatWindow:
         for i, key in enumerate(keys):
             convo = self.convos[key]
             label = convo.name if convo.is_room else f"@ {convo.name}"
+            gone = not convo.is_room and not self.state.here(convo.name)
+            if gone:
+                label += "  (left)"
             if convo.unread:
                 label += f"  ({convo.unread})"
             self.convo_list.insert("end", tk_safe(label))
             self.convo_list.itemconfigure(i, foreground=THEME["text"] if convo.unread
-                                          else THEME["dim"])
+                                          and not gone else THEME["dim"])
             if key == self.current:
                 self.convo_list.selection_clear(0, "end")
                 self.convo_list.selection_set(i)
@@ -6752,7 +7421,6 @@ class ChatWindow:
         return self._convo(str(e.get("room") or LOBBY))
 
     def on_welcome(self, e: dict) -> None:
-        self.nick = str(e.get("nick", self.nick))
         lobby = self._convo(str(e.get("room", LOBBY)))
         if e.get("motd"):
             lobby.topic = lobby.topic or str(e["motd"])
@@ -6773,55 +7441,38 @@ class ChatWindow:
         convo.marker_pending = False
 
     def on_users(self, e: dict) -> None:
-        users = e.get("users")
-        convo = self._room_convo(e)
-        if isinstance(users, list):
-            convo.users = {nick_key(str(u)): str(u) for u in users}
-        away = e.get("away") if isinstance(e.get("away"), dict) else {}
-        for nick in convo.users:
-            self.away.pop(nick, None)
-        self.away.update({nick_key(str(k)): str(v) for k, v in away.items()})
-        if convo is self.convo:
-            self._refresh_users()
+        self._room_convo(e)  # the sidebar follows the state event after this one
 
     def on_join(self, e: dict) -> None:
         convo = self._room_convo(e)
         nick = str(e.get("nick", ""))
-        convo.users[nick_key(nick)] = nick
-        if isinstance(e.get("away"), str):
-            self.away[nick_key(nick)] = e["away"]
-        else:
-            self.away.pop(nick_key(nick), None)
         self.add_system(f"{nick} joined {convo.name}", ts=e.get("ts"), convo=convo)
-        if convo is self.convo:
-            self._refresh_users()
+        private = self.convos.get(convo_key(nick))
+        if private is not None and private.said_gone:
+            private.said_gone = False
+            self.add_system(f"{nick} is back in the chat.", ts=e.get("ts"), convo=private)
 
     def on_leave(self, e: dict) -> None:
         convo = self._room_convo(e)
         nick = str(e.get("nick", ""))
-        if nick_key(nick) == nick_key(self.nick) and e.get("reason") == "part":
+        if e.get("you") and e.get("reason") == "part":
             self.close_convo(convo.key)
             self.add_system(f"You left {convo.name}")
             return
-        convo.users.pop(nick_key(nick), None)
         self.typing_since.pop(nick, None)
-        if e.get("reason") != "part":
-            self.away.pop(nick_key(nick), None)
         why = f"{e.get('reason')}: {e['message']}" if e.get("message") else e.get("reason")
         self.add_system(f"{nick} left ({why})", ts=e.get("ts"), convo=convo)
-        if convo is self.convo:
-            self._refresh_users()
+        private = self.convos.get(convo_key(nick))
+        if private is not None and not self.state.here(nick) and not private.said_gone:
+            private.said_gone = True  # once, not once per room they were in
+            self.add_system(f"{nick} left the chat ({why}).", ts=e.get("ts"), convo=private)
 
     def on_nick(self, e: dict) -> None:
         old, new = str(e.get("old", "")), str(e.get("new", ""))
-        me = nick_key(old) == nick_key(self.nick)
-        if me:
-            self.nick = new
-        text = f"You are now known as {new}" if me else f"{old} is now known as {new}"
+        text = f"You are now known as {new}" if e.get("you") else f"{old} is now known as {new}"
         shown = False
         for convo in list(self.convos.values()):
-            if convo.users.pop(nick_key(old), None) is not None:
-                convo.users[nick_key(new)] = new
+            if convo.is_room and (e.get("you") or new in self.state.members(convo.name)):
                 self.add_system(text, ts=e.get("ts"), convo=convo)
                 shown = shown or convo is self.convo
         private = self.convos.pop("@" + nick_key(old), None)
@@ -6831,20 +7482,29 @@ class ChatWindow:
             if self.current == "@" + nick_key(old):
                 self.current = private.key
             self.add_system(text, ts=e.get("ts"), convo=private)
-        if nick_key(old) in self.away:
-            self.away[nick_key(new)] = self.away.pop(nick_key(old))
         self.typing_since.pop(old, None)
-        if me:
+        if e.get("you"):
             if not shown:
                 self.add_system(text, ts=e.get("ts"))
             self.set_status(f"Connected to {self.address} as {new}.", THEME["ok"])
         self.show_convo(self.current)
 
+    def on_state(self, e: dict) -> None:
+        """The client's state changed: show it again."""
+        part = e.get("part")
+        if part == "transfers":
+            self._refresh_transfers()
+            return
+        if part in ("people", "connection", "rooms"):
+            self._refresh_convos()
+        self._refresh_users()
+        self._update_title()
+
     def _arrived(self, convo: Conversation, e: dict) -> None:
         """A message for a conversation: unread counts, marker, ding."""
         who = str(e.get("from", ""))
         self.typing_since.pop(who, None)
-        mine = nick_key(who) == nick_key(self.nick)
+        mine = bool(e.get("you"))
         if not mine:
             away = not self.focused or convo is not self.convo
             if away:
@@ -6866,9 +7526,10 @@ class ChatWindow:
         self._arrived(self._room_convo(e), e)
 
     def on_pm(self, e: dict) -> None:
-        other = str(e.get("to") if nick_key(str(e.get("from"))) == nick_key(self.nick)
-                    else e.get("from"))
-        self._arrived(self._convo(other), e)
+        other = str(e.get("to") if e.get("you") else e.get("from"))
+        convo = self._convo(other)
+        convo.said_gone = False
+        self._arrived(convo, e)
 
     def on_topic(self, e: dict) -> None:
         convo = self._room_convo(e)
@@ -6892,14 +7553,8 @@ class ChatWindow:
         self.add_system(str(e.get("text", "")), convo=convo)
 
     def on_away(self, e: dict) -> None:
-        nick = str(e.get("nick", ""))
-        if e.get("away"):
-            self.away[nick_key(nick)] = str(e.get("message") or "")
-        else:
-            self.away.pop(nick_key(nick), None)
-        if nick_key(nick) == nick_key(self.nick):
+        if e.get("you"):
             self.add_system("You are marked away." if e.get("away") else "Welcome back.")
-        self._refresh_users()
 
     def on_op(self, e: dict) -> None:
         self.add_system("You are now an operator: /kick, /ban, /unban, /mute, /unmute.")
@@ -6948,14 +7603,17 @@ class ChatWindow:
         if path:
             self.offer_file(path)
 
-    def offer_file(self, path: str) -> None:
-        """Offer a file in the current conversation (a room, or one person)."""
+    def offer_file(self, path: str, to: str | None = None) -> None:
+        """Offer a file in the current conversation (a room, or one person), or
+        to `to`."""
         target = Path(path).expanduser()
         if not target.is_file():
             what = "it is a folder" if target.is_dir() else "there is no such file"
             self.add_system(f"Cannot send {path}: {what}.", "error")
             return
-        if self.convo.is_room:
+        if to is not None:
+            self.net.send_file(str(target), to, None)
+        elif self.convo.is_room:
             self.net.send_file(str(target), None, self.convo.name)
         else:
             self.net.send_file(str(target), self.convo.name, None)
@@ -6995,8 +7653,10 @@ class ChatWindow:
         size = format_size(int(e.get("size") or 0))
         if e.get("mine"):
             cancel = self._button(convo, "Cancel", lambda: self.cancel_file(tid))
-            self.files[tid]["answer"] = [cancel]
-            self._embed(convo, [cancel], f"You offer {name} ({size}); waiting for answers.")
+            status = self.tk.Label(convo.text, text="waiting for answers", bg=THEME["bg"],
+                                   fg=THEME["dim"], font=self.fonts["small"])
+            self.files[tid].update(answer=[cancel], status=status)
+            self._embed(convo, [status, cancel], f"You offer {name} ({size}):")
             return
         accept = self._button(convo, "Accept", lambda: self.accept_file(tid), "accent")
         decline = self._button(convo, "Decline", lambda: self.decline_file(tid))
@@ -7021,8 +7681,14 @@ class ChatWindow:
 
     def cancel_file(self, tid: str) -> None:
         info = self.files.get(tid)
-        if info is None:
+        shown = self.state.transfer(tid)
+        if info is None or shown is None:
             self.add_system(f"No transfer {tid}. /files lists them.", "error")
+            return
+        if shown["state"] in FINAL:
+            self.add_system(f"{info['name']} has finished ({transfer_summary(shown)}); "
+                            "nothing to stop.", "error", convo=info["convo"])
+            self._refresh_transfers()
             return
         for w in info.pop("answer", []):
             w.destroy()
@@ -7030,9 +7696,25 @@ class ChatWindow:
         self.add_system(f"You stopped {info['name']}.", convo=info["convo"])
 
     def list_files(self) -> None:
-        rows = [f"[{tid}] {info['name']} ({format_size(info['size'])})"
-                for tid, info in self.files.items()]
+        rows = [f"[{t['id']}] {t['name']} ({format_size(t['size'])}) "
+                f"{'from' if t['direction'] == 'in' else 'to'} {t['nick']}: "
+                f"{transfer_summary(t)}" for t in self.state.transfer_list()]
         self.add_system("Files: " + ("; ".join(rows) or "none"))
+
+    def _refresh_transfers(self) -> None:
+        """Our offers' lines say where they stand; a finished one loses Cancel."""
+        for tid, info in self.files.items():
+            status = info.get("status")
+            shown = self.state.transfer(tid)
+            if status is None or shown is None:
+                continue
+            final = shown["state"] in FINAL
+            colour = THEME["error"] if shown["state"] in ("failed", "cancelled") else \
+                THEME["ok"] if final else THEME["dim"]
+            status.configure(text=tk_safe(transfer_summary(shown)), fg=colour)
+            if final:
+                for w in info.pop("answer", []):
+                    w.destroy()
 
     def decline_file(self, tid: str) -> None:
         info = self.files.pop(tid, None)
@@ -7182,23 +7864,28 @@ class ChatWindow:
 
     # --- sidebar, title, status, typing
     def _refresh_users(self) -> None:
-        names = self.user_names()
+        if self.convo.is_room:
+            names = self.state.members(self.convo.name)
+        else:
+            names = sorted({self.nick, self.convo.name}, key=nick_key)
+        self.listed = names
         self.user_list.delete(0, "end")
         for i, name in enumerate(names):
             me = nick_key(name) == nick_key(self.nick)
-            away = nick_key(name) in self.away
-            label = f"● {name}" + ("  (you)" if me else "") + ("  (away)" if away else "")
+            away = self.state.away_message(name) is not None
+            gone = not self.convo.is_room and not self.state.here(name)
+            label = f"● {name}" + ("  (you)" if me else "") + ("  (away)" if away else "") + \
+                ("  (left)" if gone else "")
             self.user_list.insert("end", tk_safe(label))
             # Away users are dimmed, like a grey presence dot in Slack.
-            self.user_list.itemconfigure(i, foreground=THEME["dim"] if away else nick_hex(name))
+            self.user_list.itemconfigure(i, foreground=THEME["dim"] if away or gone
+                                         else nick_hex(name))
         where = "ONLINE" if self.convo.is_room else "PRIVATE"
         self.count_label.configure(text=f"{where} — {len(names)}")
 
     def user_names(self) -> list[str]:
         """What the sidebar lists, without decoration (for tests and completion)."""
-        if not self.convo.is_room:
-            return sorted({self.nick, self.convo.name}, key=nick_key)
-        return sorted(self.users.values(), key=nick_key)
+        return list(self.listed)
 
     def _update_title(self) -> None:
         prefix = f"({self.unread}) " if self.unread and not self.focused else ""
@@ -7301,7 +7988,7 @@ class ChatWindow:
         before = self.input.get("insert linestart", "insert")
         word = re.split(r"\s", before)[-1]
         if word:
-            matches = complete_nick(word, [u for u in self.users.values()
+            matches = complete_nick(word, [u for u in self.user_names()
                                            if nick_key(u) != nick_key(self.nick)])
             if matches:
                 at_start = self.input.compare(f"insert-{len(word)}c", "==", "1.0")
@@ -7312,8 +7999,7 @@ class ChatWindow:
     def _on_key_release(self, event: Any) -> None:
         if event.keysym in ("Return", "KP_Enter", "Tab", "Up", "Down", "Shift_L", "Shift_R"):
             return
-        if self.input.get("1.0", "end-1c").strip() and not self.input.get(
-                "1.0", "end-1c").startswith("/"):
+        if typing_counts(self.input.get("1.0", "end-1c")):
             self.net.typing()
 
     def insert_emoji(self, char: str) -> None:
@@ -7361,100 +8047,106 @@ class ChatWindow:
         text = self.input.get("1.0", "end-1c")
         if not text.strip():
             return
-        self.input.delete("1.0", "end")
         self.sent.append(text)
         self.sent = self.sent[-200:]
         self.sent_pos = len(self.sent)
-        self.run_command(text)
+        if self.run_command(text) and not self.closing:  # /quit closed the window
+            self.input.delete("1.0", "end")
 
-    def _say(self, text: str, action: bool) -> None:
-        if self.convo.is_room:
-            self.net.send_msg(text, action, self.convo.name)
-        else:
-            self.net.send_pm(self.convo.name, text, action)
+    def where(self) -> Where:
+        """The window's side of what plan_command needs."""
+        private = None if self.convo.is_room else self.convo.name
+        room = self.convo.name if self.convo.is_room else LOBBY
+        return self.state.where("gui", room, private,
+                                int(self.net.client.limits.get("max_text", MAX_TEXT)))
 
-    def run_command(self, text: str) -> None:
-        line = text.strip() if text.startswith("/") else text
-        cmd, arg = parse_command(line)
-        first, _, rest = arg.partition(" ")
-        if cmd == "send":
-            self.offer_file(arg) if arg else self.choose_file()
+    def run_command(self, text: str) -> bool:
+        """Do what a typed line asks; False (the draft stays) when it was refused."""
+        plan = plan_command(text, self.where())
+        if plan.note:
+            self.add_system(plan.note, "error")
+        getattr(self, f"do_{plan.do}")(**plan.args)
+        return plan.do != "error"
+
+    # --- what typed lines do (see plan_command)
+    def do_nothing(self) -> None:
+        pass
+
+    def do_error(self, text: str) -> None:
+        self.add_system(text, "error")
+
+    def do_show(self, text: str) -> None:
+        self.add_system(text)
+
+    def do_say(self, text: str, action: bool, to: str | None, room: str,
+               open: bool = False) -> None:
+        if to is None:
+            self.net.send_msg(text, action, room)
             return
-        if cmd in ("accept", "decline", "cancel") and first:
-            {"accept": self.accept_file, "decline": self.decline_file,
-             "cancel": self.cancel_file}[cmd](first)
-            return
-        if cmd == "files":
-            self.list_files()
-            return
-        if not self.convo.is_room and cmd == "part" and not first:
-            self.close_convo(self.current)
-            return
-        if not self.convo.is_room and cmd == "topic":
-            self.add_system("Topics belong to rooms; this is a private conversation.", "error")
-            return
-        request = command_request(cmd, arg, self.room if self.convo.is_room else LOBBY)
-        if isinstance(request, tuple):
-            self.net.request(request[0], **request[1])
-            return
-        if isinstance(request, str):
-            self.add_system(request, "error")
-            return
-        if cmd == "join":
-            problem = room_problem(first) if first else "Usage: /join #ROOM"
-            if problem:
-                self.add_system(problem, "error")
-                return
-            if convo_key(first) not in self.convos:
-                self.net.request("join", room=first)
-            self.show_convo(self._convo(first).key)
-            return
-        if cmd in ("msg", "query"):
-            if not first:
-                self.add_system("Usage: /msg NICK [TEXT]", "error")
-                return
-            convo = self._convo(first)
-            self.show_convo(convo.key)
-            if rest.strip():
-                self.net.send_pm(first, rest.strip(), False)
-            return
-        if cmd in ("room", "switch"):
-            if convo_key(first) in self.convos:
-                self.show_convo(convo_key(first))
-            else:
-                self.add_system(f"You are not in {first or 'that room'}; /join it first.",
-                                "error")
-            return
-        if cmd == "close" and not self.convo.is_room:
-            self.close_convo(self.current)
-            return
-        if cmd in ("ignore", "unignore"):
-            if not first:
-                self.add_system("Ignoring: " + (", ".join(sorted(self.ignored)) or "nobody"))
-                return
-            (self.ignored.add if cmd == "ignore" else self.ignored.discard)(nick_key(first))
-            self.net.ignore(first, cmd == "ignore")
-            self.save_ignored(self.ignored)
-            self.add_system(f"{'Ignoring' if cmd == 'ignore' else 'No longer ignoring'} "
-                            f"{first}.")
-            return
-        action, arg = gui_command(line)
-        if action == "say":
-            self._say(arg, False)
-        elif action == "me":
-            self._say(arg, True)
-        elif action == "nick":
-            self.net.change_nick(arg)
-        elif action == "who":
-            names = self.user_names()
-            self.add_system(f"{len(names)} in {self.room}: {', '.join(names)}")
-        elif action == "help":
-            for line in GUI_HELP.splitlines():
-                self.add_system(line)
-        elif action == "quit":
-            self.close(arg)
-        else:
-            self.add_system(arg, "error")
+        if open:  # /msg bob text: the conversation comes to the front
+            self.show_convo(self._convo(to).key)
+        self.net.send_pm(to, text, action)
+
+    def do_query(self, nick: str) -> None:
+        self.show_convo(self._convo(nick).key)
+
+    def do_nick(self, nick: str) -> None:
+        self.net.change_nick(nick)
+
+    def do_who(self, room: str) -> None:
+        names = self.user_names()
+        self.add_system(f"{len(names)} in {self.room}: {', '.join(names)}")
+
+    def do_join(self, room: str) -> None:
+        if convo_key(room) not in self.convos:
+            self.net.request("join", room=room)
+        self.show_convo(self._convo(room).key)
+
+    def do_switch(self, room: str) -> None:
+        if convo_key(room) not in self.convos:
+            self._convo(room)
+        self.show_convo(convo_key(room))
+
+    def do_close(self) -> None:
+        self.close_convo(self.current)
+
+    def do_request(self, kind: str, fields: dict) -> None:
+        self.net.request(kind, **fields)
+
+    def do_help(self, rows: list[tuple[str, str]]) -> None:
+        for usage, what in rows:
+            self.add_system(f"{usage}  —  {what}")
+
+    def do_quit(self, reason: str) -> None:
+        self.close(reason)
+
+    def do_send_file(self, path: str, to: str | None) -> None:
+        self.offer_file(path, to)
+
+    def do_pick_file(self) -> None:
+        self.choose_file()
+
+    def do_accept(self, tid: str) -> None:
+        self.accept_file(tid)
+
+    def do_decline(self, tid: str) -> None:
+        self.decline_file(tid)
+
+    def do_cancel(self, tid: str) -> None:
+        self.cancel_file(tid)
+
+    def do_files(self) -> None:
+        self.list_files()
+
+    def do_ignores(self) -> None:
+        self.add_system("Ignoring: " + (", ".join(sorted(self.net.client.ignored)) or "nobody"))
+
+    def do_ignore(self, nick: str, on: bool) -> None:
+        keys = set(self.net.client.ignored)  # the client's, as it will be
+        (keys.add if on else keys.discard)(nick_key(nick))
+        self.net.ignore(nick, on)
+        self.save_ignored(keys)
+        self.add_system(f"{'Ignoring' if on else 'No longer ignoring'} {nick}.")
 
     # --- closing
     def close(self, reason: str = "") -> None:
@@ -7581,8 +8273,8 @@ class GuiApp:
             self.dialog.destroy()
             self.dialog = None
         assert self.net is not None
-        self.window = ChatWindow(self.root, self.net, nick=nick, host=host, port=port,
-                                 notifier=self.notifier, ignored=self._ignored(),
+        self.window = ChatWindow(self.root, self.net, host=host, port=port,
+                                 notifier=self.notifier,
                                  save_ignored=self._save_ignored)
         folder = getattr(self.args, "download_dir", None)
         self.window.download_dir = Path(folder).expanduser() if folder else None

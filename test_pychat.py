@@ -1912,8 +1912,14 @@ class ClientTests(ServerCase):
         client, events, _ = await self.start_client("alice")
         await wait_for(lambda: client.registered, what="registration")
         await wait_for(lambda: "bob" in client.users.values(), what="user list")
-        kinds = [e["type"] for e in events]
+        kinds = [e["type"] for e in events if e["type"] != "state"]
         self.assertEqual(kinds[:5], ["status", "status", "welcome", "history", "users"])
+        # Each change of the client's state is announced once, after its event.
+        changes = [(events[i - 1]["type"], e["part"]) for i, e in enumerate(events)
+                   if e["type"] == "state"]
+        self.assertIn(("status", "connection"), changes)
+        self.assertIn(("welcome", "rooms"), changes)
+        self.assertIn(("users", "members"), changes)
         cid = client.send_msg("hello")
         self.assertEqual([m["cid"] for m in client.pending()], [cid])
         msg = await bob.expect("msg")
@@ -3947,12 +3953,113 @@ class TerminalFormatTests(unittest.TestCase):
         self.assertEqual(complete("ca", 0), "carl ")
         self.assertEqual(complete("/ni", 0), "/nick ")
 
-    def test_parse_command_and_completion(self):
-        self.assertEqual(pychat.parse_command("hello"), ("", "hello"))
-        self.assertEqual(pychat.parse_command("/NICK  bob "), ("nick", "bob"))
-        self.assertEqual(pychat.parse_command("/me waves"), ("me", "waves"))
-        self.assertEqual(pychat.parse_command("//not a command"), ("", "/not a command"))
+    def test_complete_nick(self):
         self.assertEqual(pychat.complete_nick("al", ["bob", "Alice", "alan"]), ["alan", "Alice"])
+
+
+class CommandPlanTests(unittest.TestCase):
+    """plan_command: what a typed line asks either UI to do, without Tk or a terminal."""
+
+    def where(self, **kw) -> "pychat.Where":
+        base = dict(ui="cli", room="#lobby", rooms=("#lobby", "#dev"), nicks=("alice", "Bob"))
+        return pychat.Where(**{**base, **kw})
+
+    def plan(self, line: str, **kw) -> "pychat.Plan":
+        return pychat.plan_command(line, self.where(**kw))
+
+    def test_text_me_and_slashes(self):
+        self.assertEqual(self.plan("hello").args,
+                         {"text": "hello", "action": False, "to": None, "room": "#lobby"})
+        self.assertEqual(self.plan("/me waves").args["action"], True)
+        self.assertEqual(self.plan("//not a command").args["text"], "/not a command")
+        self.assertEqual(self.plan("  /NICK  bob ").args, {"nick": "bob"})  # case, spaces
+        self.assertEqual(self.plan("   ").do, "nothing")
+        self.assertEqual(self.plan("/zap").args["text"],
+                         "Unknown command /zap. Type /help for the list.")
+        self.assertEqual(self.plan("/me").args["text"], "Usage: /me ACTION")
+        self.assertEqual(self.plan("x" * 10, max_text=5).do, "error")
+        # In the window a private conversation takes the text.
+        self.assertEqual(self.plan("hi", ui="gui", private="Bob").args["to"], "Bob")
+
+    def test_commands_differ_by_ui_where_they_should(self):
+        self.assertEqual(self.plan("/msg bob").args["text"], "Usage: /msg NICK TEXT")
+        self.assertEqual(self.plan("/msg bob", ui="gui"), pychat.Plan("query", {"nick": "bob"}))
+        self.assertEqual(self.plan("/close").do, "error")  # the terminal has no /close
+        self.assertEqual(self.plan("/close", ui="gui", private="bob").do, "close")
+        self.assertEqual(self.plan("/part", ui="gui", private="bob").do, "close")
+        self.assertEqual(self.plan("/send", ui="gui").do, "pick_file")
+        self.assertEqual(self.plan("/send").args["text"], "Usage: /send [NICK] PATH")
+        self.assertEqual(self.plan("/topic hi", ui="gui", private="bob").do, "error")
+
+    def test_requests(self):
+        self.assertEqual(self.plan("/part").args,
+                         {"kind": "part", "fields": {"room": "#lobby"}})
+        self.assertEqual(self.plan("/part #dev see you").args["fields"],
+                         {"room": "#dev", "reason": "see you"})
+        self.assertEqual(self.plan("/part off to lunch").args["fields"],
+                         {"room": "#lobby", "reason": "off to lunch"})
+        self.assertEqual(self.plan("/ban bob 5").args["fields"], {"nick": "bob", "minutes": 5.0})
+        self.assertEqual(self.plan("/ban bob soon").do, "error")
+        self.assertEqual(self.plan("/kick bob spam").args["fields"],
+                         {"nick": "bob", "reason": "spam"})
+        self.assertEqual(self.plan("/unban bob later").args["fields"], {"nick": "bob"})
+        self.assertEqual(self.plan("/away lunch").args["fields"], {"message": "lunch"})
+        self.assertEqual(self.plan("/op").args["text"], "Usage: /op PASSWORD")
+        self.assertEqual(self.plan("/join dev").do, "error")
+        self.assertEqual(self.plan("/join #new").args, {"room": "#new"})
+        self.assertEqual(self.plan("/room #DEV").args, {"room": "#dev"})
+        self.assertEqual(self.plan("/room #other").do, "error")
+        self.assertEqual(self.plan("/exit bye"), pychat.Plan("quit", {"reason": "bye"}))
+        self.assertEqual(self.plan("/ignore"), pychat.Plan("ignores"))
+        self.assertEqual(self.plan("/unignore").do, "error")
+
+    def test_send_takes_quoted_and_escaped_paths_and_names_unknown_nicks(self):
+        folder = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, folder)
+        big = folder / "big report.bin"
+        big.write_bytes(b"x")
+        for typed in (f'"{big}"', f"'{big}'", str(big).replace(" ", "\\ "), str(big)):
+            plan = self.plan(f"/send {typed}")
+            self.assertEqual(plan.args, {"path": str(big), "to": None}, typed)
+        plan = self.plan(f'/send bob "{big}"')
+        self.assertEqual(plan.args, {"path": str(big), "to": "Bob"})  # as the server spells it
+        plan = self.plan(f'/send carol "{big}"')
+        self.assertEqual(plan.do, "error")
+        self.assertIn("Nobody called carol", plan.args["text"])
+        self.assertEqual(self.plan('/send "unclosed').do, "error")
+        self.assertEqual(pychat.split_args(r'a "b c" d\ e C:\Users\me'),
+                         ["a", "b c", "d e", r"C:\Users\me"])
+
+    def test_a_partner_who_left_is_named_before_sending(self):
+        plan = self.plan("/msg bob still there?", gone=frozenset({"bob"}))
+        self.assertEqual(plan.do, "say")
+        self.assertIn("bob has left the chat", plan.note)
+        self.assertEqual(self.plan("/msg bob hi").note, "")
+
+    def test_help_is_made_from_the_table(self):
+        cli, gui = pychat.help_text("cli"), dict(pychat.help_rows("gui"))
+        for c in pychat.COMMANDS:
+            shown = f"/{c.name} {c.args}".rstrip()
+            if "cli" in c.uis:
+                self.assertIn(f"{shown} ", cli)
+                self.assertIn(c.help, cli)
+            if "gui" in c.uis:
+                self.assertEqual(gui[shown], c.help)
+        self.assertIn("(quote a path", cli)  # the terminal's /send help, not the window's
+        self.assertNotIn("/close", cli)
+        self.assertIn("/close", gui)
+        # Every command in the help is one the planner knows.
+        for ui in ("cli", "gui"):
+            for usage, _ in pychat.help_rows(ui):
+                if usage.startswith("/") and not usage.startswith("//"):
+                    name = usage.split()[0]
+                    self.assertNotIn("Unknown", str(self.plan(name, ui=ui).args), name)
+
+    def test_typing_is_only_for_messages(self):
+        for line in ("hi", "/me waves", "//slash"):
+            self.assertTrue(pychat.typing_counts(line), line)
+        for line in ("/join #dev", " /join #d", "/", "/me", "", "   "):
+            self.assertFalse(pychat.typing_counts(line), line)
 
 
 class CliProcessTests(ServerCase):
@@ -4283,15 +4390,6 @@ class GuiLogicTests(unittest.TestCase):
             self.assertTrue(chars)
             self.assertTrue(all(ord(c) <= 0xFFFF for c in chars))
 
-    def test_gui_commands(self):
-        self.assertEqual(pychat.gui_command("hi"), ("say", "hi"))
-        self.assertEqual(pychat.gui_command("/me waves"), ("me", "waves"))
-        self.assertEqual(pychat.gui_command("/nick bob"), ("nick", "bob"))
-        self.assertEqual(pychat.gui_command("/nick #x")[0], "error")
-        self.assertEqual(pychat.gui_command("/who"), ("who", ""))
-        self.assertEqual(pychat.gui_command("/quit bye"), ("quit", "bye"))
-        self.assertEqual(pychat.gui_command("/zap"),
-                         ("error", "Unknown command /zap. Type /help for the list."))
 
     def test_settings_round_trip_and_config_dir(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -4580,6 +4678,9 @@ class GuiWindowTests(GuiCase):
         self.assertIn("2 in #lobby: alicia, bob", self.chat_text(window))
         self.type_and_send(window, "/frob")
         self.assertIn("Unknown command /frob", self.chat_text(window))
+        # A refused line stays in the box to be fixed, like Slack's.
+        self.assertEqual(window.input.get("1.0", "end-1c"), "/frob")
+        window.input.delete("1.0", "end")
         self.type_and_send(window, "/me waves")
         self.assertEqual(bob.expect("msg")["action"], True)
         window.input.event_generate("<Up>")
