@@ -4241,10 +4241,11 @@ class ClientState:
         for key in r["members"]:  # the list is the truth for everyone in it
             self.away.pop(key, None)
         self.away.update({nick_key(str(k)): str(v) for k, v in away.items()})
-        for key in r["members"]:
-            if key in self.people:
-                self.people[key]["here"] = True
-        return "members"
+        back = [key for key in r["members"] if key in self.people
+                and not self.people[key]["here"]]
+        for key in back:
+            self.people[key]["here"] = True
+        return "people" if back else "members"  # "people": the sidebar shows both
 
     def _join(self, e: dict) -> str | None:
         nick = str(e.get("nick", ""))
@@ -4257,8 +4258,9 @@ class ClientState:
             self.away[key] = e["away"]
         else:
             self.away.pop(key, None)
-        if key in self.people:
+        if key in self.people and not self.people[key]["here"]:
             self.people[key]["here"] = True
+            return "people"
         return "members"
 
     def _leave(self, e: dict) -> str | None:
@@ -5586,8 +5588,10 @@ class Plan:
     note: str = ""                   # a warning to show first
 
 
-def _error(text: str) -> Plan:
-    return Plan("error", {"text": text})
+def _error(text: str, lost: bool = False) -> Plan:
+    """A refusal; `lost` when what was typed was meant to go out (a script's
+    exit status then says so)."""
+    return Plan("error", {"text": text, "lost": lost})
 
 
 def plan_command(line: str, where: Where) -> Plan:
@@ -5611,7 +5615,8 @@ def plan_command(line: str, where: Where) -> Plan:
 
 def _say(text: str, action: bool, where: Where) -> Plan:
     if len(text) > where.max_text:
-        return _error(f"Not sent: {len(text)} characters, the server allows {where.max_text}.")
+        return _error(f"Not sent: {len(text)} characters, the server allows {where.max_text}.",
+                      lost=True)
     to = where.private
     note = ""
     if to is not None and nick_key(to) in where.gone:
@@ -5688,7 +5693,7 @@ def _plan_send(arg: str, where: Where) -> Plan:
     try:
         words = split_args(arg)
     except ValueError as e:
-        return _error(f"Cannot read that path: {e}.")
+        return _error(f"Cannot read that path: {e}.", lost=True)
     if len(words) == 1:
         return Plan("send_file", {"path": words[0], "to": where.private})
     first, path = words[0], " ".join(words[1:])
@@ -5699,7 +5704,8 @@ def _plan_send(arg: str, where: Where) -> Plan:
         if Path(" ".join(words)).expanduser().exists():
             return Plan("send_file", {"path": " ".join(words), "to": where.private})
         return _error(f"Nobody called {first} is in your rooms, and there is no file "
-                      f"{arg}. For a path with spaces use quotes: /send \"my file.pdf\".")
+                      f"{arg}. For a path with spaces use quotes: /send \"my file.pdf\".",
+                      lost=True)
     return Plan("send_file", {"path": path, "to": nick})
 
 
@@ -6588,9 +6594,8 @@ class CliSession:
     def do_nothing(self) -> None:
         pass
 
-    def do_error(self, text: str) -> None:
-        if text.startswith("Not sent"):
-            self.failed += 1
+    def do_error(self, text: str, lost: bool = False) -> None:
+        self.failed += lost
         self.error_line(strip_terminal(text))
 
     def do_show(self, text: str) -> None:
@@ -8072,8 +8077,8 @@ class ChatWindow:
     def do_nothing(self) -> None:
         pass
 
-    def do_error(self, text: str) -> None:
-        self.add_system(text, "error")
+    def do_error(self, text: str, lost: bool = False) -> None:
+        self.add_system(text, "error")  # the draft stays in the box: nothing is lost
 
     def do_show(self, text: str) -> None:
         self.add_system(text)

@@ -3372,7 +3372,7 @@ class FileTransferTests(ServerCase):
         self.assertEqual(len(chunks), pychat.FILE_WINDOW)
 
     async def test_a_piped_cli_sends_a_file_to_an_auto_accepting_cli_and_waits(self):
-        path = self.make_file("report.pdf", 700_000)
+        path = self.make_file("big report.pdf", 700_000)  # a space: the path is quoted
         folder = self.downloads()
         bob = await asyncio.create_subprocess_exec(
             sys.executable, PYCHAT, "cli", "--host", HOST, "--port", str(self.port), "--nick",
@@ -3382,13 +3382,19 @@ class FileTransferTests(ServerCase):
         watcher = await self.connect("watcher")
         await watcher.expect("join", nick="bob")
         rc, out, err = await CliProcessTests.run_cli(self, "--nick", "ci",
-                                                     stdin=f"/send bob {path}\n")
+                                                     stdin=f'/send bob "{path}"\n')
         self.assertEqual(rc, 0, err + out)  # only after bob has it, checked
-        self.assertIn("bob received report.pdf, checked", out)
-        self.assertEqual((folder / "report.pdf").read_bytes(), path.read_bytes())
+        self.assertIn("bob received big report.pdf, checked", out)
+        self.assertEqual((folder / "big report.pdf").read_bytes(), path.read_bytes())
         bob.stdin.close()
         bob_out, bob_err = await asyncio.wait_for(bob.communicate(), 30)
-        self.assertIn(b"Received report.pdf", bob_out)
+        self.assertIn(b"Received big report.pdf", bob_out)
+        # A first word that is nobody's nick is named, and the line counts as lost.
+        escaped = str(path).replace(" ", "\\ ")
+        rc, out, err = await CliProcessTests.run_cli(self, "--nick", "ci3",
+                                                     stdin=f"/send carol {escaped}\n")
+        self.assertEqual(rc, 1)
+        self.assertIn("Nobody called carol is in your rooms", out)
         self.assertNotIn(b"Traceback", bob_err)
         rc, out, err = await CliProcessTests.run_cli(self, "--nick", "ci2",
                                                      stdin="/send /nonexistent/file\n")
@@ -4958,6 +4964,75 @@ class GuiFileTests(GuiCase):
         self.assertIn(f"[{second['id']}] notes.txt", self.chat_text(window))
         self.type_and_send(window, f"/cancel {second['id']}")
         self.assertEqual(bob.expect("file_cancel")["id"], second["id"])
+
+
+class GuiClientStateTests(GuiCase):
+    """The window shows the client's state and never keeps its own (issue 16)."""
+
+    def test_a_delivered_offer_shows_its_final_state_and_cannot_be_stopped(self):
+        window = self.open_window("alice")
+        bob = SyncPeer(self.srv.port, "bob")
+        self.addCleanup(bob.close)
+        path = Path(self.tmp.name) / "small.txt"
+        path.write_bytes(b"hello bob")
+        self.type_and_send(window, f"/send {path}")
+        offer = bob.expect("file_offer")
+        self.pump(lambda: "status" in window.files.get(offer["id"], {}), "the offer line")
+        status = window.files[offer["id"]]["status"]
+        self.assertEqual(status.cget("text"), "waiting for bob")
+        bob.send({"type": "file_accept", "id": offer["id"]})
+        while json.loads(bob.file.readline())["type"] != "file_done":
+            self.root.update()
+        bob.send({"type": "file_received", "id": offer["id"], "ok": True})
+        self.pump(lambda: status.cget("text") == "delivered to bob", "the final state")
+        self.assertNotIn("answer", window.files[offer["id"]])  # no Cancel button any more
+        self.type_and_send(window, f"/cancel {offer['id']}")
+        self.assertIn("small.txt has finished (delivered to bob); nothing to stop",
+                      self.chat_text(window))
+        self.assertNotIn("You stopped", self.chat_text(window))
+
+    def test_a_private_partner_who_left_is_shown_as_gone_and_named_before_sending(self):
+        window = self.open_window("alice")
+        bob = SyncPeer(self.srv.port, "bob")
+        bob.send({"type": "pm", "to": "alice", "text": "hi alice"})
+        self.pump(lambda: "@bob" in window.convos, "bob's conversation")
+        window.show_convo("@bob")
+        bob.send({"type": "quit", "reason": "lunch"})
+        bob.close()
+        pane = window.convos["@bob"].text
+        self.pump(lambda: "bob left the chat (quit: lunch)." in pane.get("1.0", "end"),
+                  "the leave in the private conversation")
+        self.pump(lambda: "@ bob  (left)" in window.convo_list.get(0, "end"), "dimmed")
+        listed = window.user_list.get(0, "end")
+        self.assertIn("● bob  (left)", listed)
+        row = listed.index("● bob  (left)")
+        self.assertEqual(window.user_list.itemcget(row, "foreground"), pychat.THEME["dim"])
+        self.type_and_send(window, "still there?")
+        self.assertIn("bob has left the chat; sending anyway", pane.get("1.0", "end"))
+        self.pump(lambda: "Not sent (Nobody is called bob.)" in self.chat_text(window),
+                  "the server's answer")
+        # Back under the same nick: the conversation is live again.
+        bob = SyncPeer(self.srv.port, "bob")
+        self.addCleanup(bob.close)
+        self.pump(lambda: "bob is back in the chat." in pane.get("1.0", "end"), "back")
+        self.pump(lambda: "@ bob" in window.convo_list.get(0, "end"), "no longer dimmed")
+
+    def test_typing_is_said_only_for_text_that_will_be_sent(self):
+        window = self.open_window("alice")
+        said: list[str] = []
+        window.net.typing = lambda: said.append(window.input.get("1.0", "end-1c"))
+        window.input.focus_force()
+        for ch in "/join #dev":
+            window.input.insert("end", ch)
+            window.input.event_generate("<KeyRelease>", keysym="a")
+        self.root.update()
+        self.assertEqual(said, [])
+        window.input.delete("1.0", "end")
+        for ch in "hi":
+            window.input.insert("end", ch)
+            window.input.event_generate("<KeyRelease>", keysym="a")
+        self.root.update()
+        self.assertEqual(said, ["h", "hi"])
 
 
 class GuiConversationTests(GuiCase):
