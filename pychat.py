@@ -4478,7 +4478,7 @@ class ChatClient:
         self._cid_prefix = secrets.token_hex(3)
         self._cid_counter = itertools.count(1)
         self._writer: asyncio.StreamWriter | None = None
-        self._nick_future: asyncio.Future | None = None
+        self._answer: asyncio.Future | None = None
         self._wake = asyncio.Event()         # something was queued
         self._stop = asyncio.Event()         # quit() was called
         self._tokens = 0.0
@@ -4489,6 +4489,11 @@ class ChatClient:
         self._had_history = False
         self._rejoin: list[dict] = []        # joins to send first after a reconnect
         self._current_before = LOBBY
+        self._file_handlers: dict[str, Callable[[str, dict], bool]] = {
+            "file_offer": self._on_file_offer, "file_accept": self._on_file_accept,
+            "file_ack": self._on_file_ack, "file_chunk": self._on_file_chunk,
+            "file_done": self._on_file_done, "file_decline": self._on_file_decline,
+            "file_result": self._on_file_result, "file_cancel": self._on_file_cancel}
         self._trackers: dict[str, Callable[[dict], dict | None]] = {
             "history": self._track_history, "msg": self._track_message,
             "pm": self._track_message, "leave": self._track_leave, "error": self._track_error}
@@ -4565,8 +4570,8 @@ class ChatClient:
     def set_password(self, password: str) -> None:
         """Answer a password_needed event."""
         self.password = password
-        if self._nick_future is not None and not self._nick_future.done():
-            self._nick_future.set_result(self.nick)
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(self.nick)
 
     def request_users(self) -> None:
         self._enqueue({"type": "users", "room": self.room})
@@ -4581,8 +4586,8 @@ class ChatClient:
     def set_nick(self, nick: str) -> None:
         """Answer a nick_rejected event with another nick to try."""
         self.nick = nick
-        if self._nick_future is not None and not self._nick_future.done():
-            self._nick_future.set_result(nick)
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(nick)
 
     def pending(self) -> list[dict]:
         """Messages typed but not yet confirmed by the server, oldest first."""
@@ -4608,8 +4613,8 @@ class ChatClient:
             except (OSError, asyncio.TimeoutError):
                 pass
         self._close_writer()
-        if self._nick_future is not None and not self._nick_future.done():
-            self._nick_future.cancel()
+        if self._answer is not None and not self._answer.done():
+            self._answer.cancel()
         self._stop.set()
 
     # --- file transfer
@@ -4713,70 +4718,85 @@ class ChatClient:
 
     def _file_event(self, event: dict) -> bool:
         """Handle a file_* event; False if the UI should not see it as it is."""
-        kind, tid = event.get("type"), str(event.get("id", ""))
-        if kind == "file_offer":
-            size = event.get("size")
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or \
-                    not isinstance(event.get("sha256"), str):
-                return False  # no offer we could check; the UIs would trip on it
-            # The server cleans names, but a hostile one would not: from here on
-            # every UI shows, and the client saves under, the safe name.
-            event = dict(event, name=safe_file_name(str(event.get("name", ""))))
-            cid = event.get("cid")
-            mine = event.get("from") == self.nick and cid in self._offers
-            if mine:
-                info = self._offers.pop(cid)
-                waiting = {str(n) for n in event.get("recipients") or []}
-                self.outgoing[tid] = dict(info, id=tid, tasks={}, acks={}, waiting=waiting)
-            else:
-                self.offers_in[tid] = event
-            self._emit(dict(event, mine=mine))
-            return False
-        if kind == "file_accept":
-            out = self.outgoing.get(tid)
-            nick = str(event.get("nick", ""))
-            if out is not None and nick not in out["tasks"]:
-                out["acks"][nick] = asyncio.Event()
-                out["tasks"][nick] = asyncio.get_running_loop().create_task(
-                    self._stream_file(tid, nick))
-            return True
-        if kind == "file_ack":
-            out = self.outgoing.get(tid)
-            if out is not None and str(event.get("nick")) in out["acks"]:
-                out.setdefault("acked", {}).setdefault(str(event["nick"]), 0)
-                out["acked"][str(event["nick"])] += 1
-                out["acks"][str(event["nick"])].set()
-            return False
-        if kind == "file_chunk":
-            self._receive_chunk(tid, event)
-            return False
-        if kind == "file_done":
-            self._finish_incoming(tid)
-            return False
-        if kind in ("file_result", "file_decline", "file_cancel") and tid in self.outgoing:
-            self.outgoing[tid]["waiting"].discard(str(event.get("nick", "")))
-            if not self.outgoing[tid]["waiting"] and not self.outgoing[tid]["tasks"] and \
-                    kind != "file_result":
-                self.outgoing.pop(tid)
-        if kind == "file_result":
-            out = self.outgoing.get(tid)
-            name = out["name"] if out else tid
-            if out is not None and not out["waiting"] and not out["tasks"]:
-                self.outgoing.pop(tid)
-            self._emit({"type": "file_sent" if event.get("ok") else "file_failed", "id": tid,
-                        "name": name, "direction": "out", "nick": event.get("nick"),
-                        "reason": event.get("reason", "")})
-            return False
-        if kind == "file_cancel":
-            if tid in self.incoming:
-                self._end_incoming(tid, False, str(event.get("reason") or "cancelled"))
-            elif tid in self.offers_in:
-                self.offers_in.pop(tid)
-            out = self.outgoing.get(tid)
-            nick = str(event.get("nick", ""))
-            if out is not None and nick in out["tasks"]:
-                out["tasks"].pop(nick).cancel()
-            return True
+        handler = self._file_handlers.get(str(event.get("type")))
+        return handler(str(event.get("id", "")), event) if handler is not None else True
+
+    def _on_file_offer(self, tid: str, event: dict) -> bool:
+        size = event.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or \
+                not isinstance(event.get("sha256"), str):
+            return False  # no offer we could check; the UIs would trip on it
+        # The server cleans names, but a hostile one would not: from here on
+        # every UI shows, and the client saves under, the safe name.
+        event = dict(event, name=safe_file_name(str(event.get("name", ""))))
+        cid = event.get("cid")
+        mine = event.get("from") == self.nick and cid in self._offers
+        if mine:
+            info = self._offers.pop(cid)
+            waiting = {str(n) for n in event.get("recipients") or []}
+            self.outgoing[tid] = dict(info, id=tid, tasks={}, acks={}, waiting=waiting)
+        else:
+            self.offers_in[tid] = event
+        self._emit(dict(event, mine=mine))
+        return False
+
+    def _on_file_accept(self, tid: str, event: dict) -> bool:
+        out = self.outgoing.get(tid)
+        nick = str(event.get("nick", ""))
+        if out is not None and nick not in out["tasks"]:
+            out["acks"][nick] = asyncio.Event()
+            out["tasks"][nick] = asyncio.get_running_loop().create_task(
+                self._stream_file(tid, nick))
+        return True
+
+    def _on_file_ack(self, tid: str, event: dict) -> bool:
+        out = self.outgoing.get(tid)
+        if out is not None and str(event.get("nick")) in out["acks"]:
+            out.setdefault("acked", {}).setdefault(str(event["nick"]), 0)
+            out["acked"][str(event["nick"])] += 1
+            out["acks"][str(event["nick"])].set()
+        return False
+
+    def _on_file_chunk(self, tid: str, event: dict) -> bool:
+        self._receive_chunk(tid, event)
+        return False
+
+    def _on_file_done(self, tid: str, event: dict) -> bool:
+        self._finish_incoming(tid)
+        return False
+
+    def _answered(self, tid: str, event: dict) -> dict | None:
+        """A receiver of our file is done with it: the offer, if still ours."""
+        out = self.outgoing.get(tid)
+        if out is not None:
+            out["waiting"].discard(str(event.get("nick", "")))
+        return out
+
+    def _on_file_decline(self, tid: str, event: dict) -> bool:
+        out = self._answered(tid, event)
+        if out is not None and not out["waiting"] and not out["tasks"]:
+            self.outgoing.pop(tid)
+        return True
+
+    def _on_file_result(self, tid: str, event: dict) -> bool:
+        out = self._answered(tid, event)
+        if out is not None and not out["waiting"] and not out["tasks"]:
+            self.outgoing.pop(tid)
+        self._emit({"type": "file_sent" if event.get("ok") else "file_failed", "id": tid,
+                    "name": out["name"] if out else tid, "direction": "out",
+                    "nick": event.get("nick"), "reason": event.get("reason", "")})
+        return False
+
+    def _on_file_cancel(self, tid: str, event: dict) -> bool:
+        self._on_file_decline(tid, event)
+        if tid in self.incoming:
+            self._end_incoming(tid, False, str(event.get("reason") or "cancelled"))
+        elif tid in self.offers_in:
+            self.offers_in.pop(tid)
+        out = self.outgoing.get(tid)
+        nick = str(event.get("nick", ""))
+        if out is not None and nick in out["tasks"]:
+            out["tasks"].pop(nick).cancel()
         return True
 
     async def _stream_file(self, tid: str, nick: str) -> None:
@@ -4971,31 +4991,14 @@ class ChatClient:
         while not self.closed:
             self._emit({"type": "status", "state": "connecting",
                         "message": f"Connecting to {self.host}:{self.port}..."})
-            tls: dict[str, Any] = {}
-            if self.ssl_context is not None:
-                tls = {"ssl": self.ssl_context, "server_hostname": self.host,
-                       "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT}
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port, limit=CLIENT_MAX_LINE,
-                                            **tls), CONNECT_TIMEOUT)
+                reader, writer = await self._open()
             except (OSError, asyncio.TimeoutError) as e:
-                if _is_tls_error(e):  # retrying cannot fix a certificate
-                    self._fatal(f"TLS with {self.host}:{self.port} failed: {tls_problem(e)}")
-                    return
                 failures += 1
-                errno = getattr(e, "errno", None)
-                reason = (os.strerror(errno) if errno else None) or str(e) or "timed out"
-                now = time.monotonic()
-                down_since = down_since or now
-                if not self.ever_registered and failures >= self.connect_attempts:
-                    self._fatal(f"Cannot connect to {self.host}:{self.port}: {reason}.")
-                    return
-                if (self.ever_registered and self.give_up_after is not None
-                        and now - down_since > self.give_up_after):
-                    self._fatal(f"Lost the server at {self.host}:{self.port} and could not "
-                                f"reconnect for {self.give_up_after:.0f} s: {reason}.")
-                    return
+                down_since = down_since or time.monotonic()
+                reason = self._cannot_connect(e, failures, down_since)
+                if reason is None:
+                    return  # gave up, and said why
                 self._emit({"type": "status", "state": "disconnected",
                             "message": f"Cannot connect: {reason}. Retrying in {backoff:.1f} s."})
                 await self._sleep(backoff)
@@ -5004,19 +5007,7 @@ class ChatClient:
             if self.closed:  # quit() while we were connecting
                 writer.close()
                 break
-            self._writer = writer
-            try:
-                reason = await self._session(reader, writer)
-            except (OSError, asyncio.IncompleteReadError, ValueError) as e:
-                detail = os.strerror(e.errno) if getattr(e, "errno", None) else str(e)
-                reason = f"connection lost ({detail or e.__class__.__name__})"
-            finally:
-                self.registered = False
-                self._fail_transfers("the connection was lost")
-                if self._pump is not None:
-                    self._pump.cancel()
-                    self._pump = None
-                self._close_writer()
+            reason = await self._run_session(reader, writer)
             if self.closed:
                 break
             if reason == "fatal":
@@ -5035,6 +5026,51 @@ class ChatClient:
             await self._sleep(backoff)
             backoff = min(BACKOFF_MAX, backoff * 2)
         self._emit({"type": "status", "state": "closed", "message": "Disconnected."})
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        tls: dict[str, Any] = {}
+        if self.ssl_context is not None:
+            tls = {"ssl": self.ssl_context, "server_hostname": self.host,
+                   "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT}
+        return await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port, limit=CLIENT_MAX_LINE, **tls),
+            CONNECT_TIMEOUT)
+
+    def _cannot_connect(self, e: Exception, failures: int, down_since: float) -> str | None:
+        """Why connecting failed, to retry; None when it is time to give up
+        (a fatal event has said why)."""
+        if _is_tls_error(e):  # retrying cannot fix a certificate
+            self._fatal(f"TLS with {self.host}:{self.port} failed: {tls_problem(e)}")
+            return None
+        errno = getattr(e, "errno", None)
+        reason = (os.strerror(errno) if errno else None) or str(e) or "timed out"
+        if not self.ever_registered and failures >= self.connect_attempts:
+            self._fatal(f"Cannot connect to {self.host}:{self.port}: {reason}.")
+            return None
+        if (self.ever_registered and self.give_up_after is not None
+                and time.monotonic() - down_since > self.give_up_after):
+            self._fatal(f"Lost the server at {self.host}:{self.port} and could not "
+                        f"reconnect for {self.give_up_after:.0f} s: {reason}.")
+            return None
+        return reason
+
+    async def _run_session(self, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> str:
+        """One connection's life; why it ended.  Whatever happens, what lived
+        on it (the pump, transfers) ends with it."""
+        self._writer = writer
+        try:
+            return await self._session(reader, writer)
+        except (OSError, asyncio.IncompleteReadError, ValueError) as e:
+            detail = os.strerror(e.errno) if getattr(e, "errno", None) else str(e)
+            return f"connection lost ({detail or e.__class__.__name__})"
+        finally:
+            self.registered = False
+            self._fail_transfers("the connection was lost")
+            if self._pump is not None:
+                self._pump.cancel()
+                self._pump = None
+            self._close_writer()
 
     def _fatal(self, message: str) -> None:
         self.closed = True
@@ -5070,75 +5106,9 @@ class ChatClient:
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
         """Register on a fresh connection and read events until it ends."""
         self._last_rx = time.monotonic()
-        hello: dict[str, Any] = {"type": "hello", "nick": self.nick, "client": self.client_name}
-        if self.password is not None:
-            hello["password"] = self.password
-        if self._token:  # back after a drop: our old connection may still hold the nick
-            hello["token"] = self._token
-        if self.last_ids:  # ...and we only need what we missed
-            hello["instance"] = self._instance
-            hello["after"] = {name: self.last_ids[key] for key, name in self.joined.items()
-                              if key in self.last_ids}
-        writer.write(encode(hello))
-        rejoin_tries = 0
-        while not self.registered:
-            event = await self._read(reader)
-            if event is None:
-                return "the server closed the connection"
-            kind = event.get("type")
-            if kind == "welcome":
-                self.registered = True
-            elif kind == "error" and event.get("code") in ("nick_taken", "nick_invalid"):
-                if self.ever_registered and event.get("code") == "nick_taken" and rejoin_tries < 20:
-                    # Our old connection may still be a ghost on the server
-                    # until it times out: try the same nick again shortly.
-                    rejoin_tries += 1
-                    self._emit({"type": "status", "state": "connecting",
-                                "message": f"{event.get('message')} Waiting for it to free up..."})
-                    await self._sleep(min(BACKOFF_MAX, 1.0 * rejoin_tries))
-                    if self.closed:
-                        return "closed"
-                    writer.write(encode(hello))
-                    continue
-                self._nick_future = asyncio.get_running_loop().create_future()
-                self._emit({"type": "nick_rejected", "code": event.get("code"),
-                            "message": event.get("message", ""), "nick": self.nick})
-                try:
-                    nick = await self._nick_future
-                except asyncio.CancelledError:
-                    if self.closed:
-                        return "closed"
-                    raise
-                hello["nick"] = nick
-                writer.write(encode(hello))
-                continue
-            elif kind == "error" and event.get("code") == "auth_failed":
-                self.password = None  # never re-sent by itself after a reconnect
-                self._nick_future = asyncio.get_running_loop().create_future()
-                self._emit({"type": "password_needed", "message": event.get("message", "")})
-                try:
-                    await self._nick_future
-                except asyncio.CancelledError:
-                    if self.closed:
-                        return "closed"
-                    raise
-                hello["password"] = self.password or ""
-                writer.write(encode(hello))
-                continue
-            elif kind == "error" and event.get("code") in ("auth_blocked", "banned"):
-                self._fatal(str(event.get("message")))
-                return "fatal"
-            elif kind == "bye":
-                return str(event.get("reason") or "the server said bye")
-            elif kind == "ping":
-                writer.write(encode({"type": "pong", "data": event.get("data")}))
-                continue
-            elif kind not in LOCAL_EVENTS:
-                self._emit(event)
-                continue
-            else:
-                continue
-            self._on_welcome(event)
+        ended = await self._register(reader, writer, self._hello())
+        if ended is not None:
+            return ended
         # Messages written on the last connection but never confirmed go first.
         queued = {id(r) for r in self.queue}
         resend = [r for r in self.outbox.values() if id(r) not in queued]
@@ -5161,6 +5131,78 @@ class ChatClient:
                     self._fatal(str(event.get("reason")))
                     return "fatal"
                 return str(event.get("reason") or "the server said bye")
+
+    def _hello(self) -> dict[str, Any]:
+        hello: dict[str, Any] = {"type": "hello", "nick": self.nick, "client": self.client_name}
+        if self.password is not None:
+            hello["password"] = self.password
+        if self._token:  # back after a drop: our old connection may still hold the nick
+            hello["token"] = self._token
+        if self.last_ids:  # ...and we only need what we missed
+            hello["instance"] = self._instance
+            hello["after"] = {name: self.last_ids[key] for key, name in self.joined.items()
+                              if key in self.last_ids}
+        return hello
+
+    async def _register(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        hello: dict[str, Any]) -> str | None:
+        """Say hello and read until welcomed (None), or how the session ended.
+        A taken nick or a wrong password is asked of the UI and tried again."""
+        writer.write(encode(hello))
+        rejoin_tries = 0
+        while True:
+            event = await self._read(reader)
+            if event is None:
+                return "the server closed the connection"
+            kind, code = event.get("type"), event.get("code")
+            if kind == "welcome":
+                self.registered = True
+                self._on_welcome(event)
+                return None
+            if kind == "error" and code == "nick_taken" and self.ever_registered \
+                    and rejoin_tries < 20:
+                # Our old connection may still be a ghost on the server
+                # until it times out: try the same nick again shortly.
+                rejoin_tries += 1
+                self._emit({"type": "status", "state": "connecting",
+                            "message": f"{event.get('message')} Waiting for it to free up..."})
+                await self._sleep(min(BACKOFF_MAX, 1.0 * rejoin_tries))
+            elif kind == "error" and code in ("nick_taken", "nick_invalid"):
+                hello["nick"] = await self._ask_ui({
+                    "type": "nick_rejected", "code": code,
+                    "message": event.get("message", ""), "nick": self.nick})
+            elif kind == "error" and code == "auth_failed":
+                self.password = None  # never re-sent by itself after a reconnect
+                await self._ask_ui({"type": "password_needed",
+                                    "message": event.get("message", "")})
+                hello["password"] = self.password or ""
+            elif kind == "error" and code in ("auth_blocked", "banned"):
+                self._fatal(str(event.get("message")))
+                return "fatal"
+            elif kind == "bye":
+                return str(event.get("reason") or "the server said bye")
+            elif kind == "ping":
+                writer.write(encode({"type": "pong", "data": event.get("data")}))
+                continue
+            else:
+                if kind not in LOCAL_EVENTS:
+                    self._emit(event)
+                continue
+            if self.closed:
+                return "closed"
+            writer.write(encode(hello))  # again, with what changed
+
+    async def _ask_ui(self, event: dict) -> str | None:
+        """Tell the UI what the server refused and wait for its answer
+        (set_nick or set_password); None if the client was closed meanwhile."""
+        self._answer = asyncio.get_running_loop().create_future()
+        self._emit(event)
+        try:
+            return await self._answer
+        except asyncio.CancelledError:
+            if self.closed:
+                return None
+            raise
 
     def _on_welcome(self, event: dict) -> None:
         self.nick = str(event.get("nick", self.nick))
@@ -6059,89 +6101,107 @@ class Terminal:
 
     def format_event(self, e: dict) -> str | None:
         """The line(s) to show for an event, or None for events with no display."""
-        kind = e.get("type")
-        ts = e.get("ts")
-        if kind in ("msg", "pm"):
-            return self.format_msg(e)
-        if kind == "topic":
-            if not e.get("topic"):
-                return self.system(None, f"{e.get('room')} has no topic")
-            return self.system(ts, f"Topic of {e.get('room')}: {e.get('topic')} "
-                                   f"(set by {e.get('by')})")
-        if kind == "rooms":
-            rooms = [r for r in e.get("rooms", []) if isinstance(r, dict)]
-            listed = "; ".join(f"{r.get('room')} ({r.get('users')})"
-                               + (f": {r['topic']}" if r.get("topic") else "") for r in rooms)
-            return self.system(ts, f"{len(rooms)} rooms: {listed}")
-        if kind == "notice":
-            return self.system(ts, str(e.get("text", "")))
-        if kind == "away":
-            if e.get("away"):
-                why = f": {e['message']}" if e.get("message") else ""
-                return self.system(ts, f"{e.get('nick')} is away{why}")
-            return self.system(ts, f"{e.get('nick')} is back")
-        if kind == "op":
-            return self.system(ts, "You are now an operator.")
-        if kind == "moderation":
-            action = {"kick": "kicked", "ban": "banned", "unban": "unbanned", "mute": "muted",
-                      "unmute": "unmuted"}.get(str(e.get("action")), str(e.get("action")))
-            why = f": {e['reason']}" if e.get("reason") else ""
-            return self.system(ts, f"{e.get('nick')} was {action} by {e.get('by')}{why}")
-        if kind == "history":
-            msgs = [self.format_msg(m) for m in e.get("messages", []) if isinstance(m, dict)]
-            if not msgs:
-                return None
-            return "\n".join([self.system(None, f"last {len(msgs)} messages:"), *msgs,
-                              self.system(None, "end of history")])
-        if kind == "welcome":
-            if e.get("first") is False:  # back after a reconnect: where we were, still
-                return self.system(ts, f"Back as {e.get('nick')}" + (
-                    "; nobody saw you leave." if e.get("resumed") else "."))
-            text = f"You are {e.get('nick')} in {e.get('room')} on {e.get('server')} " \
-                   f"{e.get('version')}. Type /help for commands."
-            lines = [self.system(ts, text)]
-            if e.get("motd"):
-                lines.append(self.system(ts, f"MOTD: {e['motd']}"))
-            return "\n".join(lines)
-        if kind == "users":
-            away = e.get("away") if isinstance(e.get("away"), dict) else {}
-            ops = e.get("ops") if isinstance(e.get("ops"), list) else []
-            users = [("@" if u in ops else "") + strip_terminal(str(u))
-                     + (" (away)" if u in away else "") for u in e.get("users", [])]
-            return self.system(ts, f"{len(users)} in {e.get('room')}: {', '.join(users)}")
-        if kind == "join":
-            return self.system(ts, f"{e.get('nick')} joined {e.get('room')}")
-        if kind == "leave" and e.get("reason") == "kick":
+        kind = str(e.get("type"))
+        if kind.startswith("file_"):
+            return self.format_file_event(e)
+        formatter = getattr(self, f"_show_{kind}", None)
+        return formatter(e, e.get("ts")) if formatter is not None else None
+
+    def _show_msg(self, e: dict, ts: Any) -> str:
+        return self.format_msg(e)
+
+    _show_pm = _show_msg
+
+    def _show_topic(self, e: dict, ts: Any) -> str:
+        if not e.get("topic"):
+            return self.system(None, f"{e.get('room')} has no topic")
+        return self.system(ts, f"Topic of {e.get('room')}: {e.get('topic')} (set by {e.get('by')})")
+
+    def _show_rooms(self, e: dict, ts: Any) -> str:
+        rooms = [r for r in e.get("rooms", []) if isinstance(r, dict)]
+        listed = "; ".join(f"{r.get('room')} ({r.get('users')})"
+                           + (f": {r['topic']}" if r.get("topic") else "") for r in rooms)
+        return self.system(ts, f"{len(rooms)} rooms: {listed}")
+
+    def _show_notice(self, e: dict, ts: Any) -> str:
+        return self.system(ts, str(e.get("text", "")))
+
+    def _show_away(self, e: dict, ts: Any) -> str:
+        if e.get("away"):
+            why = f": {e['message']}" if e.get("message") else ""
+            return self.system(ts, f"{e.get('nick')} is away{why}")
+        return self.system(ts, f"{e.get('nick')} is back")
+
+    def _show_op(self, e: dict, ts: Any) -> str:
+        return self.system(ts, "You are now an operator.")
+
+    def _show_moderation(self, e: dict, ts: Any) -> str:
+        action = {"kick": "kicked", "ban": "banned", "unban": "unbanned", "mute": "muted",
+                  "unmute": "unmuted"}.get(str(e.get("action")), str(e.get("action")))
+        why = f": {e['reason']}" if e.get("reason") else ""
+        return self.system(ts, f"{e.get('nick')} was {action} by {e.get('by')}{why}")
+
+    def _show_history(self, e: dict, ts: Any) -> str | None:
+        msgs = [self.format_msg(m) for m in e.get("messages", []) if isinstance(m, dict)]
+        if not msgs:
+            return None
+        return "\n".join([self.system(None, f"last {len(msgs)} messages:"), *msgs,
+                          self.system(None, "end of history")])
+
+    def _show_welcome(self, e: dict, ts: Any) -> str:
+        if e.get("first") is False:  # back after a reconnect: where we were, still
+            return self.system(ts, f"Back as {e.get('nick')}" + (
+                "; nobody saw you leave." if e.get("resumed") else "."))
+        text = f"You are {e.get('nick')} in {e.get('room')} on {e.get('server')} " \
+               f"{e.get('version')}. Type /help for commands."
+        lines = [self.system(ts, text)]
+        if e.get("motd"):
+            lines.append(self.system(ts, f"MOTD: {e['motd']}"))
+        return "\n".join(lines)
+
+    def _show_users(self, e: dict, ts: Any) -> str:
+        away = e.get("away") if isinstance(e.get("away"), dict) else {}
+        ops = e.get("ops") if isinstance(e.get("ops"), list) else []
+        users = [("@" if u in ops else "") + strip_terminal(str(u))
+                 + (" (away)" if u in away else "") for u in e.get("users", [])]
+        return self.system(ts, f"{len(users)} in {e.get('room')}: {', '.join(users)}")
+
+    def _show_join(self, e: dict, ts: Any) -> str:
+        return self.system(ts, f"{e.get('nick')} joined {e.get('room')}")
+
+    def _show_leave(self, e: dict, ts: Any) -> str:
+        if e.get("reason") == "kick":
             why = f" ({e['message']})" if e.get("message") else ""
             return self.system(ts, f"{e.get('nick')} was kicked out of {e.get('room')} by "
                                    f"{e.get('by')}{why}")
-        if kind == "leave" and e.get("reason") == "part" and e.get("you"):
+        if e.get("reason") == "part" and e.get("you"):
             return self.system(ts, f"You left {e.get('room')}")
-        if kind == "leave":
-            why = f"{e.get('reason')}: {e['message']}" if e.get("message") else e.get("reason")
-            return self.system(ts, f"{e.get('nick')} left {e.get('room')} ({why})")
-        if kind == "mode":
-            change = "made {} an operator of {}" if e.get("op") else \
-                "took {}'s operator status in {}"
-            return self.system(ts, f"{e.get('by')} " + change.format(e.get("nick"), e.get("room")))
-        if kind == "nick":
-            if e.get("you"):
-                return self.system(ts, f"You are now known as {e.get('new')}")
-            return self.system(ts, f"{e.get('old')} is now known as {e.get('new')}")
-        if kind == "error":
-            return self._c("31", f"! {strip_terminal(str(e.get('message', e.get('code'))))}")
-        if kind == "failed":
-            return self._c("31", f"! Not sent ({strip_terminal(str(e.get('message')))}): "
-                                 f"{strip_terminal(str(e.get('text')))[:80]}")
-        if kind == "status":
-            if e.get("state") == "closed":
-                return None
-            return self.system(None, str(e.get("message", "")))
-        if kind == "bye":
-            return self.system(None, f"Server says bye: {e.get('reason')}")
-        if kind.startswith("file_"):
-            return self.format_file_event(e)
-        return None
+        why = f"{e.get('reason')}: {e['message']}" if e.get("message") else e.get("reason")
+        return self.system(ts, f"{e.get('nick')} left {e.get('room')} ({why})")
+
+    def _show_mode(self, e: dict, ts: Any) -> str:
+        change = "made {} an operator of {}" if e.get("op") else "took {}'s operator status in {}"
+        return self.system(ts, f"{e.get('by')} " + change.format(e.get("nick"), e.get("room")))
+
+    def _show_nick(self, e: dict, ts: Any) -> str:
+        if e.get("you"):
+            return self.system(ts, f"You are now known as {e.get('new')}")
+        return self.system(ts, f"{e.get('old')} is now known as {e.get('new')}")
+
+    def _show_error(self, e: dict, ts: Any) -> str:
+        return self._c("31", f"! {strip_terminal(str(e.get('message', e.get('code'))))}")
+
+    def _show_failed(self, e: dict, ts: Any) -> str:
+        return self._c("31", f"! Not sent ({strip_terminal(str(e.get('message')))}): "
+                             f"{strip_terminal(str(e.get('text')))[:80]}")
+
+    def _show_status(self, e: dict, ts: Any) -> str | None:
+        if e.get("state") == "closed":
+            return None
+        return self.system(None, str(e.get("message", "")))
+
+    def _show_bye(self, e: dict, ts: Any) -> str:
+        return self.system(None, f"Server says bye: {e.get('reason')}")
 
     def format_file_event(self, e: dict) -> str | None:
         kind, tid = e.get("type"), strip_terminal(str(e.get("id")))
