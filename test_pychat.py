@@ -8,8 +8,10 @@ never fixed sleeps.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -3872,6 +3874,76 @@ class BenchTests(unittest.TestCase):
         self.assertEqual(out.returncode, 2)
         self.assertIn("--senders cannot be more than --clients", out.stderr)
 
+    def test_several_counts_end_with_how_many_this_machine_can_host(self):
+        results = self.run_bench("--clients", "3", "6", "--senders", "1", "--messages", "10")
+        self.assertEqual([r["clients"] for r in results], [3, 6])
+        out = subprocess.run([sys.executable, PYCHAT, "bench", "--scenario", "Fanout",
+                              "--clients", "3", "6", "--senders", "1", "--messages", "10"],
+                             capture_output=True, text=True, timeout=120)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        lines = out.stdout.splitlines()
+        self.assertLessEqual(max(map(len, lines)), 80, out.stdout)
+        self.assertIn("unpaced (--rate 0:", " ".join(lines[:3]))
+        self.assertEqual([line.split()[0] for line in lines if line.split()[1:2] == ["pychat"]],
+                         ["3", "6"])
+        ending = " ".join(out.stdout.split())  # the sentence, unwrapped
+        self.assertRegex(ending, r"This machine can host (at least 6|about 3|fewer than 3) "
+                                 r"active chatters \(1 sending, unpaced\) at p99 under 100 ms"
+                                 r"[^.]*\.( \(the largest count measured.*\)\.|.*)$")
+        self.assertTrue(ending.endswith(").") or ending.endswith("--clients."), ending)
+
+
+class BenchReportTests(unittest.TestCase):
+    """format_bench and bench_verdict on made-up rows: every case of the answer."""
+
+    @staticmethod
+    def fanout(clients: int, p99: float, lost: int = 0, server: str = "pychat",
+               rate: float = 0.0, dropped: int = 0) -> dict:
+        return {"scenario": "fanout", "server": server, "clients": clients, "irc_clients": 0,
+                "senders": 10, "messages": 500, "rate": rate, "lost": lost,
+                "dropped_clients": dropped, "deliveries_per_second": 3_123_456,
+                "latency_ms": {"p50": p99 / 3, "p90": p99 / 2, "p99": p99, "max": p99 * 2},
+                "generator_cpu_percent": 95.0, "server_us_per_delivery": 0.25,
+                "server_peak_rss_mib": 123.4}
+
+    def test_the_answer_is_the_largest_count_under_100_ms_and_says_how_sure_it_is(self):
+        verdict = pychat.bench_verdict
+        f = self.fanout
+        self.assertEqual(
+            verdict([f(100, 31), f(500, 88), f(1000, 91), f(2000, 155)]),
+            "This machine can host about 1,000 active chatters (10 sending, unpaced) at p99 "
+            "under 100 ms with nothing lost: the largest count measured that did (2,000 had "
+            "p99 155.0 ms).")
+        self.assertEqual(
+            verdict([f(100, 31), f(500, 88)]),
+            "This machine can host at least 500 active chatters (10 sending, unpaced) at p99 "
+            "under 100 ms with nothing lost (the largest count measured; try more with "
+            "--clients).")
+        self.assertEqual(
+            verdict([f(100, 130, rate=5), f(500, 88, rate=5)]),
+            "This machine can host fewer than 100 active chatters (10 sending, 5 messages/s "
+            "each) at p99 under 100 ms with nothing lost, the smallest count measured (100 "
+            "had p99 130.0 ms); try fewer with --clients.")
+        # A lost message fails a run whatever its latency; the reference's rows never count.
+        self.assertIn("about 100 active", verdict([f(500, 10, lost=3), f(100, 20),
+                                                   f(500, 10, server="reference")]))
+        self.assertIn("(500 lost 3 and dropped 0)", verdict([f(100, 20), f(500, 10, lost=3)]))
+        conns = [{"scenario": "connections", "server": "pychat", "clients": n, "open": n,
+                  "alive_in_sample": "50/50"} for n in (1000, 5000)]
+        self.assertIn("at least 5,000 idle connections", verdict(conns))
+
+    def test_the_table_fits_80_columns_and_explains_rate_0(self):
+        f = self.fanout
+        rows = [f(100, 31), f(100, 20, server="reference"),
+                f(10000, 1234.5, lost=123_456, dropped=7), f(10000, 999, server="reference")]
+        rows[0]["vs_reference"] = 0.97
+        text = pychat.format_bench(rows)
+        self.assertLessEqual(max(map(len, text.splitlines())), 80, text)
+        self.assertIn("unpaced (--rate 0:", text)
+        self.assertIn("Clients dropped as too slow: 7 at 10,000 clients (pychat).", text)
+        self.assertIn("about 100 active", " ".join(text.split()))
+        self.assertIn("paced at 20 messages/s per sender",
+                      " ".join(pychat.format_bench([f(100, 31, rate=20)]).split()))
 
 class MemoryTrimTests(ServerCase):
     async def test_a_settled_burst_of_connections_trims_the_heap_once(self):
@@ -4348,6 +4420,75 @@ class CliCommandLineTests(unittest.TestCase):
                      "--ping-timeout", "--motd", "--log-level"):
             self.assertIn(flag, server_help)
 
+
+    def test_a_bad_option_value_is_a_sentence_naming_the_option(self):
+        for args, expected in (
+                (["server", "--port", "abc"], "pychat.py server: error: argument --port: 'abc' "
+                                              "is not a port number between 0 and 65535"),
+                (["cli", "--port", "abc"], "pychat.py cli: error: argument --port: 'abc' is "
+                                           "not a port number (1-65535)"),
+                (["bench", "--clients", "x"], "pychat.py bench: error: argument --clients: "
+                                              "'x' is not a whole number of 1 or more"),
+                (["server", "--history", "many"], "pychat.py server: error: argument "
+                                                  "--history: 'many' is not a whole number")):
+            with self.subTest(args=args):
+                out = self.run_pychat(*args)
+                self.assertEqual(out.returncode, 2)
+                self.assertIn(expected, out.stderr)
+                self.assertNotIn("invalid", out.stderr)
+
+    def test_every_typed_option_explains_a_bad_value(self):
+        parser = pychat.build_parser()
+        commands = next(a.choices for a in parser._actions  # the subcommands' parsers
+                        if isinstance(a, argparse._SubParsersAction))
+        checked = []
+        for name, sub in commands.items():
+            for action in sub._actions:
+                if action.type is None or not action.option_strings:
+                    continue
+                option = action.option_strings[-1]
+                for bad in ("x!", "", "-5", "1e999"):  # bad for most; a nick may be "x!"
+                    err = io.StringIO()
+                    try:
+                        with contextlib.redirect_stderr(err):
+                            parser.parse_args([name, option, bad])
+                    except SystemExit:
+                        message = err.getvalue()
+                        with self.subTest(option=option, value=bad):
+                            self.assertTrue(message.startswith(
+                                f"pychat.py {name}: error: argument {option}: "), message)
+                            self.assertNotRegex(message, r"invalid \w+ value")
+                        checked.append(option)
+        self.assertGreater(len(set(checked)), 25)
+
+    def test_every_subcommand_names_itself_in_its_errors(self):
+        for command in ("server", "cli", "gui", "bench", "make-ding", "install-desktop",
+                        "uninstall-desktop"):
+            with self.subTest(command=command):
+                out = self.run_pychat(command, "--no-such-option")
+                self.assertEqual(out.returncode, 2)
+                self.assertEqual(out.stderr, f"pychat.py {command}: error: unrecognized "
+                                 f"arguments: --no-such-option (see pychat.py {command} --help)\n")
+        out = self.run_pychat("make-ding", "a.wav", "b.wav")
+        self.assertIn("pychat.py make-ding: error: unrecognized arguments: b.wav", out.stderr)
+        out = self.run_pychat("--no-such-option")  # no subcommand: the program's own name
+        self.assertIn("pychat.py: error: unrecognized arguments", out.stderr)
+
+    def test_choices_take_any_case(self):
+        args = pychat.build_parser().parse_args(["server", "--log-level", "WARNING", "--fsync",
+                                                 "Never"])
+        self.assertEqual((args.log_level, args.fsync), ("warning", "never"))
+        self.assertEqual(pychat.build_parser().parse_args(
+            ["bench", "--scenario", "CONNECTIONS"]).scenario, "connections")
+        proc = subprocess.Popen([sys.executable, PYCHAT, "server", "--host", HOST, "--port", "0",
+                                 "--log-level", "Warning"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill() or proc.wait())
+        self.assertIn("listening on", proc.stdout.readline())  # "" if the option was refused
+        proc.terminate()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
 
 # ===========================================================================
 # 7. GUI client: pure logic (no display needed)
