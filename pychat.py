@@ -1392,41 +1392,9 @@ class ChatServer:
             Store(Path(cfg.data_dir), cfg.fsync, int(cfg.max_log_mb * 1024 * 1024), cfg.repair)
         if self.store is not None:
             self._load()
+        # One handler per request type of the protocol (FIELDS): handle_<type>.
         self.handlers: dict[str, Callable[[Session, dict], None]] = {
-            "hello": self.handle_hello,
-            "msg": self.handle_msg,
-            "nick": self.handle_nick,
-            "users": self.handle_users,
-            "ping": self.handle_ping,
-            "pong": self.handle_pong,
-            "quit": self.handle_quit,
-            "typing": self.handle_typing,
-            "tagmsg": self.handle_tagmsg,
-            "join": self.handle_join,
-            "history": self.handle_history,
-            "file_offer": self.handle_file_offer,
-            "file_accept": self.handle_file_accept,
-            "file_decline": self.handle_file_decline,
-            "file_chunk": self.handle_file_chunk,
-            "file_ack": self.handle_file_ack,
-            "file_done": self.handle_file_done,
-            "file_received": self.handle_file_received,
-            "file_cancel": self.handle_file_cancel,
-            "part": self.handle_part,
-            "rooms": self.handle_rooms,
-            "topic": self.handle_topic,
-            "pm": self.handle_pm,
-            "away": self.handle_away,
-            "back": self.handle_back,
-            "op": self.handle_op,
-            "auth": self.handle_auth,
-            "kick": self.handle_kick,
-            "mode": self.handle_mode,
-            "ban": self.handle_ban,
-            "unban": self.handle_unban,
-            "mute": self.handle_mute,
-            "unmute": self.handle_unmute,
-        }
+            kind: getattr(self, f"handle_{kind}") for kind in FIELDS}
 
     # --- lifecycle
     async def start(self, host: str | None = None, port: int = DEFAULT_PORT) -> int:
@@ -3257,18 +3225,7 @@ class IrcWire(Wire):
             return shared
         kind, me = e.get("type"), nick_key(self.me())
         if kind == "pm":
-            to = self.me()
-            if nick_key(str(e.get("from"))) == me and nick_key(str(e.get("to"))) != me:
-                if "echo-message" not in self.caps:
-                    return []  # her own line: the client shows it itself
-                to = str(e.get("to"))
-            command = "NOTICE" if e.get("notice") else "PRIVMSG"
-            if e.get("ctcp"):  # relayed between IRC users unchanged (and whole)
-                head = f":{self.prefix(e['from'])} {command} {to} :\x01"
-                room = IRC_MAX_LINE - 3 - len(head.encode("utf-8"))
-                body = e["text"].encode("utf-8")[:max(room, 0)].decode("utf-8", "ignore")
-                return [self.line(f"{head}{body}\x01")]
-            return self.say(e["from"], command, to, e["text"], bool(e.get("action")))
+            return self.private(e, me)
         if kind == "nick":
             if nick_key(str(e["old"])) == me:
                 self.nick = e["new"]
@@ -3311,6 +3268,21 @@ class IrcWire(Wire):
                                  text=f"You are now logged in as {who}"),
                     self.numeric(RPL_SASLSUCCESS, text="SASL authentication successful")]
         return []  # typing, users, history, rooms...: IRC asks for those itself
+
+    def private(self, e: dict, me: str) -> list[bytes]:
+        """A private message (or NOTICE, or CTCP) to or from this IRC user."""
+        to = self.me()
+        if nick_key(str(e.get("from"))) == me and nick_key(str(e.get("to"))) != me:
+            if "echo-message" not in self.caps:
+                return []  # her own line: the client shows it itself
+            to = str(e.get("to"))
+        command = "NOTICE" if e.get("notice") else "PRIVMSG"
+        if e.get("ctcp"):  # relayed between IRC users unchanged (and whole)
+            head = f":{self.prefix(e['from'])} {command} {to} :\x01"
+            room = IRC_MAX_LINE - 3 - len(head.encode("utf-8"))
+            body = e["text"].encode("utf-8")[:max(room, 0)].decode("utf-8", "ignore")
+            return [self.line(f"{head}{body}\x01")]
+        return self.say(e["from"], command, to, e["text"], bool(e.get("action")))
 
     def error(self, e: dict, context: str) -> list[bytes]:
         code = self.last_error = str(e.get("code"))
@@ -3438,20 +3410,8 @@ class IrcWire(Wire):
             return
         fail = self.line(f":{self.name} FAIL CHATHISTORY INVALID_PARAMS {sub} "
                          ":Invalid parameters")
-        if sub == "TARGETS":  # your rooms whose newest message falls between two times
-            try:
-                low, high = sorted(chathistory_ref(p)[1] for p in params[1:3])  # type: ignore
-                limit = min(int(params[3]), CHATHISTORY_MAX)
-            except (ValueError, TypeError, IndexError):
-                self.send(fail)
-                return
-            rooms = sorted((r for r in self.s.rooms.values()
-                            if r.history and low <= r.history[-1]["ts"] <= high),
-                           key=lambda r: r.history[-1]["ts"])[:limit]
-            lines = [self.line(f":{self.name} CHATHISTORY TARGETS {r.name} "
-                               f"{irc_time(r.history[-1]['ts'])}")
-                     for r in rooms]
-            self.send(*self.batched("draft/chathistory-targets", "", lines))
+        if sub == "TARGETS":
+            self.chathistory_targets(params, fail)
             return
         if len(params) < (5 if sub == "BETWEEN" else 4) or not (
                 params[-1].isascii() and params[-1].isdigit()) or len(params[-1]) > 6:
@@ -3495,6 +3455,21 @@ class IrcWire(Wire):
             return  # it owes too much already: dropped like any slow reader
         self.send(*self.history_lines(room.name if room else target, picked))
         self.s.flush()  # written now: the next request in this tick sees it owed
+
+    def chathistory_targets(self, params: list[str], fail: bytes) -> None:
+        """CHATHISTORY TARGETS: your rooms whose newest message falls between two times."""
+        try:
+            low, high = sorted(chathistory_ref(p)[1] for p in params[1:3])  # type: ignore
+            limit = min(int(params[3]), CHATHISTORY_MAX)
+        except (ValueError, TypeError, IndexError):
+            self.send(fail)
+            return
+        rooms = sorted((r for r in self.s.rooms.values()
+                        if r.history and low <= r.history[-1]["ts"] <= high),
+                       key=lambda r: r.history[-1]["ts"])[:limit]
+        lines = [self.line(f":{self.name} CHATHISTORY TARGETS {r.name} "
+                           f"{irc_time(r.history[-1]['ts'])}") for r in rooms]
+        self.send(*self.batched("draft/chathistory-targets", "", lines))
 
     def _replay_later(self) -> None:
         self.replay_busy = False
@@ -8530,55 +8505,69 @@ def desktop_files(system: str, home: Path, env: Mapping[str, str], script: Path,
     """What install-desktop writes on `system` ("linux", "darwin", "win32"):
     {path: (contents, executable)}, the main launcher file first.  Pure: the
     tests generate every system's files on any system."""
-    png = icon_png()
     python = gui_python(system, python)
     argv = launcher_argv(script, python, server, nick, extra)
     gone = (f"PyChat cannot start: {python} or {script} is not there any more. Run "
             "`python pychat.py install-desktop` again with the pychat.py you want to use.")
-    if system == "darwin":
-        app = home / "Applications" / "PyChat.app" / "Contents"
-        plist = plistlib.dumps({
-            "CFBundleName": "PyChat", "CFBundleDisplayName": "PyChat",
-            "CFBundleIdentifier": "org.pychat.PyChat", "CFBundleVersion": __version__,
-            "CFBundleShortVersionString": __version__, "CFBundlePackageType": "APPL",
-            "CFBundleInfoDictionaryVersion": "6.0", "CFBundleExecutable": "PyChat",
-            "CFBundleIconFile": "PyChat.icns", "LSMinimumSystemVersion": "10.13",
-            "NSHighResolutionCapable": True, "PyChatInstaller": LAUNCHER_MARK})
-        alert = "display alert " + json.dumps(gone, ensure_ascii=False)  # AppleScript string
-        launcher = (f"#!/bin/sh\n# Starts PyChat's window; {LAUNCHER_MARK}.\n"
-                    f"if [ ! -x {shlex.quote(python)} ] || [ ! -f {shlex.quote(str(script))} ]"
-                    f"; then\n    osascript -e {shlex.quote(alert)}\n    exit 1\nfi\n"
-                    "exec " + " ".join(shlex.quote(a) for a in argv) + "\n")
-        return {app / "Info.plist": (plist, False),
-                app / "MacOS" / "PyChat": (launcher.encode(), True),
-                app / "Resources" / "PyChat.icns": (icon_icns(png), False)}
-    if system == "win32":
-        appdata = env_folder(env, "APPDATA", home, "AppData/Roaming")
-        folder = appdata / "PyChat" / "launcher"
-        pyw = folder / "PyChat.pyw"
-        ico = folder / "PyChat.ico"
-        code = (f"# Starts PyChat's window; {LAUNCHER_MARK}.\n"
-                "import os, subprocess\n"
-                f"argv = {argv!r}\n"
-                "try:\n"
-                "    if not os.path.isfile(argv[1]):\n"
-                "        raise OSError(argv[1])\n"
-                "    subprocess.Popen(argv, close_fds=True)\n"
-                "except OSError:\n"
-                "    import ctypes\n"
-                f"    ctypes.windll.user32.MessageBoxW(None, {gone!r}, 'PyChat', 0x10)\n")
-        # Windows reads a .url in the ANSI code page; a path it cannot hold
-        # goes (UTF-7 encoded, as Explorer writes it) in [InternetShortcut.W].
-        lines = [f"; {LAUNCHER_MARK}", "[InternetShortcut]", f"URL={pyw.as_uri()}",
-                 "IconIndex=0"]
-        if str(ico).isascii():
-            lines.append(f"IconFile={ico}")
-        else:
-            lines += ["[InternetShortcut.W]", f"URL={pyw.as_uri()}",
-                      "IconFile=" + str(ico).encode("utf-7").decode("ascii")]
-        menu = appdata / "Microsoft" / "Windows" / "Start Menu" / "Programs" / "PyChat.url"
-        return {menu: ("\r\n".join(lines + [""]).encode("ascii"), False),
-                pyw: (code.encode("utf-8"), False), ico: (icon_ico(png), False)}
+    make = {"darwin": _mac_launcher, "win32": _windows_launcher}.get(system, _linux_launcher)
+    return make(home, env, script, python, argv, gone, icon_png())
+
+
+def _mac_launcher(home: Path, env: Mapping[str, str], script: Path, python: str,
+                  argv: list[str], gone: str, png: bytes) -> dict[Path, tuple[bytes, bool]]:
+    """A PyChat.app in ~/Applications whose executable is a shell script."""
+    app = home / "Applications" / "PyChat.app" / "Contents"
+    plist = plistlib.dumps({
+        "CFBundleName": "PyChat", "CFBundleDisplayName": "PyChat",
+        "CFBundleIdentifier": "org.pychat.PyChat", "CFBundleVersion": __version__,
+        "CFBundleShortVersionString": __version__, "CFBundlePackageType": "APPL",
+        "CFBundleInfoDictionaryVersion": "6.0", "CFBundleExecutable": "PyChat",
+        "CFBundleIconFile": "PyChat.icns", "LSMinimumSystemVersion": "10.13",
+        "NSHighResolutionCapable": True, "PyChatInstaller": LAUNCHER_MARK})
+    alert = "display alert " + json.dumps(gone, ensure_ascii=False)  # AppleScript string
+    launcher = (f"#!/bin/sh\n# Starts PyChat's window; {LAUNCHER_MARK}.\n"
+                f"if [ ! -x {shlex.quote(python)} ] || [ ! -f {shlex.quote(str(script))} ]"
+                f"; then\n    osascript -e {shlex.quote(alert)}\n    exit 1\nfi\n"
+                "exec " + " ".join(shlex.quote(a) for a in argv) + "\n")
+    return {app / "Info.plist": (plist, False),
+            app / "MacOS" / "PyChat": (launcher.encode(), True),
+            app / "Resources" / "PyChat.icns": (icon_icns(png), False)}
+
+
+def _windows_launcher(home: Path, env: Mapping[str, str], script: Path, python: str,
+                      argv: list[str], gone: str, png: bytes) -> dict[Path, tuple[bytes, bool]]:
+    """A Start menu shortcut (.url) to a .pyw that starts the window."""
+    appdata = env_folder(env, "APPDATA", home, "AppData/Roaming")
+    folder = appdata / "PyChat" / "launcher"
+    pyw = folder / "PyChat.pyw"
+    ico = folder / "PyChat.ico"
+    code = (f"# Starts PyChat's window; {LAUNCHER_MARK}.\n"
+            "import os, subprocess\n"
+            f"argv = {argv!r}\n"
+            "try:\n"
+            "    if not os.path.isfile(argv[1]):\n"
+            "        raise OSError(argv[1])\n"
+            "    subprocess.Popen(argv, close_fds=True)\n"
+            "except OSError:\n"
+            "    import ctypes\n"
+            f"    ctypes.windll.user32.MessageBoxW(None, {gone!r}, 'PyChat', 0x10)\n")
+    # Windows reads a .url in the ANSI code page; a path it cannot hold
+    # goes (UTF-7 encoded, as Explorer writes it) in [InternetShortcut.W].
+    lines = [f"; {LAUNCHER_MARK}", "[InternetShortcut]", f"URL={pyw.as_uri()}",
+             "IconIndex=0"]
+    if str(ico).isascii():
+        lines.append(f"IconFile={ico}")
+    else:
+        lines += ["[InternetShortcut.W]", f"URL={pyw.as_uri()}",
+                  "IconFile=" + str(ico).encode("utf-7").decode("ascii")]
+    menu = appdata / "Microsoft" / "Windows" / "Start Menu" / "Programs" / "PyChat.url"
+    return {menu: ("\r\n".join(lines + [""]).encode("ascii"), False),
+            pyw: (code.encode("utf-8"), False), ico: (icon_ico(png), False)}
+
+
+def _linux_launcher(home: Path, env: Mapping[str, str], script: Path, python: str,
+                    argv: list[str], gone: str, png: bytes) -> dict[Path, tuple[bytes, bool]]:
+    """A freedesktop.org menu entry and its icon."""
     data = env_folder(env, "XDG_DATA_HOME", home, ".local/share")
     icon = data / "icons" / "hicolor" / "256x256" / "apps" / "pychat.png"
     entry = "\n".join([
@@ -8927,6 +8916,31 @@ async def _connect_clients(host: str, port: int, count: int, measure: int,
     return clients
 
 
+async def _bench_sender(client: BenchClient, messages: int, rate: float) -> None:
+    """One sender: `rate` messages a second, or (rate 0, unpaced) as fast as
+    the server echoes, with a window of messages in flight."""
+    if rate <= 0:
+        client.to_send = messages
+        client.send_next(BENCH_WINDOW)
+        return
+    next_at = time.monotonic()
+    for _ in range(messages):
+        client.send(encode({"type": "msg", "text": f"{time.time():.6f} x"}))
+        next_at += 1 / rate
+        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+
+
+async def _bench_deliveries(clients: list, expected: int, progress: Progress,
+                            deadline: float) -> int:
+    """Wait until every delivery arrived, a client was dropped, or time is up."""
+    while True:
+        got = sum(c.received for c in clients)
+        progress.show("fanout", got, expected)
+        if got >= expected or time.monotonic() > deadline or any(c.closed for c in clients):
+            return got
+        await asyncio.sleep(0.05)
+
+
 async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messages: int,
                        rate: float, progress: Progress, timeout: float,
                        server_pid: int | None, irc: int = 0) -> dict[str, Any]:
@@ -8945,27 +8959,10 @@ async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messa
     before = process_stats(server_pid) if server_pid else {}
     expected = senders * messages * clients_n
     loop = asyncio.get_running_loop()
-
-    async def sender(client: BenchClient) -> None:
-        if rate <= 0:  # as fast as the server echoes: a window of messages in flight
-            client.to_send = messages
-            client.send_next(BENCH_WINDOW)
-            return
-        next_at = time.monotonic()
-        for _ in range(messages):
-            client.send(encode({"type": "msg", "text": f"{time.time():.6f} x"}))
-            next_at += 1 / rate
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
     t0 = time.monotonic()
     cpu0 = time.process_time()
-    tasks = [loop.create_task(sender(c)) for c in clients[-senders:]]
-    deadline = t0 + timeout
-    while True:
-        got = sum(c.received for c in clients)
-        progress.show("fanout", got, expected)
-        if got >= expected or time.monotonic() > deadline or any(c.closed for c in clients):
-            break
-        await asyncio.sleep(0.05)
+    tasks = [loop.create_task(_bench_sender(c, messages, rate)) for c in clients[-senders:]]
+    got = await _bench_deliveries(clients, expected, progress, t0 + timeout)
     elapsed = time.monotonic() - t0
     gen_cpu = time.process_time() - cpu0
     after = process_stats(server_pid) if server_pid else {}
