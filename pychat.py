@@ -6441,6 +6441,7 @@ class ChatWindow:
         self.was_connected = False         # the banner only shows a link we had and lost
         self.offline = False               # the server is unreachable: banner, grey lists
         self._after: str | None = None
+        self._focus_after: str | None = None
         self._link_count = 0
         self.links: dict[str, str] = {}    # url tag -> address
         self.draft = ""                    # what was typed before Up started recalling
@@ -7496,9 +7497,13 @@ class ChatWindow:
 
     def _focus_out(self, event: Any) -> None:
         # FocusOut also fires when focus moves between our own widgets.
-        self.master.after(10, self._check_focus)
+        if not self.closing:
+            if self._focus_after is not None:
+                self.master.after_cancel(self._focus_after)
+            self._focus_after = self.master.after(10, self._check_focus)
 
     def _check_focus(self) -> None:
+        self._focus_after = None
         if self.closing:
             return
         try:
@@ -7848,6 +7853,8 @@ class ChatWindow:
         if self._after is not None:
             self.master.after_cancel(self._after)
             self._after = None
+        if self._focus_after is not None:
+            self.master.after_cancel(self._focus_after)
         self.net.close(1.0, reason)
         try:
             self.master.update_idletasks()  # let pending Tk callbacks run before we go
