@@ -6559,6 +6559,7 @@ class ChatWindow:
             style.configure(f"{name}.Horizontal.TProgressbar", troughcolor=THEME["header"],
                             background=colour, bordercolor=THEME["header"],
                             lightcolor=colour, darkcolor=colour, thickness=8)
+        self._dark_ttk(style)
         self.master.update_idletasks()  # run Tk's <<ThemeChanged>> now, while we exist
         # Typing notice and pending messages under the pane.
         self.typing_label = tk.Label(body, text="", anchor="w", font=self.fonts["small"],
@@ -6652,6 +6653,27 @@ class ChatWindow:
         self.status_label = tk.Label(bar, text="", anchor="w", bg=THEME["header"],
                                      fg=THEME["dim"], font=self.fonts["small"])
         self.status_label.pack(side="left", fill="x", expand=True)
+
+    def _dark_ttk(self, style: Any) -> None:
+        """Dark defaults for ttk widgets PyChat does not style itself: those of
+        Tk's own file dialog on X11 (frames, labels, buttons, entries, combobox)."""
+        bg, fg, field = THEME["side"], THEME["text"], THEME["input"]
+        style.configure(".", background=bg, foreground=fg, fieldbackground=field,
+                        bordercolor=THEME["header"], lightcolor=bg, darkcolor=bg,
+                        troughcolor=THEME["header"], arrowcolor=THEME["dim"],
+                        selectbackground=THEME["accent"], selectforeground="#ffffff",
+                        insertcolor=fg)
+        style.map(".", background=[("disabled", bg), ("active", THEME["button_hover"])],
+                  foreground=[("disabled", THEME["dim"])])
+        style.configure("TEntry", fieldbackground=field, foreground=fg)
+        style.configure("TButton", background=THEME["button"])
+        style.map("TButton", background=[("disabled", bg), ("pressed", THEME["accent"]),
+                                         ("active", THEME["button_hover"])],
+                  foreground=[("disabled", THEME["dim"])])
+        style.map("TCombobox", fieldbackground=[("readonly", field)])
+        for pattern, value in (("*TkFDialog*foreground", fg), ("*TkFDialog*background", bg),
+                               ("*TkFDialog*Menu.background", field)):
+            self.master.option_add(pattern, value)
 
     def _convo(self, name: str) -> Conversation:
         """The conversation for a room or a nick, made (with its pane) on first use."""
@@ -7180,8 +7202,8 @@ class ChatWindow:
             self.offer_file(path)
 
     def _quiet_file_dialog(self) -> None:
-        """Tk's own file dialog (X11): hidden files hidden, with a button to
-        show them.  Its variables exist once its script is loaded, which an
+        """Tk's own file dialog (X11): dark, hidden files hidden, with a button
+        to show them.  Its variables exist once its script is loaded, which an
         invalid option forces; other platforms' native dialogs ignore them."""
         call = self.master.tk.call
         try:
@@ -7193,6 +7215,18 @@ class ChatWindow:
             call("set", "::tk::dialog::file::showHiddenVar", "0")
         except self.tk.TclError:
             pass
+        # Its file list is a canvas made with a white background (iconlist.tcl):
+        # darken it once it exists (the dialog waits in a nested event loop, so
+        # after() callbacks still run).
+        canvas = str(self.master).rstrip(".") + ".__tk_filedialog.contents.icons.cHull.canvas"
+
+        def darken(tries: int = 40) -> None:
+            try:
+                call(canvas, "configure", "-background", THEME["input"])
+            except self.tk.TclError:
+                if tries and not self.closing:
+                    self.master.after(25, darken, tries - 1)
+        self.master.after(25, darken)
 
     def offer_file(self, path: str) -> None:
         """Offer a file in the current conversation (a room, or one person)."""

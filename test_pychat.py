@@ -5267,6 +5267,10 @@ class GuiPolishTests(GuiCase):
         window.file_button.widget.invoke()
         self.assertEqual(seen.get("initialdir"), str(Path.home()))
         self.assertEqual((seen["hidden"], seen["button"]), ("0", "1"))
+        # Its ttk parts are dark too (the file list's canvas is darkened once it exists).
+        from tkinter import ttk
+        field = str(ttk.Style(self.root).lookup("TEntry", "fieldbackground"))
+        self.assertLess(_luminance(field), 0.05, field)
 
     # --- 19. the sidebar
     def test_sidebar_items_are_padded_close_to_online_and_the_thumb_shows(self):
