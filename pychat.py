@@ -6844,10 +6844,10 @@ class ChatWindow:
         tag = f"help{column}"
         convo.text.tag_configure(tag, tabs=(column,), lmargin2=column)
         for usage, description in rows:
-            if not usage:
-                self._append([(description, ("help", tag))], convo=convo)
+            if not usage:  # prose, the whole width
+                self._append([(description, ("help",))], convo=convo)
             elif not description or bold.measure(usage) + plain.measure("  ") > column:
-                self._append([(usage, ("help_usage", tag))], convo=convo)
+                self._append([(usage, ("help_usage",))], convo=convo)
                 if description:
                     self._append([("\t" + description, ("help", tag))], convo=convo)
             else:
@@ -7172,8 +7172,8 @@ class ChatWindow:
         lists (what they show may be out of date); all back once reconnected."""
         self.offline = offline
         if offline:
-            self.banner.configure(text=tk_safe("⚠  Not connected to the server: " + (
-                why or "reconnecting...")))
+            why = re.sub(r"^Disconnected: ", "", why) or "reconnecting..."
+            self.banner.configure(text=tk_safe(f"⚠  Not connected — {why}"))
             if not self.banner.winfo_ismapped():
                 self.banner.pack(side="top", fill="x", before=self.body)
         else:

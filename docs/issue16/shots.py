@@ -74,6 +74,16 @@ def main(prefix: str) -> None:
     dump = subprocess.run(["xwd", "-silent", "-root"], capture_output=True, check=True).stdout
     t.xwd_to_png(dump, out / f"{prefix}-picker.png")
     print("wrote", out / f"{prefix}-picker.png")
+    w.close_emoji()
+    if prefix == "after":  # new in issue 16: /help in columns, the disconnect banner
+        w.show_convo("#dev")
+        w.run_command("/help")
+        grab("help")
+        for p in peers.values():
+            p.close()
+        srv.stop()
+        pump(lambda: w.banner.winfo_ismapped())
+        grab("banner")
     for p in peers.values():
         p.close()
     w.close()
