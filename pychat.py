@@ -6830,7 +6830,7 @@ THEME = {
     "text": "#dbdee1", "dim": "#949ba4", "accent": "#5865f2", "accent_hover": "#4752c4",
     "button": "#4e5058", "button_hover": "#6d6f78", "mention": "#4a4537",
     "mention_bar": "#f0b232", "link": "#00a8fc", "error": "#f23f43", "ok": "#23a55a",
-    "marker": "#f23f43", "pending": "#80848e",
+    "marker": "#f23f43", "pending": "#80848e", "thumb": "#5c5f66",
 }
 
 URL_RE = re.compile(r"\b(?:https?://|www\.)[^\s<>\"']+[^\s<>\"'.,;:!?)\]}]")
@@ -6843,7 +6843,11 @@ EMOJI = {
     "Things": "🎉 🎂 🍕 🍺 💻 📎 📌 🚀 ⏰ 🔥 ✨ 💯",
     "Symbols": "☺ ☹ ❤ ♥ ★ ☆ ✔ ✖ ☀ ☁ ☂ ☕ ♫ ⚡ ⚠ ♻ ✉ ✂ ⌛ ☎",
 }
-EMOJI_COLUMNS = 10
+EMOJI_COLUMNS = 8              # the picker's grid is this many emoji wide
+EMOJI_RECENT = 16              # the picker's "Recent" tab keeps this many
+INPUT_MIN_LINES = 1            # the message box grows with its text between these
+INPUT_MAX_LINES = 8            # ...and scrolls past the maximum
+GROUP_SECONDS = 300            # a sender's follow-up within this long joins their run
 THUMBNAIL = 200                # pixels: received pictures are shown this big at most
 COLOR_EMOJI_FONTS = ("Noto Color Emoji", "Apple Color Emoji", "Segoe UI Emoji",
                      "Twemoji", "JoyPixels", "EmojiOne Color", "Symbola")
@@ -6910,6 +6914,50 @@ def emoji_groups(non_bmp: bool, families: set[str]) -> dict[str, list[str]]:
         if keep:
             groups[name] = keep
     return groups
+
+
+EMOJI_GLUE = "\u200d\ufe0f\u20e3"  # zero-width joiner, emoji presentation, keycap
+
+
+def is_emoji(ch: str) -> bool:
+    """True for the characters a colour emoji font draws better than a text
+    font: pictographs above U+FFFF and the BMP's symbols and dingbats."""
+    o = ord(ch)
+    return o >= 0x1F000 or 0x2600 <= o <= 0x27BF or 0x2300 <= o <= 0x23FF \
+        or 0x2B00 <= o <= 0x2BFF
+
+
+def emoji_runs(text: str) -> list[tuple[int, int]]:
+    """(start, end) code-point offsets of the runs of emoji in text (a run
+    keeps the joiners and selectors inside and right after it)."""
+    runs: list[tuple[int, int]] = []
+    start = None
+    for i, ch in enumerate(text):
+        if is_emoji(ch) or (start is not None and ch in EMOJI_GLUE):
+            start = i if start is None else start
+        elif start is not None:
+            runs.append((start, i))
+            start = None
+    if start is not None:
+        runs.append((start, len(text)))
+    return runs
+
+
+def emoji_name(ch: str) -> str:
+    """An emoji's Unicode name in lower case ("thumbs up sign"), "" if none."""
+    return unicodedata.name(ch[0], "").lower() if ch else ""
+
+
+def emoji_search(query: str, groups: dict[str, list[str]]) -> list[str]:
+    """The emoji whose Unicode names hold every word of the query."""
+    words = query.lower().split()
+    found: list[str] = []
+    for chars in groups.values():
+        for ch in chars:
+            name = emoji_name(ch)
+            if words and all(w in name for w in words) and ch not in found:
+                found.append(ch)
+    return found
 
 
 class HoverButton:
@@ -7021,6 +7069,7 @@ class Conversation:
         self.key, self.name = key, name
         self.is_room = name.startswith("#")
         self.frame, self.text = frame, text
+        self.run: tuple[str, float] | None = None  # (nick key, ts) of the last message's sender
         self.topic = ""
         self.unread = 0                      # messages not yet looked at
         self.marker_pending = False          # the unread marker goes before the next one
@@ -7039,7 +7088,9 @@ class ChatWindow:
 
     def __init__(self, master: Any, net: Any, *, host: str = "", port: int = 0,
                  notifier: Notifier | None = None, open_url: Callable[[str], Any] | None = None,
-                 save_ignored: Callable[[set[str]], None] | None = None):
+                 save_ignored: Callable[[set[str]], None] | None = None,
+                 recent_emoji: list[str] | None = None,
+                 save_recent: Callable[[list[str]], None] | None = None):
         import tkinter as tk
         import tkinter.font as tkfont
         self.tk = tk
@@ -7060,7 +7111,11 @@ class ChatWindow:
         self.focused = True
         self.closing = False
         self.connected = False
+        self.was_connected = False         # the banner only shows a link we had and lost
+        self.offline = False               # the server is unreachable: banner, grey lists
         self._after: str | None = None
+        self._focus_after: str | None = None
+        self._darken_after: str | None = None  # the file dialog's colouring, pending
         self._link_count = 0
         self.links: dict[str, str] = {}    # url tag -> address
         self.draft = ""                    # what was typed before Up started recalling
@@ -7072,12 +7127,24 @@ class ChatWindow:
         families = set(tkfont.families(master))
         self.emoji = emoji_groups(self.non_bmp, families)
         self.emoji_font = next((f for f in COLOR_EMOJI_FONTS if f in families), None)
+        # Emoji runs in text are drawn with the colour font, where there is one
+        # (else a text font's monochrome glyphs would win over the colour ones).
+        self.colour_emoji = self.emoji_font is not None and self.emoji_font != "Symbola" \
+            and self.non_bmp
+        self.recent_emoji = [c for c in (recent_emoji or []) if isinstance(c, str)
+                             and c in {e for group in self.emoji.values() for e in group}]
+        self.save_recent = save_recent or (lambda chars: None)
+        self.emoji_tab = "Recent" if self.recent_emoji else next(iter(self.emoji), "")
         base = tkfont.nametofont("TkDefaultFont").actual()
         self.font = (base["family"], 11)
         self.fonts = {
             "bold": (base["family"], 11, "bold"), "italic": (base["family"], 11, "italic"),
             "small": (base["family"], 9), "title": (base["family"], 13, "bold"),
         }
+        # Where a message's text column starts: after "HH:MM  ", under the nick.
+        # Wrapped lines, lines after a line break and a sender's follow-ups all
+        # start here.
+        self.indent = tkfont.Font(master, font=self.fonts["small"]).measure("00:00  ")
         master.title("PyChat")
         master.configure(bg=THEME["bg"])
         master.minsize(640, 420)
@@ -7133,10 +7200,14 @@ class ChatWindow:
                                        hover=THEME["button_hover"], font=self.fonts["small"])
         self.mute_button.widget.configure(highlightbackground=THEME["header"])
         self.mute_button.widget.pack(side="right")
+        # Shown across the top of every conversation while the server is away.
+        self.banner = tk.Label(self.master, text="", anchor="w", padx=14, pady=6,
+                               bg=THEME["mention_bar"], fg=THEME["header"],
+                               font=self.fonts["bold"])
 
     def _build_body(self) -> None:
         tk = self.tk
-        body = tk.Frame(self.master, bg=THEME["bg"])
+        body = self.body = tk.Frame(self.master, bg=THEME["bg"])
         body.pack(side="top", fill="both", expand=True)
         body.columnconfigure(0, weight=1)
         body.rowconfigure(0, weight=1)
@@ -7158,7 +7229,16 @@ class ChatWindow:
         style.layout("Chat.Vertical.TScrollbar", [("Vertical.Scrollbar.trough", {
             "sticky": "ns", "children": [("Vertical.Scrollbar.thumb",
                                           {"expand": "1", "sticky": "nswe"})]})])
-        style.configure("Chat.Vertical.TScrollbar", background="#1a1b1e", width=8)
+        # The thumb must stand out from the trough (#1a1b1e on #313338 did not).
+        style.configure("Chat.Vertical.TScrollbar", background=THEME["thumb"], width=8)
+        style.map("Chat.Vertical.TScrollbar", background=[("active", THEME["button_hover"])])
+        # File-transfer bars: a dark trough, the accent while running, green once done.
+        for name, colour in (("Chat", THEME["accent"]), ("Done", THEME["ok"]),
+                             ("Failed", THEME["error"])):
+            style.configure(f"{name}.Horizontal.TProgressbar", troughcolor=THEME["header"],
+                            background=colour, bordercolor=THEME["header"],
+                            lightcolor=colour, darkcolor=colour, thickness=8)
+        self._dark_ttk(style)
         self.master.update_idletasks()  # run Tk's <<ThemeChanged>> now, while we exist
         # Typing notice and pending messages under the pane.
         self.typing_label = tk.Label(body, text="", anchor="w", font=self.fonts["small"],
@@ -7172,11 +7252,17 @@ class ChatWindow:
         row = tk.Frame(body, bg=THEME["bg"], padx=12, pady=10)
         row.grid(row=3, column=0, sticky="ew")
         row.columnconfigure(0, weight=1)
-        self.input = tk.Text(row, height=2, wrap="word", bg=THEME["input"], fg=THEME["text"],
+        self.input = tk.Text(row, height=INPUT_MIN_LINES, wrap="word", bg=THEME["input"],
+                             fg=THEME["text"],
                              font=self.font, relief="flat", padx=10, pady=8, undo=True,
                              insertbackground=THEME["text"], highlightthickness=2,
                              highlightbackground=THEME["input"], highlightcolor=THEME["accent"])
         self.input.grid(row=0, column=0, sticky="ew")
+        # "12 lines": how long a draft is that no longer fits the box.
+        self.lines_label = tk.Label(row, text="", anchor="e", bg=THEME["bg"], fg=THEME["dim"],
+                                    font=self.fonts["small"])
+        self.lines_label.grid(row=1, column=0, sticky="e")
+        self.lines_label.grid_remove()
         emoji_label = "😊" if self.emoji_font and self.non_bmp else "☺"
         self.emoji_button = HoverButton(row, emoji_label, self.toggle_emoji,
                                         bg=THEME["button"], hover=THEME["button_hover"],
@@ -7198,14 +7284,18 @@ class ChatWindow:
         self.input.bind("<Tab>", self._on_tab)
         self.input.bind("<Control-Tab>", lambda e: (self.input.tk_focusNext().focus_set(),
                                                     "break")[1])
-        self.input.bind("<Escape>", lambda e: self.emoji_panel is not None
-                        and self.toggle_emoji())
+        self.input.bind("<Escape>", lambda e: self.close_emoji())
         # Logical line start/end: Tk's display-line moves can land inside a
         # surrogate pair on wrapped lines (see README, "Emoji").
         self.input.bind("<Home>", lambda e: self._move_cursor("insert linestart"))
         self.input.bind("<End>", lambda e: self._move_cursor("insert lineend"))
         self.input.bind("<KeyRelease>", self._on_key_release)
+        self.input.bind("<<Modified>>", self._on_input_modified)
+        self.input.bind("<Configure>", lambda e: self._fit_input(), add="+")
         self.emoji_panel: Any = None
+        # A click anywhere outside the emoji picker closes it (Tk gives every
+        # widget's events to its toplevel's bindings too).
+        self.master.bind("<ButtonPress>", self._click_outside_emoji, add="+")
         # Sidebar: who is here.
         side = tk.Frame(body, bg=THEME["side"], width=190, padx=10, pady=10)
         side.grid(row=0, column=1, rowspan=4, sticky="ns")
@@ -7218,8 +7308,12 @@ class ChatWindow:
                        exportselection=False)
         tk.Label(side, text="CONVERSATIONS", anchor="w", bg=THEME["side"], fg=THEME["dim"],
                  font=self.fonts["small"]).grid(row=0, column=0, sticky="ew", pady=(0, 4))
-        self.convo_list = tk.Listbox(side, height=6, **listbox)
-        self.convo_list.grid(row=1, column=0, sticky="ew", pady=(0, 10))
+        # As tall as its items (see _refresh_convos): no gap above ONLINE.
+        # selectborderwidth pads every item (a Listbox has no other padding);
+        # the conversation on show is marked by its background, not the
+        # selection, whose padding Tk draws as a raised 3D border.
+        self.convo_list = tk.Listbox(side, height=1, selectborderwidth=5, **listbox)
+        self.convo_list.grid(row=1, column=0, sticky="ew", pady=(0, 12))
         self.convo_list.bind("<<ListboxSelect>>", self._on_convo_select)
         self.count_label = tk.Label(side, text="ONLINE — 0", anchor="w", bg=THEME["side"],
                                     fg=THEME["dim"], font=self.fonts["small"])
@@ -7238,6 +7332,27 @@ class ChatWindow:
         self.status_label = tk.Label(bar, text="", anchor="w", bg=THEME["header"],
                                      fg=THEME["dim"], font=self.fonts["small"])
         self.status_label.pack(side="left", fill="x", expand=True)
+
+    def _dark_ttk(self, style: Any) -> None:
+        """Dark defaults for ttk widgets PyChat does not style itself: those of
+        Tk's own file dialog on X11 (frames, labels, buttons, entries, combobox)."""
+        bg, fg, field = THEME["side"], THEME["text"], THEME["input"]
+        style.configure(".", background=bg, foreground=fg, fieldbackground=field,
+                        bordercolor=THEME["header"], lightcolor=bg, darkcolor=bg,
+                        troughcolor=THEME["header"], arrowcolor=THEME["dim"],
+                        selectbackground=THEME["accent"], selectforeground="#ffffff",
+                        insertcolor=fg)
+        style.map(".", background=[("disabled", bg), ("active", THEME["button_hover"])],
+                  foreground=[("disabled", THEME["dim"])])
+        style.configure("TEntry", fieldbackground=field, foreground=fg)
+        style.configure("TButton", background=THEME["button"])
+        style.map("TButton", background=[("disabled", bg), ("pressed", THEME["accent"]),
+                                         ("active", THEME["button_hover"])],
+                  foreground=[("disabled", THEME["dim"])])
+        style.map("TCombobox", fieldbackground=[("readonly", field)])
+        for pattern, value in (("*TkFDialog*foreground", fg), ("*TkFDialog*background", bg),
+                               ("*TkFDialog*Menu.background", field)):
+            self.master.option_add(pattern, value)
 
     def _convo(self, name: str) -> Conversation:
         """The conversation for a room or a nick, made (with its pane) on first use."""
@@ -7305,6 +7420,7 @@ class ChatWindow:
     def _refresh_convos(self) -> None:
         keys = sorted(self.convos, key=lambda k: (not k.startswith("#"), k))
         self._convo_keys = keys
+        self.convo_list.configure(height=max(1, min(len(keys), 8)))
         self.convo_list.delete(0, "end")
         for i, key in enumerate(keys):
             convo = self.convos[key]
@@ -7316,10 +7432,9 @@ class ChatWindow:
                 label += f"  ({convo.unread})"
             self.convo_list.insert("end", tk_safe(label))
             self.convo_list.itemconfigure(i, foreground=THEME["text"] if convo.unread
-                                          and not gone else THEME["dim"])
+                                          and not gone and not self.offline else THEME["dim"])
             if key == self.current:
-                self.convo_list.selection_clear(0, "end")
-                self.convo_list.selection_set(i)
+                self.convo_list.itemconfigure(i, background=THEME["input"])
 
     def _on_convo_select(self, event: Any) -> None:
         chosen = self.convo_list.curselection()
@@ -7346,18 +7461,47 @@ class ChatWindow:
         c.tag_bind("link", "<Leave>", lambda e: c.configure(cursor="arrow"))
         c.tag_configure("marker", foreground=THEME["marker"], font=self.fonts["small"],
                         justify="center")
-        c.tag_configure("body", lmargin2=52)  # wrapped lines align under the text
+        # Wrapped lines, the lines after a line break ("cont") and a sender's
+        # follow-up messages ("cont" too) start at the text column.
+        c.tag_configure("body", lmargin2=self.indent)
+        c.tag_configure("cont", lmargin1=self.indent, lmargin2=self.indent)
+        # A follow-up keeps its time and nick in the text (copying, searching)
+        # but hides them, like Discord's grouped messages.
+        c.tag_configure("grouped", elide=True)
+        # /help: usage and description in two columns, wrapped lines under the second.
+        c.tag_configure("help", foreground=THEME["dim"], font=self.font)
+        c.tag_configure("help_usage", foreground=THEME["text"], font=self.fonts["bold"])
+        if self.colour_emoji:
+            c.tag_configure("emoji", font=(self.emoji_font, self.font[1]))
+            c.tag_raise("emoji")  # above "nick", "action" and "system", whose fonts it replaces
         c.tag_bind("link", "<Button-1>", self._click_link)
 
     # --- chat pane
+    def _emoji_parts(self, text: str, tags: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
+        """text split into runs, emoji runs tagged "emoji" (when drawn in colour)."""
+        if not self.colour_emoji:
+            return [(text, tags)]
+        parts, pos = [], 0
+        for start, end in emoji_runs(text):
+            if start > pos:
+                parts.append((text[pos:start], tags))
+            parts.append((text[start:end], tags + ("emoji",)))
+            pos = end
+        if pos < len(text):
+            parts.append((text[pos:], tags))
+        return parts
+
     def _append(self, parts: list[tuple[str, tuple[str, ...]]],
                 line_tags: tuple[str, ...] = (), convo: Conversation | None = None) -> None:
-        """Append one line made of (text, tags) parts, only ever at the end."""
+        """Append one line made of (text, tags) parts, only ever at the end.
+        Anything but a message ends the sender's run (add_message sets it again)."""
         convo = convo or self.convo
+        convo.run = None
         c = convo.text
         c.configure(state="normal")
         for text, tags in parts:
-            c.insert("end", tk_safe(text, self.non_bmp), tags)
+            for run, run_tags in self._emoji_parts(tk_safe(text, self.non_bmp), tags):
+                c.insert("end", run, run_tags)
         c.insert("end", "\n", line_tags)  # a tagged newline colours the whole row
         lines = int(c.index("end-1c").split(".")[0])
         if lines > MAX_CHAT_LINES:  # trim whole lines from the top
@@ -7369,6 +7513,28 @@ class ChatWindow:
     def add_system(self, text: str, tag: str = "system", ts: Any = None,
                    convo: Conversation | None = None) -> None:
         self._append([(clock(ts) + "  ", ("time",)), (text, (tag,))], convo=convo)
+
+    def add_help(self, rows: list[tuple[str, str]], convo: Conversation | None = None) -> None:
+        """Help as two aligned columns (usage, description): a tab stop on the
+        "help" tag, and wrapped descriptions start under the second column.
+        A usage too wide for the first column gets its description below it."""
+        import tkinter.font as tkfont
+        convo = convo or self.convo
+        bold, plain = (tkfont.Font(self.master, font=f) for f in (self.fonts["bold"], self.font))
+        widths = [bold.measure(u) for u, d in rows if u and d]
+        column = min(max(widths, default=0), 260) + plain.measure("    ")
+        tag = f"help{column}"
+        convo.text.tag_configure(tag, tabs=(column,), lmargin2=column)
+        for usage, description in rows:
+            if not usage:  # prose, the whole width
+                self._append([(description, ("help",))], convo=convo)
+            elif not description or bold.measure(usage) + plain.measure("  ") > column:
+                self._append([(usage, ("help_usage",))], convo=convo)
+                if description:
+                    self._append([("\t" + description, ("help", tag))], convo=convo)
+            else:
+                self._append([(usage, ("help_usage", tag)), ("\t" + description, ("help", tag))],
+                             convo=convo)
 
     def add_marker(self, convo: Conversation) -> None:
         self.remove_marker(convo)
@@ -7392,14 +7558,51 @@ class ChatWindow:
         if colour not in convo.colours:
             convo.colours.add(colour)
             convo.text.tag_configure(colour, foreground=colour[2:])
-        parts: list[tuple[str, tuple[str, ...]]] = [(clock(m.get("ts")) + "  ", ("time",) + line)]
+        ts = m.get("ts")
+        when = float(ts) if isinstance(ts, (int, float)) and math.isfinite(ts) else time.time()
+        run = convo.run
+        # A follow-up from the same sender within GROUP_SECONDS shows only its
+        # text, at the text column; an action, a system line or a gap ends the run.
+        grouped = (not m.get("action") and run is not None and run[0] == nick_key(who)
+                   and 0 <= when - run[1] <= GROUP_SECONDS)
+        if grouped:
+            line += ("cont",)
+        head = ("grouped",) if grouped else ()
+        parts: list[tuple[str, tuple[str, ...]]] = [
+            (clock(m.get("ts")) + "  ", ("time",) + line + head)]
         if m.get("action"):
             parts.append((f"* {who} ", ("nick", colour, "action") + line))
             body_tags = ("action",) + line
         else:
-            parts.append((who, ("nick", colour) + line))
-            parts.append(("  ", line))
+            parts.append((who, ("nick", colour) + line + head))
+            parts.append(("  ", line + head))
             body_tags = line
+        # Lines after a line break in the message start at the text column too.
+        if "\n" in text:
+            cut = text.index("\n") + 1
+            text_parts = self._message_parts(text, body_tags)
+            shaped: list[tuple[str, tuple[str, ...]]] = []
+            pos = 0
+            for piece, tags in text_parts:
+                end = pos + len(piece)
+                if end <= cut:
+                    shaped.append((piece, tags))
+                elif pos >= cut:
+                    shaped.append((piece, tags + ("cont",)))
+                else:
+                    shaped += [(piece[:cut - pos], tags), (piece[cut - pos:], tags + ("cont",))]
+                pos = end
+            parts += shaped
+        else:
+            parts += self._message_parts(text, body_tags)
+        self._append(parts, line, convo)
+        if not m.get("action"):
+            convo.run = (nick_key(who), when)
+
+    def _message_parts(self, text: str,
+                       body_tags: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
+        """A message's text as (text, tags) parts, its links made clickable."""
+        parts: list[tuple[str, tuple[str, ...]]] = []
         pos = 0
         for start, end, url in find_urls(text):
             if start > pos:
@@ -7413,7 +7616,7 @@ class ChatWindow:
             parts.append((text[start:end], body_tags + ("link", tag)))
             pos = end
         parts.append((text[pos:], body_tags))
-        self._append(parts, line, convo)
+        return parts
 
     def _scroll(self, convo: Conversation, *args: Any) -> None:
         convo.text.yview(*args)
@@ -7462,6 +7665,7 @@ class ChatWindow:
         return self._convo(str(e.get("room") or LOBBY))
 
     def on_welcome(self, e: dict) -> None:
+        self.was_connected = True
         lobby = self._convo(str(e.get("room", LOBBY)))
         if e.get("motd"):
             lobby.topic = lobby.topic or str(e["motd"])
@@ -7625,6 +7829,25 @@ class ChatWindow:
         elif state == "connected" and not self.connected and self.chat.index("end-1c") != "1.0":
             self.add_system(message)
         self.connected = state == "connected"
+        self.was_connected = self.was_connected or self.connected
+        if state == "connected":
+            self._set_state(offline=False)
+        elif state in ("disconnected", "connecting") and self.was_connected:
+            self._set_state(offline=True, why=message)
+
+    def _set_state(self, offline: bool, why: str = "") -> None:
+        """While the server is away: a banner over every conversation and grey
+        lists (what they show may be out of date); all back once reconnected."""
+        self.offline = offline
+        if offline:
+            why = re.sub(r"^Disconnected: ", "", why) or "reconnecting..."
+            self.banner.configure(text=tk_safe(f"⚠  Not connected — {why}"))
+            if not self.banner.winfo_ismapped():
+                self.banner.pack(side="top", fill="x", before=self.body)
+        else:
+            self.banner.pack_forget()
+        self._refresh_convos()
+        self._refresh_users()
 
     def on_outbox(self, e: dict) -> None:
         pending = [str(t) for t in e.get("pending", [])]
@@ -7640,9 +7863,39 @@ class ChatWindow:
     # --- files
     def choose_file(self) -> None:
         from tkinter import filedialog
-        path = filedialog.askopenfilename(parent=self.master, title="Send a file")
+        self._quiet_file_dialog()
+        path = filedialog.askopenfilename(parent=self.master, title="Send a file",
+                                          initialdir=str(Path.home()))
         if path:
             self.offer_file(path)
+
+    def _quiet_file_dialog(self) -> None:
+        """Tk's own file dialog (X11): dark, hidden files hidden, with a button
+        to show them.  Its variables exist once its script is loaded, which an
+        invalid option forces; other platforms' native dialogs ignore them."""
+        call = self.master.tk.call
+        try:
+            try:
+                call("tk_getOpenFile", "-no-such-option")
+            except self.tk.TclError:
+                pass
+            call("set", "::tk::dialog::file::showHiddenBtn", "1")
+            call("set", "::tk::dialog::file::showHiddenVar", "0")
+        except self.tk.TclError:
+            pass
+        # Its file list is a canvas made with a white background (iconlist.tcl):
+        # darken it once it exists (the dialog waits in a nested event loop, so
+        # after() callbacks still run).
+        canvas = str(self.master).rstrip(".") + ".__tk_filedialog.contents.icons.cHull.canvas"
+
+        def darken(tries: int = 40) -> None:
+            self._darken_after = None
+            try:
+                call(canvas, "configure", "-background", THEME["input"])
+            except self.tk.TclError:
+                if tries and not self.closing:
+                    self._darken_after = self.master.after(25, darken, tries - 1)
+        self._darken_after = self.master.after(25, darken)
 
     def offer_file(self, path: str, to: str | None = None) -> None:
         """Offer a file in the current conversation (a room, or one person), or
@@ -7668,6 +7921,7 @@ class ChatWindow:
     def _embed(self, convo: Conversation, widgets: list[Any], text: str = "",
                tag: str = "system") -> None:
         """A chat line holding widgets (buttons, a progress bar), after some text."""
+        convo.run = None
         c = convo.text
         c.configure(state="normal")
         c.insert("end", clock(None) + "  ", ("time",))
@@ -7781,13 +8035,15 @@ class ChatWindow:
             label = self.tk.Label(frame, text=f"{info['name']}: waiting", bg=THEME["bg"],
                                   fg=THEME["dim"], font=self.fonts["small"], anchor="w")
             label.pack(side="top", fill="x")
-            bar = ttk.Progressbar(frame, length=260, maximum=100, mode="determinate")
+            bar = ttk.Progressbar(frame, length=260, maximum=100, mode="determinate",
+                                  style="Chat.Horizontal.TProgressbar")
             bar.pack(side="left")
             cancel = self._button(frame, "Cancel", lambda: self.net.cancel_file(tid))
             cancel.pack(side="left", padx=8)
             row = info["rows"][key] = {"frame": frame, "label": label, "bar": bar,
                                        "cancel": cancel}
-            self._embed(convo, [frame], ("Sending to " + nick) if nick else "")
+            self._embed(convo, [frame], "" if not nick else ("Sending to " + nick)
+                        if direction == "out" else ("From " + nick))
         return row
 
     def on_file_accept(self, e: dict) -> None:
@@ -7814,6 +8070,8 @@ class ChatWindow:
         if row is not None:
             row["label"].configure(text=text, fg=THEME[colour])
             row["cancel"].destroy()
+            row["bar"].configure(style=("Done" if colour == "ok" else "Failed")
+                                 + ".Horizontal.TProgressbar")
         return info
 
     def on_file_received(self, e: dict) -> None:
@@ -7845,6 +8103,7 @@ class ChatWindow:
         if factor > 1:
             image = image.subsample(factor)
         self.thumbnails.append(image)
+        convo.run = None
         c = convo.text
         c.configure(state="normal")
         c.image_create("end", image=image, padx=60)
@@ -7918,8 +8177,9 @@ class ChatWindow:
             label = f"● {name}" + ("  (you)" if me else "") + ("  (away)" if away else "") + \
                 ("  (left)" if gone else "")
             self.user_list.insert("end", tk_safe(label))
-            # Away users are dimmed, like a grey presence dot in Slack.
-            self.user_list.itemconfigure(i, foreground=THEME["dim"] if away or gone
+            # Away users are dimmed, like a grey presence dot in Slack; everyone
+            # while the server is away.
+            self.user_list.itemconfigure(i, foreground=THEME["dim"] if away or gone or self.offline
                                          else nick_hex(name))
         where = "ONLINE" if self.convo.is_room else "PRIVATE"
         self.count_label.configure(text=f"{where} — {len(names)}")
@@ -7971,9 +8231,13 @@ class ChatWindow:
 
     def _focus_out(self, event: Any) -> None:
         # FocusOut also fires when focus moves between our own widgets.
-        self.master.after(10, self._check_focus)
+        if not self.closing:
+            if self._focus_after is not None:
+                self.master.after_cancel(self._focus_after)
+            self._focus_after = self.master.after(10, self._check_focus)
 
     def _check_focus(self) -> None:
+        self._focus_after = None
         if self.closing:
             return
         try:
@@ -8043,46 +8307,176 @@ class ChatWindow:
         if typing_counts(self.input.get("1.0", "end-1c")):
             self.net.typing()
 
+    def _on_input_modified(self, event: Any) -> None:
+        """Every change to the draft (typing, pasting, recalling): fit the box."""
+        if self.input.edit_modified():
+            self.input.edit_modified(False)  # so the next change fires again
+            self._fit_input()
+
+    def _fit_input(self) -> None:
+        """Grow the box with its text, from INPUT_MIN_LINES up to INPUT_MAX_LINES
+        (then it scrolls); past that, a label says how long the draft is.  Emoji
+        runs are drawn in the colour font."""
+        if self.closing:
+            return
+        box = self.input
+        text = box.get("1.0", "end-1c")
+        if self.colour_emoji:
+            box.tag_remove("emoji", "1.0", "end")
+            for start, end in emoji_runs(text):
+                box.tag_add("emoji", f"1.0+{start}c", f"1.0+{end}c")
+        box.update_idletasks()
+        shown = box.count("1.0", "end-1c", "update", "displaylines")
+        shown = (shown[0] if isinstance(shown, tuple) else shown or 0) + 1
+        height = max(INPUT_MIN_LINES, min(INPUT_MAX_LINES, shown))
+        if int(box.cget("height")) != height:
+            box.configure(height=height)
+        lines = text.count("\n") + 1
+        if max(lines, shown) > INPUT_MAX_LINES:
+            self.lines_label.configure(text=f"{lines} lines" if lines > 1 else "1 long line")
+            self.lines_label.grid()
+        else:
+            self.lines_label.grid_remove()
+        if height < shown:
+            box.see("insert")
+
     def insert_emoji(self, char: str) -> None:
+        """Put a picked emoji at the cursor, remember it, close the picker."""
         self.input.insert("insert", char)
+        self.recent_emoji = ([char] + [c for c in self.recent_emoji if c != char])[:EMOJI_RECENT]
+        self.save_recent(self.recent_emoji)
+        self.close_emoji()
         self.input.focus_set()
 
-    def toggle_emoji(self) -> None:
-        """Open (or close) the emoji picker under the input box."""
-        tk = self.tk
+    def close_emoji(self) -> None:
         if self.emoji_panel is not None:
             self.emoji_panel.destroy()
             self.emoji_panel = None
+
+    def _click_outside_emoji(self, event: Any) -> None:
+        panel = self.emoji_panel
+        if panel is None:
             return
-        panel = tk.Toplevel(self.master, bg=THEME["side"], padx=8, pady=8)
-        panel.title("Emoji")
-        panel.transient(self.master)
-        panel.resizable(False, False)
+        widget = event.widget if not isinstance(event.widget, str) else None
+        inside = str(widget).startswith(str(panel)) if widget is not None else True
+        if not inside and widget is not self.emoji_button.widget:
+            self.close_emoji()  # the click itself goes on to what was clicked
+
+    def toggle_emoji(self) -> None:
+        """Open (or close) the emoji picker: a small popover above its button,
+        with a search field, a tab per group and a tab of recently used ones."""
+        tk = self.tk
+        if self.emoji_panel is not None:
+            self.close_emoji()
+            return
+        side = THEME["side"]
+        panel = tk.Frame(self.master, bg=side, padx=8, pady=8, highlightthickness=1,
+                         highlightbackground=THEME["button"])
+        self.emoji_panel = panel
+        check = (self.master.register(bmp_only), "%P")
+        self.emoji_query = tk.StringVar(master=panel)
+        search = tk.Entry(panel, textvariable=self.emoji_query, bg=THEME["input"],
+                          fg=THEME["text"], insertbackground=THEME["text"], relief="flat",
+                          highlightthickness=1, highlightbackground=THEME["input"],
+                          highlightcolor=THEME["accent"], validate="key",
+                          validatecommand=check, font=self.fonts["small"])
+        search.grid(row=0, column=0, sticky="ew", ipady=3)
+        self.emoji_search_entry = search
+        tabs = tk.Frame(panel, bg=side)
+        tabs.grid(row=1, column=0, sticky="w", pady=(6, 4))
+        self.emoji_tabs: dict[str, Any] = {}
+        for name in ["Recent"] + list(self.emoji):
+            b = tk.Button(tabs, text=name, relief="flat", bd=0, padx=5, pady=2,
+                          highlightthickness=0, font=self.fonts["small"], cursor="hand2",
+                          command=lambda n=name: self._emoji_tab(n))
+            b.pack(side="left", padx=(0, 2))
+            self.emoji_tabs[name] = b
+        self.emoji_grid = tk.Frame(panel, bg=side)
+        self.emoji_grid.grid(row=2, column=0, sticky="nw")
+        self.emoji_query.trace_add("write", lambda *a: self._fill_emoji())
+        for w in (panel, search):
+            w.bind("<Escape>", lambda e: (self.close_emoji(), self.input.focus_set(), "break")[2])
+        search.bind("<Return>", lambda e: self._pick_first_emoji())
+        self._emoji_tab(self.emoji_tab if self.emoji_tab in self.emoji_tabs else "Recent")
+        self._place_emoji()
+        search.focus_set()
+
+    def _emoji_tab(self, name: str) -> None:
+        self.emoji_tab = name
+        if self.emoji_query.get():
+            self.emoji_query.set("")  # its trace refills the grid
+        else:
+            self._fill_emoji()
+
+    def _emoji_shown(self) -> list[str]:
+        query = self.emoji_query.get().strip()
+        if query:
+            return emoji_search(query, self.emoji)
+        if self.emoji_tab == "Recent":
+            return list(self.recent_emoji)
+        return list(self.emoji.get(self.emoji_tab, []))
+
+    def _fill_emoji(self) -> None:
+        """The grid for the tab on show, or the search results."""
+        tk = self.tk
+        if self.emoji_panel is None:
+            return
+        searching = bool(self.emoji_query.get().strip())
+        for name, b in self.emoji_tabs.items():
+            on = name == self.emoji_tab and not searching
+            b.configure(bg=THEME["accent"] if on else THEME["side"],
+                        fg="#ffffff" if on else THEME["dim"],
+                        activebackground=THEME["button_hover"], activeforeground="#ffffff")
+        for w in self.emoji_grid.winfo_children():
+            w.destroy()
+        chars = self._emoji_shown()
         font = (self.emoji_font or self.font[0], 14)
-        row = 0
-        for group, chars in self.emoji.items():
-            tk.Label(panel, text=group.upper(), bg=THEME["side"], fg=THEME["dim"],
-                     font=self.fonts["small"]).grid(row=row, column=0, columnspan=EMOJI_COLUMNS,
-                                                    sticky="w", pady=(6, 2))
-            row += 1
-            for i, ch in enumerate(chars):
-                b = tk.Button(panel, text=ch, font=font, relief="flat", bd=0, width=2,
-                              highlightthickness=0, bg=THEME["side"], fg=THEME["text"],
-                              activebackground=THEME["button_hover"], cursor="hand2",
-                              command=lambda c=ch: self.insert_emoji(c))
-                b.bind("<Enter>", lambda e, w=b: w.configure(bg=THEME["button_hover"]))
-                b.bind("<Leave>", lambda e, w=b: w.configure(bg=THEME["side"]))
-                b.grid(row=row + i // EMOJI_COLUMNS, column=i % EMOJI_COLUMNS, padx=1, pady=1)
-            row += -(-len(chars) // EMOJI_COLUMNS)
-        panel.protocol("WM_DELETE_WINDOW", self.toggle_emoji)
-        panel.bind("<Escape>", lambda e: self.toggle_emoji())
-        # Above the emoji button, right-aligned with it, like a chat app's popover.
+        # Every cell is one square, as big as the font's line: a fixed size for
+        # every tab, so the popover never jumps around.
+        import tkinter.font as tkfont
+        # (A colour emoji font's own metrics are those of its huge bitmaps.)
+        size = tkfont.Font(self.master, font=(self.font[0], 14)).metrics("linespace") + 10
+        rows = max(2, -(-max(len(v) for v in [*self.emoji.values(), [""]]) // EMOJI_COLUMNS))
+        for i in range(EMOJI_COLUMNS):
+            self.emoji_grid.columnconfigure(i, minsize=size, uniform="cell")
+        for i in range(rows):
+            self.emoji_grid.rowconfigure(i, minsize=size, uniform="cell")
+        self.emoji_grid.configure(width=EMOJI_COLUMNS * size, height=rows * size)
+        self.emoji_grid.grid_propagate(False)
+        for i, ch in enumerate(chars):
+            b = tk.Button(self.emoji_grid, text=ch, font=font, relief="flat", bd=0, padx=0,
+                          pady=0, highlightthickness=0, bg=THEME["side"], fg=THEME["text"],
+                          activebackground=THEME["button_hover"], cursor="hand2",
+                          command=lambda c=ch: self.insert_emoji(c))
+            b.bind("<Enter>", lambda e, w=b: w.configure(bg=THEME["button_hover"]))
+            b.bind("<Leave>", lambda e, w=b: w.configure(bg=THEME["side"]))
+            b.grid(row=i // EMOJI_COLUMNS, column=i % EMOJI_COLUMNS, sticky="nsew")
+        if not chars:
+            empty = ("No emoji by that name." if searching else
+                     "Emoji you pick show up here.")
+            tk.Label(self.emoji_grid, text=empty, bg=THEME["side"], fg=THEME["dim"],
+                     font=self.fonts["small"]).grid(row=0, column=0, columnspan=EMOJI_COLUMNS,
+                                                    sticky="w")
+        self._place_emoji()
+
+    def _place_emoji(self) -> None:
+        """Above the emoji button, right-aligned with it, inside the window."""
+        panel = self.emoji_panel
+        if panel is None:
+            return
         panel.update_idletasks()
         button = self.emoji_button.widget
-        x = button.winfo_rootx() + button.winfo_width() - panel.winfo_reqwidth()
-        y = button.winfo_rooty() - panel.winfo_reqheight() - 8
-        panel.geometry(f"+{max(0, x)}+{max(0, y)}")
-        self.emoji_panel = panel
+        x = button.winfo_rootx() - self.master.winfo_rootx() + button.winfo_width() \
+            - panel.winfo_reqwidth()
+        y = button.winfo_rooty() - self.master.winfo_rooty() - panel.winfo_reqheight() - 6
+        panel.place(x=max(0, x), y=max(0, y))
+        panel.lift()
+
+    def _pick_first_emoji(self) -> str:
+        shown = self._emoji_shown()
+        if shown:
+            self.insert_emoji(shown[0])
+        return "break"
 
     def send_input(self) -> None:
         text = self.input.get("1.0", "end-1c")
@@ -8141,6 +8535,7 @@ class ChatWindow:
     def do_join(self, room: str) -> None:
         if convo_key(room) not in self.convos:
             self.net.request("join", room=room)
+            self.add_system(f"You joined {room}", convo=self._convo(room))
         self.show_convo(self._convo(room).key)
 
     def do_switch(self, room: str) -> None:
@@ -8155,8 +8550,7 @@ class ChatWindow:
         self.net.request(kind, **fields)
 
     def do_help(self, rows: list[tuple[str, str]]) -> None:
-        for usage, what in rows:
-            self.add_system(f"{usage}  —  {what}")
+        self.add_help(rows)
 
     def do_quit(self, reason: str) -> None:
         self.close(reason)
@@ -8198,6 +8592,9 @@ class ChatWindow:
         if self._after is not None:
             self.master.after_cancel(self._after)
             self._after = None
+        for pending in (self._focus_after, self._darken_after):
+            if pending is not None:
+                self.master.after_cancel(pending)
         self.net.close(1.0, reason)
         try:
             self.master.update_idletasks()  # let pending Tk callbacks run before we go
@@ -8316,7 +8713,9 @@ class GuiApp:
         assert self.net is not None
         self.window = ChatWindow(self.root, self.net, host=host, port=port,
                                  notifier=self.notifier,
-                                 save_ignored=self._save_ignored)
+                                 save_ignored=self._save_ignored,
+                                 recent_emoji=list(self.settings.get("recent_emoji") or []),
+                                 save_recent=self._save_recent)
         folder = getattr(self.args, "download_dir", None)
         self.window.download_dir = Path(folder).expanduser() if folder else None
         self.root.geometry("900x600")
@@ -8329,6 +8728,10 @@ class GuiApp:
 
     def _save_ignored(self, keys: set[str]) -> None:
         self.settings["ignore"] = sorted(keys)
+        save_settings(self.settings_path, self.settings)
+
+    def _save_recent(self, chars: list[str]) -> None:
+        self.settings["recent_emoji"] = chars
         save_settings(self.settings_path, self.settings)
 
     def quit(self) -> None:

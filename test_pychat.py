@@ -4846,17 +4846,21 @@ class GuiWindowTests(GuiCase):
         window.input.mark_set("insert", "1.1")
         window.emoji_button.widget.invoke()
         self.pump(lambda: window.emoji_panel is not None, "the picker")
-        children = window.emoji_panel.winfo_children()
+        self.root.update()
+        children = window.emoji_grid.winfo_children()  # the tab on show (issue 16)
         buttons = [w for w in children if w.winfo_class() == "Button"]
         self.assertTrue(buttons)
         cells = [(int(w.grid_info()["row"]), int(w.grid_info()["column"])) for w in children]
         self.assertEqual(len(cells), len(set(cells)), "two picker cells share a grid cell")
-        self.assertEqual(len(buttons), sum(len(v) for v in window.emoji.values()))
+        self.assertEqual(len(buttons), len(window.emoji[window.emoji_tab]))
         panel_bottom = window.emoji_panel.winfo_rooty() + window.emoji_panel.winfo_height()
         self.assertLessEqual(panel_bottom, window.emoji_button.widget.winfo_rooty())
         first = buttons[0].cget("text")
         buttons[0].invoke()
         self.assertEqual(window.input.get("1.0", "end-1c"), f"a{first}b")
+        self.assertIsNone(window.emoji_panel)  # a pick closes the picker
+        window.emoji_button.widget.invoke()
+        self.assertIsNotNone(window.emoji_panel)
         window.input.event_generate("<Escape>")
         self.assertIsNone(window.emoji_panel)
 
@@ -5267,6 +5271,345 @@ class GuiConversationTests(GuiCase):
         self.assertNotIn("sesame", self.settings.read_text())  # never saved
         self.type_and_send(window, "/ignore mallory")
         self.assertEqual(json.loads(self.settings.read_text())["ignore"], ["mallory"])
+
+
+def _luminance(colour: str) -> float:
+    """WCAG relative luminance of a #rrggbb colour."""
+    def channel(c: int) -> float:
+        c /= 255
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    return 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b)
+
+
+def _contrast(a: str, b: str) -> float:
+    la, lb = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+class GuiPolishTests(GuiCase):
+    """Issue 16: the desktop window's rough edges, each checked in a real window."""
+
+    def x_of(self, window: pychat.ChatWindow, index: str) -> int:
+        window.chat.see(index)
+        self.root.update()
+        box = window.chat.bbox(index)
+        self.assertIsNotNone(box, f"{index} is not on screen")
+        return box[0]
+
+    def find(self, window: pychat.ChatWindow, text: str, start: str = "1.0") -> str:
+        index = window.chat.search(text, start, "end")
+        self.assertTrue(index, f"{text!r} not in the chat pane")
+        return index
+
+    # --- 6. the message box
+    def test_message_box_grows_with_its_text_then_scrolls_and_counts_lines(self):
+        window = self.open_window("alice")
+        box = window.input
+        self.assertLessEqual(int(box.cget("height")), 2)
+        box.insert("end", "one\ntwo\nthree")
+        self.pump(lambda: int(box.cget("height")) == 3, "a three-line box")
+        self.assertFalse(window.lines_label.winfo_ismapped())
+        box.delete("1.0", "end")
+        box.insert("1.0", "\n".join(f"pasted line {i}" for i in range(12)))  # a paste
+        self.pump(lambda: int(box.cget("height")) == pychat.INPUT_MAX_LINES, "an 8-line box")
+        self.pump(lambda: window.lines_label.winfo_ismapped(), "the line count")
+        self.assertEqual(window.lines_label.cget("text"), "12 lines")
+        self.assertLess(box.yview()[1] - box.yview()[0], 1.0)  # it scrolls past 8 lines
+        # A long line wraps: the box grows for display lines too.
+        box.delete("1.0", "end")
+        box.insert("1.0", "word " * 60)
+        self.pump(lambda: int(box.cget("height")) >= 3, "a box grown for a wrapped line")
+        self.type_and_send(window, "")
+        self.pump(lambda: int(box.cget("height")) <= 2, "the box shrinks back once sent")
+        self.assertFalse(window.lines_label.winfo_ismapped())
+
+    # --- 7. the emoji picker
+    def test_emoji_picker_is_a_small_popover_with_tabs_search_and_recent(self):
+        window = self.open_window("alice")
+        self.root.update()
+        window.input.insert("end", "ab")
+        window.input.mark_set("insert", "1.1")
+        button = window.emoji_button.widget
+        button.invoke()
+        self.pump(lambda: window.emoji_panel is not None, "the picker")
+        self.root.update()
+        panel = window.emoji_panel
+        # A popover inside the window, not a window of its own covering it.
+        self.assertNotEqual(panel.winfo_class(), "Toplevel")
+        self.assertIs(panel.winfo_toplevel(), self.root)
+        self.assertLess(panel.winfo_width(), self.root.winfo_width() * 0.6)
+        self.assertLess(panel.winfo_height(), self.root.winfo_height() * 0.6)
+        # Anchored to its button: just above it, right edges together.
+        bottom = panel.winfo_rooty() + panel.winfo_height()
+        self.assertLessEqual(bottom, button.winfo_rooty())
+        self.assertGreater(bottom, button.winfo_rooty() - 20)
+        self.assertLessEqual(abs(panel.winfo_rootx() + panel.winfo_width()
+                                 - button.winfo_rootx() - button.winfo_width()), 2)
+        # A tab per group, plus Recent; a tab shows only its own emoji.
+        self.assertEqual(list(window.emoji_tabs), ["Recent"] + list(window.emoji))
+        last = list(window.emoji)[-1]
+        window.emoji_tabs[last].invoke()
+        self.root.update()
+        shown = [w.cget("text") for w in window.emoji_grid.winfo_children()
+                 if w.winfo_class() == "Button"]
+        self.assertEqual(shown, window.emoji[last])
+        # Search by Unicode name.
+        window.emoji_search_entry.insert(0, "heavy black heart")
+        self.root.update()
+        shown = [w for w in window.emoji_grid.winfo_children() if w.winfo_class() == "Button"]
+        self.assertEqual([w.cget("text") for w in shown], ["❤"])
+        shown[0].invoke()  # a pick inserts at the cursor and closes the picker
+        self.assertEqual(window.input.get("1.0", "end-1c"), "a❤b")
+        self.assertIsNone(window.emoji_panel)
+        # Recently used: offered again next time, and saved in the settings.
+        button.invoke()
+        self.pump(lambda: window.emoji_panel is not None, "the picker again")
+        window.emoji_tabs["Recent"].invoke()
+        self.root.update()
+        recent = [w.cget("text") for w in window.emoji_grid.winfo_children()
+                  if w.winfo_class() == "Button"]
+        self.assertEqual(recent, ["❤"])
+        self.assertEqual(json.loads(self.settings.read_text())["recent_emoji"], ["❤"])
+        # Escape closes it.
+        window.emoji_search_entry.focus_force()
+        self.pump(lambda: self.root.focus_get() is window.emoji_search_entry, "search focus")
+        window.emoji_search_entry.event_generate("<Escape>")
+        self.root.update()
+        self.assertIsNone(window.emoji_panel)
+        # A click outside closes it and inserts nothing.
+        button.invoke()
+        self.pump(lambda: window.emoji_panel is not None, "the picker a third time")
+        window.chat.event_generate("<ButtonPress-1>", x=5, y=5)
+        window.chat.event_generate("<ButtonRelease-1>", x=5, y=5)
+        self.root.update()
+        self.assertIsNone(window.emoji_panel)
+        self.assertEqual(window.input.get("1.0", "end-1c"), "a❤b")
+
+    def test_emoji_picker_without_a_colour_emoji_font_offers_bmp_symbols(self):
+        window = self.open_window("alice")
+        window.emoji = pychat.emoji_groups(window.non_bmp, set())  # as with DejaVu only
+        window.emoji_font = None
+        window.emoji_button.widget.invoke()
+        self.pump(lambda: window.emoji_panel is not None, "the picker")
+        for name in window.emoji:
+            window.emoji_tabs[name].invoke()
+            self.root.update()
+            shown = [w.cget("text") for w in window.emoji_grid.winfo_children()
+                     if w.winfo_class() == "Button"]
+            self.assertTrue(shown)
+            self.assertTrue(all(ord(c) <= 0xFFFF for c in shown), shown)
+        window.emoji_search_entry.insert(0, "umbrella")
+        self.root.update()
+        shown = [w for w in window.emoji_grid.winfo_children() if w.winfo_class() == "Button"]
+        self.assertEqual([w.cget("text") for w in shown], ["☂"])
+        shown[0].invoke()
+        self.assertEqual(window.input.get("1.0", "end-1c"), "☂")
+
+    # --- 9. disconnects
+    def test_a_lost_server_shows_a_banner_over_every_conversation_and_greys_the_lists(self):
+        window = self.open_window("alice")
+        bob = SyncPeer(self.srv.port, "bob")
+        self.addCleanup(bob.close)
+        self.pump(lambda: window.user_names() == ["alice", "bob"], "bob")
+        window.run_command("/join #dev")
+        self.pump(lambda: "#dev" in window.convos and window.net.state.members("#dev"), "#dev")
+        self.assertFalse(window.banner.winfo_ismapped())
+        port = self.srv.port
+        self.srv.stop()
+        self.pump(lambda: window.banner.winfo_ismapped(), "the banner")
+        self.assertIn("Not connected", window.banner.cget("text"))
+        # Across the top of all conversations: above the pane holder, whichever is on show.
+        self.assertLessEqual(window.banner.winfo_rooty() + window.banner.winfo_height(),
+                             window.pane_holder.winfo_rooty())
+        window.show_convo("#lobby")
+        self.root.update()
+        self.assertTrue(window.banner.winfo_ismapped())
+        dim = pychat.THEME["dim"]
+        for lst in (window.user_list, window.convo_list):
+            for i in range(lst.size()):
+                self.assertEqual(lst.itemcget(i, "foreground"), dim)
+        # The server comes back: the client reconnects and the banner goes.
+        server = ServerThread().start(port)
+        self.addCleanup(server.stop)
+        self.pump(lambda: not window.banner.winfo_ismapped(), "the banner gone", timeout=20)
+        self.pump(lambda: window.user_list.size() and window.user_list.itemcget(
+            0, "foreground") != dim, "the user list in colour again")
+
+    # --- 13. /help
+    def test_help_is_drawn_in_aligned_columns(self):
+        window = self.open_window("alice")
+        self.type_and_send(window, "/help")
+        descriptions = ["change your nick", "list who is in the current room",
+                        "a private message", "this list", "leave a room (the current one"]
+        xs = {d: self.x_of(window, self.find(window, d)) for d in descriptions}
+        self.assertEqual(len(set(xs.values())), 1, xs)
+        # Usages are not in italics, and rows come from (usage, description) pairs.
+        usage = self.find(window, "/nick NEW")
+        font = window.chat.tag_cget(next(t for t in window.chat.tag_names(usage)
+                                         if t in ("help_usage", "system")), "font")
+        self.assertNotIn("italic", str(font))
+        self.assertIn(("/help", "this list"), pychat.help_rows("gui"))
+
+    # --- 14 and 19: the text column
+    def test_lines_after_a_line_break_align_like_wrapped_lines(self):
+        window = self.open_window("alice")
+        bob = SyncPeer(self.srv.port, "bob")
+        self.addCleanup(bob.close)
+        bob.send({"type": "msg", "text": "first line\nsecond line\nthird line"})
+        carol = SyncPeer(self.srv.port, "carol")  # a join line between: a new run
+        self.addCleanup(carol.close)
+        carol.send({"type": "msg", "text": "long " * 80 + "end"})
+        self.pump(lambda: "long end" in self.chat_text(window), "both messages")
+        long = self.find(window, "long long")
+        wrapped = window.chat.index(f"{long} display lineend +1c")  # 2nd display line
+        column = self.x_of(window, wrapped)
+        self.assertGreater(column, self.x_of(window, f"{long} linestart") + 20)
+        self.assertEqual(self.x_of(window, self.find(window, "second line")), column)
+        self.assertEqual(self.x_of(window, self.find(window, "third line")), column)
+
+    def test_messages_from_one_sender_in_a_row_share_one_nick(self):
+        window = self.open_window("alice")
+        bob = SyncPeer(self.srv.port, "bob")
+        self.addCleanup(bob.close)
+        bob.send({"type": "msg", "text": "one"})
+        bob.send({"type": "msg", "text": "two"})
+        self.pump(lambda: "bob  two" in self.chat_text(window), "two messages")
+
+        def shown(text: str) -> tuple[bool, int]:
+            """Whether the line's nick shows, and where its text starts."""
+            index = window.chat.search(f"  {text}$", "1.0", "end", regexp=True, elide=True)
+            self.assertTrue(index, text)
+            index = window.chat.index(f"{index}+2c")
+            nick = window.chat.search("bob", f"{index} linestart", index, elide=True)
+            self.x_of(window, index)
+            box = window.chat.bbox(nick)  # an elided nick has none, or no width
+            return box is not None and box[2] > 0, self.x_of(window, index)
+        nick_one, x_one = shown("one")
+        nick_two, x_two = shown("two")
+        self.assertTrue(nick_one)
+        self.assertFalse(nick_two)  # the follow-up shows only its text...
+        bob_one = window.chat.search("bob  one", "1.0", "end")
+        self.assertEqual(x_two, self.x_of(window, bob_one))  # ...under the nick above,
+        self.assertGreater(x_two, self.x_of(window, "1.0") + 20)  # at the text column
+        # A different sender, an action, a system line or a gap each start a new run.
+        now = time.time()
+        window.on_msg({"type": "msg", "from": "carol", "text": "three", "ts": now})
+        window.on_msg({"type": "msg", "from": "bob", "text": "four", "ts": now})
+        window.on_msg({"type": "msg", "from": "bob", "text": "waves", "ts": now, "action": True})
+        window.on_msg({"type": "msg", "from": "bob", "text": "five", "ts": now})
+        window.add_system("a system line")
+        window.on_msg({"type": "msg", "from": "bob", "text": "six", "ts": now})
+        window.on_msg({"type": "msg", "from": "bob", "text": "seven",
+                       "ts": now + pychat.GROUP_SECONDS + 60})
+        window.on_msg({"type": "msg", "from": "bob", "text": "eight",
+                       "ts": now + pychat.GROUP_SECONDS + 90})
+        for text, head in (("four", True), ("five", True), ("six", True), ("seven", True),
+                           ("eight", False)):
+            self.assertEqual(shown(text)[0], head, text)
+
+    def test_joining_a_room_says_so_in_its_pane(self):
+        window = self.open_window("alice")
+        self.type_and_send(window, "/join #dev")
+        self.pump(lambda: window.room == "#dev", "#dev")
+        self.assertIn("You joined #dev", self.chat_text(window))
+
+    # --- 15. colour emoji
+    def test_emoji_in_chat_text_and_the_input_use_the_colour_font(self):
+        window = self.open_window("alice")
+        if not window.colour_emoji:
+            self.skipTest("no colour emoji font here (Debian: fonts-noto-color-emoji)")
+        bob = SyncPeer(self.srv.port, "bob")
+        self.addCleanup(bob.close)
+        bob.send({"type": "msg", "text": "ok ☕ and 👍 done"})
+        self.pump(lambda: "done" in self.chat_text(window), "the message")
+        ranges = window.chat.tag_ranges("emoji")
+        runs = [window.chat.get(a, b) for a, b in zip(ranges[::2], ranges[1::2])]
+        self.assertIn("☕", runs)
+        self.assertIn("👍", runs)
+        self.assertNotIn("ok", "".join(runs))
+        self.assertIn(window.emoji_font, str(window.chat.tag_cget("emoji", "font")))
+        window.input.insert("end", "go 🚀 now")
+        self.pump(lambda: window.input.tag_ranges("emoji"), "the input's emoji tag")
+        a, b = window.input.tag_ranges("emoji")
+        self.assertEqual(window.input.get(a, b), "🚀")
+
+    # --- 16. transfers and the file dialog
+    def test_progress_bars_are_dark_with_the_accent_and_green_when_done(self):
+        from tkinter import ttk
+        window = self.open_window("alice")
+        window.download_dir = Path(self.tmp.name) / "downloads"
+        data = os.urandom(60_000)
+        bob = SyncPeer(self.srv.port, "bob")
+        self.addCleanup(bob.close)
+        bob.send({"type": "file_offer", "to": "alice", "name": "data.bin", "size": len(data),
+                  "sha256": hashlib.sha256(data).hexdigest()})
+        tid = bob.expect("file_offer")["id"]
+        self.pump(lambda: "answer" in window.files.get(tid, {}), "the Accept button")
+        window.files[tid]["answer"][0].invoke()
+        bob.expect("file_accept")
+        bob.send({"type": "file_chunk", "id": tid, "to": "alice", "seq": 0,
+                  "data": base64.b64encode(data[:30_000]).decode()})
+        self.pump(lambda: float(window.files[tid].get("rows", {}).get("in", {}).get(
+            "bar", {"value": 0})["value"]) > 0, "half way")
+        bar = window.files[tid]["rows"]["in"]["bar"]
+        style = ttk.Style(self.root)
+
+        def look(option: str) -> str:
+            name = str(bar.cget("style")) or "Horizontal.TProgressbar"
+            return str(style.lookup(name, option))
+        self.assertLess(_luminance(look("troughcolor")), 0.05)  # a dark trough
+        self.assertEqual(look("background"), pychat.THEME["accent"])
+        bob.send({"type": "file_chunk", "id": tid, "to": "alice", "seq": 1,
+                  "data": base64.b64encode(data[30_000:]).decode()})
+        bob.send({"type": "file_done", "id": tid, "to": "alice"})
+        self.pump(lambda: "checked" in window.files[tid]["rows"]["in"]["label"].cget("text"),
+                  "done")
+        self.assertEqual(look("background"), pychat.THEME["ok"])
+
+    def test_file_dialog_opens_at_home_and_hides_dotfiles(self):
+        from tkinter import filedialog
+        window = self.open_window("alice")
+        seen = {}
+
+        def fake(**options):
+            seen.update(options)
+            call = self.root.tk.call
+            seen["hidden"] = str(call("set", "::tk::dialog::file::showHiddenVar"))
+            seen["button"] = str(call("set", "::tk::dialog::file::showHiddenBtn"))
+            return ""
+        real = filedialog.askopenfilename
+        filedialog.askopenfilename = fake
+        self.addCleanup(setattr, filedialog, "askopenfilename", real)
+        window.file_button.widget.invoke()
+        self.assertEqual(seen.get("initialdir"), str(Path.home()))
+        self.assertEqual((seen["hidden"], seen["button"]), ("0", "1"))
+        # Its ttk parts are dark too (the file list's canvas is darkened once it exists).
+        from tkinter import ttk
+        field = str(ttk.Style(self.root).lookup("TEntry", "fieldbackground"))
+        self.assertLess(_luminance(field), 0.05, field)
+
+    # --- 19. the sidebar
+    def test_sidebar_items_are_padded_close_to_online_and_the_thumb_shows(self):
+        from tkinter import ttk
+        import tkinter.font as tkfont
+        window = self.open_window("alice")
+        window.run_command("/join #dev")
+        self.pump(lambda: "#dev" in window.convos, "#dev")
+        self.root.update()
+        rows = window.convo_list.size()
+        self.assertEqual(rows, 2)
+        line = tkfont.Font(self.root, font=window.convo_list.cget("font")).metrics("linespace")
+        pitch = window.convo_list.bbox(1)[1] - window.convo_list.bbox(0)[1]
+        self.assertGreaterEqual(pitch, line + 8)  # padded items
+        _, y, _, h = window.convo_list.bbox(rows - 1)
+        last_bottom = window.convo_list.winfo_rooty() + y + h
+        gap = window.count_label.winfo_rooty() - last_bottom
+        self.assertLess(gap, 24, "a large gap above ONLINE")
+        style = ttk.Style(self.root)
+        thumb = str(style.lookup("Chat.Vertical.TScrollbar", "background"))
+        trough = str(style.lookup("Chat.Vertical.TScrollbar", "troughcolor"))
+        self.assertGreaterEqual(_contrast(thumb, trough), 1.8, (thumb, trough))
 
 
 class GuiConnectDialogTests(GuiCase):
