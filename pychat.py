@@ -9411,7 +9411,8 @@ async def bench_connections(host: str, port: int, clients_n: int, progress: Prog
     exact = sum(c.users_seen == clients_n for c in sample)
     # Memory is measured in the steady state: after the join storm and the
     # server's clean-up once a burst of connections has settled.
-    await asyncio.sleep(TRIM_DELAY + 0.5)
+    if server_pid:
+        await asyncio.sleep(TRIM_DELAY + 0.5)
     after = process_stats(server_pid) if server_pid else {}
     for c in sample:
         c.send(b'{"type":"ping","data":1}\n')

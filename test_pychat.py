@@ -3856,7 +3856,11 @@ class BenchTests(unittest.TestCase):
         self.assertIn("--irc 5", out.stderr)
 
     def test_connections_and_a_readable_table(self):
-        results = self.run_bench("--scenario", "connections", "--clients", "30")
+        # Against a server of the test's own: memory is not measured, so the
+        # bench does not wait for the server's clean-up either.
+        _, port = start_server_process(self, "--max-per-address", "0", "--connect-rate", "0")
+        results = self.run_bench("--scenario", "connections", "--clients", "30", "--port",
+                                 str(port))
         self.assertEqual(results[0]["open"], 30)
         self.assertEqual(results[0]["exact_user_lists_in_sample"], "30/30")
         self.assertTrue(results[0]["alive_in_sample"].startswith(
@@ -4381,6 +4385,17 @@ class CliCommandLineTests(unittest.TestCase):
         return subprocess.run([sys.executable, PYCHAT, *args], capture_output=True, text=True,
                               timeout=30, stdin=subprocess.DEVNULL)
 
+    def run_many(self, *argvs: list[str]) -> list[subprocess.CompletedProcess]:
+        """Several `pychat.py` runs at once (each its own process), in order."""
+        procs = [subprocess.Popen([sys.executable, PYCHAT, *argv], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+                 for argv in argvs]
+        done = []
+        for argv, proc in zip(argvs, procs):
+            out, err = proc.communicate(timeout=30)
+            done.append(subprocess.CompletedProcess(argv, proc.returncode, out, err))
+        return done
+
     def test_cannot_connect_exits_1_with_a_clear_message(self):
         with socket.socket() as s:
             s.bind((HOST, 0))
@@ -4422,6 +4437,9 @@ class CliCommandLineTests(unittest.TestCase):
 
 
     def test_a_bad_option_value_is_a_sentence_naming_the_option(self):
+        cases = (["server", "--port", "abc"], ["cli", "--port", "abc"], ["bench", "--clients", "x"],
+                 ["server", "--history", "many"])
+        runs = {a[0] + a[1]: out for a, out in zip(cases, self.run_many(*cases))}
         for args, expected in (
                 (["server", "--port", "abc"], "pychat.py server: error: argument --port: 'abc' "
                                               "is not a port number between 0 and 65535"),
@@ -4432,7 +4450,7 @@ class CliCommandLineTests(unittest.TestCase):
                 (["server", "--history", "many"], "pychat.py server: error: argument "
                                                   "--history: 'many' is not a whole number")):
             with self.subTest(args=args):
-                out = self.run_pychat(*args)
+                out = runs[args[0] + args[1]]
                 self.assertEqual(out.returncode, 2)
                 self.assertIn(expected, out.stderr)
                 self.assertNotIn("invalid", out.stderr)
@@ -4462,17 +4480,18 @@ class CliCommandLineTests(unittest.TestCase):
         self.assertGreater(len(set(checked)), 25)
 
     def test_every_subcommand_names_itself_in_its_errors(self):
-        for command in ("server", "cli", "gui", "bench", "make-ding", "install-desktop",
-                        "uninstall-desktop"):
+        commands = ("server", "cli", "gui", "bench", "make-ding", "install-desktop",
+                    "uninstall-desktop")
+        *outs, two, none = self.run_many(*([c, "--no-such-option"] for c in commands),
+                                         ["make-ding", "a.wav", "b.wav"], ["--no-such-option"])
+        for command, out in zip(commands, outs):
             with self.subTest(command=command):
-                out = self.run_pychat(command, "--no-such-option")
                 self.assertEqual(out.returncode, 2)
                 self.assertEqual(out.stderr, f"pychat.py {command}: error: unrecognized "
                                  f"arguments: --no-such-option (see pychat.py {command} --help)\n")
-        out = self.run_pychat("make-ding", "a.wav", "b.wav")
-        self.assertIn("pychat.py make-ding: error: unrecognized arguments: b.wav", out.stderr)
-        out = self.run_pychat("--no-such-option")  # no subcommand: the program's own name
-        self.assertIn("pychat.py: error: unrecognized arguments", out.stderr)
+        self.assertIn("pychat.py make-ding: error: unrecognized arguments: b.wav", two.stderr)
+        # No subcommand: the program's own name.
+        self.assertIn("pychat.py: error: unrecognized arguments", none.stderr)
 
     def test_choices_take_any_case(self):
         args = pychat.build_parser().parse_args(["server", "--log-level", "WARNING", "--fsync",
