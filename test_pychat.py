@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import random
 import select
@@ -6278,6 +6279,39 @@ def xwd_to_png(xwd: bytes, path: Path) -> None:
     path.write_bytes(png)
 
 
+def _grab(root, path: Path) -> None:
+    """The window as it is now, as a PNG (xwd from x11-apps)."""
+    root.update()
+    time.sleep(0.3)  # let Xft finish drawing before the grab (a picture, not a test)
+    root.update()
+    frame = int(root.wm_frame(), 16) if root.wm_frame() != "0x0" else root.winfo_id()
+    dump = subprocess.run(["xwd", "-silent", "-id", str(frame)], capture_output=True,
+                          check=True).stdout
+    path.parent.mkdir(parents=True, exist_ok=True)
+    xwd_to_png(dump, path)
+    print(f"wrote {path}")
+
+
+def _picture_png(width: int, height: int) -> bytes:
+    """A small picture for the README (sky, a sun, a hill), made with the standard library."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+    rows = bytearray()
+    for y in range(height):
+        rows.append(0)
+        for x in range(width):
+            if (x - 240) ** 2 + (y - 60) ** 2 < 900:
+                rows += bytes([250, 200, 60])
+            elif y > 140 + 30 * math.sin(x / 40):
+                rows += bytes([60, 150, 80])
+            else:
+                rows += bytes([90 + y // 3, 150 + y // 4, 230])
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
+                                                               0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(rows))) + chunk(b"IEND", b""))
+
+
 def make_screenshot(path: Path) -> None:
     """Stage a realistic conversation in a real window and save it as a PNG."""
     import argparse
@@ -6321,27 +6355,43 @@ def make_screenshot(path: Path) -> None:
                 peers[who].send({"type": "msg", "text": text, "action": action})
                 pump(lambda: text in window.chat.get("1.0", "end"))
         window.run_command("/join #release")
-        pump(lambda: "#release" in window.convos and window.convos["#release"].users)
+        pump(lambda: "#release" in window.convos and window.net.state.members("#release"))
         window.run_command("/room #lobby")
         peers["bob"].send({"type": "pm", "to": "alice", "text": "lunch at 1?"})
         pump(lambda: "@bob" in window.convos)
         peers["carol"].send({"type": "typing"})
         pump(lambda: window.typing_label.cget("text"))
         window.input.insert("end", "the fix looks good, merging")
-        root.update()
-        time.sleep(0.3)  # let Xft finish drawing before the grab (a picture, not a test)
-        root.update()
-        frame = int(root.wm_frame(), 16) if root.wm_frame() != "0x0" else root.winfo_id()
-        dump = subprocess.run(["xwd", "-silent", "-id", str(frame)], capture_output=True,
-                              check=True).stdout
-        path.parent.mkdir(parents=True, exist_ok=True)
-        xwd_to_png(dump, path)
+        _grab(root, path)
+        # The second picture: a private conversation with a picture arriving.
+        window.input.delete("1.0", "end")
+        window.download_dir = Path(tmp) / "downloads"
+        window.show_convo("@bob")
+        for text in ("sure, 1 works", "here's the whiteboard from this morning"):
+            who = "alice" if text.startswith("sure") else "bob"
+            if who == "alice":
+                window.run_command(text)
+            else:
+                peers["bob"].send({"type": "pm", "to": "alice", "text": text})
+            pump(lambda: text in window.chat.get("1.0", "end"))
+        data = _picture_png(320, 200)
+        peers["bob"].send({"type": "file_offer", "to": "alice", "name": "whiteboard.png",
+                           "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        tid = peers["bob"].expect("file_offer")["id"]
+        pump(lambda: "answer" in window.files.get(tid, {}))
+        window.accept_file(tid)
+        peers["bob"].expect("file_accept")
+        peers["bob"].send({"type": "file_chunk", "id": tid, "to": "alice", "seq": 0,
+                           "data": base64.b64encode(data).decode()})
+        peers["bob"].send({"type": "file_done", "id": tid, "to": "alice"})
+        pump(lambda: window.thumbnails)
+        window.input.insert("end", "nice, thanks!")
+        _grab(root, path.with_name(path.stem + "-files.png"))
         for peer in peers.values():
             peer.close()
         window.close()
     srv.stop()
     tearDownModule()
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
