@@ -4138,6 +4138,14 @@ class CommandPlanTests(unittest.TestCase):
                     name = usage.split()[0]
                     self.assertNotIn("Unknown", str(self.plan(name, ui=ui).args), name)
 
+    def test_the_readme_lists_the_commands_that_help_prints(self):
+        readme = (Path(PYCHAT).parent / "README.md").read_text(encoding="utf-8")
+        table = [line for line in readme.splitlines() if line.startswith("| `/")
+                 or line.startswith("| `Tab`")]
+        expected = [f"| `{usage}` | {what} |" for usage, what in pychat.help_rows("cli")
+                    if usage.startswith("/") or usage == "Tab"]
+        self.assertEqual(table, expected)
+
     def test_typing_is_only_for_messages(self):
         for line in ("hi", "/me waves", "//slash"):
             self.assertTrue(pychat.typing_counts(line), line)
