@@ -4204,6 +4204,7 @@ class ScreenModel:
         self.cells: list[list[str]] = [[]]
         self.row = self.col = 0      # col == columns: the wrap is pending
         self.pending = ""            # an escape sequence cut by a read
+        self.erased: list[str] = []  # rows as they were before ESC[K or ESC[J erased them
 
     def _line(self) -> list[str]:
         while len(self.cells) <= self.row:
@@ -4261,13 +4262,14 @@ class ScreenModel:
             self.col = min(self.columns - 1, col + n)
         elif final == "D":
             self.col = max(0, col - n)
-        elif final == "K":
+        elif final in "JK":
             line = self._line()
+            gone = ["".join(r).rstrip() for r in self.cells[self.row:self.row + 1 if final == "K"
+                                                            else None]]
+            self.erased += [r for r in gone if r]
             line[col:] = [" "] * (self.columns - col)
-        elif final == "J":
-            line = self._line()
-            line[col:] = [" "] * (self.columns - col)
-            del self.cells[self.row + 1:]
+            if final == "J":
+                del self.cells[self.row + 1:]
 
     def rows(self) -> list[str]:
         """Every row's text, trailing blanks and blank rows at the end dropped."""
@@ -4360,6 +4362,8 @@ class CliScreenTests(ServerCase):
     def assert_one_prompt_at_the_bottom(self, rows: list[str]) -> None:
         self.assertEqual([r for r in rows if r.startswith(">")], [">"], rows[-10:])
         self.assertEqual(rows[-1], ">")
+        # Nor was a doubled prompt ever shown and then drawn over.
+        self.assertFalse([r for r in self.screen.erased if r.startswith("> >")])
 
     async def pasted_lines_each_shown_once(self, count: int, bracketed: bool) -> None:
         reconfigure(self.server, flood_burst=10 * count, flood_rate=1000.0)
@@ -4387,8 +4391,9 @@ class CliScreenTests(ServerCase):
         await self.pasted_lines_each_shown_once(500, bracketed=False)
 
     async def test_one_prompt_at_startup_with_history_and_after_a_refused_nick(self):
+        reconfigure(self.server, flood_burst=100)
         bob = await self.connect("bob")
-        for i in range(5):
+        for i in range(40):  # history printed while the key reader starts
             await bob.send({"type": "msg", "text": f"earlier {i}"})
             await bob.expect("msg")
         for attempt in range(3):  # the old race lost about half the time
@@ -4397,7 +4402,8 @@ class CliScreenTests(ServerCase):
                 proc = await self.start_cli("--nick", f"alice{attempt}")
                 await self.shown(f"in #lobby: alice{attempt}, bob")
                 rows = await self.prompt_at_bottom()
-                self.assertEqual(self.chat_lines(rows, "bob"), [f"earlier {i}" for i in range(5)])
+                self.assertEqual(self.chat_lines(rows, "bob"),
+                                 [f"earlier {i}" for i in range(40)], rows)
                 self.assert_one_prompt_at_the_bottom(rows)
                 self.type("/nick bob\r")
                 await self.shown("already in use")
@@ -4470,6 +4476,11 @@ class CliScreenTests(ServerCase):
         await self.prompt_at_bottom()
         self.type("/jo\t")
         await self.prompt_at_bottom("/join ")
+        self.type("#l\t")  # a room after /join
+        await self.prompt_at_bottom("/join #lobby ")
+        if " " not in str(HERE):
+            self.type(f"\x15/send {HERE}/pychat.p\t")  # a path after /send
+            await self.prompt_at_bottom(f"/send {HERE}/pychat.py")
         self.type("\x15b\t")  # Ctrl-U, then a nick at the start: "bob: "
         await self.prompt_at_bottom("bob: ")
         self.type("hi\r")
