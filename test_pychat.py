@@ -4446,6 +4446,20 @@ class CliScreenTests(ServerCase):
         self.type("\x04")
         self.assertEqual(await asyncio.wait_for(proc.wait(), TIMEOUT), 0)
 
+    async def test_the_password_question_is_asked_in_the_prompt_row_and_not_shown(self):
+        reconfigure(self.server, password="s3cret")
+        proc = await self.start_cli("--nick", "alice")
+        rows = await self.until(lambda rows: rows and rows[-1] == "Password:", "the question")
+        self.assertFalse([r for r in rows if r.startswith(">")], rows)
+        self.type("s3cr")
+        self.type("et\r")
+        await self.shown("You are alice")
+        rows = await self.prompt_at_bottom()
+        self.assertNotIn("s3cr", "\n".join(rows + self.screen.erased))
+        self.assertFalse([r for r in rows if r.startswith("Password")], rows)
+        self.type("\x04")
+        self.assertEqual(await asyncio.wait_for(proc.wait(), TIMEOUT), 0)
+
     async def test_a_long_draft_with_wide_characters_is_redrawn_in_place(self):
         bob = await self.connect("bob")
         await self.start_cli("--nick", "alice")
