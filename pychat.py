@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import codecs
 import collections
 import dataclasses
 import datetime
@@ -52,6 +53,7 @@ import errno
 import getpass
 import hashlib
 import hmac
+import io
 import ipaddress
 import itertools
 import json
@@ -62,6 +64,7 @@ import plistlib
 import queue
 import re
 import secrets
+import select
 import shlex
 import shutil
 import signal
@@ -77,7 +80,7 @@ import unicodedata
 import wave
 import zlib
 from pathlib import Path, PureWindowsPath
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 __version__ = "0.1.0"
 
@@ -5908,10 +5911,12 @@ class Notifier:
 # 6. Terminal client -- run_cli() and its helpers.  Uses: constants,
 #    protocol, client core.  Only this section and the entry point print.
 #
-# A daemon thread reads stdin (through readline where it exists, or a tiny
-# msvcrt line editor on Windows) and hands each line to the event loop with
-# call_soon_threadsafe.  Incoming lines are printed above the prompt, and the
-# prompt plus the partly typed line are drawn again below them.
+# On a terminal a daemon thread reads the keys itself (termios raw mode, or
+# msvcrt on Windows) into a LineEditor, and hands each typed line to the event
+# loop with call_soon_threadsafe.  Every screen write (incoming lines, the
+# prompt and typed text, completion lists) happens under Terminal.lock:
+# incoming lines are printed above the prompt, then the prompt plus the partly
+# typed line are drawn again below them.  Piped stdin is read line by line.
 # ===========================================================================
 
 # ANSI escape sequences: CSI (ESC [ ... final), OSC (ESC ] ... BEL or ST),
@@ -5978,17 +5983,6 @@ def wrap_rows(line: str, columns: int, indent: int = CONTINUATION_INDENT) -> lis
     return rows
 
 
-def _readline_point(readline: Any) -> Callable[[], int] | None:
-    """A reader of readline's cursor position (rl_point), which Python does not
-    expose; found through ctypes in the library the readline module uses."""
-    try:
-        import ctypes
-        var = ctypes.c_int.in_dll(ctypes.CDLL(readline.__file__), "rl_point")
-    except (ImportError, AttributeError, OSError, ValueError):
-        return None
-    return lambda: var.value
-
-
 def enable_windows_ansi() -> bool:
     """Turn on escape-sequence processing in a Windows console (a no-op elsewhere)."""
     if sys.platform != "win32":
@@ -6024,6 +6018,269 @@ def complete_nick(prefix: str, nicks: list[str]) -> list[str]:
     return sorted((n for n in nicks if nick_key(n).startswith(p)), key=nick_key)
 
 
+# --- the line editor: one writer owns the prompt rows
+#
+# The interactive client reads keys itself (termios raw mode, or msvcrt on
+# Windows) instead of letting GNU readline echo from the stdin thread: every
+# write to the screen -- an incoming line, the prompt and the typed text, a
+# completion list -- then happens under Terminal.lock, so none can interleave.
+
+INPUT_HISTORY_LEN = 500        # typed lines Up/Down can bring back
+ESC_WAIT = 0.05                # seconds a lone ESC waits to become an arrow key's sequence
+PASTE_TAB = "    "             # a pasted tab: the draft has no tab stops to line up
+
+# Keys that arrive as escape sequences are named by their canonical sequence;
+# LineEditor.feed() treats any other string longer than one character as text.
+KEY_UP, KEY_DOWN, KEY_RIGHT, KEY_LEFT = "\x1b[A", "\x1b[B", "\x1b[C", "\x1b[D"
+KEY_HOME, KEY_END, KEY_DELETE = "\x1b[H", "\x1b[F", "\x1b[3~"
+_KEY_FINALS = {"A": KEY_UP, "B": KEY_DOWN, "C": KEY_RIGHT, "D": KEY_LEFT, "H": KEY_HOME,
+               "F": KEY_END}
+_KEY_TILDES = {"1": KEY_HOME, "7": KEY_HOME, "4": KEY_END, "8": KEY_END, "3": KEY_DELETE}
+_KEY_SEQ_RE = re.compile(r"\x1b(?:\[([0-?]*)[ -/]*([@-~])|O([@-~]))")
+_KEY_PREFIX_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*|O)?")
+PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
+
+
+class KeyDecoder:
+    """Terminal input text to keys: characters, and KEY_* names for escape
+    sequences.  Inside a bracketed paste (ESC[200~ ... ESC[201~) text comes out
+    as literal runs, each line ending in "\\r", so a pasted Tab or escape is
+    never taken for a key."""
+
+    def __init__(self) -> None:
+        self.pending = ""    # the start of an escape sequence cut by the read
+        self.pasting = False
+
+    def feed(self, text: str) -> list[str]:
+        data, self.pending = self.pending + text, ""
+        keys: list[str] = []
+        i = 0
+        while i < len(data):
+            if data[i] == "\x1b":
+                m = _KEY_SEQ_RE.match(data, i)
+                if m is None:
+                    if _KEY_PREFIX_RE.fullmatch(data, i):  # more may follow
+                        self.pending = data[i:]
+                        break
+                    i += 1  # Alt+key and the like: the ESC is dropped
+                    continue
+                i = m.end()
+                if m.group() in (PASTE_START, PASTE_END):
+                    self.pasting = m.group() == PASTE_START
+                elif not self.pasting:
+                    params, final = m.group(1) or "", m.group(2) or m.group(3)
+                    key = _KEY_TILDES.get(params.split(";")[0]) if final == "~" \
+                        else _KEY_FINALS.get(final)
+                    if key:
+                        keys.append(key)
+                continue
+            if not self.pasting:
+                keys.append(data[i])
+                i += 1
+                continue
+            end = data.find("\x1b", i)
+            end = len(data) if end < 0 else end
+            chunk = data[i:end].replace("\r\n", "\r").replace("\n", "\r")
+            for j, line in enumerate(chunk.split("\r")):
+                if j:
+                    keys.append("\r")
+                text_run = "".join(PASTE_TAB if c == "\t" else c for c in line
+                                   if c == "\t" or not _UNSAFE_RE.match(c))
+                if text_run:
+                    keys.append(text_run)
+            i = end
+        return keys
+
+    def flush(self) -> list[str]:
+        """The keys held back for an escape sequence that never completed."""
+        data, self.pending = self.pending, ""
+        return ["\x1b"] if data == "\x1b" else []
+
+
+class LineEditor:
+    """The line being typed, as a state machine with no terminal: feed() takes
+    one key and answers what happened, (action, line), where action is "edit",
+    "submit" (line is the typed line), "eof" (Ctrl-D on an empty line) or
+    "list" (Tab found several completions: they are in `matches`).  Ctrl-C
+    raises KeyboardInterrupt.  `complete(before_cursor)` returns candidates,
+    each a whole new text for before the cursor."""
+
+    def __init__(self, complete: Callable[[str], list[str]] | None = None,
+                 history_len: int = INPUT_HISTORY_LEN):
+        self.chars: list[str] = []
+        self.point = 0                     # the cursor, an index into chars
+        self.history: list[str] = []
+        self.history_len = history_len
+        self.back = 0                      # how far Up has gone into history (0: the draft)
+        self.draft: list[str] = []         # what was typed before Up
+        self.complete = complete
+        self.matches: list[str] = []
+
+    def buffer(self) -> str:
+        return "".join(self.chars)
+
+    def _set(self, text: str | list[str], point: int | None = None) -> None:
+        self.chars = list(text)
+        self.point = len(self.chars) if point is None else point
+
+    def _recall(self, back: int) -> None:
+        if self.back == 0:
+            self.draft = self.chars
+        self.back = back
+        self._set(self.draft if back == 0 else self.history[-back])
+
+    def feed(self, key: str) -> tuple[str, str]:
+        chars, point = self.chars, self.point
+        if key in ("\r", "\n"):
+            line = self.buffer()
+            if line.strip() and (not self.history or self.history[-1] != line):
+                self.history = (self.history + [line])[-self.history_len:]
+            self._set("")
+            self.back, self.draft = 0, []
+            return "submit", line
+        if key == "\x03":
+            raise KeyboardInterrupt
+        if key == "\x04" and not chars:
+            return "eof", ""
+        if key == "\t":
+            return self._complete()
+        if key in ("\x7f", "\x08"):        # Backspace (DEL from most terminals, ^H from some)
+            if point:
+                del chars[point - 1]
+                self.point -= 1
+        elif key in (KEY_DELETE, "\x04"):
+            del chars[point:point + 1]
+        elif key in (KEY_LEFT, "\x02"):
+            self.point = max(0, point - 1)
+        elif key in (KEY_RIGHT, "\x06"):
+            self.point = min(len(chars), point + 1)
+        elif key in (KEY_HOME, "\x01"):
+            self.point = 0
+        elif key in (KEY_END, "\x05"):
+            self.point = len(chars)
+        elif key == "\x15":                # Ctrl-U: erase to the start
+            self._set(chars[point:], 0)
+        elif key == "\x0b":                # Ctrl-K: erase to the end
+            del chars[point:]
+        elif key == "\x17":                # Ctrl-W: erase the word before the cursor
+            start = point
+            while start and chars[start - 1] == " ":
+                start -= 1
+            while start and chars[start - 1] != " ":
+                start -= 1
+            self._set(chars[:start] + chars[point:], start)
+        elif key in (KEY_UP, "\x10"):
+            if self.back < len(self.history):
+                self._recall(self.back + 1)
+        elif key in (KEY_DOWN, "\x0e"):
+            if self.back:
+                self._recall(self.back - 1)
+        elif not key.startswith("\x1b") and (len(key) > 1 or not _UNSAFE_RE.match(key)):
+            chars[point:point] = list(key)  # typed text, or a pasted run
+            self.point += len(key)
+        return "edit", ""
+
+    def _complete(self) -> tuple[str, str]:
+        before = "".join(self.chars[:self.point])
+        matches = self.complete(before) if self.complete else []
+        if not matches:
+            return "edit", ""
+        common = matches[0] if len(matches) == 1 else os.path.commonprefix(matches)
+        if len(common) > len(before):
+            self._set(list(common) + self.chars[self.point:], len(common))
+        if len(matches) == 1:
+            return "edit", ""
+        self.matches = matches
+        return "list", ""
+
+
+def completion_names(matches: list[str]) -> list[str]:
+    """What to list for several completions: each one's last word (or path part)."""
+    common = os.path.commonprefix(matches)
+    cut = max(common.rfind(c) for c in " /\\\"") + 1
+    return [m[cut:].rstrip(": ") or m for m in matches]
+
+
+def complete_path(typed: str) -> list[str]:
+    """Paths starting with `typed` (~ expanded for the lookup, kept as typed),
+    folders ending in a separator.  A path with a space is quoted the way it
+    was begun: "in quotes" when `typed` opens one (always on Windows, where a
+    backslash is a separator), else with backslash-escaped spaces."""
+    quoted = typed.startswith('"') or sys.platform == "win32"
+    raw = typed[1:].rstrip('"') if typed.startswith('"') else typed.replace("\\ ", " ")
+    cut = max(raw.rfind("/"), raw.rfind(os.sep)) + 1
+    folder, start = raw[:cut], raw[cut:]
+    try:
+        entries = sorted(Path(os.path.expanduser(folder) or ".").iterdir())
+    except (OSError, ValueError):
+        return []
+    found = []
+    for entry in entries:
+        name = entry.name
+        if not os.path.normcase(name).startswith(os.path.normcase(start)) or \
+                (name.startswith(".") and not start.startswith(".")):
+            continue
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        sep = "/" if os.sep == "/" or "/" in folder else os.sep
+        path = folder + name + (sep if is_dir else "")
+        if quoted and (" " in path or typed.startswith('"')):
+            found.append('"' + path + ("" if is_dir else '"'))
+        elif " " in path:
+            found.append(path.replace(" ", "\\ "))
+        else:
+            found.append(path)
+    return found
+
+
+def complete_line(before: str, nicks: list[str], rooms: list[str]) -> list[str]:
+    """Tab completions for the text before the cursor, each the whole new text
+    before the cursor: a slash command at the start, a room after /join, /part
+    and /room, a path after /send (after an optional nick), a nick elsewhere
+    ("bob: " at the start of a line, irssi style, "bob " after it)."""
+    head, space, rest = before.partition(" ")
+    if not space:
+        if before.startswith("/") and not before.startswith("//"):
+            return [c + " " for c in command_names("cli") if c.startswith(before.lower())]
+        return [n + ": " for n in complete_nick(before, nicks)]
+    cmd = head.lower()
+    if cmd in ("/join", "/part", "/room") and " " not in rest:
+        key = rest.lower()
+        return [f"{head} {r} " for r in sorted(set(rooms), key=str.lower)
+                if r.lower().startswith(key)]
+    if cmd == "/send":
+        first, sep, after = rest.partition(" ")
+        if not sep:
+            return ([f"{head} {n} " for n in complete_nick(first, nicks)]
+                    + [f"{head} {p}" for p in complete_path(rest)])
+        if nick_key(first) in {nick_key(n) for n in nicks}:
+            found = [f"{head} {first} {p}" for p in complete_path(after)]
+            if found:
+                return found
+        return [f"{head} {p}" for p in complete_path(rest)]
+    word_at = before.rfind(" ") + 1
+    return [before[:word_at] + n + " " for n in complete_nick(before[word_at:], nicks)]
+
+
+def screen_places(text: str, columns: int) -> list[tuple[int, int]]:
+    """(row, column) where each character of `text` starts when printed from
+    column 0 with auto-wrap (a wide character that does not fit moves to the
+    next row), and one more entry: where the cursor is left, a full last row
+    counting as the start of the next one."""
+    places = []
+    row = col = 0
+    for ch in text:
+        w = _width(ch)
+        if col + w > columns:
+            row, col = row + 1, 0
+        places.append((row, col))
+        col += w
+    places.append((row + 1, 0) if col >= columns else (row, col))
+    return places
+
+
 class Terminal:
     """Formats events and prints them above the prompt without garbling input."""
 
@@ -6037,10 +6294,19 @@ class Terminal:
         self.color = ansi and not os.environ.get("NO_COLOR") if color is None else color
         self.interactive = interactive and ansi
         self.prompt = "> " if self.interactive else ""
-        self.readline: Any = None
-        self.editor: WindowsLineEditor | None = None
-        self.rl_point: Callable[[], int] | None = None
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()     # held by whoever writes to the screen
+        self.editor: LineEditor | None = None  # set once the key thread runs
+        self.plain_input = False         # no raw mode: input() reads the lines
+        self.complete: Callable[[str], list[str]] = lambda before: []
+        self.on_line: Callable[[str | None], None] | None = None
+        self.early_lines: list[str | None] = []  # typed before on_line was given
+        self.keys_done = False           # the key thread has ended
+        self.question: tuple[str, bool] | None = None  # (prompt, secret) being asked
+        self.asking = LineEditor()       # the answer being typed
+        self.answer: queue.Queue[str | None] = queue.Queue()
+        self.questions_lock = threading.Lock()
+        self.cursor_row = 0              # prompt rows above the cursor
+        self.closed = False              # close(): no prompt any more
         self.transient_shown = False   # the last line printed was a progress line
         self.me: Callable[[], str] = lambda: ""  # our nick now (the client knows it)
         self.room = LOBBY                # messages from other rooms get a [#room] prefix
@@ -6073,7 +6339,8 @@ class Terminal:
             text = f"{clock(m.get('ts'))} {where}* {self.nick(who)} {body}"
         else:
             text = f"{clock(m.get('ts'))} {where}<{self.nick(who)}> {body}"
-        return self._c("1", text) if mention else text
+        # Bold for the whole line: restarted after each colour's reset inside it.
+        return self._c("1", text.replace("\x1b[0m", "\x1b[0;1m")) if mention else text
 
     def format_event(self, e: dict) -> str | None:
         """The line(s) to show for an event, or None for events with no display."""
@@ -6218,6 +6485,11 @@ class Terminal:
         return None
 
     # --- output
+    #
+    # Only the holder of self.lock writes to the screen.  The prompt rows (the
+    # prompt, or a question, and the typed text) are drawn only while a
+    # LineEditor reads the keys; self.cursor_row remembers which of those rows
+    # the cursor is on, so they can be cleared before anything else is printed.
     def columns(self) -> int | None:
         """The width to wrap at: the one given, the terminal's, or $COLUMNS when
         the output is piped; None when piped without $COLUMNS (a script reading
@@ -6227,6 +6499,13 @@ class Terminal:
         if self.isatty or os.environ.get("COLUMNS"):
             return shutil.get_terminal_size().columns or 80
         return None
+
+    def _screen_columns(self) -> int:
+        """The terminal's real width, for placing the cursor in the prompt rows."""
+        try:
+            return os.get_terminal_size(self.out.fileno()).columns or 80
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            return shutil.get_terminal_size().columns or 80
 
     def show(self, text: str, transient: bool = False) -> None:
         """Print lines above the prompt and redraw the prompt and typed text.  A
@@ -6252,90 +6531,253 @@ class Terminal:
             self.out.flush()
             return
         replace, self.transient_shown = self.transient_shown, transient
-        typed, point = self._draft()
-        columns = shutil.get_terminal_size().columns or 80
-        at = _width(self.prompt + typed[:point])   # where the cursor is in the draft
-        end = _width(self.prompt + typed)
-        # Up to the draft's first row, clear down, print, draw the draft again,
-        # then put the cursor back where the user was editing.
-        up = at // columns + (1 if replace else 0)  # the progress line above, too
-        out = "\r" + (f"\x1b[{up}A" if up else "") + "\x1b[J" + text + "\n" + self.prompt + typed
-        if point < len(typed):
-            back = end // columns - at // columns
-            out += (f"\x1b[{back}A" if back else "") + "\r"
-            out += f"\x1b[{at % columns}C" if at % columns else ""
-        self.out.write(out)
+        self._emit(self._clear_prompt(1 if replace else 0) + text + "\n" + self._draw_prompt())
+
+    def _emit(self, text: str) -> None:
+        self.out.write(text)
         self.out.flush()
 
-    def _draft(self) -> tuple[str, int]:
-        """The partly typed line and the cursor's index in it."""
+    def _prompt_line(self) -> tuple[str, str, int]:
+        """The prompt (or question) to draw, the text typed after it and the
+        cursor's index in that text; ("", "", 0) when nothing is drawn."""
+        if self.closed:
+            return "", "", 0
+        if self.question is not None:
+            prompt, secret = self.question
+            if secret:
+                return prompt, "", 0
+            return prompt, self.asking.buffer(), self.asking.point
         if self.editor is not None:
-            typed = self.editor.buffer()
-            return typed, len(typed)
-        if self.readline is None:
-            return "", 0
-        typed = self.readline.get_line_buffer()
-        point = len(typed)
-        if self.rl_point is not None:  # readline counts bytes of the encoded line
-            raw = typed.encode("utf-8", "replace")
-            point = len(raw[:self.rl_point()].decode("utf-8", "ignore"))
-        return typed, point
+            return self.prompt, self.editor.buffer(), self.editor.point
+        if self.plain_input:  # input() draws its own line; this is its prompt again
+            return self.prompt, "", 0
+        return "", "", 0
 
-    def _rows(self, text: str) -> int:
-        """Screen rows `text` takes, counting wide (CJK, emoji) characters twice."""
-        columns = shutil.get_terminal_size().columns or 80
-        return max(1, -(-_width(text) // columns))
+    def _clear_prompt(self, extra_rows: int = 0) -> str:
+        """Escapes that erase the prompt rows (and `extra_rows` above them)."""
+        up, self.cursor_row = self.cursor_row + extra_rows, 0
+        return "\r" + (f"\x1b[{up}A" if up else "") + "\x1b[J"
+
+    def _draw_prompt(self) -> str:
+        """Escapes that draw the prompt and typed text from column 0 and put the
+        cursor at the editing point; wide characters and wrapped rows included."""
+        prompt, typed, point = self._prompt_line()
+        text = prompt + typed
+        if not text:
+            return ""
+        places = screen_places(text, self._screen_columns())
+        (row, col), end = places[len(prompt) + point], places[-1]
+        out = text
+        if end[1] == 0 and end[0] > places[-2][0]:  # the last row is full: go below
+            out += "\r\n"
+        if (row, col) != end:
+            up = end[0] - row
+            out += (f"\x1b[{up}A" if up else "") + "\r" + (f"\x1b[{col}C" if col else "")
+        self.cursor_row = row
+        return out
+
+    def redraw(self) -> None:
+        """Draw the prompt rows again (after a key, or a question asked)."""
+        with self.lock:
+            if self.interactive and not self.broken:
+                try:
+                    self._emit(self._clear_prompt() + self._draw_prompt())
+                except (OSError, ValueError):
+                    self.broken = True
 
     def erase_typed_line(self, line: str) -> None:
-        """Remove the line the user just entered; the server's echo replaces it."""
-        if not self.interactive:
+        """Remove the line input() just echoed; the server's echo replaces it.
+        (Only when no LineEditor runs: the editor never leaves a typed line.)"""
+        if not self.interactive or self.editor is not None:
             return
-        rows = self._rows(self.prompt + line)
+        columns = self._screen_columns()
+        rows = max(1, -(-_width(self.prompt + line) // columns))
         with self.lock:
             self.out.write(f"\r\x1b[{rows}A\x1b[J")
             self.out.flush()
 
+    def close(self) -> None:
+        """Take the prompt rows away for good, so that what is printed next (the
+        final error on stderr, the shell's prompt) starts on a clean row."""
+        with self.lock:
+            if not self.interactive or self.closed:
+                return
+            self.closed = True
+            try:
+                self._emit(self._clear_prompt() + ("\x1b[?2004l" if self.editor else ""))
+            except (OSError, ValueError):
+                self.broken = True
 
-class WindowsLineEditor:
-    """A minimal line editor for consoles without readline (Windows' msvcrt)."""
-
-    def __init__(self, term: Terminal):
-        import msvcrt  # Windows only; imported here so other systems never need it
-        self.msvcrt = msvcrt
-        self.term = term
-        self.chars: list[str] = []
-
-    def buffer(self) -> str:
-        return "".join(self.chars)
-
-    def readline(self) -> str | None:
-        """Read one line, echoing it; None on Ctrl-D / Ctrl-Z."""
-        out = self.term.out
-        with self.term.lock:
-            out.write(self.term.prompt)
-            out.flush()
-        while True:
-            ch = self.msvcrt.getwch()
-            with self.term.lock:
-                if ch in ("\r", "\n"):
-                    line, self.chars = self.buffer(), []
-                    out.write("\n")
-                    out.flush()
-                    return line
-                if ch == "\x03":
-                    raise KeyboardInterrupt
-                if ch in ("\x04", "\x1a") and not self.chars:
+    # --- input: one thread reads the keys and edits under the lock
+    def ask(self, prompt: str, secret: bool = False) -> str | None:
+        """Ask a question in the prompt row and wait for the answer (None: Ctrl-D
+        or Ctrl-C); a secret answer is not shown.  Blocks: call it from a
+        thread other than the one reading keys."""
+        if not self.start_editor():
+            try:
+                return (getpass.getpass if secret else input)(prompt)
+            except (EOFError, KeyboardInterrupt, OSError):
+                return None
+        answer: queue.Queue[str | None] = queue.Queue(maxsize=1)
+        with self.questions_lock:  # one question at a time
+            with self.lock:
+                if self.keys_done:
                     return None
-                if ch == "\x08":
-                    if self.chars:
-                        self.chars.pop()
-                        out.write("\b \b")
-                elif ch in ("\x00", "\xe0"):
-                    self.msvcrt.getwch()  # arrow and function keys: ignored
-                elif ch >= " ":
-                    self.chars.append(ch)
-                    out.write(ch)
-                out.flush()
+                self.question, self.answer = (prompt, secret), answer
+                self.asking = LineEditor()
+            self.redraw()
+            return answer.get()
+
+    def start_editor(self, on_line: Callable[[str | None], None] | None = None,
+                     complete: Callable[[str], list[str]] | None = None) -> bool:
+        """Read the keys with our own LineEditor in a daemon thread (once);
+        lines typed go to `on_line` once it is given.  False when the terminal
+        cannot be put in raw mode (then plain input() is the way)."""
+        with self.lock:
+            if on_line is not None:
+                self.on_line = on_line
+            if complete is not None:
+                self.complete = complete
+            early, self.early_lines = self.early_lines, []
+            started = self.editor is not None
+        if on_line is not None:
+            for line in early:
+                on_line(line)
+        if started:
+            return True
+        if not self.interactive or self.plain_input:
+            return False
+        keys = _console_keys()
+        if keys is None:
+            self.plain_input = True
+            return False
+        with self.lock:
+            self.editor = LineEditor(lambda before: self.complete(before))
+            if sys.platform != "win32":
+                self._emit("\x1b[?2004h")  # bracketed paste: pasted text never acts as keys
+        threading.Thread(target=self._read_keys, args=(keys,), name="pychat-keys",
+                         daemon=True).start()
+        self.redraw()
+        return True
+
+    def _read_keys(self, batches: Iterator[list[str]]) -> None:
+        """The key thread: each batch of keys is edited, then drawn, under the
+        lock; typed lines are handed on after it is released."""
+        for batch in batches:
+            lines: list[str | None] = []
+            with self.lock:
+                for key in batch:
+                    self._key(key, lines)
+                if not self.broken and not self.closed:
+                    try:
+                        self._emit(self._clear_prompt() + self._draw_prompt())
+                    except (OSError, ValueError):
+                        self.broken = True
+                deliver = self.on_line
+                if deliver is None:
+                    self.early_lines += lines
+                    lines = []
+            for line in lines:
+                deliver(line)  # type: ignore[misc]
+            if None in lines:
+                return
+        with self.lock:  # the terminal went away: end of input
+            self.keys_done = True
+            if self.question is not None:
+                self.answer.put(None)
+                self.question = None
+            deliver = self.on_line
+            if deliver is None:
+                self.early_lines.append(None)
+        if deliver is not None:
+            deliver(None)
+
+    def _key(self, key: str, lines: list[str | None]) -> None:
+        """One key, with the lock held."""
+        editor = self.asking if self.question is not None else self.editor
+        assert editor is not None
+        try:
+            action, line = editor.feed(key)
+        except KeyboardInterrupt:
+            action, line = "eof", ""
+        if self.question is not None and action in ("submit", "eof"):
+            self.answer.put(line if action == "submit" else None)
+            self.question = None
+        elif action == "submit":
+            lines.append(line)
+        elif action == "eof" and None not in lines:
+            lines.append(None)
+        elif action == "list" and not self.broken:
+            names = "  ".join(completion_names(editor.matches))
+            columns = self.columns() or 80
+            rows = "\n".join(wrap_rows(strip_terminal(names), columns))
+            self._emit(self._clear_prompt() + rows + "\n" + self._draw_prompt())
+
+
+def _console_keys() -> Iterator[list[str]] | None:
+    """Batches of keys from the console (POSIX raw mode, or Windows' msvcrt);
+    None when the terminal cannot be put in raw mode."""
+    if sys.platform == "win32":
+        return _windows_keys()
+    try:
+        import termios  # POSIX only
+        fd = sys.stdin.fileno()
+        attrs = termios.tcgetattr(fd)
+        # No line editing or echo by the tty; Enter arrives as \r.  ISIG stays
+        # on: Ctrl-C is still SIGINT (the loop's handler), Ctrl-Z still suspends.
+        attrs[0] &= ~(termios.ICRNL | termios.INLCR | termios.IGNCR)
+        attrs[3] &= ~(termios.ICANON | termios.ECHO | termios.IEXTEN)
+        attrs[6][termios.VMIN], attrs[6][termios.VTIME] = 1, 0
+        termios.tcsetattr(fd, termios.TCSANOW, attrs)
+    except (ImportError, OSError, ValueError, AttributeError) as e:
+        log.debug("no raw mode: %s", e)
+        return None
+    except Exception as e:  # termios.error is not an OSError
+        log.debug("no raw mode: %s", e)
+        return None
+    return _posix_keys(fd)
+
+
+def _posix_keys(fd: int) -> Iterator[list[str]]:
+    """Keys from a tty in raw mode, a batch per read (a paste comes in few)."""
+    decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+    decoder = KeyDecoder()
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except InterruptedError:
+            continue
+        except OSError:
+            data = b""
+        if not data:  # the terminal went away
+            return
+        keys = decoder.feed(decode(data))
+        while decoder.pending:  # an escape sequence cut in two, or a lone ESC
+            if select.select([fd], [], [], ESC_WAIT)[0]:
+                keys += decoder.feed(decode(os.read(fd, 65536)))
+            else:
+                keys += decoder.flush()
+        yield keys
+
+
+def _windows_keys() -> Iterator[list[str]]:
+    """Keys from a Windows console through msvcrt, a batch per burst."""
+    import msvcrt  # Windows only; imported here so other systems never need it
+    special = {"H": KEY_UP, "P": KEY_DOWN, "K": KEY_LEFT, "M": KEY_RIGHT, "G": KEY_HOME,
+               "O": KEY_END, "S": KEY_DELETE}
+    while True:
+        batch: list[str] = []
+        while True:
+            ch = msvcrt.getwch()  # type: ignore[attr-defined]
+            if ch in ("\x00", "\xe0"):  # arrows and function keys: a second code follows
+                key = special.get(msvcrt.getwch())  # type: ignore[attr-defined]
+                if key:
+                    batch.append(key)
+            else:
+                batch.append("\x04" if ch == "\x1a" else ch)  # Ctrl-Z is Windows' end of input
+            if not msvcrt.kbhit():  # type: ignore[attr-defined]
+                break
+        yield batch
 
 
 def default_nick() -> str:
@@ -6439,9 +6881,7 @@ class CliSession:
                 self.loop.remove_signal_handler(signal.SIGINT)
             except (NotImplementedError, RuntimeError, AttributeError):
                 pass
-            if self.term.interactive:
-                self.term.out.write("\n")  # leave the shell prompt on a line of its own
-                self.term.out.flush()
+            self.term.close()  # no prompt left: the shell's, or an error, starts a clean row
         return self._exit_status()
 
     def _exit_status(self) -> int:
@@ -6460,11 +6900,11 @@ class CliSession:
 
     def _start_input(self) -> None:
         self.input_started = True
-        _start_input_thread(self.term, self.loop, self.lines, self.nicks)
+        _start_input_thread(self.term, self.loop, self.lines, self.names)
 
-    def nicks(self) -> list[str]:
-        """Nicks to complete (called from the stdin thread)."""
-        return self.client.state.members(self.client.room)
+    def names(self) -> tuple[list[str], list[str]]:
+        """Nicks and rooms to complete (called from the input thread)."""
+        return self.client.state.members(self.client.room), self.client.state.room_names()
 
     # --- events from the client
     def on_event(self, event: dict) -> None:
@@ -6526,7 +6966,7 @@ class CliSession:
 
         def run() -> None:
             try:
-                answer: str | None = (getpass.getpass if secret else input)(prompt)
+                answer = self.term.ask(prompt, secret)
             except (EOFError, KeyboardInterrupt, OSError):
                 answer = None
             self.loop.call_soon_threadsafe(lambda: future.done() or future.set_result(answer))
@@ -6534,6 +6974,7 @@ class CliSession:
         return future
 
     def _on_fatal(self, event: dict) -> bool:
+        self.term.close()  # the error starts a clean row, after no prompt
         print(f"pychat: {event.get('message')}", file=sys.stderr)
         self.code = 1
         self.done.set()
@@ -6735,29 +7176,24 @@ class CliSession:
         self.show(f"{verb} {nick} (saved in {self.settings_path}).")
 
 
-def _start_input_thread(term: Terminal, loop: asyncio.AbstractEventLoop,
-                        lines: asyncio.Queue, nicks: Callable[[], list[str]]) -> None:
-    """Read stdin in a daemon thread, handing each line to the loop."""
-    reader: Callable[[], str | None]
-    if term.interactive:
+def _start_input_thread(term: Terminal, loop: asyncio.AbstractEventLoop, lines: asyncio.Queue,
+                        names: Callable[[], tuple[list[str], list[str]]]) -> None:
+    """Hand each typed line (None: end of input) to the loop: from our own line
+    editor on a terminal, else read from stdin in a daemon thread.  `names`
+    gives (nicks, rooms) for Tab completion; it is called from that thread."""
+
+    def deliver(line: str | None) -> None:
         try:
-            import readline
-            term.readline = readline
-            term.rl_point = _readline_point(readline)
-            readline.set_completer_delims(" \t")
-            if "libedit" in (readline.__doc__ or ""):
-                readline.parse_and_bind("bind ^I rl_complete")
-            else:
-                readline.parse_and_bind("tab: complete")
-            readline.set_completer(_make_completer(nicks, readline.get_begidx))
-        except ImportError:
-            if sys.platform == "win32":
-                term.editor = WindowsLineEditor(term)
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+        except RuntimeError:  # loop closed: we are exiting
+            pass
+
+    if term.interactive and term.start_editor(deliver,
+                                              lambda before: complete_line(before, *names())):
+        return
 
     def read_line() -> str | None:
-        if term.editor is not None:
-            return term.editor.readline()
-        if term.interactive:
+        if term.interactive:  # a terminal with no raw mode: input() echoes
             try:
                 return input(term.prompt)
             except EOFError:
@@ -6765,47 +7201,21 @@ def _start_input_thread(term: Terminal, loop: asyncio.AbstractEventLoop,
         line = sys.stdin.readline()
         return line if line else None
 
-    reader = read_line
-
     def pump() -> None:
         while True:
             try:
-                line = reader()
+                line = read_line()
             except (KeyboardInterrupt, OSError, ValueError):
                 line = None
             if line is not None and line.strip():
                 # Here, not on the loop: a message printed in between would be
                 # the line erased instead (the server's echo replaces ours).
                 term.erase_typed_line(line.rstrip("\r\n"))
-            try:
-                loop.call_soon_threadsafe(lines.put_nowait, line)
-            except RuntimeError:  # loop closed: we are exiting
-                return
+            deliver(line)
             if line is None:
                 return
 
     threading.Thread(target=pump, name="pychat-stdin", daemon=True).start()
-
-
-def _make_completer(nicks: Callable[[], list[str]],
-                    readline_begidx: Callable[[], int] = lambda: 0) -> Callable:
-    """A readline completer over the current user list and the slash commands."""
-    matches: list[str] = []
-
-    def completer(text: str, state: int) -> str | None:
-        if state == 0:
-            matches.clear()
-            if text.startswith("/"):
-                matches.extend(c + " " for c in command_names("cli")
-                               if c.startswith(text.lower()))
-            else:
-                # irssi style: "bob: " at the start of a line, "bob " elsewhere.
-                at_start = readline_begidx() == 0
-                matches.extend(n + (": " if at_start else " ")
-                               for n in complete_nick(text, nicks()))
-        return matches[state] if state < len(matches) else None
-
-    return completer
 
 
 # ===========================================================================
@@ -9349,7 +9759,6 @@ async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messa
                        server_pid: int | None, irc: int = 0) -> dict[str, Any]:
     """N clients in one room; S of them send M messages each; everyone counts
     (`irc` of the receivers by IRC)."""
-    gen_cpu0 = time.process_time()
     started = time.monotonic()
     room = clients_n - senders - min(BENCH_LATENCY_SAMPLE, clients_n)  # plain receivers
     if irc > max(0, room):

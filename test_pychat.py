@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import re
 import select
 import shutil
 import signal
@@ -35,6 +36,7 @@ import unittest
 import wave
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import pychat
 from pychat import ChatClient, ChatServer, ProtocolError, decode, encode
@@ -1773,7 +1775,7 @@ class IrcConformanceTests(ServerCase):
         await b.send("PING :sync")
         await b.expect(":sync")
         self.assertFalse([x for x in b.seen if "DCC" in x])
-        p = await self.connect("p")
+        await self.connect("p")
         await a.send("PRIVMSG p :\x01TIME\x01")
         self.assertIn("\x01TIME ", await a.expect("TIME"))
 
@@ -4028,13 +4030,10 @@ class TerminalFormatTests(unittest.TestCase):
         finally:
             del os.environ["NO_COLOR"]
 
-    def test_readline_completer(self):
-        begidx = [0]
-        complete = pychat._make_completer(lambda: ["bob", "Bea", "carl"], lambda: begidx[0])
-        self.assertEqual([complete("b", i) for i in range(3)], ["Bea: ", "bob: ", None])
-        begidx[0] = 5
-        self.assertEqual(complete("ca", 0), "carl ")
-        self.assertEqual(complete("/ni", 0), "/nick ")
+    def test_nick_and_command_completion(self):
+        self.assertEqual(pychat.complete_line("b", ["bob", "Bea", "carl"], []), ["Bea: ", "bob: "])
+        self.assertEqual(pychat.complete_line("hey ca", ["carl"], []), ["hey carl "])
+        self.assertEqual(pychat.complete_line("/ni", [], []), ["/nick "])
 
     def test_complete_nick(self):
         self.assertEqual(pychat.complete_nick("al", ["bob", "Alice", "alan"]), ["alan", "Alice"])
@@ -4361,14 +4360,14 @@ class CliTerminalTests(ServerCase):
         await self.screen_until("You are alice")
         await peer.expect("join", nick="alice")
         self.type("abcdef\x1b[D\x1b[D\x1b[D")  # a draft, cursor moved back three places
-        await self.screen_until("abcdef\x08\x08\x08")  # readline has echoed the draft
+        await self.screen_until("> abcdef\r\x1b[5C")  # the draft echoed, the cursor after "abc"
+        self.output = b""
         await peer.send({"type": "msg", "text": "hello alice \x1b[2J"})
         screen = await self.screen_until("hello alice")
         # The message is printed, then the draft is drawn again and the cursor
         # put back after "abc" (column 5 with the "> " prompt).
-        after = screen.split("hello alice", 1)[1]
-        await self.screen_until("> abcdef\r\x1b[5C")
-        self.assertNotIn("\x1b[2J", after)
+        await self.screen_until("\x1b[0m\r\n> abcdef\r\x1b[5C")
+        self.assertNotIn("\x1b[2J", screen)
         self.type("X\r")
         self.assertEqual((await peer.expect("msg", **{"from": "alice"}))["text"], "abcXdef")
         self.type("\x04")  # Ctrl-D on an empty line leaves
@@ -4387,6 +4386,467 @@ class CliTerminalTests(ServerCase):
         await self.screen_until("You are alice2")
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
         self.assertEqual(await asyncio.wait_for(proc.wait(), TIMEOUT), 0)
+
+
+class ScreenModel:
+    """Just enough of a VT100 to tell what a terminal shows: printable
+    characters (wide ones take two cells), CR, LF, BS, ESC[nA/B/C/D, ESC[K,
+    ESC[J and auto-wrap at the width.  Colours (ESC[...m), modes (ESC[?2004h)
+    and other sequences are ignored.  Nothing ever scrolls off: row 0 is the
+    first row ever written, so the whole session can be checked at the end."""
+
+    _SEQ = re.compile(r"\x1b\[([0-?]*)[ -/]*([@-~])|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)"
+                                    r"|\x1b[^\[\]]")
+
+    def __init__(self, columns: int):
+        self.columns = columns
+        self.cells: list[list[str]] = [[]]
+        self.row = self.col = 0      # col == columns: the wrap is pending
+        self.pending = ""            # an escape sequence cut by a read
+        self.erased: list[str] = []  # rows as they were before ESC[K or ESC[J erased them
+
+    def _line(self) -> list[str]:
+        while len(self.cells) <= self.row:
+            self.cells.append([])
+        line = self.cells[self.row]
+        if len(line) < self.columns:
+            line.extend(" " * (self.columns - len(line)))
+        return line
+
+    def feed(self, text: str) -> None:
+        text, self.pending, i = self.pending + text, "", 0
+        while i < len(text):
+            ch = text[i]
+            if ch == "\x1b":
+                m = self._SEQ.match(text, i)
+                if m is None and re.fullmatch(r"\x1b(\[[0-?]*[ -/]*|\][^\x07\x1b]*)?", text[i:]):
+                    self.pending = text[i:]  # the rest comes with the next read
+                    return
+                if m is None:
+                    raise AssertionError(f"unknown escape {text[i:i + 10]!r}")
+                i = m.end()
+                if m.group(2):
+                    self._csi(m.group(1), m.group(2))
+                continue
+            i += 1
+            if ch == "\r":
+                self.col = 0
+            elif ch == "\n":
+                self.row += 1
+                self.col = min(self.col, self.columns - 1)
+            elif ch == "\b":
+                self.col = max(0, min(self.col, self.columns - 1) - 1)
+            elif ch == "\x07" or ord(ch) < 32:
+                pass
+            else:
+                w = pychat._width(ch)
+                if self.col + w > self.columns:
+                    self.row, self.col = self.row + 1, 0
+                line = self._line()
+                line[self.col] = ch
+                if w == 2:
+                    line[self.col + 1] = ""
+                self.col += w
+
+    def _csi(self, params: str, final: str) -> None:
+        if params.startswith("?") or final == "m":
+            return
+        n = int(params.split(";")[0] or 1) if params[:1].isdigit() or not params else 1
+        col = min(self.col, self.columns - 1)
+        if final == "A":
+            self.row, self.col = max(0, self.row - n), col
+        elif final == "B":
+            self.row, self.col = self.row + n, col
+        elif final == "C":
+            self.col = min(self.columns - 1, col + n)
+        elif final == "D":
+            self.col = max(0, col - n)
+        elif final in "JK":
+            line = self._line()
+            gone = ["".join(r).rstrip() for r in self.cells[self.row:self.row + 1 if final == "K"
+                                                            else None]]
+            self.erased += [r for r in gone if r]
+            line[col:] = [" "] * (self.columns - col)
+            if final == "J":
+                del self.cells[self.row + 1:]
+
+    def rows(self) -> list[str]:
+        """Every row's text, trailing blanks and blank rows at the end dropped."""
+        rows = ["".join(r).rstrip() for r in self.cells]
+        while rows and not rows[-1]:
+            rows.pop()
+        return rows
+
+    def cursor(self) -> tuple[int, int]:
+        return self.row, min(self.col, self.columns - 1)
+
+
+@unittest.skipIf(sys.platform == "win32", "needs a POSIX pseudo-terminal")
+class CliScreenTests(ServerCase):
+    """Issue 16: the interactive client on a real pty whose output is played
+    into a ScreenModel: what the user finally sees, not the bytes."""
+
+    COLUMNS = 80
+
+    async def asyncSetUp(self) -> None:
+        await super().asyncSetUp()
+        import codecs
+        import fcntl
+        import pty
+        import termios
+        self.master, self.slave = pty.openpty()
+        self.addCleanup(os.close, self.master)
+        self.addCleanup(os.close, self.slave)
+        fcntl.ioctl(self.slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, self.COLUMNS, 0, 0))
+        self.output = b""
+        self.screen = ScreenModel(self.COLUMNS)
+        self.decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        self.ended = False
+
+    start_cli = CliTerminalTests.start_cli  # same environment, COLUMNS=80 like the pty
+    type = CliTerminalTests.type
+
+    async def _read(self, left: float) -> None:
+        loop = asyncio.get_running_loop()
+        ready = await loop.run_in_executor(
+            None, lambda: select.select([self.master], [], [], min(left, 0.2))[0])
+        if ready:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # the client exited and closed the terminal
+                self.ended = True
+                return
+            self.output += data
+            self.screen.feed(self.decode(data))
+
+    async def until(self, check: Callable[[list[str]], bool], what: str,
+                    timeout: float = TIMEOUT) -> list[str]:
+        """Read output into the screen until `check(rows)` holds; the rows."""
+        deadline = time.monotonic() + timeout
+        while not check(self.screen.rows()):
+            left = deadline - time.monotonic()
+            if left <= 0 or self.ended:
+                raise AssertionError(f"never {what}; screen:\n" +
+                                     "\n".join(self.screen.rows()[-30:]))
+            await self._read(left)
+        return self.screen.rows()
+
+    async def shown(self, needle: str, timeout: float = TIMEOUT) -> list[str]:
+        return await self.until(lambda rows: any(needle in r for r in rows), f"{needle!r} shown",
+                                timeout)
+
+    async def prompt_at_bottom(self, typed: str = "") -> list[str]:
+        return await self.until(lambda rows: bool(rows) and rows[-1] == ("> " + typed).rstrip(),
+                                f"the prompt {typed!r} at the bottom")
+
+    async def paste(self, data: str) -> None:
+        """Write all of `data` to the terminal at once (from a thread: the pty's
+        buffer is small, and our reading must go on meanwhile)."""
+        raw = data.encode("utf-8")
+
+        def write() -> None:
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(self.master, view):]
+        writer = asyncio.get_running_loop().run_in_executor(None, write)
+
+        async def written() -> None:
+            await asyncio.wait_for(writer, TIMEOUT)
+        self.addAsyncCleanup(written)
+
+    def chat_lines(self, rows: list[str], nick: str) -> list[str]:
+        prefix = re.compile(rf"\d\d:\d\d <{nick}> (.*)")
+        return [m.group(1) for r in rows if (m := prefix.fullmatch(r))]
+
+    def assert_one_prompt_at_the_bottom(self, rows: list[str]) -> None:
+        self.assertEqual([r for r in rows if r.startswith(">")], [">"], rows[-10:])
+        self.assertEqual(rows[-1], ">")
+        # Nor was a doubled prompt ever shown and then drawn over.
+        self.assertFalse([r for r in self.screen.erased if r.startswith("> >")])
+
+    async def pasted_lines_each_shown_once(self, count: int, bracketed: bool) -> None:
+        reconfigure(self.server, flood_burst=10 * count, flood_rate=1000.0)
+        bob = await self.connect("bob")
+        await self.start_cli("--nick", "alice", "--no-history")
+        await self.shown("You are alice")
+        await self.prompt_at_bottom()
+        await bob.expect("join", nick="alice")
+        sent = [f"paste {count} line {i} ünï 日本" for i in range(count)]
+        block = "\r".join(sent) + "\r"
+        await self.paste(f"\x1b[200~{block}\x1b[201~" if bracketed else block)
+        got = [(await bob.expect("msg", timeout=30))["text"] for _ in sent]
+        self.assertEqual(got, sent)  # all delivered, in order
+        rows = await self.until(lambda rows: len(self.chat_lines(rows, "alice")) >= count
+                                and rows[-1] == ">", "every echo shown", timeout=30)
+        self.assertEqual(self.chat_lines(rows, "alice"), sent)  # each exactly once
+        for row in rows:  # nothing else on screen: no fragment of a typed line
+            self.assertTrue(re.fullmatch(r"\d\d:\d\d (<alice> paste .*|-- .*)|>", row), row)
+        self.assert_one_prompt_at_the_bottom(rows)
+
+    async def test_a_pasted_block_of_50_lines_shows_each_line_once(self):
+        await self.pasted_lines_each_shown_once(50, bracketed=True)
+
+    async def test_500_pasted_lines_without_bracketed_paste(self):
+        await self.pasted_lines_each_shown_once(500, bracketed=False)
+
+    async def test_one_prompt_at_startup_with_history_and_after_a_refused_nick(self):
+        reconfigure(self.server, flood_burst=100)
+        bob = await self.connect("bob")
+        for i in range(40):  # history printed while the key reader starts
+            await bob.send({"type": "msg", "text": f"earlier {i}"})
+            await bob.expect("msg")
+        for attempt in range(3):  # the old race lost about half the time
+            with self.subTest(attempt=attempt):
+                self.screen, self.output = ScreenModel(self.COLUMNS), b""
+                proc = await self.start_cli("--nick", f"alice{attempt}")
+                await self.shown(f"in #lobby: alice{attempt}, bob")
+                rows = await self.prompt_at_bottom()
+                self.assertEqual(self.chat_lines(rows, "bob"),
+                                 [f"earlier {i}" for i in range(40)], rows)
+                self.assert_one_prompt_at_the_bottom(rows)
+                self.type("/nick bob\r")
+                await self.shown("already in use")
+                rows = await self.prompt_at_bottom()
+                self.assert_one_prompt_at_the_bottom(rows)
+                self.type("\x04")
+                self.assertEqual(await asyncio.wait_for(proc.wait(), TIMEOUT), 0)
+                await bob.expect("leave", nick=f"alice{attempt}")
+                while select.select([self.master], [], [], 0)[0]:  # the rest of its output
+                    try:
+                        os.read(self.master, 65536)
+                    except OSError:
+                        break
+
+    async def test_the_connection_refused_error_is_on_a_line_of_its_own(self):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            self.port = s.getsockname()[1]  # nobody listens there
+        proc = await self.start_cli("--nick", "alice", "--connect-attempts", "1")
+        self.assertEqual(await asyncio.wait_for(proc.wait(), TIMEOUT), 1)
+        rows = await self.shown("Cannot connect")
+        (error,) = [r for r in rows if "Cannot connect" in r]
+        self.assertTrue(error.startswith("pychat: Cannot connect"), rows)
+        self.assertFalse([r for r in rows if r.startswith(">")], rows)
+
+    async def test_the_nick_question_has_no_prompt_before_it(self):
+        await self.connect("alice")
+        proc = await self.start_cli("--nick", "ALICE")
+        rows = await self.until(lambda rows: rows and rows[-1].startswith("Type another nick"),
+                                "the nick question")
+        self.assertEqual(rows[-1], "Type another nick:")
+        self.assertFalse([r for r in rows if r.startswith(">")], rows)
+        self.type("alice2")  # the answer is echoed in the question's row
+        await self.until(lambda rows: rows[-1] == "Type another nick: alice2", "the answer")
+        self.type("\r")
+        await self.shown("You are alice2")
+        rows = await self.prompt_at_bottom()
+        self.assertFalse([r for r in rows if "Type another nick" in r], rows)
+        self.assert_one_prompt_at_the_bottom(rows)
+        self.type("\x04")
+        self.assertEqual(await asyncio.wait_for(proc.wait(), TIMEOUT), 0)
+
+    async def test_the_password_question_is_asked_in_the_prompt_row_and_not_shown(self):
+        reconfigure(self.server, password="s3cret")
+        proc = await self.start_cli("--nick", "alice")
+        rows = await self.until(lambda rows: rows and rows[-1] == "Password:", "the question")
+        self.assertFalse([r for r in rows if r.startswith(">")], rows)
+        self.type("s3cr")
+        self.type("et\r")
+        await self.shown("You are alice")
+        rows = await self.prompt_at_bottom()
+        self.assertNotIn("s3cr", "\n".join(rows + self.screen.erased))
+        self.assertFalse([r for r in rows if r.startswith("Password")], rows)
+        self.type("\x04")
+        self.assertEqual(await asyncio.wait_for(proc.wait(), TIMEOUT), 0)
+
+    async def test_a_long_draft_with_wide_characters_is_redrawn_in_place(self):
+        bob = await self.connect("bob")
+        await self.start_cli("--nick", "alice")
+        await self.shown("You are alice")
+        await self.prompt_at_bottom()
+        # 2 + 30 + 60 + 30 columns: three rows, a wide character cut at a row's end
+        draft = "x" * 77 + "日本語" + "y" * 30
+        self.type(draft + "\x1b[D" * 5)
+        await self.until(lambda rows: rows[-2:] == ["> " + "x" * 77, "日本語" + "y" * 30],
+                         "the draft on two rows")
+        await bob.send({"type": "msg", "text": "hello alice"})
+        rows = await self.until(lambda rows: rows[-2:] == ["> " + "x" * 77, "日本語" + "y" * 30]
+                                and any("<bob> hello alice" in r for r in rows),
+                                "the message above the draft")
+        self.assertTrue(rows[-3].endswith("<bob> hello alice"), rows[-4:])
+        self.assertEqual(self.screen.cursor()[1], 6 + 25)  # before the fifth-last y
+        self.type("Z\r")
+        msg = await bob.expect("msg", **{"from": "alice"})
+        self.assertEqual(msg["text"], draft[:-5] + "Z" + "y" * 5)
+        rows = await self.until(lambda rows: any(r.startswith(" " * 6 + "x" * 60) for r in rows)
+                                and rows[-1] == ">", "the echo")
+        self.assert_one_prompt_at_the_bottom(rows)
+
+    async def test_tab_completes_commands_rooms_and_nicks_on_the_terminal(self):
+        bob = await self.connect("bob")
+        await self.start_cli("--nick", "alice")
+        await self.shown("You are alice")
+        await self.prompt_at_bottom()
+        self.type("/jo\t")
+        await self.prompt_at_bottom("/join ")
+        self.type("#l\t")  # a room after /join
+        await self.prompt_at_bottom("/join #lobby ")
+        if " " not in str(HERE):
+            self.type(f"\x15/send {HERE}/pychat.p\t")  # a path after /send
+            await self.prompt_at_bottom(f"/send {HERE}/pychat.py")
+        self.type("\x15b\t")  # Ctrl-U, then a nick at the start: "bob: "
+        await self.prompt_at_bottom("bob: ")
+        self.type("hi\r")
+        self.assertEqual((await bob.expect("msg"))["text"], "bob: hi")
+
+
+class LineEditorTests(unittest.TestCase):
+    """The line editor's keys, without a terminal."""
+
+    def typed(self, *keys: str, editor: pychat.LineEditor | None = None
+              ) -> tuple[pychat.LineEditor, list[tuple[str, str]]]:
+        editor = editor or pychat.LineEditor()
+        return editor, [editor.feed(k) for k in keys]
+
+    def test_editing_keys(self):
+        L, R = pychat.KEY_LEFT, pychat.KEY_RIGHT
+        ed, _ = self.typed(*"hello", L, L, "X")
+        self.assertEqual((ed.buffer(), ed.point), ("helXlo", 4))
+        ed, _ = self.typed(*"hello", pychat.KEY_HOME, "\x7f", pychat.KEY_DELETE, R, "\x08")
+        self.assertEqual((ed.buffer(), ed.point), ("llo", 0))
+        ed, _ = self.typed(*"hello world", "\x01", "[", "\x05", "]")
+        self.assertEqual(ed.buffer(), "[hello world]")
+        ed, _ = self.typed(*"hello big world", L, L, "\x17")
+        self.assertEqual((ed.buffer(), ed.point), ("hello big ld", 10))
+        ed, _ = self.typed(*"abcdef", L, L, "\x0b")
+        self.assertEqual(ed.buffer(), "abcd")
+        ed, _ = self.typed(*"abcdef", L, L, "\x15")
+        self.assertEqual((ed.buffer(), ed.point), ("ef", 0))
+        ed, _ = self.typed(*"日本", "é", L, "\x7f", "😀")  # wide and non-BMP characters
+        self.assertEqual(ed.buffer(), "日😀é")
+        ed, _ = self.typed("a", "\x07", "\x1b", "\x9b", "b")  # stray controls are not text
+        self.assertEqual(ed.buffer(), "ab")
+
+    def test_enter_ctrl_d_and_ctrl_c(self):
+        ed, results = self.typed(*"hi", "\r")
+        self.assertEqual(results[-1], ("submit", "hi"))
+        self.assertEqual(ed.buffer(), "")
+        self.assertEqual(ed.feed("\x04"), ("eof", ""))
+        ed, results = self.typed(*"ab", pychat.KEY_LEFT, "\x04")  # Ctrl-D in text: delete
+        self.assertEqual((results[-1], ed.buffer()), (("edit", ""), "a"))
+        with self.assertRaises(KeyboardInterrupt):
+            ed.feed("\x03")
+
+    def test_history_up_and_down_keeps_the_draft(self):
+        up, down = pychat.KEY_UP, pychat.KEY_DOWN
+        ed, _ = self.typed(*"one", "\r", *"two", "\r", *"two", "\r", "\r", *"dra")
+        self.assertEqual(ed.history, ["one", "two"])  # no repeats, no empty lines
+        ed.feed(up)
+        self.assertEqual(ed.buffer(), "two")
+        ed.feed(up)
+        ed.feed(up)  # no further back than the first
+        self.assertEqual(ed.buffer(), "one")
+        ed.feed("!")
+        ed.feed(down)
+        ed.feed(down)
+        self.assertEqual(ed.buffer(), "dra")
+        self.assertEqual(ed.feed("\r"), ("submit", "dra"))
+
+    def test_tab_inserts_one_match_or_the_common_prefix_and_lists(self):
+        ed = pychat.LineEditor(lambda before: {"/jo": ["/join "],
+                                               "he": ["hello ", "help "]}.get(before, []))
+        self.typed(*"/jo", "\t", editor=ed)
+        self.assertEqual(ed.buffer(), "/join ")
+        ed, results = self.typed(*"he", pychat.KEY_END, "\t", editor=pychat.LineEditor(
+            lambda before: ["hello ", "help "] if before == "he" else []))
+        self.assertEqual((ed.buffer(), results[-1][0], ed.matches), ("hel", "list",
+                                                                      ["hello ", "help "]))
+        self.assertEqual(pychat.completion_names(["/send ~/a b/x.txt", "/send ~/a b/y/"]),
+                         ["x.txt", "y/"])
+        self.assertEqual(pychat.completion_names(["Bea: ", "bob: "]), ["Bea", "bob"])
+
+    def test_key_decoder(self):
+        dec = pychat.KeyDecoder()
+        self.assertEqual(dec.feed("a\x1b[A\x1bOB\x1b[1;5C\x1b[3~\x1b[7~\x1b[4~"),
+                         ["a", pychat.KEY_UP, pychat.KEY_DOWN, pychat.KEY_RIGHT,
+                          pychat.KEY_DELETE, pychat.KEY_HOME, pychat.KEY_END])
+        self.assertEqual(dec.feed("x\x1b["), ["x"])  # a sequence cut by the read waits
+        self.assertEqual(dec.feed("D"), [pychat.KEY_LEFT])
+        self.assertEqual(dec.feed("\x1b"), [])
+        self.assertEqual(dec.flush(), ["\x1b"])  # a lone ESC, after waiting
+        # A bracketed paste: text runs and one Enter per line; tabs and escapes inert.
+        self.assertEqual(dec.feed("\x1b[200~one\ttwo\r\nthree\x1b[A\rfour\x1b[201~\t"),
+                         ["one" + pychat.PASTE_TAB + "two", "\r", "three", "\r", "four", "\t"])
+        ed = pychat.LineEditor(lambda before: ["nope"])
+        results = [ed.feed(k) for k in ["one    two", "\r", "four"]]
+        self.assertEqual(results[1], ("submit", "one    two"))
+        self.assertEqual(ed.buffer(), "four")
+
+    def test_screen_places(self):
+        places = pychat.screen_places("> ab日c", 5)
+        self.assertEqual(places, [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)])
+        self.assertEqual(pychat.screen_places("abcde", 5)[-1], (1, 0))
+
+
+class CompletionTests(unittest.TestCase):
+    """complete_line: commands, rooms, nicks and paths, without a terminal."""
+
+    def setUp(self) -> None:
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.dir = Path(tmp.name)
+        (self.dir / "my file.txt").write_text("x")
+        (self.dir / "my notes").mkdir()
+        (self.dir / "report.pdf").write_text("x")
+        (self.dir / ".hidden").write_text("x")
+        old = os.getcwd()
+        os.chdir(self.dir)
+        self.addCleanup(os.chdir, old)
+
+    def complete(self, before: str) -> list[str]:
+        return pychat.complete_line(before, ["bob", "Bea", "carl"], ["#lobby", "#dev", "#Design"])
+
+    def test_commands_nicks_and_rooms(self):
+        self.assertEqual(self.complete("/ni"), ["/nick "])
+        self.assertEqual(self.complete("/jo"), ["/join "])
+        self.assertEqual(self.complete("b"), ["Bea: ", "bob: "])  # at the start, irssi style
+        self.assertEqual(self.complete("hi ca"), ["hi carl "])
+        self.assertEqual(self.complete("/join #d"), ["/join #Design ", "/join #dev "])
+        self.assertEqual(self.complete("/part #l"), ["/part #lobby "])
+        self.assertEqual(self.complete("/room #de"), ["/room #Design ", "/room #dev "])
+        self.assertEqual(self.complete("/msg b"), ["/msg Bea ", "/msg bob "])
+        self.assertEqual(self.complete("//x"), [])
+
+    def test_paths_after_send_with_an_optional_nick(self):
+        self.assertEqual(self.complete("/send re"), ["/send report.pdf"])
+        self.assertEqual(self.complete("/send bob re"), ["/send bob report.pdf"])
+        self.assertEqual(self.complete("/send my"), ["/send my\\ file.txt", "/send my\\ notes/"])
+        self.assertEqual(self.complete('/send "my f'), ['/send "my file.txt"'])
+        self.assertEqual(self.complete("/send my\\ n"), ["/send my\\ notes/"])
+        self.assertEqual(self.complete("/send b"), ["/send Bea ", "/send bob "])
+        self.assertEqual(self.complete("/send ."), ["/send .hidden"])  # only when asked
+        self.assertEqual(self.complete(f"/send {self.dir}/rep"), [f"/send {self.dir}/report.pdf"])
+        home = Path.home()
+        inside = next((p for p in sorted(home.iterdir()) if not p.name.startswith(".")), None)
+        if inside is not None and " " not in inside.name:
+            self.assertIn("/send ~/" + inside.name + ("/" if inside.is_dir() else ""),
+                          self.complete("/send ~/" + inside.name))
+        # What completion writes is what /send's parser reads back.
+        for typed in ('"my file.txt"', "my\\ file.txt"):
+            self.assertEqual(pychat.split_args(typed), ["my file.txt"])
+
+    def test_a_mention_is_bold_for_the_whole_line(self):
+        term = pychat.Terminal(out=io.StringIO(), color=True)
+        term.me = lambda: "alice"
+        line = term.format_event({"type": "msg", "from": "bob", "text": "hi alice", "ts": 0})
+        bold = False
+        for m in re.finditer(r"\x1b\[([0-9;]*)m|([^\x1b]+)", line):
+            if m.group(2):
+                self.assertTrue(bold, f"{m.group(2)!r} is not bold in {line!r}")
+                continue
+            for code in (m.group(1) or "0").split(";"):
+                bold = code == "1" or (bold and code not in ("0", "22"))
+        self.assertFalse(bold)  # and it ends with the line
 
 
 class CliCommandLineTests(unittest.TestCase):
