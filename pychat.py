@@ -7502,7 +7502,6 @@ class ChatWindow:
                  recent_emoji: list[str] | None = None,
                  save_recent: Callable[[list[str]], None] | None = None):
         import tkinter as tk
-        import tkinter.font as tkfont
         self.tk = tk
         self.master = master
         self.net = net
@@ -7533,28 +7532,8 @@ class ChatWindow:
         self.files: dict[str, dict] = {}   # transfer id -> its convo, name and widgets
         self.thumbnails: collections.deque = collections.deque(maxlen=50)  # keep images alive
         self.open_folder: Callable[[Path], Any] = _open_folder
-        self.non_bmp = tk_handles_non_bmp(str(master.tk.call("info", "patchlevel")))
-        families = set(tkfont.families(master))
-        self.emoji = emoji_groups(self.non_bmp, families)
-        self.emoji_font = next((f for f in COLOR_EMOJI_FONTS if f in families), None)
-        # Emoji runs in text are drawn with the colour font, where there is one
-        # (else a text font's monochrome glyphs would win over the colour ones).
-        self.colour_emoji = self.emoji_font is not None and self.emoji_font != "Symbola" \
-            and self.non_bmp
-        self.recent_emoji = [c for c in (recent_emoji or []) if isinstance(c, str)
-                             and c in {e for group in self.emoji.values() for e in group}]
+        self._pick_fonts(recent_emoji or [])
         self.save_recent = save_recent or (lambda chars: None)
-        self.emoji_tab = "Recent" if self.recent_emoji else next(iter(self.emoji), "")
-        base = tkfont.nametofont("TkDefaultFont").actual()
-        self.font = (base["family"], 11)
-        self.fonts = {
-            "bold": (base["family"], 11, "bold"), "italic": (base["family"], 11, "italic"),
-            "small": (base["family"], 9), "title": (base["family"], 13, "bold"),
-        }
-        # Where a message's text column starts: after "HH:MM  ", under the nick.
-        # Wrapped lines, lines after a line break and a sender's follow-ups all
-        # start here.
-        self.indent = tkfont.Font(master, font=self.fonts["small"]).measure("00:00  ")
         master.title("PyChat")
         master.configure(bg=THEME["bg"])
         master.minsize(640, 420)
@@ -7568,6 +7547,32 @@ class ChatWindow:
         self.show_convo(self._convo(LOBBY).key)
         self.input.focus_set()
         self._after = master.after(POLL_MS, self._poll)
+
+    def _pick_fonts(self, recent_emoji: list[str]) -> None:
+        """The fonts this Tk has: text, emoji (colour where possible), and the
+        emoji the picker can offer."""
+        import tkinter.font as tkfont
+        self.non_bmp = tk_handles_non_bmp(str(self.master.tk.call("info", "patchlevel")))
+        families = set(tkfont.families(self.master))
+        self.emoji = emoji_groups(self.non_bmp, families)
+        self.emoji_font = next((f for f in COLOR_EMOJI_FONTS if f in families), None)
+        # Emoji runs in text are drawn with the colour font, where there is one
+        # (else a text font's monochrome glyphs would win over the colour ones).
+        self.colour_emoji = self.emoji_font is not None and self.emoji_font != "Symbola" \
+            and self.non_bmp
+        self.recent_emoji = [c for c in recent_emoji if isinstance(c, str)
+                             and c in {e for group in self.emoji.values() for e in group}]
+        self.emoji_tab = "Recent" if self.recent_emoji else next(iter(self.emoji), "")
+        base = tkfont.nametofont("TkDefaultFont").actual()
+        self.font = (base["family"], 11)
+        self.fonts = {
+            "bold": (base["family"], 11, "bold"), "italic": (base["family"], 11, "italic"),
+            "small": (base["family"], 9), "title": (base["family"], 13, "bold"),
+        }
+        # Where a message's text column starts: after "HH:MM  ", under the nick.
+        # Wrapped lines, lines after a line break and a sender's follow-ups all
+        # start here.
+        self.indent = tkfont.Font(self.master, font=self.fonts["small"]).measure("00:00  ")
 
     @property
     def convo(self) -> Conversation:
