@@ -4064,6 +4064,7 @@ ABOUT_YOU = frozenset({"msg", "pm", "nick", "join", "leave", "away", "mode", "mo
 # Transfer states the UIs show: "offered", "receiving", "sending", then one of
 FINAL = frozenset({"done", "received", "declined", "cancelled", "failed"})
 MAX_SHOWN_TRANSFERS = 200      # finished ones beyond this are forgotten, oldest first
+MAX_PEOPLE = 1000              # private partners a client remembers
 
 
 class ClientState:
@@ -4309,6 +4310,8 @@ class ClientState:
         if self.people.get(key) == {"nick": other, "here": True}:
             return None
         self.people[key] = {"nick": other, "here": True}
+        while len(self.people) > MAX_PEOPLE:  # forget the first partner met
+            del self.people[next(iter(self.people))]
         return "people"
 
     def _failed(self, e: dict) -> str | None:
@@ -4331,8 +4334,10 @@ class ClientState:
         else:
             record.update(direction="in", nick=str(e.get("from", "")), peers={})
         self.transfers[tid] = record
-        while len(self.transfers) > MAX_SHOWN_TRANSFERS:  # forget the oldest finished
-            old = next((k for k, t in self.transfers.items() if t["state"] in FINAL), None)
+        while len(self.transfers) > MAX_SHOWN_TRANSFERS:  # forget the oldest finished (or
+            old = next((k for k, t in self.transfers.items() if t["state"] in FINAL), None) \
+                or next((k for k, t in self.transfers.items()  # unanswered) one: a hostile
+                         if t["state"] == "offered" and t["direction"] == "in"), None)  # server
             if old is None:
                 break
             del self.transfers[old]

@@ -4039,6 +4039,74 @@ class TerminalFormatTests(unittest.TestCase):
         self.assertEqual(pychat.complete_nick("al", ["bob", "Alice", "alan"]), ["alan", "Alice"])
 
 
+class ClientStateTests(unittest.TestCase):
+    """ClientState, fed events as ChatClient feeds it, without a network."""
+
+    def test_rooms_members_away_ops_and_nick_changes(self):
+        st = pychat.ClientState("alice")
+        st.welcome("alice", {"#lobby": "#lobby"})
+        self.assertEqual(st.apply({"type": "users", "room": "#lobby", "users": ["alice", "bob"],
+                                   "away": {"bob": "lunch"}, "ops": ["bob"]}), "members")
+        self.assertEqual(st.members("#LOBBY"), ["alice", "bob"])
+        self.assertEqual(st.away_message("Bob"), "lunch")
+        self.assertTrue(st.is_op("#lobby", "bob"))
+        st.apply({"type": "nick", "old": "bob", "new": "Robert"})
+        self.assertEqual(st.members("#lobby"), ["alice", "Robert"])
+        self.assertTrue(st.is_op("#lobby", "robert"))
+        self.assertEqual(st.away_message("robert"), "lunch")
+        self.assertEqual(st.apply({"type": "nick", "old": "alice", "new": "ally"}), "nick")
+        self.assertEqual(st.nick, "ally")
+        self.assertEqual(st.apply({"type": "leave", "room": "#lobby", "nick": "ally",
+                                   "reason": "part"}), "rooms")
+        self.assertEqual(st.room_names(), [])
+        self.assertIsNone(st.apply({"type": "join", "room": "#gone", "nick": "x"}))
+
+    def test_partners_leave_and_come_back(self):
+        st = pychat.ClientState("alice")
+        st.welcome("alice", {"#lobby": "#lobby"})
+        st.apply({"type": "users", "room": "#lobby", "users": ["alice", "bob"]})
+        self.assertEqual(st.apply({"type": "pm", "from": "bob", "to": "alice", "text": "hi"}),
+                         "people")
+        self.assertEqual(st.apply({"type": "leave", "room": "#lobby", "nick": "bob",
+                                   "reason": "part"}), "members")  # parted: still here
+        self.assertTrue(st.here("bob"))
+        self.assertEqual(st.apply({"type": "leave", "room": "#lobby", "nick": "bob",
+                                   "reason": "quit"}), "people")
+        self.assertEqual(st.partners(), [("bob", False)])
+        self.assertEqual(st.where("cli", "#lobby").gone, frozenset({"bob"}))
+        self.assertEqual(st.apply({"type": "join", "room": "#lobby", "nick": "bob"}), "people")
+        self.assertTrue(st.here("bob"))
+        # A refused private message says the same.
+        st.apply({"type": "failed", "to": "carol", "code": "no_such_nick"})
+        self.assertFalse(st.here("carol"))
+
+    def test_transfers_reach_their_final_state(self):
+        st = pychat.ClientState("alice")
+        st.apply({"type": "file_offer", "id": "f1", "name": "a.txt", "size": 3, "mine": True,
+                  "room": "#lobby", "recipients": ["bob", "carol"]})
+        self.assertEqual(pychat.transfer_summary(st.transfer("f1")), "waiting for bob, carol")
+        st.apply({"type": "file_accept", "id": "f1", "nick": "bob"})
+        st.apply({"type": "file_decline", "id": "f1", "nick": "carol"})
+        self.assertEqual(st.transfer("f1")["state"], "sending")
+        st.apply({"type": "file_sent", "id": "f1", "nick": "bob"})
+        t = st.transfer("f1")
+        self.assertEqual((t["state"], pychat.transfer_summary(t)),
+                         ("done", "delivered to bob; declined by carol"))
+        st.apply({"type": "file_offer", "id": "f2", "name": "b.txt", "size": 3, "from": "bob"})
+        st.settle("f2", "declined")
+        self.assertEqual(pychat.transfer_summary(st.transfer("f2")), "you declined it")
+
+    def test_a_hostile_server_cannot_grow_the_state_without_bound(self):
+        st = pychat.ClientState("alice")
+        for i in range(pychat.MAX_SHOWN_TRANSFERS + 50):  # offers nobody answers
+            st.apply({"type": "file_offer", "id": f"f{i}", "name": "x", "size": 1,
+                      "from": "mallory"})
+        self.assertEqual(len(st.transfer_list()), pychat.MAX_SHOWN_TRANSFERS)
+        for i in range(pychat.MAX_PEOPLE + 50):
+            st.apply({"type": "pm", "from": f"m{i}", "to": "alice", "text": "x"})
+        self.assertEqual(len(st.partners()), pychat.MAX_PEOPLE)
+
+
 class CommandPlanTests(unittest.TestCase):
     """plan_command: what a typed line asks either UI to do, without Tk or a terminal."""
 
