@@ -2516,10 +2516,11 @@ class ChatServer:
 
     def _drop_transfers(self, s: Session) -> None:
         """A sender or receiver is gone: end what it was part of."""
+        why = "the server is shutting down" if self.shutting_down else f"{s.nick} left"
         for t in list(self.transfers.values()):
             if t.sender is s:
                 for key in list(t.eligible | set(t.streams)):
-                    self._end_stream(t, key, f"{s.nick} left")
+                    self._end_stream(t, key, why)
                 del self.transfers[t.id]
             else:
                 key = nick_key(s.nick or "")
@@ -2529,7 +2530,7 @@ class ChatServer:
                     t.streams.pop(key, None)
                     t.eligible.discard(key)
                     t.sender.tell({"type": "file_cancel", "id": t.id, "nick": s.nick,
-                                          "reason": f"{s.nick} left"})
+                                   "reason": why})
 
     # --- private messages and away
     def _tags(self, s: Session, msg: dict) -> dict | None | bool:
@@ -4065,6 +4066,7 @@ ABOUT_YOU = frozenset({"msg", "pm", "nick", "join", "leave", "away", "mode", "mo
 FINAL = frozenset({"done", "received", "declined", "cancelled", "failed"})
 MAX_SHOWN_TRANSFERS = 200      # finished ones beyond this are forgotten, oldest first
 MAX_PEOPLE = 1000              # private partners a client remembers
+MAX_LISTED_ROOMS = 1000        # rooms of a /rooms list it remembers (for Tab)
 
 
 class ClientState:
@@ -4089,11 +4091,13 @@ class ClientState:
         self.away: dict[str, str] = {}      # nick key -> away message
         self.people: dict[str, dict] = {}   # private partners: nick key -> nick, here
         self.transfers: dict[str, dict] = {}  # transfer id -> what the UIs show of it
+        self.listed: dict[str, str] = {}    # room key -> name, from the last /rooms list
         self._apply = {
             "status": self._status, "welcome": self._welcome, "users": self._users,
             "join": self._join, "leave": self._leave, "nick": self._nick,
             "away": self._away, "topic": self._topic, "mode": self._mode,
-            "pm": self._pm, "failed": self._failed, "file_offer": self._file_offer,
+            "pm": self._pm, "failed": self._failed, "rooms": self._rooms_listed,
+            "file_offer": self._file_offer,
             "file_accept": self._file_peer, "file_decline": self._file_peer,
             "file_cancel": self._file_cancel, "file_sent": self._file_peer,
             "file_failed": self._file_failed, "file_received": self._file_received,
@@ -4104,6 +4108,12 @@ class ClientState:
     def room_names(self) -> list[str]:
         with self.lock:
             return [r["name"] for r in self.rooms.values()]
+
+    def known_rooms(self) -> list[str]:
+        """Rooms we are in, then the others the last /rooms list named."""
+        with self.lock:
+            names = [r["name"] for r in self.rooms.values()]
+            return names + [n for k, n in self.listed.items() if k not in self.rooms]
 
     def in_room(self, room: str) -> str | None:
         """The room's name as the server spells it, if we are in it."""
@@ -4303,6 +4313,12 @@ class ClientState:
         (r["ops"].add if e.get("op") else r["ops"].discard)(nick_key(str(e.get("nick", ""))))
         return "members"
 
+    def _rooms_listed(self, e: dict) -> str | None:
+        rooms = [r for r in e.get("rooms") or [] if isinstance(r, dict)]
+        self.listed = {nick_key(str(r.get("room"))): str(r.get("room"))
+                       for r in rooms[:MAX_LISTED_ROOMS]}
+        return None  # nothing on show changes; completion asks for it
+
     def _pm(self, e: dict) -> str | None:
         mine = nick_key(str(e.get("from", ""))) == nick_key(self.nick)
         other = str(e.get("to") if mine else e.get("from"))
@@ -4331,6 +4347,8 @@ class ClientState:
             recipients = [str(n) for n in e.get("recipients") or []]
             record.update(direction="out", nick=str(e.get("to") or e.get("room") or ""),
                           peers={n: "waiting" for n in recipients})
+            if not recipients:
+                record["state"] = "done"  # alone in the room: nobody will answer
         else:
             record.update(direction="in", nick=str(e.get("from", "")), peers={})
         self.transfers[tid] = record
@@ -4421,10 +4439,12 @@ def transfer_summary(t: dict) -> str:
              "received": "delivered to {}", "declined": "declined by {}",
              "cancelled": "cancelled for {}", "failed": "failed for {}"}
     parts = [words[p].format(", ".join(n)) for p, n in groups.items() if p in words]
-    if t["state"] == "failed" and t["reason"]:
+    if t["state"] in ("failed", "cancelled") and t["reason"]:
         parts.append(t["reason"])
-    return "; ".join(parts) or ("nobody to send it to" if t["state"] == "done"
-                                else "waiting for answers")
+    if parts:
+        return "; ".join(parts)
+    return {"done": f"nobody else is in {t['nick']} to take it",
+            "cancelled": "you cancelled it"}.get(t["state"], "waiting for answers")
 
 
 class ChatClient:
@@ -4905,6 +4925,11 @@ class ChatClient:
                             "direction": "out", "nick": nick, "reason": reason})
         self.outgoing.clear()
         self.offers_in.clear()
+        # Offers nobody took yet die with the connection too (and a restarted
+        # server numbers transfers afresh): every UI shows them as ended.
+        ended = [self.state.settle(t["id"], "failed", reason)
+                 for t in self.state.transfer_list() if t["state"] not in FINAL]
+        self._changed("transfers" if ended else None)
 
     # --- internals
     def _emit(self, event: dict) -> None:
@@ -5498,8 +5523,8 @@ COMMANDS = (
     Command("nick", "NEW", "change your nick"),
     Command("away", "[MESSAGE]", "mark yourself away"),
     Command("back", "", "you are back"),
-    Command("send", "[NICK] PATH", "offer a file to the room, or to NICK (quote a path "
-            'with spaces: "my file.pdf")', uis=("cli",)),
+    Command("send", "[NICK] PATH", 'offer a file here or to NICK ("quote paths" with spaces)',
+            uis=("cli",)),
     Command("send", "[NICK] [PATH]", "offer a file here, or to NICK (no PATH: choose one)",
             uis=("gui",)),
     Command("accept", "ID", "accept a file offered to you"),
@@ -5522,7 +5547,7 @@ COMMANDS = (
 
 HELP_FOOTER = {
     "cli": [("//TEXT", "send a message that starts with a slash"),
-            ("Tab", "complete nicks, commands, rooms after /join, paths after /send")],
+            ("Tab", "complete commands, nicks, rooms, paths after /send")],
     "gui": [("//TEXT", "send a message that starts with a slash"),
             ("Enter", "send; Shift+Enter starts a new line; Up recalls what you sent"),
             ("Tab", "complete nicks; double-click someone to talk privately")],
@@ -6393,7 +6418,8 @@ class Terminal:
         msgs = [self.format_msg(m) for m in e.get("messages", []) if isinstance(m, dict)]
         if not msgs:
             return None
-        return "\n".join([self.system(None, f"last {len(msgs)} messages:"), *msgs,
+        said = "last message:" if len(msgs) == 1 else f"last {len(msgs)} messages:"
+        return "\n".join([self.system(None, said), *msgs,
                           self.system(None, "end of history")])
 
     def _show_welcome(self, e: dict, ts: Any) -> str:
@@ -6844,6 +6870,7 @@ class CliSession:
         self.code = 0                  # the exit status, once something decided it
         self.failed = 0                # messages or files that did not go through
         self.input_started = False
+        self.ready = False             # welcomed, and the first room's users shown
         self.progress_at = 0.0
         self.settings_path = config_dir() / "settings.json"
         self.settings = load_settings(self.settings_path)
@@ -6909,7 +6936,7 @@ class CliSession:
 
     def names(self) -> tuple[list[str], list[str]]:
         """Nicks and rooms to complete (called from the input thread)."""
-        return self.client.state.members(self.client.room), self.client.state.room_names()
+        return self.client.state.members(self.client.room), self.client.state.known_rooms()
 
     # --- events from the client
     def on_event(self, event: dict) -> None:
@@ -7044,8 +7071,12 @@ class CliSession:
         return done is not False
 
     async def wait_registered(self) -> None:
-        while not self.client.ever_registered and not self.client.closed:
-            await asyncio.sleep(0.02)
+        """Until the welcome and what follows it (the history, then the room's
+        user list) were shown: a script's first line acts after them."""
+        while not self.ready and not self.client.closed:
+            self.ready = self.client.ever_registered and bool(
+                self.client.state.members(self.client.room))
+            await asyncio.sleep(0 if self.ready else 0.02)
 
     async def wait_transfers(self) -> None:
         """A script's end waits for its files: every receiver has finished or
@@ -7151,14 +7182,16 @@ class CliSession:
     def do_decline(self, tid: str) -> None:
         if not self.client.decline_file(tid):
             self.error_line(f"No file offer {strip_terminal(tid)} is waiting. /files lists them.")
+        else:
+            self.show(f"Declined [{tid}].")
 
     def do_cancel(self, tid: str) -> None:
         shown = self.client.state.transfer(tid)
         if self.client.cancel_file(tid):
             return
         if shown is not None and shown["state"] in FINAL:
-            self.error_line(f"{strip_terminal(shown['name'])} has finished "
-                            f"({strip_terminal(transfer_summary(shown))}); nothing to stop.")
+            self.show(f"{shown['name']} has finished ({transfer_summary(shown)}); "
+                      "nothing to stop.")
         else:
             self.error_line(f"No transfer {strip_terminal(tid)} under way. /files lists them.")
 
@@ -7568,6 +7601,7 @@ class ChatWindow:
         self.recent_emoji = [c for c in recent_emoji if isinstance(c, str)
                              and c in {e for group in self.emoji.values() for e in group}]
         self.emoji_tab = "Recent" if self.recent_emoji else next(iter(self.emoji), "")
+
         base = tkfont.nametofont("TkDefaultFont").actual()
         self.font = (base["family"], 11)
         self.fonts = {
@@ -7687,15 +7721,15 @@ class ChatWindow:
         self.emoji_button = HoverButton(row, emoji_label, self.toggle_emoji,
                                         bg=THEME["button"], hover=THEME["button_hover"],
                                         font=(self.emoji_font or self.font[0], 12))
-        self.emoji_button.widget.grid(row=0, column=1, padx=(8, 0), sticky="ns")
+        self.emoji_button.widget.grid(row=0, column=1, padx=(8, 0), sticky="sew")
         self.file_button = HoverButton(row, "📎" if self.emoji_font and self.non_bmp else "File",
                                        self.choose_file, bg=THEME["button"],
                                        hover=THEME["button_hover"],
                                        font=(self.emoji_font or self.font[0], 12))
-        self.file_button.widget.grid(row=0, column=2, padx=(8, 0), sticky="ns")
+        self.file_button.widget.grid(row=0, column=2, padx=(8, 0), sticky="sew")
         self.send_button = HoverButton(row, "Send", self.send_input, bg=THEME["accent"],
                                        hover=THEME["accent_hover"], font=self.fonts["bold"])
-        self.send_button.widget.grid(row=0, column=3, padx=(8, 0), sticky="ns")
+        self.send_button.widget.grid(row=0, column=3, padx=(8, 0), sticky="sew")
         self.input.bind("<Return>", self._on_return)
         self.input.bind("<Shift-Return>", self._on_shift_return)
         self.input.bind("<KP_Enter>", self._on_return)
@@ -7712,6 +7746,8 @@ class ChatWindow:
         self.input.bind("<KeyRelease>", self._on_key_release)
         self.input.bind("<<Modified>>", self._on_input_modified)
         self.input.bind("<Configure>", lambda e: self._fit_input(), add="+")
+        if self.colour_emoji:  # the draft's emoji in colour too (see _fit_input)
+            self.input.tag_configure("emoji", font=(self.emoji_font, self.font[1]))
         self.emoji_panel: Any = None
         # A click anywhere outside the emoji picker closes it (Tk gives every
         # widget's events to its toplevel's bindings too).
@@ -8375,8 +8411,10 @@ class ChatWindow:
             return
         accept = self._button(convo, "Accept", lambda: self.accept_file(tid), "accent")
         decline = self._button(convo, "Decline", lambda: self.decline_file(tid))
-        self.files[tid]["answer"] = [accept, decline]
-        self._embed(convo, [accept, decline], f"{e.get('from')} offers {name} ({size})")
+        status = self.tk.Label(convo.text, text="", bg=THEME["bg"], fg=THEME["dim"],
+                               font=self.fonts["small"])
+        self.files[tid].update(answer=[accept, decline], status=status)
+        self._embed(convo, [accept, decline, status], f"{e.get('from')} offers {name} ({size})")
         if not self.focused or convo is not self.convo:
             convo.unread += 1
             self._refresh_convos()
@@ -8402,13 +8440,12 @@ class ChatWindow:
             return
         if shown["state"] in FINAL:
             self.add_system(f"{info['name']} has finished ({transfer_summary(shown)}); "
-                            "nothing to stop.", "error", convo=info["convo"])
+                            "nothing to stop.", convo=info["convo"])
             self._refresh_transfers()
             return
         for w in info.pop("answer", []):
             w.destroy()
-        self.net.cancel_file(tid)
-        self.add_system(f"You stopped {info['name']}.", convo=info["convo"])
+        self.net.cancel_file(tid)  # the offer's line, or its progress bar, says so
 
     def list_files(self) -> None:
         rows = [f"[{t['id']}] {t['name']} ({format_size(t['size'])}) "
@@ -8421,8 +8458,11 @@ class ChatWindow:
         for tid, info in self.files.items():
             status = info.get("status")
             shown = self.state.transfer(tid)
-            if status is None or shown is None:
-                continue
+            if status is None or shown is None or info.get("rows") and \
+                    shown["direction"] == "in":
+                continue  # an accepted file's progress bar speaks for it
+            if shown["direction"] == "in" and shown["state"] == "offered":
+                continue  # Accept and Decline are the answer
             final = shown["state"] in FINAL
             colour = THEME["error"] if shown["state"] in ("failed", "cancelled") else \
                 THEME["ok"] if final else THEME["dim"]
@@ -8543,9 +8583,11 @@ class ChatWindow:
         tid = str(e.get("id"))
         key = "in" if e.get("direction") == "in" else f"out:{nick_key(str(e.get('nick')))}"
         text = f"{e.get('name')}: {e.get('reason')}"
+        info = self.files.get(tid)
         if self._finish_row(tid, key, text, "error") is None or \
                 key not in self.files.get(tid, {}).get("rows", {}):
-            info = self.files.get(tid)
+            if info is not None and "status" in info:
+                return  # the offer's own line says it (see _refresh_transfers)
             self.add_system(text, "error", convo=info["convo"] if info else None)
 
     def on_file_decline(self, e: dict) -> None:

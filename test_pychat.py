@@ -4199,7 +4199,8 @@ class CommandPlanTests(unittest.TestCase):
                 self.assertIn(c.help, cli)
             if "gui" in c.uis:
                 self.assertEqual(gui[shown], c.help)
-        self.assertIn("(quote a path", cli)  # the terminal's /send help, not the window's
+        self.assertIn('("quote paths" with spaces)', cli)  # the terminal's /send, not the window's
+        self.assertLessEqual(max(len(line) for line in cli.splitlines()), 79)  # 80 columns
         self.assertNotIn("/close", cli)
         self.assertIn("/close", gui)
         # Every command in the help is one the planner knows.
@@ -5728,6 +5729,28 @@ class GuiClientStateTests(GuiCase):
         self.pump(lambda: "bob is back in the chat." in pane.get("1.0", "end"), "back")
         self.pump(lambda: "@ bob" in window.convo_list.get(0, "end"), "no longer dimmed")
 
+    def test_an_offer_ends_with_the_connection_and_one_to_nobody_says_so(self):
+        window = self.open_window("alice")
+        path = Path(self.tmp.name) / "alone.txt"
+        path.write_bytes(b"x")
+        self.type_and_send(window, f"/send {path}")  # alone in the lobby
+        self.pump(lambda: any("status" in i and "nobody else" in i["status"].cget("text")
+                              for i in window.files.values()), "nobody to take it")
+        self.assertFalse([i for i in window.files.values() if "answer" in i])  # no Cancel
+        bob = SyncPeer(self.srv.port, "bob")
+        bob.send({"type": "file_offer", "to": "alice", "name": "late.txt", "size": 1,
+                  "sha256": hashlib.sha256(b"y").hexdigest()})
+        tid = bob.expect("file_offer")["id"]
+        self.pump(lambda: "answer" in window.files.get(tid, {}), "Accept and Decline")
+        self.addCleanup(bob.close)
+        self.srv.stop()  # the offer dies with the server: no Accept that waits forever
+        self.pump(lambda: "answer" not in window.files[tid], "the offer ended")
+        self.assertIn(window.files[tid]["status"].cget("text"),
+                      ("stopped: the server is shutting down",  # if it could say so
+                       "failed: the connection was lost"))
+        self.type_and_send(window, f"/accept {tid}")
+        self.assertIn(f"No file offer {tid} is waiting for you", self.chat_text(window))
+
     def test_typing_is_said_only_for_text_that_will_be_sent(self):
         window = self.open_window("alice")
         said: list[str] = []
@@ -6095,10 +6118,13 @@ class GuiPolishTests(GuiCase):
         self.assertIn("👍", runs)
         self.assertNotIn("ok", "".join(runs))
         self.assertIn(window.emoji_font, str(window.chat.tag_cget("emoji", "font")))
-        window.input.insert("end", "go 🚀 now")
-        self.pump(lambda: window.input.tag_ranges("emoji"), "the input's emoji tag")
-        a, b = window.input.tag_ranges("emoji")
-        self.assertEqual(window.input.get(a, b), "🚀")
+        # Two runs, the second after a character above U+FFFF (two places in Tk 8.6).
+        window.input.insert("end", "😀 go 🚀 now")
+        self.pump(lambda: len(window.input.tag_ranges("emoji")) == 4, "the input's emoji tag")
+        ranges = window.input.tag_ranges("emoji")
+        self.assertEqual([window.input.get(a, b) for a, b in zip(ranges[::2], ranges[1::2])],
+                         ["😀", "🚀"])
+        self.assertIn(window.emoji_font, str(window.input.tag_cget("emoji", "font")))
 
     # --- 16. transfers and the file dialog
     def test_progress_bars_are_dark_with_the_accent_and_green_when_done(self):
