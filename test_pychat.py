@@ -2344,9 +2344,15 @@ class WebSocketTests(ServerCase):
         self.assertEqual((await asyncio.wait_for(leave, TIMEOUT))["reason"], "backlog")
         self.assertNotIn("stalled", self.server.nicks)
 
+
+
+class WebKeepaliveTests(ServerCase):
+    server_options = {"ping_interval": 0.1, "ping_timeout": 5}
+
     async def test_3c_keepalive_pings_are_ping_frames(self):
-        reconfigure(self.server, ping_interval=0.1, ping_timeout=5)
-        web = await self.ws("sleepy")
+        web, _ = await WsPeer.open(self.port)
+        self.addAsyncCleanup(web.close)
+        await web.register("sleepy")
         while True:
             opcode, payload = await web.recv_frame()
             if opcode == 0x9:
