@@ -3,6 +3,7 @@
 
 Commands
     python pychat.py server [--host H] [--port 5050]   start a chat server
+                                                       (and open http://ADDR:5050 in a browser)
     python pychat.py gui [--host H] [--port P] [--nick N]   open the desktop client
     python pychat.py cli [--host H] [--port P] [--nick N]   join from a terminal
     python pychat.py bench [--clients N [N ...]]       how many people this machine can host
@@ -36,8 +37,9 @@ the ones above it:
     2. Protocol                  6. Terminal client (run_cli)
     3. Server core               7. GUI client (ChatWindow, run_gui)
     3b. IRC gateway (IrcWire)    7b. Desktop launcher (install-desktop)
-    4. Client core (ChatClient)  8. Benchmark (bench)
-                                 9. Entry point (build_parser, main)
+    3c. Web gateway (HttpWire,   8. Benchmark (bench)
+        WebWire, the page)       9. Entry point (build_parser, main)
+    4. Client core (ChatClient)
 """
 
 from __future__ import annotations
@@ -4260,10 +4262,18 @@ def is_ip_literal(host: str) -> bool:
     return True
 
 
+# Suffixes home routers and mDNS give a machine's name.  Only these: a name
+# like "raspberrypi.evil.example" must not pass for this machine's.
+LAN_SUFFIXES = ("", ".local", ".lan", ".home", ".home.arpa", ".localdomain", ".internal")
+
+
 def own_host_names() -> set[str]:
-    """The names (first label only) a browser may use for this machine:
-    localhost and its host name (no DNS lookup: that can hang)."""
-    return {"localhost", socket.gethostname().lower().split(".")[0]} - {""}
+    """The names a browser may use for this machine: localhost and its host
+    name, bare or with a LAN suffix (no DNS lookup: that can hang)."""
+    full = socket.gethostname().lower()
+    short = full.split(".")[0]
+    names = {"localhost", full} | {short + suffix for suffix in LAN_SUFFIXES if short}
+    return names - {""}
 
 
 def ws_accept(key: str) -> str:
@@ -4388,8 +4398,7 @@ class HttpWire(Wire):
             raise HttpError(400, "A malformed Host header.")
         name = split[0]
         allowed = {o[1] for o in map(web_origin, self.server.cfg.web_origins) if o}
-        if not (is_ip_literal(name) or name.split(".")[0] in own_host_names()
-                or name in allowed):
+        if not (is_ip_literal(name) or name.rstrip(".") in own_host_names() or name in allowed):
             raise HttpError(403, f"This server does not answer to the name {name}; "
                             "start it with --web-origin to allow one.")
         return request.headers["host"]

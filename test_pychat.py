@@ -2151,9 +2151,12 @@ class WebHttpTests(ServerCase):
 
     async def test_3c_a_name_that_is_not_ours_gets_403(self):
         # DNS rebinding: a page on evil.example re-points its name at this server.
-        status, _, _ = await http_exchange(self.port, get(self.port, host="evil.example"))
-        self.assertEqual(status, 403)
-        for host in (f"localhost:{self.port}", f"[::1]:{self.port}", socket.gethostname()):
+        short = socket.gethostname().split(".")[0]
+        for host in ("evil.example", f"{short}.evil.example", f"localhost.evil.example:{self.port}"):
+            status, _, _ = await http_exchange(self.port, get(self.port, host=host))
+            self.assertEqual(status, 403, host)
+        for host in (f"localhost:{self.port}", f"[::1]:{self.port}", socket.gethostname(),
+                     f"{short}.local:{self.port}"):
             status, _, _ = await http_exchange(self.port, get(self.port, host=host))
             self.assertEqual(status, 200, host)
 
