@@ -168,7 +168,7 @@ MAX_OPEN_LOGS = 32             # room logs kept open at once (--data-dir)
 ACCEPT_ERROR_EVERY = 10.0      # out of file descriptors: say so at most this often
 REFUSE_WAIT = 0.5              # a refused connection waits this long for its first line
 WEB_HEAD_TIMEOUT = 5.0         # an HTTP request's head must be in this long after connecting
-CLOSE_LINGER = 2.0             # a half-closed connection (Wire.linger) waits this long for its peer
+CLOSE_LINGER = 2.0             # a half-closed connection (Wire.linger) waits this for its peer
 
 # After a burst of this many connects and disconnects has been quiet for
 # TRIM_DELAY seconds, the server hands the heap memory it freed back to the OS.
@@ -1773,7 +1773,7 @@ class ChatServer:
         if data is None:
             data = encode(event)
         dirty = self.dirty
-        rendered: dict[type, Any] = {}
+        rendered: dict[type, tuple[Any, bool]] = {}
         for s in room.members.values():
             out = s.out
             if not out:
@@ -1783,10 +1783,15 @@ class ChatServer:
             if s.native:
                 out.append(data)
                 continue
-            kind = type(s.wire)
-            if kind not in rendered:
-                rendered[kind] = s.wire.render(event)
-            s.wire.take(event, rendered[kind])
+            wire = s.wire
+            kind = type(wire)
+            got = rendered.get(kind)
+            if got is None:  # (its bytes, and whether they go out as they are)
+                got = rendered[kind] = (wire.render(event), kind.take is Wire.take)
+            if got[1]:  # WebSocket frames: appended like JSON lines, without a call
+                out.append(got[0])
+            else:
+                wire.take(event, got[0])
         if dirty:
             self.schedule_flush()
 

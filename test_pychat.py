@@ -2152,7 +2152,8 @@ class WebHttpTests(ServerCase):
     async def test_3c_a_name_that_is_not_ours_gets_403(self):
         # DNS rebinding: a page on evil.example re-points its name at this server.
         short = socket.gethostname().split(".")[0]
-        for host in ("evil.example", f"{short}.evil.example", f"localhost.evil.example:{self.port}"):
+        for host in ("evil.example", f"{short}.evil.example",
+                     f"localhost.evil.example:{self.port}"):
             status, _, _ = await http_exchange(self.port, get(self.port, host=host))
             self.assertEqual(status, 403, host)
         for host in (f"localhost:{self.port}", f"[::1]:{self.port}", socket.gethostname(),
