@@ -1077,7 +1077,7 @@ class Session(asyncio.Protocol):
         if transport is None:
             return
         if self.wire.linger and transport.can_write_eof() and not transport.is_closing() \
-                and not self.server.shutting_down:
+                and not self.server.shutting_down:  # (never over TLS: it cannot write_eof)
             # Our half first: the peer reads our last bytes, then hangs up.  Closing
             # with its unread bytes here would reset the connection, which can
             # destroy those last bytes (an HTTP error, a WebSocket close frame)

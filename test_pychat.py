@@ -2350,6 +2350,32 @@ class WebSocketTests(ServerCase):
 
 
 
+class WebTlsTests(unittest.IsolatedAsyncioTestCase):
+    async def test_3c_https_and_wss_on_the_same_port(self):
+        with tempfile.TemporaryDirectory() as folder:
+            cert, key = make_certificate(Path(folder))
+            server = ChatServer(ssl_context=pychat.server_tls_context(cert, key))
+            port = await server.start(HOST, 0)
+            self.addAsyncCleanup(server.close)
+            ctx = pychat.client_tls_context(cert)
+
+            def fetch() -> bytes:  # (a blocking client: asyncio 3.11's TLS client can
+                # lose a response that comes with the server's close_notify and FIN)
+                with socket.create_connection((HOST, port), timeout=TIMEOUT) as raw, \
+                        ctx.wrap_socket(raw, server_hostname=HOST) as tls:
+                    tls.sendall(get(port))
+                    return b"".join(iter(lambda: tls.recv(65536), b""))
+            status, headers, _ = parse_response(await asyncio.to_thread(fetch))
+            self.assertEqual(status, 200)
+            self.assertIn(f"wss://{HOST}:{port}", headers["content-security-policy"])
+            reader, writer = await asyncio.open_connection(HOST, port, ssl=ctx)
+            writer.write(WsPeer.upgrade_request(port, origin=f"https://{HOST}:{port}"))
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+            web = WsPeer(reader, writer)
+            self.addAsyncCleanup(web.close)
+            await web.register("secure")
+
+
 class WebKeepaliveTests(ServerCase):
     server_options = {"ping_interval": 0.1, "ping_timeout": 5}
 
