@@ -4326,6 +4326,7 @@ class HttpWire(Wire):
         super().__init__(server, session)
         self.buf = bytearray()
         self.answered = False
+        self.head_only = False         # a HEAD request: no body, errors included
         # The whole head must be here this long after connecting: a peer that
         # sends it a byte at a time holds a connection no longer than this.
         delay = session.connected_at + server.cfg.web_head_timeout - server.loop.time()
@@ -4377,12 +4378,12 @@ class HttpWire(Wire):
 
     # --- answers
     def route(self, request: HttpRequest, rest: bytes) -> None:
+        head_only = self.head_only = request.method == "HEAD"
         host = self.check_host(request)
         if request.method not in ("GET", "HEAD"):
             raise HttpError(405, "Only GET and HEAD.", Allow="GET, HEAD")
         if request.headers.get("content-length", "0") != "0":
             raise HttpError(400, "No request bodies here.")
-        head_only = request.method == "HEAD"
         if request.path == "/ws" and not head_only:
             self.upgrade(request, host, rest)
             return
@@ -4451,7 +4452,7 @@ class HttpWire(Wire):
     def fail(self, e: HttpError) -> None:
         self.server.log(self.s, logging.INFO, "%s: HTTP %d: %s", self.s.peer, e.status, e.text)
         self.respond(e.status, (e.text + "\n").encode("utf-8"), "text/plain; charset=utf-8",
-                     extra=e.headers)
+                     self.head_only, extra=e.headers)
 
     def too_slow(self) -> None:
         self.timer = None

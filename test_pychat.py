@@ -2091,6 +2091,9 @@ class WebHttpTests(ServerCase):
             self.check_security_headers(headers)
             if want == 405:
                 self.assertEqual(headers["allow"], "GET, HEAD")
+        status, headers, body = await http_exchange(self.port, get(self.port, "/nope", "HEAD"))
+        self.assertEqual((status, body), (404, b""))  # HEAD: never a body, errors too
+        self.assertGreater(int(headers["content-length"]), 0)
 
     async def test_3c_request_smuggling_shapes_get_400_and_a_close(self):
         host = f"Host: {HOST}:{self.port}\r\n"
