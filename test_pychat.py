@@ -2237,6 +2237,20 @@ class WebSocketTests(ServerCase):
         await bob.send({"type": "pm", "to": "web", "text": "psst"})
         self.assertEqual((await web.expect("pm"))["text"], "psst")
 
+    async def test_3c_a_broadcast_is_framed_once_for_all_websocket_members(self):
+        webs = [await self.ws(f"w{i}") for i in range(3)]
+        bob = await self.connect("bob")
+        for web in webs:
+            await web.expect("join", nick="bob")
+        calls = []
+        real = pychat.WebWire.render
+        with unittest.mock.patch.object(pychat.WebWire, "render",
+                                        lambda wire, e: calls.append(e) or real(wire, e)):
+            await bob.send({"type": "msg", "text": "to all"})
+            for web in webs:
+                await web.expect("msg", text="to all")
+        self.assertEqual(len(calls), 1)
+
     async def test_3c_fragments_with_a_ping_between_them(self):
         web = await self.ws()
         hello = json.dumps({"type": "hello", "nick": "frag"}).encode()
