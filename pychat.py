@@ -3,6 +3,7 @@
 
 Commands
     python pychat.py server [--host H] [--port 5050]   start a chat server
+                                                       (and open http://ADDR:5050 in a browser)
     python pychat.py gui [--host H] [--port P] [--nick N]   open the desktop client
     python pychat.py cli [--host H] [--port P] [--nick N]   join from a terminal
     python pychat.py bench [--clients N [N ...]]       how many people this machine can host
@@ -36,8 +37,9 @@ the ones above it:
     2. Protocol                  6. Terminal client (run_cli)
     3. Server core               7. GUI client (ChatWindow, run_gui)
     3b. IRC gateway (IrcWire)    7b. Desktop launcher (install-desktop)
-    4. Client core (ChatClient)  8. Benchmark (bench)
-                                 9. Entry point (build_parser, main)
+    3c. Web gateway (HttpWire,   8. Benchmark (bench)
+        WebWire, the page)       9. Entry point (build_parser, main)
+    4. Client core (ChatClient)
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import errno
 import getpass
 import hashlib
 import hmac
+import http
 import io
 import ipaddress
 import itertools
@@ -164,6 +167,8 @@ ROOM_KEEP = 300.0              # a room's log outlives its last member this long
 MAX_OPEN_LOGS = 32             # room logs kept open at once (--data-dir)
 ACCEPT_ERROR_EVERY = 10.0      # out of file descriptors: say so at most this often
 REFUSE_WAIT = 0.5              # a refused connection waits this long for its first line
+WEB_HEAD_TIMEOUT = 5.0         # an HTTP request's head must be in this long after connecting
+CLOSE_LINGER = 2.0             # a half-closed connection (Wire.linger) waits this for its peer
 
 # After a burst of this many connects and disconnects has been quiet for
 # TRIM_DELAY seconds, the server hands the heap memory it freed back to the OS.
@@ -607,6 +612,10 @@ class ServerConfig:
     auth_block_after: int = AUTH_BLOCK_AFTER
     server_name: str = "pychat"
     irc_port: int | None = None
+    web: bool = True               # HTTP and WebSocket on the chat port (section 3c)
+    web_port: int | None = None    # ...and on a port of their own
+    web_origins: tuple[str, ...] = ()  # pages elsewhere (a reverse proxy) that may connect
+    web_head_timeout: float = WEB_HEAD_TIMEOUT
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerConfig:
@@ -633,6 +642,13 @@ class ServerConfig:
                 raise PyChatError(f"cannot load the TLS certificate or key: {e}") from None
         elif args.keyfile:
             raise PyChatError("--keyfile needs --certfile")
+        origins = tuple(o.strip().lower().rstrip("/") for o in args.web_origin)
+        for origin in origins:
+            if not re.fullmatch(r"https?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?", origin):
+                raise PyChatError(f"bad --web-origin {origin!r}: give scheme://host[:port], "
+                                  "such as https://chat.example.org")
+        if args.no_web and (args.web_port is not None or origins):
+            raise PyChatError("--no-web turns the web gateway off: no --web-port or --web-origin")
         return cls(history=args.history, max_line_bytes=args.max_line_bytes,
                    max_text=args.max_text, flood_burst=args.flood_burst,
                    flood_rate=args.flood_rate, max_backlog_bytes=args.max_backlog_bytes,
@@ -645,7 +661,8 @@ class ServerConfig:
                    max_clients=args.max_clients, max_per_address=args.max_per_address,
                    connect_rate=args.connect_rate, max_handshakes=args.max_handshakes,
                    max_file_size=args.max_file_size, server_name=args.server_name,
-                   irc_port=args.irc_port)
+                   irc_port=args.irc_port, web=not args.no_web, web_port=args.web_port,
+                   web_origins=origins)
 
 
 class Room:
@@ -769,9 +786,27 @@ class Wire:
 
     native = True       # JSON lines: the core writes them without asking
     joins_lobby = True  # registration puts the member in the lobby
+    json_requests = True  # its requests are v1 JSON objects, parsed by the core
+    byte_stream = False   # it frames its own input: data() gets the raw bytes
+    linger = False        # a graceful close shuts our half first (see Session.close)
 
     def __init__(self, server: ChatServer, session: Session):
         self.server, self.s = server, session
+
+    @classmethod
+    def claims(cls, server: ChatServer, line: bytes) -> bool:
+        """Does this first line of a connection pick this wire?  (Asked of
+        the wires in ChatServer.first_line_wires, in order.)"""
+        return False
+
+    def data(self, data: bytes) -> None:
+        """Raw input bytes, for a byte_stream wire: it splits them itself and
+        hands each complete JSON request to server.handle_line."""
+        raise NotImplementedError
+
+    def goodbye(self, reason: str) -> None:
+        """The session is closing gracefully (`reason`: its leave reason):
+        last bytes, if this wire has any to say, before the final flush."""
 
     def receive(self, line: bytes) -> None:
         """One input line, after the flood bucket took its token.  (JSON
@@ -937,6 +972,13 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_rx = self.server.loop.time()
         self.pinged_at = None
+        if not self.native and self.wire.byte_stream:  # it frames its input itself
+            try:
+                self.wire.data(data)
+            except Exception:  # a server bug must end only this session
+                log.exception("error handling input from %s", self.peer)
+                self.close("error")
+            return
         buf: bytes | bytearray = self.inbuf
         scan_from = len(buf)
         if buf:  # a line arriving in pieces grows in place (no quadratic copying)
@@ -956,6 +998,14 @@ class Session(asyncio.Protocol):
             start = nl + 1
             try:
                 self.server.handle_line(self, line)
+                if not self.native and self.wire.byte_stream and not self.closing:
+                    # The first line picked a wire that frames its own input
+                    # (HTTP): the rest of these bytes, and all later ones, are its.
+                    self.inbuf = b""
+                    rest = bytes(buf[start:])
+                    if rest:
+                        self.wire.data(rest)
+                    return
             except Exception:  # a server bug must end only this session
                 log.exception("error handling a request from %s", self.peer)
                 self.close("error")
@@ -1018,11 +1068,24 @@ class Session(asyncio.Protocol):
         if self.closing:
             return
         self.leave_reason = reason
+        if not self.native:
+            self.wire.goodbye(reason)
         self.flush()
         self.closing = True
         self.server.drop(self)
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if self.wire.linger and transport.can_write_eof() and not transport.is_closing() \
+                and not self.server.shutting_down:  # (never over TLS: it cannot write_eof)
+            # Our half first: the peer reads our last bytes, then hangs up.  Closing
+            # with its unread bytes here would reset the connection, which can
+            # destroy those last bytes (an HTTP error, a WebSocket close frame)
+            # before it reads them.  What it sends meanwhile is not read.
+            transport.write_eof()
+            self.server.loop.call_later(CLOSE_LINGER, transport.abort)
+        else:
+            transport.close()
 
     def abort(self, reason: str) -> None:
         """Close at once, discarding the backlog (slow or hostile peers)."""
@@ -1341,9 +1404,13 @@ class Store:
 class ChatServer:
     """The rooms, the sessions, the request handlers and the housekeeping task."""
 
-    # The wire for connections whose first line is not JSON (and for
-    # --irc-port): set by section 3b, so this section never names IRC.
+    # The wires a connection's first line can pick when it is not JSON: the
+    # first of first_line_wires that claims() the line (HTTP, section 3c),
+    # else foreign_wire (IRC, section 3b; also --irc-port's).  web_wire is
+    # --web-port's.  Set by those sections, so this section names none of them.
+    first_line_wires: list[type[Wire]] = []
     foreign_wire: type[Wire] | None = None
+    web_wire: type[Wire] | None = None
 
     def __init__(self, config: ServerConfig | None = None, **options: Any):
         """`options` override single fields of `config` (tests, the benchmark)."""
@@ -1419,6 +1486,10 @@ class ChatServer:
         if self.cfg.irc_port is not None:  # IRC from the first line on
             self._servers.append(await self.loop.create_server(
                 lambda: Session(self, self.foreign_wire), host, self.cfg.irc_port,
+                reuse_address=True))
+        if self.cfg.web_port is not None and self.cfg.web and self.web_wire is not None:
+            self._servers.append(await self.loop.create_server(
+                lambda: Session(self, self.web_wire), host, self.cfg.web_port,
                 reuse_address=True))
         self._housekeeper = self.loop.create_task(self._housekeeping())
         if self.store is not None and self.store.fsync == "second":
@@ -1702,7 +1773,7 @@ class ChatServer:
         if data is None:
             data = encode(event)
         dirty = self.dirty
-        rendered: dict[type, Any] = {}
+        rendered: dict[type, tuple[Any, bool]] = {}
         for s in room.members.values():
             out = s.out
             if not out:
@@ -1712,10 +1783,15 @@ class ChatServer:
             if s.native:
                 out.append(data)
                 continue
-            kind = type(s.wire)
-            if kind not in rendered:
-                rendered[kind] = s.wire.render(event)
-            s.wire.take(event, rendered[kind])
+            wire = s.wire
+            kind = type(wire)
+            got = rendered.get(kind)
+            if got is None:  # (its bytes, and whether they go out as they are)
+                got = rendered[kind] = (wire.render(event), kind.take is Wire.take)
+            if got[1]:  # WebSocket frames: appended like JSON lines, without a call
+                out.append(got[0])
+            else:
+                wire.take(event, got[0])
         if dirty:
             self.schedule_flush()
 
@@ -1857,18 +1933,22 @@ class ChatServer:
         # exception, file chunks and acks of a stream this session is part of
         # (the transfer window paces those), is decided on the parsed request,
         # never on the raw bytes: the prefix only says a parse must decide.
-        paced = s.native and s.spoke and line.startswith(b'{"type":"file_')
+        json_in = s.native or s.wire.json_requests
+        paced = json_in and s.spoke and line.startswith(b'{"type":"file_')
         if not paced and not self._take_token(s):
             return
         if not s.spoke:  # a first line that is not a JSON object picks another wire
             s.spoke = True
-            if not line.lstrip().startswith(b"{") and self.foreign_wire is not None:
-                s.wire = self.foreign_wire(self, s)
-                s.native = False
+            if not line.lstrip().startswith(b"{"):
+                wire = next((w for w in self.first_line_wires if w.claims(self, line)),
+                            self.foreign_wire)
+                if wire is not None:
+                    s.wire = wire(self, s)
+                    s.native = json_in = False
             if s.refusal:
                 s.refuse(s.refusal)
                 return
-        if not s.native:
+        if not json_in:
             s.wire.receive(line)
             return
         msg: dict | None = None
@@ -2579,7 +2659,7 @@ class ChatServer:
         event = {"type": "pm", "from": s.nick, "to": target.nick, "text": text,
                  "ts": round(time.time(), 3), "id": self.next_id()}
         for flag in ("action", "notice", "ctcp"):  # ctcp: a client-to-client query's body
-            if msg.get(flag) and (flag != "ctcp" or not s.native):  # (IRC's; not JSON's)
+            if msg.get(flag) and (flag != "ctcp" or not s.wire.json_requests):  # IRC's only
                 event[flag] = True
         if tags:
             event["tags"] = tags
@@ -3059,6 +3139,7 @@ class IrcWire(Wire):
 
     native = False
     joins_lobby = False  # IRC users choose their channels themselves
+    json_requests = False  # IRC lines, translated into requests
 
     def __init__(self, server: ChatServer, session: Session):
         super().__init__(server, session)
@@ -3991,6 +4072,592 @@ IRC_COMMANDS: dict[str, Callable[[IrcWire, list[str]], None]] = {
 IRC_BEFORE_REGISTRATION = frozenset({"CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT",
                                      "AUTHENTICATE"})
 ChatServer.foreign_wire = IrcWire  # a first line that is not JSON is IRC
+
+
+# ===========================================================================
+# 3c. Web gateway -- HttpWire and WebWire: "open http://ADDR:5050 on your
+#     phone" is the whole instruction.  Uses: constants, protocol, server.
+#
+# A first line that starts with an HTTP method makes the connection HTTP
+# (HttpWire, or every connection on --web-port).  The head is read with
+# every limit named below; one response is sent and the connection closed,
+# except for GET /ws, which becomes a WebSocket (RFC 6455) whose text
+# messages carry exactly protocol v1's JSON, one event per message
+# (WebWire).  From then on it is an ordinary member: the same handlers,
+# flood bucket, backlog cap, bans and mutes, and a broadcast is framed once
+# for every WebSocket member.  The page's files are data (WEB_FILES); the
+# sound and launcher sections add the ding and the icon to it, so this
+# section names neither.
+#
+# Security: a strict Content-Security-Policy (scripts and styles only from
+# this server's own files, no inline code, no eval) and nosniff on every
+# response; a WebSocket is only opened for a page from this same server (its
+# Origin must be the Host it asked for, or a --web-origin), and only for a
+# Host that is an IP address, localhost or this machine's name (a page from
+# elsewhere that re-points its own name at this address, DNS rebinding, gets
+# 403).  Request smuggling shapes get 400 and the connection is closed.
+# ===========================================================================
+
+WEB_MAX_HEAD = 8 * 1024        # request line and headers together, in bytes
+WEB_MAX_HEADERS = 50           # header lines in one request
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
+HTTP_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS",
+                b"TRACE", b"PATCH")
+
+# WebSocket opcodes and close codes (RFC 6455 5.2 and 7.4.1).
+WS_CONTINUATION, WS_TEXT, WS_BINARY = 0x0, 0x1, 0x2
+WS_CLOSE, WS_PING, WS_PONG = 0x8, 0x9, 0xA
+WS_NORMAL = 1000
+WS_GOING_AWAY = 1001
+WS_PROTOCOL_ERROR = 1002
+WS_UNSUPPORTED = 1003          # a binary message: protocol v1 is text
+WS_BAD_DATA = 1007             # a text message that is not UTF-8
+WS_POLICY = 1008               # refused, flooding, kicked, banned, timed out
+WS_TOO_BIG = 1009              # a message longer than --max-line-bytes
+WS_SERVER_ERROR = 1011
+# Close codes a peer may send (RFC 6455 7.4.1-2); others are a protocol error.
+WS_PEER_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012,
+                           1013, 1014, *range(3000, 5000)})
+# The core's reasons for closing a member -> the close code a browser sees.
+WS_CLOSE_CODES = {"quit": WS_NORMAL, "disconnected": WS_NORMAL, "shutdown": WS_GOING_AWAY,
+                  "error": WS_SERVER_ERROR, "line_too_long": WS_TOO_BIG}
+
+# --- the page: one constant per file, served as /, /app.css and /app.js so
+# that the Content-Security-Policy can forbid every inline script and style.
+# Placeholders: the browser client replaces them.  The page connects with
+#   new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws")
+# and speaks protocol v1 over it: one JSON event per text message.
+WEB_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>PyChat</title>
+<link rel="icon" href="/icon.png">
+<link rel="stylesheet" href="/app.css">
+<script src="/app.js" defer></script>
+</head>
+<body>
+<main id="app"><p id="status">Connecting...</p></main>
+</body>
+</html>
+"""
+WEB_CSS = """body { font-family: system-ui, sans-serif; margin: 1rem; }
+"""
+WEB_JS = """"use strict";
+// Placeholder: proves the page, the script and the WebSocket work.
+const socket = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") +
+                             location.host + "/ws");
+socket.addEventListener("open", () => {
+  document.getElementById("status").textContent = "Connected.";
+});
+socket.addEventListener("close", (event) => {
+  document.getElementById("status").textContent = "Closed (" + event.code + ").";
+});
+"""
+
+# Path -> (Content-Type, a function giving the bytes, or None if there are none).
+# Sections below add theirs (the ding, the icon).
+WEB_FILES: dict[str, tuple[str, Callable[[], bytes | None]]] = {
+    "/": ("text/html; charset=utf-8", lambda: WEB_HTML.encode("utf-8")),
+    "/app.css": ("text/css; charset=utf-8", lambda: WEB_CSS.encode("utf-8")),
+    "/app.js": ("text/javascript; charset=utf-8", lambda: WEB_JS.encode("utf-8")),
+}
+
+_HTTP_REQUEST_LINE = re.compile(rb"([A-Z]+) (/[\x21-\x7e]*) HTTP/(1\.[01])")
+_HTTP_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HTTP_VALUE = re.compile(rb"[\t\x20-\x7e]*")
+_HTTP_HOST = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::([0-9]{1,5}))?")
+_WEB_ORIGIN = re.compile(r"(https?)://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::([0-9]{1,5}))?")
+_WS_KEY = re.compile(r"[A-Za-z0-9+/]{21}[AQgw]==")  # base64 of 16 bytes
+# Headers that may come once only: two of them is how requests are smuggled.
+_HTTP_SINGLE = frozenset({"host", "content-length", "transfer-encoding", "origin", "upgrade",
+                          "sec-websocket-key", "sec-websocket-version"})
+
+
+class HttpError(PyChatError):
+    """A request the web gateway answers with an error status and a close."""
+
+    def __init__(self, status: int, text: str, **headers: str):
+        super().__init__(text)
+        self.status, self.text, self.headers = status, text, headers
+
+
+@dataclasses.dataclass
+class HttpRequest:
+    """A parsed request head: header names lower-cased, their values stripped."""
+
+    method: str
+    target: str
+    version: str
+    headers: dict[str, str]
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+    def tokens(self, name: str) -> set[str]:
+        """A comma-separated header's tokens, lower-cased (Connection, Upgrade)."""
+        return {t.strip().lower() for t in self.headers.get(name, "").split(",")}
+
+
+def parse_http_head(head: bytes) -> HttpRequest:
+    """The request line and header lines (without the blank line that ends
+    them); HttpError for anything a strict HTTP/1.1 server refuses, above all
+    the shapes that make two servers disagree on where a request ends
+    (RFC 9112 sections 2.2, 3, 5 and 6.3)."""
+    lines = head.split(b"\n")
+    lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+    if any(b"\r" in line for line in lines):
+        raise HttpError(400, "A bare CR in the request.")
+    match = _HTTP_REQUEST_LINE.fullmatch(lines[0])
+    if match is None:  # absolute-form targets, non-ASCII, HTTP/2 or /0.9 land here
+        raise HttpError(400, "The request line must be METHOD /path HTTP/1.1.")
+    if len(lines) - 1 > WEB_MAX_HEADERS:
+        raise HttpError(431, f"At most {WEB_MAX_HEADERS} header lines.")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raise HttpError(400, "Folded header lines are not allowed.")
+        name, colon, value = line.partition(b":")
+        if not colon or not _HTTP_TOKEN.fullmatch(name):
+            raise HttpError(400, "A malformed header line.")
+        value = value.strip(b" \t")
+        if not _HTTP_VALUE.fullmatch(value):
+            raise HttpError(400, "A header value with control or non-ASCII bytes.")
+        key = name.decode("ascii").lower()
+        if key in headers:
+            if key in _HTTP_SINGLE:
+                raise HttpError(400, f"More than one {name.decode('ascii')} header.")
+            headers[key] += ", " + value.decode("ascii")
+        else:
+            headers[key] = value.decode("ascii")
+    if "transfer-encoding" in headers:  # with or without Content-Length: no bodies here
+        raise HttpError(400, "Transfer-Encoding is not accepted.")
+    if not headers.get("content-length", "0").isdigit():
+        raise HttpError(400, "A malformed Content-Length.")
+    if "host" not in headers:
+        raise HttpError(400, "No Host header.")
+    method, target, version = (g.decode("ascii") for g in match.groups())
+    return HttpRequest(method, target, version, headers)
+
+
+def split_host(host: str, default_port: int) -> tuple[str, int] | None:
+    """'Example.org:80' -> ('example.org', 80); None if it is no host[:port]."""
+    match = _HTTP_HOST.fullmatch(host.lower())
+    if match is None or not match.group(1).strip(".-"):
+        return None
+    return match.group(1), int(match.group(2) or default_port)
+
+
+def web_origin(origin: str) -> tuple[str, str, int] | None:
+    """'https://Example.org' -> ('https', 'example.org', 443); None if it is
+    not an http(s) origin ("null", a path, user info...)."""
+    match = _WEB_ORIGIN.fullmatch(origin.strip().lower())
+    if match is None:
+        return None
+    scheme, host, port = match.groups()
+    return scheme, host, int(port or (443 if scheme == "https" else 80))
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+# Suffixes home routers and mDNS give a machine's name.  Only these: a name
+# like "raspberrypi.evil.example" must not pass for this machine's.
+LAN_SUFFIXES = ("", ".local", ".lan", ".home", ".home.arpa", ".localdomain", ".internal")
+
+
+def own_host_names() -> set[str]:
+    """The names a browser may use for this machine: localhost and its host
+    name, bare or with a LAN suffix (no DNS lookup: that can hang)."""
+    full = socket.gethostname().lower()
+    short = full.split(".")[0]
+    names = {"localhost", full} | {short + suffix for suffix in LAN_SUFFIXES if short}
+    return names - {""}
+
+
+def ws_accept(key: str) -> str:
+    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + WS_GUID).digest()).decode()
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """One whole server frame (FIN set, never masked)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x80 | opcode, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, n) + payload
+    return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
+
+
+def ws_close_frame(code: int, reason: str = "") -> bytes:
+    """A close frame: its code and at most 123 bytes of reason (whole characters)."""
+    text = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+    return ws_frame(WS_CLOSE, struct.pack("!H", code) + text)
+
+
+def ws_unmask(data: bytes | bytearray, mask: bytes | bytearray) -> bytes:
+    """XOR a client frame's payload with its 4-byte mask, as one big integer
+    (C speed: a byte-by-byte loop is 50 times slower)."""
+    n = len(data)
+    if not n:
+        return b""
+    key = (bytes(mask) * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+
+
+class HttpWire(Wire):
+    """The HTTP side of one connection, until it is answered (one response,
+    then the connection closes) or upgraded to a WebSocket (WebWire)."""
+
+    native = False
+    joins_lobby = False
+    json_requests = False
+    byte_stream = True
+    linger = True
+
+    def __init__(self, server: ChatServer, session: Session):
+        super().__init__(server, session)
+        self.buf = bytearray()
+        self.answered = False
+        self.head_only = False         # a HEAD request: no body, errors included
+        # The whole head must be here this long after connecting: a peer that
+        # sends it a byte at a time holds a connection no longer than this.
+        delay = session.connected_at + server.cfg.web_head_timeout - server.loop.time()
+        self.timer: asyncio.TimerHandle | None = server.loop.call_later(max(0.0, delay),
+                                                                        self.too_slow)
+
+    @classmethod
+    def claims(cls, server: ChatServer, line: bytes) -> bool:
+        method, space, _ = line.partition(b" ")
+        return bool(space) and method in HTTP_METHODS and server.cfg.web
+
+    # --- input
+    def receive(self, line: bytes) -> None:
+        """The request line, when it picked this wire: parsed with the rest."""
+        self.data(line + b"\r\n")
+
+    def data(self, data: bytes) -> None:
+        if self.answered:
+            return  # a response is on its way; what else comes is not read
+        self.buf += data
+        buf = self.buf
+        end = buf.find(b"\n\r\n")
+        end2 = buf.find(b"\n\n")
+        ends = [e for e in (end, end2) if e >= 0]
+        first = buf.find(b"\n")
+        if (first < 0 and len(buf) > WEB_MAX_HEAD) or first > WEB_MAX_HEAD:
+            self.fail(HttpError(414, "The request line is too long."))
+            return
+        if first >= 0 and not _HTTP_REQUEST_LINE.fullmatch(buf[:first].rstrip(b"\r")):
+            self.fail(HttpError(400, "The request line must be METHOD /path HTTP/1.1."))
+            return
+        if not ends:
+            if len(buf) > WEB_MAX_HEAD:
+                self.fail(HttpError(431, "The request head is too large."))
+            elif buf.count(b"\n") > WEB_MAX_HEADERS + 1:
+                self.fail(HttpError(431, f"At most {WEB_MAX_HEADERS} header lines."))
+            return
+        cut = min(ends)  # the newline that ends the last header line
+        head, rest = bytes(buf[:cut]), bytes(buf[cut + (3 if cut == end else 2):])
+        if len(head) > WEB_MAX_HEAD:
+            self.fail(HttpError(431, "The request head is too large."))
+            return
+        self.buf = bytearray()
+        try:
+            request = parse_http_head(head[:-1] if head.endswith(b"\r") else head)
+            self.route(request, rest)
+        except HttpError as e:
+            self.fail(e)
+
+    # --- answers
+    def route(self, request: HttpRequest, rest: bytes) -> None:
+        head_only = self.head_only = request.method == "HEAD"
+        host = self.check_host(request)
+        if request.method not in ("GET", "HEAD"):
+            raise HttpError(405, "Only GET and HEAD.", Allow="GET, HEAD")
+        if request.headers.get("content-length", "0") != "0":
+            raise HttpError(400, "No request bodies here.")
+        if request.path == "/ws" and not head_only:
+            self.upgrade(request, host, rest)
+            return
+        if request.path == "/ws":
+            raise HttpError(400, "A WebSocket is opened with GET.")
+        entry = WEB_FILES.get(request.path)
+        body = entry[1]() if entry is not None else None
+        if entry is None or body is None:
+            raise HttpError(404, "Not found.")
+        self.respond(200, body, entry[0], head_only, host)
+
+    def check_host(self, request: HttpRequest) -> str:
+        """The Host, if this server answers to it: an IP address, localhost,
+        this machine's name, or a --web-origin's host (never a name that an
+        outside page could point here: DNS rebinding)."""
+        split = split_host(request.headers["host"], 443 if self.tls else 80)
+        if split is None:
+            raise HttpError(400, "A malformed Host header.")
+        name = split[0]
+        allowed = {o[1] for o in map(web_origin, self.server.cfg.web_origins) if o}
+        if not (is_ip_literal(name) or name.rstrip(".") in own_host_names() or name in allowed):
+            raise HttpError(403, f"This server does not answer to the name {name}; "
+                            "start it with --web-origin to allow one.")
+        return request.headers["host"]
+
+    @property
+    def tls(self) -> bool:
+        return self.server.cfg.ssl_context is not None
+
+    def security_headers(self, host: str | None) -> list[tuple[str, str]]:
+        """Sent with every response, errors included."""
+        connect = "'self'"
+        if host is not None:  # older Safari does not count ws:// of the same host as 'self'
+            connect += f" {'wss' if self.tls else 'ws'}://{host}"
+        return [("Content-Security-Policy",
+                 "default-src 'self'; script-src 'self'; style-src 'self'; "
+                 "img-src 'self' blob: data:; media-src 'self' blob: data:; "
+                 f"connect-src {connect}; object-src 'none'; base-uri 'none'; "
+                 "form-action 'self'; frame-ancestors 'none'"),
+                ("X-Content-Type-Options", "nosniff"),
+                ("Referrer-Policy", "no-referrer"),
+                ("X-Frame-Options", "DENY"),
+                ("Cross-Origin-Resource-Policy", "same-origin"),
+                ("Cache-Control", "no-store")]
+
+    def respond(self, status: int, body: bytes, content_type: str, head_only: bool = False,
+                host: str | None = None, extra: Mapping[str, str] | None = None) -> None:
+        """Send one whole response, then close (after the peer has read it)."""
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body))),
+                   *self.security_headers(host), *(extra or {}).items(),
+                   ("Connection", "close")]
+        self.send_head(status, headers)
+        if not head_only:
+            self.s.send(body)
+        self.s.close("http")  # (lingering: see Session.close)
+
+    def send_head(self, status: int, headers: list[tuple[str, str]]) -> None:
+        self.answered = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        phrase = http.HTTPStatus(status).phrase
+        lines = [f"HTTP/1.1 {status} {phrase}", *(f"{k}: {v}" for k, v in headers), "", ""]
+        self.s.send("\r\n".join(lines).encode("ascii"))
+
+    def fail(self, e: HttpError) -> None:
+        self.server.log(self.s, logging.INFO, "%s: HTTP %d: %s", self.s.peer, e.status, e.text)
+        self.respond(e.status, (e.text + "\n").encode("utf-8"), "text/plain; charset=utf-8",
+                     self.head_only, extra=e.headers)
+
+    def too_slow(self) -> None:
+        self.timer = None
+        if not self.answered and not self.s.closing:
+            self.server.note_trouble("slow-http", f"{self.s.peer}: no request head in time")
+            self.fail(HttpError(408, "The request took too long."))
+
+    def tell(self, event: dict) -> None:
+        """The core speaks to an HTTP peer only to refuse it or time it out."""
+        if event.get("type") != "error" or self.answered:
+            return
+        status = {"banned": 403, "not_registered": 408}.get(event.get("code", ""), 503)
+        self.fail(HttpError(status, str(event.get("message", "Refused."))))
+
+    def render(self, event: dict) -> Any:
+        return None  # never in a room
+
+    def take(self, event: dict, rendered: Any) -> None:
+        pass
+
+    # --- the WebSocket handshake (RFC 6455 4.2)
+    def upgrade(self, request: HttpRequest, host: str, rest: bytes) -> None:
+        if request.version != "1.1" or "websocket" not in request.tokens("upgrade") or \
+                "upgrade" not in request.tokens("connection"):
+            raise HttpError(400, "GET /ws must be a WebSocket upgrade.")
+        if request.headers.get("sec-websocket-version") != "13":
+            raise HttpError(426, "WebSocket version 13 only.", **{"Sec-WebSocket-Version": "13"})
+        key = request.headers.get("sec-websocket-key", "")
+        if not _WS_KEY.fullmatch(key):
+            raise HttpError(400, "A malformed Sec-WebSocket-Key.")
+        origin = request.headers.get("origin")
+        if origin is not None and not self.same_origin(origin, host):
+            raise HttpError(403, "A WebSocket from another site's page.")
+        self.send_head(101, [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                             ("Sec-WebSocket-Accept", ws_accept(key)),
+                             *self.security_headers(host)])
+        self.s.wire = wire = WebWire(self.server, self.s)
+        self.server.log(self.s, logging.DEBUG, "%s: WebSocket open", self.s.peer)
+        if rest:
+            wire.data(rest)
+
+    def same_origin(self, origin: str, host: str) -> bool:
+        """The page that opens the socket came from this server (or from a
+        --web-origin, such as a reverse proxy's address)."""
+        theirs = web_origin(origin)
+        if theirs is None:
+            return False  # "null" (a file, a sandbox) or garbage
+        if theirs in {web_origin(o) for o in self.server.cfg.web_origins}:
+            return True
+        scheme = "https" if self.tls else "http"
+        return theirs == (scheme, *split_host(host, 443 if self.tls else 80))  # type: ignore
+
+
+class WebWire(Wire):
+    """A WebSocket member: client frames in, protocol v1 requests to the core;
+    the core's events out, one unmasked text frame each."""
+
+    native = False
+    byte_stream = True  # json_requests stays True: the core parses the messages
+    linger = True       # the close frame must be read (RFC 6455 7.1.1: the server closes first)
+
+    def __init__(self, server: ChatServer, session: Session):
+        super().__init__(server, session)
+        self.buf = bytearray()
+        self.parts: list[bytes] = []   # a fragmented message so far
+        self.part_bytes = 0
+        self.in_message = False        # a fragmented message is in progress
+        self.close_sent = False
+
+    # --- events from the core
+    def tell(self, event: dict) -> None:
+        if event.get("type") == "ping":  # keepalive: browsers answer a ping frame themselves
+            self.s.send(ws_frame(WS_PING, b"keepalive"))
+        else:
+            self.s.send(ws_frame(WS_TEXT, encode(event)[:-1]))
+
+    def render(self, event: dict) -> bytes:
+        return ws_frame(WS_TEXT, encode(event)[:-1])
+
+    def goodbye(self, reason: str) -> None:
+        if not self.close_sent:
+            self.close_sent = True
+            self.s.send(ws_close_frame(WS_CLOSE_CODES.get(reason, WS_POLICY), reason))
+
+    # --- frames from the client (RFC 6455 5.2)
+    def data(self, data: bytes) -> None:
+        s, limit = self.s, self.server.cfg.max_line_bytes
+        if s.closing:
+            return  # closed: the rest is not read
+        buf = self.buf
+        buf += data
+        pos, end = 0, len(buf)
+        while not s.closing and end - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            opcode, n, head = b0 & 0x0F, b1 & 0x7F, 2
+            if b0 & 0x70:
+                self.fail(WS_PROTOCOL_ERROR, "reserved bits set")
+                return
+            if not b1 & 0x80:
+                self.fail(WS_PROTOCOL_ERROR, "client frames must be masked")
+                return
+            if n == 126:
+                if end - pos < 4:
+                    break
+                n, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
+            elif n == 127:
+                if end - pos < 10:
+                    break
+                n, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
+            problem = self.frame_problem(opcode, bool(b0 & 0x80), n, limit)
+            if problem:
+                self.fail(*problem)
+                return
+            size = head + 4 + n
+            if end - pos < size:
+                break  # (at most a message's limit is ever waited for)
+            payload = ws_unmask(buf[pos + head + 4:pos + size], buf[pos + head:pos + head + 4])
+            pos += size
+            if opcode >= WS_CLOSE:
+                self.control(opcode, payload)
+            elif b0 & 0x80 and not self.in_message:
+                self.message(payload)
+            else:
+                self.in_message = True
+                self.parts.append(payload)
+                self.part_bytes += n
+                if b0 & 0x80:
+                    whole = b"".join(self.parts)
+                    self.parts, self.part_bytes, self.in_message = [], 0, False
+                    self.message(whole)
+        if not s.closing:
+            del buf[:pos]
+
+    def frame_problem(self, opcode: int, fin: bool, n: int,
+                      limit: int) -> tuple[int, str] | None:
+        """Why a frame with this header ends the connection, if it does."""
+        if opcode >= WS_CLOSE:
+            if opcode > WS_PONG:
+                return WS_PROTOCOL_ERROR, "unknown opcode"
+            if n > 125 or not fin:
+                return WS_PROTOCOL_ERROR, "control frames are short and whole"
+            return None
+        if opcode == WS_CONTINUATION and not self.in_message:
+            return WS_PROTOCOL_ERROR, "continuation without a message"
+        if opcode != WS_CONTINUATION and self.in_message:
+            return WS_PROTOCOL_ERROR, "a new message inside a fragmented one"
+        if opcode == WS_BINARY:
+            return WS_UNSUPPORTED, "protocol v1 is text: JSON"
+        if opcode != WS_TEXT and opcode != WS_CONTINUATION:
+            return WS_PROTOCOL_ERROR, "unknown opcode"
+        if self.part_bytes + n > limit:
+            return WS_TOO_BIG, f"messages are limited to {limit} bytes"
+        return None
+
+    def message(self, payload: bytes) -> None:
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail(WS_BAD_DATA, "text messages must be UTF-8")
+            return
+        self.server.handle_line(self.s, payload)
+
+    def control(self, opcode: int, payload: bytes) -> None:
+        if opcode == WS_PING:
+            if self.server._take_token(self.s):  # a ping costs a token like any request
+                self.s.send(ws_frame(WS_PONG, payload))
+        elif opcode == WS_CLOSE:  # echo the code, then close
+            if len(payload) == 1 or (payload and int.from_bytes(payload[:2], "big")
+                                     not in WS_PEER_CODES):
+                self.fail(WS_PROTOCOL_ERROR, "a malformed close frame")
+                return
+            try:
+                payload[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                self.fail(WS_BAD_DATA, "a close reason must be UTF-8")
+                return
+            self.close_sent = True
+            self.s.send(ws_frame(WS_CLOSE, payload[:2]))
+            self.s.close("disconnected")
+        # a pong: only proof of life, which data_received has noted
+
+    def fail(self, code: int, why: str) -> None:
+        """Fail the WebSocket connection (RFC 6455 7.1.7): say why, close."""
+        self.server.log(self.s, logging.INFO, "%s (%s): WebSocket %d: %s",
+                        self.s.nick or "unregistered", self.s.peer, code, why)
+        self.close_sent = True
+        self.s.send(ws_close_frame(code, why))
+        self.s.close("line_too_long" if code == WS_TOO_BIG else "protocol_error")
+
+
+def web_links(host: str | None, port: int, tls: bool) -> list[str]:
+    """The addresses to open in a browser: every LAN address this machine's
+    name has when listening on all interfaces (found without sending a
+    packet), else the one listened on."""
+    if host in (None, "", "0.0.0.0", "::"):
+        hosts = lan_addresses() or [socket.gethostname() or "localhost"]
+    else:
+        hosts = [host]
+    scheme = "https" if tls else "http"
+    return [f"{scheme}://[{h}]:{port}" if ":" in h else f"{scheme}://{h}:{port}" for h in hosts]
+
+
+ChatServer.first_line_wires.append(HttpWire)  # before IRC, which takes every other line
+ChatServer.web_wire = HttpWire
 
 
 # ===========================================================================
@@ -5879,6 +6546,18 @@ def ding_path() -> Path | None:
 
 
 _made_ding: Path | None = None
+
+
+def ding_wav() -> bytes | None:
+    """The ding's bytes, as the desktop client plays them (None: none to be had)."""
+    path = ding_path()
+    try:
+        return path.read_bytes() if path is not None else None
+    except OSError:
+        return None
+
+
+WEB_FILES["/ding.wav"] = ("audio/wav", ding_wav)  # the web page's chime (section 3c)
 
 
 def player_commands(path: Path) -> list[list[str]]:
@@ -9306,6 +9985,9 @@ def icon_png() -> bytes:
     return base64.b64decode(ICON_PNG_B64)
 
 
+WEB_FILES["/icon.png"] = ("image/png", icon_png)  # the web page's icon (section 3c)
+
+
 def icon_ico(png: bytes) -> bytes:
     """A Windows .ico holding the 256x256 PNG (Windows Vista and later read PNG
     icons; a size byte of 0 means 256)."""
@@ -9714,6 +10396,66 @@ class BenchIrcClient(asyncio.Protocol):
             self.welcomed.set_exception(ConnectionError("closed before joining"))
 
 
+class BenchWsClient(asyncio.Protocol):
+    """One simulated browser (bench --ws): a WebSocket on /ws, masked frames
+    out, counts the msg events it receives, answers the server's keepalive
+    ping frame.  A receiver only."""
+
+    PING = bytes((0x89, 9)) + b"keepalive"   # the server's keepalive frame, whole
+
+    def __init__(self, nick: str, measure: bool = False):
+        self.nick = nick
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.upgraded = False
+        self.received = 0
+        self.latencies: list[float] = []
+        self.welcomed = asyncio.get_running_loop().create_future()
+        self.closed = False
+        self.to_send = 0
+
+    def frame(self, opcode: int, payload: bytes) -> bytes:
+        mask = os.urandom(4)
+        n = len(payload)
+        head = bytes((0x80 | opcode, 0x80 | n)) if n < 126 else \
+            struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+        return head + mask + ws_unmask(payload, mask)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        host, port = transport.get_extra_info("peername")[:2]
+        key = base64.b64encode(os.urandom(16)).decode()
+        transport.write(f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\n"  # type: ignore
+                        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                        .encode() + self.frame(0x1, encode({"type": "hello", "nick": self.nick,
+                                                             "client": "pychat-bench"})[:-1]))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = buf
+                return
+            self.upgraded = True
+            buf = buf[end + 4:]
+        # Frames are counted without parsing them, as BenchClient counts lines:
+        # a message's text cannot hold the pattern unescaped.
+        self.received += buf.count(b'"type":"msg"')
+        if not self.welcomed.done() and b'"type":"users"' in buf:
+            self.welcomed.set_result(True)
+        if self.PING in buf and self.transport is not None:
+            self.transport.write(self.frame(0xA, b"keepalive"))
+        self.buf = buf[-20:]  # a pattern split across reads is counted once, after it
+        self.received -= self.buf.count(b'"type":"msg"')
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.welcomed.done():
+            self.welcomed.set_exception(ConnectionError("closed before joining"))
+
+
 def _percentile(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -9762,16 +10504,18 @@ class Progress:
 
 async def _connect_clients(host: str, port: int, count: int, measure: int,
                            progress: Progress, prefix: str = "b",
-                           irc: int = 0) -> list[Any]:
+                           irc: int = 0, ws: int = 0) -> list[Any]:
     """Open and register `count` clients, a few hundred connects at a time;
-    `irc` of them (after the `measure` ones) come by IRC."""
+    `irc` of them (after the `measure` ones) come by IRC, and the next `ws`
+    by WebSocket."""
     loop = asyncio.get_running_loop()
     clients: list[Any] = []
     step = 200
     for start in range(0, count, step):
         batch = []
         for i in range(start, min(count, start + step)):
-            kind = BenchIrcClient if measure <= i < measure + irc else BenchClient
+            kind = BenchIrcClient if measure <= i < measure + irc else \
+                BenchWsClient if measure + irc <= i < measure + irc + ws else BenchClient
             client = kind(f"{prefix}{i}", i < measure)
             await loop.create_connection(lambda c=client: c, host, port)
             batch.append(client)
@@ -9808,17 +10552,19 @@ async def _bench_deliveries(clients: list, expected: int, progress: Progress,
 
 async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messages: int,
                        rate: float, progress: Progress, timeout: float,
-                       server_pid: int | None, irc: int = 0) -> dict[str, Any]:
+                       server_pid: int | None, irc: int = 0,
+                       ws: int = 0) -> dict[str, Any]:
     """N clients in one room; S of them send M messages each; everyone counts
-    (`irc` of the receivers by IRC)."""
+    (`irc` of the receivers by IRC, `ws` by WebSocket)."""
     started = time.monotonic()
     room = clients_n - senders - min(BENCH_LATENCY_SAMPLE, clients_n)  # plain receivers
-    if irc > max(0, room):
-        raise PyChatError(f"--irc {irc}: at most {max(0, room)} of these clients can be IRC "
+    if irc + ws > max(0, room):
+        raise PyChatError(f"--irc {irc} --ws {ws}: at most {max(0, room)} of these clients "
+                          "can be IRC or WebSocket "
                           f"receivers (not senders, nor the {BENCH_LATENCY_SAMPLE} that time "
                           "messages)")
     clients = await _connect_clients(host, port, clients_n, BENCH_LATENCY_SAMPLE, progress,
-                                     irc=irc)
+                                     irc=irc, ws=ws)
     connect_s = time.monotonic() - started
     before = process_stats(server_pid) if server_pid else {}
     expected = senders * messages * clients_n
@@ -9834,7 +10580,8 @@ async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messa
         t.cancel()
     latencies = [x for c in clients for x in c.latencies]
     result = {
-        "scenario": "fanout", "clients": clients_n, "irc_clients": irc, "senders": senders,
+        "scenario": "fanout", "clients": clients_n, "irc_clients": irc, "ws_clients": ws,
+        "senders": senders,
         "messages": messages,
         "rate": rate, "connect_seconds": round(connect_s, 3),
         "connects_per_second": round(clients_n / connect_s, 1) if connect_s else None,
@@ -10043,7 +10790,8 @@ async def run_bench(args: argparse.Namespace) -> list[dict]:
                     result = await bench_fanout(host, port, clients, args.senders,
                                                 args.messages, args.rate, progress,
                                                 args.timeout, pid,
-                                                args.irc if name == "pychat" else 0)
+                                                args.irc if name == "pychat" else 0,
+                                                args.ws if name == "pychat" else 0)
                 else:
                     result = await bench_connections(host, port, clients, progress, pid)
             finally:
@@ -10123,6 +10871,7 @@ def format_bench(results: list[dict]) -> str:
     first = results[0]
     if first["scenario"] == "fanout":
         irc = f", {first['irc_clients']} receivers by IRC" if first.get("irc_clients") else ""
+        irc += f", {first['ws_clients']} by WebSocket" if first.get("ws_clients") else ""
         senders = f"{first['senders']} sender{'s' * (first['senders'] != 1)}"
         about = [f"{senders} x {first['messages']} messages{irc}, {_bench_rate(first)}."]
         head = ["clients", "server", "deliveries/s", "p50 ms", "p99 ms", "lost",
@@ -10358,6 +11107,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--irc-port", type=_listen_port, default=None, metavar="PORT",
                      help="also listen for IRC clients on PORT (they can use the main port "
                           "too: the first line tells)")
+    srv.add_argument("--no-web", action="store_true",
+                     help="no web page or WebSocket: an HTTP request on the chat port is "
+                          "then taken for IRC, as any line that is not JSON")
+    srv.add_argument("--web-port", type=_listen_port, default=None, metavar="PORT",
+                     help="also serve the web page and WebSocket on PORT (the chat port "
+                          "serves them too: the first line tells)")
+    srv.add_argument("--web-origin", action="append", default=[], metavar="ORIGIN",
+                     help="a page address besides this server's own that may open a "
+                          "WebSocket, such as a reverse proxy's https://chat.example.org "
+                          "(repeatable)")
     srv.add_argument("--server-name", default="pychat", metavar="NAME",
                      help="the server's name for IRC clients (default: %(default)s)")
     srv.add_argument("--log-level", default="info", type=_any_case,
@@ -10427,6 +11186,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--irc", type=_non_negative_int, default=0, metavar="N",
                        help="fanout: N of the receivers join by IRC (the reference server "
                        "gets JSON clients only) (default: %(default)s)")
+    bench.add_argument("--ws", type=_non_negative_int, default=0, metavar="N",
+                       help="fanout: N of the receivers are browsers, by WebSocket (the "
+                       "reference server gets JSON clients only) (default: %(default)s)")
     bench.add_argument("--rate", type=_non_negative, default=0.0, metavar="R",
                        help="messages per second per sender; 0: unpaced, each sender keeps "
                             f"{BENCH_WINDOW} messages in flight and sends the next as one "
@@ -10515,6 +11277,9 @@ async def serve(args: argparse.Namespace) -> int:
     else:
         print(f"Friends on your network join with:  python pychat.py cli --host {where} "
               f"--port {port}{tls}   (or: python pychat.py gui ...)", flush=True)
+    if server.cfg.web:
+        for link in web_links(args.host, port, server.cfg.ssl_context is not None):
+            print(f"Open {link} in a browser", flush=True)
     extras = [name for name, on in (("TLS", server.cfg.ssl_context), ("password",
               server.cfg.password), ("operators", server.cfg.op_password)) if on]
     if extras:
