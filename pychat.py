@@ -38,8 +38,8 @@ the ones above it:
     3. Server core               7. GUI client (ChatWindow, run_gui)
     3b. IRC gateway (IrcWire)    7b. Desktop launcher (install-desktop)
     3c. Web gateway (HttpWire,   8. Benchmark (bench)
-        WebWire, the page)       9. Entry point (build_parser, main)
-    4. Client core (ChatClient)
+        WebWire, the page)       8b. QR code (qr_matrix, qr_text)
+    4. Client core (ChatClient)  9. Entry point (build_parser, main)
 """
 
 from __future__ import annotations
@@ -10925,6 +10925,304 @@ def format_bench(results: list[dict]) -> str:
 
 
 # ===========================================================================
+# 8b. QR code -- qr_matrix(), qr_text(), print_links(): the server's link as
+#     a QR code in the terminal, for phones.  Uses: terminal client
+#     (enable_windows_ansi, for colours only).
+#
+# A QR Code model 2 encoder after ISO/IEC 18004 (2006 and 2015 editions),
+# cut down to what a link needs: byte mode only, error correction level M
+# only (about 15 % of the symbol may be lost), versions 1-40, the smallest
+# that fits.  The standard's tables are computed here rather than copied,
+# except one:
+#   - Table 3 (character count indicator bits): 8 for byte mode in
+#     versions 1-9, 16 from 10 on;
+#   - Table 7 (capacities): the codewords a version holds are its modules
+#     less the function patterns', counted by _qr_codewords();
+#   - Table 9 (error correction characteristics), level M rows: the one
+#     table kept, as EC codewords per block and number of blocks; where the
+#     codewords do not divide evenly the later blocks hold one more data
+#     codeword, as the table's second block group does;
+#   - Annex A (generator polynomials): the product of (x - a^i), i < n,
+#     over GF(256) modulo x^8+x^4+x^3+x^2+1;
+#   - Annex C and D (format and version information): the BCH(15,5) code,
+#     generator 0x537, masked with 0x5412; the BCH(18,6) code, 0x1F25;
+#   - Annex E (alignment pattern positions): evenly spaced from the far
+#     edge towards row/column 6, the spacing rounded up to even;
+#   - Table 10 (mask conditions) and the penalty rules (N1=3, N2=3, N3=40,
+#     N4=10): all 8 masks are scored and the lowest taken.
+# The tests read the codes back with zbar, a real decoder, in every version.
+# ===========================================================================
+
+# Table 9, level M: (EC codewords per block, number of blocks) for versions 1-40.
+QR_M_EC_PER_BLOCK = (10, 16, 26, 18, 24, 16, 18, 22, 22, 26, 30, 22, 22, 24, 24, 28, 28, 26,
+                     26, 26, 26, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28,
+                     28, 28, 28, 28)
+QR_M_BLOCKS = (1, 1, 1, 2, 2, 4, 4, 4, 5, 5, 5, 8, 9, 9, 10, 10, 11, 13, 14, 16, 17, 17, 18,
+               20, 21, 23, 25, 26, 28, 29, 31, 33, 35, 37, 38, 40, 43, 45, 47, 49)
+QR_QUIET_ZONE = 4  # light modules the standard asks for around the symbol
+# Table 10: mask condition per mask number, i = row, j = column; true flips the module.
+QR_MASKS: tuple[Callable[[int, int], bool], ...] = (
+    lambda i, j: (i + j) % 2 == 0, lambda i, j: i % 2 == 0,
+    lambda i, j: j % 3 == 0, lambda i, j: (i + j) % 3 == 0,
+    lambda i, j: (i // 2 + j // 3) % 2 == 0, lambda i, j: i * j % 2 + i * j % 3 == 0,
+    lambda i, j: (i * j % 2 + i * j % 3) % 2 == 0, lambda i, j: ((i + j) % 2 + i * j % 3) % 2 == 0)
+
+# GF(256) with the QR polynomial 0x11D: exponents of the generator a = 2 and their logs.
+_GF_EXP = [1] * 512
+for _i in range(1, 512):
+    _GF_EXP[_i] = _GF_EXP[_i - 1] * 2 ^ (0x11D if _GF_EXP[_i - 1] & 0x80 else 0)
+_GF_LOG = {_GF_EXP[_i]: _i for _i in range(254, -1, -1)}
+
+
+def _gf_mul(a: int, b: int) -> int:
+    return _GF_EXP[_GF_LOG[a] + _GF_LOG[b]] if a and b else 0
+
+
+def rs_generator(degree: int) -> list[int]:
+    """The Reed-Solomon generator polynomial prod(x - a^i, i < degree), highest power first."""
+    poly = [1]
+    for i in range(degree):  # poly * (x + a^i): shift, and add poly scaled by a^i
+        poly = [hi ^ _gf_mul(lo, _GF_EXP[i]) for hi, lo in zip(poly + [0], [0] + poly)]
+    return poly
+
+
+def rs_ec_codewords(data: list[int], degree: int) -> list[int]:
+    """The error correction codewords for `data`: the remainder of data * x^degree
+    divided by the generator polynomial."""
+    gen = rs_generator(degree)
+    rem = [0] * degree
+    for byte in data:
+        factor = byte ^ rem[0]
+        rem = [r ^ _gf_mul(g, factor) for r, g in zip(rem[1:] + [0], gen[1:])]
+    return rem
+
+
+def _qr_codewords(version: int) -> int:
+    """All codewords a version holds: its modules less finders, separators, timing,
+    format and version information and alignment patterns, in bytes."""
+    modules = (16 * version + 128) * version + 64
+    if version >= 2:
+        n = version // 7 + 2  # alignment positions per row
+        modules -= (25 * n - 10) * n - 55
+        if version >= 7:
+            modules -= 36
+    return modules // 8
+
+
+def _qr_data_codewords(version: int) -> int:
+    return _qr_codewords(version) - QR_M_EC_PER_BLOCK[version - 1] * QR_M_BLOCKS[version - 1]
+
+
+def _qr_alignment(version: int) -> list[int]:
+    """Annex E: the rows (and columns) of the alignment patterns' centres."""
+    if version == 1:
+        return []
+    n, size = version // 7 + 2, version * 4 + 17
+    step = (version * 8 + n * 3 + 5) // (n * 4 - 4) * 2
+    return [6] + [size - 7 - k * step for k in range(n - 2, -1, -1)]
+
+
+def _qr_codeword_sequence(data: bytes, version: int) -> list[int]:
+    """Byte mode bits, terminator and padding, split into blocks, EC added, interleaved."""
+    count_bits = 8 if version < 10 else 16
+    bits = f"0100{len(data):0{count_bits}b}" + "".join(f"{b:08b}" for b in data)
+    capacity = _qr_data_codewords(version) * 8
+    bits += "0" * min(4, capacity - len(bits))  # the terminator, cut short if full
+    bits += "0" * (-len(bits) % 8)
+    words = [int(bits[k:k + 8], 2) for k in range(0, len(bits), 8)]
+    words += [0xEC, 0x11] * ((capacity // 8 - len(words)) // 2 + 1)
+    words = words[:capacity // 8]
+    ec, blocks = QR_M_EC_PER_BLOCK[version - 1], QR_M_BLOCKS[version - 1]
+    total = _qr_codewords(version)
+    short = blocks - total % blocks  # blocks one data codeword shorter than the rest
+    short_len = total // blocks - ec
+    split, at = [], 0
+    for b in range(blocks):
+        n = short_len + (b >= short)
+        split.append(words[at:at + n])
+        at += n
+    out = [blk[k] for k in range(short_len + 1) for blk in split if k < len(blk)]
+    ecs = [rs_ec_codewords(blk, ec) for blk in split]
+    return out + [e[k] for k in range(ec) for e in ecs]
+
+
+def _qr_format_bits(mask: int) -> int:
+    """Annex C: level M (bits 00) and the mask number, BCH(15,5), masked with 0x5412."""
+    rem = mask  # level M's two bits are 00, so the data is the mask number alone
+    for _ in range(10):
+        rem = (rem << 1) ^ (0x537 if rem >> 9 else 0)
+    return (mask << 10 | rem) ^ 0x5412
+
+
+def _qr_version_bits(version: int) -> int:
+    """Annex D: the version (7-40) in 6 bits and its BCH(18,6) check bits."""
+    rem = version
+    for _ in range(12):
+        rem = (rem << 1) ^ (0x1F25 if rem >> 11 else 0)
+    return version << 12 | rem
+
+
+def _qr_penalty(m: list[list[bool]]) -> int:
+    """The standard's four mask penalty rules; outside the symbol counts as light."""
+    size = len(m)
+    rows = ["".join("1" if v else "0" for v in row) for row in m]
+    lines = rows + ["".join(col) for col in zip(*rows)]
+    score = 0
+    for line in lines:
+        score += sum(len(run) - 2 for run in re.findall(r"0{5,}|1{5,}", line))  # N1 + extra
+        padded = f"0000{line}0000"
+        k = padded.find("1011101")  # 1:1:3:1:1 with 4 light modules on either side
+        while k >= 0:
+            score += 40 if "0000" in (padded[k - 4:k], padded[k + 7:k + 11]) else 0
+            k = padded.find("1011101", k + 1)
+    nums, inner = [int(row, 2) for row in rows], (1 << (size - 1)) - 1
+    for a, b in zip(nums, nums[1:]):  # 2x2 blocks of one colour: a bit per block's column
+        same = ~(a ^ a >> 1) & ~(b ^ b >> 1) & ~(a ^ b) & inner
+        score += 3 * bin(same).count("1")
+    dark = sum(map(sum, m))
+    return score + abs(dark * 20 - size * size * 10) // (size * size) * 10
+
+
+def _qr_format_places(size: int) -> list[tuple[int, int, int]]:
+    """(row, column, bit) for both copies of the 15 format bits, bit 0 the lowest: one
+    copy around the top-left finder, one split between the other two."""
+    first = [(k, 8) for k in range(6)] + [(7, 8), (8, 8), (8, 7)] + \
+        [(8, 14 - k) for k in range(9, 15)]
+    second = [(8, size - 1 - k) for k in range(8)] + [(size - 15 + k, 8) for k in range(8, 15)]
+    return [(r, c, k) for copy in (first, second) for k, (r, c) in enumerate(copy)]
+
+
+def _qr_function_patterns(version: int) -> tuple[list[list[bool]], list[list[bool]]]:
+    """The modules (True is dark) with finders, separators, timing, alignment, the dark
+    module and version information drawn and the format areas reserved; and which
+    modules those are (never data, never masked)."""
+    size = version * 4 + 17
+    m = [[False] * size for _ in range(size)]
+    fixed = [[False] * size for _ in range(size)]
+
+    def put(r: int, c: int, dark: bool) -> None:
+        m[r][c], fixed[r][c] = dark, True
+
+    for k in range(size):  # timing patterns
+        put(6, k, k % 2 == 0)
+        put(k, 6, k % 2 == 0)
+    for r0, c0 in ((3, 3), (3, size - 4), (size - 4, 3)):  # finders with their separators
+        for dr in range(-4, 5):
+            for dc in range(-4, 5):
+                if 0 <= r0 + dr < size and 0 <= c0 + dc < size:
+                    put(r0 + dr, c0 + dc, max(abs(dr), abs(dc)) not in (2, 4))
+    centres = _qr_alignment(version)
+    corners = [(6, 6), (6, size - 7), (size - 7, 6)]  # alignment there would hit a finder
+    for r0 in centres:
+        for c0 in centres:
+            if (r0, c0) not in corners:
+                for dr in range(-2, 3):
+                    for dc in range(-2, 3):
+                        put(r0 + dr, c0 + dc, max(abs(dr), abs(dc)) != 1)
+    for r, c, _ in _qr_format_places(size):  # reserved; drawn once the mask is chosen
+        put(r, c, False)
+    put(size - 8, 8, True)  # the dark module
+    if version >= 7:  # version information, bottom-left and top-right
+        bits = _qr_version_bits(version)
+        for k in range(18):
+            a, b = size - 11 + k % 3, k // 3
+            put(a, b, bool(bits >> k & 1))
+            put(b, a, bool(bits >> k & 1))
+    return m, fixed
+
+
+def _qr_place(m: list[list[bool]], fixed: list[list[bool]], codewords: list[int]) -> None:
+    """Codewords' bits, most significant first, up and down two-column strips from the
+    right, skipping function modules and column 6; the remainder bits stay light."""
+    size = len(m)
+    bits = iter([bool(w >> (7 - k) & 1) for w in codewords for k in range(8)])
+    for right in range(size - 1, 0, -2):
+        right = right if right > 6 else right - 1  # strips left of the timing column shift
+        upward = ((right + 1) & 2) == 0
+        for step in range(size):
+            r = size - 1 - step if upward else step
+            for c in (right, right - 1):
+                if not fixed[r][c]:
+                    m[r][c] = next(bits, False)
+
+
+def qr_matrix(text: str) -> list[list[bool]]:
+    """`text` as a QR code (byte mode, UTF-8, level M, the smallest version): rows of
+    modules, True is dark, without the quiet zone.  ValueError past version 40."""
+    data = text.encode("utf-8")
+    version = next((v for v in range(1, 41)
+                    if 4 + (8 if v < 10 else 16) + 8 * len(data) <= _qr_data_codewords(v) * 8),
+                   None)
+    if version is None:
+        raise ValueError(f"too long for a QR code: {len(data)} bytes")
+    m, fixed = _qr_function_patterns(version)
+    _qr_place(m, fixed, _qr_codeword_sequence(data, version))
+    places = _qr_format_places(len(m))
+    candidates = []
+    for mask, flips in enumerate(QR_MASKS):
+        cand = [[v != (not fixed[r][c] and flips(r, c)) for c, v in enumerate(row)]
+                for r, row in enumerate(m)]
+        format_bits = _qr_format_bits(mask)
+        for r, c, k in places:
+            cand[r][c] = bool(format_bits >> k & 1)
+        candidates.append(cand)
+    return min(candidates, key=_qr_penalty)  # on a tie, the lowest mask number
+
+
+# --- drawing it in a terminal
+# Text can only choose which cells get the foreground colour: a block is
+# foreground, a space is background.  A code must be dark on light (some
+# phone readers will not read a negative), so where colours can be set the
+# code is drawn white-on-black explicitly, which is right on every theme.
+# Where they cannot (a pipe, NO_COLOR, an old Windows console) the light
+# modules are the blocks: right on the dark themes most terminals use, a
+# negative on light ones.
+QR_BLOCKS = {(True, True): "\u2588", (True, False): "\u2580", (False, True): "\u2584",
+             (False, False): " "}  # (top light, bottom light) -> full, upper, lower half, none
+QR_COLOURS = ("\033[97;40m", "\033[0m")  # bright white on black, then back to normal
+
+
+def qr_text(text: str, plain: bool = False, colour: bool = False) -> str:
+    """`text`'s QR code for a terminal, quiet zone included, light modules drawn: two
+    module rows per line in half blocks, or if `plain` one per line as "##" (ASCII)."""
+    matrix = qr_matrix(text)
+    q, n = QR_QUIET_ZONE, len(matrix)
+    size = n + 2 * q
+    light = [[not (q <= r < q + n and q <= c < q + n and matrix[r - q][c - q])
+              for c in range(size)] for r in range(size)]
+    if plain:
+        lines = ["".join("##" if v else "  " for v in row) for row in light]
+    else:
+        light.append([False] * size)  # the odd last row's lower half: background
+        lines = ["".join(QR_BLOCKS[top, bottom] for top, bottom in zip(light[r], light[r + 1]))
+                 for r in range(0, size, 2)]
+    if colour:
+        lines = [QR_COLOURS[0] + line + QR_COLOURS[1] for line in lines]
+    return "\n".join(lines)
+
+
+def _can_encode(stream: Any, text: str) -> bool:
+    try:
+        text.encode(getattr(stream, "encoding", None) or "ascii")
+    except (UnicodeError, LookupError):
+        return False
+    return True
+
+
+def print_links(links: list[str], qr: bool, out: Any = None) -> None:
+    """Print "Open LINK in a browser" for each link, and with `qr` its QR code below."""
+    out = out or sys.stdout
+    tty = hasattr(out, "isatty") and out.isatty()
+    colour = tty and not os.environ.get("NO_COLOR") and enable_windows_ansi()
+    for link in links:
+        print(f"Open {link} in a browser", file=out)
+        if qr:
+            print(qr_text(link, plain=not _can_encode(out, "".join(QR_BLOCKS.values())),
+                          colour=colour), file=out)
+    out.flush()
+
+
+# ===========================================================================
 # 9. Entry point -- build_parser(), main(argv).  Uses: everything above.
 # ===========================================================================
 
@@ -11119,6 +11417,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(repeatable)")
     srv.add_argument("--server-name", default="pychat", metavar="NAME",
                      help="the server's name for IRC clients (default: %(default)s)")
+    srv.add_argument("--qr", action="store_true",
+                     help="also print the server's link as a QR code, for phones")
     srv.add_argument("--log-level", default="info", type=_any_case,
                      choices=["debug", "info", "warning", "error"], help="how much to log (default: %(default)s)")
     srv.set_defaults(func=cmd_server)
@@ -11277,9 +11577,8 @@ async def serve(args: argparse.Namespace) -> int:
     else:
         print(f"Friends on your network join with:  python pychat.py cli --host {where} "
               f"--port {port}{tls}   (or: python pychat.py gui ...)", flush=True)
-    if server.cfg.web:
-        for link in web_links(args.host, port, server.cfg.ssl_context is not None):
-            print(f"Open {link} in a browser", flush=True)
+    if server.cfg.web:  # the links to open in a browser, and with --qr their QR codes
+        print_links(web_links(args.host, port, server.cfg.ssl_context is not None), args.qr)
     extras = [name for name, on in (("TLS", server.cfg.ssl_context), ("password",
               server.cfg.password), ("operators", server.cfg.op_password)) if on]
     if extras:

@@ -4335,6 +4335,225 @@ class SoundTests(unittest.TestCase):
 
 
 # ===========================================================================
+# 8b. QR code: qr_matrix read back by a real decoder (zbarimg), qr_text read
+#     back into modules, `server --qr` in a real process.
+# ===========================================================================
+
+def qr_png(light: list[list[bool]], scale: int = 4) -> bytes:
+    """A greyscale PNG of a module grid (True: white), `scale` pixels a module."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+    rows = b"".join((b"\0" + bytes(255 if v else 0 for v in row for _ in range(scale)))
+                    * scale for row in light)  # each pixel row starts with filter type 0
+    width, height = len(light[0]) * scale, len(light) * scale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0,
+                                                               0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def with_quiet_zone(matrix: list[list[bool]]) -> list[list[bool]]:
+    """The modules as light/dark pixels (True: light), 4 light modules all round."""
+    q, n = 4, len(matrix)
+    return [[not (q <= r < q + n and q <= c < q + n and matrix[r - q][c - q])
+             for c in range(n + 2 * q)] for r in range(n + 2 * q)]
+
+
+def read_qr_text(drawing: str) -> list[list[bool]]:
+    """qr_text's output back to lit cells (True: a block, i.e. a light module), a row
+    per module; half blocks, or "##" / two spaces per module."""
+    lines = re.sub(r"\033\[[0-9;]*m", "", drawing).split("\n")
+    if all(set(line) <= {"#", " "} for line in lines):
+        return [[line[k:k + 2] == "##" for k in range(0, len(line), 2)] for line in lines]
+    grid = []
+    for line in lines:
+        grid.append([ch in "\u2588\u2580" for ch in line])
+        grid.append([ch in "\u2588\u2584" for ch in line])
+    return grid
+
+
+class QrCodeTests(unittest.TestCase):
+    LONG_HOST = "https://" + ".".join(["chat-server-for-the-whole-family"] * 3) + \
+        ".example.org:5050/"  # over 106 bytes: version 7 or more, so version information
+    TEXTS = {"short": "hi", "lan": "http://192.168.1.20:5050", "long": LONG_HOST,
+             "utf8": "Grüße aus Köln, 日本語, ☃ 😀"}
+
+    def zbarimg(self, light: list[list[bool]], scale: int = 4) -> str:
+        """What zbarimg reads in a picture of `light` (True: white)."""
+        if not shutil.which("zbarimg"):
+            if os.environ.get("CI"):
+                self.fail("zbarimg is missing: .ci/run should have installed zbar-tools")
+            self.skipTest("needs zbarimg (Debian: apt-get install zbar-tools)")
+        with tempfile.TemporaryDirectory(prefix="pychat-qr-") as tmp:
+            path = Path(tmp) / "qr.png"
+            path.write_bytes(qr_png(light, scale))
+            out = subprocess.run(["zbarimg", "--raw", "-q", str(path)], capture_output=True,
+                                 timeout=TIMEOUT)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        return out.stdout.decode("utf-8").removesuffix("\n")
+
+    def test_zbarimg_reads_back_every_text(self):
+        sizes = {}
+        for name, text in self.TEXTS.items():
+            with self.subTest(name):
+                matrix = pychat.qr_matrix(text)
+                sizes[name] = len(matrix)
+                self.assertTrue(all(len(row) == len(matrix) for row in matrix))
+                self.assertEqual(self.zbarimg(with_quiet_zone(matrix)), text)
+        # Versions 1 and 2 for the short ones, 7+ (45+ modules) for the long host.
+        self.assertEqual((sizes["short"], sizes["lan"]), (21, 25))
+        self.assertGreaterEqual(sizes["long"], 45)
+
+    def test_zbarimg_reads_every_version_filled(self):
+        # Every version's block table and alignment positions, at its full capacity.
+        for version in range(1, 41):
+            with self.subTest(version=version):
+                capacity = (pychat._qr_data_codewords(version) * 8 - 4
+                            - (8 if version < 10 else 16)) // 8
+                text = (f"v{version} " + "The quick brown fox jumps over the lazy dog. " * 60
+                        )[:capacity]
+                matrix = pychat.qr_matrix(text)
+                self.assertEqual(len(matrix), 17 + 4 * version)
+                self.assertEqual(self.zbarimg(with_quiet_zone(matrix), scale=2), text)
+
+    def test_function_patterns_where_the_standard_puts_them(self):
+        # A decoder forgives a lot (zbar reads a code with one format copy wrong), so the
+        # redundant parts are checked here: finders, timing, the dark module, both format
+        # copies (Annex C's level M words) and both version blocks (Annex D's word for 7).
+        finder = [[max(abs(r - 3), abs(c - 3)) != 2 for c in range(7)] for r in range(7)]
+        for text, version in (("hi", 1), ("http://192.168.1.20:5050", 2), ("x" * 120, 7)):
+            with self.subTest(version=version):
+                m = pychat.qr_matrix(text)
+                n = len(m)
+                self.assertEqual(n, 17 + 4 * version)
+                for r0, c0 in ((0, 0), (0, n - 7), (n - 7, 0)):
+                    self.assertEqual([row[c0:c0 + 7] for row in m[r0:r0 + 7]], finder)
+                timing = [k % 2 == 0 for k in range(8, n - 8)]
+                self.assertEqual(m[6][8:n - 8], timing)
+                self.assertEqual([row[6] for row in m[8:n - 8]], timing)
+                self.assertTrue(m[n - 8][8])  # the dark module
+                first = [(8, c) for c in (0, 1, 2, 3, 4, 5, 7, 8)] + \
+                    [(r, 8) for r in (7, 5, 4, 3, 2, 1, 0)]  # bit 14 first
+                second = [(r, 8) for r in range(n - 1, n - 8, -1)] + \
+                    [(8, c) for c in range(n - 8, n)]
+                words = [int("".join("1" if m[r][c] else "0" for r, c in places), 2)
+                         for places in (first, second)]
+                self.assertEqual(words[0], words[1])
+                self.assertIn(words[0], (0x5412, 0x5125, 0x5E7C, 0x5B4B, 0x45F9, 0x40CE,
+                                         0x4F97, 0x4AA0))
+                if version >= 7:  # bit k of the word: bottom-left (n-11 + k % 3, k // 3)
+                    lower = sum(m[n - 11 + k % 3][k // 3] << k for k in range(18))
+                    upper = sum(m[k // 3][n - 11 + k % 3] << k for k in range(18))
+                    self.assertEqual((lower, upper), (0x07C94, 0x07C94))
+
+    def test_smallest_version_that_fits(self):
+        # Table 7's byte-mode capacities at level M: 14 bytes in version 1, 106 in 6,
+        # 122 in 7, 213 in 10 (the count grows to 16 bits in 10), 2331 in 40.
+        for length, version in ((14, 1), (15, 2), (106, 6), (107, 7), (213, 10), (214, 11),
+                                (2331, 40)):
+            with self.subTest(length=length):
+                self.assertEqual(len(pychat.qr_matrix("a" * length)), 17 + 4 * version)
+        with self.assertRaises(ValueError):
+            pychat.qr_matrix("a" * 2332)
+        self.assertEqual(len(pychat.qr_matrix("é" * 7)), 21)  # UTF-8 bytes are counted
+
+    def test_reed_solomon_and_bch_against_the_standard(self):
+        # Thonky's QR tutorial, "HELLO WORLD" 1-M: its 16 data codewords and 10 EC codewords.
+        hello = [32, 91, 11, 120, 209, 114, 220, 77, 67, 64, 236, 17, 236, 17, 236, 17]
+        self.assertEqual(pychat.rs_ec_codewords(hello, 10),
+                         [196, 35, 39, 119, 235, 215, 231, 226, 93, 23])
+        # ISO/IEC 18004 Annex I's example, "01234567" 1-M.
+        iso = [0x10, 0x20, 0x0C, 0x56, 0x61, 0x80] + [0xEC, 0x11] * 5
+        self.assertEqual(pychat.rs_ec_codewords(iso, 10),
+                         [0xA5, 0x24, 0xD4, 0xC1, 0xED, 0x36, 0xC7, 0x87, 0x2C, 0x55])
+        # Annex A: the generator polynomial of degree 7, as powers of alpha.
+        self.assertEqual([pychat._GF_LOG[c] for c in pychat.rs_generator(7)],
+                         [0, 87, 229, 146, 149, 238, 102, 21])
+        # Annex C: level M's format information for masks 0-7; Annex D: versions 7 and 40.
+        self.assertEqual([pychat._qr_format_bits(mask) for mask in range(8)],
+                         [0x5412, 0x5125, 0x5E7C, 0x5B4B, 0x45F9, 0x40CE, 0x4F97, 0x4AA0])
+        self.assertEqual((pychat._qr_version_bits(7), pychat._qr_version_bits(40)),
+                         (0x07C94, 0x28C69))
+        # Byte mode "hi" in version 1: 0100, count 00000010, 0x68 0x69, terminator, pads.
+        self.assertEqual(pychat._qr_codeword_sequence(b"hi", 1)[:16],
+                         [0x40, 0x26, 0x86, 0x90] + [0xEC, 0x11] * 6)
+
+    def test_mask_penalties_worked_by_hand(self):
+        light = [[False] * 21 for _ in range(21)]
+        # 42 runs of 21 (3 + 16 each), 400 one-colour 2x2 blocks (3 each), 0 % dark
+        # (50 % off in ten 5 % steps: 10 each).
+        self.assertEqual(pychat._qr_penalty(light), 42 * 19 + 400 * 3 + 10 * 10)
+        self.assertEqual(pychat._qr_penalty([[(r + c) % 2 == 1 for c in range(21)]
+                                             for r in range(21)]), 0)  # 220 of 441 dark
+        finder_like = [[False] * 7 for _ in range(7)]
+        finder_like[0] = [c == "1" for c in "1011101"]  # 1:1:3:1:1, light beyond the edge
+        # Runs: 6 rows of 7 (5 each), 5 columns of 6 (4) and 2 of 7 (5); 30 blocks of 2x2;
+        # one 1:1:3:1:1 pattern (40); 5 of 49 dark is 7 steps of 5 % off (70).
+        self.assertEqual(pychat._qr_penalty(finder_like), 30 + 30 + 90 + 40 + 70)
+
+    def test_qr_text_draws_the_matrix(self):
+        for name, text in self.TEXTS.items():
+            expected = with_quiet_zone(pychat.qr_matrix(text))
+            for options in ({}, {"plain": True}, {"colour": True}):
+                with self.subTest(name, **options):
+                    drawing = pychat.qr_text(text, **options)
+                    grid = read_qr_text(drawing)
+                    if not options.get("plain"):  # the half row under the last one is unlit
+                        self.assertFalse(any(grid.pop()))
+                    self.assertEqual(grid, expected)
+                    self.assertEqual(set(drawing) <= set("# \n"), bool(options.get("plain")))
+                    self.assertEqual("\033[" in drawing, bool(options.get("colour")))
+        # A screenshot of the drawing, blocks white on black (a dark theme, or the
+        # colours print_links sets), is a code a real decoder reads.
+        lan = self.TEXTS["lan"]
+        self.assertEqual(self.zbarimg(read_qr_text(pychat.qr_text(lan))), lan)
+
+    def test_print_links_colours_only_a_terminal_and_falls_back_to_ascii(self):
+        class Tty(io.StringIO):
+            encoding = "utf-8"
+
+            def isatty(self) -> bool:
+                return True
+
+        class Cp1252(io.StringIO):
+            encoding = "cp1252"  # a redirected Windows console: no block characters
+        link = "http://192.168.1.20:5050"
+        old = os.environ.pop("NO_COLOR", None)
+        self.addCleanup(lambda: old is None or os.environ.__setitem__("NO_COLOR", old))
+        tty, pipe = Tty(), Cp1252()
+        pychat.print_links([link], qr=True, out=tty)
+        pychat.print_links([link], qr=True, out=pipe)
+        self.assertTrue(tty.getvalue().startswith(f"Open {link} in a browser\n\033[97;40m"))
+        self.assertEqual(pipe.getvalue(), f"Open {link} in a browser\n"
+                         f"{pychat.qr_text(link, plain=True)}\n")
+        os.environ["NO_COLOR"] = "1"
+        tty = Tty()
+        pychat.print_links([link, link], qr=False, out=tty)
+        self.assertEqual(tty.getvalue(), f"Open {link} in a browser\n" * 2)
+
+    def test_server_qr_prints_a_code(self):
+        for encoding in ("utf-8", "ascii"):
+            with self.subTest(encoding):
+                proc = subprocess.Popen(
+                    [sys.executable, PYCHAT, "server", "--host", HOST, "--port", "0", "--qr"],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    encoding="utf-8", env={**os.environ, "PYTHONIOENCODING": encoding})
+                self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+                self.addCleanup(proc.stdout.close)
+                self.addCleanup(proc.stderr.close)
+                lines = []
+                while not lines or lines[-1] not in ("", "Press Ctrl-C to stop.\n"):
+                    lines.append(proc.stdout.readline())
+                port = int(lines[0].rsplit("(port ", 1)[1].rstrip(")\n"))
+                link = f"http://{HOST}:{port}"
+                at = lines.index(f"Open {link} in a browser\n")
+                drawing = "".join(lines[at + 1:-1]).rstrip("\n")
+                self.assertEqual(drawing, pychat.qr_text(link, plain=encoding == "ascii"))
+                proc.terminate()
+                self.assertEqual(proc.wait(TIMEOUT), 0)
+
+
+# ===========================================================================
 # 8. Benchmark (before the terminal tests: it is a subprocess test too)
 # ===========================================================================
 
