@@ -5376,10 +5376,15 @@ class CliScreenTests(ServerCase):
         sent = [f"paste {count} line {i} ünï 日本" for i in range(count)]
         block = "\r".join(sent) + "\r"
         await self.paste(f"\x1b[200~{block}\x1b[201~" if bracketed else block)
-        got = [(await bob.expect("msg", timeout=30))["text"] for _ in sent]
-        self.assertEqual(got, sent)  # all delivered, in order
+
+        async def delivered() -> list[str]:
+            return [(await bob.expect("msg", timeout=30))["text"] for _ in sent]
+        # bob reads while the screen is read: a terminal nobody reads blocks
+        # the client's output, and with it the client.
+        got = asyncio.ensure_future(delivered())
         rows = await self.until(lambda rows: len(self.chat_lines(rows, "alice")) >= count
                                 and rows[-1] == ">", "every echo shown", timeout=30)
+        self.assertEqual(await got, sent)  # all delivered, in order
         self.assertEqual(self.chat_lines(rows, "alice"), sent)  # each exactly once
         for row in rows:  # nothing else on screen: no fragment of a typed line
             self.assertTrue(re.fullmatch(r"\d\d:\d\d (<alice> paste .*|-- .*)|>", row), row)
