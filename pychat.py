@@ -4194,12 +4194,21 @@ WEB_CSS = r"""/* PyChat in the browser: phones first (360 px up), dark and light
     color-scheme: light;
   }
 }
+/* Emoji in colour wherever the system has a colour emoji font, without its
+   digits and # (which those fonts also draw) replacing the text's. */
+@font-face {
+  font-family: "PyChat Emoji";
+  src: local("Apple Color Emoji"), local("Segoe UI Emoji"), local("Noto Color Emoji");
+  unicode-range: U+203C, U+2049, U+2122, U+2139, U+2194-21AA, U+231A-23FF, U+24C2, U+25AA-25FE,
+                 U+2600-27BF, U+2934-2935, U+2B05-2B55, U+3030, U+303D, U+3297, U+3299, U+FE0F,
+                 U+1F000-1FAFF;
+}
 * { box-sizing: border-box; }
 html, body { height: 100%; margin: 0; }
 body {
   background: var(--bg); color: var(--text);
-  font: 16px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Noto Sans", sans-serif,
-        "Apple Color Emoji", "Segoe UI Emoji", "Noto Color Emoji";
+  font: 16px/1.45 "PyChat Emoji", system-ui, -apple-system, "Segoe UI", Roboto, "Noto Sans",
+        sans-serif, "Apple Color Emoji", "Segoe UI Emoji", "Noto Color Emoji";
   -webkit-text-size-adjust: 100%;
 }
 [hidden] { display: none !important; }
@@ -4211,6 +4220,7 @@ body {
 .error { color: var(--error); min-height: 1.2em; margin: .5rem 0; }
 a { color: var(--link); }
 button, input, textarea { font: inherit; color: inherit; }
+code { font-family: "PyChat Emoji", ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace; }
 button {
   min-height: 44px; min-width: 44px; border: 0; border-radius: 8px; cursor: pointer;
   background: var(--button); padding: 0 14px;
@@ -4368,7 +4378,7 @@ button.icon:hover { background: var(--button); }
 """
 WEB_JS = r"""// PyChat in the browser: one more JSON session over a WebSocket (protocol v1,
 // one event per text frame).  Text reaches the page only through textContent
-// and createTextNode; there is no innerHTML, no inline handler and no eval.
+// and createTextNode (never as markup); no inline handler, nothing evaluated.
 (function () {
   "use strict";
 
