@@ -3,6 +3,7 @@
 
 Commands
     python pychat.py server [--host H] [--port 5050]   start a chat server
+                                                       (and open http://ADDR:5050 in a browser)
     python pychat.py gui [--host H] [--port P] [--nick N]   open the desktop client
     python pychat.py cli [--host H] [--port P] [--nick N]   join from a terminal
     python pychat.py bench [--clients N [N ...]]       how many people this machine can host
@@ -36,8 +37,9 @@ the ones above it:
     2. Protocol                  6. Terminal client (run_cli)
     3. Server core               7. GUI client (ChatWindow, run_gui)
     3b. IRC gateway (IrcWire)    7b. Desktop launcher (install-desktop)
-    4. Client core (ChatClient)  8. Benchmark (bench)
-                                 9. Entry point (build_parser, main)
+    3c. Web gateway (HttpWire,   8. Benchmark (bench)
+        WebWire, the page)       9. Entry point (build_parser, main)
+    4. Client core (ChatClient)
 """
 
 from __future__ import annotations
@@ -166,6 +168,7 @@ MAX_OPEN_LOGS = 32             # room logs kept open at once (--data-dir)
 ACCEPT_ERROR_EVERY = 10.0      # out of file descriptors: say so at most this often
 REFUSE_WAIT = 0.5              # a refused connection waits this long for its first line
 WEB_HEAD_TIMEOUT = 5.0         # an HTTP request's head must be in this long after connecting
+CLOSE_LINGER = 2.0             # a half-closed connection (Wire.linger) waits this long for its peer
 
 # After a burst of this many connects and disconnects has been quiet for
 # TRIM_DELAY seconds, the server hands the heap memory it freed back to the OS.
@@ -785,6 +788,7 @@ class Wire:
     joins_lobby = True  # registration puts the member in the lobby
     json_requests = True  # its requests are v1 JSON objects, parsed by the core
     byte_stream = False   # it frames its own input: data() gets the raw bytes
+    linger = False        # a graceful close shuts our half first (see Session.close)
 
     def __init__(self, server: ChatServer, session: Session):
         self.server, self.s = server, session
@@ -1069,8 +1073,19 @@ class Session(asyncio.Protocol):
         self.flush()
         self.closing = True
         self.server.drop(self)
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if self.wire.linger and transport.can_write_eof() and not transport.is_closing() \
+                and not self.server.shutting_down:
+            # Our half first: the peer reads our last bytes, then hangs up.  Closing
+            # with its unread bytes here would reset the connection, which can
+            # destroy those last bytes (an HTTP error, a WebSocket close frame)
+            # before it reads them.  What it sends meanwhile is not read.
+            transport.write_eof()
+            self.server.loop.call_later(CLOSE_LINGER, transport.abort)
+        else:
+            transport.close()
 
     def abort(self, reason: str) -> None:
         """Close at once, discarding the backlog (slow or hostile peers)."""
@@ -4079,7 +4094,6 @@ ChatServer.foreign_wire = IrcWire  # a first line that is not JSON is IRC
 
 WEB_MAX_HEAD = 8 * 1024        # request line and headers together, in bytes
 WEB_MAX_HEADERS = 50           # header lines in one request
-WEB_LINGER = 2.0               # after a response: wait this long for the peer to hang up
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
 HTTP_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS",
                 b"TRACE", b"PATCH")
@@ -5753,10 +5767,18 @@ def is_ip_literal(host: str) -> bool:
     return True
 
 
+# Suffixes home routers and mDNS give a machine's name.  Only these: a name
+# like "raspberrypi.evil.example" must not pass for this machine's.
+LAN_SUFFIXES = ("", ".local", ".lan", ".home", ".home.arpa", ".localdomain", ".internal")
+
+
 def own_host_names() -> set[str]:
-    """The names (first label only) a browser may use for this machine:
-    localhost and its host name (no DNS lookup: that can hang)."""
-    return {"localhost", socket.gethostname().lower().split(".")[0]} - {""}
+    """The names a browser may use for this machine: localhost and its host
+    name, bare or with a LAN suffix (no DNS lookup: that can hang)."""
+    full = socket.gethostname().lower()
+    short = full.split(".")[0]
+    names = {"localhost", full} | {short + suffix for suffix in LAN_SUFFIXES if short}
+    return names - {""}
 
 
 def ws_accept(key: str) -> str:
@@ -5798,6 +5820,7 @@ class HttpWire(Wire):
     joins_lobby = False
     json_requests = False
     byte_stream = True
+    linger = True
 
     def __init__(self, server: ChatServer, session: Session):
         super().__init__(server, session)
@@ -5830,6 +5853,9 @@ class HttpWire(Wire):
         first = buf.find(b"\n")
         if (first < 0 and len(buf) > WEB_MAX_HEAD) or first > WEB_MAX_HEAD:
             self.fail(HttpError(414, "The request line is too long."))
+            return
+        if first >= 0 and not _HTTP_REQUEST_LINE.fullmatch(buf[:first].rstrip(b"\r")):
+            self.fail(HttpError(400, "The request line must be METHOD /path HTTP/1.1."))
             return
         if not ends:
             if len(buf) > WEB_MAX_HEAD:
@@ -5877,8 +5903,7 @@ class HttpWire(Wire):
             raise HttpError(400, "A malformed Host header.")
         name = split[0]
         allowed = {o[1] for o in map(web_origin, self.server.cfg.web_origins) if o}
-        if not (is_ip_literal(name) or name.split(".")[0] in own_host_names()
-                or name in allowed):
+        if not (is_ip_literal(name) or name.rstrip(".") in own_host_names() or name in allowed):
             raise HttpError(403, f"This server does not answer to the name {name}; "
                             "start it with --web-origin to allow one.")
         return request.headers["host"]
@@ -5912,7 +5937,7 @@ class HttpWire(Wire):
         self.send_head(status, headers)
         if not head_only:
             self.s.send(body)
-        self.finish()
+        self.s.close("http")  # (lingering: see Session.close)
 
     def send_head(self, status: int, headers: list[tuple[str, str]]) -> None:
         self.answered = True
@@ -5927,20 +5952,6 @@ class HttpWire(Wire):
         self.server.log(self.s, logging.INFO, "%s: HTTP %d: %s", self.s.peer, e.status, e.text)
         self.respond(e.status, (e.text + "\n").encode("utf-8"), "text/plain; charset=utf-8",
                      extra=e.headers)
-
-    def finish(self) -> None:
-        """Close once the response is out.  Without TLS, only our half first:
-        closing with unread request bytes would reset the connection and
-        could destroy the response before the browser reads it."""
-        s = self.s
-        transport = s.transport
-        if transport is None or self.tls or not transport.can_write_eof():
-            s.close("http")
-            return
-        s.flush()
-        if not s.closing:
-            transport.write_eof()
-            self.server.loop.call_later(WEB_LINGER, s.abort, "http")
 
     def too_slow(self) -> None:
         self.timer = None
@@ -6000,6 +6011,7 @@ class WebWire(Wire):
 
     native = False
     byte_stream = True  # json_requests stays True: the core parses the messages
+    linger = True       # the close frame must be read (RFC 6455 7.1.1: the server closes first)
 
     def __init__(self, server: ChatServer, session: Session):
         super().__init__(server, session)
@@ -6026,9 +6038,11 @@ class WebWire(Wire):
 
     # --- frames from the client (RFC 6455 5.2)
     def data(self, data: bytes) -> None:
+        s, limit = self.s, self.server.cfg.max_line_bytes
+        if s.closing:
+            return  # closed: the rest is not read
         buf = self.buf
         buf += data
-        s, limit = self.s, self.server.cfg.max_line_bytes
         pos, end = 0, len(buf)
         while not s.closing and end - pos >= 2:
             b0, b1 = buf[pos], buf[pos + 1]
@@ -6126,6 +6140,18 @@ class WebWire(Wire):
         self.close_sent = True
         self.s.send(ws_close_frame(code, why))
         self.s.close("line_too_long" if code == WS_TOO_BIG else "protocol_error")
+
+
+def web_links(host: str | None, port: int, tls: bool) -> list[str]:
+    """The addresses to open in a browser: every LAN address this machine's
+    name has when listening on all interfaces (found without sending a
+    packet), else the one listened on."""
+    if host in (None, "", "0.0.0.0", "::"):
+        hosts = lan_addresses() or [socket.gethostname() or "localhost"]
+    else:
+        hosts = [host]
+    scheme = "https" if tls else "http"
+    return [f"{scheme}://[{h}]:{port}" if ":" in h else f"{scheme}://{h}:{port}" for h in hosts]
 
 
 ChatServer.first_line_wires.append(HttpWire)  # before IRC, which takes every other line
@@ -11855,6 +11881,66 @@ class BenchIrcClient(asyncio.Protocol):
             self.welcomed.set_exception(ConnectionError("closed before joining"))
 
 
+class BenchWsClient(asyncio.Protocol):
+    """One simulated browser (bench --ws): a WebSocket on /ws, masked frames
+    out, counts the msg events it receives, answers the server's keepalive
+    ping frame.  A receiver only."""
+
+    PING = bytes((0x89, 9)) + b"keepalive"   # the server's keepalive frame, whole
+
+    def __init__(self, nick: str, measure: bool = False):
+        self.nick = nick
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.upgraded = False
+        self.received = 0
+        self.latencies: list[float] = []
+        self.welcomed = asyncio.get_running_loop().create_future()
+        self.closed = False
+        self.to_send = 0
+
+    def frame(self, opcode: int, payload: bytes) -> bytes:
+        mask = os.urandom(4)
+        n = len(payload)
+        head = bytes((0x80 | opcode, 0x80 | n)) if n < 126 else \
+            struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+        return head + mask + ws_unmask(payload, mask)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        host, port = transport.get_extra_info("peername")[:2]
+        key = base64.b64encode(os.urandom(16)).decode()
+        transport.write(f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\n"  # type: ignore
+                        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                        .encode() + self.frame(0x1, encode({"type": "hello", "nick": self.nick,
+                                                             "client": "pychat-bench"})[:-1]))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = buf
+                return
+            self.upgraded = True
+            buf = buf[end + 4:]
+        # Frames are counted without parsing them, as BenchClient counts lines:
+        # a message's text cannot hold the pattern unescaped.
+        self.received += buf.count(b'"type":"msg"')
+        if not self.welcomed.done() and b'"type":"users"' in buf:
+            self.welcomed.set_result(True)
+        if self.PING in buf and self.transport is not None:
+            self.transport.write(self.frame(0xA, b"keepalive"))
+        self.buf = buf[-20:]  # a pattern split across reads is counted once, after it
+        self.received -= self.buf.count(b'"type":"msg"')
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.welcomed.done():
+            self.welcomed.set_exception(ConnectionError("closed before joining"))
+
+
 def _percentile(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -11903,16 +11989,18 @@ class Progress:
 
 async def _connect_clients(host: str, port: int, count: int, measure: int,
                            progress: Progress, prefix: str = "b",
-                           irc: int = 0) -> list[Any]:
+                           irc: int = 0, ws: int = 0) -> list[Any]:
     """Open and register `count` clients, a few hundred connects at a time;
-    `irc` of them (after the `measure` ones) come by IRC."""
+    `irc` of them (after the `measure` ones) come by IRC, and the next `ws`
+    by WebSocket."""
     loop = asyncio.get_running_loop()
     clients: list[Any] = []
     step = 200
     for start in range(0, count, step):
         batch = []
         for i in range(start, min(count, start + step)):
-            kind = BenchIrcClient if measure <= i < measure + irc else BenchClient
+            kind = BenchIrcClient if measure <= i < measure + irc else \
+                BenchWsClient if measure + irc <= i < measure + irc + ws else BenchClient
             client = kind(f"{prefix}{i}", i < measure)
             await loop.create_connection(lambda c=client: c, host, port)
             batch.append(client)
@@ -11949,17 +12037,19 @@ async def _bench_deliveries(clients: list, expected: int, progress: Progress,
 
 async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messages: int,
                        rate: float, progress: Progress, timeout: float,
-                       server_pid: int | None, irc: int = 0) -> dict[str, Any]:
+                       server_pid: int | None, irc: int = 0,
+                       ws: int = 0) -> dict[str, Any]:
     """N clients in one room; S of them send M messages each; everyone counts
-    (`irc` of the receivers by IRC)."""
+    (`irc` of the receivers by IRC, `ws` by WebSocket)."""
     started = time.monotonic()
     room = clients_n - senders - min(BENCH_LATENCY_SAMPLE, clients_n)  # plain receivers
-    if irc > max(0, room):
-        raise PyChatError(f"--irc {irc}: at most {max(0, room)} of these clients can be IRC "
+    if irc + ws > max(0, room):
+        raise PyChatError(f"--irc {irc} --ws {ws}: at most {max(0, room)} of these clients "
+                          "can be IRC or WebSocket "
                           f"receivers (not senders, nor the {BENCH_LATENCY_SAMPLE} that time "
                           "messages)")
     clients = await _connect_clients(host, port, clients_n, BENCH_LATENCY_SAMPLE, progress,
-                                     irc=irc)
+                                     irc=irc, ws=ws)
     connect_s = time.monotonic() - started
     before = process_stats(server_pid) if server_pid else {}
     expected = senders * messages * clients_n
@@ -11975,7 +12065,8 @@ async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messa
         t.cancel()
     latencies = [x for c in clients for x in c.latencies]
     result = {
-        "scenario": "fanout", "clients": clients_n, "irc_clients": irc, "senders": senders,
+        "scenario": "fanout", "clients": clients_n, "irc_clients": irc, "ws_clients": ws,
+        "senders": senders,
         "messages": messages,
         "rate": rate, "connect_seconds": round(connect_s, 3),
         "connects_per_second": round(clients_n / connect_s, 1) if connect_s else None,
@@ -12184,7 +12275,8 @@ async def run_bench(args: argparse.Namespace) -> list[dict]:
                     result = await bench_fanout(host, port, clients, args.senders,
                                                 args.messages, args.rate, progress,
                                                 args.timeout, pid,
-                                                args.irc if name == "pychat" else 0)
+                                                args.irc if name == "pychat" else 0,
+                                                args.ws if name == "pychat" else 0)
                 else:
                     result = await bench_connections(host, port, clients, progress, pid)
             finally:
@@ -12264,6 +12356,7 @@ def format_bench(results: list[dict]) -> str:
     first = results[0]
     if first["scenario"] == "fanout":
         irc = f", {first['irc_clients']} receivers by IRC" if first.get("irc_clients") else ""
+        irc += f", {first['ws_clients']} by WebSocket" if first.get("ws_clients") else ""
         senders = f"{first['senders']} sender{'s' * (first['senders'] != 1)}"
         about = [f"{senders} x {first['messages']} messages{irc}, {_bench_rate(first)}."]
         head = ["clients", "server", "deliveries/s", "p50 ms", "p99 ms", "lost",
@@ -12578,6 +12671,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--irc", type=_non_negative_int, default=0, metavar="N",
                        help="fanout: N of the receivers join by IRC (the reference server "
                        "gets JSON clients only) (default: %(default)s)")
+    bench.add_argument("--ws", type=_non_negative_int, default=0, metavar="N",
+                       help="fanout: N of the receivers are browsers, by WebSocket (the "
+                       "reference server gets JSON clients only) (default: %(default)s)")
     bench.add_argument("--rate", type=_non_negative, default=0.0, metavar="R",
                        help="messages per second per sender; 0: unpaced, each sender keeps "
                             f"{BENCH_WINDOW} messages in flight and sends the next as one "
@@ -12666,6 +12762,9 @@ async def serve(args: argparse.Namespace) -> int:
     else:
         print(f"Friends on your network join with:  python pychat.py cli --host {where} "
               f"--port {port}{tls}   (or: python pychat.py gui ...)", flush=True)
+    if server.cfg.web:
+        for link in web_links(args.host, port, server.cfg.ssl_context is not None):
+            print(f"Open {link} in a browser", flush=True)
     extras = [name for name, on in (("TLS", server.cfg.ssl_context), ("password",
               server.cfg.password), ("operators", server.cfg.op_password)) if on]
     if extras:

@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 import wave
 import zlib
 from pathlib import Path
@@ -1899,6 +1900,471 @@ class IrcSaslDelayTests(ServerCase):
             await p.send("AUTHENTICATE " + base64.b64encode(b"slow\0slow\0nope").decode())
             await p.expect(" 904 ")
         self.assertFalse([x for x in p.seen if " 464 " in x or x.startswith("ERROR")])
+
+
+# ===========================================================================
+# 3c. Web gateway (HTTP and WebSocket on the chat port)
+# ===========================================================================
+
+RFC_KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 1.3's example key...
+RFC_ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # ...and its Sec-WebSocket-Accept
+
+
+async def http_exchange(port: int, request: bytes, sock: socket.socket | None = None
+                        ) -> tuple[int, dict[str, str], bytes]:
+    """Send raw request bytes; the status, headers (lower-cased names) and
+    body of the one response, read until the server closes."""
+    if sock is not None:
+        reader, writer = await asyncio.open_connection(sock=sock)
+    else:
+        reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(request)
+        data = await asyncio.wait_for(reader.read(), TIMEOUT)
+    finally:
+        writer.close()
+    return parse_response(data)
+
+
+def parse_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("ascii").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+def get(port: int, path: str = "/", method: str = "GET", host: str | None = None,
+        extra: str = "") -> bytes:
+    return (f"{method} {path} HTTP/1.1\r\nHost: {host or f'{HOST}:{port}'}\r\n{extra}\r\n"
+            .encode())
+
+
+class WsPeer:
+    """A raw WebSocket client that can send any frame, well-formed or not."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+        self.seen: list[dict] = []
+
+    @staticmethod
+    def upgrade_request(port: int, origin: str | None = "", key: str = RFC_KEY,
+                        host: str | None = None) -> bytes:
+        host = host or f"{HOST}:{port}"
+        origin = f"http://{host}" if origin == "" else origin
+        return (f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                f"Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n" + (f"Origin: {origin}\r\n" if origin else "")
+                + "\r\n").encode()
+
+    @classmethod
+    async def open(cls, port: int, sock: socket.socket | None = None,
+                   **kw) -> tuple["WsPeer", dict[str, str]]:
+        if sock is not None:
+            reader, writer = await asyncio.open_connection(sock=sock)
+        else:
+            reader, writer = await asyncio.open_connection(HOST, port)
+        writer.write(cls.upgrade_request(port, **kw))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        status, headers, _ = parse_response(head)
+        if status != 101:
+            raise AssertionError(f"no upgrade: {head!r}")
+        return cls(reader, writer), headers
+
+    @staticmethod
+    def frame(opcode: int, payload: bytes, fin: bool = True, mask: bool = True,
+              rsv: int = 0, length: int | None = None) -> bytes:
+        n = len(payload) if length is None else length
+        b0 = (0x80 if fin else 0) | rsv | opcode
+        m = 0x80 if mask else 0
+        if n < 126:
+            head = bytes((b0, m | n))
+        elif n < 65536:
+            head = struct.pack("!BBH", b0, m | 126, n)
+        else:
+            head = struct.pack("!BBQ", b0, m | 127, n)
+        if not mask:
+            return head + payload
+        key = os.urandom(4)
+        return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+    async def send_frame(self, opcode: int, payload: bytes, **kw) -> None:
+        self.writer.write(self.frame(opcode, payload, **kw))
+        await self.writer.drain()
+
+    async def send(self, obj: dict) -> None:
+        await self.send_frame(0x1, json.dumps(obj).encode())
+
+    async def recv_frame(self, timeout: float = TIMEOUT) -> tuple[int, bytes]:
+        """One server frame: (opcode, payload); server frames are never masked."""
+        head = await asyncio.wait_for(self.reader.readexactly(2), timeout)
+        assert not head[1] & 0x80, "a masked server frame"
+        assert head[0] & 0x80, "a fragmented server frame"
+        n = head[1] & 0x7F
+        if n == 126:
+            n = struct.unpack("!H", await self.reader.readexactly(2))[0]
+        elif n == 127:
+            n = struct.unpack("!Q", await self.reader.readexactly(8))[0]
+        return head[0] & 0x0F, await asyncio.wait_for(self.reader.readexactly(n), timeout)
+
+    async def expect(self, kind: str, timeout: float = TIMEOUT, **fields) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            opcode, payload = await self.recv_frame(max(0.01, deadline - time.monotonic()))
+            if opcode != 0x1:
+                continue
+            obj = json.loads(payload.decode("utf-8"))
+            self.assertion_free(payload)
+            self.seen.append(obj)
+            if obj.get("type") == kind and all(obj.get(k) == v for k, v in fields.items()):
+                return obj
+
+    @staticmethod
+    def assertion_free(payload: bytes) -> None:
+        assert not payload.endswith(b"\n"), "one event per message, no newline"
+
+    async def expect_close(self) -> tuple[int, str]:
+        """Read to the server's close frame: its code and reason; then EOF."""
+        while True:
+            opcode, payload = await self.recv_frame()
+            if opcode == 0x8:
+                break
+        rest = await asyncio.wait_for(self.reader.read(), TIMEOUT)
+        assert rest == b"", rest
+        return struct.unpack("!H", payload[:2])[0], payload[2:].decode("utf-8")
+
+    async def register(self, nick: str) -> None:
+        await self.send({"type": "hello", "nick": nick})
+        await self.expect("welcome", nick=nick)
+        await self.expect("users")
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
+class WebHttpTests(ServerCase):
+    """The page, its files and the hostile shapes of HTTP, on the chat port."""
+
+    def check_security_headers(self, headers: dict[str, str]) -> None:
+        csp = headers["content-security-policy"]
+        for part in ("default-src 'self'", "script-src 'self'", "style-src 'self'",
+                     "object-src 'none'", "base-uri 'none'", "frame-ancestors 'none'"):
+            self.assertIn(part, csp)
+        self.assertNotIn("unsafe", csp)
+        self.assertEqual(headers["x-content-type-options"], "nosniff")
+        self.assertEqual(headers["referrer-policy"], "no-referrer")
+        self.assertEqual(headers["connection"], "close")
+
+    async def test_3c_the_page_its_files_the_ding_and_the_icon(self):
+        files = {"/": "text/html; charset=utf-8", "/app.js": "text/javascript; charset=utf-8",
+                 "/app.css": "text/css; charset=utf-8", "/ding.wav": "audio/wav",
+                 "/icon.png": "image/png"}
+        bodies = {}
+        for path, kind in files.items():
+            status, headers, body = await http_exchange(self.port, get(self.port, path))
+            self.assertEqual((status, headers["content-type"]), (200, kind), path)
+            self.assertEqual(int(headers["content-length"]), len(body))
+            self.assertEqual(headers["cache-control"], "no-store")
+            self.check_security_headers(headers)
+            bodies[path] = body
+        self.assertIn(b"<title>PyChat</title>", bodies["/"])
+        self.assertIn(b'<script src="/app.js"', bodies["/"])
+        self.assertNotIn(b"<script>", bodies["/"])  # no inline script: the CSP forbids it
+        self.assertEqual(bodies["/ding.wav"], pychat.ding_path().read_bytes())
+        self.assertEqual(bodies["/icon.png"], pychat.icon_png())
+        status, headers, body = await http_exchange(self.port, get(self.port, "/", "HEAD"))
+        self.assertEqual((status, body), (200, b""))
+        self.assertEqual(int(headers["content-length"]), len(bodies["/"]))
+
+    async def test_3c_unknown_paths_404_other_methods_405_with_the_same_headers(self):
+        for request, want in ((get(self.port, "/nope"), 404), (get(self.port, "/../etc"), 404),
+                              (get(self.port, "/", "POST", extra="Content-Length: 0\r\n"), 405),
+                              (get(self.port, "/", "OPTIONS"), 405),
+                              (get(self.port, "/ws", "HEAD"), 400),
+                              (get(self.port, "/ws"), 400)):  # no upgrade headers
+            status, headers, _ = await http_exchange(self.port, request)
+            self.assertEqual(status, want, request)
+            self.check_security_headers(headers)
+            if want == 405:
+                self.assertEqual(headers["allow"], "GET, HEAD")
+
+    async def test_3c_request_smuggling_shapes_get_400_and_a_close(self):
+        host = f"Host: {HOST}:{self.port}\r\n"
+        shapes = {
+            "CL and TE": f"GET / HTTP/1.1\r\n{host}Content-Length: 4\r\n"
+                         "Transfer-Encoding: chunked\r\n\r\n",
+            "TE alone": f"POST / HTTP/1.1\r\n{host}Transfer-Encoding: chunked\r\n\r\n",
+            "two CL": f"GET / HTTP/1.1\r\n{host}Content-Length: 0\r\nContent-Length: 5\r\n\r\n",
+            "bad CL": f"GET / HTTP/1.1\r\n{host}Content-Length: +5\r\n\r\n",
+            "obs-fold": f"GET / HTTP/1.1\r\n{host}X-A: 1\r\n  folded\r\n\r\n",
+            "bare CR": f"GET / HTTP/1.1\r\n{host}X-A: 1\r2\r\n\r\n",
+            "space before colon": f"GET / HTTP/1.1\r\n{host}X-A : 1\r\n\r\n",
+            "absolute-form": f"GET http://{HOST}:{self.port}/ HTTP/1.1\r\n{host}\r\n",
+            "non-ASCII target": f"GET /\u00e9 HTTP/1.1\r\n{host}\r\n",
+            "non-ASCII value": f"GET / HTTP/1.1\r\n{host}X-A: \u00e9\r\n\r\n",
+            "NUL in a value": f"GET / HTTP/1.1\r\n{host}X-A: a\0b\r\n\r\n",
+            "two Hosts": f"GET / HTTP/1.1\r\n{host}{host}\r\n",
+            "no Host": "GET / HTTP/1.1\r\n\r\n",
+            "HTTP/2 line": f"GET / HTTP/2.0\r\n{host}\r\n",
+            "body on GET": f"GET / HTTP/1.1\r\n{host}Content-Length: 3\r\n\r\nabc",
+        }
+        for name, request in shapes.items():
+            status, headers, _ = await http_exchange(self.port, request.encode("utf-8"))
+            self.assertEqual(status, 400, name)
+            self.check_security_headers(headers)
+
+    async def test_3c_oversized_heads_are_refused(self):
+        many = "".join(f"X-{i}: {i}\r\n" for i in range(pychat.WEB_MAX_HEADERS + 1))
+        huge = "X-Big: " + "a" * pychat.WEB_MAX_HEAD + "\r\n"
+        for request, want in ((get(self.port, extra=many), 431),
+                              (get(self.port, extra=huge), 431),
+                              (get(self.port, "/" + "a" * pychat.WEB_MAX_HEAD), 414)):
+            status, _, _ = await http_exchange(self.port, request)
+            self.assertEqual(status, want)
+
+    async def test_3c_a_slow_head_is_dropped_and_slow_heads_are_capped_per_address(self):
+        reconfigure(self.server, web_head_timeout=0.3, max_per_address=3, connect_rate=0)
+        slow = []
+        for _ in range(3):  # slowloris: a request line, then a header now and then
+            reader, writer = await asyncio.open_connection(HOST, self.port)
+            writer.write(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n".encode())
+            slow.append((reader, writer))
+        await wait_for(lambda: len(self.server.sessions) == 3 and
+                       all(s.spoke for s in self.server.sessions), what="slow heads")
+        # The address's cap is full: one more is refused, in HTTP.
+        status, _, body = await http_exchange(self.port, get(self.port))
+        self.assertEqual(status, 503, body)
+        started = time.monotonic()
+        for reader, writer in slow:
+            writer.write(b"X-Slow: 1\r\n")
+            data = await asyncio.wait_for(reader.read(), TIMEOUT)
+            self.assertTrue(data.startswith(b"HTTP/1.1 408 "), data)
+            writer.close()
+        self.assertLess(time.monotonic() - started, 3)
+        await wait_for(lambda: not self.server.sessions, what="slow heads gone")
+        status, _, _ = await http_exchange(self.port, get(self.port))
+        self.assertEqual(status, 200)
+
+    async def test_3c_a_name_that_is_not_ours_gets_403(self):
+        # DNS rebinding: a page on evil.example re-points its name at this server.
+        short = socket.gethostname().split(".")[0]
+        for host in ("evil.example", f"{short}.evil.example", f"localhost.evil.example:{self.port}"):
+            status, _, _ = await http_exchange(self.port, get(self.port, host=host))
+            self.assertEqual(status, 403, host)
+        for host in (f"localhost:{self.port}", f"[::1]:{self.port}", socket.gethostname(),
+                     f"{short}.local:{self.port}"):
+            status, _, _ = await http_exchange(self.port, get(self.port, host=host))
+            self.assertEqual(status, 200, host)
+
+    def test_3c_web_links_and_flags(self):
+        self.assertEqual(pychat.web_links("127.0.0.1", 5050, False), ["http://127.0.0.1:5050"])
+        self.assertEqual(pychat.web_links("::1", 5050, True), ["https://[::1]:5050"])
+        with unittest.mock.patch.object(pychat, "lan_addresses",
+                                        return_value=["192.168.1.20", "10.0.0.5"]):
+            self.assertEqual(pychat.web_links(None, 5050, False),
+                             ["http://192.168.1.20:5050", "http://10.0.0.5:5050"])
+        parser = pychat.build_parser()
+        args = parser.parse_args(["server", "--web-origin", "https://Chat.Example.org/",
+                                  "--web-origin", "http://10.0.0.1:8080", "--web-port", "8000"])
+        cfg = pychat.ServerConfig.from_args(args)
+        self.assertEqual(cfg.web_origins, ("https://chat.example.org", "http://10.0.0.1:8080"))
+        self.assertEqual((cfg.web, cfg.web_port), (True, 8000))
+        self.assertFalse(pychat.ServerConfig.from_args(
+            parser.parse_args(["server", "--no-web"])).web)
+        for bad in (["--web-origin", "chat.example.org"], ["--no-web", "--web-port", "8000"]):
+            with self.assertRaises(pychat.PyChatError):
+                pychat.ServerConfig.from_args(parser.parse_args(["server", *bad]))
+
+
+class WebFlagTests(unittest.IsolatedAsyncioTestCase):
+    async def test_3c_no_web_leaves_http_to_irc_as_before(self):
+        server = ChatServer(web=False)
+        port = await server.start(HOST, 0)
+        self.addAsyncCleanup(server.close)
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writer.write(get(port))
+        line = await asyncio.wait_for(reader.readline(), TIMEOUT)
+        writer.close()
+        self.assertFalse(line.startswith(b"HTTP/"), line)
+        self.assertIn(b" 451 ", line)  # IRC: "You have not registered"
+
+    async def test_3c_web_port_speaks_http_only(self):
+        server = ChatServer(web_port=0)
+        await server.start(HOST, 0)
+        self.addAsyncCleanup(server.close)
+        web_port = server._servers[-1].sockets[0].getsockname()[1]
+        status, _, body = await http_exchange(web_port, get(web_port))
+        self.assertEqual(status, 200)
+        self.assertIn(b"<title>PyChat</title>", body)
+        status, _, _ = await http_exchange(web_port, encode({"type": "hello", "nick": "x"}))
+        self.assertEqual(status, 400)  # JSON is for the chat port
+        ws, _ = await WsPeer.open(web_port)
+        self.addAsyncCleanup(ws.close)
+        await ws.register("webby")
+
+
+class WebSocketTests(ServerCase):
+    """WebSocket members (RFC 6455 on GET /ws) and their frames."""
+
+    async def ws(self, nick: str | None = None, **kw) -> WsPeer:
+        peer, headers = await WsPeer.open(self.port, **kw)
+        self.addAsyncCleanup(peer.close)
+        self.assertEqual(headers["sec-websocket-accept"], RFC_ACCEPT)
+        self.assertEqual(headers["upgrade"].lower(), "websocket")
+        self.assertIn("script-src 'self'", headers["content-security-policy"])
+        if nick is not None:
+            await peer.register(nick)
+        return peer
+
+    async def test_3c_a_browser_and_a_json_client_chat_both_ways(self):
+        web = await self.ws("web")
+        bob = await self.connect("bob")
+        await web.expect("join", nick="bob")
+        await web.send({"type": "msg", "text": "hi from a phone \u263a", "cid": "w1"})
+        self.assertEqual((await bob.expect("msg"))["text"], "hi from a phone \u263a")
+        echo = await web.expect("msg")
+        self.assertEqual((echo["from"], echo["cid"]), ("web", "w1"))
+        await bob.send({"type": "msg", "text": "hello, browser"})
+        self.assertEqual((await web.expect("msg", **{"from": "bob"}))["text"], "hello, browser")
+        await bob.send({"type": "pm", "to": "web", "text": "psst"})
+        self.assertEqual((await web.expect("pm"))["text"], "psst")
+
+    async def test_3c_fragments_with_a_ping_between_them(self):
+        web = await self.ws()
+        hello = json.dumps({"type": "hello", "nick": "frag"}).encode()
+        await web.send_frame(0x1, hello[:5], fin=False)
+        await web.send_frame(0x9, b"are you there")
+        await web.send_frame(0x0, hello[5:12], fin=False)
+        await web.send_frame(0xA, b"unasked pong")  # ignored
+        await web.send_frame(0x0, hello[12:])
+        self.assertEqual(await web.recv_frame(), (0xA, b"are you there"))
+        await web.expect("welcome", nick="frag")
+
+    async def test_3c_protocol_errors_close_with_their_codes(self):
+        hello = json.dumps({"type": "hello", "nick": "x"}).encode()
+        cases = [
+            ("bad UTF-8", [WsPeer.frame(0x1, b'{"type":"ping","data":"\xff"}')], 1007),
+            ("bad UTF-8 across fragments", [WsPeer.frame(0x1, b'"\xe2\x82', fin=False),
+                                            WsPeer.frame(0x0, b'"')], 1007),
+            ("oversize", [WsPeer.frame(0x1, b"", length=pychat.MAX_LINE_BYTES + 1)], 1009),
+            ("oversize in pieces", [WsPeer.frame(0x1, b"x" * 40000, fin=False),
+                                    WsPeer.frame(0x0, b"x" * 40000)], 1009),
+            ("unmasked", [WsPeer.frame(0x1, hello, mask=False)], 1002),
+            ("RSV1", [WsPeer.frame(0x1, hello, rsv=0x40)], 1002),
+            ("RSV3", [WsPeer.frame(0x1, hello, rsv=0x10)], 1002),
+            ("binary", [WsPeer.frame(0x2, hello)], 1003),
+            ("unknown opcode", [WsPeer.frame(0x3, b"")], 1002),
+            ("long ping", [WsPeer.frame(0x9, b"p" * 126)], 1002),
+            ("fragmented ping", [WsPeer.frame(0x9, b"p", fin=False)], 1002),
+            ("lone continuation", [WsPeer.frame(0x0, hello)], 1002),
+            ("text inside a message", [WsPeer.frame(0x1, b"{", fin=False),
+                                       WsPeer.frame(0x1, b"}")], 1002),
+            ("1-byte close", [WsPeer.frame(0x8, b"\x03")], 1002),
+            ("close code 1005", [WsPeer.frame(0x8, struct.pack("!H", 1005))], 1002),
+        ]
+        for name, frames, code in cases:
+            web = await self.ws()
+            web.writer.write(b"".join(frames))
+            got, _ = await web.expect_close()
+            self.assertEqual(got, code, name)
+
+    async def test_3c_close_handshake_echoes_the_code(self):
+        web = await self.ws("leaver")
+        bob = await self.connect("bob")
+        await web.send_frame(0x8, struct.pack("!H", 1000) + b"bye")
+        self.assertEqual((await web.expect_close())[0], 1000)
+        self.assertEqual((await bob.expect("leave", nick="leaver"))["reason"], "disconnected")
+
+    async def test_3c_the_server_says_goodbye_with_a_close_frame(self):
+        web = await self.ws("kicked")
+        await self.server.close()
+        self.assertEqual(await web.expect_close(), (1001, "shutdown"))
+
+    async def test_3c_origins_other_than_this_server_get_403(self):
+        for origin in ("http://evil.example", f"https://{HOST}:{self.port}", "null",
+                       f"http://{HOST}:{self.port + 1}"):
+            status, headers, _ = await http_exchange(
+                self.port, WsPeer.upgrade_request(self.port, origin=origin))
+            self.assertEqual(status, 403, origin)
+            self.assertEqual(headers["x-content-type-options"], "nosniff")
+        await self.ws("noorigin", origin=None)  # not a browser: nothing to protect
+        await self.ws("lhost", host=f"localhost:{self.port}",
+                      origin=f"http://LOCALHOST:{self.port}")
+        # A reverse proxy's page: allowed by --web-origin, and only that one.
+        reconfigure(self.server, web_origins=("https://chat.example.org",))
+        await self.ws("proxied", origin="https://chat.example.org")
+        status, _, _ = await http_exchange(
+            self.port, WsPeer.upgrade_request(self.port, origin="https://chat.example.org:444"))
+        self.assertEqual(status, 403)
+
+    async def test_3c_handshake_shapes(self):
+        bad_key = WsPeer.upgrade_request(self.port, key="short")
+        old = WsPeer.upgrade_request(self.port).replace(b"Version: 13", b"Version: 8")
+        status, _, _ = await http_exchange(self.port, bad_key)
+        self.assertEqual(status, 400)
+        status, headers, _ = await http_exchange(self.port, old)
+        self.assertEqual((status, headers["sec-websocket-version"]), (426, "13"))
+
+    async def test_3c_a_flood_over_websocket_meets_the_same_bucket(self):
+        web = await self.ws("flooder")
+        bob = await self.connect("bob")
+        web.writer.write(b"".join(WsPeer.frame(0x1, json.dumps(
+            {"type": "msg", "text": f"spam {i}"}).encode()) for i in range(200)))
+        codes = set()
+        while "flooding" not in codes:
+            codes.add((await web.expect("error")).get("code"))
+        self.assertIn("rate_limited", codes)
+        self.assertEqual((await web.expect_close())[0], 1008)
+        await bob.expect("leave", nick="flooder", reason="flood")
+        got = [e for e in bob.seen if e.get("type") == "msg"]
+        self.assertLessEqual(len(got), pychat.FLOOD_BURST + 1)
+
+    async def test_3c_pings_flood_too(self):
+        web = await self.ws("pinger")
+        web.writer.write(b"".join(WsPeer.frame(0x9, b"p") for _ in range(200)))
+        codes = set()
+        while "flooding" not in codes:
+            codes.add((await web.expect("error")).get("code"))
+        self.assertEqual((await web.expect_close())[0], 1008)
+
+    async def test_3c_a_websocket_that_never_reads_is_dropped_like_json(self):
+        reconfigure(self.server, max_backlog_bytes=64 * 1024, flood_rate=0)
+        sender = await self.connect("sender")  # (before tiny_socket: it reads as it goes)
+        sock = tiny_socket(self.server, self.port)
+        stalled, _ = await WsPeer.open(self.port, sock=sock)
+        self.addAsyncCleanup(stalled.close)
+        await stalled.register("stalled")
+        leave = asyncio.get_running_loop().create_task(sender.expect("leave", nick="stalled"))
+        text = "z" * 3000
+        for i in range(200):  # 600 KB: far past the cap and the tiny socket buffers
+            await sender.send({"type": "msg", "text": f"{i} {text}"})
+            if leave.done():
+                break
+        self.assertEqual((await asyncio.wait_for(leave, TIMEOUT))["reason"], "backlog")
+        self.assertNotIn("stalled", self.server.nicks)
+
+
+
+class WebKeepaliveTests(ServerCase):
+    server_options = {"ping_interval": 0.1, "ping_timeout": 5}
+
+    async def test_3c_keepalive_pings_are_ping_frames(self):
+        web, _ = await WsPeer.open(self.port)
+        self.addAsyncCleanup(web.close)
+        await web.register("sleepy")
+        while True:
+            opcode, payload = await web.recv_frame()
+            if opcode == 0x9:
+                break
+        self.assertEqual(payload, b"keepalive")
+        await web.send_frame(0xA, payload)
+        await web.send({"type": "ping", "data": 7})
+        await web.expect("pong", data=7)
 
 
 # ===========================================================================
