@@ -4408,6 +4408,7 @@ WEB_JS = r"""// PyChat in the browser: one more JSON session over a WebSocket (p
   const BACKOFF_MAX = 30000;
   const KEEPALIVE = 25000;         // ping a silent server after this long...
   const DEAD_AFTER = 60000;        // ...and reconnect when it stays silent
+  const PROBE_WAIT = 5000;         // back from the background: a silent link this long is dead
   const SHOW_PENDING_AFTER = 700;  // an unconfirmed message is listed after this long
   const FILE_CHUNK = 32 * 1024;    // bytes per file_chunk, as the server expects
   const FILE_WINDOW = 16;          // chunks in flight per receiver
@@ -4550,7 +4551,7 @@ WEB_JS = r"""// PyChat in the browser: one more JSON session over a WebSocket (p
     registered: false, everRegistered: false, fatal: false, wanted: false,
     lastIds: new Map(),     // room key -> newest message id seen there
     seen: new Set(),        // message ids shown (a resend's echo must not show twice)
-    backoff: BACKOFF_START, retry: null, lastRx: 0, pinged: false, ghostTries: 0,
+    backoff: BACKOFF_START, retry: null, lastRx: 0, pinged: false, probe: 0, ghostTries: 0,
     limits: {}, away: null, cidPrefix: "w" + randomId(), cidCount: 0,
     outbox: new Map(),      // cid -> request, until the server echoes it
     queue: [], tokens: 0, tokenTime: 0, pump: null,
@@ -4568,8 +4569,7 @@ WEB_JS = r"""// PyChat in the browser: one more JSON session over a WebSocket (p
     if (!c) {
       c = { key: k, kind, name, unread: 0, mention: false, users: new Map(), ops: new Set(), topic: "",
             marker: null, lastFrom: null, lastTs: 0, gone: false, typing: new Map(), pane: el("div", "pane") };
-      c.pane.hidden = true;
-      c.pane.setAttribute("role", "log");
+      c.pane.hidden = true;  // (new messages are read out by the one live region, #live)
       $("log").appendChild(c.pane);
       S.convs.set(k, c);
       renderConvs();
@@ -4817,6 +4817,15 @@ WEB_JS = r"""// PyChat in the browser: one more JSON session over a WebSocket (p
     }
     return h;
   }
+  // A link that stopped answering: do not wait for its closing handshake.
+  function abandon() {
+    const ws = S.ws;
+    S.probe = 0;
+    if (!ws) return;
+    ws.onclose = null;
+    ws.close();
+    dropped();
+  }
   function dropped() {
     const was = S.registered;
     S.registered = false; S.ws = null;
@@ -4831,13 +4840,22 @@ WEB_JS = r"""// PyChat in the browser: one more JSON session over a WebSocket (p
     setStatus("Disconnected. Reconnecting in " + (wait / 1000).toFixed(1) + " s...", S.everRegistered);
     S.retry = setTimeout(connect, wait);
   }
+  // Back from the background or back online: reconnect now, or (a socket a
+  // sleeping phone left open may be dead) ask the server for a sign of life.
   function reconnectNow() {
-    if (S.wanted && !S.fatal && !S.ws) { S.backoff = BACKOFF_START; connect(); }
+    if (!S.wanted || S.fatal) return;
+    if (!S.ws) { S.backoff = BACKOFF_START; connect(); return; }
+    if (S.ws.readyState === WebSocket.OPEN && Date.now() - S.lastRx > PROBE_WAIT) {
+      S.probe = Date.now();
+      sendNow({ type: "ping", data: "awake" });
+    }
   }
   setInterval(() => {
     if (!S.ws || S.ws.readyState !== WebSocket.OPEN) return;
     const silent = Date.now() - S.lastRx;
-    if (silent > DEAD_AFTER) { S.ws.close(); return; }
+    if (silent > DEAD_AFTER || (S.probe && S.lastRx < S.probe && Date.now() - S.probe > PROBE_WAIT)) {
+      abandon(); return;
+    }
     if (silent > KEEPALIVE && !S.pinged) { S.pinged = true; sendNow({ type: "ping", data: "keepalive" }); }
     renderTyping();
   }, 2000);
