@@ -2607,6 +2607,7 @@ class WebPageTests(unittest.TestCase):
         bob.say("/room #lobby")
         bob.say("back in the lobby")
         page.wait_for_selector("#convs button:has-text('#lobby') .badge >> text=1")
+        self.assertEqual(page.title(), "(1) PyChat \u2014 #dev")
         # Privately, both ways; the conversation opens by itself.
         bob.say("/msg alice psst, a secret")
         page.wait_for_selector("#convs >> text=@ bob")
@@ -2704,6 +2705,38 @@ class WebPageTests(unittest.TestCase):
             self.assertEqual(Path(download.value.path()).read_bytes(), picture.read_bytes())
             self.assertTrue(page.eval_on_selector(".file img", "img => img.naturalWidth > 0"))
             bob.expect("alice received whiteboard.png, checked")
+
+    def test_a_page_in_the_background_notifies_counts_and_marks_new_messages(self):
+        port = self.server().port
+        page = self.open_page(port, "alice")
+        # Stand-ins for what a headless browser cannot show: the system
+        # notification, the chime, and a tab in the background.
+        page.evaluate("""() => {
+            window.shown = [];
+            window.Notification = class {
+                constructor(title, options) { window.shown.push(["notification", title, options.body]); }
+                static get permission() { return "granted"; }
+            };
+            window.Audio = function (src) {
+                return { play: () => { window.shown.push(["ding", src]); return Promise.resolve(); } };
+            };
+            Object.defineProperty(document, "hidden", { configurable: true, get: () => true });
+            document.dispatchEvent(new Event("visibilitychange"));
+        }""")
+        bob = LinePeer(port, "bob")
+        self.addCleanup(bob.sock.close)
+        bob.send({"type": "msg", "room": "#lobby", "text": "are you there?"})
+        page.wait_for_selector(".marker + .msg >> text=are you there?")  # after "new messages"
+        self.assertEqual(page.title(), "(1) PyChat \u2014 #lobby")
+        self.assertEqual(page.evaluate("window.shown"),
+                         [["ding", "/ding.wav"], ["notification", "bob in #lobby", "are you there?"]])
+        self.assertEqual(page.text_content("#live"), "bob: are you there?")
+        page.evaluate("""() => {
+            Object.defineProperty(document, "hidden", { configurable: true, get: () => false });
+            document.dispatchEvent(new Event("visibilitychange"));
+        }""")
+        self.assertEqual(page.title(), "PyChat \u2014 #lobby")
+        self.assertEqual(page.eval_on_selector_all(".marker", "n => n.length"), 1)  # still shown
 
     def test_a_password_is_asked_for_when_the_server_wants_one(self):
         server = ServerThread(password="open sesame").start()
