@@ -4118,9 +4118,18 @@ WS_CLOSE_CODES = {"quit": WS_NORMAL, "disconnected": WS_NORMAL, "shutdown": WS_G
 
 # --- the page: one constant per file, served as /, /app.css and /app.js so
 # that the Content-Security-Policy can forbid every inline script and style.
-# Placeholders: the browser client replaces them.  The page connects with
+# WEB_JS is the browser's client, what ChatClient and the window are for
+# Python: the connect form (and the password, on auth_failed), rooms and
+# private conversations, history, files through the relay, and reconnecting
+# with backoff and the resume token, the unconfirmed messages re-sent once
+# by cid.  It connects with
 #   new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws")
-# and speaks protocol v1 over it: one JSON event per text message.
+# and speaks protocol v1 over it: one JSON event per text message.  Text from
+# the network is only ever set with textContent.  Its "/*COMMANDS*/null" is
+# the COMMANDS table's "web" rows when served (web_js, in section 4, adds
+# itself to WEB_FILES like the ding and the icon), so /help is one table for
+# every UI.  Raw strings: the backslashes belong to CSS and JavaScript.  The
+# tests lint WEB_JS (node --check, ESLint) and drive the page in Chromium.
 WEB_HTML = r"""<!doctype html>
 <html lang="en">
 <head>
@@ -4134,7 +4143,7 @@ WEB_HTML = r"""<!doctype html>
 <script src="/app.js" defer></script>
 </head>
 <body>
-<div id="login" class="login">
+<main id="login" class="login">
   <form id="login-form" class="card" aria-labelledby="login-title">
     <h1 id="login-title">PyChat</h1>
     <p id="login-server" class="dim"></p>
@@ -4147,7 +4156,7 @@ WEB_HTML = r"""<!doctype html>
     <p id="login-error" class="error" role="alert"></p>
     <button id="login-join" type="submit" class="primary">Join the chat</button>
   </form>
-</div>
+</main>
 <div id="chat" class="chat" hidden>
   <header class="top">
     <button id="menu" type="button" class="icon" aria-label="Conversations and people" aria-controls="drawer" aria-expanded="false">&#9776;</button>
@@ -5506,8 +5515,8 @@ WEB_JS = r"""// PyChat in the browser: one more JSON session over a WebSocket (p
   function grow() { input.style.height = "auto"; input.style.height = Math.min(input.scrollHeight + 2, window.innerHeight * 0.4) + "px"; }
   const sent = [];
   let recall = -1;
-  $("composer").addEventListener("submit", (e) => {
-    e.preventDefault();
+  $("composer").addEventListener("submit", (e) => { e.preventDefault(); submitLine(); });
+  function submitLine() {
     const line = input.value;
     if (!line.trim()) return;
     const problem = runLine(line);
@@ -5515,9 +5524,9 @@ WEB_JS = r"""// PyChat in the browser: one more JSON session over a WebSocket (p
     sent.push(line); recall = -1;
     input.value = ""; grow();
     S.lastTyping = 0;
-  });
+  }
   input.addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("composer").requestSubmit(); }
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); submitLine(); }
     else if (e.key === "ArrowUp" && input.selectionStart === 0 && sent.length && !input.value.includes("\n")) {
       e.preventDefault(); recall = recall < 0 ? sent.length - 1 : Math.max(0, recall - 1); input.value = sent[recall];
     } else if (e.key === "Tab" && !e.shiftKey) {

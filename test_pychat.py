@@ -2692,6 +2692,16 @@ class WebPageTests(unittest.TestCase):
             bob.expect("Received from the phone.bin (640.1 KiB) from alice, size and SHA-256 checked")
             self.assertEqual((folder / upload.name).read_bytes(), upload.read_bytes())
             page.wait_for_selector(".file >> text=delivered to bob")
+            # Dropped on the page: the same way out.
+            page.evaluate("""() => {
+                const files = new DataTransfer();
+                files.items.add(new File(["dropped 📦\\n"], "dropped.txt"));
+                for (const kind of ["dragenter", "dragover", "drop"]) {
+                    document.dispatchEvent(new DragEvent(kind, {dataTransfer: files, cancelable: true}));
+                }
+            }""")
+            bob.expect("Received dropped.txt")
+            self.assertEqual((folder / "dropped.txt").read_text(encoding="utf-8"), "dropped 📦\n")
             # Cli -> browser, privately: accept, check, save, and a picture shown inline.
             picture = Path(tmp) / "whiteboard.png"
             picture.write_bytes(pychat.icon_png())
