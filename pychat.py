@@ -168,7 +168,7 @@ MAX_OPEN_LOGS = 32             # room logs kept open at once (--data-dir)
 ACCEPT_ERROR_EVERY = 10.0      # out of file descriptors: say so at most this often
 REFUSE_WAIT = 0.5              # a refused connection waits this long for its first line
 WEB_HEAD_TIMEOUT = 5.0         # an HTTP request's head must be in this long after connecting
-CLOSE_LINGER = 2.0             # a half-closed connection (Wire.linger) waits this long for its peer
+CLOSE_LINGER = 2.0             # a half-closed connection (Wire.linger) waits this for its peer
 
 # After a burst of this many connects and disconnects has been quiet for
 # TRIM_DELAY seconds, the server hands the heap memory it freed back to the OS.
@@ -1077,7 +1077,7 @@ class Session(asyncio.Protocol):
         if transport is None:
             return
         if self.wire.linger and transport.can_write_eof() and not transport.is_closing() \
-                and not self.server.shutting_down:
+                and not self.server.shutting_down:  # (never over TLS: it cannot write_eof)
             # Our half first: the peer reads our last bytes, then hangs up.  Closing
             # with its unread bytes here would reset the connection, which can
             # destroy those last bytes (an HTTP error, a WebSocket close frame)
@@ -1773,7 +1773,7 @@ class ChatServer:
         if data is None:
             data = encode(event)
         dirty = self.dirty
-        rendered: dict[type, Any] = {}
+        rendered: dict[type, tuple[Any, bool]] = {}
         for s in room.members.values():
             out = s.out
             if not out:
@@ -1783,10 +1783,15 @@ class ChatServer:
             if s.native:
                 out.append(data)
                 continue
-            kind = type(s.wire)
-            if kind not in rendered:
-                rendered[kind] = s.wire.render(event)
-            s.wire.take(event, rendered[kind])
+            wire = s.wire
+            kind = type(wire)
+            got = rendered.get(kind)
+            if got is None:  # (its bytes, and whether they go out as they are)
+                got = rendered[kind] = (wire.render(event), kind.take is Wire.take)
+            if got[1]:  # WebSocket frames: appended like JSON lines, without a call
+                out.append(got[0])
+            else:
+                wire.take(event, got[0])
         if dirty:
             self.schedule_flush()
 
@@ -5853,6 +5858,7 @@ class HttpWire(Wire):
         super().__init__(server, session)
         self.buf = bytearray()
         self.answered = False
+        self.head_only = False         # a HEAD request: no body, errors included
         # The whole head must be here this long after connecting: a peer that
         # sends it a byte at a time holds a connection no longer than this.
         delay = session.connected_at + server.cfg.web_head_timeout - server.loop.time()
@@ -5904,12 +5910,12 @@ class HttpWire(Wire):
 
     # --- answers
     def route(self, request: HttpRequest, rest: bytes) -> None:
+        head_only = self.head_only = request.method == "HEAD"
         host = self.check_host(request)
         if request.method not in ("GET", "HEAD"):
             raise HttpError(405, "Only GET and HEAD.", Allow="GET, HEAD")
         if request.headers.get("content-length", "0") != "0":
             raise HttpError(400, "No request bodies here.")
-        head_only = request.method == "HEAD"
         if request.path == "/ws" and not head_only:
             self.upgrade(request, host, rest)
             return
@@ -5978,7 +5984,7 @@ class HttpWire(Wire):
     def fail(self, e: HttpError) -> None:
         self.server.log(self.s, logging.INFO, "%s: HTTP %d: %s", self.s.peer, e.status, e.text)
         self.respond(e.status, (e.text + "\n").encode("utf-8"), "text/plain; charset=utf-8",
-                     extra=e.headers)
+                     self.head_only, extra=e.headers)
 
     def too_slow(self) -> None:
         self.timer = None

@@ -2092,6 +2092,9 @@ class WebHttpTests(ServerCase):
             self.check_security_headers(headers)
             if want == 405:
                 self.assertEqual(headers["allow"], "GET, HEAD")
+        status, headers, body = await http_exchange(self.port, get(self.port, "/nope", "HEAD"))
+        self.assertEqual((status, body), (404, b""))  # HEAD: never a body, errors too
+        self.assertGreater(int(headers["content-length"]), 0)
 
     async def test_3c_request_smuggling_shapes_get_400_and_a_close(self):
         host = f"Host: {HOST}:{self.port}\r\n"
@@ -2153,7 +2156,8 @@ class WebHttpTests(ServerCase):
     async def test_3c_a_name_that_is_not_ours_gets_403(self):
         # DNS rebinding: a page on evil.example re-points its name at this server.
         short = socket.gethostname().split(".")[0]
-        for host in ("evil.example", f"{short}.evil.example", f"localhost.evil.example:{self.port}"):
+        for host in ("evil.example", f"{short}.evil.example",
+                     f"localhost.evil.example:{self.port}"):
             status, _, _ = await http_exchange(self.port, get(self.port, host=host))
             self.assertEqual(status, 403, host)
         for host in (f"localhost:{self.port}", f"[::1]:{self.port}", socket.gethostname(),
@@ -2233,6 +2237,20 @@ class WebSocketTests(ServerCase):
         self.assertEqual((await web.expect("msg", **{"from": "bob"}))["text"], "hello, browser")
         await bob.send({"type": "pm", "to": "web", "text": "psst"})
         self.assertEqual((await web.expect("pm"))["text"], "psst")
+
+    async def test_3c_a_broadcast_is_framed_once_for_all_websocket_members(self):
+        webs = [await self.ws(f"w{i}") for i in range(3)]
+        bob = await self.connect("bob")
+        for web in webs:
+            await web.expect("join", nick="bob")
+        calls = []
+        real = pychat.WebWire.render
+        with unittest.mock.patch.object(pychat.WebWire, "render",
+                                        lambda wire, e: calls.append(e) or real(wire, e)):
+            await bob.send({"type": "msg", "text": "to all"})
+            for web in webs:
+                await web.expect("msg", text="to all")
+        self.assertEqual(len(calls), 1)
 
     async def test_3c_fragments_with_a_ping_between_them(self):
         web = await self.ws()
@@ -2348,6 +2366,32 @@ class WebSocketTests(ServerCase):
         self.assertEqual((await asyncio.wait_for(leave, TIMEOUT))["reason"], "backlog")
         self.assertNotIn("stalled", self.server.nicks)
 
+
+
+class WebTlsTests(unittest.IsolatedAsyncioTestCase):
+    async def test_3c_https_and_wss_on_the_same_port(self):
+        with tempfile.TemporaryDirectory() as folder:
+            cert, key = make_certificate(Path(folder))
+            server = ChatServer(ssl_context=pychat.server_tls_context(cert, key))
+            port = await server.start(HOST, 0)
+            self.addAsyncCleanup(server.close)
+            ctx = pychat.client_tls_context(cert)
+
+            def fetch() -> bytes:  # (a blocking client: asyncio 3.11's TLS client can
+                # lose a response that comes with the server's close_notify and FIN)
+                with socket.create_connection((HOST, port), timeout=TIMEOUT) as raw, \
+                        ctx.wrap_socket(raw, server_hostname=HOST) as tls:
+                    tls.sendall(get(port))
+                    return b"".join(iter(lambda: tls.recv(65536), b""))
+            status, headers, _ = parse_response(await asyncio.to_thread(fetch))
+            self.assertEqual(status, 200)
+            self.assertIn(f"wss://{HOST}:{port}", headers["content-security-policy"])
+            reader, writer = await asyncio.open_connection(HOST, port, ssl=ctx)
+            writer.write(WsPeer.upgrade_request(port, origin=f"https://{HOST}:{port}"))
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+            web = WsPeer(reader, writer)
+            self.addAsyncCleanup(web.close)
+            await web.register("secure")
 
 
 class WebKeepaliveTests(ServerCase):
