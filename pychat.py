@@ -4124,36 +4124,1568 @@ WS_CLOSE_CODES = {"quit": WS_NORMAL, "disconnected": WS_NORMAL, "shutdown": WS_G
 
 # --- the page: one constant per file, served as /, /app.css and /app.js so
 # that the Content-Security-Policy can forbid every inline script and style.
-# Placeholders: the browser client replaces them.  The page connects with
+# WEB_JS is the browser's client, what ChatClient and the window are for
+# Python: the connect form (and the password, on auth_failed), rooms and
+# private conversations, history, files through the relay, and reconnecting
+# with backoff and the resume token, the unconfirmed messages re-sent once
+# by cid.  It connects with
 #   new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws")
-# and speaks protocol v1 over it: one JSON event per text message.
-WEB_HTML = """<!doctype html>
+# and speaks protocol v1 over it: one JSON event per text message.  Text from
+# the network is only ever set with textContent.  Its "/*COMMANDS*/null" is
+# the COMMANDS table's "web" rows when served (web_js, in section 4, adds
+# itself to WEB_FILES like the ding and the icon), so /help is one table for
+# every UI.  Raw strings: the backslashes belong to CSS and JavaScript.  The
+# tests lint WEB_JS (node --check, ESLint) and drive the page in Chromium.
+WEB_HTML = r"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="viewport" content="width=device-width, initial-scale=1, viewport-fit=cover">
+<meta name="color-scheme" content="dark light">
+<meta name="referrer" content="no-referrer">
 <title>PyChat</title>
 <link rel="icon" href="/icon.png">
 <link rel="stylesheet" href="/app.css">
 <script src="/app.js" defer></script>
 </head>
 <body>
-<main id="app"><p id="status">Connecting...</p></main>
+<main id="login" class="login">
+  <form id="login-form" class="card" aria-labelledby="login-title">
+    <h1 id="login-title">PyChat</h1>
+    <p id="login-server" class="dim"></p>
+    <label for="login-nick">Your nick</label>
+    <input id="login-nick" name="nick" autocomplete="nickname" autocapitalize="off" spellcheck="false" maxlength="32" required>
+    <div id="login-password-row" hidden>
+      <label for="login-password">Server password</label>
+      <input id="login-password" name="password" type="password" autocomplete="current-password">
+    </div>
+    <p id="login-error" class="error" role="alert"></p>
+    <button id="login-join" type="submit" class="primary">Join the chat</button>
+  </form>
+</main>
+<div id="chat" class="chat" hidden>
+  <header class="top">
+    <button id="menu" type="button" class="icon" aria-label="Conversations and people" aria-controls="drawer" aria-expanded="false">&#9776;</button>
+    <div class="title">
+      <h1 id="conv-title">PyChat</h1>
+      <p id="conv-topic" class="topic"></p>
+    </div>
+    <p id="status" class="status" role="status"></p>
+    <button id="sound" type="button" class="icon" aria-pressed="true" aria-label="Sound on" title="Sound on">&#128276;</button>
+  </header>
+  <div id="backdrop" class="backdrop"></div>
+  <nav id="drawer" class="drawer" aria-label="Conversations and people">
+    <h2>Conversations</h2>
+    <ul id="convs" class="convs"></ul>
+    <h2 id="people-title">People</h2>
+    <ul id="people" class="people"></ul>
+  </nav>
+  <main id="main" class="main">
+    <p id="banner" class="banner" role="alert" hidden></p>
+    <div id="log" class="log"></div>
+    <p id="typing" class="typing"></p>
+    <ul id="pending" class="pending" aria-label="Not delivered yet"></ul>
+  </main>
+  <form id="composer" class="composer" aria-label="Write a message">
+    <button id="attach" type="button" class="icon" aria-label="Send a file" title="Send a file">&#128206;</button>
+    <input id="file" type="file" multiple hidden>
+    <label for="input" class="sr-only">Message</label>
+    <textarea id="input" rows="1" placeholder="Message" autocomplete="off" enterkeyhint="send"></textarea>
+    <button id="emoji" type="button" class="icon" aria-label="Emoji" aria-expanded="false" aria-controls="emoji-panel" title="Emoji">&#128578;</button>
+    <button id="send" type="submit" class="primary send" aria-label="Send">&#10148;</button>
+    <div id="emoji-panel" class="emoji-panel" role="dialog" aria-label="Emoji" hidden>
+      <label for="emoji-search" class="sr-only">Search emoji</label>
+      <input id="emoji-search" type="search" placeholder="Search emoji" autocomplete="off">
+      <div id="emoji-tabs" class="emoji-tabs" role="tablist"></div>
+      <div id="emoji-grid" class="emoji-grid"></div>
+    </div>
+  </form>
+  <div id="live" class="sr-only" aria-live="polite"></div>
+</div>
+<div id="drop" class="drop" hidden><p>Drop files to send them here</p></div>
 </body>
 </html>
 """
-WEB_CSS = """body { font-family: system-ui, sans-serif; margin: 1rem; }
+WEB_CSS = r"""/* PyChat in the browser: phones first (360 px up), dark and light. */
+:root {
+  --bg: #313338; --side: #2b2d31; --header: #1e1f22; --input: #383a40;
+  --text: #dbdee1; --dim: #949ba4; --accent: #5865f2; --accent-text: #fff;
+  --button: #4e5058; --mention: #4a4537; --mention-bar: #f0b232; --link: #00a8fc;
+  --error: #f23f43; --ok: #23a55a; --marker: #f23f43; --line: #3f4147;
+  color-scheme: dark;
+}
+@media (prefers-color-scheme: light) {
+  :root {
+    --bg: #ffffff; --side: #f2f3f5; --header: #e3e5e8; --input: #ebedef;
+    --text: #1f2124; --dim: #5c5e66; --accent: #4752c4; --accent-text: #fff;
+    --button: #d4d7dc; --mention: #fbf1d8; --mention-bar: #c58b00; --link: #005fa3;
+    --error: #c5221f; --ok: #1a7f43; --marker: #d92f2f; --line: #dcdee2;
+    color-scheme: light;
+  }
+}
+/* Emoji in colour wherever the system has a colour emoji font, without its
+   digits and # (which those fonts also draw) replacing the text's. */
+@font-face {
+  font-family: "PyChat Emoji";
+  src: local("Apple Color Emoji"), local("Segoe UI Emoji"), local("Noto Color Emoji");
+  unicode-range: U+203C, U+2049, U+2122, U+2139, U+2194-21AA, U+231A-23FF, U+24C2, U+25AA-25FE,
+                 U+2600-27BF, U+2934-2935, U+2B05-2B55, U+3030, U+303D, U+3297, U+3299, U+FE0F,
+                 U+1F000-1FAFF;
+}
+* { box-sizing: border-box; }
+html, body { height: 100%; margin: 0; }
+body {
+  background: var(--bg); color: var(--text);
+  font: 16px/1.45 "PyChat Emoji", system-ui, -apple-system, "Segoe UI", Roboto, "Noto Sans",
+        sans-serif, "Apple Color Emoji", "Segoe UI Emoji", "Noto Color Emoji";
+  -webkit-text-size-adjust: 100%;
+}
+[hidden] { display: none !important; }
+.sr-only {
+  position: absolute; width: 1px; height: 1px; padding: 0; margin: -1px;
+  overflow: hidden; clip: rect(0 0 0 0); white-space: nowrap; border: 0;
+}
+.dim { color: var(--dim); }
+.error { color: var(--error); min-height: 1.2em; margin: .5rem 0; }
+a { color: var(--link); }
+button, input, textarea { font: inherit; color: inherit; }
+code { font-family: "PyChat Emoji", ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace; }
+button {
+  min-height: 44px; min-width: 44px; border: 0; border-radius: 8px; cursor: pointer;
+  background: var(--button); padding: 0 14px;
+}
+button:focus-visible, input:focus-visible, textarea:focus-visible, a:focus-visible {
+  outline: 2px solid var(--accent); outline-offset: 2px;
+}
+button.primary { background: var(--accent); color: var(--accent-text); font-weight: 600; }
+button.icon { background: transparent; font-size: 1.3rem; padding: 0 8px; }
+button.icon:hover { background: var(--button); }
+
+/* --- connect form */
+.login { min-height: 100%; display: grid; place-items: center; padding: 16px; }
+.card {
+  width: 100%; max-width: 380px; background: var(--side); border-radius: 12px; padding: 24px;
+  display: flex; flex-direction: column;
+}
+.card h1 { margin: 0 0 4px; font-size: 1.6rem; }
+.card label { margin-top: 12px; font-weight: 600; font-size: .9rem; }
+.card input {
+  margin-top: 4px; min-height: 44px; padding: 8px 12px; border-radius: 8px;
+  border: 1px solid var(--line); background: var(--input);
+}
+.card .primary { margin-top: 8px; }
+
+/* --- the chat: header, drawer, messages, composer */
+.chat {
+  height: 100vh; height: 100dvh; display: grid;
+  grid-template: "top top" auto "drawer main" 1fr "drawer composer" auto / 260px 1fr;
+}
+.top {
+  grid-area: top; display: flex; align-items: center; gap: 8px; padding: 4px 8px;
+  background: var(--header); min-height: 52px; padding-top: max(4px, env(safe-area-inset-top));
+}
+.top .title { flex: 1; min-width: 0; }
+.top h1 { font-size: 1.05rem; margin: 0; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.topic { margin: 0; font-size: .85rem; color: var(--dim); white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.status { margin: 0; font-size: .8rem; color: var(--dim); white-space: nowrap; }
+.status.down { color: var(--error); }
+#menu { display: none; }
+.drawer { grid-area: drawer; background: var(--side); overflow-y: auto; padding: 8px; }
+.drawer h2 { font-size: .75rem; text-transform: uppercase; letter-spacing: .05em; color: var(--dim); margin: 12px 8px 4px; }
+.drawer ul { list-style: none; margin: 0; padding: 0; }
+.drawer li button {
+  width: 100%; text-align: left; background: transparent; display: flex; align-items: center;
+  gap: 6px; padding: 0 10px; border-radius: 6px; color: var(--dim);
+}
+.drawer li button:hover { background: var(--input); color: var(--text); }
+.drawer li button[aria-current="true"] { background: var(--input); color: var(--text); font-weight: 600; }
+.drawer .name { flex: 1; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.drawer .unread { color: var(--text); font-weight: 700; }
+.badge {
+  background: var(--error); color: #fff; border-radius: 10px; font-size: .75rem; font-weight: 700;
+  padding: 0 7px; min-width: 20px; text-align: center;
+}
+.people .away, .convs .gone { opacity: .55; }
+.people .note { font-size: .8rem; color: var(--dim); }
+.main { grid-area: main; display: flex; flex-direction: column; min-height: 0; min-width: 0; }
+.banner { margin: 0; padding: 8px 12px; background: var(--error); color: #fff; font-weight: 600; }
+.log { flex: 1; overflow-y: auto; padding: 8px 0; overscroll-behavior: contain; }
+.pane { display: flex; flex-direction: column; }
+.msg { padding: 2px 16px; overflow-wrap: anywhere; }
+.msg:hover { background: rgba(127, 127, 127, .08); }
+.msg .head { display: flex; gap: 8px; align-items: baseline; margin-top: 8px; }
+.msg .nick { font-weight: 700; }
+.msg .time { font-size: .75rem; color: var(--dim); }
+.msg .text { white-space: pre-wrap; }
+.msg.action .text { font-style: italic; }
+.msg.mention { background: var(--mention); box-shadow: inset 3px 0 var(--mention-bar); }
+.msg.system { color: var(--dim); font-size: .9rem; }
+.msg.system .time { margin-right: 8px; }
+.msg.error { color: var(--error); margin: 0; }
+.marker {
+  display: flex; align-items: center; gap: 8px; color: var(--marker); font-size: .75rem;
+  font-weight: 700; text-transform: uppercase; margin: 6px 16px;
+}
+.marker::before, .marker::after { content: ""; flex: 1; border-top: 1px solid var(--marker); }
+.help { display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; margin: 4px 0; }
+.help code { color: var(--text); }
+.typing { margin: 0; padding: 0 16px; min-height: 1.4em; font-size: .85rem; color: var(--dim); font-style: italic; }
+.pending { list-style: none; margin: 0; padding: 0 16px; color: var(--dim); font-size: .9rem; }
+.pending li::after { content: " \2014 not delivered yet"; font-style: italic; }
+.n0 { color: #f47b67; } .n1 { color: #57f287; } .n2 { color: #fee75c; } .n3 { color: #5dadec; }
+.n4 { color: #eb459e; } .n5 { color: #3ddbd9; } .n6 { color: #ff9f43; } .n7 { color: #a78bfa; }
+.n8 { color: #7ee787; } .n9 { color: #f9a8d4; } .n10 { color: #93c5fd; } .n11 { color: #fbbf24; }
+@media (prefers-color-scheme: light) {
+  .n0 { color: #c0392b; } .n1 { color: #1e8449; } .n2 { color: #9a7d0a; } .n3 { color: #1f618d; }
+  .n4 { color: #a0307a; } .n5 { color: #117a78; } .n6 { color: #b9560b; } .n7 { color: #6c3fc5; }
+  .n8 { color: #2d7d32; } .n9 { color: #b4306d; } .n10 { color: #2856a3; } .n11 { color: #8a6100; }
+}
+
+/* --- files */
+.file {
+  margin: 6px 16px; padding: 10px 12px; background: var(--side); border-radius: 8px;
+  max-width: 480px; border: 1px solid var(--line);
+}
+.file .fname { font-weight: 600; overflow-wrap: anywhere; }
+.file .fstate { font-size: .85rem; color: var(--dim); margin: 2px 0 6px; }
+.file progress { width: 100%; height: 8px; accent-color: var(--ok); }
+.file .actions { display: flex; flex-wrap: wrap; gap: 8px; margin-top: 6px; }
+.file .actions a { display: inline-flex; align-items: center; min-height: 44px; padding: 0 14px;
+  border-radius: 8px; background: var(--ok); color: #fff; text-decoration: none; font-weight: 600; }
+.file img { display: block; max-width: 100%; max-height: 240px; margin-top: 8px; border-radius: 6px; }
+.file.ok .fstate { color: var(--ok); }
+.file.bad .fstate { color: var(--error); }
+
+/* --- composer and emoji picker */
+.composer {
+  grid-area: composer; position: relative; display: flex; align-items: flex-end; gap: 4px;
+  padding: 8px; padding-bottom: max(8px, env(safe-area-inset-bottom)); background: var(--bg);
+  border-top: 1px solid var(--line);
+}
+.composer textarea {
+  flex: 1; min-width: 0; min-height: 44px; max-height: 40vh; resize: none; padding: 10px 12px;
+  border: 0; border-radius: 8px; background: var(--input); line-height: 1.4;
+}
+.send { padding: 0 12px; }
+.emoji-panel {
+  position: absolute; bottom: 100%; right: 8px; width: min(360px, calc(100vw - 16px));
+  background: var(--side); border: 1px solid var(--line); border-radius: 10px; padding: 8px;
+  box-shadow: 0 8px 24px rgba(0, 0, 0, .35); z-index: 20;
+}
+.emoji-panel input { width: 100%; min-height: 40px; padding: 6px 10px; border-radius: 6px;
+  border: 1px solid var(--line); background: var(--input); }
+.emoji-tabs { display: flex; overflow-x: auto; gap: 2px; margin: 6px 0; }
+.emoji-tabs button { min-width: 40px; min-height: 40px; padding: 0; background: transparent; font-size: 1.2rem; }
+.emoji-tabs button[aria-selected="true"] { background: var(--input); }
+.emoji-grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(44px, 1fr)); max-height: 220px; overflow-y: auto; }
+.emoji-grid button { background: transparent; font-size: 1.5rem; padding: 0; }
+.emoji-grid button:hover, .emoji-grid button:focus-visible { background: var(--input); }
+.emoji-grid p { grid-column: 1 / -1; color: var(--dim); margin: 8px; }
+.drop {
+  position: fixed; inset: 0; background: rgba(88, 101, 242, .35); display: grid; place-items: center;
+  z-index: 50; pointer-events: none; font-size: 1.4rem; font-weight: 700; color: #fff;
+}
+.backdrop { display: none; }
+
+/* --- phones: the sidebar becomes a drawer */
+@media (max-width: 720px) {
+  .chat { grid-template: "top" auto "main" 1fr "composer" auto / 1fr; }
+  #menu { display: inline-block; }
+  .status { display: none; }
+  .status.down { display: block; }
+  .drawer {
+    position: fixed; top: 0; bottom: 0; left: 0; width: min(300px, 85vw); z-index: 30;
+    transform: translateX(-105%); transition: transform .2s ease; padding-top: max(8px, env(safe-area-inset-top));
+  }
+  body.drawer-open .drawer { transform: none; box-shadow: 0 0 24px rgba(0, 0, 0, .5); }
+  body.drawer-open .backdrop { display: block; position: fixed; inset: 0; background: rgba(0, 0, 0, .45); z-index: 25; }
+  .msg { padding: 2px 10px; }
+  .help { grid-template-columns: 1fr; gap: 0; }
+  .help span { margin-bottom: 6px; padding-left: 12px; }
+}
+@media (prefers-reduced-motion: reduce) { .drawer { transition: none; } }
 """
-WEB_JS = """"use strict";
-// Placeholder: proves the page, the script and the WebSocket work.
-const socket = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") +
-                             location.host + "/ws");
-socket.addEventListener("open", () => {
-  document.getElementById("status").textContent = "Connected.";
-});
-socket.addEventListener("close", (event) => {
-  document.getElementById("status").textContent = "Closed (" + event.code + ").";
-});
+WEB_JS = r"""// PyChat in the browser: one more JSON session over a WebSocket (protocol v1,
+// one event per text frame).  Text reaches the page only through textContent
+// and createTextNode (never as markup); no inline handler, nothing evaluated.
+(function () {
+  "use strict";
+
+  // The server fills this in from pychat.py's COMMANDS table (the "web" UI):
+  // {"commands": [{"name", "aliases", "args", "help"}...], "footer": [[keys, help]...]}.
+  const TABLE = /*COMMANDS*/null || { commands: [], footer: [] };
+
+  const VERSION = "web/1";
+  const LOBBY = "#lobby";
+  const TYPING_EVERY = 3000;       // say "typing" at most this often (ms)
+  const TYPING_SHOWN_FOR = 6000;   // a "typing" notice stays this long without news
+  const BACKOFF_START = 500;       // first reconnect delay, doubled up to BACKOFF_MAX
+  const BACKOFF_MAX = 30000;
+  const KEEPALIVE = 25000;         // ping a silent server after this long...
+  const DEAD_AFTER = 60000;        // ...and reconnect when it stays silent
+  const PROBE_WAIT = 5000;         // back from the background: a silent link this long is dead
+  const SHOW_PENDING_AFTER = 700;  // an unconfirmed message is listed after this long
+  const FILE_CHUNK = 32 * 1024;    // bytes per file_chunk, as the server expects
+  const FILE_WINDOW = 16;          // chunks in flight per receiver
+  const MAX_LINES = 2000;          // a conversation forgets its oldest lines past this
+  const GROUP_WITHIN = 300;        // seconds: one sender's messages in a row share a nick
+  const MAX_SEEN = 20000;          // message ids remembered to drop duplicates
+  const URL_RE = /\b(?:https?:\/\/|www\.)[^\s<>"']+[^\s<>"'.,;:!?)\]}]/gi;
+  const EMOJI = [["Smileys", "😀 grinning face|😃 smiling face with open mouth|😄 smiling face with open mouth and smiling eyes|😁 grinning face with smiling eyes|😆 smiling face with open mouth and tightly-closed eyes|😅 smiling face with open mouth and cold sweat|🤣 rolling on the floor laughing rofl lol|😂 face with tears of joy lol|🙂 slightly smiling face|🙃 upside-down face|😉 winking face|😊 smiling face with smiling eyes smile happy|😇 smiling face with halo|🥰 smiling face with smiling eyes and three hearts|😍 smiling face with heart-shaped eyes|🤩 grinning face with star eyes|😘 face throwing a kiss|😗 kissing face|😚 kissing face with closed eyes|😋 face savouring delicious food|😛 face with stuck-out tongue|😜 face with stuck-out tongue and winking eye|🤪 grinning face with one large and one small eye|😝 face with stuck-out tongue and tightly-closed eyes|🤑 money-mouth face|🤗 hugging face|🤭 smiling face with smiling eyes and hand covering mouth|🤫 face with finger covering closed lips|🤔 thinking face think hmm|🤐 zipper-mouth face|🤨 face with one eyebrow raised|😐 neutral face|😑 expressionless face|😶 face without mouth|😏 smirking face|😒 unamused face|🙄 face with rolling eyes|😬 grimacing face|😌 relieved face|😔 pensive face|😪 sleepy face|🤤 drooling face|😴 sleeping face|😷 face with medical mask|🤒 face with thermometer|🤕 face with head-bandage|🤢 nauseated face|🤮 face with open mouth vomiting|🤧 sneezing face|🥵 overheated face|🥶 freezing face|🥴 face with uneven eyes and wavy mouth|😵 dizzy face|🤯 shocked face with exploding head|🤠 face with cowboy hat|🥳 face with party horn and party hat party birthday|😎 smiling face with sunglasses cool sunglasses|🤓 nerd face|🧐 face with monocle|😕 confused face|😟 worried face|🙁 slightly frowning face|😮 face with open mouth|😯 hushed face|😲 astonished face|😳 flushed face|🥺 face with pleading eyes|😦 frowning face with open mouth|😧 anguished face|😨 fearful face|😰 face with open mouth and cold sweat|😥 disappointed but relieved face|😢 crying face sad cry|😭 loudly crying face sad cry|😱 face screaming in fear|😖 confounded face|😣 persevering face|😞 disappointed face|😓 face with cold sweat|😩 weary face|😫 tired face|🥱 yawning face|😤 face with look of triumph|😡 pouting face|😠 angry face|🤬 serious face with symbols covering mouth|😈 smiling face with horns|💀 skull|💩 pile of poo|🤡 clown face|👻 ghost|👽 extraterrestrial alien|🤖 robot face|😺 smiling cat face with open mouth|😸 grinning cat face with smiling eyes|😹 cat face with tears of joy|😻 smiling cat face with heart-shaped eyes|🙈 see-no-evil monkey oops|🙉 hear-no-evil monkey|🙊 speak-no-evil monkey"], ["People", "👋 waving hand sign hello hi bye wave|🤚 raised back of hand|✋ raised hand|🖖 raised hand with part between middle and ring fingers|👌 ok hand sign|🤏 pinching hand|✌️ victory hand|🤞 hand with index and middle fingers crossed|🤟 i love you hand sign|🤘 sign of the horns|🤙 call me hand|👈 white left pointing backhand index|👉 white right pointing backhand index|👆 white up pointing backhand index|👇 white down pointing backhand index|☝️ white up pointing index|👍 thumbs up sign thumbs up yes ok|👎 thumbs down sign thumbs down no|✊ raised fist|👊 fisted hand sign|👏 clapping hands sign|🙌 person raising both hands in celebration|👐 open hands sign|🤲 palms up together|🤝 handshake|🙏 person with folded hands please thanks|✍️ writing hand|💪 flexed biceps|🧠 brain|👀 eyes|👁️ eye|👶 baby|🧒 child|👦 boy|👧 girl|🧑 adult|👨 man|👩 woman|🧓 older adult|👴 older man|👵 older woman|🙋 happy person raising one hand|🤷 shrug|🤦 face palm|🙇 person bowing deeply|💃 dancer|🕺 man dancing|🏃 runner|🚶 pedestrian"], ["Hearts", "❤️ heavy black heart heart love|🧡 orange heart|💛 yellow heart|💚 green heart|💙 blue heart|💜 purple heart|🤎 brown heart|🖤 black heart|🤍 white heart|💔 broken heart|💕 two hearts|💞 revolving hearts|💓 beating heart|💗 growing heart|💖 sparkling heart|💘 heart with arrow|💝 heart with ribbon|💯 hundred points symbol hundred|💢 anger symbol|💥 collision symbol|💫 dizzy symbol|💦 splashing sweat symbol|💨 dash symbol|💬 speech balloon|💭 thought balloon|💤 sleeping symbol"], ["Nature", "🐶 dog face|🐱 cat face|🐭 mouse face|🐹 hamster face|🐰 rabbit face|🦊 fox face|🐻 bear face|🐼 panda face|🐨 koala|🐯 tiger face|🦁 lion face|🐮 cow face|🐷 pig face|🐸 frog face|🐵 monkey face|🐔 chicken|🐧 penguin|🐦 bird|🦆 duck|🦉 owl|🐺 wolf face|🐴 horse face|🦄 unicorn face|🐝 honeybee|🐛 bug bug|🦋 butterfly|🐌 snail|🐞 lady beetle|🐢 turtle|🐍 snake|🐙 octopus|🦀 crab|🐟 fish|🐬 dolphin|🐳 spouting whale|🌵 cactus|🎄 christmas tree|🌲 evergreen tree|🌳 deciduous tree|🌴 palm tree|🌱 seedling|🌿 herb|🍀 four leaf clover|🍁 maple leaf|🍂 fallen leaf|🌷 tulip|🌹 rose|🌻 sunflower|🌼 blossom|🌸 cherry blossom|🌞 sun with face|🌝 full moon with face|🌛 first quarter moon with face|⭐ white medium star|🌟 glowing star|✨ sparkles|⚡ high voltage sign|🔥 fire fire lit|🌈 rainbow|☀️ black sun with rays|⛅ sun behind cloud|☁️ cloud|🌧️ cloud with rain|⛄ snowman without snow|❄️ snowflake|🌊 water wave"], ["Food", "🍏 green apple|🍎 red apple|🍐 pear|🍊 tangerine|🍋 lemon|🍌 banana|🍉 watermelon|🍇 grapes|🍓 strawberry|🍒 cherries|🍑 peach|🥭 mango|🍍 pineapple|🥥 coconut|🥝 kiwifruit|🍅 tomato|🥑 avocado|🥦 broccoli|🌽 ear of maize|🥕 carrot|🥔 potato|🥐 croissant|🍞 bread|🧀 cheese wedge|🥚 egg|🍳 cooking|🥓 bacon|🍔 hamburger|🍟 french fries|🍕 slice of pizza|🌭 hot dog|🥪 sandwich|🌮 taco|🌯 burrito|🍝 spaghetti|🍜 steaming bowl|🍣 sushi|🍱 bento box|🍩 doughnut|🍪 cookie|🎂 birthday cake|🍰 shortcake|🧁 cupcake|🍫 chocolate bar|🍬 candy|🍿 popcorn|☕ hot beverage coffee|🍵 teacup without handle|🍺 beer mug beer|🍻 clinking beer mugs|🥂 clinking glasses|🍷 wine glass|🥃 tumbler glass|🍸 cocktail glass|🍹 tropical drink"], ["Activities", "⚽ soccer ball|🏀 basketball and hoop|🏈 american football|⚾ baseball|🎾 tennis racquet and ball|🏐 volleyball|🎱 billiards|🏓 table tennis paddle and ball|🏸 badminton racquet and shuttlecock|🥅 goal net|⛳ flag in hole|🎣 fishing pole and fish|🎿 ski and ski boot|🏆 trophy|🥇 first place medal|🥈 second place medal|🥉 third place medal|🎮 video game|🕹️ joystick|🎲 game die|🧩 jigsaw puzzle piece|♟️ black chess pawn|🎯 direct hit|🎳 bowling|🎸 guitar|🎹 musical keyboard|🎺 trumpet|🎻 violin|🥁 drum with drumsticks|🎤 microphone|🎧 headphone|🎬 clapper board|🎨 artist palette|🎭 performing arts|🎉 party popper party tada congrats|🎊 confetti ball|🎈 balloon|🎁 wrapped present|🎀 ribbon"], ["Travel", "🚗 automobile|🚕 taxi|🚌 bus|🚎 trolleybus|🏎️ racing car|🚓 police car|🚑 ambulance|🚒 fire engine|🚚 delivery truck|🚜 tractor|🚲 bicycle|🛴 scooter|🏍️ racing motorcycle|🚨 police cars revolving light|🚆 train|🚇 metro|✈️ airplane|🚀 rocket ship launch rocket|🛸 flying saucer|🚁 helicopter|⛵ sailboat|🚢 ship|⚓ anchor|🗺️ world map|🏠 house building|🏡 house with garden|🏢 office building|🏫 school|🏥 hospital|🏰 european castle|🗼 tokyo tower|🗽 statue of liberty|⛺ tent|🌍 earth globe europe-africa|🌋 volcano|🏖️ beach with umbrella|🏝️ desert island"], ["Objects", "⌚ watch|📱 mobile phone|💻 personal computer laptop computer|⌨️ keyboard|🖥️ desktop computer|🖨️ printer|🖱️ three button mouse|💾 floppy disk|💿 optical disc|📷 camera|📹 video camera|🎥 movie camera|📞 telephone receiver|☎️ black telephone|📺 television|📻 radio|⏰ alarm clock|⌛ hourglass|⏳ hourglass with flowing sand|🔋 battery|🔌 electric plug|💡 electric light bulb|🔦 electric torch|🕯️ candle|💸 money with wings|💵 banknote with dollar sign|💰 money bag|💳 credit card|💎 gem stone|🔧 wrench|🔨 hammer|🛠️ hammer and wrench|🔩 nut and bolt|⚙️ gear|🧰 toolbox|🔑 key|🔒 lock|🔓 open lock|🔔 bell|🔕 bell with cancellation stroke|📣 cheering megaphone|📢 public address loudspeaker|📦 package|📫 closed mailbox with raised flag|✉️ envelope|📧 e-mail symbol|📝 memo|📁 file folder|📂 open file folder|📅 calendar|📆 tear-off calendar|📌 pushpin|📍 round pushpin|📎 paperclip|✂️ black scissors|📏 straight ruler|📐 triangular ruler|📊 bar chart|📈 chart with upwards trend|📉 chart with downwards trend|🗑️ wastebasket|📚 books|📖 open book|🔖 bookmark|🔗 link symbol|🧪 test tube|🔬 microscope|🔭 telescope|💊 pill|🩹 adhesive bandage"], ["Symbols", "✅ white heavy check mark done ok check|☑️ ballot box with check|✔️ heavy check mark|❌ cross mark no wrong|❎ negative squared cross mark|➕ heavy plus sign|➖ heavy minus sign|➗ heavy division sign|✖️ heavy multiplication x|❓ black question mark ornament|❔ white question mark ornament|❗ heavy exclamation mark symbol|❕ white exclamation mark ornament|‼️ double exclamation mark|⁉️ exclamation question mark|⚠️ warning sign|🚫 no entry sign|⛔ no entry|🔞 no one under eighteen symbol|♻️ black universal recycling symbol|🔴 large red circle|🟠 large orange circle|🟡 large yellow circle|🟢 large green circle|🔵 large blue circle|🟣 large purple circle|⚫ medium black circle|⚪ medium white circle|🔺 up-pointing red triangle|🔻 down-pointing red triangle|▶️ black right-pointing triangle|⏸️ double vertical bar|⏹️ black square for stop|⏺️ black circle for record|⏭️ black right-pointing double triangle with vertical bar|⏮️ black left-pointing double triangle with vertical bar|🔁 clockwise rightwards and leftwards open circle arrows|🔀 twisted rightwards arrows|⬆️ upwards black arrow|⬇️ downwards black arrow|⬅️ leftwards black arrow|➡️ black rightwards arrow|↩️ leftwards arrow with hook|↪️ rightwards arrow with hook|🆗 squared ok|🆕 squared new|🆒 squared cool|🆓 squared free|🆘 squared sos|ℹ️ information source|💲 heavy dollar sign|©️ copyright sign|®️ registered sign|™️ trade mark sign|🎵 musical note|🎶 multiple musical notes|➰ curly loop|🔝 top with upwards arrow above|🔜 soon with rightwards arrow above|🏁 chequered flag|🚩 triangular flag on post"]];
+
+  // --- small helpers
+  const $ = (id) => document.getElementById(id);
+  const store = {
+    get(key, fallback) {
+      try { const v = localStorage.getItem("pychat." + key); return v === null ? fallback : JSON.parse(v); }
+      catch { return fallback; }
+    },
+    set(key, value) {
+      try { localStorage.setItem("pychat." + key, JSON.stringify(value)); } catch { /* private mode */ }
+    },
+  };
+  function el(tag, cls, text) {
+    const node = document.createElement(tag);
+    if (cls) node.className = cls;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+  function key(name) { return String(name).normalize("NFKC").toLowerCase(); }
+  function clock(ts) {
+    const d = typeof ts === "number" ? new Date(ts * 1000) : new Date();
+    return String(d.getHours()).padStart(2, "0") + ":" + String(d.getMinutes()).padStart(2, "0");
+  }
+  function nickClass(nick) {
+    let h = 0;
+    for (const ch of key(nick)) h = (h * 31 + ch.codePointAt(0)) >>> 0;
+    return "n" + (h % 12);
+  }
+  function formatSize(n) {
+    const units = ["bytes", "KiB", "MiB", "GiB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+    return i === 0 ? n + " bytes" : n.toFixed(n < 10 ? 1 : 0) + " " + units[i];
+  }
+  function escapeRe(text) { return text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"); }
+
+  // --- SHA-256: Web Crypto where the page is a secure context (https,
+  // localhost); on plain http from the LAN (crypto.subtle is missing there)
+  // this small implementation of FIPS 180-4 does the same.
+  const K256 = new Uint32Array([
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2]);
+  class Sha256 {
+    constructor() {
+      this.h = new Uint32Array([0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+        0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19]);
+      this.buf = new Uint8Array(64); this.used = 0; this.length = 0; this.w = new Uint32Array(64);
+    }
+    update(bytes) {
+      let i = 0;
+      this.length += bytes.length;
+      if (this.used) {
+        const take = Math.min(64 - this.used, bytes.length);
+        this.buf.set(bytes.subarray(0, take), this.used); this.used += take; i = take;
+        if (this.used < 64) return this;
+        this.block(this.buf, 0); this.used = 0;
+      }
+      for (; i + 64 <= bytes.length; i += 64) this.block(bytes, i);
+      if (i < bytes.length) { this.buf.set(bytes.subarray(i)); this.used = bytes.length - i; }
+      return this;
+    }
+    block(b, o) {
+      const w = this.w, h = this.h;
+      for (let t = 0; t < 16; t++) w[t] = (b[o + 4 * t] << 24) | (b[o + 4 * t + 1] << 16) | (b[o + 4 * t + 2] << 8) | b[o + 4 * t + 3];
+      for (let t = 16; t < 64; t++) {
+        const x = w[t - 15], y = w[t - 2];
+        const s0 = ((x >>> 7) | (x << 25)) ^ ((x >>> 18) | (x << 14)) ^ (x >>> 3);
+        const s1 = ((y >>> 17) | (y << 15)) ^ ((y >>> 19) | (y << 13)) ^ (y >>> 10);
+        w[t] = (w[t - 16] + s0 + w[t - 7] + s1) | 0;
+      }
+      let a = h[0], b2 = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], k = h[7];
+      for (let t = 0; t < 64; t++) {
+        const S1 = ((e >>> 6) | (e << 26)) ^ ((e >>> 11) | (e << 21)) ^ ((e >>> 25) | (e << 7));
+        const t1 = (k + S1 + ((e & f) ^ (~e & g)) + K256[t] + w[t]) | 0;
+        const S0 = ((a >>> 2) | (a << 30)) ^ ((a >>> 13) | (a << 19)) ^ ((a >>> 22) | (a << 10));
+        const t2 = (S0 + ((a & b2) ^ (a & c) ^ (b2 & c))) | 0;
+        k = g; g = f; f = e; e = (d + t1) | 0; d = c; c = b2; b2 = a; a = (t1 + t2) | 0;
+      }
+      h[0] += a; h[1] += b2; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += k;
+    }
+    hex() {
+      const bits = this.length * 8;
+      const pad = new Uint8Array(((this.used < 56) ? 56 : 120) - this.used + 8);
+      pad[0] = 0x80;
+      const view = new DataView(pad.buffer);
+      view.setUint32(pad.length - 8, Math.floor(bits / 0x100000000));
+      view.setUint32(pad.length - 4, bits >>> 0);
+      this.update(pad);
+      return Array.from(this.h, (x) => x.toString(16).padStart(8, "0")).join("");
+    }
+  }
+  window.PyChatSha256 = Sha256;  // for the test suite: checked against Web Crypto
+  function hexOf(buffer) {
+    return Array.from(new Uint8Array(buffer), (x) => x.toString(16).padStart(2, "0")).join("");
+  }
+  async function sha256Hex(blob) {
+    if (window.crypto && crypto.subtle && window.isSecureContext) {
+      return hexOf(await crypto.subtle.digest("SHA-256", await blob.arrayBuffer()));
+    }
+    const h = new Sha256();
+    for (let at = 0; at < blob.size; at += 1 << 20) {
+      h.update(new Uint8Array(await blob.slice(at, at + (1 << 20)).arrayBuffer()));
+    }
+    return h.hex();
+  }
+  function toBase64(bytes) {
+    let s = "";
+    for (let i = 0; i < bytes.length; i += 0x2000) s += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x2000));
+    return btoa(s);
+  }
+  function fromBase64(text) {
+    const s = atob(text);
+    const out = new Uint8Array(s.length);
+    for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
+    return out;
+  }
+  function randomId() {
+    const b = new Uint8Array(6);
+    crypto.getRandomValues(b);  // works on plain http too (randomUUID does not)
+    return Array.from(b, (x) => x.toString(36)).join("").slice(0, 8);
+  }
+
+  // --- the state of the session
+  const S = {
+    ws: null, nick: store.get("nick", ""), password: null, token: null, instance: null,
+    registered: false, everRegistered: false, fatal: false, wanted: false,
+    lastIds: new Map(),     // room key -> newest message id seen there
+    seen: new Set(),        // message ids shown (a resend's echo must not show twice)
+    backoff: BACKOFF_START, retry: null, lastRx: 0, pinged: false, probe: 0, ghostTries: 0,
+    limits: {}, away: null, cidPrefix: "w" + randomId(), cidCount: 0,
+    outbox: new Map(),      // cid -> request, until the server echoes it
+    queue: [], tokens: 0, tokenTime: 0, pump: null,
+    convs: new Map(), current: null, switchTo: null,
+    transfers: new Map(), offersOut: new Map(),
+    lastTyping: 0, sound: store.get("sound", true), ignored: new Set(store.get("ignored", [])),
+  };
+
+  // --- conversations: each room and private partner has a pane
+  function roomKey(name) { return "r:" + key(name); }
+  function pmKey(nick) { return "p:" + key(nick); }
+  function conv(kind, name) {
+    const k = kind === "room" ? roomKey(name) : pmKey(name);
+    let c = S.convs.get(k);
+    if (!c) {
+      c = { key: k, kind, name, unread: 0, mention: false, users: new Map(), ops: new Set(), topic: "",
+            marker: null, lastFrom: null, lastTs: 0, gone: false, typing: new Map(), pane: el("div", "pane") };
+      c.pane.hidden = true;  // (new messages are read out by the one live region, #live)
+      $("log").appendChild(c.pane);
+      S.convs.set(k, c);
+      renderConvs();
+    }
+    return c;
+  }
+  function current() { return S.convs.get(S.current) || null; }
+  function roomOf(name) { return S.convs.get(roomKey(name)) || null; }
+  function visible(c) { return c && c.key === S.current && !document.hidden; }
+
+  function show(k) {
+    const before = current();
+    if (before && before.key !== k && before.marker) { before.marker.remove(); before.marker = null; }
+    S.current = k;
+    for (const c of S.convs.values()) c.pane.hidden = c.key !== k;
+    const c = current();
+    if (c) { c.unread = 0; c.mention = false; }
+    renderHeader(); renderConvs(); renderPeople(); renderTyping(); renderPending(); updateTitle();
+    scrollDown(true);
+    document.body.classList.remove("drawer-open");
+    $("menu").setAttribute("aria-expanded", "false");
+  }
+  function closeConv(c) {
+    c.pane.remove();
+    S.convs.delete(c.key);
+    if (S.current === c.key) {
+      const lobby = roomOf(LOBBY) || S.convs.values().next().value;
+      S.current = null;
+      if (lobby) show(lobby.key);
+    }
+    renderConvs();
+  }
+
+  function renderHeader() {
+    const c = current();
+    $("conv-title").textContent = c ? (c.kind === "room" ? c.name : "@ " + c.name) : "PyChat";
+    $("conv-topic").textContent = c && c.kind === "room" ? c.topic : (c && c.gone ? c.name + " has left the chat" : "");
+    $("input").placeholder = c ? "Message " + (c.kind === "room" ? c.name : c.name) : "Message";
+  }
+  function renderConvs() {
+    const list = $("convs");
+    list.textContent = "";
+    const items = Array.from(S.convs.values()).sort((a, b) =>
+      (a.kind === b.kind ? 0 : a.kind === "room" ? -1 : 1) || key(a.name).localeCompare(key(b.name)));
+    for (const c of items) {
+      const li = el("li");
+      const b = el("button", c.gone ? "gone" : "");
+      b.type = "button";
+      b.dataset.conv = c.key;
+      if (c.key === S.current) b.setAttribute("aria-current", "true");
+      const label = el("span", "name" + (c.unread ? " unread" : ""), (c.kind === "room" ? "" : "@ ") + c.name + (c.gone ? " (left)" : ""));
+      b.appendChild(label);
+      if (c.unread) {
+        const badge = el("span", "badge", c.unread);
+        badge.setAttribute("aria-label", c.unread + " unread");
+        b.appendChild(badge);
+      }
+      li.appendChild(b);
+      list.appendChild(li);
+    }
+  }
+  function renderPeople() {
+    const c = current();
+    const list = $("people");
+    list.textContent = "";
+    if (!c) return;
+    if (c.kind !== "room") {
+      $("people-title").textContent = "Private";
+      list.appendChild(el("li", "note", "A private conversation with " + c.name + "."));
+      return;
+    }
+    const people = Array.from(c.users.values()).sort((a, b) => key(a.nick).localeCompare(key(b.nick)));
+    $("people-title").textContent = people.length + " in " + c.name;
+    for (const p of people) {
+      const li = el("li");
+      const b = el("button", p.away !== null ? "away" : "");
+      b.type = "button";
+      b.dataset.nick = p.nick;
+      const me = key(p.nick) === key(S.nick);
+      let label = (c.ops.has(key(p.nick)) ? "@" : "") + p.nick + (me ? " (you)" : "") + (p.away !== null ? " (away)" : "");
+      b.appendChild(el("span", "name " + nickClass(p.nick), label));
+      b.title = me ? "You" : (p.away ? "Away: " + p.away : "Talk privately with " + p.nick);
+      li.appendChild(b);
+      list.appendChild(li);
+    }
+  }
+  function renderTyping() {
+    const c = current();
+    const now = Date.now();
+    const names = c ? Array.from(c.typing.entries()).filter(([, until]) => until > now).map(([n]) => n) : [];
+    $("typing").textContent = names.length === 0 ? "" : names.length === 1 ? names[0] + " is typing..."
+      : names.length <= 3 ? names.join(", ") + " are typing..." : "Several people are typing...";
+  }
+  function renderPending() {
+    const list = $("pending");
+    list.textContent = "";
+    const c = current();
+    const now = Date.now();
+    for (const req of S.outbox.values()) {
+      const here = req.type === "pm" ? pmKey(req.to) : roomKey(req.room);
+      if (!c || here !== c.key || (S.registered && now - req.at < SHOW_PENDING_AFTER)) continue;
+      list.appendChild(el("li", "", (req.action ? "* " + S.nick + " " : "") + req.text));
+    }
+  }
+  function updateTitle() {
+    let n = 0;
+    for (const c of S.convs.values()) n += c.unread;
+    const c = current();
+    $("menu").classList.toggle("unread", n > 0);
+    document.title = (n ? "(" + n + ") " : "") + "PyChat" + (c ? " \u2014 " + c.name : "");
+  }
+  function setStatus(text, down) {
+    $("status").textContent = text;
+    $("status").classList.toggle("down", !!down);
+    $("banner").hidden = !down;
+    $("banner").textContent = down ? text : "";
+  }
+
+  // --- drawing lines
+  function nearBottom() { const log = $("log"); return log.scrollHeight - log.scrollTop - log.clientHeight < 80; }
+  function scrollDown(force) { const log = $("log"); if (force || nearBottom()) log.scrollTop = log.scrollHeight; }
+  function addLine(c, node) {
+    const stick = c.key === S.current && nearBottom();
+    c.pane.appendChild(node);
+    while (c.pane.childElementCount > MAX_LINES) c.pane.firstElementChild.remove();
+    if (stick) scrollDown(true);
+  }
+  function system(c, text, cls) {
+    if (!c) c = current();
+    if (!c) return;
+    const line = el("div", "msg system" + (cls ? " " + cls : ""));
+    line.appendChild(el("span", "time", clock()));
+    line.appendChild(el("span", "", text));
+    c.lastFrom = null;
+    addLine(c, line);
+  }
+  function richText(parent, text) {
+    // Links become <a> (http(s) only); everything else is plain text nodes.
+    let at = 0;
+    for (const m of text.matchAll(URL_RE)) {
+      if (m.index > at) parent.appendChild(document.createTextNode(text.slice(at, m.index)));
+      const a = el("a", "", m[0]);
+      a.href = /^www\./i.test(m[0]) ? "https://" + m[0] : m[0];
+      a.target = "_blank";
+      a.rel = "noopener noreferrer";
+      parent.appendChild(a);
+      at = m.index + m[0].length;
+    }
+    if (at < text.length) parent.appendChild(document.createTextNode(text.slice(at)));
+  }
+  function mentions(text) {
+    if (!S.nick) return false;
+    return new RegExp("(^|[^\\p{L}\\p{N}_])" + escapeRe(S.nick) + "($|[^\\p{L}\\p{N}_])", "iu").test(text);
+  }
+  function drawMessage(c, m, live) {
+    const from = String(m.from || "");
+    const text = String(m.text || "");
+    const ts = typeof m.ts === "number" ? m.ts : Date.now() / 1000;
+    const mine = key(from) === key(S.nick);
+    const mention = !mine && mentions(text);
+    if (live && !visible(c) && !c.marker && !mine) {
+      c.marker = el("div", "marker", "new messages");
+      c.marker.setAttribute("role", "separator");
+      addLine(c, c.marker);
+      c.lastFrom = null;
+    }
+    const line = el("div", "msg" + (m.action ? " action" : "") + (mention ? " mention" : ""));
+    if (m.id !== undefined) line.dataset.id = m.id;
+    const grouped = !m.action && c.lastFrom === key(from) && ts - c.lastTs < GROUP_WITHIN;
+    if (m.action) {
+      const body = el("div", "text");
+      body.appendChild(el("span", "time", clock(ts) + " "));
+      body.appendChild(el("span", "nick " + nickClass(from), "* " + from + " "));
+      richText(body, text);
+      line.appendChild(body);
+    } else {
+      if (!grouped) {
+        const head = el("div", "head");
+        head.appendChild(el("span", "nick " + nickClass(from), from));
+        head.appendChild(el("span", "time", clock(ts)));
+        line.appendChild(head);
+      }
+      const body = el("div", "text");
+      richText(body, text);
+      line.appendChild(body);
+    }
+    c.lastFrom = m.action ? null : key(from);
+    c.lastTs = ts;
+    c.typing.delete(from);
+    addLine(c, line);
+    if (!live || mine) return;
+    if (!visible(c)) {
+      c.unread += 1;
+      if (mention) c.mention = true;
+      renderConvs(); updateTitle();
+    }
+    if (c.key === S.current) $("live").textContent = (m.action ? from + " " : from + ": ") + text;
+    if (document.hidden || mention || c.kind === "pm" && c.key !== S.current) {
+      notify((c.kind === "room" ? from + " in " + c.name : from), text, c);
+    }
+  }
+  let lastDing = 0;
+  function notify(title, body, c) {
+    if (S.sound && Date.now() - lastDing > 1000) {
+      lastDing = Date.now();
+      const audio = new Audio("/ding.wav");
+      audio.play().catch(() => {});  // autoplay rules: a page never touched stays quiet
+    }
+    if (!document.hidden || !("Notification" in window) || Notification.permission !== "granted") return;
+    try {
+      const n = new Notification(title, { body: body.slice(0, 200), tag: c.key, icon: "/icon.png" });
+      n.onclick = () => { window.focus(); show(c.key); n.close(); };
+    } catch { /* Android Chrome wants a service worker for notifications: the ding stays */ }
+  }
+
+  // --- the connection: hello (with the resume token), backoff, keepalive
+  function wsUrl() { return (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws"; }
+  function connect() {
+    clearTimeout(S.retry); S.retry = null;
+    if (S.ws) { S.ws.onclose = null; S.ws.close(); }
+    S.registered = false;
+    setStatus(S.everRegistered ? "Reconnecting..." : "Connecting...", S.everRegistered);
+    let ws;
+    try { ws = new WebSocket(wsUrl()); } catch { dropped(); return; }
+    S.ws = ws;
+    ws.onopen = () => { S.lastRx = Date.now(); S.pinged = false; sendNow(hello()); };
+    ws.onmessage = (e) => {
+      S.lastRx = Date.now(); S.pinged = false;
+      let event;
+      try { event = JSON.parse(e.data); } catch { return; }
+      if (event && typeof event === "object" && typeof event.type === "string") receive(event);
+    };
+    ws.onclose = () => { if (S.ws === ws) dropped(); };
+  }
+  function hello() {
+    const h = { type: "hello", nick: S.nick, client: "pychat-" + VERSION };
+    if (S.password !== null) h.password = S.password;
+    if (S.token) h.token = S.token;
+    if (S.lastIds.size && S.instance) {
+      h.instance = S.instance;
+      h.after = {};
+      for (const c of S.convs.values()) {
+        if (c.kind === "room" && S.lastIds.has(c.key)) h.after[c.name] = S.lastIds.get(c.key);
+      }
+    }
+    return h;
+  }
+  // A link that stopped answering: do not wait for its closing handshake.
+  function abandon() {
+    const ws = S.ws;
+    S.probe = 0;
+    if (!ws) return;
+    ws.onclose = null;
+    ws.close();
+    dropped();
+  }
+  function dropped() {
+    const was = S.registered;
+    S.registered = false; S.ws = null;
+    failTransfers("the connection was lost");
+    renderPending();
+    if (S.fatal || !S.wanted) return;
+    if (!S.everRegistered) {
+      loginError("Cannot reach the chat server. Trying again...");
+    }
+    const wait = was ? BACKOFF_START : S.backoff;
+    S.backoff = was ? BACKOFF_START * 2 : Math.min(BACKOFF_MAX, S.backoff * 2);
+    setStatus("Disconnected. Reconnecting in " + (wait / 1000).toFixed(1) + " s...", S.everRegistered);
+    S.retry = setTimeout(connect, wait);
+  }
+  // Back from the background or back online: reconnect now, or (a socket a
+  // sleeping phone left open may be dead) ask the server for a sign of life.
+  function reconnectNow() {
+    if (!S.wanted || S.fatal) return;
+    if (!S.ws) { S.backoff = BACKOFF_START; connect(); return; }
+    if (S.ws.readyState === WebSocket.OPEN && Date.now() - S.lastRx > PROBE_WAIT) {
+      S.probe = Date.now();
+      sendNow({ type: "ping", data: "awake" });
+    }
+  }
+  setInterval(() => {
+    if (!S.ws || S.ws.readyState !== WebSocket.OPEN) return;
+    const silent = Date.now() - S.lastRx;
+    if (silent > DEAD_AFTER || (S.probe && S.lastRx < S.probe && Date.now() - S.probe > PROBE_WAIT)) {
+      abandon(); return;
+    }
+    if (silent > KEEPALIVE && !S.pinged) { S.pinged = true; sendNow({ type: "ping", data: "keepalive" }); }
+    renderTyping();
+  }, 2000);
+
+  function sendNow(obj) {
+    if (S.ws && S.ws.readyState === WebSocket.OPEN) { S.ws.send(JSON.stringify(obj)); return true; }
+    return false;
+  }
+  // Requests go out paced a little under the server's flood bucket, as the
+  // desktop client does; typing notices cost nothing here.
+  function enqueue(req) { S.queue.push(req); pump(); }
+  function pump() {
+    if (S.pump || !S.registered) return;
+    const burst = Math.max(1, Number(S.limits.flood_burst || 20) - 2);
+    const rate = Number(S.limits.flood_rate || 5) * 0.9;
+    while (S.queue.length && S.registered) {
+      const now = Date.now();
+      S.tokens = Math.min(burst, S.tokens + (now - S.tokenTime) / 1000 * rate);
+      S.tokenTime = now;
+      const req = S.queue[0];
+      if ((req.type === "msg" || req.type === "pm") && !S.outbox.has(req.cid)) { S.queue.shift(); continue; }
+      if (req.type !== "typing") {
+        if (S.tokens < 1) { S.pump = setTimeout(() => { S.pump = null; pump(); }, (1 - S.tokens) / rate * 1000 + 5); return; }
+        S.tokens -= 1;
+      }
+      S.queue.shift();
+      if (!sendNow(req)) return;
+    }
+  }
+  function say(text, action, c) {
+    const cid = S.cidPrefix + "-" + (++S.cidCount);
+    const req = c.kind === "room" ? { type: "msg", room: c.name, text, cid } : { type: "pm", to: c.name, text, cid };
+    if (action) req.action = true;
+    S.outbox.set(cid, req);
+    Object.defineProperty(req, "at", { value: Date.now(), enumerable: false });
+    enqueue(req);
+    renderPending();
+    setTimeout(renderPending, SHOW_PENDING_AFTER + 50);
+  }
+  function confirm(m) {
+    if (typeof m.cid === "string" && key(m.from || "") === key(S.nick) && S.outbox.delete(m.cid)) renderPending();
+  }
+
+  // --- events from the server: on[type](event)
+  function receive(event) {
+    const handler = Object.prototype.hasOwnProperty.call(on, event.type) ? on[event.type] : null;
+    if (handler) handler(event);
+  }
+  function seenBefore(m) {
+    if (typeof m.id !== "number") return false;
+    if (S.seen.has(m.id)) return true;
+    S.seen.add(m.id);
+    if (S.seen.size > MAX_SEEN) S.seen.delete(S.seen.values().next().value);
+    return false;
+  }
+  function noteId(room, id) {
+    if (typeof id !== "number") return;
+    const k = roomKey(room);
+    if (!S.lastIds.has(k) || S.lastIds.get(k) < id) S.lastIds.set(k, id);
+  }
+  function setUser(c, nick, away) { c.users.set(key(nick), { nick, away: away === undefined ? null : away }); }
+  function roomsWith(nick) { return Array.from(S.convs.values()).filter((c) => c.kind === "room" && c.users.has(key(nick))); }
+  const QUIT_REASONS = new Set(["quit", "disconnected", "timeout", "kicked", "banned", "backlog", "flood",
+                                "line_too_long", "error", "shutdown"]);
+
+  const on = {
+    welcome(e) {
+      S.registered = true; S.everRegistered = true; S.ghostTries = 0; S.backoff = BACKOFF_START;
+      S.nick = String(e.nick || S.nick); store.set("nick", S.nick);
+      S.limits = e.limits && typeof e.limits === "object" ? e.limits : {};
+      if (e.instance !== S.instance) { S.instance = e.instance; S.lastIds.clear(); S.seen.clear(); }
+      S.token = typeof e.token === "string" ? e.token : null;
+      const lobby = conv("room", String(e.room || LOBBY));
+      const kept = new Set((e.resumed ? (e.rooms || []) : [lobby.name]).map((r) => roomKey(r)));
+      const again = [];
+      for (const c of S.convs.values()) {
+        if (c.kind === "room" && !kept.has(c.key)) {
+          const req = { type: "join", room: c.name };
+          if (S.lastIds.has(c.key)) req.after = S.lastIds.get(c.key);
+          again.push(req);
+        }
+      }
+      if (S.away !== null && !e.resumed) again.push({ type: "away", message: S.away });
+      const rest = S.queue.filter((r) => r.type !== "msg" && r.type !== "pm" && !r.type.startsWith("file_") && r.type !== "typing");
+      S.queue = again.concat(Array.from(S.outbox.values()), rest);
+      S.tokens = Math.max(1, Number(S.limits.flood_burst || 20) - 2); S.tokenTime = Date.now();
+      $("login").hidden = true; $("chat").hidden = false;
+      setStatus("Connected as " + S.nick, false);
+      if (!S.current) show(lobby.key); else { renderHeader(); renderPeople(); }
+      if (e.motd && !S.shownMotd) { S.shownMotd = true; system(lobby, "Message of the day: " + e.motd); }
+      if (!S.welcomed) {
+        S.welcomed = true;
+        system(lobby, "You are " + S.nick + " in " + lobby.name + ". Type /help for commands.");
+      } else if (!e.resumed) {
+        system(current(), "Connected again.");
+      }
+      pump();
+      renderPending();
+    },
+    history(e) {
+      const c = conv("room", String(e.room || LOBBY));
+      const last = S.lastIds.has(c.key) ? S.lastIds.get(c.key) : -1;
+      for (const m of Array.isArray(e.messages) ? e.messages : []) {
+        if (!m || typeof m !== "object") continue;
+        confirm(m);
+        if (typeof m.id === "number" && m.id <= last) continue;
+        noteId(c.name, m.id);
+        if (seenBefore(m) || S.ignored.has(key(m.from || ""))) continue;
+        drawMessage(c, m, false);
+      }
+      if (S.switchTo === c.key) { S.switchTo = null; show(c.key); }
+    },
+    users(e) {
+      const c = roomOf(e.room || LOBBY);
+      if (!c || !Array.isArray(e.users)) return;
+      c.users.clear();
+      const away = e.away && typeof e.away === "object" ? e.away : {};
+      for (const n of e.users) setUser(c, String(n), Object.prototype.hasOwnProperty.call(away, n) ? String(away[n]) : null);
+      c.ops = new Set((Array.isArray(e.ops) ? e.ops : []).map(key));
+      if (c.key === S.current) renderPeople();
+      if (S.showUsers === c.key) { S.showUsers = null; listUsers(c); }
+    },
+    topic(e) {
+      const c = roomOf(e.room || LOBBY);
+      if (!c) return;
+      c.topic = String(e.topic || "");
+      if (e.by) system(c, e.by + (c.topic ? " set the topic: " + c.topic : " cleared the topic"));
+      else if (S.askedTopic === c.key) system(c, c.topic ? "Topic: " + c.topic : "No topic is set.");
+      S.askedTopic = null;
+      if (c.key === S.current) renderHeader();
+    },
+    join(e) {
+      const nick = String(e.nick || "");
+      const c = conv("room", String(e.room || LOBBY));
+      setUser(c, nick, e.away === undefined ? null : String(e.away || ""));
+      if (key(nick) !== key(S.nick)) system(c, nick + " joined " + c.name);
+      const partner = S.convs.get(pmKey(nick));
+      if (partner && partner.gone) { partner.gone = false; system(partner, nick + " is back."); renderConvs(); }
+      if (c.key === S.current) renderPeople();
+    },
+    leave(e) {
+      const nick = String(e.nick || "");
+      const c = roomOf(e.room || LOBBY);
+      const why = e.reason === "part" ? "left" : e.reason === "kick" ? "was put out by " + e.by : "left the chat (" + e.reason + ")";
+      const extra = e.message ? ": " + e.message : "";
+      if (key(nick) === key(S.nick)) {
+        if (c) { S.lastIds.delete(c.key); closeConv(c); }
+        system(current(), "You left " + (e.room || LOBBY) + (e.reason === "kick" ? " (put out by " + e.by + extra + ")" : ""));
+        return;
+      }
+      if (c) {
+        c.users.delete(key(nick)); c.ops.delete(key(nick));
+        system(c, nick + " " + why + extra);
+        if (c.key === S.current) renderPeople();
+      }
+      const partner = S.convs.get(pmKey(nick));
+      if (partner && QUIT_REASONS.has(e.reason) && !partner.gone && roomsWith(nick).length === 0) {
+        partner.gone = true;
+        system(partner, nick + " left the chat (" + e.reason + ")");
+        renderConvs(); renderHeader();
+      }
+    },
+    nick(e) {
+      const old = String(e.old || ""), now = String(e.new || "");
+      const me = key(old) === key(S.nick);
+      if (me) { S.nick = now; store.set("nick", now); setStatus("Connected as " + now, false); }
+      for (const c of roomsWith(old)) {
+        const u = c.users.get(key(old));
+        c.users.delete(key(old));
+        setUser(c, now, u ? u.away : null);
+        if (c.ops.delete(key(old))) c.ops.add(key(now));
+        system(c, me ? "You are now known as " + now : old + " is now known as " + now);
+      }
+      const partner = S.convs.get(pmKey(old));
+      if (partner && !me) {
+        S.convs.delete(partner.key);
+        partner.name = now; partner.key = pmKey(now);
+        S.convs.set(partner.key, partner);
+        if (S.current === pmKey(old)) S.current = partner.key;
+        system(partner, old + " is now known as " + now);
+      }
+      renderConvs(); renderPeople(); renderHeader();
+    },
+    away(e) {
+      const nick = String(e.nick || "");
+      for (const c of roomsWith(nick)) setUser(c, c.users.get(key(nick)).nick, e.away ? String(e.message || "") : null);
+      if (key(nick) === key(S.nick)) system(current(), e.away ? "You are marked away" + (e.message ? ": " + e.message : "") : "You are back.");
+      renderPeople();
+    },
+    msg(e) {
+      confirm(e);
+      const c = roomOf(e.room || LOBBY);
+      if (!c) return;
+      if (typeof e.id === "number" && S.lastIds.has(c.key) && e.id <= S.lastIds.get(c.key)) return;
+      noteId(c.name, e.id);
+      if (seenBefore(e) || S.ignored.has(key(e.from || "")) && key(e.from) !== key(S.nick)) return;
+      drawMessage(c, e, true);
+      if (c.key === S.current) renderTyping();
+    },
+    pm(e) {
+      confirm(e);
+      const mine = key(e.from || "") === key(S.nick);
+      if (seenBefore(e) || (!mine && S.ignored.has(key(e.from || "")))) return;
+      const c = conv("pm", String(mine ? e.to : e.from));
+      drawMessage(c, e, true);
+    },
+    notice(e) { system(S.convs.get(pmKey(e.nick || "")) || current(), String(e.text || "")); },
+    typing(e) {
+      const c = roomOf(e.room || LOBBY);
+      if (!c || S.ignored.has(key(e.nick || ""))) return;
+      c.typing.set(String(e.nick), Date.now() + TYPING_SHOWN_FOR);
+      if (c.key === S.current) renderTyping();
+      setTimeout(renderTyping, TYPING_SHOWN_FOR + 100);
+    },
+    rooms(e) {
+      const lines = (Array.isArray(e.rooms) ? e.rooms : []).map((r) =>
+        r.room + " (" + r.users + ")" + (r.topic ? ": " + r.topic : ""));
+      system(current(), lines.length ? "Rooms: " + lines.join("; ") : "No rooms.");
+    },
+    mode(e) { const c = roomOf(e.room || LOBBY); if (c) { if (e.op) c.ops.add(key(e.nick)); else c.ops.delete(key(e.nick)); system(c, e.by + (e.op ? " made " : " took operator from ") + e.nick + (e.op ? " an operator" : "")); renderPeople(); } },
+    moderation(e) { system(current(), e.nick + ": " + e.action + " by " + e.by + (e.reason ? " (" + e.reason + ")" : "")); },
+    op(e) { system(current(), e.ok ? "You are a server operator." : "Not an operator."); },
+    pong() {},
+    ping(e) { sendNow({ type: "pong", data: e.data }); },
+    bye(e) {
+      if (e.code === "kicked" || e.code === "banned") { S.fatal = true; system(current(), String(e.reason || "You were put out.")); setStatus(String(e.reason || "Disconnected."), true); }
+    },
+    error(e) {
+      const code = String(e.code || "");
+      if (!S.registered) { registrationError(code, String(e.message || code)); return; }
+      if (typeof e.cid === "string" && S.outbox.has(e.cid)) {
+        const req = S.outbox.get(e.cid);
+        if (code === "rate_limited") { setTimeout(() => { if (S.outbox.has(e.cid)) enqueue(req); }, 1000); return; }
+        S.outbox.delete(e.cid);
+        renderPending();
+        const c = req.type === "pm" ? conv("pm", req.to) : roomOf(req.room) || current();
+        system(c, "Not sent: " + (e.message || code) + " (" + req.text.slice(0, 80) + ")", "error");
+        return;
+      }
+      if (e.request === "join") S.switchTo = null;
+      system(current(), String(e.message || code), "error");
+    },
+  };
+
+  function registrationError(code, message) {
+    if (code === "nick_taken" && S.everRegistered && S.ghostTries < 20) {
+      // Our old connection may still hold the nick until the server notices.
+      S.ghostTries += 1;
+      setStatus(message + " Waiting for it to free up...", true);
+      setTimeout(() => sendNow(hello()), Math.min(BACKOFF_MAX, 1000 * S.ghostTries));
+      return;
+    }
+    if (code === "auth_blocked" || code === "banned") { S.fatal = true; S.wanted = false; }
+    if (code === "auth_failed") {
+      S.password = null;
+      $("login-password-row").hidden = false;
+    }
+    showLogin(message);
+    if (code === "auth_failed") $("login-password").focus(); else $("login-nick").select();
+  }
+
+  // --- files through the relay: offers, a window of 16 chunks per receiver,
+  // the SHA-256 checked before a received file is offered for saving.
+  const IMAGE_TYPES = { png: "image/png", jpg: "image/jpeg", jpeg: "image/jpeg", gif: "image/gif", webp: "image/webp", bmp: "image/bmp" };
+  function mimeFor(name) {
+    const ext = String(name).split(".").pop().toLowerCase();
+    return IMAGE_TYPES[ext] || "application/octet-stream";
+  }
+  async function offerFile(file, c) {
+    if (!c) return;
+    const cid = S.cidPrefix + "-" + (++S.cidCount);
+    system(c, "Preparing " + file.name + " (" + formatSize(file.size) + ")...");
+    let digest;
+    try { digest = await sha256Hex(file); } catch (err) { system(c, "Cannot read " + file.name + ": " + err.message, "error"); return; }
+    S.offersOut.set(cid, { file, conv: c });
+    const req = { type: "file_offer", name: file.name, size: file.size, sha256: digest, cid };
+    if (c.kind === "pm") req.to = c.name; else req.room = c.name;
+    if (!sendNow(req)) system(c, "Not offered: not connected.", "error");
+  }
+  function fileCard(t, c) {
+    t.card = el("div", "file");
+    t.card.dataset.transfer = t.id;
+    t.fname = el("div", "fname", (t.mine ? "You offer " : t.from + " offers ") + t.name + " (" + formatSize(t.size) + ")");
+    t.fstate = el("div", "fstate");
+    t.bar = el("progress");
+    t.bar.max = Math.max(1, t.size); t.bar.value = 0; t.bar.hidden = true;
+    t.bar.setAttribute("aria-label", "Progress of " + t.name);
+    t.actions = el("div", "actions");
+    t.card.append(t.fname, t.fstate, t.bar, t.actions);
+    addLine(c, t.card);
+    c.lastFrom = null;
+  }
+  function button(text, cls, onclick) {
+    const b = el("button", cls, text);
+    b.type = "button";
+    b.addEventListener("click", onclick);
+    return b;
+  }
+  function setState(t, text, cls) {
+    t.fstate.textContent = text;
+    t.card.classList.remove("ok", "bad");
+    if (cls) t.card.classList.add(cls);
+  }
+  function outgoingSummary(t) {
+    const parts = [];
+    const waiting = Array.from(t.waiting);
+    const sending = Array.from(t.streams.keys()).filter((n) => !t.results.has(n) && !t.waiting.has(n));
+    if (waiting.length) parts.push("waiting for " + waiting.join(", "));
+    if (sending.length) parts.push("sending to " + sending.join(", "));
+    const done = [], declined = [], failed = [];
+    for (const [n, r] of t.results) (r === "ok" ? done : r === "declined" ? declined : failed).push(n + (r === "ok" || r === "declined" ? "" : " (" + r + ")"));
+    if (done.length) parts.push("delivered to " + done.join(", "));
+    if (declined.length) parts.push("declined by " + declined.join(", "));
+    if (failed.length) parts.push("failed for " + failed.join(", "));
+    const finished = !waiting.length && !sending.length;
+    setState(t, parts.join("; ") || "offered", finished ? (failed.length ? "bad" : "ok") : "");
+    if (finished) { t.actions.textContent = ""; t.bar.hidden = true; }
+  }
+  const fileOn = {
+    file_offer(e) {
+      const id = String(e.id || "");
+      if (!id || typeof e.size !== "number" || typeof e.sha256 !== "string") return;
+      const mine = key(e.from || "") === key(S.nick) && S.offersOut.has(e.cid);
+      const t = { id, name: String(e.name || "file"), size: e.size, sha256: e.sha256, from: String(e.from || ""), mine };
+      let c;
+      if (mine) {
+        const out = S.offersOut.get(e.cid);
+        S.offersOut.delete(e.cid);
+        Object.assign(t, { file: out.file, waiting: new Set((e.recipients || []).map(String)), streams: new Map(), results: new Map() });
+        c = out.conv;
+        fileCard(t, c);
+        t.actions.appendChild(button("Cancel", "", () => { sendNow({ type: "file_cancel", id }); for (const n of t.waiting) t.results.set(n, "cancelled"); t.waiting.clear(); for (const [n, s] of t.streams) { s.stop = true; if (!t.results.has(n)) t.results.set(n, "cancelled"); } outgoingSummary(t); }));
+        outgoingSummary(t);
+      } else {
+        if (key(e.from || "") === key(S.nick)) return;  // our offer from another tab
+        Object.assign(t, { state: "offered", chunks: [], received: 0, hash: null });
+        c = e.room ? roomOf(e.room) || current() : conv("pm", t.from);
+        fileCard(t, c);
+        setState(t, "Nothing is saved unless you accept.");
+        t.actions.append(button("Accept", "primary", () => acceptFile(t)), button("Decline", "", () => declineFile(t)));
+        if (!visible(c) || document.hidden) notify(t.from + " offers a file", t.name, c);
+      }
+      S.transfers.set(id, t);
+    },
+    file_accept(e) {
+      const t = S.transfers.get(String(e.id));
+      const nick = String(e.nick || "");
+      if (!t || !t.mine || t.streams.has(nick)) return;
+      t.waiting.delete(nick);
+      const s = { seq: 0, acked: 0, sent: 0, stop: false, wake: null, ws: S.ws };
+      t.streams.set(nick, s);
+      outgoingSummary(t);
+      stream(t, nick, s);
+    },
+    file_ack(e) {
+      const t = S.transfers.get(String(e.id));
+      const s = t && t.mine ? t.streams.get(String(e.nick)) : null;
+      if (!s) return;
+      s.acked += 1;
+      if (s.wake) { const w = s.wake; s.wake = null; w(); }
+    },
+    file_decline(e) {
+      const t = S.transfers.get(String(e.id));
+      if (!t || !t.mine) return;
+      t.waiting.delete(String(e.nick)); t.results.set(String(e.nick), "declined");
+      outgoingSummary(t);
+    },
+    file_result(e) {
+      const t = S.transfers.get(String(e.id));
+      if (!t || !t.mine) return;
+      t.waiting.delete(String(e.nick)); t.results.set(String(e.nick), e.ok ? "ok" : String(e.reason || "failed"));
+      outgoingSummary(t);
+    },
+    file_chunk(e) {
+      const t = S.transfers.get(String(e.id));
+      if (!t || t.mine || t.state !== "receiving") return;
+      let data;
+      try { data = fromBase64(String(e.data || "")); } catch { endIncoming(t, "a damaged chunk"); return; }
+      t.chunks.push(data);
+      t.received += data.length;
+      if (t.hash) t.hash.update(data);
+      if (t.received > t.size) { endIncoming(t, "more data than offered"); return; }
+      sendNow({ type: "file_ack", id: t.id, seq: e.seq });
+      t.bar.value = t.received;
+      setState(t, "Receiving: " + formatSize(t.received) + " of " + formatSize(t.size));
+    },
+    file_done(e) {
+      const t = S.transfers.get(String(e.id));
+      if (t && !t.mine && t.state === "receiving") finishIncoming(t);
+    },
+    file_cancel(e) {
+      const t = S.transfers.get(String(e.id));
+      if (!t) return;
+      const why = String(e.reason || "cancelled");
+      if (t.mine) {
+        const nick = String(e.nick || "");
+        const s = t.streams.get(nick);
+        if (s) s.stop = true;
+        t.waiting.delete(nick);
+        if (!t.results.has(nick)) t.results.set(nick, why);
+        outgoingSummary(t);
+      } else if (t.state === "receiving" || t.state === "offered") {
+        t.state = "cancelled"; t.chunks = []; t.actions.textContent = ""; t.bar.hidden = true;
+        setState(t, "Cancelled by " + (e.nick || "the sender") + " (" + why + ")", "bad");
+      }
+    },
+  };
+  Object.assign(on, fileOn);
+
+  async function stream(t, nick, s) {
+    let offset = 0;
+    try {
+      do {
+        while (s.seq - s.acked >= FILE_WINDOW && !s.stop) await new Promise((resolve) => { s.wake = resolve; });
+        if (s.stop) return;
+        if (S.ws !== s.ws || !S.registered) throw new Error("the connection was lost");
+        const bytes = new Uint8Array(await t.file.slice(offset, offset + FILE_CHUNK).arrayBuffer());
+        sendNow({ type: "file_chunk", id: t.id, to: nick, seq: s.seq, data: toBase64(bytes) });
+        s.seq += 1; offset += bytes.length;
+        t.bar.hidden = false; t.bar.value = offset;
+        if (!bytes.length) break;
+      } while (offset < t.size);
+      sendNow({ type: "file_done", id: t.id, to: nick });
+    } catch (err) {
+      t.results.set(nick, String(err.message || err));
+      outgoingSummary(t);
+    }
+  }
+  function acceptFile(t) {
+    if (t.state !== "offered") return;
+    t.state = "receiving";
+    t.hash = (window.crypto && crypto.subtle && window.isSecureContext) ? null : new Sha256();
+    t.actions.textContent = "";
+    t.actions.appendChild(button("Cancel", "", () => { sendNow({ type: "file_cancel", id: t.id }); endIncoming(t, "you cancelled it", true); }));
+    t.bar.hidden = false;
+    setState(t, "Receiving...");
+    sendNow({ type: "file_accept", id: t.id });
+  }
+  function declineFile(t) {
+    if (t.state !== "offered") return;
+    t.state = "declined"; t.actions.textContent = "";
+    setState(t, "Declined.");
+    sendNow({ type: "file_decline", id: t.id });
+  }
+  function endIncoming(t, why, quiet) {
+    if (t.state !== "receiving" && t.state !== "offered") return;
+    t.state = "failed"; t.chunks = []; t.actions.textContent = ""; t.bar.hidden = true;
+    setState(t, "Not saved: " + why + ".", "bad");
+    if (!quiet && why !== "the connection was lost") sendNow({ type: "file_cancel", id: t.id, reason: "receiver failed" });
+  }
+  async function finishIncoming(t) {
+    t.state = "checking";
+    setState(t, "Checking the SHA-256...");
+    const blob = new Blob(t.chunks, { type: mimeFor(t.name) });
+    t.chunks = [];
+    let why = "";
+    if (blob.size !== t.size) why = "incomplete: " + blob.size + " of " + t.size + " bytes";
+    else if ((t.hash ? t.hash.hex() : await sha256Hex(blob)) !== t.sha256.toLowerCase()) why = "the SHA-256 does not match: corrupted on the way";
+    sendNow(why ? { type: "file_received", id: t.id, ok: false, reason: why } : { type: "file_received", id: t.id, ok: true });
+    t.actions.textContent = "";
+    if (why) { t.state = "failed"; setState(t, "Not saved: " + why + ".", "bad"); return; }
+    t.state = "done";
+    t.bar.value = t.size;
+    setState(t, "Received, size and SHA-256 checked.", "ok");
+    const url = URL.createObjectURL(blob);
+    const save = el("a", "", "Save " + t.name);
+    save.href = url; save.download = t.name;
+    t.actions.appendChild(save);
+    if (IMAGE_TYPES[t.name.split(".").pop().toLowerCase()]) {
+      const img = el("img");
+      img.alt = t.name; img.src = url;
+      t.card.appendChild(img);
+    }
+  }
+  function failTransfers(why) {
+    for (const t of S.transfers.values()) {
+      if (t.mine) {
+        for (const [n, s] of t.streams) { s.stop = true; if (s.wake) s.wake(); if (!t.results.has(n)) t.results.set(n, why); }
+        if (t.card) outgoingSummary(t);
+      } else {
+        endIncoming(t, why, true);
+      }
+    }
+  }
+  function listFiles() {
+    const rows = Array.from(S.transfers.values()).map((t) => t.id + ": " + t.name + " (" + formatSize(t.size) + ") " +
+      (t.mine ? "from you: " + t.fstate.textContent : "from " + t.from + ": " + t.state));
+    system(current(), rows.length ? "Files: " + rows.join("; ") : "No files yet.");
+  }
+
+  // --- slash commands: names, usage and help come from the server's table
+  function command(name) {
+    name = name.toLowerCase();
+    return TABLE.commands.find((c) => c.name === name || (c.aliases || []).includes(name)) || null;
+  }
+  function usage(name) { const c = command(name); return c ? ("Usage: /" + c.name + " " + c.args).trim() : ""; }
+  function typingCounts(line) {
+    const s = line.replace(/^\s+/, "");
+    if (!line.trim()) return false;
+    if (s.startsWith("//") || !s.startsWith("/")) return true;
+    const [name, ...rest] = s.slice(1).split(" ");
+    return name.toLowerCase() === "me" && rest.join(" ").trim() !== "";
+  }
+  function showHelp() {
+    const c = current();
+    if (!c) return;
+    const box = el("div", "msg system");
+    box.appendChild(el("div", "", "Commands:"));
+    const grid = el("div", "help");
+    const rows = TABLE.commands.map((r) => [("/" + r.name + " " + r.args).trim(), r.help]).concat(TABLE.footer || []);
+    for (const [u, what] of rows) { grid.appendChild(el("code", "", u)); grid.appendChild(el("span", "", what)); }
+    box.appendChild(grid);
+    c.lastFrom = null;
+    addLine(c, box);
+  }
+  function listUsers(c) {
+    const names = Array.from(c.users.values()).map((u) => u.nick + (u.away !== null ? " (away)" : ""));
+    system(c, names.length + " in " + c.name + ": " + names.join(", "));
+  }
+  function joinedRoom(name) { return S.convs.get(roomKey(name)) || null; }
+  function request(obj) { enqueue(obj); }
+  // Returns an error to show (the line then stays in the box), or "".
+  function runLine(line) {
+    const c = current();
+    if (!c) return "Not connected yet.";
+    const t = line.replace(/^\s+/, "");
+    if (t.startsWith("//")) { say(t.slice(1), false, c); return ""; }
+    if (!t.startsWith("/") || t.trim() === "/") { if (line.trim()) say(line, false, c); return ""; }
+    const trimmed = t.trim();
+    const space = trimmed.indexOf(" ");
+    const name = space < 0 ? trimmed.slice(1) : trimmed.slice(1, space);
+    const arg = space < 0 ? "" : trimmed.slice(space + 1).trim();
+    const cmd = command(name);
+    if (!cmd) return "Unknown command /" + name + ". Type /help for the list.";
+    const words = arg.split(/\s+/).filter(Boolean);
+    const first = words[0] || "", rest = arg.slice(first.length).trim();
+    const room = c.kind === "room" ? c.name : null;
+    switch (cmd.name) {
+      case "me": if (!arg) return usage("me"); say(arg, true, c); return "";
+      case "msg": {
+        if (!first) return usage("msg");
+        const p = conv("pm", first);
+        if (rest) say(rest, false, p);
+        show(p.key); return "";
+      }
+      case "join":
+        if (!first) return usage("join");
+        if (!/^[#&]/.test(first)) return "Room names start with #, like #dev.";
+        if (joinedRoom(first)) { show(joinedRoom(first).key); return ""; }
+        S.switchTo = roomKey(first);
+        request({ type: "join", room: first }); return "";
+      case "room": {
+        if (!first) { system(c, "You are talking in " + c.name + "; you are in " + Array.from(S.convs.values()).filter((x) => x.kind === "room").map((x) => x.name).join(", ") + "."); return ""; }
+        const r = joinedRoom(first);
+        if (!r) return "You are not in " + first + "; /join it first.";
+        show(r.key); return "";
+      }
+      case "part":
+        if (c.kind === "pm" && !arg) { closeConv(c); return ""; }
+        if (/^[#&]/.test(first)) request(Object.assign({ type: "part", room: first }, rest ? { reason: rest } : {}));
+        else if (room) request(Object.assign({ type: "part", room }, arg ? { reason: arg } : {}));
+        else return "Name the room to leave: /part #ROOM.";
+        return "";
+      case "close":
+        if (c.kind !== "pm") return "/close closes a private conversation; use /part to leave a room.";
+        closeConv(c); return "";
+      case "rooms": request({ type: "rooms" }); return "";
+      case "who":
+        if (!room) return "This is a private conversation with " + c.name + ".";
+        S.showUsers = c.key; request({ type: "users", room }); return "";
+      case "topic":
+        if (!room) return "Topics belong to rooms; this is a private conversation.";
+        S.askedTopic = c.key;
+        request(Object.assign({ type: "topic", room }, arg ? { topic: arg } : {})); return "";
+      case "nick": if (!first) return usage("nick"); request({ type: "nick", nick: first }); return "";
+      case "away": S.away = arg; request({ type: "away", message: arg }); return "";
+      case "back": S.away = null; request({ type: "back" }); return "";
+      case "send":
+        S.sendTo = first ? conv("pm", first) : c;
+        $("file").click(); return "";
+      case "accept": case "decline": case "cancel": {
+        const tr = S.transfers.get(first);
+        if (!first) return usage(cmd.name) + " (/files lists them)";
+        if (!tr) return "No file " + first + " (/files lists them).";
+        if (cmd.name === "accept") acceptFile(tr);
+        else if (cmd.name === "decline") declineFile(tr);
+        else sendNow({ type: "file_cancel", id: tr.id });
+        return "";
+      }
+      case "files": listFiles(); return "";
+      case "ignore": case "unignore":
+        if (!first) {
+          if (cmd.name === "unignore") return usage("unignore");
+          system(c, S.ignored.size ? "Hidden: " + Array.from(S.ignored).join(", ") : "Nobody is hidden."); return "";
+        }
+        if (cmd.name === "ignore") S.ignored.add(key(first)); else S.ignored.delete(key(first));
+        store.set("ignored", Array.from(S.ignored));
+        system(c, cmd.name === "ignore" ? "Hiding " + first + " (saved in this browser)." : "Showing " + first + " again."); return "";
+      case "op": if (!arg) return usage("op"); request({ type: "op", password: arg }); return "";
+      case "kick": case "mute":
+        if (!first) return usage(cmd.name);
+        request(Object.assign({ type: cmd.name, nick: first }, rest ? { reason: rest } : {})); return "";
+      case "ban": {
+        if (!first) return usage("ban");
+        const minutes = rest ? Number(rest) : 0;
+        if (rest && !(minutes > 0)) return usage("ban") + " (MINUTES is a number)";
+        request(Object.assign({ type: "ban", nick: first }, minutes ? { minutes } : {})); return "";
+      }
+      case "unban": case "unmute": if (!first) return usage(cmd.name); request({ type: cmd.name, nick: first }); return "";
+      case "help": showHelp(); return "";
+      case "quit":
+        S.wanted = false;
+        sendNow(Object.assign({ type: "quit" }, arg ? { reason: arg } : {}));
+        if (S.ws) S.ws.close();
+        setStatus("You left the chat.", true);
+        showLogin("You left the chat. Join again whenever you like.");
+        return "";
+      default: return "/" + cmd.name + " is not available here.";
+    }
+  }
+
+  // --- the connect form
+  function loginError(text) { $("login-error").textContent = text || ""; }
+  function showLogin(text) {
+    $("chat").hidden = true; $("login").hidden = false;
+    $("login-join").disabled = false;
+    loginError(text);
+  }
+  $("login-server").textContent = "on " + location.host;
+  $("login-nick").value = S.nick;
+  $("login-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const nick = $("login-nick").value.trim();
+    if (!nick) { loginError("Choose a nick."); return; }
+    S.nick = nick;
+    if (!$("login-password-row").hidden) S.password = $("login-password").value;
+    S.wanted = true; S.fatal = false;
+    loginError("Connecting...");
+    if ("Notification" in window && Notification.permission === "default") {
+      try { Notification.requestPermission().catch(() => {}); } catch { /* old Safari: callback form only */ }
+    }
+    if (S.ws && S.ws.readyState === WebSocket.OPEN && !S.registered) sendNow(hello());
+    else { S.backoff = BACKOFF_START; connect(); }
+  });
+
+  // --- the composer
+  const input = $("input");
+  function grow() { input.style.height = "auto"; input.style.height = Math.min(input.scrollHeight + 2, window.innerHeight * 0.4) + "px"; }
+  const sent = [];
+  let recall = -1;
+  $("composer").addEventListener("submit", (e) => { e.preventDefault(); submitLine(); });
+  function submitLine() {
+    const line = input.value;
+    if (!line.trim()) return;
+    const problem = runLine(line);
+    if (problem) { system(current(), problem, "error"); return; }
+    sent.push(line); recall = -1;
+    input.value = ""; grow();
+    S.lastTyping = 0;
+  }
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); submitLine(); }
+    else if (e.key === "ArrowUp" && input.selectionStart === 0 && sent.length && !input.value.includes("\n")) {
+      e.preventDefault(); recall = recall < 0 ? sent.length - 1 : Math.max(0, recall - 1); input.value = sent[recall];
+    } else if (e.key === "Tab" && !e.shiftKey) {
+      const c = current();
+      const m = /(^|\s)(\S+)$/.exec(input.value.slice(0, input.selectionStart));
+      if (!c || !m || c.kind !== "room") return;
+      const hit = Array.from(c.users.values()).map((u) => u.nick).find((n) => key(n).startsWith(key(m[2])) && key(n) !== key(S.nick));
+      if (!hit) return;
+      e.preventDefault();
+      const before = input.value.slice(0, input.selectionStart - m[2].length);
+      const after = input.value.slice(input.selectionStart);
+      const word = hit + (before.trim() ? " " : ": ");
+      input.value = before + word + after;
+      input.selectionStart = input.selectionEnd = (before + word).length;
+    }
+  });
+  input.addEventListener("input", () => {
+    grow();
+    const c = current();
+    const now = Date.now();
+    if (c && c.kind === "room" && S.registered && typingCounts(input.value) && now - S.lastTyping >= TYPING_EVERY) {
+      S.lastTyping = now;
+      sendNow({ type: "typing", room: c.name });
+    }
+  });
+
+  // --- the drawer, conversations and people
+  $("menu").addEventListener("click", () => {
+    const open = document.body.classList.toggle("drawer-open");
+    $("menu").setAttribute("aria-expanded", String(open));
+  });
+  $("backdrop").addEventListener("click", () => { document.body.classList.remove("drawer-open"); $("menu").setAttribute("aria-expanded", "false"); });
+  $("convs").addEventListener("click", (e) => {
+    const b = e.target.closest("button[data-conv]");
+    if (b && S.convs.has(b.dataset.conv)) show(b.dataset.conv);
+  });
+  $("people").addEventListener("click", (e) => {
+    const b = e.target.closest("button[data-nick]");
+    if (b && key(b.dataset.nick) !== key(S.nick)) show(conv("pm", b.dataset.nick).key);
+  });
+  function renderSound() {
+    $("sound").textContent = S.sound ? "\u{1F514}" : "\u{1F515}";
+    $("sound").setAttribute("aria-pressed", String(S.sound));
+    $("sound").setAttribute("aria-label", S.sound ? "Sound on" : "Muted");
+    $("sound").title = S.sound ? "Sound on (click to mute)" : "Muted (click for sound)";
+  }
+  $("sound").addEventListener("click", () => { S.sound = !S.sound; store.set("sound", S.sound); renderSound(); });
+  renderSound();
+  document.addEventListener("visibilitychange", () => {
+    const c = current();
+    if (document.hidden) {
+      if (c && c.marker) { c.marker.remove(); c.marker = null; }
+    } else {
+      if (c) { c.unread = 0; c.mention = false; renderConvs(); }
+      updateTitle();
+      reconnectNow();
+    }
+  });
+  window.addEventListener("online", reconnectNow);
+
+  // --- files: the paperclip, /send, drag and drop
+  $("attach").addEventListener("click", () => { S.sendTo = current(); $("file").click(); });
+  $("file").addEventListener("change", () => {
+    const target = S.sendTo || current();
+    for (const f of Array.from($("file").files)) offerFile(f, target);
+    $("file").value = ""; S.sendTo = null;
+  });
+  let dragDepth = 0;
+  const hasFiles = (e) => e.dataTransfer && Array.from(e.dataTransfer.types || []).includes("Files");
+  document.addEventListener("dragenter", (e) => { if (hasFiles(e) && S.registered) { dragDepth += 1; $("drop").hidden = false; } });
+  document.addEventListener("dragleave", () => { dragDepth = Math.max(0, dragDepth - 1); if (!dragDepth) $("drop").hidden = true; });
+  document.addEventListener("dragover", (e) => { if (hasFiles(e)) e.preventDefault(); });
+  document.addEventListener("drop", (e) => {
+    if (!hasFiles(e)) return;
+    e.preventDefault();
+    dragDepth = 0; $("drop").hidden = true;
+    if (!S.registered) return;
+    for (const f of Array.from(e.dataTransfer.files)) offerFile(f, current());
+  });
+
+  // --- the emoji picker: tabs per group, Recent, search by name
+  const GROUPS = EMOJI.map(([name, items]) => [name, items.split("|").map((s) => {
+    const at = s.indexOf(" ");
+    return { ch: s.slice(0, at), name: s.slice(at + 1) };
+  })]);
+  let emojiTab = store.get("recent-emoji", []).length ? "Recent" : GROUPS[0][0];
+  function emojiItems(tab) {
+    if (tab === "Recent") return store.get("recent-emoji", []).map((ch) => ({ ch, name: "recent" }));
+    const g = GROUPS.find(([n]) => n === tab);
+    return g ? g[1] : [];
+  }
+  function renderEmoji() {
+    const q = $("emoji-search").value.trim().toLowerCase();
+    const tabs = $("emoji-tabs");
+    tabs.textContent = "";
+    for (const [n, items] of [["Recent", [{ ch: "\u{1F552}" }]]].concat(GROUPS)) {
+      const b = el("button", "", items[0].ch);
+      b.type = "button"; b.dataset.tab = n; b.title = n;
+      b.setAttribute("role", "tab"); b.setAttribute("aria-label", n);
+      b.setAttribute("aria-selected", String(!q && n === emojiTab));
+      tabs.appendChild(b);
+    }
+    const grid = $("emoji-grid");
+    grid.textContent = "";
+    const words = q.split(/\s+/).filter(Boolean);
+    const items = q ? GROUPS.flatMap(([, list]) => list).filter((it) => words.every((w) => it.name.includes(w))) : emojiItems(emojiTab);
+    for (const it of items.slice(0, 400)) {
+      const b = el("button", "", it.ch);
+      b.type = "button"; b.dataset.emoji = it.ch; b.title = it.name; b.setAttribute("aria-label", it.name);
+      grid.appendChild(b);
+    }
+    if (!items.length) grid.appendChild(el("p", "", q ? "No emoji called that." : "Emoji you pick show up here."));
+  }
+  function openEmoji(open) {
+    $("emoji-panel").hidden = !open;
+    $("emoji").setAttribute("aria-expanded", String(open));
+    if (open) { $("emoji-search").value = ""; renderEmoji(); $("emoji-search").focus(); }
+  }
+  function pickEmoji(ch) {
+    const at = input.selectionStart, end = input.selectionEnd;
+    input.value = input.value.slice(0, at) + ch + input.value.slice(end);
+    input.selectionStart = input.selectionEnd = at + ch.length;
+    store.set("recent-emoji", [ch].concat(store.get("recent-emoji", []).filter((x) => x !== ch)).slice(0, 24));
+    openEmoji(false);
+    input.focus();
+  }
+  $("emoji").addEventListener("click", () => openEmoji($("emoji-panel").hidden));
+  $("emoji-search").addEventListener("input", renderEmoji);
+  $("emoji-search").addEventListener("keydown", (e) => {
+    if (e.key === "Enter") { e.preventDefault(); const b = $("emoji-grid").querySelector("button"); if (b) pickEmoji(b.dataset.emoji); }
+  });
+  $("emoji-tabs").addEventListener("click", (e) => {
+    const b = e.target.closest("button[data-tab]");
+    if (b) { emojiTab = b.dataset.tab; $("emoji-search").value = ""; renderEmoji(); }
+  });
+  $("emoji-grid").addEventListener("click", (e) => {
+    const b = e.target.closest("button[data-emoji]");
+    if (b) pickEmoji(b.dataset.emoji);
+  });
+  document.addEventListener("keydown", (e) => { if (e.key === "Escape" && !$("emoji-panel").hidden) { openEmoji(false); input.focus(); } });
+  document.addEventListener("pointerdown", (e) => {
+    if (!$("emoji-panel").hidden && !$("emoji-panel").contains(e.target) && e.target !== $("emoji")) openEmoji(false);
+  });
+
+  // --- start: with a remembered nick, join at once
+  if (S.nick && new URLSearchParams(location.search).get("join") !== "0") {
+    S.wanted = true;
+    loginError("Connecting...");
+    connect();
+  } else {
+    $("login-nick").focus();
+  }
+})();
 """
 
 # Path -> (Content-Type, a function giving the bytes, or None if there are none).
@@ -6170,20 +7702,20 @@ class Command:
     name: str
     args: str                  # what follows the name, as shown in the help
     help: str
-    uis: tuple[str, ...] = ("cli", "gui")
+    uis: tuple[str, ...] = ("cli", "gui", "web")  # terminal, window, browser page
     aliases: tuple[str, ...] = ()
 
 
 COMMANDS = (
-    Command("msg", "NICK TEXT", "a private message", aliases=("query",)),
+    Command("msg", "NICK TEXT", "a private message", uis=("cli", "gui"), aliases=("query",)),
     Command("msg", "NICK [TEXT]", "talk privately with NICK (opens the conversation)",
-            uis=("gui",), aliases=("query",)),
+            uis=("gui", "web"), aliases=("query",)),
     Command("me", "ACTION", "say something in the third person (* alice waves)"),
     Command("join", "#ROOM", "join (or create) a room and talk there"),
     Command("room", "[#ROOM]", "switch between the rooms you are in (or list them)",
             aliases=("switch",)),
     Command("part", "[#ROOM] [WHY]", "leave a room (the current one by default)"),
-    Command("close", "", "close the private conversation on show", uis=("gui",)),
+    Command("close", "", "close the private conversation on show", uis=("gui", "web")),
     Command("rooms", "", "list the rooms with their people and topics"),
     Command("who", "", "list who is in the current room"),
     Command("topic", "[TEXT]", "show or set the current room's topic"),
@@ -6194,6 +7726,8 @@ COMMANDS = (
             uis=("cli",)),
     Command("send", "[NICK] [PATH]", "offer a file here, or to NICK (no PATH: choose one)",
             uis=("gui",)),
+    Command("send", "[NICK]", "choose a file to offer here, or to NICK (or drop it on the page)",
+            uis=("web",)),
     Command("accept", "ID", "accept a file offered to you"),
     Command("decline", "ID", "decline a file offered to you"),
     Command("cancel", "ID", "stop a transfer"),
@@ -6210,6 +7744,8 @@ COMMANDS = (
     Command("quit", "[REASON]", "leave (Ctrl-D and Ctrl-C work too)", uis=("cli",),
             aliases=("exit",)),
     Command("quit", "[REASON]", "leave and close the window", uis=("gui",), aliases=("exit",)),
+    Command("quit", "[REASON]", "leave the chat (the page offers to join again)", uis=("web",),
+            aliases=("exit",)),
 )
 
 HELP_FOOTER = {
@@ -6218,6 +7754,9 @@ HELP_FOOTER = {
     "gui": [("//TEXT", "send a message that starts with a slash"),
             ("Enter", "send; Shift+Enter starts a new line; Up recalls what you sent"),
             ("Tab", "complete nicks; double-click someone to talk privately")],
+    "web": [("//TEXT", "send a message that starts with a slash"),
+            ("Enter", "send; Shift+Enter starts a new line; Up recalls what you sent"),
+            ("Tab", "complete nicks; tap someone in the list to talk privately")],
 }
 
 
@@ -6236,6 +7775,27 @@ def help_rows(ui: str) -> list[tuple[str, str]]:
     """(usage, what it does) for every command the UI has, then its keys."""
     rows = [(f"/{c.name} {c.args}".rstrip(), c.help) for c in COMMANDS if ui in c.uis]
     return rows + HELP_FOOTER[ui]
+
+
+WEB_COMMANDS_MARK = "/*COMMANDS*/null"  # where WEB_JS takes the table (section 3c)
+
+
+def web_commands() -> dict:
+    """The browser page's commands and keys, as its /help shows them."""
+    return {"commands": [{"name": c.name, "aliases": list(c.aliases), "args": c.args,
+                          "help": c.help} for c in COMMANDS if "web" in c.uis],
+            "footer": HELP_FOOTER["web"]}
+
+
+def web_js() -> bytes:
+    """WEB_JS with the command table filled in: the page's command names and
+    /help come from COMMANDS, like the terminal's and the window's."""
+    table = json.dumps(web_commands(), ensure_ascii=False, separators=(",", ":"))
+    return WEB_JS.replace(WEB_COMMANDS_MARK, table, 1).encode("utf-8")
+
+
+# Like the ding and the icon, the table is added to section 3c's files from here.
+WEB_FILES["/app.js"] = ("text/javascript; charset=utf-8", web_js)
 
 
 def help_text(ui: str) -> str:

@@ -14,6 +14,7 @@ import base64
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -2412,6 +2413,465 @@ class WebKeepaliveTests(ServerCase):
         await web.send_frame(0xA, payload)
         await web.send({"type": "ping", "data": 7})
         await web.expect("pong", data=7)
+
+
+# ===========================================================================
+# 3c'. The browser page (issue 17): WEB_HTML, WEB_CSS and WEB_JS in a real
+# Chromium, driven by Playwright, against a real server and a real
+# `python pychat.py cli`.
+#
+# Playwright is not in the standard library.  CI installs it in a throwaway
+# virtual environment (like vermin's) and names it in PYCHAT_TEST_VENV; its
+# site-packages are added to the end of sys.path when this class starts (only
+# a venv made by the same Python version is used: Playwright's greenlet is
+# compiled).  Chromium is Debian's (`apt-get install chromium`); Playwright's
+# own browser download (`playwright install`) is never needed.  Without them
+# the class skips, saying so; with CI set, that is a failure.  ESLint is found
+# the same way, through PYCHAT_ESLINT (a folder with node_modules/.bin/eslint).
+# ===========================================================================
+
+WEB_REASON = ("needs Chromium and Playwright: apt-get install chromium; pip install playwright "
+              "(or set PYCHAT_TEST_VENV to a virtual environment that has it)")
+# The page's JavaScript rules: text only through textContent, nothing evaluated.
+ESLINT_CONFIG = """export default [{
+  files: ["**/*.js"],
+  languageOptions: {
+    ecmaVersion: 2022, sourceType: "script",
+    globals: Object.fromEntries(["window", "document", "location", "localStorage", "WebSocket",
+      "Notification", "Audio", "Blob", "URL", "URLSearchParams", "crypto", "atob", "btoa",
+      "setTimeout", "clearTimeout", "setInterval"].map((name) => [name, "readonly"])),
+  },
+  rules: {
+    "no-undef": "error", "no-unused-vars": "error", "no-eval": "error", "no-implied-eval": "error",
+    "no-new-func": "error", "no-script-url": "error",
+    "no-restricted-properties": ["error",
+      {property: "innerHTML", message: "set text with textContent"},
+      {property: "outerHTML", message: "set text with textContent"},
+      {property: "insertAdjacentHTML", message: "add text with createTextNode"},
+      {object: "document", property: "write", message: "build nodes instead"}],
+  },
+}];
+"""
+
+
+def missing_web_tool(reason: str) -> None:
+    """Skip, or fail under CI (which installs every tool these tests need)."""
+    if os.environ.get("CI"):
+        raise AssertionError(f"CI must provide this: {reason}")
+    raise unittest.SkipTest(reason)
+
+
+def find_playwright() -> bool:
+    """Whether Playwright imports, from this Python or from PYCHAT_TEST_VENV."""
+    if importlib.util.find_spec("playwright") is None and os.environ.get("PYCHAT_TEST_VENV"):
+        venv = Path(os.environ["PYCHAT_TEST_VENV"])
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        for site in (venv / "lib" / version / "site-packages", venv / "Lib" / "site-packages"):
+            if (site / "playwright").is_dir() and str(site) not in sys.path:
+                sys.path.append(str(site))  # at the end: it never shadows the stdlib
+                importlib.invalidate_caches()
+    return importlib.util.find_spec("playwright") is not None
+
+
+class WebScriptLintTests(unittest.TestCase):
+    """WEB_JS as served (the command table filled in) is code: node and ESLint check it."""
+
+    def test_page_script_parses_and_passes_eslint(self):
+        node = shutil.which("node")
+        if node is None:
+            missing_web_tool("needs Node.js for `node --check`: apt-get install nodejs")
+        with tempfile.TemporaryDirectory() as tmp:
+            script = Path(tmp) / "app.js"
+            script.write_bytes(pychat.web_js())
+            self.assertNotIn(pychat.WEB_COMMANDS_MARK, script.read_text(encoding="utf-8"))
+            run = subprocess.run([node, "--check", str(script)], capture_output=True, text=True,
+                                 timeout=30)
+            self.assertEqual(run.returncode, 0, run.stderr)
+            eslint = Path(os.environ.get("PYCHAT_ESLINT", "/nonexistent")) / "node_modules" / \
+                ".bin" / "eslint"
+            if not eslint.exists():
+                missing_web_tool("needs ESLint 9: npm install eslint@9 in a folder named by "
+                                 "PYCHAT_ESLINT")
+            (Path(tmp) / "eslint.config.mjs").write_text(ESLINT_CONFIG, encoding="utf-8")
+            run = subprocess.run([str(eslint), "--max-warnings", "0", "app.js"], cwd=tmp,
+                                 capture_output=True, text=True, timeout=60)
+            self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+
+    def test_the_page_has_no_inline_code_and_its_commands_come_from_the_table(self):
+        for text in (pychat.WEB_HTML, pychat.WEB_JS):
+            for banned in ("innerHTML", "outerHTML", "insertAdjacentHTML", "eval(", "javascript:"):
+                self.assertFalse(banned in text, banned)
+        self.assertNotRegex(pychat.WEB_HTML, r"<script>|<style|\son[a-z]+=|\sstyle=")
+        self.assertIn(pychat.WEB_COMMANDS_MARK, pychat.WEB_JS)
+        table = pychat.web_commands()
+        names = {c["name"] for c in table["commands"]}
+        self.assertLessEqual({"me", "msg", "join", "part", "send", "accept", "help", "quit"}, names)
+        self.assertEqual([("/" + c["name"] + " " + c["args"]).rstrip() for c in table["commands"]],
+                         [u for u, _ in pychat.help_rows("web")][:len(table["commands"])])
+        self.assertIn(json.dumps(table, ensure_ascii=False, separators=(",", ":")),
+                      pychat.web_js().decode("utf-8"))
+
+
+class CliPeer:
+    """`python pychat.py cli` as a real subprocess: lines in, screen lines out."""
+
+    def __init__(self, test: unittest.TestCase, port: int, nick: str, *extra: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, PYCHAT, "cli", "--host", HOST, "--port", str(port), "--nick", nick,
+             *extra], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, encoding="utf-8", env={**os.environ, "NO_COLOR": "1"})
+        self.lines: list[str] = []
+        self._new = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        test.addCleanup(self.close)  # (it joins while the page loads: expect() waits)
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._new:
+                self.lines.append(line.rstrip("\n"))
+                self._new.notify_all()
+
+    def say(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def expect(self, text: str, after: int = 0, timeout: float = TIMEOUT) -> int:
+        """Wait for a line holding `text` (from line `after` on); its index."""
+        deadline = time.monotonic() + timeout
+        with self._new:
+            while True:
+                for i in range(after, len(self.lines)):
+                    if text in self.lines[i]:
+                        return i
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {text!r} from the cli in:\n" + "\n".join(self.lines))
+                self._new.wait(left)
+
+    def count(self, text: str) -> int:
+        with self._new:
+            return sum(text in line for line in self.lines)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(TIMEOUT)
+        self.proc.stdout.close()
+
+
+class WebPageTests(unittest.TestCase):
+    """The page as people use it: one Chromium for the class, a fresh context
+    (cookies, storage) per page.  Every page must load and run without a
+    console error: a Content-Security-Policy violation would be one."""
+
+    PHONE = {"viewport": {"width": 360, "height": 740}, "is_mobile": True, "has_touch": True,
+             "device_scale_factor": 2}
+    DESKTOP = {"viewport": {"width": 1280, "height": 800}, "color_scheme": "dark"}
+
+    @classmethod
+    def setUpClass(cls):
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        if chromium is None or not find_playwright():
+            missing_web_tool(WEB_REASON)
+        from playwright.sync_api import sync_playwright
+        cls.playwright = sync_playwright().start()
+        # --no-sandbox: Chromium's sandbox refuses to run as root (CI runs as root).
+        cls.browser = cls.playwright.chromium.launch(executable_path=chromium,
+                                                     args=["--no-sandbox"])
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.browser.close()
+        cls.playwright.stop()
+
+    def server(self, port: int = 0) -> ServerThread:
+        """A real server in a thread (web gateway included), stopped at cleanup."""
+        server = ServerThread().start(port)
+        self.addCleanup(server.stop)
+        return server
+
+    def open_page(self, port: int, nick: str | None, device: dict | None = None,
+                  allowed_errors: tuple[str, ...] = ()):
+        """A page of the server in a new context, joined as `nick`."""
+        context = self.browser.new_context(**(device or self.PHONE), accept_downloads=True)
+        context.grant_permissions(["notifications"], origin=f"http://{HOST}:{port}")
+        self.addCleanup(context.close)
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT * 1000)
+        problems: list[str] = []
+        page.on("console", lambda m: m.type == "error" and not any(
+            a in m.text for a in allowed_errors) and problems.append(m.text))
+        page.on("pageerror", lambda e: problems.append(f"uncaught: {e}"))
+        page.on("dialog", lambda d: problems.append(f"a dialog opened: {d.message}"))
+        self.addCleanup(lambda: self.assertEqual(problems, [], "console errors on the page"))
+        page.goto(f"http://{HOST}:{port}/")
+        if nick is not None:
+            page.fill("#login-nick", nick)
+            page.click("#login-join")
+            page.wait_for_selector(f"text=You are {nick} in #lobby")
+        return page
+
+    def open_conversation(self, page, label: str) -> None:
+        """Click a conversation in the sidebar (opening the drawer on a phone)."""
+        if page.is_visible("#menu"):
+            page.click("#menu")
+        page.click(f"#convs button:has-text('{label}')")
+        page.wait_for_selector(f"#conv-title >> text={label}")
+
+    def type_line(self, page, line: str) -> None:
+        page.fill("#input", line)
+        page.press("#input", "Enter")
+
+    def texts(self, page) -> list[str]:
+        """The message texts of the conversation on show."""
+        return page.eval_on_selector_all(".pane:not([hidden]) .msg .text",
+                                         "nodes => nodes.map(n => n.textContent)")
+
+    def test_browser_and_terminal_chat_in_two_rooms_and_privately(self):
+        port = self.server().port
+        bob = CliPeer(self, port, "bob")
+        page = self.open_page(port, "alice")
+        page.wait_for_selector("#people >> text=bob")
+        bob.say("hello from the terminal")
+        page.wait_for_selector(".msg >> text=hello from the terminal")
+        self.type_line(page, "hi bob, from a phone 📱")
+        bob.expect("<alice> hi bob, from a phone 📱")
+        # A second room: both join, both talk there.
+        self.type_line(page, "/join #dev")
+        page.wait_for_selector("#conv-title >> text=#dev")
+        bob.say("/join #dev")
+        page.wait_for_selector("#people >> text=bob")
+        bob.say("in dev now")
+        page.wait_for_selector(".msg >> text=in dev now")
+        self.type_line(page, "/me ships it")
+        bob.expect("* alice ships it")
+        # Something in the lobby while alice looks at #dev: an unread count.
+        bob.say("/room #lobby")
+        bob.say("back in the lobby")
+        page.wait_for_selector("#convs button:has-text('#lobby') .badge >> text=1")
+        self.assertEqual(page.title(), "(1) PyChat \u2014 #dev")
+        # Privately, both ways; the conversation opens by itself.
+        bob.say("/msg alice psst, a secret")
+        page.wait_for_selector("#convs >> text=@ bob")
+        self.open_conversation(page, "@ bob")
+        page.wait_for_selector(".pane:not([hidden]) .msg >> text=psst, a secret")
+        self.type_line(page, "only for you")
+        bob.expect("[pm] <alice> only for you")
+        page.wait_for_selector(".pane:not([hidden]) .msg >> text=only for you")
+        self.assertEqual(self.texts(page), ["psst, a secret", "only for you"])
+        self.open_conversation(page, "#lobby")
+        self.assertIn("back in the lobby", self.texts(page))
+        self.assertNotIn("(", page.title())  # everything read
+        self.assertEqual(bob.count("hi bob, from a phone"), 1)
+
+    def test_hostile_text_is_text_links_are_safe_and_mentions_stand_out(self):
+        port = self.server().port
+        bob = CliPeer(self, port, "bob")
+        page = self.open_page(port, "alice")
+        page.wait_for_selector("#people >> text=bob")
+        bob.say('<script>alert(1)</script><img src=x onerror="alert(2)"> alice: see '
+                'https://example.com/a?b=1&c=<i>')
+        line = page.wait_for_selector(".msg.mention")
+        self.assertEqual(line.eval_on_selector(".text", "n => n.textContent"),
+                         '<script>alert(1)</script><img src=x onerror="alert(2)"> alice: see '
+                         'https://example.com/a?b=1&c=<i>')
+        self.assertEqual(page.eval_on_selector_all("#log script, #log img, #log i", "n => n.length"),
+                         0)
+        link = line.query_selector("a")
+        self.assertEqual(link.get_attribute("href"), "https://example.com/a?b=1&c=")
+        self.assertEqual(link.get_attribute("rel"), "noopener noreferrer")
+        self.assertEqual(link.get_attribute("target"), "_blank")
+        # A command the page refuses stays in the box, explained; /help is the table.
+        self.type_line(page, "/frobnicate now")
+        page.wait_for_selector("text=Unknown command /frobnicate")
+        self.assertEqual(page.input_value("#input"), "/frobnicate now")
+        self.type_line(page, "/help")
+        page.wait_for_selector(".help")
+        self.assertEqual(page.eval_on_selector_all(".help code", "n => n.map(c => c.textContent)"),
+                         [usage for usage, _ in pychat.help_rows("web")])
+        # The emoji picker: search by name, pick, and it lands in the box.
+        page.fill("#input", "great ")
+        page.click("#emoji")
+        page.fill("#emoji-search", "tada")
+        page.press("#emoji-search", "Enter")
+        self.assertEqual(page.input_value("#input"), "great 🎉")
+        self.assertTrue(page.is_hidden("#emoji-panel"))
+
+    def test_the_page_survives_a_server_restart_and_sends_the_queued_message_once(self):
+        server = self.server()
+        port = server.port
+        bob = CliPeer(self, port, "bob")
+        page = self.open_page(port, "alice",
+                              allowed_errors=("WebSocket connection to",))  # while it is down
+        page.wait_for_selector("#people >> text=bob")
+        server.stop()
+        page.wait_for_selector("#banner:not([hidden])")
+        self.type_line(page, "typed while the server was away")
+        page.wait_for_selector("#pending >> text=typed while the server was away")
+        seen = len(bob.lines)
+        self.server(port)
+        bob.expect("<alice> typed while the server was away", after=seen, timeout=20)
+        page.wait_for_selector(".msg .text >> text=typed while the server was away")
+        page.wait_for_selector("#banner", state="hidden")
+        self.assertEqual(page.eval_on_selector_all("#pending li", "n => n.length"), 0)
+        self.type_line(page, "and after")
+        bob.expect("<alice> and after")
+        self.assertEqual(bob.count("typed while the server was away"), 1)
+        self.assertEqual(self.texts(page).count("typed while the server was away"), 1)
+
+    def test_files_go_both_ways_byte_identical(self):
+        port = self.server().port
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "bob-downloads"
+            bob = CliPeer(self, port, "bob", "--auto-accept-max", "10M", "--download-dir",
+                          str(folder))
+            page = self.open_page(port, "alice")
+            page.wait_for_selector("#people >> text=bob")
+            # Browser -> cli: more chunks than the window, so acks pace it.
+            upload = Path(tmp) / "from the phone.bin"
+            upload.write_bytes(random.Random(17).randbytes((pychat.FILE_WINDOW + 4) * pychat.FILE_CHUNK + 123))
+            page.set_input_files("#file", str(upload))
+            bob.expect("Received from the phone.bin (640.1 KiB) from alice, size and SHA-256 checked")
+            self.assertEqual((folder / upload.name).read_bytes(), upload.read_bytes())
+            page.wait_for_selector(".file >> text=delivered to bob")
+            # Dropped on the page: the same way out.
+            page.evaluate("""() => {
+                const files = new DataTransfer();
+                files.items.add(new File(["dropped 📦\\n"], "dropped.txt"));
+                for (const kind of ["dragenter", "dragover", "drop"]) {
+                    document.dispatchEvent(new DragEvent(kind, {dataTransfer: files, cancelable: true}));
+                }
+            }""")
+            bob.expect("Received dropped.txt")
+            self.assertEqual((folder / "dropped.txt").read_text(encoding="utf-8"), "dropped 📦\n")
+            # Cli -> browser, privately: accept, check, save, and a picture shown inline.
+            picture = Path(tmp) / "whiteboard.png"
+            picture.write_bytes(pychat.icon_png())
+            bob.say(f'/send alice "{picture}"')
+            self.open_conversation(page, "@ bob")
+            page.click(".file:has-text('whiteboard.png') button:text-is('Accept')")
+            page.wait_for_selector(".file >> text=size and SHA-256 checked")
+            with page.expect_download() as download:
+                page.click(".file >> text=Save whiteboard.png")
+            self.assertEqual(download.value.suggested_filename, "whiteboard.png")
+            self.assertEqual(Path(download.value.path()).read_bytes(), picture.read_bytes())
+            self.assertTrue(page.eval_on_selector(".file img", "img => img.naturalWidth > 0"))
+            bob.expect("alice received whiteboard.png, checked")
+
+    def test_a_page_in_the_background_notifies_counts_and_marks_new_messages(self):
+        port = self.server().port
+        page = self.open_page(port, "alice")
+        # Stand-ins for what a headless browser cannot show: the system
+        # notification, the chime, and a tab in the background.
+        page.evaluate("""() => {
+            window.shown = [];
+            window.Notification = class {
+                constructor(title, options) { window.shown.push(["notification", title, options.body]); }
+                static get permission() { return "granted"; }
+            };
+            window.Audio = function (src) {
+                return { play: () => { window.shown.push(["ding", src]); return Promise.resolve(); } };
+            };
+            Object.defineProperty(document, "hidden", { configurable: true, get: () => true });
+            document.dispatchEvent(new Event("visibilitychange"));
+        }""")
+        bob = LinePeer(port, "bob")
+        self.addCleanup(bob.sock.close)
+        bob.send({"type": "msg", "room": "#lobby", "text": "are you there?"})
+        page.wait_for_selector(".marker + .msg >> text=are you there?")  # after "new messages"
+        self.assertEqual(page.title(), "(1) PyChat \u2014 #lobby")
+        self.assertEqual(page.evaluate("window.shown"),
+                         [["ding", "/ding.wav"], ["notification", "bob in #lobby", "are you there?"]])
+        self.assertEqual(page.text_content("#live"), "bob: are you there?")
+        page.evaluate("""() => {
+            Object.defineProperty(document, "hidden", { configurable: true, get: () => false });
+            document.dispatchEvent(new Event("visibilitychange"));
+        }""")
+        self.assertEqual(page.title(), "PyChat \u2014 #lobby")
+        self.assertEqual(page.eval_on_selector_all(".marker", "n => n.length"), 1)  # still shown
+
+    def test_a_password_is_asked_for_when_the_server_wants_one(self):
+        server = ServerThread(password="open sesame").start()
+        self.addCleanup(server.stop)
+        page = self.open_page(server.port, None)
+        page.fill("#login-nick", "alice")
+        page.click("#login-join")
+        page.wait_for_selector("#login-password")  # the server said auth_failed
+        self.assertIn("password", page.text_content("#login-error").lower())
+        page.fill("#login-password", "wrong")
+        page.click("#login-join")
+        page.wait_for_selector("#login-error >> text=/password/i")
+        page.fill("#login-password", "open sesame")
+        page.click("#login-join")
+        page.wait_for_selector("text=You are alice in #lobby")
+
+    def test_sha256_without_web_crypto_matches_it(self):
+        # On plain http from the LAN (not a secure context) the page hashes files itself.
+        port = self.server().port
+        page = self.open_page(port, None)
+        same = page.evaluate("""async () => {
+            const out = [];
+            for (const n of [0, 1, 55, 56, 63, 64, 65, 1000, 200000]) {
+                const data = new Uint8Array(n).map((_, i) => (i * 7 + n) & 255);
+                const web = Array.from(new Uint8Array(await crypto.subtle.digest("SHA-256", data)),
+                                       (x) => x.toString(16).padStart(2, "0")).join("");
+                const h = new window.PyChatSha256();
+                h.update(data.subarray(0, n >> 1)); h.update(data.subarray(n >> 1));
+                out.push(h.hex() === web);
+            }
+            return out;
+        }""")
+        self.assertEqual(same, [True] * 9)
+
+    def test_screenshots_of_a_conversation(self):
+        """docs/web-phone.png and docs/web-desktop.png, when PYCHAT_WEB_SHOTS names
+        the folder (otherwise they are only taken)."""
+        port = self.server().port
+        folder = Path(os.environ.get("PYCHAT_WEB_SHOTS") or tempfile.mkdtemp())
+        with tempfile.TemporaryDirectory() as tmp:
+            # bob takes carol's picture too, so that her cli has no open offer left.
+            bob = CliPeer(self, port, "bob", "--auto-accept-max", "1M", "--download-dir", tmp)
+            carol = CliPeer(self, port, "carol")
+            phone = self.open_page(port, "alice")
+            desk = self.open_page(port, "dave", self.DESKTOP)
+            self.type_line(desk, "/join #dev")
+            desk.wait_for_selector("#conv-title >> text=#dev")
+            self.open_conversation(desk, "#lobby")
+            for line in ("/topic release day: 2.0 ships at 4", "morning all ☕"):
+                bob.say(line)
+            carol.expect("morning all")
+            carol.say("build 1432 is green 🎉 https://ci.example.com/1432")
+            phone.wait_for_selector("text=build 1432")
+            self.type_line(phone, "nice! bob: lunch at 12? 🍕")
+            bob.expect("lunch at 12")
+            bob.say("alice: sure, the usual place")
+            carol.say("/me is getting coffee")
+            bob.say("/msg dave the release notes are in the wiki")
+            desk.wait_for_selector("#convs button:has-text('@ bob') .badge")
+            picture = Path(tmp) / "whiteboard.png"
+            picture.write_bytes(pychat.icon_png())
+            carol.say(f'/send "{picture}"')
+            desk.click(".file:has-text('whiteboard.png') button:text-is('Accept')")
+            desk.wait_for_selector(".file img")
+            phone.wait_for_selector("text=is getting coffee")
+            erin = LinePeer(port, "erin")
+            self.addCleanup(erin.sock.close)
+            erin.send({"type": "typing", "room": "#lobby"})
+            desk.wait_for_selector("text=erin is typing...")
+            phone.wait_for_selector("text=erin is typing...")
+            phone.fill("#input", "see you there 👍")
+            phone.wait_for_selector(".file button:text-is('Accept')")
+            phone.screenshot(path=str(folder / "web-phone.png"))
+            desk.screenshot(path=str(folder / "web-desktop.png"))
+            phone.click(".file button:text-is('Decline')")  # so carol's cli can quit at once
+        for name in ("web-phone.png", "web-desktop.png"):
+            self.assertEqual((folder / name).read_bytes()[:8], b"\x89PNG\r\n\x1a\n")
 
 
 class ClientTests(ServerCase):
