@@ -12110,6 +12110,15 @@ async def _bench_deliveries(clients: list, expected: int, progress: Progress,
         await asyncio.sleep(0.05)
 
 
+def bench_wires(args: argparse.Namespace, clients: int) -> tuple[int, int]:
+    """How many receivers join by IRC and by WebSocket: --irc and --ws, or with
+    --proto all of them (irc, ws), or a third each of JSON, IRC and WebSocket
+    (mixed)."""
+    room = max(0, clients - args.senders - min(BENCH_LATENCY_SAMPLE, clients))
+    return {"irc": (room, 0), "ws": (0, room), "mixed": (room // 3, room // 3)}.get(
+        args.proto, (args.irc, args.ws))
+
+
 async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messages: int,
                        rate: float, progress: Progress, timeout: float,
                        server_pid: int | None, irc: int = 0,
@@ -12347,11 +12356,10 @@ async def run_bench(args: argparse.Namespace) -> list[dict]:
                 host, pid = "127.0.0.1", proc.pid
             try:
                 if args.scenario == "fanout":
+                    irc, ws = bench_wires(args, clients) if name == "pychat" else (0, 0)
                     result = await bench_fanout(host, port, clients, args.senders,
                                                 args.messages, args.rate, progress,
-                                                args.timeout, pid,
-                                                args.irc if name == "pychat" else 0,
-                                                args.ws if name == "pychat" else 0)
+                                                args.timeout, pid, irc, ws)
                 else:
                     result = await bench_connections(host, port, clients, progress, pid)
             finally:
@@ -13049,6 +13057,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ws", type=_non_negative_int, default=0, metavar="N",
                        help="fanout: N of the receivers are browsers, by WebSocket (the "
                        "reference server gets JSON clients only) (default: %(default)s)")
+    bench.add_argument("--proto", type=_any_case,
+                       choices=("json", "irc", "ws", "mixed"), default="json",
+                       help="fanout: how the receivers join: json (PyChat clients), irc, ws "
+                       "(browsers), or mixed (a third each); json leaves it to --irc and --ws "
+                       "(default: %(default)s)")
     bench.add_argument("--rate", type=_non_negative, default=0.0, metavar="R",
                        help="messages per second per sender; 0: unpaced, each sender keeps "
                             f"{BENCH_WINDOW} messages in flight and sends the next as one "

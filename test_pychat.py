@@ -5039,6 +5039,18 @@ class BenchTests(unittest.TestCase):
             self.assertLessEqual(lat["p99"], lat["max"])
         self.assertIn("vs_reference", results[0])
 
+    def test_proto_puts_every_receiver_on_one_wire_or_a_third_on_each(self):
+        (result,) = self.run_bench("--clients", "26", "--senders", "2", "--messages", "10",
+                                   "--proto", "MIXED")
+        receivers = 26 - 2 - pychat.BENCH_LATENCY_SAMPLE
+        self.assertEqual((result["irc_clients"], result["ws_clients"]),
+                         (receivers // 3, receivers // 3))
+        self.assertEqual((result["received_deliveries"], result["lost"]), (2 * 10 * 26, 0))
+        (result,) = self.run_bench("--clients", "16", "--senders", "2", "--messages", "10",
+                                   "--proto", "ws")
+        self.assertEqual((result["ws_clients"], result["irc_clients"]),
+                         (16 - 2 - pychat.BENCH_LATENCY_SAMPLE, 0))
+
     def test_irc_receivers_count_every_message_too(self):
         (result,) = self.run_bench("--clients", "20", "--irc", "8", "--senders", "2",
                                    "--messages", "15")
