@@ -4278,7 +4278,7 @@ button.icon:hover { background: var(--button); }
 /* --- the chat: header, drawer, messages, composer */
 .chat {
   height: 100vh; height: 100dvh; display: grid;
-  grid-template: "top top" auto "drawer main" 1fr "drawer composer" auto / 260px 1fr;
+  grid-template: "top top" auto "drawer main" 1fr "drawer composer" auto / 260px minmax(0, 1fr);
 }
 .top {
   grid-area: top; display: flex; align-items: center; gap: 8px; padding: 4px 8px;
@@ -4287,7 +4287,8 @@ button.icon:hover { background: var(--button); }
 .top .title { flex: 1; min-width: 0; }
 .top h1 { font-size: 1.05rem; margin: 0; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 .topic { margin: 0; font-size: .85rem; color: var(--dim); white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
-.status { margin: 0; font-size: .8rem; color: var(--dim); white-space: nowrap; }
+.status { margin: 0; font-size: .8rem; color: var(--dim); white-space: nowrap; overflow: hidden;
+  text-overflow: ellipsis; min-width: 0; }
 .status.down { color: var(--error); }
 #menu { display: none; }
 .drawer { grid-area: drawer; background: var(--side); overflow-y: auto; padding: 8px; }
@@ -4372,10 +4373,10 @@ button.icon:hover { background: var(--button); }
   background: var(--side); border: 1px solid var(--line); border-radius: 10px; padding: 8px;
   box-shadow: 0 8px 24px rgba(0, 0, 0, .35); z-index: 20;
 }
-.emoji-panel input { width: 100%; min-height: 40px; padding: 6px 10px; border-radius: 6px;
+.emoji-panel input { width: 100%; min-height: 44px; padding: 6px 10px; border-radius: 6px;
   border: 1px solid var(--line); background: var(--input); }
 .emoji-tabs { display: flex; overflow-x: auto; gap: 2px; margin: 6px 0; }
-.emoji-tabs button { min-width: 40px; min-height: 40px; padding: 0; background: transparent; font-size: 1.2rem; }
+.emoji-tabs button { min-width: 44px; min-height: 44px; padding: 0; background: transparent; font-size: 1.2rem; }
 .emoji-tabs button[aria-selected="true"] { background: var(--input); }
 .emoji-grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(44px, 1fr)); max-height: 220px; overflow-y: auto; }
 .emoji-grid button { background: transparent; font-size: 1.5rem; padding: 0; }
@@ -4389,7 +4390,7 @@ button.icon:hover { background: var(--button); }
 
 /* --- phones: the sidebar becomes a drawer */
 @media (max-width: 720px) {
-  .chat { grid-template: "top" auto "main" 1fr "composer" auto / 1fr; }
+  .chat { grid-template: "top" auto "main" 1fr "composer" auto / minmax(0, 1fr); }
   #menu { display: inline-block; }
   .status { display: none; }
   .status.down { display: block; }
@@ -5211,6 +5212,7 @@ WEB_JS = r"""// PyChat in the browser: one more JSON session over a WebSocket (p
         fileCard(t, c);
         setState(t, "Nothing is saved unless you accept.");
         t.actions.append(button("Accept", "primary", () => acceptFile(t)), button("Decline", "", () => declineFile(t)));
+        if (!visible(c)) { c.unread += 1; renderConvs(); updateTitle(); }  // like a message
         if (!visible(c) || document.hidden) notify(t.from + " offers a file", t.name, c);
       }
       S.transfers.set(id, t);
@@ -5483,6 +5485,7 @@ WEB_JS = r"""// PyChat in the browser: one more JSON session over a WebSocket (p
       case "help": showHelp(); return "";
       case "quit":
         S.wanted = false;
+        store.set("nick", "");  // a shared laptop's next pupil starts at the form
         sendNow(Object.assign({ type: "quit" }, arg ? { reason: arg } : {}));
         if (S.ws) S.ws.close();
         setStatus("You left the chat.", true);

@@ -2811,6 +2811,35 @@ class WebPageTests(unittest.TestCase):
         page.click("#login-join")
         page.wait_for_selector("text=You are alice in #lobby")
 
+    def test_a_phone_page_stays_phone_wide_and_a_shared_laptop_forgets_who_left(self):
+        srv = self.server()
+        page = self.open_page(srv.port, "alice", allowed_errors=("WebSocket connection to",))
+        bob = SyncPeer(srv.port, "bob")
+        self.addCleanup(bob.close)
+        width = "document.documentElement.scrollWidth"
+        bob.send({"type": "topic", "room": "#lobby", "topic": "Fractions week: bring your "
+                  "worksheet (pages 12-15) and a calculator, homework due Friday " * 3})
+        page.wait_for_selector("#conv-topic >> text=Fractions week")
+        self.assertLessEqual(page.evaluate(width), 360)  # a long topic is cut, not wide
+        # A file offered privately counts as unread, like a message.
+        data = b"worksheet"
+        bob.send({"type": "file_offer", "to": "alice", "name": "sheet.txt", "size": len(data),
+                  "sha256": hashlib.sha256(data).hexdigest()})
+        bob.expect("file_offer")
+        page.wait_for_selector("#convs button:has-text('bob') .badge >> text=1")
+        # /quit: the next pupil on this laptop starts at the form, not as alice.
+        self.type_line(page, "/quit")
+        page.wait_for_selector("text=You left the chat")
+        page.reload()
+        page.wait_for_selector("#login-nick")
+        self.assertEqual(page.input_value("#login-nick"), "")
+        page.fill("#login-nick", "amy")
+        page.click("#login-join")
+        page.wait_for_selector("text=You are amy in #lobby")
+        srv.stop()  # the reconnecting line stays inside the phone too
+        page.wait_for_selector(".status.down")
+        self.assertLessEqual(page.evaluate(width), 360)
+
     def test_sha256_without_web_crypto_matches_it(self):
         # On plain http from the LAN (not a secure context) the page hashes files itself.
         port = self.server().port
