@@ -52,6 +52,7 @@ import collections
 import dataclasses
 import datetime
 import errno
+import gc
 import getpass
 import hashlib
 import hmac
@@ -88,6 +89,33 @@ from typing import Any, Callable, Iterator, Mapping
 __version__ = "0.1.0"
 
 log = logging.getLogger("pychat")
+
+
+def _run_as_module() -> None:
+    """`python pychat.py ...` keeps this file's whole syntax tree (about 30 MiB)
+    alive until the program ends: CPython frees a script's tree only after
+    running it.  An imported module's tree is freed once compiled.  So on
+    POSIX the script replaces itself (same process, same arguments and
+    interpreter options) with the interpreter importing this file as a module.
+    Elsewhere, or if that fails, it simply runs on as it is."""
+    script = Path(sys.argv[0])
+    name = script.stem
+    if os.name != "posix" or not name.isidentifier() or not script.is_file() or \
+            script.resolve() != Path(__file__).resolve() or \
+            sys.argv[0] not in getattr(sys, "orig_argv", ()):
+        return
+    start = sys.orig_argv.index(sys.argv[0])
+    shim = ("import runpy, sys; sys.argv.pop(0); sys.path.insert(0, sys.argv[0].rpartition("
+            f"'/')[0] or '.'); runpy.run_module({name!r}, run_name='__main__', alter_sys=True)")
+    try:
+        sys.stdout.flush()
+        os.execv(sys.executable, [*sys.orig_argv[:start], "-c", shim, *sys.argv])
+    except OSError:
+        pass  # run on as a script
+
+
+if __name__ == "__main__" and __spec__ is None:  # started as a script, not imported
+    _run_as_module()
 
 
 # ===========================================================================
@@ -13125,6 +13153,11 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"pychat: cannot listen on {args.host or '*'}:{args.port}: {e.strerror or e}",
               file=sys.stderr)
         return 1
+    # Compiling this file as a script peaks at about 40 MiB of syntax trees,
+    # freed but kept by the C heap: hand it back (59 -> 29 MiB idle, Linux).
+    gc.collect()
+    if server._trim is not None:
+        server._trim()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 

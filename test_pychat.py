@@ -1137,6 +1137,30 @@ class ShutdownTests(ServerCase):
 class ServerProcessTests(unittest.TestCase):
     """The real `python pychat.py server` command."""
 
+    @unittest.skipUnless(os.name == "posix" and Path("/proc/self/cmdline").exists(),
+                         "reads the process's command line from /proc")
+    def test_python_pychat_py_runs_on_as_the_module_and_chats(self):
+        # As users start it, with an interpreter option that must survive.
+        proc = subprocess.Popen([sys.executable, "-X", "utf8", PYCHAT, "server", "--host", HOST,
+                                 "--port", "0"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=str(HERE))
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.stderr.close)
+        line = proc.stdout.readline()
+        self.assertIn("listening on", line, proc.stderr.read() if proc.poll() else "")
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode().split("\0")
+        # The same process now imports the file (its syntax tree freed), with
+        # the same interpreter option and arguments.
+        self.assertEqual(argv[1:3], ["-X", "utf8"])
+        self.assertEqual(argv[3], "-c")
+        self.assertIn("runpy.run_module('pychat'", argv[4])
+        self.assertEqual(argv[5:8], [PYCHAT, "server", "--host"])
+        peer = SyncPeer(int(line.rsplit("(port ", 1)[1].rstrip(")\n")), "alice")
+        peer.send({"type": "msg", "text": "still a server"})
+        self.assertEqual(peer.expect("msg")["text"], "still a server")
+        peer.close()
+
     def start(self, *extra: str) -> tuple[subprocess.Popen, int]:
         proc = subprocess.Popen([*RUN, "server", "--host", HOST, "--port", "0",
                                  *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
