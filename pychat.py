@@ -12085,17 +12085,21 @@ async def _connect_clients(host: str, port: int, count: int, measure: int,
     return clients
 
 
-async def _bench_sender(client: BenchClient, messages: int, rate: float) -> None:
+async def _bench_sender(client: BenchClient, messages: int, rate: float,
+                        open_loop: bool = False) -> None:
     """One sender: `rate` messages a second, or (rate 0, unpaced) as fast as
-    the server echoes, with a window of messages in flight."""
-    if rate <= 0:
+    the server echoes, with a window of messages in flight; open loop (rate
+    0): as fast as it can, one message per write, never waiting for echoes
+    (the loop turns once between writes, so receivers keep reading)."""
+    if rate <= 0 and not open_loop:
         client.to_send = messages
         client.send_next(BENCH_WINDOW)
         return
     next_at = time.monotonic()
     for _ in range(messages):
         client.send(encode({"type": "msg", "text": f"{time.time():.6f} x"}))
-        next_at += 1 / rate
+        if rate > 0:
+            next_at += 1 / rate
         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
 
@@ -12122,7 +12126,7 @@ def bench_wires(args: argparse.Namespace, clients: int) -> tuple[int, int]:
 async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messages: int,
                        rate: float, progress: Progress, timeout: float,
                        server_pid: int | None, irc: int = 0,
-                       ws: int = 0) -> dict[str, Any]:
+                       ws: int = 0, open_loop: bool = False) -> dict[str, Any]:
     """N clients in one room; S of them send M messages each; everyone counts
     (`irc` of the receivers by IRC, `ws` by WebSocket)."""
     started = time.monotonic()
@@ -12140,7 +12144,8 @@ async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messa
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()
     cpu0 = time.process_time()
-    tasks = [loop.create_task(_bench_sender(c, messages, rate)) for c in clients[-senders:]]
+    tasks = [loop.create_task(_bench_sender(c, messages, rate, open_loop))
+             for c in clients[-senders:]]
     got = await _bench_deliveries(clients, expected, progress, t0 + timeout)
     elapsed = time.monotonic() - t0
     gen_cpu = time.process_time() - cpu0
@@ -12152,7 +12157,7 @@ async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messa
         "scenario": "fanout", "clients": clients_n, "irc_clients": irc, "ws_clients": ws,
         "senders": senders,
         "messages": messages,
-        "rate": rate, "connect_seconds": round(connect_s, 3),
+        "rate": rate, "open_loop": open_loop, "connect_seconds": round(connect_s, 3),
         "connects_per_second": round(clients_n / connect_s, 1) if connect_s else None,
         "sent": senders * messages, "expected_deliveries": expected,
         "received_deliveries": got, "lost": expected - got,
@@ -12359,7 +12364,8 @@ async def run_bench(args: argparse.Namespace) -> list[dict]:
                     irc, ws = bench_wires(args, clients) if name == "pychat" else (0, 0)
                     result = await bench_fanout(host, port, clients, args.senders,
                                                 args.messages, args.rate, progress,
-                                                args.timeout, pid, irc, ws)
+                                                args.timeout, pid, irc, ws,
+                                                args.open_loop)
                 else:
                     result = await bench_connections(host, port, clients, progress, pid)
             finally:
@@ -12399,6 +12405,8 @@ def bench_verdict(results: list[dict]) -> str:
     what = "idle connections"
     if fanout:
         load = "unpaced" if rows[0]["rate"] <= 0 else f"{rows[0]['rate']:g} messages/s each"
+        if rows[0].get("open_loop"):
+            load += ", open loop"
         what = f"active chatters ({rows[0]['senders']} sending, {load})"
     promise = (f"at p99 under {BENCH_P99_TARGET_MS} ms with nothing lost" if fanout
                else "with a sample of them all answering pings")
@@ -12423,6 +12431,9 @@ def bench_verdict(results: list[dict]) -> str:
 
 
 def _bench_rate(r: dict) -> str:
+    if r.get("open_loop") and r["rate"] <= 0:
+        return ("open loop (--open-loop: each sender writes one message at a time as fast "
+                "as it can, never waiting for echoes)")
     if r["rate"] <= 0:
         return (f"unpaced (--rate 0: each sender keeps {BENCH_WINDOW} messages in flight, "
                 "sending the next when one comes back)")
@@ -13066,6 +13077,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="messages per second per sender; 0: unpaced, each sender keeps "
                             f"{BENCH_WINDOW} messages in flight and sends the next as one "
                             "comes back (default: %(default)s)")
+    bench.add_argument("--open-loop", action="store_true",
+                       help="fanout: senders never wait for echoes: one message per write, "
+                            "at --rate or (rate 0) as fast as they can; latency then "
+                            "includes any queue the server lets build up")
     bench.add_argument("--host", default="127.0.0.1",
                        help="with --port: measure this running server instead")
     bench.add_argument("--port", type=_listen_port, default=0,
