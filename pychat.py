@@ -108,6 +108,17 @@ MAX_BACKLOG_BYTES = 1024 * 1024  # unsent bytes a client may owe before we drop 
 PING_INTERVAL = 30.0           # ping a client that has been silent this long
 PING_TIMEOUT = 20.0            # drop it if it stays silent this much longer
 
+# Latency under load (issue 18): how long one event-loop tick may handle
+# requests before it writes what they produced.  Past it, sessions stop
+# reading (their kernel buffers hold the rest, so senders feel TCP
+# backpressure) until the tick's output is written, then go on.  Measured:
+# with no bound, one 256 KiB read of an open-loop sender (thousands of
+# lines) kept every message in it waiting up to 120 ms for the tick's writes,
+# and a long tick let the next read grow longer still.  Shorter ticks cost
+# throughput (fewer messages per write): 10 ms lost a third of it at 1,000
+# members, 25 ms about none.
+TICK_SECONDS = 0.025
+
 MAX_NICK_LEN = 32
 MAX_REASON_LEN = 200           # quit reasons and other short free texts
 MAX_CID_LEN = 64               # client message ids are echoed, so keep them short
@@ -844,7 +855,8 @@ class Session(asyncio.Protocol):
                  "grace_bytes", "away", "away_told", "operator", "auth_hold_until",
                  "connected_at", "last_rx", "pinged_at", "tokens", "token_time",
                  "flood_penalty", "token", "wire", "native", "spoke", "identity", "subnet",
-                 "log_tokens", "log_time", "log_dropped", "history_unread", "tls_wait", "paused", "refusal", "authed")
+                 "log_tokens", "log_time", "log_dropped", "history_unread", "tls_wait", "paused", "refusal", "authed",
+                 "deferred")
 
     def __init__(self, server: ChatServer, wire: type[Wire] | None = None):
         self.server = server
@@ -882,6 +894,7 @@ class Session(asyncio.Protocol):
         self.paused = False            # the transport's buffer is past its high-water mark
         self.refusal = ""              # refused; said once its first line shows its protocol
         self.authed = False            # gave the server password before its hello (auth)
+        self.deferred = False          # complete lines wait in inbuf for the next tick
         # How this connection's bytes are read and written: JSON lines (the
         # core's own, written without a detour) unless a listener or the
         # first line says otherwise (see ChatServer.foreign_wire).
@@ -986,7 +999,17 @@ class Session(asyncio.Protocol):
             buf += data
         else:
             buf = data
-        limit = self.server.cfg.max_line_bytes
+        if self.deferred:  # (a transport that had data in hand when paused)
+            self.inbuf = buf
+            return
+        self._lines(buf, scan_from)
+
+    def _lines(self, buf: bytes | bytearray, scan_from: int = 0) -> None:
+        """Handle the complete lines in `buf` until the tick has worked for
+        TICK_SECONDS; the rest waits, with reading paused, for the next tick,
+        after this one's output is written."""
+        server = self.server
+        limit = server.cfg.max_line_bytes
         start = 0
         while not self.closing:
             nl = buf.find(b"\n", max(start, scan_from))
@@ -994,14 +1017,24 @@ class Session(asyncio.Protocol):
                 break
             if nl - start > limit:
                 break
+            now = time.perf_counter()
+            if server.tick_started is None:
+                server.tick_started = now
+            elif now - server.tick_started > TICK_SECONDS:
+                self.inbuf = buf[start:] if start else buf
+                self.defer()
+                return
             line = bytes(buf[start:nl])
             start = nl + 1
             try:
-                self.server.handle_line(self, line)
+                server.handle_line(self, line)
                 if not self.native and self.wire.byte_stream and not self.closing:
                     # The first line picked a wire that frames its own input
                     # (HTTP): the rest of these bytes, and all later ones, are its.
                     self.inbuf = b""
+                    if self.deferred:
+                        self.deferred = False
+                        self.transport.resume_reading()  # type: ignore[union-attr]
                     rest = bytes(buf[start:])
                     if rest:
                         self.wire.data(rest)
@@ -1013,10 +1046,31 @@ class Session(asyncio.Protocol):
             return
         rest = buf[start:] if start else buf
         self.inbuf = rest if rest else b""
+        if self.deferred:  # all caught up: read again
+            self.deferred = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
         if len(rest) > limit:
             self.inbuf = b""
             self.tell(error("line_too_long", f"Lines are limited to {limit} bytes; closing."))
             self.close("line_too_long")
+
+    def defer(self) -> None:
+        """Stop reading until this tick's output is out, then go on with the
+        lines already read (called_soon after the flush that schedule_flush
+        has queued, so it runs after it)."""
+        if not self.deferred:
+            self.deferred = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+        self.server.schedule_flush()
+        self.server.loop.call_soon(self.go_on)
+
+    def go_on(self) -> None:
+        if self.closing or not self.deferred:
+            return
+        buf, self.inbuf = self.inbuf, b""
+        self._lines(buf)
 
     # --- output
     def tell(self, event: dict, data: bytes | None = None) -> None:
@@ -1445,6 +1499,7 @@ class ChatServer:
         self.dirty: list[Session] = []          # sessions with output this tick
         self._flush_scheduled = False
         self.tick = 0                           # flushes so far (wires batch per tick)
+        self.tick_started: float | None = None  # its first request (see TICK_SECONDS)
         self.shutting_down = False
         self.instance = secrets.token_hex(6)  # message ids are only comparable within one
         self.secret = secrets.token_bytes(32)   # signs resume tokens (kept in state.json)
@@ -1760,6 +1815,7 @@ class ChatServer:
     def flush_all(self) -> None:
         """Write what every session is owed: one write per session per tick."""
         self.tick += 1
+        self.tick_started = None
         self._flush_scheduled = False
         dirty, self.dirty = self.dirty, []
         for s in dirty:
@@ -11858,6 +11914,15 @@ class BenchClient(asyncio.Protocol):
         self.to_send = 0                     # unpaced sender: messages still to send
         self.users_seen = 0                  # the user list: as welcomed, plus joins
         self.echo_marker = b'"from":' + json.dumps(nick).encode() + b","
+        self.writable: asyncio.Future | None = None  # set while the socket is full
+
+    def pause_writing(self) -> None:
+        self.writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+        self.writable = None
 
     def send_next(self, count: int) -> None:
         """Send up to `count` more of this sender's messages."""
@@ -12090,13 +12155,18 @@ async def _bench_sender(client: BenchClient, messages: int, rate: float,
     """One sender: `rate` messages a second, or (rate 0, unpaced) as fast as
     the server echoes, with a window of messages in flight; open loop (rate
     0): as fast as it can, one message per write, never waiting for echoes
-    (the loop turns once between writes, so receivers keep reading)."""
+    (the loop turns once between writes, so receivers keep reading).  Paced
+    and open-loop senders wait while their socket is full, as a real
+    client's write would: what the server has not read stays in TCP's
+    buffers, not in a queue of the generator's own."""
     if rate <= 0 and not open_loop:
         client.to_send = messages
         client.send_next(BENCH_WINDOW)
         return
     next_at = time.monotonic()
     for _ in range(messages):
+        if client.writable is not None:  # a real client's socket would block here too
+            await client.writable
         client.send(encode({"type": "msg", "text": f"{time.time():.6f} x"}))
         if rate > 0:
             next_at += 1 / rate
