@@ -260,7 +260,8 @@ ERRORS = {
 # every request against it before any handler runs.
 FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "hello": {"nick": (str, True), "password": (str, False), "client": (str, False),
-              "token": (str, False), "after": (dict, False), "instance": (str, False)},
+              "token": (str, False), "after": (dict, False), "instance": (str, False),
+              "features": (list, False)},
     "msg": {"text": (str, True), "room": (str, False), "action": (bool, False),
             "notice": (bool, False), "tags": (dict, False), "cid": ((str, int), False)},
     "nick": {"nick": (str, True)},
@@ -436,6 +437,30 @@ def nick_key(nick: str) -> str:
         return nick.lower()
     key = unicodedata.normalize("NFKC", nick).casefold().translate(_LOOKALIKE_FOLD)
     return unicodedata.normalize("NFC", key.replace("i\u0307", "i").replace("j\u0307", "j"))
+
+
+def users_delta(room: str, events: list[dict]) -> dict:
+    """One users_delta event for a run of join and leave events in a room
+    (a client that said "features": ["users_delta"] in its hello gets this
+    instead of them).  Applied as: remove everyone in "left", then add
+    everyone in "joined"; so a nick that left and came back is in both, and
+    one that came and went within the run is in neither."""
+    first: dict[str, dict] = {}
+    last: dict[str, dict] = {}
+    for e in events:
+        key = nick_key(e["nick"])
+        first.setdefault(key, e)
+        last[key] = e
+    joined = [e for e in last.values() if e["type"] == "join"]
+    delta: dict[str, Any] = {
+        "type": "users_delta", "room": room, "joined": [e["nick"] for e in joined],
+        "left": [{k: e[k] for k in ("nick", "reason", "message", "by") if k in e}
+                 for e in first.values() if e["type"] == "leave"],
+        "ts": events[-1]["ts"] if events else round(time.time(), 3)}
+    away = {e["nick"]: e["away"] for e in joined if e.get("away") is not None}
+    if away:
+        delta["away"] = away
+    return delta
 
 
 def error(code: str, message: str | None = None, **extra: Any) -> dict:
@@ -692,6 +717,13 @@ class Room:
         self.topic = ""
         self.topic_by = ""
         self.topic_ts = 0.0
+        # Joins and leaves of this tick, not yet written: (event, its render
+        # for the leaver's own wire kind, or None).  Written together, ahead of
+        # any other event to the room (ChatServer.flush_presence).
+        self.pending: list[tuple[dict, tuple[type, Any] | None]] = []
+        # Members who came in while some were pending: the index in `pending`
+        # from which the events are news to them (their user list had the rest).
+        self.fresh: dict[Session, int] = {}
 
     def remember(self, event: dict, size: int) -> dict | None:
         """Add a message to the history; the one that fell out, if any."""
@@ -744,8 +776,10 @@ class Room:
 
     def leave(self, key: str) -> None:
         """A member is gone from the room (and with her, her operator mark)."""
-        self.members.pop(key, None)
+        gone = self.members.pop(key, None)
         self.ops.discard(key)
+        if self.fresh and gone is not None:
+            self.fresh.pop(gone, None)
 
     def topic_event(self) -> dict:
         return {"type": "topic", "room": self.name, "topic": self.topic, "by": self.topic_by,
@@ -837,6 +871,14 @@ class Wire:
         has already made sure the session will be flushed."""
         self.s.out.append(rendered)
 
+    def take_presence(self, events: list[dict], rendered: list[Any], shared: dict) -> None:
+        """A tick's joins and leaves in one room, in order, each as render()
+        made it; `shared` is the same dict for every member of this wire kind
+        that gets the same events (a place to keep what is built once).  (The
+        core writes plain wires, whose take() is this class's, itself.)"""
+        for event, got in zip(events, rendered):
+            self.take(event, got)
+
     def joined(self, room: Room, after: int | None) -> None:
         """What a member needs on (re)joining a room."""
         self.server.send_room_state(self.s, room, after)
@@ -856,7 +898,7 @@ class Session(asyncio.Protocol):
                  "connected_at", "last_rx", "pinged_at", "tokens", "token_time",
                  "flood_penalty", "token", "wire", "native", "spoke", "identity", "subnet",
                  "log_tokens", "log_time", "log_dropped", "history_unread", "tls_wait", "paused", "refusal", "authed",
-                 "deferred")
+                 "deferred", "deltas")
 
     def __init__(self, server: ChatServer, wire: type[Wire] | None = None):
         self.server = server
@@ -895,6 +937,7 @@ class Session(asyncio.Protocol):
         self.refusal = ""              # refused; said once its first line shows its protocol
         self.authed = False            # gave the server password before its hello (auth)
         self.deferred = False          # complete lines wait in inbuf for the next tick
+        self.deltas = False            # said "users_delta" in its hello's features
         # How this connection's bytes are read and written: JSON lines (the
         # core's own, written without a detour) unless a listener or the
         # first line says otherwise (see ChatServer.foreign_wire).
@@ -1497,6 +1540,7 @@ class ChatServer:
         self.nicks: dict[str, Session] = {}     # nick_key -> registered session
         self.sessions: set[Session] = set()     # every open connection
         self.dirty: list[Session] = []          # sessions with output this tick
+        self.presence_rooms: list[Room] = []    # rooms with joins or leaves to write
         self._flush_scheduled = False
         self.tick = 0                           # flushes so far (wires batch per tick)
         self.tick_started: float | None = None  # its first request (see TICK_SECONDS)
@@ -1814,6 +1858,10 @@ class ChatServer:
 
     def flush_all(self) -> None:
         """Write what every session is owed: one write per session per tick."""
+        rooms, self.presence_rooms = self.presence_rooms, []
+        for room in rooms:
+            if room.pending:
+                self.flush_presence(room)
         self.tick += 1
         self.tick_started = None
         self._flush_scheduled = False
@@ -1826,6 +1874,8 @@ class ChatServer:
         room, encoded once per wire kind.  This is the hot loop: Session.send
         inlined (measured: about 15 % of the server's time per delivery at
         1,000 members); JSON members get the same bytes without a call."""
+        if room.pending:  # this tick's joins and leaves come first
+            self.flush_presence(room)
         if data is None:
             data = encode(event)
         dirty = self.dirty
@@ -1848,6 +1898,60 @@ class ChatServer:
                 out.append(got[0])
             else:
                 wire.take(event, got[0])
+        if dirty:
+            self.schedule_flush()
+
+    # --- joins and leaves: coalesced per tick (issue 18)
+    def presence(self, room: Room, event: dict, who: Session) -> None:
+        """A join or leave of `who`: written at the end of the tick with the
+        room's other joins and leaves (or before the next event to the room),
+        so a storm of N joins costs each member one write per tick, not N."""
+        if not room.pending:
+            self.presence_rooms.append(room)
+            self.schedule_flush()
+        # A wire that names people by more than their nick (IRC's user name)
+        # renders her own kind now, while the server still knows her.
+        early = None if who.native else (type(who.wire), who.wire.render(event))
+        room.pending.append((event, early))
+
+    def flush_presence(self, room: Room) -> None:
+        """Write a room's pending joins and leaves: to a JSON member that said
+        "users_delta" one users_delta event, to other JSON members the v1
+        join and leave lines, to other wires their own lines; each built once
+        per wire kind (and per starting point, for members who came in during
+        the tick and know the earlier ones from their user list)."""
+        pending, room.pending = room.pending, []
+        fresh, room.fresh = room.fresh, {}
+        events = [e for e, _ in pending]
+        built: dict[tuple[int, Any], Any] = {}
+        dirty = self.dirty
+        for s in room.members.values():
+            start = fresh.get(s, 0) if fresh else 0
+            if start >= len(events) or s.closing:
+                continue
+            if s.native:
+                key = (start, s.deltas)
+                data = built.get(key)
+                if data is None:
+                    data = built[key] = encode(users_delta(room.name, events[start:])) \
+                        if s.deltas else b"".join(map(encode, events[start:]))
+                if not s.out:
+                    dirty.append(s)
+                s.out.append(data)
+                continue
+            kind = type(s.wire)
+            got = built.get((start, kind))
+            if got is None:
+                rendered = [early[1] if early is not None and early[0] is kind
+                            else s.wire.render(e) for e, early in pending[start:]]
+                plain = kind.take is Wire.take  # WebSocket frames: one buffer for all
+                got = built[(start, kind)] = (rendered, b"".join(rendered) if plain else None, {})
+            if not s.out:
+                dirty.append(s)
+            if got[1] is not None:
+                s.out.append(got[1])
+            else:
+                s.wire.take_presence(events[start:], got[0], got[2])
         if dirty:
             self.schedule_flush()
 
@@ -1922,7 +2026,7 @@ class ChatServer:
         for room in list(s.rooms.values()):
             room.leave(key)
             if not self.shutting_down:  # at shutdown everyone gets "bye" instead: no O(N^2)
-                self.broadcast(room, dict(event, room=room.name))
+                self.presence(room, dict(event, room=room.name), s)
             self._forget_if_empty(room)
         s.rooms.clear()
         if self.nicks.get(key) is s:  # only now: wires may look her up to render her leave
@@ -2112,6 +2216,7 @@ class ChatServer:
         after = msg.get("after") if msg.get("instance") == self.instance else None
         after = {nick_key(str(k)): v for k, v in list((after or {}).items())[:self.cfg.max_rooms_per_user + 1]
                  if isinstance(v, int) and not isinstance(v, bool)}
+        s.deltas = "users_delta" in (msg.get("features") or ())
         ghost = self.nicks.get(nick_key(nick))
         token = msg.get("token")
         if ghost is not None and token and ghost.token and \
@@ -2157,6 +2262,8 @@ class ChatServer:
             ghost.nick, ghost.rooms, ghost.away, ghost.away_told, ghost.operator, ghost.identity
         for room in s.rooms.values():
             room.members[key] = s
+            if room.pending:  # its user list, sent next, has them all
+                room.fresh[s] = len(room.pending)
         self.nicks[key] = s
         ghost.nick, ghost.rooms = None, {}
         ghost.abort("replaced")
@@ -2166,8 +2273,9 @@ class ChatServer:
         join = {"type": "join", "room": room.name, "nick": s.nick, "ts": round(time.time(), 3)}
         if s.away is not None:
             join["away"] = s.away
-        self.broadcast(room, join)
+        self.presence(room, join, s)
         room.members[nick_key(s.nick)] = s
+        room.fresh[s] = len(room.pending)  # her user list has who came before her
         s.rooms[nick_key(room.name)] = room
         s.wire.joined(room, after)
 
@@ -2739,6 +2847,8 @@ class ChatServer:
         and to `also`."""
         audience = {s} if also is None else {s, also}
         for room in s.rooms.values():
+            if room.pending:  # this tick's joins and leaves come first
+                self.flush_presence(room)
             audience.update(room.members.values())
         data = encode(event)
         for member in audience:
@@ -3278,6 +3388,22 @@ class IrcWire(Wire):
         if self.wanted(e):
             self.s.out.extend(self.extras(e, rendered if rendered is not None
                                           else self.translate(e)))
+
+    def take_presence(self, events: list[dict], rendered: list[list[bytes] | None],
+                      shared: dict) -> None:
+        """A tick's JOIN/PART/QUIT lines: one buffer, built once for every
+        IRC member without capabilities that change lines (its own tags, an
+        AWAY after a JOIN) when no QUIT could come twice; else line by line."""
+        data = shared.get("plain")
+        if data is None:
+            simple = all(r is not None for r in rendered) and all(
+                e["type"] == "join" or e.get("reason") in ("part", "kick") for e in events)
+            data = shared["plain"] = b"".join(line for lines in rendered  # type: ignore
+                                              for line in lines) if simple else b""
+        if data and not self.caps:
+            self.s.out.append(data)
+        else:
+            super().take_presence(events, rendered, shared)
 
     def extras(self, e: dict, lines: list[bytes]) -> list[bytes]:
         """What this client's capabilities add: an AWAY after the JOIN of
@@ -6755,7 +6881,8 @@ class ChatClient:
             "file_result": self._on_file_result, "file_cancel": self._on_file_cancel}
         self._trackers: dict[str, Callable[[dict], dict | None]] = {
             "history": self._track_history, "msg": self._track_message,
-            "pm": self._track_message, "leave": self._track_leave, "error": self._track_error}
+            "pm": self._track_message, "leave": self._track_leave, "error": self._track_error,
+            "users_delta": self._track_users_delta}
 
     @property
     def nick(self) -> str:
@@ -7397,7 +7524,8 @@ class ChatClient:
                 return str(event.get("reason") or "the server said bye")
 
     def _hello(self) -> dict[str, Any]:
-        hello: dict[str, Any] = {"type": "hello", "nick": self.nick, "client": self.client_name}
+        hello: dict[str, Any] = {"type": "hello", "nick": self.nick, "client": self.client_name,
+                                 "features": ["users_delta"]}
         if self.password is not None:
             hello["password"] = self.password
         if self._token:  # back after a drop: our old connection may still hold the nick
@@ -7565,6 +7693,22 @@ class ChatClient:
         if self.state.in_room(self.room) is None and \
                 nick_key(str(event.get("nick", ""))) == nick_key(self.nick):
             self.room = next(iter(self.state.room_names()), LOBBY)  # we parted
+
+    def _track_users_delta(self, event: dict) -> None:
+        """A tick's joins and leaves in one room, in one event (our hello
+        asked for them so): taken in and shown as the leave and join events
+        it stands for, leaves first, so the UIs and the state know only those."""
+        room, ts = event.get("room"), event.get("ts")
+        for gone in event.get("left") or ():
+            if isinstance(gone, dict) and isinstance(gone.get("nick"), str):
+                self._track_leave(dict(gone, type="leave", room=room, ts=ts))
+        away = event.get("away") if isinstance(event.get("away"), dict) else {}
+        for nick in event.get("joined") or ():
+            if isinstance(nick, str):
+                join = {"type": "join", "room": room, "nick": nick, "ts": ts}
+                if isinstance(away.get(nick), str):
+                    join["away"] = away[nick]
+                self._emit(join)
 
     def _track_error(self, event: dict) -> dict | None:
         if event.get("request") == "join" and self.state.in_room(self.room) is None:
@@ -11935,12 +12079,12 @@ class BenchClient(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.write(encode({"type": "hello", "nick": self.nick,  # type: ignore[attr-defined]
-                                "client": "pychat-bench"}))
+                                "client": "pychat-bench", "features": ["users_delta"]}))
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data
         if not self.measure and not self.to_send and self.welcomed.done() \
-                and b'"type":"p' not in buf:
+                and b'"type":"p' not in buf and b'"type":"users_delta"' not in buf:
             # Fast path for plain receivers: count complete message lines without
             # splitting (a JSON string escapes its quotes, so the pattern can only
             # be a real "type" field).
@@ -11967,6 +12111,9 @@ class BenchClient(asyncio.Protocol):
                 self.users_seen = len(json.loads(line).get("users", []))
                 if not self.welcomed.done():
                     self.welcomed.set_result(True)
+            elif b'"type":"users_delta"' in line:
+                delta = json.loads(line)
+                self.users_seen += len(delta["joined"]) - len(delta["left"])
             elif b'"type":"join"' in line:
                 self.users_seen += 1
             elif b'"type":"pong"' in line:
