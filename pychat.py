@@ -118,6 +118,13 @@ PING_TIMEOUT = 20.0            # drop it if it stays silent this much longer
 # throughput (fewer messages per write): 10 ms lost a third of it at 1,000
 # members, 25 ms about none.
 TICK_SECONDS = 0.025
+# Joins and leaves in a room are written together (one users_delta, or one
+# buffer of join/leave lines, per member), at most this often per member of
+# the room: writing them costs a write per member, so a storm of joins into a
+# room of 10,000 is written every 0.5 s rather than every tick.  Anything else
+# said in the room writes them first, so nothing is ever seen out of order.
+PRESENCE_SECONDS_PER_MEMBER = 50e-6
+PRESENCE_MAX_DELAY = 1.0
 
 MAX_NICK_LEN = 32
 MAX_REASON_LEN = 200           # quit reasons and other short free texts
@@ -724,6 +731,7 @@ class Room:
         # Members who came in while some were pending: the index in `pending`
         # from which the events are news to them (their user list had the rest).
         self.fresh: dict[Session, int] = {}
+        self.presence_due = 0.0               # when the pending ones are written anyway
 
     def remember(self, event: dict, size: int) -> dict | None:
         """Add a message to the history; the one that fell out, if any."""
@@ -758,7 +766,11 @@ class Room:
         return size
 
     def nicks(self) -> list[str]:
-        return sorted((s.nick for s in self.members.values()), key=nick_key)
+        # Sorted by nick_key, which the member dict's keys already are: a
+        # join storm asks this of every newcomer, and calling nick_key on
+        # every member each time was O(N^2) calls.
+        members = self.members
+        return [members[key].nick for key in sorted(members)]  # type: ignore[misc]
 
     def away(self) -> dict[str, str]:
         """Away messages of the members who are away."""
@@ -1858,10 +1870,13 @@ class ChatServer:
 
     def flush_all(self) -> None:
         """Write what every session is owed: one write per session per tick."""
-        rooms, self.presence_rooms = self.presence_rooms, []
-        for room in rooms:
-            if room.pending:
-                self.flush_presence(room)
+        if self.presence_rooms:
+            rooms, self.presence_rooms, now = self.presence_rooms, [], self.loop.time()
+            for room in rooms:
+                if room.pending and room.presence_due - now > TICK_SECONDS:
+                    self.presence_rooms.append(room)  # not yet
+                elif room.pending:
+                    self.flush_presence(room)
         self.tick += 1
         self.tick_started = None
         self._flush_scheduled = False
@@ -1903,12 +1918,18 @@ class ChatServer:
 
     # --- joins and leaves: coalesced per tick (issue 18)
     def presence(self, room: Room, event: dict, who: Session) -> None:
-        """A join or leave of `who`: written at the end of the tick with the
-        room's other joins and leaves (or before the next event to the room),
-        so a storm of N joins costs each member one write per tick, not N."""
+        """A join or leave of `who`: written with the room's other joins and
+        leaves of the next moment (PRESENCE_SECONDS_PER_MEMBER), or before
+        the next event to the room, so a storm of N joins costs each member
+        a write now and then, not N."""
         if not room.pending:
             self.presence_rooms.append(room)
-            self.schedule_flush()
+            delay = min(PRESENCE_MAX_DELAY, len(room.members) * PRESENCE_SECONDS_PER_MEMBER)
+            room.presence_due = self.loop.time() + delay
+            if delay < TICK_SECONDS:
+                self.schedule_flush()
+            else:
+                self.loop.call_later(delay, self.schedule_flush)
         # A wire that names people by more than their nick (IRC's user name)
         # renders her own kind now, while the server still knows her.
         early = None if who.native else (type(who.wire), who.wire.render(event))
