@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import codecs
 import collections
 import dataclasses
@@ -732,6 +733,12 @@ class Room:
         # from which the events are news to them (their user list had the rest).
         self.fresh: dict[Session, int] = {}
         self.presence_due = 0.0               # when the pending ones are written anyway
+        # The member keys in order and each one's nick as JSON: a newcomer's
+        # user list is then a join of bytes, not N nicks sorted and encoded
+        # again for each of a join storm's N newcomers.
+        self.order: list[str] = []
+        self.listed: list[bytes] = []
+        self.away_count = 0                   # members who are away (most often none)
 
     def remember(self, event: dict, size: int) -> dict | None:
         """Add a message to the history; the one that fell out, if any."""
@@ -765,31 +772,67 @@ class Room:
         self.history_bytes -= size
         return size
 
+    def add(self, key: str, s: Session) -> None:
+        """A member comes in (or a new connection takes her place)."""
+        if key not in self.members:
+            at = bisect.bisect_left(self.order, key)
+            self.order.insert(at, key)
+            self.listed.insert(at, json.dumps(s.nick, ensure_ascii=False).encode("utf-8"))
+            self.away_count += s.away is not None
+        self.members[key] = s
+
+    def _unlist(self, key: str) -> None:
+        at = bisect.bisect_left(self.order, key)
+        if at < len(self.order) and self.order[at] == key:
+            del self.order[at]
+            del self.listed[at]
+
+    def rename(self, old: str, new: str, s: Session) -> None:
+        """A member's nick changed (keys `old` -> `new`)."""
+        if self.members.pop(old, None) is not None:
+            self._unlist(old)
+            self.away_count -= s.away is not None
+        self.add(new, s)
+
     def nicks(self) -> list[str]:
-        # Sorted by nick_key, which the member dict's keys already are: a
-        # join storm asks this of every newcomer, and calling nick_key on
-        # every member each time was O(N^2) calls.
         members = self.members
-        return [members[key].nick for key in sorted(members)]  # type: ignore[misc]
+        return [members[key].nick for key in self.order]  # type: ignore[misc]
 
     def away(self) -> dict[str, str]:
         """Away messages of the members who are away."""
+        if not self.away_count:
+            return {}
         return {s.nick: s.away for s in self.members.values() if s.away is not None}
 
-    def users_event(self) -> dict:
-        event = {"type": "users", "room": self.name, "users": self.nicks()}
+    def _users_extras(self) -> dict:
+        extras: dict[str, Any] = {}
         away = self.away()
         if away:
-            event["away"] = away
+            extras["away"] = away
         if self.ops:
-            event["ops"] = sorted((s.nick for k, s in self.members.items() if k in self.ops),
-                                  key=nick_key)
-        return event
+            extras["ops"] = sorted((s.nick for k, s in self.members.items() if k in self.ops),
+                                   key=nick_key)
+        return extras
+
+    def users_event(self) -> dict:
+        return {"type": "users", "room": self.name, "users": self.nicks(),
+                **self._users_extras()}
+
+    def users_line(self) -> bytes:
+        """encode(users_event()), from the nicks kept encoded."""
+        extras = encode(self._users_extras())[1:-2]  # '"away":{...},"ops":[...]'
+        return b"".join((b'{"type":"users","room":',
+                         json.dumps(self.name, ensure_ascii=False).encode("utf-8"),
+                         b',"users":[', b",".join(self.listed), b"]",
+                         b"," + extras if extras else b"", b"}\n"))
 
     def leave(self, key: str) -> None:
         """A member is gone from the room (and with her, her operator mark)."""
         gone = self.members.pop(key, None)
         self.ops.discard(key)
+        if gone is not None:
+            self._unlist(key)
+            self.away_count -= gone.away is not None
         if self.fresh and gone is not None:
             self.fresh.pop(gone, None)
 
@@ -2295,7 +2338,7 @@ class ChatServer:
         if s.away is not None:
             join["away"] = s.away
         self.presence(room, join, s)
-        room.members[nick_key(s.nick)] = s
+        room.add(nick_key(s.nick), s)
         room.fresh[s] = len(room.pending)  # her user list has who came before her
         s.rooms[nick_key(room.name)] = room
         s.wire.joined(room, after)
@@ -2304,7 +2347,10 @@ class ChatServer:
         """What a JSON member needs on (re)joining: history (after an id it
         already has, if it says), the user list and the topic."""
         self._send_history(s, room, after)
-        s.tell(room.users_event())
+        if s.native:
+            s.send(room.users_line())
+        else:
+            s.tell(room.users_event())
         if room.topic:
             s.tell(room.topic_event())
 
@@ -2411,8 +2457,7 @@ class ChatServer:
         self.nicks[nick_key(new)] = s
         s.nick = new
         for room in s.rooms.values():
-            room.members.pop(nick_key(old))
-            room.members[nick_key(new)] = s
+            room.rename(nick_key(old), nick_key(new), s)
             if nick_key(old) in room.ops:
                 room.ops.discard(nick_key(old))
                 room.ops.add(nick_key(new))
@@ -2879,6 +2924,9 @@ class ChatServer:
         message = clean_text(msg.get("message") or "").replace("\n", " ").strip()
         if self.is_muted(s):
             message = ""  # away, yes; a message to everyone, no
+        if s.away is None:
+            for room in s.rooms.values():
+                room.away_count += 1
         s.away = message[:MAX_AWAY]
         s.away_told = None
         self._tell_sharers(s, {"type": "away", "nick": s.nick, "away": True,
@@ -2887,6 +2935,8 @@ class ChatServer:
     def handle_back(self, s: Session, msg: dict) -> None:
         if s.away is None:
             return
+        for room in s.rooms.values():
+            room.away_count -= 1
         s.away = None
         s.away_told = None
         self._tell_sharers(s, {"type": "away", "nick": s.nick, "away": False})
