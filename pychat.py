@@ -3389,13 +3389,15 @@ class IrcWire(Wire):
         self.batches = 0               # batch references given out
         self.v302 = False              # it said CAP LS 302
         self.last_error = ""           # the code of the last error it was told
-        self.quit_tick = -1            # the tick quits_sent belongs to
         self.nick = ""                 # asked for before registration
         self.user = ""
         self.realname = ""
         self.password: str | None = None
         self.registered = False
-        self.quits_sent: set[str] = set()  # one QUIT per user per batch of leaves
+        # One QUIT per user leaving, though her leave reaches it from several
+        # shared channels: her leave events share their ts, and the channels
+        # may write them in different ticks (joins and leaves are batched).
+        self.quits_sent: set[tuple[str, Any]] = set()
         self.replay: collections.deque[Room] = collections.deque()  # history still to send
         self.replay_busy = False       # a room's history was replayed this tick
 
@@ -3513,12 +3515,12 @@ class IrcWire(Wire):
             return nick_key(str(e.get("from"))) != nick_key(self.me()) or \
                 "echo-message" in self.caps
         if kind == "leave" and e.get("reason") not in ("part", "kick"):
-            if self.quit_tick != self.server.tick:
-                self.quit_tick = self.server.tick
-                self.quits_sent.clear()
-            if e.get("nick") in self.quits_sent:
+            seen = (str(e.get("nick")), e.get("ts"))
+            if seen in self.quits_sent:
                 return False
-            self.quits_sent.add(str(e.get("nick")))
+            if len(self.quits_sent) >= 64:  # bounded: a user's leaves come within a second
+                self.quits_sent.clear()
+            self.quits_sent.add(seen)
         return True
 
     def shared_lines(self, e: dict) -> list[bytes] | None:

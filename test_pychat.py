@@ -821,6 +821,27 @@ class UsersDeltaTests(ServerCase):
         self.assertEqual(room.users_line(), encode(room.users_event()))
         self.assertEqual(json.loads(room.users_line())["away"], {"b": "lunch"})
 
+    async def test_one_quit_for_irc_though_the_channels_write_leaves_apart(self):
+        irc = await IrcPeer.open(self.port)
+        self.addAsyncCleanup(irc.close)
+        await irc.register("irc_ed")
+        await irc.send("JOIN #lobby", "JOIN #dev")
+        await irc.expect(" 366 irc_ed #dev ")
+        dan = await self.connect("dan")
+        await dan.send({"type": "join", "room": "#dev"})
+        await dan.expect("users", room="#dev")
+        x = await self.connect("x")
+        await self.connect("y")
+        # The lobby (5 members) writes its leaves later than #dev (2): other ticks.
+        with unittest.mock.patch.object(pychat, "PRESENCE_SECONDS_PER_MEMBER", 0.04):
+            await dan.send({"type": "quit", "reason": "bye"})
+            await dan.expect_eof()
+            await x.expect("leave", nick="dan")  # the lobby's, the later one
+        await irc.send("PING :after")
+        await irc.expect("PONG")
+        self.assertEqual([line for line in irc.seen if " QUIT " in line],
+                         [":dan!pychat@pychat QUIT :bye"])
+
     async def test_a_newcomer_hears_only_the_joins_after_her_own(self):
         watcher = await self.delta_peer("watcher")
         with unittest.mock.patch.object(pychat, "PRESENCE_SECONDS_PER_MEMBER", 0.1):
