@@ -26,6 +26,9 @@ object has a "type", unknown fields are ignored.  A session looks like this
     C {"type":"ping","data":1}    S {"type":"pong","data":1}     (either direction)
     S {"type":"join","room":"#lobby","nick":"bob","ts":...}
     S {"type":"leave","room":"#lobby","nick":"bob","reason":"quit","ts":...}
+    S {"type":"users_delta","room":"#lobby","joined":["carol"],"left":[{"nick":"bob",
+       "reason":"quit"}],"ts":...}   (instead of join/leave, to a hello with
+                                      "features":["users_delta"])
     C {"type":"quit","reason":"bye"}
     S {"type":"error","code":"nick_taken","message":"human sentence"}
     S {"type":"bye","reason":"server shutting down"}
@@ -593,7 +596,9 @@ def parse_size(text: str) -> int:
 # lines natively; other wires plug in from below, so this section knows
 # none of them).  Broadcast encodes an event once per wire kind and appends
 # the same bytes to every member's output list; one callback per event-loop
-# tick writes what each session is owed in a single transport.write().
+# tick writes what each session is owed in a single transport.write().  A
+# tick handles requests for at most TICK_SECONDS before it writes; joins and
+# leaves wait a moment (Room.pending) to be written together.
 # Nothing ever awaits a peer: a session whose unsent backlog passes the cap
 # is dropped instead.
 #
