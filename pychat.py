@@ -26,6 +26,9 @@ object has a "type", unknown fields are ignored.  A session looks like this
     C {"type":"ping","data":1}    S {"type":"pong","data":1}     (either direction)
     S {"type":"join","room":"#lobby","nick":"bob","ts":...}
     S {"type":"leave","room":"#lobby","nick":"bob","reason":"quit","ts":...}
+    S {"type":"users_delta","room":"#lobby","joined":["carol"],"left":[{"nick":"bob",
+       "reason":"quit"}],"ts":...}   (instead of join/leave, to a hello with
+                                      "features":["users_delta"])
     C {"type":"quit","reason":"bye"}
     S {"type":"error","code":"nick_taken","message":"human sentence"}
     S {"type":"bye","reason":"server shutting down"}
@@ -47,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import codecs
 import collections
 import dataclasses
@@ -135,6 +139,24 @@ FLOOD_RATE = 5.0               # ...refilled at this many per second
 MAX_BACKLOG_BYTES = 1024 * 1024  # unsent bytes a client may owe before we drop it
 PING_INTERVAL = 30.0           # ping a client that has been silent this long
 PING_TIMEOUT = 20.0            # drop it if it stays silent this much longer
+
+# Latency under load (issue 18): how long one event-loop tick may handle
+# requests before it writes what they produced.  Past it, sessions stop
+# reading (their kernel buffers hold the rest, so senders feel TCP
+# backpressure) until the tick's output is written, then go on.  Measured:
+# with no bound, one 256 KiB read of an open-loop sender (thousands of
+# lines) kept every message in it waiting up to 120 ms for the tick's writes,
+# and a long tick let the next read grow longer still.  Shorter ticks cost
+# throughput (fewer messages per write): 10 ms lost a third of it at 1,000
+# members, 25 ms about none.
+TICK_SECONDS = 0.025
+# Joins and leaves in a room are written together (one users_delta, or one
+# buffer of join/leave lines, per member), at most this often per member of
+# the room: writing them costs a write per member, so a storm of joins into a
+# room of 10,000 is written every 0.5 s rather than every tick.  Anything else
+# said in the room writes them first, so nothing is ever seen out of order.
+PRESENCE_SECONDS_PER_MEMBER = 50e-6
+PRESENCE_MAX_DELAY = 1.0
 
 MAX_NICK_LEN = 32
 MAX_REASON_LEN = 200           # quit reasons and other short free texts
@@ -277,7 +299,8 @@ ERRORS = {
 # every request against it before any handler runs.
 FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "hello": {"nick": (str, True), "password": (str, False), "client": (str, False),
-              "token": (str, False), "after": (dict, False), "instance": (str, False)},
+              "token": (str, False), "after": (dict, False), "instance": (str, False),
+              "features": (list, False)},
     "msg": {"text": (str, True), "room": (str, False), "action": (bool, False),
             "notice": (bool, False), "tags": (dict, False), "cid": ((str, int), False)},
     "nick": {"nick": (str, True)},
@@ -455,6 +478,30 @@ def nick_key(nick: str) -> str:
     return unicodedata.normalize("NFC", key.replace("i\u0307", "i").replace("j\u0307", "j"))
 
 
+def users_delta(room: str, events: list[dict]) -> dict:
+    """One users_delta event for a run of join and leave events in a room
+    (a client that said "features": ["users_delta"] in its hello gets this
+    instead of them).  Applied as: remove everyone in "left", then add
+    everyone in "joined"; so a nick that left and came back is in both, and
+    one that came and went within the run is in neither."""
+    first: dict[str, dict] = {}
+    last: dict[str, dict] = {}
+    for e in events:
+        key = nick_key(e["nick"])
+        first.setdefault(key, e)
+        last[key] = e
+    joined = [e for e in last.values() if e["type"] == "join"]
+    delta: dict[str, Any] = {
+        "type": "users_delta", "room": room, "joined": [e["nick"] for e in joined],
+        "left": [{k: e[k] for k in ("nick", "reason", "message", "by") if k in e}
+                 for e in first.values() if e["type"] == "leave"],
+        "ts": events[-1]["ts"] if events else round(time.time(), 3)}
+    away = {e["nick"]: e["away"] for e in joined if e.get("away") is not None}
+    if away:
+        delta["away"] = away
+    return delta
+
+
 def error(code: str, message: str | None = None, **extra: Any) -> dict:
     """An error event with a stable code and a human sentence."""
     return {"type": "error", "code": code, "message": message or ERRORS.get(code, code), **extra}
@@ -577,7 +624,9 @@ def parse_size(text: str) -> int:
 # lines natively; other wires plug in from below, so this section knows
 # none of them).  Broadcast encodes an event once per wire kind and appends
 # the same bytes to every member's output list; one callback per event-loop
-# tick writes what each session is owed in a single transport.write().
+# tick writes what each session is owed in a single transport.write().  A
+# tick handles requests for at most TICK_SECONDS before it writes; joins and
+# leaves wait a moment (Room.pending) to be written together.
 # Nothing ever awaits a peer: a session whose unsent backlog passes the cap
 # is dropped instead.
 #
@@ -709,6 +758,20 @@ class Room:
         self.topic = ""
         self.topic_by = ""
         self.topic_ts = 0.0
+        # Joins and leaves of this tick, not yet written: (event, its render
+        # for the leaver's own wire kind, or None).  Written together, ahead of
+        # any other event to the room (ChatServer.flush_presence).
+        self.pending: list[tuple[dict, tuple[type, Any] | None]] = []
+        # Members who came in while some were pending: the index in `pending`
+        # from which the events are news to them (their user list had the rest).
+        self.fresh: dict[Session, int] = {}
+        self.presence_due = 0.0               # when the pending ones are written anyway
+        # The member keys in order and each one's nick as JSON: a newcomer's
+        # user list is then a join of bytes, not N nicks sorted and encoded
+        # again for each of a join storm's N newcomers.
+        self.order: list[str] = []
+        self.listed: list[bytes] = []
+        self.away_count = 0                   # members who are away (most often none)
 
     def remember(self, event: dict, size: int) -> dict | None:
         """Add a message to the history; the one that fell out, if any."""
@@ -742,27 +805,69 @@ class Room:
         self.history_bytes -= size
         return size
 
+    def add(self, key: str, s: Session) -> None:
+        """A member comes in (or a new connection takes her place)."""
+        if key not in self.members:
+            at = bisect.bisect_left(self.order, key)
+            self.order.insert(at, key)
+            self.listed.insert(at, json.dumps(s.nick, ensure_ascii=False).encode("utf-8"))
+            self.away_count += s.away is not None
+        self.members[key] = s
+
+    def _unlist(self, key: str) -> None:
+        at = bisect.bisect_left(self.order, key)
+        if at < len(self.order) and self.order[at] == key:
+            del self.order[at]
+            del self.listed[at]
+
+    def rename(self, old: str, new: str, s: Session) -> None:
+        """A member's nick changed (keys `old` -> `new`)."""
+        if self.members.pop(old, None) is not None:
+            self._unlist(old)
+            self.away_count -= s.away is not None
+        self.add(new, s)
+
     def nicks(self) -> list[str]:
-        return sorted((s.nick for s in self.members.values()), key=nick_key)
+        members = self.members
+        return [members[key].nick for key in self.order]  # type: ignore[misc]
 
     def away(self) -> dict[str, str]:
         """Away messages of the members who are away."""
+        if not self.away_count:
+            return {}
         return {s.nick: s.away for s in self.members.values() if s.away is not None}
 
-    def users_event(self) -> dict:
-        event = {"type": "users", "room": self.name, "users": self.nicks()}
+    def _users_extras(self) -> dict:
+        extras: dict[str, Any] = {}
         away = self.away()
         if away:
-            event["away"] = away
+            extras["away"] = away
         if self.ops:
-            event["ops"] = sorted((s.nick for k, s in self.members.items() if k in self.ops),
-                                  key=nick_key)
-        return event
+            extras["ops"] = sorted((s.nick for k, s in self.members.items() if k in self.ops),
+                                   key=nick_key)
+        return extras
+
+    def users_event(self) -> dict:
+        return {"type": "users", "room": self.name, "users": self.nicks(),
+                **self._users_extras()}
+
+    def users_line(self) -> bytes:
+        """encode(users_event()), from the nicks kept encoded."""
+        extras = encode(self._users_extras())[1:-2]  # '"away":{...},"ops":[...]'
+        return b"".join((b'{"type":"users","room":',
+                         json.dumps(self.name, ensure_ascii=False).encode("utf-8"),
+                         b',"users":[', b",".join(self.listed), b"]",
+                         b"," + extras if extras else b"", b"}\n"))
 
     def leave(self, key: str) -> None:
         """A member is gone from the room (and with her, her operator mark)."""
-        self.members.pop(key, None)
+        gone = self.members.pop(key, None)
         self.ops.discard(key)
+        if gone is not None:
+            self._unlist(key)
+            self.away_count -= gone.away is not None
+        if self.fresh and gone is not None:
+            self.fresh.pop(gone, None)
 
     def topic_event(self) -> dict:
         return {"type": "topic", "room": self.name, "topic": self.topic, "by": self.topic_by,
@@ -854,6 +959,14 @@ class Wire:
         has already made sure the session will be flushed."""
         self.s.out.append(rendered)
 
+    def take_presence(self, events: list[dict], rendered: list[Any], shared: dict) -> None:
+        """A tick's joins and leaves in one room, in order, each as render()
+        made it; `shared` is the same dict for every member of this wire kind
+        that gets the same events (a place to keep what is built once).  (The
+        core writes plain wires, whose take() is this class's, itself.)"""
+        for event, got in zip(events, rendered):
+            self.take(event, got)
+
     def joined(self, room: Room, after: int | None) -> None:
         """What a member needs on (re)joining a room."""
         self.server.send_room_state(self.s, room, after)
@@ -872,7 +985,8 @@ class Session(asyncio.Protocol):
                  "grace_bytes", "away", "away_told", "operator", "auth_hold_until",
                  "connected_at", "last_rx", "pinged_at", "tokens", "token_time",
                  "flood_penalty", "token", "wire", "native", "spoke", "identity", "subnet",
-                 "log_tokens", "log_time", "log_dropped", "history_unread", "tls_wait", "paused", "refusal", "authed")
+                 "log_tokens", "log_time", "log_dropped", "history_unread", "tls_wait", "paused", "refusal", "authed",
+                 "deferred", "deltas")
 
     def __init__(self, server: ChatServer, wire: type[Wire] | None = None):
         self.server = server
@@ -910,6 +1024,8 @@ class Session(asyncio.Protocol):
         self.paused = False            # the transport's buffer is past its high-water mark
         self.refusal = ""              # refused; said once its first line shows its protocol
         self.authed = False            # gave the server password before its hello (auth)
+        self.deferred = False          # complete lines wait in inbuf for the next tick
+        self.deltas = False            # said "users_delta" in its hello's features
         # How this connection's bytes are read and written: JSON lines (the
         # core's own, written without a detour) unless a listener or the
         # first line says otherwise (see ChatServer.foreign_wire).
@@ -1014,7 +1130,17 @@ class Session(asyncio.Protocol):
             buf += data
         else:
             buf = data
-        limit = self.server.cfg.max_line_bytes
+        if self.deferred:  # (a transport that had data in hand when paused)
+            self.inbuf = buf
+            return
+        self._lines(buf, scan_from)
+
+    def _lines(self, buf: bytes | bytearray, scan_from: int = 0) -> None:
+        """Handle the complete lines in `buf` until the tick has worked for
+        TICK_SECONDS; the rest waits, with reading paused, for the next tick,
+        after this one's output is written."""
+        server = self.server
+        limit = server.cfg.max_line_bytes
         start = 0
         while not self.closing:
             nl = buf.find(b"\n", max(start, scan_from))
@@ -1022,14 +1148,24 @@ class Session(asyncio.Protocol):
                 break
             if nl - start > limit:
                 break
+            now = time.perf_counter()
+            if server.tick_started is None:
+                server.tick_started = now
+            elif now - server.tick_started > TICK_SECONDS:
+                self.inbuf = buf[start:] if start else buf
+                self.defer()
+                return
             line = bytes(buf[start:nl])
             start = nl + 1
             try:
-                self.server.handle_line(self, line)
+                server.handle_line(self, line)
                 if not self.native and self.wire.byte_stream and not self.closing:
                     # The first line picked a wire that frames its own input
                     # (HTTP): the rest of these bytes, and all later ones, are its.
                     self.inbuf = b""
+                    if self.deferred:
+                        self.deferred = False
+                        self.transport.resume_reading()  # type: ignore[union-attr]
                     rest = bytes(buf[start:])
                     if rest:
                         self.wire.data(rest)
@@ -1041,10 +1177,31 @@ class Session(asyncio.Protocol):
             return
         rest = buf[start:] if start else buf
         self.inbuf = rest if rest else b""
+        if self.deferred:  # all caught up: read again
+            self.deferred = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
         if len(rest) > limit:
             self.inbuf = b""
             self.tell(error("line_too_long", f"Lines are limited to {limit} bytes; closing."))
             self.close("line_too_long")
+
+    def defer(self) -> None:
+        """Stop reading until this tick's output is out, then go on with the
+        lines already read (called_soon after the flush that schedule_flush
+        has queued, so it runs after it)."""
+        if not self.deferred:
+            self.deferred = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+        self.server.schedule_flush()
+        self.server.loop.call_soon(self.go_on)
+
+    def go_on(self) -> None:
+        if self.closing or not self.deferred:
+            return
+        buf, self.inbuf = self.inbuf, b""
+        self._lines(buf)
 
     # --- output
     def tell(self, event: dict, data: bytes | None = None) -> None:
@@ -1471,8 +1628,10 @@ class ChatServer:
         self.nicks: dict[str, Session] = {}     # nick_key -> registered session
         self.sessions: set[Session] = set()     # every open connection
         self.dirty: list[Session] = []          # sessions with output this tick
+        self.presence_rooms: list[Room] = []    # rooms with joins or leaves to write
         self._flush_scheduled = False
         self.tick = 0                           # flushes so far (wires batch per tick)
+        self.tick_started: float | None = None  # its first request (see TICK_SECONDS)
         self.shutting_down = False
         self.instance = secrets.token_hex(6)  # message ids are only comparable within one
         self.secret = secrets.token_bytes(32)   # signs resume tokens (kept in state.json)
@@ -1787,7 +1946,15 @@ class ChatServer:
 
     def flush_all(self) -> None:
         """Write what every session is owed: one write per session per tick."""
+        if self.presence_rooms:
+            rooms, self.presence_rooms, now = self.presence_rooms, [], self.loop.time()
+            for room in rooms:
+                if room.pending and room.presence_due - now > TICK_SECONDS:
+                    self.presence_rooms.append(room)  # not yet
+                elif room.pending:
+                    self.flush_presence(room)
         self.tick += 1
+        self.tick_started = None
         self._flush_scheduled = False
         dirty, self.dirty = self.dirty, []
         for s in dirty:
@@ -1798,6 +1965,8 @@ class ChatServer:
         room, encoded once per wire kind.  This is the hot loop: Session.send
         inlined (measured: about 15 % of the server's time per delivery at
         1,000 members); JSON members get the same bytes without a call."""
+        if room.pending:  # this tick's joins and leaves come first
+            self.flush_presence(room)
         if data is None:
             data = encode(event)
         dirty = self.dirty
@@ -1820,6 +1989,66 @@ class ChatServer:
                 out.append(got[0])
             else:
                 wire.take(event, got[0])
+        if dirty:
+            self.schedule_flush()
+
+    # --- joins and leaves: coalesced per tick (issue 18)
+    def presence(self, room: Room, event: dict, who: Session) -> None:
+        """A join or leave of `who`: written with the room's other joins and
+        leaves of the next moment (PRESENCE_SECONDS_PER_MEMBER), or before
+        the next event to the room, so a storm of N joins costs each member
+        a write now and then, not N."""
+        if not room.pending:
+            self.presence_rooms.append(room)
+            delay = min(PRESENCE_MAX_DELAY, len(room.members) * PRESENCE_SECONDS_PER_MEMBER)
+            room.presence_due = self.loop.time() + delay
+            if delay < TICK_SECONDS:
+                self.schedule_flush()
+            else:
+                self.loop.call_later(delay, self.schedule_flush)
+        # A wire that names people by more than their nick (IRC's user name)
+        # renders her own kind now, while the server still knows her.
+        early = None if who.native else (type(who.wire), who.wire.render(event))
+        room.pending.append((event, early))
+
+    def flush_presence(self, room: Room) -> None:
+        """Write a room's pending joins and leaves: to a JSON member that said
+        "users_delta" one users_delta event, to other JSON members the v1
+        join and leave lines, to other wires their own lines; each built once
+        per wire kind (and per starting point, for members who came in during
+        the tick and know the earlier ones from their user list)."""
+        pending, room.pending = room.pending, []
+        fresh, room.fresh = room.fresh, {}
+        events = [e for e, _ in pending]
+        built: dict[tuple[int, Any], Any] = {}
+        dirty = self.dirty
+        for s in room.members.values():
+            start = fresh.get(s, 0) if fresh else 0
+            if start >= len(events) or s.closing:
+                continue
+            if s.native:
+                key = (start, s.deltas)
+                data = built.get(key)
+                if data is None:
+                    data = built[key] = encode(users_delta(room.name, events[start:])) \
+                        if s.deltas else b"".join(map(encode, events[start:]))
+                if not s.out:
+                    dirty.append(s)
+                s.out.append(data)
+                continue
+            kind = type(s.wire)
+            got = built.get((start, kind))
+            if got is None:
+                rendered = [early[1] if early is not None and early[0] is kind
+                            else s.wire.render(e) for e, early in pending[start:]]
+                plain = kind.take is Wire.take  # WebSocket frames: one buffer for all
+                got = built[(start, kind)] = (rendered, b"".join(rendered) if plain else None, {})
+            if not s.out:
+                dirty.append(s)
+            if got[1] is not None:
+                s.out.append(got[1])
+            else:
+                s.wire.take_presence(events[start:], got[0], got[2])
         if dirty:
             self.schedule_flush()
 
@@ -1894,7 +2123,7 @@ class ChatServer:
         for room in list(s.rooms.values()):
             room.leave(key)
             if not self.shutting_down:  # at shutdown everyone gets "bye" instead: no O(N^2)
-                self.broadcast(room, dict(event, room=room.name))
+                self.presence(room, dict(event, room=room.name), s)
             self._forget_if_empty(room)
         s.rooms.clear()
         if self.nicks.get(key) is s:  # only now: wires may look her up to render her leave
@@ -2084,6 +2313,7 @@ class ChatServer:
         after = msg.get("after") if msg.get("instance") == self.instance else None
         after = {nick_key(str(k)): v for k, v in list((after or {}).items())[:self.cfg.max_rooms_per_user + 1]
                  if isinstance(v, int) and not isinstance(v, bool)}
+        s.deltas = "users_delta" in (msg.get("features") or ())
         ghost = self.nicks.get(nick_key(nick))
         token = msg.get("token")
         if ghost is not None and token and ghost.token and \
@@ -2129,6 +2359,8 @@ class ChatServer:
             ghost.nick, ghost.rooms, ghost.away, ghost.away_told, ghost.operator, ghost.identity
         for room in s.rooms.values():
             room.members[key] = s
+            if room.pending:  # its user list, sent next, has them all
+                room.fresh[s] = len(room.pending)
         self.nicks[key] = s
         ghost.nick, ghost.rooms = None, {}
         ghost.abort("replaced")
@@ -2138,8 +2370,9 @@ class ChatServer:
         join = {"type": "join", "room": room.name, "nick": s.nick, "ts": round(time.time(), 3)}
         if s.away is not None:
             join["away"] = s.away
-        self.broadcast(room, join)
-        room.members[nick_key(s.nick)] = s
+        self.presence(room, join, s)
+        room.add(nick_key(s.nick), s)
+        room.fresh[s] = len(room.pending)  # her user list has who came before her
         s.rooms[nick_key(room.name)] = room
         s.wire.joined(room, after)
 
@@ -2147,7 +2380,10 @@ class ChatServer:
         """What a JSON member needs on (re)joining: history (after an id it
         already has, if it says), the user list and the topic."""
         self._send_history(s, room, after)
-        s.tell(room.users_event())
+        if s.native:
+            s.send(room.users_line())
+        else:
+            s.tell(room.users_event())
         if room.topic:
             s.tell(room.topic_event())
 
@@ -2254,8 +2490,7 @@ class ChatServer:
         self.nicks[nick_key(new)] = s
         s.nick = new
         for room in s.rooms.values():
-            room.members.pop(nick_key(old))
-            room.members[nick_key(new)] = s
+            room.rename(nick_key(old), nick_key(new), s)
             if nick_key(old) in room.ops:
                 room.ops.discard(nick_key(old))
                 room.ops.add(nick_key(new))
@@ -2711,6 +2946,8 @@ class ChatServer:
         and to `also`."""
         audience = {s} if also is None else {s, also}
         for room in s.rooms.values():
+            if room.pending:  # this tick's joins and leaves come first
+                self.flush_presence(room)
             audience.update(room.members.values())
         data = encode(event)
         for member in audience:
@@ -2720,6 +2957,9 @@ class ChatServer:
         message = clean_text(msg.get("message") or "").replace("\n", " ").strip()
         if self.is_muted(s):
             message = ""  # away, yes; a message to everyone, no
+        if s.away is None:
+            for room in s.rooms.values():
+                room.away_count += 1
         s.away = message[:MAX_AWAY]
         s.away_told = None
         self._tell_sharers(s, {"type": "away", "nick": s.nick, "away": True,
@@ -2728,6 +2968,8 @@ class ChatServer:
     def handle_back(self, s: Session, msg: dict) -> None:
         if s.away is None:
             return
+        for room in s.rooms.values():
+            room.away_count -= 1
         s.away = None
         s.away_told = None
         self._tell_sharers(s, {"type": "away", "nick": s.nick, "away": False})
@@ -3180,13 +3422,15 @@ class IrcWire(Wire):
         self.batches = 0               # batch references given out
         self.v302 = False              # it said CAP LS 302
         self.last_error = ""           # the code of the last error it was told
-        self.quit_tick = -1            # the tick quits_sent belongs to
         self.nick = ""                 # asked for before registration
         self.user = ""
         self.realname = ""
         self.password: str | None = None
         self.registered = False
-        self.quits_sent: set[str] = set()  # one QUIT per user per batch of leaves
+        # One QUIT per user leaving, though her leave reaches it from several
+        # shared channels: her leave events share their ts, and the channels
+        # may write them in different ticks (joins and leaves are batched).
+        self.quits_sent: set[tuple[str, Any]] = set()
         self.replay: collections.deque[Room] = collections.deque()  # history still to send
         self.replay_busy = False       # a room's history was replayed this tick
 
@@ -3251,6 +3495,22 @@ class IrcWire(Wire):
             self.s.out.extend(self.extras(e, rendered if rendered is not None
                                           else self.translate(e)))
 
+    def take_presence(self, events: list[dict], rendered: list[list[bytes] | None],
+                      shared: dict) -> None:
+        """A tick's JOIN/PART/QUIT lines: one buffer, built once for every
+        IRC member without capabilities that change lines (its own tags, an
+        AWAY after a JOIN) when no QUIT could come twice; else line by line."""
+        data = shared.get("plain")
+        if data is None:
+            simple = all(r is not None for r in rendered) and all(
+                e["type"] == "join" or e.get("reason") in ("part", "kick") for e in events)
+            data = shared["plain"] = b"".join(line for lines in rendered  # type: ignore
+                                              for line in lines) if simple else b""
+        if data and not self.caps:
+            self.s.out.append(data)
+        else:
+            super().take_presence(events, rendered, shared)
+
     def extras(self, e: dict, lines: list[bytes]) -> list[bytes]:
         """What this client's capabilities add: an AWAY after the JOIN of
         someone away (away-notify), and one tag section on every line: the
@@ -3288,12 +3548,12 @@ class IrcWire(Wire):
             return nick_key(str(e.get("from"))) != nick_key(self.me()) or \
                 "echo-message" in self.caps
         if kind == "leave" and e.get("reason") not in ("part", "kick"):
-            if self.quit_tick != self.server.tick:
-                self.quit_tick = self.server.tick
-                self.quits_sent.clear()
-            if e.get("nick") in self.quits_sent:
+            seen = (str(e.get("nick")), e.get("ts"))
+            if seen in self.quits_sent:
                 return False
-            self.quits_sent.add(str(e.get("nick")))
+            if len(self.quits_sent) >= 64:  # bounded: a user's leaves come within a second
+                self.quits_sent.clear()
+            self.quits_sent.add(seen)
         return True
 
     def shared_lines(self, e: dict) -> list[bytes] | None:
@@ -6730,7 +6990,8 @@ class ChatClient:
             "file_result": self._on_file_result, "file_cancel": self._on_file_cancel}
         self._trackers: dict[str, Callable[[dict], dict | None]] = {
             "history": self._track_history, "msg": self._track_message,
-            "pm": self._track_message, "leave": self._track_leave, "error": self._track_error}
+            "pm": self._track_message, "leave": self._track_leave, "error": self._track_error,
+            "users_delta": self._track_users_delta}
 
     @property
     def nick(self) -> str:
@@ -7372,7 +7633,8 @@ class ChatClient:
                 return str(event.get("reason") or "the server said bye")
 
     def _hello(self) -> dict[str, Any]:
-        hello: dict[str, Any] = {"type": "hello", "nick": self.nick, "client": self.client_name}
+        hello: dict[str, Any] = {"type": "hello", "nick": self.nick, "client": self.client_name,
+                                 "features": ["users_delta"]}
         if self.password is not None:
             hello["password"] = self.password
         if self._token:  # back after a drop: our old connection may still hold the nick
@@ -7540,6 +7802,22 @@ class ChatClient:
         if self.state.in_room(self.room) is None and \
                 nick_key(str(event.get("nick", ""))) == nick_key(self.nick):
             self.room = next(iter(self.state.room_names()), LOBBY)  # we parted
+
+    def _track_users_delta(self, event: dict) -> None:
+        """A tick's joins and leaves in one room, in one event (our hello
+        asked for them so): taken in and shown as the leave and join events
+        it stands for, leaves first, so the UIs and the state know only those."""
+        room, ts = event.get("room"), event.get("ts")
+        for gone in event.get("left") or ():
+            if isinstance(gone, dict) and isinstance(gone.get("nick"), str):
+                self._track_leave(dict(gone, type="leave", room=room, ts=ts))
+        away = event.get("away") if isinstance(event.get("away"), dict) else {}
+        for nick in event.get("joined") or ():
+            if isinstance(nick, str):
+                join = {"type": "join", "room": room, "nick": nick, "ts": ts}
+                if isinstance(away.get(nick), str):
+                    join["away"] = away[nick]
+                self._emit(join)
 
     def _track_error(self, event: dict) -> dict | None:
         if event.get("request") == "join" and self.state.in_room(self.room) is None:
@@ -11889,6 +12167,15 @@ class BenchClient(asyncio.Protocol):
         self.to_send = 0                     # unpaced sender: messages still to send
         self.users_seen = 0                  # the user list: as welcomed, plus joins
         self.echo_marker = b'"from":' + json.dumps(nick).encode() + b","
+        self.writable: asyncio.Future | None = None  # set while the socket is full
+
+    def pause_writing(self) -> None:
+        self.writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+        self.writable = None
 
     def send_next(self, count: int) -> None:
         """Send up to `count` more of this sender's messages."""
@@ -11901,12 +12188,12 @@ class BenchClient(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.write(encode({"type": "hello", "nick": self.nick,  # type: ignore[attr-defined]
-                                "client": "pychat-bench"}))
+                                "client": "pychat-bench", "features": ["users_delta"]}))
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data
         if not self.measure and not self.to_send and self.welcomed.done() \
-                and b'"type":"p' not in buf:
+                and b'"type":"p' not in buf and b'"type":"users_delta"' not in buf:
             # Fast path for plain receivers: count complete message lines without
             # splitting (a JSON string escapes its quotes, so the pattern can only
             # be a real "type" field).
@@ -11933,6 +12220,9 @@ class BenchClient(asyncio.Protocol):
                 self.users_seen = len(json.loads(line).get("users", []))
                 if not self.welcomed.done():
                     self.welcomed.set_result(True)
+            elif b'"type":"users_delta"' in line:
+                delta = json.loads(line)
+                self.users_seen += len(delta["joined"]) - len(delta["left"])
             elif b'"type":"join"' in line:
                 self.users_seen += 1
             elif b'"type":"pong"' in line:
@@ -12116,17 +12406,26 @@ async def _connect_clients(host: str, port: int, count: int, measure: int,
     return clients
 
 
-async def _bench_sender(client: BenchClient, messages: int, rate: float) -> None:
+async def _bench_sender(client: BenchClient, messages: int, rate: float,
+                        open_loop: bool = False) -> None:
     """One sender: `rate` messages a second, or (rate 0, unpaced) as fast as
-    the server echoes, with a window of messages in flight."""
-    if rate <= 0:
+    the server echoes, with a window of messages in flight; open loop (rate
+    0): as fast as it can, one message per write, never waiting for echoes
+    (the loop turns once between writes, so receivers keep reading).  Paced
+    and open-loop senders wait while their socket is full, as a real
+    client's write would: what the server has not read stays in TCP's
+    buffers, not in a queue of the generator's own."""
+    if rate <= 0 and not open_loop:
         client.to_send = messages
         client.send_next(BENCH_WINDOW)
         return
     next_at = time.monotonic()
     for _ in range(messages):
+        if client.writable is not None:  # a real client's socket would block here too
+            await client.writable
         client.send(encode({"type": "msg", "text": f"{time.time():.6f} x"}))
-        next_at += 1 / rate
+        if rate > 0:
+            next_at += 1 / rate
         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
 
@@ -12153,7 +12452,7 @@ def bench_wires(args: argparse.Namespace, clients: int) -> tuple[int, int]:
 async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messages: int,
                        rate: float, progress: Progress, timeout: float,
                        server_pid: int | None, irc: int = 0,
-                       ws: int = 0) -> dict[str, Any]:
+                       ws: int = 0, open_loop: bool = False) -> dict[str, Any]:
     """N clients in one room; S of them send M messages each; everyone counts
     (`irc` of the receivers by IRC, `ws` by WebSocket)."""
     started = time.monotonic()
@@ -12171,7 +12470,8 @@ async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messa
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()
     cpu0 = time.process_time()
-    tasks = [loop.create_task(_bench_sender(c, messages, rate)) for c in clients[-senders:]]
+    tasks = [loop.create_task(_bench_sender(c, messages, rate, open_loop))
+             for c in clients[-senders:]]
     got = await _bench_deliveries(clients, expected, progress, t0 + timeout)
     elapsed = time.monotonic() - t0
     gen_cpu = time.process_time() - cpu0
@@ -12183,7 +12483,7 @@ async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messa
         "scenario": "fanout", "clients": clients_n, "irc_clients": irc, "ws_clients": ws,
         "senders": senders,
         "messages": messages,
-        "rate": rate, "connect_seconds": round(connect_s, 3),
+        "rate": rate, "open_loop": open_loop, "connect_seconds": round(connect_s, 3),
         "connects_per_second": round(clients_n / connect_s, 1) if connect_s else None,
         "sent": senders * messages, "expected_deliveries": expected,
         "received_deliveries": got, "lost": expected - got,
@@ -12390,7 +12690,8 @@ async def run_bench(args: argparse.Namespace) -> list[dict]:
                     irc, ws = bench_wires(args, clients) if name == "pychat" else (0, 0)
                     result = await bench_fanout(host, port, clients, args.senders,
                                                 args.messages, args.rate, progress,
-                                                args.timeout, pid, irc, ws)
+                                                args.timeout, pid, irc, ws,
+                                                args.open_loop)
                 else:
                     result = await bench_connections(host, port, clients, progress, pid)
             finally:
@@ -12430,6 +12731,8 @@ def bench_verdict(results: list[dict]) -> str:
     what = "idle connections"
     if fanout:
         load = "unpaced" if rows[0]["rate"] <= 0 else f"{rows[0]['rate']:g} messages/s each"
+        if rows[0].get("open_loop"):
+            load += ", open loop"
         what = f"active chatters ({rows[0]['senders']} sending, {load})"
     promise = (f"at p99 under {BENCH_P99_TARGET_MS} ms with nothing lost" if fanout
                else "with a sample of them all answering pings")
@@ -12454,6 +12757,9 @@ def bench_verdict(results: list[dict]) -> str:
 
 
 def _bench_rate(r: dict) -> str:
+    if r.get("open_loop") and r["rate"] <= 0:
+        return ("open loop (--open-loop: each sender writes one message at a time as fast "
+                "as it can, never waiting for echoes)")
     if r["rate"] <= 0:
         return (f"unpaced (--rate 0: each sender keeps {BENCH_WINDOW} messages in flight, "
                 "sending the next when one comes back)")
@@ -13097,6 +13403,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="messages per second per sender; 0: unpaced, each sender keeps "
                             f"{BENCH_WINDOW} messages in flight and sends the next as one "
                             "comes back (default: %(default)s)")
+    bench.add_argument("--open-loop", action="store_true",
+                       help="fanout: senders never wait for echoes: one message per write, "
+                            "at --rate or (rate 0) as fast as they can; latency then "
+                            "includes any queue the server lets build up")
     bench.add_argument("--host", default="127.0.0.1",
                        help="with --port: measure this running server instead")
     bench.add_argument("--port", type=_listen_port, default=0,

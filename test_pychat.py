@@ -758,6 +758,126 @@ class RoomTests(ServerCase):
         self.assertEqual(got["text"], "hello old friend")  # never the #dev message
 
 
+class UsersDeltaTests(ServerCase):
+    """Joins and leaves written together (issue 18): a users_delta event for
+    clients that ask for it, v1 join/leave lines and IRC JOINs for the rest."""
+
+    async def delta_peer(self, nick: str) -> Peer:
+        peer = await self.raw()
+        await peer.send({"type": "hello", "nick": nick, "features": ["users_delta"]})
+        await peer.expect("welcome", nick=nick)
+        await peer.expect("users")
+        return peer
+
+    async def test_deltas_for_who_asks_v1_events_and_irc_joins_for_the_rest(self):
+        new = await self.delta_peer("new")
+        old = await self.connect("old")
+        irc = await IrcPeer.open(self.port)
+        self.addAsyncCleanup(irc.close)
+        await irc.register("irc_ed")
+        await irc.send("JOIN #lobby")
+        await irc.expect(" 366 ")
+        await new.expect("users_delta", joined=["old"])  # (written alone: nothing else came)
+        # A long window (0.1 s per member): these joins and leaves come together.
+        with unittest.mock.patch.object(pychat, "PRESENCE_SECONDS_PER_MEMBER", 0.1):
+            await new.expect("users_delta", joined=["irc_ed"])  # already pending, or written
+            a = await self.connect("a")
+            b = await self.connect("b")
+            flash = await self.connect("flash")  # comes and goes within the window
+            await flash.send({"type": "quit"})
+            await flash.expect_eof()
+            c = await self.connect("c")
+            delta = await new.expect("users_delta")
+            self.assertEqual((delta["room"], delta["joined"], delta["left"]),
+                             ("#lobby", ["a", "b", "c"], []))
+            await a.send({"type": "quit", "reason": "bye"})
+            await a.expect_eof()
+            await b.send({"type": "away", "message": "lunch"})  # said to the room: joins first
+            await b.expect("away")
+            # Anything said in the room writes what is pending first, in order.
+            await c.send({"type": "msg", "text": "after the joins"})
+            delta = await new.expect("users_delta")
+            self.assertEqual([(g["nick"], g["reason"], g.get("message")) for g in delta["left"]],
+                             [("a", "quit", "bye")])
+            self.assertEqual(delta["joined"], [])
+            await new.expect("msg", text="after the joins")
+        # Whoever did not ask sees protocol v1 unchanged: one event each, in order.
+        kinds = [(e["type"], e.get("nick")) for e in old.seen if e["type"] in
+                 ("join", "leave", "users_delta")]
+        await old.expect("msg", text="after the joins")
+        kinds = [(e["type"], e.get("nick")) for e in old.seen if e["type"] in
+                 ("join", "leave", "users_delta")]
+        self.assertEqual(kinds, [("join", "irc_ed"), ("join", "a"), ("join", "b"),
+                                 ("join", "flash"), ("leave", "flash"), ("join", "c"),
+                                 ("leave", "a")])
+        self.assertFalse([e for e in new.seen if e["type"] in ("join", "leave")])
+        for nick in ("a", "b", "c"):
+            await irc.expect(f":{nick}!")
+        self.assertIn("JOIN #lobby", [line for line in irc.seen if line.startswith(":c!")][0])
+        await irc.expect("PRIVMSG #lobby :after the joins")
+        self.assertIn(":a!pychat@pychat QUIT :bye", irc.seen)
+        # The user list a newcomer gets is built from bytes kept per room.
+        room = self.server.rooms["#lobby"]
+        self.assertEqual(room.users_line(), encode(room.users_event()))
+        self.assertEqual(json.loads(room.users_line())["away"], {"b": "lunch"})
+
+    async def test_one_quit_for_irc_though_the_channels_write_leaves_apart(self):
+        irc = await IrcPeer.open(self.port)
+        self.addAsyncCleanup(irc.close)
+        await irc.register("irc_ed")
+        await irc.send("JOIN #lobby", "JOIN #dev")
+        await irc.expect(" 366 irc_ed #dev ")
+        dan = await self.connect("dan")
+        await dan.send({"type": "join", "room": "#dev"})
+        await dan.expect("users", room="#dev")
+        x = await self.connect("x")
+        await self.connect("y")
+        # The lobby (5 members) writes its leaves later than #dev (2): other ticks.
+        with unittest.mock.patch.object(pychat, "PRESENCE_SECONDS_PER_MEMBER", 0.04):
+            await dan.send({"type": "quit", "reason": "bye"})
+            await dan.expect_eof()
+            await x.expect("leave", nick="dan")  # the lobby's, the later one
+        await irc.send("PING :after")
+        await irc.expect("PONG")
+        self.assertEqual([line for line in irc.seen if " QUIT " in line],
+                         [":dan!pychat@pychat QUIT :bye"])
+
+    async def test_a_newcomer_hears_only_the_joins_after_her_own(self):
+        watcher = await self.delta_peer("watcher")
+        with unittest.mock.patch.object(pychat, "PRESENCE_SECONDS_PER_MEMBER", 0.1):
+            first = await self.connect("first")
+            late = await self.delta_peer("late")
+            self.assertEqual(late.seen[-1]["users"], ["first", "late", "watcher"])
+            await self.connect("last")
+            delta = await watcher.expect("users_delta")
+            self.assertEqual(delta["joined"], ["first", "late", "last"])
+            delta = await late.expect("users_delta")
+            self.assertEqual(delta["joined"], ["last"])  # she knew "first" from her list
+            await first.send({"type": "msg", "text": "hi"})
+            await late.expect("msg", text="hi")
+        self.assertEqual([e["type"] for e in late.seen].count("users_delta"), 1)
+
+    async def test_a_tick_handles_lines_for_so_long_then_reads_on_after_writing(self):
+        alice = await self.connect("alice")
+        bob = await self.connect("bob")
+        paused = []
+        transport = self.server.nicks["alice"].transport
+        real = transport.pause_reading
+        transport.pause_reading = lambda: (paused.append(1), real())[1]
+        ticks = self.server.tick
+        # No time at all: every line after a tick's first waits for the next tick.
+        with unittest.mock.patch.object(pychat, "TICK_SECONDS", 0.0):
+            alice.writer.write(b"".join(encode({"type": "msg", "text": str(i)})
+                                        for i in range(15)))  # (under the flood burst)
+            for i in range(15):
+                await bob.expect("msg", text=str(i))
+        self.assertGreaterEqual(self.server.tick - ticks, 15)  # written tick by tick
+        self.assertTrue(paused)  # ...and not read meanwhile
+        await alice.send({"type": "msg", "text": "reading again"})
+        await bob.expect("msg", text="reading again")
+        self.assertFalse(self.server.nicks["alice"].deferred)
+
+
 class PrivateMessageTests(ServerCase):
     async def test_pm_reaches_only_the_two_and_is_never_stored(self):
         alice = await self.connect("alice")
@@ -2963,6 +3083,36 @@ class ClientTests(ServerCase):
         await bob.send({"type": "quit"})
         await wait_for(lambda: client.users == {"alice": "alice"}, what="leave")
 
+    async def test_user_lists_stay_exact_under_users_delta(self):
+        client, events, _ = await self.start_client("alice")
+        await wait_for(lambda: client.registered, what="registration")
+        self.assertTrue(self.server.nicks["alice"].deltas)  # it asked for users_delta
+        with unittest.mock.patch.object(pychat, "PRESENCE_SECONDS_PER_MEMBER", 0.1):
+            bob = await self.connect("bob")
+            await bob.send({"type": "away", "message": "lunch"})
+            await bob.expect("away")
+            carol = await self.connect("carol")  # one delta: bob and carol (bob away)
+            dave = await self.connect("dave")
+            flash = await self.connect("flash")
+            await flash.send({"type": "quit"})
+            await flash.expect_eof()
+            await wait_for(lambda: set(client.users.values()) == {"alice", "bob", "carol",
+                                                                  "dave"}, what="joins")
+            await dave.send({"type": "quit", "reason": "gone"})
+            await dave.expect_eof()
+            await carol.send({"type": "msg", "text": "after"})  # writes dave's leave first
+            await wait_for(lambda: any(e.get("text") == "after" for e in events), what="msg")
+            self.assertEqual(client.users, {"alice": "alice", "bob": "bob", "carol": "carol"})
+        self.assertEqual(client.state.members("#lobby"), ["alice", "bob", "carol"])
+        self.assertEqual(client.state.away_message("bob"), "lunch")
+        # The UIs see join and leave events, never the delta itself.
+        self.assertFalse([e for e in events if e["type"] == "users_delta"])
+        leaves = [(e["nick"], e["reason"], e.get("message")) for e in events
+                  if e["type"] == "leave"]
+        self.assertEqual(leaves, [("dave", "quit", "gone")])
+        joins = [e["nick"] for e in events if e["type"] == "join"]
+        self.assertEqual(sorted(joins), ["bob", "carol", "dave"])
+
     async def test_refused_message_becomes_a_failed_event(self):
         reconfigure(self.server, max_text=5)
         client, events, _ = await self.start_client("alice")
@@ -5091,6 +5241,21 @@ class BenchTests(unittest.TestCase):
             self.assertLessEqual(lat["p50"], lat["p90"])
             self.assertLessEqual(lat["p99"], lat["max"])
         self.assertIn("vs_reference", results[0])
+
+    def test_open_loop_senders_never_wait_and_nothing_is_lost(self):
+        results = self.run_bench("--clients", "6", "--senders", "2", "--messages", "40",
+                                 "--open-loop", "--reference")
+        self.assertEqual([r["server"] for r in results], ["pychat", "reference"])
+        for r in results:
+            self.assertTrue(r["open_loop"])
+            self.assertEqual((r["sent"], r["received_deliveries"], r["lost"]),
+                             (2 * 40, 2 * 40 * 6, 0))
+            self.assertEqual(r["dropped_clients"], 0)
+        out = subprocess.run([*RUN, "bench", "--clients", "4", "--senders", "1", "--messages",
+                              "5", "--open-loop", "--rate", "50"],
+                             capture_output=True, text=True, timeout=120)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("messages/s each, open loop", " ".join(out.stdout.split()))
 
     def test_proto_puts_every_receiver_on_one_wire_or_a_third_on_each(self):
         (result,) = self.run_bench("--clients", "26", "--senders", "2", "--messages", "10",
