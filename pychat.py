@@ -56,6 +56,7 @@ import collections
 import dataclasses
 import datetime
 import errno
+import functools
 import gc
 import getpass
 import hashlib
@@ -224,6 +225,7 @@ CLOSE_LINGER = 2.0             # a half-closed connection (Wire.linger) waits th
 # TRIM_DELAY seconds, the server hands the heap memory it freed back to the OS.
 TRIM_CHURN = 200
 TRIM_DELAY = 2.0
+TRIM_SETTLED = 2 * TRIM_DELAY + 0.5  # the latest a burst's trim can come after its end
 
 # Client settings.
 CLIENT_MAX_LINE = 64 * 1024 * 1024  # history frames can be large; trust the server more
@@ -375,11 +377,15 @@ def _no_constants(name: str) -> None:
     raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python-only extensions
 
 
+# One decoder for every line: json.loads with options builds a new decoder and
+# scanner per call, which costs time and leaves small blocks all over the heap.
+_DECODER = json.JSONDecoder(parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
+
+
 def decode(line: bytes) -> dict:
     """Parse one line (without its newline) into a message dict with a str type."""
     try:
-        obj = json.loads(line.decode("utf-8"), parse_constant=_no_constants,
-                         object_pairs_hook=_no_duplicates)
+        obj = _DECODER.decode(line.decode("utf-8"))
     except (ValueError, RecursionError):  # bad UTF-8 / JSON, absurd nesting or numbers
         raise ProtocolError("bad_json", ERRORS["bad_json"]) from None
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
@@ -747,6 +753,7 @@ class Room:
 
     def __init__(self, name: str, history: int, permanent: bool = False):
         self.name = name
+        self.key = nick_key(name)             # one string shared by every member's s.rooms
         self.permanent = permanent            # the lobby and --rooms stay when empty
         self.members: dict[str, Session] = {}  # nick_key -> session
         self.history: collections.deque[dict] = collections.deque(maxlen=history)
@@ -884,6 +891,7 @@ def count_down(counts: dict[str, int], key: str) -> None:
         counts.pop(key, None)
 
 
+@functools.lru_cache(maxsize=1024)  # one string per address, however many connect from it
 def canonical_address(address: str) -> str:
     """An IP address as one spelling: IPv4 also when it came IPv4-mapped
     (::ffff:1.2.3.4 on a dual-stack socket), IPv6 compressed, no zone."""
@@ -896,6 +904,7 @@ def canonical_address(address: str) -> str:
     return str(ip)
 
 
+@functools.lru_cache(maxsize=1024)
 def address_key(address: str) -> str:
     """What connection limits, bans and mutes count by: the IPv4 address, or
     the IPv6 address's /64 network (one IPv6 host usually owns a whole /64,
@@ -922,6 +931,8 @@ class Wire:
     json_requests = True  # its requests are v1 JSON objects, parsed by the core
     byte_stream = False   # it frames its own input: data() gets the raw bytes
     linger = False        # a graceful close shuts our half first (see Session.close)
+    # One per connection: slots here (subclasses may add a __dict__ of their own).
+    __slots__ = ("server", "s")
 
     def __init__(self, server: ChatServer, session: Session):
         self.server, self.s = server, session
@@ -975,6 +986,9 @@ class Wire:
         """The peer has read what was written: its transport wants more."""
 
 
+_NEVER_TYPED = -TYPING_RELAY_MIN  # one float for every new session, not one each
+
+
 class Session(asyncio.Protocol):
     """One client connection: framing, flood bucket, output backlog."""
 
@@ -984,7 +998,7 @@ class Session(asyncio.Protocol):
                  "closing", "leave_reason", "quit_message", "typing_at",
                  "grace_bytes", "away", "away_told", "operator", "auth_hold_until",
                  "connected_at", "last_rx", "pinged_at", "tokens", "token_time",
-                 "flood_penalty", "token", "wire", "native", "spoke", "identity", "subnet",
+                 "flood_penalty", "token", "wire", "native", "spoke", "subnet",
                  "log_tokens", "log_time", "log_dropped", "history_unread", "tls_wait", "paused", "refusal", "authed",
                  "deferred", "deltas")
 
@@ -1000,7 +1014,7 @@ class Session(asyncio.Protocol):
         self.closing = False
         self.leave_reason = "disconnected"
         self.quit_message = ""
-        self.typing_at = -TYPING_RELAY_MIN
+        self.typing_at = _NEVER_TYPED
         self.grace_bytes = 0           # backlog allowed on top of the cap (history replies)
         self.away: str | None = None   # away message, None when here
         self.away_told: set[str] | None = None  # who already heard this user is away
@@ -1010,16 +1024,15 @@ class Session(asyncio.Protocol):
         self.connected_at = now
         self.last_rx = now
         self.pinged_at: float | None = None
-        self.tokens = float(server.cfg.flood_burst)
+        self.tokens: float = server.cfg.flood_burst  # (a small int: no object of its own)
         self.token_time = now
         self.flood_penalty = 0.0
         self.token = ""                # secret for taking this nick over after a drop
-        self.identity = ""             # who this is across reconnects (see make_token)
         self.subnet = "?"              # the address key that limits, bans and mutes use
-        self.log_tokens = float(LOG_BURST)  # log lines this connection may still cause
+        self.log_tokens: float = LOG_BURST  # log lines this connection may still cause
         self.log_time = now
         self.log_dropped = 0
-        self.history_unread: set[str] = set()  # rooms whose history reply is not yet read
+        self.history_unread: set[str] | None = None  # rooms whose history reply is unread
         self.tls_wait = False          # accepted, TLS handshake still going
         self.paused = False            # the transport's buffer is past its high-water mark
         self.refusal = ""              # refused; said once its first line shows its protocol
@@ -1032,6 +1045,12 @@ class Session(asyncio.Protocol):
         self.spoke = wire is not None
         self.wire: Wire = (wire or Wire)(server, self)
         self.native = self.wire.native
+
+    @property
+    def identity(self) -> str:
+        """Who this is across reconnects: the first part of its resume token
+        (see ChatServer.make_token); "" before it has one."""
+        return self.token.partition(".")[0]
 
     # --- asyncio.Protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -1237,7 +1256,7 @@ class Session(asyncio.Protocol):
                     self.server.grace_total -= self.grace_bytes
                     self.grace_bytes = 0
                 if self.history_unread:
-                    self.history_unread.clear()
+                    self.history_unread = None
             elif backlog > self.server.cfg.max_backlog_bytes + self.grace_bytes:
                 self.abort("backlog")
 
@@ -1626,7 +1645,8 @@ class ChatServer:
         self.bans: dict[str, tuple[str, float]] = {}  # nick_key or "@address" -> (who, until)
         self.mutes: dict[str, str] = {}  # nick_key or "@address" -> the muted address
         self.nicks: dict[str, Session] = {}     # nick_key -> registered session
-        self.sessions: set[Session] = set()     # every open connection
+        # Every open connection (a dict, not a set: a third of the memory).
+        self.sessions: dict[Session, None] = {}
         self.dirty: list[Session] = []          # sessions with output this tick
         self.presence_rooms: list[Room] = []    # rooms with joins or leaves to write
         self._flush_scheduled = False
@@ -2067,15 +2087,21 @@ class ChatServer:
             self.trim_memory()
 
     def trim_memory(self) -> None:
+        """Free what the burst left in reference cycles and free lists (gc.collect
+        clears both), then hand the heap's free pages back.  Only when the server
+        has the main thread: collecting in another thread would finalise objects
+        that belong to that one (a Tk window's, in-process tests)."""
         self._churn = 0
         if self._trim is not None:
             started = time.perf_counter()
+            if threading.current_thread() is threading.main_thread():
+                gc.collect()
             self._trim()
             log.debug("heap trimmed in %.1f ms", (time.perf_counter() - started) * 1000)
 
     def admit(self, s: Session) -> str | None:
         """Count a new connection; the error code if it must be refused."""
-        self.sessions.add(s)
+        self.sessions[s] = None
         self.churn()
         address = s.subnet
         self.per_address[address] = self.per_address.get(address, 0) + 1
@@ -2107,7 +2133,7 @@ class ChatServer:
             self.grace_total -= s.grace_bytes
             s.grace_bytes = 0
         if s in self.sessions:
-            self.sessions.discard(s)
+            del self.sessions[s]
             self.churn()
             count_down(self.per_address, s.subnet)
             if self.transfers:
@@ -2319,22 +2345,21 @@ class ChatServer:
         if ghost is not None and token and ghost.token and \
                 hmac.compare_digest(ghost.token.encode(), token.encode()):
             self._take_over(s, ghost)
-            self._welcome(s, msg, resumed=True)
+            self._welcome(s, msg, ghost.identity, resumed=True)
             for room in list(s.rooms.values()):
                 s.wire.joined(room, after.get(nick_key(room.name)))
             return
         if not self._check_nick(s, msg, nick):
             return
         s.nick = nick
-        s.identity = self.token_identity(token) or secrets.token_hex(8)
         self.nicks[nick_key(nick)] = s
-        self._welcome(s, msg, resumed=False)
+        self._welcome(s, msg, self.token_identity(token) or secrets.token_hex(8))
         if s.wire.joins_lobby:  # (IRC users choose their channels themselves)
             lobby = self.rooms[nick_key(LOBBY)]
             self._join(s, lobby, after.get(nick_key(LOBBY)))
 
-    def _welcome(self, s: Session, msg: dict, resumed: bool) -> None:
-        s.token = self.make_token(s.identity)
+    def _welcome(self, s: Session, msg: dict, identity: str, resumed: bool = False) -> None:
+        s.token = self.make_token(identity)
         welcome = {"type": "welcome", "nick": s.nick, "room": LOBBY, "server": SERVER_NAME,
                    "version": __version__, "instance": self.instance, "token": s.token,
                    "limits": {"max_text": self.cfg.max_text, "max_line_bytes": self.cfg.max_line_bytes,
@@ -2355,8 +2380,8 @@ class ChatServer:
         the old one is closed without anyone seeing a leave and a join."""
         assert ghost.nick is not None
         key = nick_key(ghost.nick)
-        s.nick, s.rooms, s.away, s.away_told, s.operator, s.identity = \
-            ghost.nick, ghost.rooms, ghost.away, ghost.away_told, ghost.operator, ghost.identity
+        s.nick, s.rooms, s.away, s.away_told, s.operator = \
+            ghost.nick, ghost.rooms, ghost.away, ghost.away_told, ghost.operator
         for room in s.rooms.values():
             room.members[key] = s
             if room.pending:  # its user list, sent next, has them all
@@ -2373,7 +2398,7 @@ class ChatServer:
         self.presence(room, join, s)
         room.add(nick_key(s.nick), s)
         room.fresh[s] = len(room.pending)  # her user list has who came before her
-        s.rooms[nick_key(room.name)] = room
+        s.rooms[room.key] = room
         s.wire.joined(room, after)
 
     def send_room_state(self, s: Session, room: Room, after: int | None) -> None:
@@ -2412,7 +2437,9 @@ class ChatServer:
         to history_grace bytes unread at once per client and max_grace_total
         for everyone: a client that asks again and again without reading is
         dropped like any slow reader.  True if the reply is allowed for."""
-        s.history_unread.add(nick_key(room.name))
+        if s.history_unread is None:
+            s.history_unread = set()
+        s.history_unread.add(room.key)
         if s.grace_bytes + size > self.cfg.history_grace or \
                 self.grace_total + size > self.cfg.max_grace_total:
             return False
@@ -2424,7 +2451,7 @@ class ChatServer:
         room = self._room_for(s, msg)
         if room is None:
             return
-        if nick_key(room.name) in s.history_unread:
+        if s.history_unread and room.key in s.history_unread:
             self._reply_error(s, msg, "history_pending", f"Your last history of {room.name} "
                               "has not reached you yet; ask again once it has.")
             return
@@ -12520,7 +12547,7 @@ async def bench_connections(host: str, port: int, clients_n: int, progress: Prog
     # Memory is measured in the steady state: after the join storm and the
     # server's clean-up once a burst of connections has settled.
     if server_pid:
-        await asyncio.sleep(TRIM_DELAY + 0.5)
+        await asyncio.sleep(TRIM_SETTLED)
     after = process_stats(server_pid) if server_pid else {}
     for c in sample:
         c.send(b'{"type":"ping","data":1}\n')
@@ -12538,7 +12565,7 @@ async def bench_connections(host: str, port: int, clients_n: int, progress: Prog
             c.transport.close()
     if before and after:
         await _wait_room_empty(host, port)
-        await asyncio.sleep(TRIM_DELAY + 0.5)  # the server's own clean-up after a burst
+        await asyncio.sleep(TRIM_SETTLED)  # the server's own clean-up after a burst
         left = process_stats(server_pid) if server_pid else {}
         result.update(server_rss_mib=round(after["rss_kib"] / 1024, 1),
                       server_peak_rss_mib=round(after["peak_kib"] / 1024, 1),
@@ -13463,11 +13490,6 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"pychat: cannot listen on {args.host or '*'}:{args.port}: {e.strerror or e}",
               file=sys.stderr)
         return 1
-    # Compiling this file as a script peaks at about 40 MiB of syntax trees,
-    # freed but kept by the C heap: hand it back (59 -> 29 MiB idle, Linux).
-    gc.collect()
-    if server._trim is not None:
-        server._trim()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
