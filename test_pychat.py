@@ -1271,11 +1271,12 @@ class ServerProcessTests(unittest.TestCase):
         self.assertIn("listening on", line, proc.stderr.read() if proc.poll() else "")
         argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode().split("\0")
         # The same process now imports the file (its syntax tree freed), with
-        # the same interpreter option and arguments.
-        self.assertEqual(argv[1:3], ["-X", "utf8"])
-        self.assertEqual(argv[3], "-c")
-        self.assertIn("runpy.run_module('pychat'", argv[4])
-        self.assertEqual(argv[5:8], [PYCHAT, "server", "--host"])
+        # the same interpreter option and arguments, and (a server) no site
+        # module: nothing from site-packages stays in its memory.
+        self.assertEqual(argv[1:4], ["-X", "utf8", "-S"])
+        self.assertEqual(argv[4], "-c")
+        self.assertIn("runpy.run_module('pychat'", argv[5])
+        self.assertEqual(argv[6:9], [PYCHAT, "server", "--host"])
         peer = SyncPeer(int(line.rsplit("(port ", 1)[1].rstrip(")\n")), "alice")
         peer.send({"type": "msg", "text": "still a server"})
         self.assertEqual(peer.expect("msg")["text"], "still a server")
