@@ -225,6 +225,17 @@ REFUSE_WAIT = 0.5              # a refused connection waits this long for its fi
 WEB_HEAD_TIMEOUT = 5.0         # an HTTP request's head must be in this long after connecting
 CLOSE_LINGER = 2.0             # a half-closed connection (Wire.linger) waits this for its peer
 
+# LAN discovery (section 3d).
+DISCOVERY_PORT = 5051          # UDP: servers answer "who is there?" here...
+DISCOVERY_GROUP = "ff02::5051"  # ...sent to IPv4 broadcast or this IPv6 link-local group
+DISCOVERY_QUERY_BYTES = 512    # a query is padded to this; no answer is longer than its query
+DISCOVERY_BURST = 5            # answers one source address may get at once...
+DISCOVERY_RATE = 1.0           # ...and then this many per second
+DISCOVERY_SOURCES = 256        # source addresses remembered for that (oldest forgotten)
+DISCOVERY_ANSWERS_PER_SECOND = 50  # answers to everyone together
+DISCOVERY_MAX_FOUND = 64       # servers a finder lists at most
+FIND_SECONDS = 2.0             # how long `find` (and cli/gui without --host) listen
+
 # After a burst of this many connects and disconnects has been quiet for
 # TRIM_DELAY seconds, the server hands the heap memory it freed back to the OS.
 TRIM_CHURN = 200
@@ -527,6 +538,19 @@ def server_tls_context(certfile: str, keyfile: str | None = None) -> Any:
     return ctx
 
 
+def certificate_fingerprint(certfile: str) -> str:
+    """The SHA-256 of a PEM file's first certificate, as lowercase hex: what
+    discovery announces and a client pins (trust on first use)."""
+    import ssl
+    pem = Path(certfile).read_text(encoding="ascii", errors="replace")
+    start = pem.find("-----BEGIN CERTIFICATE-----")
+    end = pem.find("-----END CERTIFICATE-----", start)
+    if start < 0 or end < 0:
+        raise ValueError(f"{certfile} holds no PEM certificate")
+    der = ssl.PEM_cert_to_DER_cert(pem[start:end + len("-----END CERTIFICATE-----")])
+    return hashlib.sha256(der).hexdigest()
+
+
 def client_tls_context(cafile: str | None = None, insecure: bool = False) -> Any:
     """A client context that verifies the server against the system store or
     `cafile`; `insecure` skips verification (encrypted, but anyone could be there)."""
@@ -537,6 +561,51 @@ def client_tls_context(cafile: str | None = None, insecure: bool = False) -> Any
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def fingerprint_text(fingerprint: str) -> str:
+    """A SHA-256 fingerprint as people compare them: AB:CD:..."""
+    return ":".join(fingerprint[i:i + 2] for i in range(0, len(fingerprint), 2)).upper()
+
+
+def pinned_tls_context(fingerprint: str) -> Any:
+    """A client context that accepts exactly the certificate with this SHA-256
+    (ChatClient checks it after the handshake): for a server found on the LAN
+    whose certificate the user trusted on first use."""
+    ctx = client_tls_context(insecure=True)
+    ctx.pinned_sha256 = fingerprint
+    return ctx
+
+
+def trust_found(found: Any, settings: dict, ask: Callable[[str], bool]) -> Any:
+    """The TLS context for connecting to a server discovery found (None
+    without TLS).  Trust on first use: the first time, `ask` shows the
+    certificate's fingerprint and the answer is kept in settings (saving
+    them is the caller's); a different certificate later is refused, loudly.
+    PyChatError with a sentence when not connecting."""
+    if not found.tls:
+        return None
+    fp = found.fingerprint
+    if not fp:
+        raise PyChatError(f"{found.name} at {found.address} uses TLS but announced no "
+                          "certificate fingerprint; connect with --host, --tls and --cafile.")
+    trusted = settings.setdefault("trusted_certificates", {})
+    known = trusted.get(found.address)
+    if known is not None and known != fp:
+        raise PyChatError(
+            f"WARNING: {found.name} at {found.address} now shows a different TLS "
+            f"certificate from the one you trusted (was {fingerprint_text(known)}, now "
+            f"{fingerprint_text(fp)}). Someone may be pretending to be it, so PyChat will "
+            "not connect. If its owner really changed the certificate, remove "
+            f"{found.address} from trusted_certificates in settings.json.")
+    if known is None:
+        if not ask(f"{found.name} at {found.address} uses TLS. Its certificate's SHA-256 "
+                   f"is\n  {fingerprint_text(fp)}\nIt should match what the server printed "
+                   "when it started. Trust this certificate?"):
+            raise PyChatError(f"Not connecting to {found.address}: its certificate was not "
+                              "trusted.")
+        trusted[found.address] = fp
+    return pinned_tls_context(fp)
 
 
 INSECURE_WARNING = ("WARNING: --insecure: the connection is encrypted but the server's "
@@ -563,6 +632,8 @@ def _is_tls_error(e: BaseException) -> bool:
 def tls_problem(e: BaseException) -> str:
     """A sentence for a TLS failure."""
     import ssl
+    if isinstance(e, ssl.SSLError) and e.args[:1] == ("pinned",):
+        return e.args[1]
     if isinstance(e, ssl.SSLCertVerificationError):
         if "mismatch" in str(e.verify_message).lower():
             return (f"the server's certificate is not for this address ({e.verify_message}). "
@@ -703,6 +774,9 @@ class ServerConfig:
     web_port: int | None = None    # ...and on a port of their own
     web_origins: tuple[str, ...] = ()  # pages elsewhere (a reverse proxy) that may connect
     web_head_timeout: float = WEB_HEAD_TIMEOUT
+    announce_port: int | None = None  # answer LAN discovery on this UDP port (None: don't)
+    name: str = ""                 # what discovery calls this server (the command line: host name)
+    tls_fingerprint: str | None = None  # SHA-256 of the certificate, hex, for discovery
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerConfig:
@@ -721,10 +795,11 @@ class ServerConfig:
         except (OSError, ValueError) as e:
             raise PyChatError(f"cannot read a password file: "
                               f"{getattr(e, 'strerror', None) or e}") from None
-        ssl_context = None
+        ssl_context = fingerprint = None
         if args.certfile:
             try:
                 ssl_context = server_tls_context(args.certfile, args.keyfile)
+                fingerprint = certificate_fingerprint(args.certfile)
             except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
                 raise PyChatError(f"cannot load the TLS certificate or key: {e}") from None
         elif args.keyfile:
@@ -749,7 +824,10 @@ class ServerConfig:
                    connect_rate=args.connect_rate, max_handshakes=args.max_handshakes,
                    max_file_size=args.max_file_size, server_name=args.server_name,
                    irc_port=args.irc_port, web=not args.no_web, web_port=args.web_port,
-                   web_origins=origins)
+                   web_origins=origins,
+                   announce_port=None if args.no_announce else DISCOVERY_PORT,
+                   name=clean_text(args.name or socket.gethostname() or "PyChat")[:64],
+                   tls_fingerprint=fingerprint)
 
 
 class Room:
@@ -1668,6 +1746,10 @@ class ChatServer:
         self._ids = itertools.count(1)
         self._id_floor = 0                      # ids below this are reserved on disk
         self._servers: list[asyncio.AbstractServer] = []
+        self.datagram_transports: list[asyncio.BaseTransport] = []  # LAN discovery's
+        self.announcer: Announcer | None = None
+        self.announce_ports: list[int] = []
+        self.port = 0                           # the chat port, once listening
         self._housekeeper: asyncio.Task | None = None
         self._trim = heap_trimmer()
         self._churn = 0                         # connects + disconnects since the last trim
@@ -1711,8 +1793,18 @@ class ChatServer:
         self._housekeeper = self.loop.create_task(self._housekeeping())
         if self.store is not None and self.store.fsync == "second":
             self.loop.call_later(FSYNC_EVERY, self._sync_tick)
+        self.port = server.sockets[0].getsockname()[1]
+        if self.cfg.announce_port is not None:
+            self.announce_ports = await start_announcer(self, host)
         self.trim_memory()  # what compiling this file left behind
-        return server.sockets[0].getsockname()[1]
+        return self.port
+
+    def announcement(self, qid: str) -> dict:
+        """This server as LAN discovery describes it (section 3d)."""
+        return {"pychat": "here", "v": 1, "id": qid, "name": self.cfg.name or SERVER_NAME,
+                "port": self.port, "tls": self.cfg.ssl_context is not None,
+                "fingerprint": self.cfg.tls_fingerprint, "password": bool(self.cfg.password),
+                "users": len(self.nicks), "version": __version__, "instance": self.instance}
 
     def addresses(self) -> list[tuple[str, int]]:
         return [s.getsockname()[:2] for srv in self._servers for s in srv.sockets]
@@ -1722,6 +1814,8 @@ class ChatServer:
         self.shutting_down = True
         for srv in self._servers:
             srv.close()
+        for transport in self.datagram_transports:
+            transport.close()
         if self._housekeeper is not None:
             self._housekeeper.cancel()
         bye_event = {"type": "bye", "reason": reason}
@@ -2130,11 +2224,8 @@ class ChatServer:
                     self.connect_buckets = {a: b for a, b in self.connect_buckets.items()
                                             if now - b[1] < full}
                 bucket = self.connect_buckets[address] = [float(CONNECT_BURST), now]
-            bucket[0] = min(CONNECT_BURST, bucket[0] + (now - bucket[1]) * self.cfg.connect_rate)
-            bucket[1] = now
-            if bucket[0] < 1:
+            if not spend(bucket, now, CONNECT_BURST, self.cfg.connect_rate):
                 return "connecting_too_fast"
-            bucket[0] -= 1
         return None
 
     def drop(self, s: Session) -> None:
@@ -6521,6 +6612,313 @@ ChatServer.web_wire = HttpWire
 
 
 # ===========================================================================
+# 3d. LAN discovery -- a server answers "who is there?" datagrams on UDP
+#     DISCOVERY_PORT, sent to IPv4 broadcast or IPv6 link-local multicast;
+#     find_servers() asks and, when nobody answers, says what it tried and
+#     the likely reasons.  `find` prints what it finds; `cli` and `gui` ask
+#     when no --host is given.  Uses: constants, protocol.
+#
+# A query is padded to DISCOVERY_QUERY_BYTES and an answer is never longer
+# than the query it answers, so a spoofed source gains an attacker nothing;
+# answers are rate-limited per source address and in all.  An answer says
+# where to connect and what to expect (TLS and its certificate's SHA-256,
+# a password or not), never anything secret.
+# ===========================================================================
+
+def spend(bucket: list[float], now: float, burst: float, rate: float) -> bool:
+    """Token bucket [tokens, last time]: refill by the time passed, then take
+    one if there is one."""
+    bucket[0] = min(burst, bucket[0] + (now - bucket[1]) * rate)
+    bucket[1] = now
+    if bucket[0] < 1:
+        return False
+    bucket[0] -= 1
+    return True
+
+
+def _compact(obj: dict) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def discovery_query(qid: str) -> bytes:
+    """A query, padded to DISCOVERY_QUERY_BYTES (what an answer may be at most)."""
+    query = {"pychat": "find", "v": 1, "id": qid, "pad": ""}
+    query["pad"] = "." * max(0, DISCOVERY_QUERY_BYTES - len(_compact(query)))
+    return _compact(query)
+
+
+def _datagram_json(data: bytes) -> dict | None:
+    """A datagram as a JSON object; None for anything else (never raises)."""
+    if len(data) > 2 * DISCOVERY_QUERY_BYTES:
+        return None
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+class Announcer(asyncio.DatagramProtocol):
+    """The server's side: answers each well-formed query, within the rates."""
+
+    def __init__(self, server: ChatServer):
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+        self.sources: dict[str, list[float]] = {}  # address -> bucket, oldest first
+        self.everyone = [float(DISCOVERY_ANSWERS_PER_SECOND), 0.0]
+        self.answered = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        query = _datagram_json(data)
+        if query is None or query.get("pychat") != "find" or not isinstance(query.get("id"), str):
+            return
+        if not self._allowed(str(addr[0])):
+            return
+        answer = _compact(self.server.announcement(query["id"][:32]))
+        if len(answer) <= len(data) and self.transport is not None:
+            self.transport.sendto(answer, addr)
+            self.answered += 1
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # an ICMP error about an earlier answer: nothing to do
+
+    def _allowed(self, source: str) -> bool:
+        now = time.monotonic()
+        bucket = self.sources.pop(source, None) or [float(DISCOVERY_BURST), now]
+        self.sources[source] = bucket  # the most recent last
+        if len(self.sources) > DISCOVERY_SOURCES:
+            del self.sources[next(iter(self.sources))]
+        return spend(bucket, now, DISCOVERY_BURST, DISCOVERY_RATE) and \
+            spend(self.everyone, now, DISCOVERY_ANSWERS_PER_SECOND, DISCOVERY_ANSWERS_PER_SECOND)
+
+
+def _discovery_sockets(host: str | None, port: int) -> list[socket.socket]:
+    """UDP sockets to answer on: the loopback address a loopback-only server
+    listens on, else every interface (IPv4, and IPv6 joined to the group on
+    each interface).  Several servers on one machine can share the port."""
+    loopback = host in ("localhost", "127.0.0.1", "::1")
+    wanted = [(socket.AF_INET6 if ":" in host else socket.AF_INET, host)] if loopback \
+        else [(socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")]
+    if host == "localhost":
+        wanted = [(socket.AF_INET, "127.0.0.1")]
+    made = []
+    for family, address in wanted:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if hasattr(socket, "SO_REUSEPORT"):  # Linux, macOS: all get the broadcasts
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address, port))
+            if family == socket.AF_INET6 and not loopback:
+                group = socket.inet_pton(socket.AF_INET6, DISCOVERY_GROUP)
+                for index, _name in _interfaces():
+                    try:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
+                                        group + struct.pack("@I", index))
+                    except OSError:
+                        pass  # an interface without multicast (loopback)
+            sock.setblocking(False)
+            made.append(sock)
+        except OSError as e:
+            sock.close()
+            if family == socket.AF_INET or not made:
+                for other in made:
+                    other.close()
+                raise OSError(e.errno, f"UDP port {port}: {e.strerror or e}") from None
+    return made
+
+
+def _interfaces() -> list[tuple[int, str]]:
+    try:
+        return socket.if_nameindex()
+    except (OSError, AttributeError):  # no interface list on this system
+        return []
+
+
+async def start_announcer(server: ChatServer, host: str | None) -> list[int]:
+    """Answer discovery for `server` (ServerConfig.announce_port); the UDP
+    ports it answers on (none when the port cannot be had: a warning, not
+    an error, since everything else works without it)."""
+    try:
+        socks = _discovery_sockets(host, server.cfg.announce_port or 0)
+    except OSError as e:
+        log.warning("LAN discovery is off: %s", e.strerror or e)
+        return []
+    announcer = Announcer(server)
+    for sock in socks:
+        transport, _ = await server.loop.create_datagram_endpoint(lambda: announcer, sock=sock)
+        server.datagram_transports.append(transport)
+    server.announcer = announcer
+    return sorted({s.getsockname()[1] for s in socks})
+
+
+@dataclasses.dataclass
+class FoundServer:
+    """One server that answered: where it is and what it said of itself."""
+    name: str
+    host: str
+    port: int
+    users: int
+    tls: bool
+    fingerprint: str | None
+    password: bool
+    version: str
+    instance: str
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def from_answer(cls, answer: dict, host: str) -> FoundServer | None:
+        """An answer's fields, checked; None if any is missing or wrong."""
+        fp = answer.get("fingerprint")
+        fields = (answer.get("name"), answer.get("port"), answer.get("users"),
+                  answer.get("version"), answer.get("instance"))
+        if not (isinstance(fields[0], str) and isinstance(fields[1], int) and
+                0 < fields[1] < 65536 and isinstance(fields[2], int) and fields[2] >= 0 and
+                isinstance(fields[3], str) and isinstance(fields[4], str) and
+                isinstance(answer.get("tls"), bool) and isinstance(answer.get("password"), bool)
+                and (fp is None or (isinstance(fp, str) and re.fullmatch("[0-9a-f]{64}", fp)))):
+            return None
+        return cls(name=clean_text(fields[0])[:64] or "?", host=host, port=fields[1],
+                   users=fields[2], tls=answer["tls"], fingerprint=fp,
+                   password=answer["password"], version=clean_text(fields[3])[:20],
+                   instance=fields[4][:32])
+
+
+@dataclasses.dataclass
+class FindResult:
+    """What find_servers() found, where it asked, and what failed."""
+    servers: list[FoundServer]
+    asked: list[str]
+    failed: list[str]
+    seconds: float
+
+    def explain(self) -> str:
+        """Why nothing answered, as a user would want it: what was tried and
+        the likely causes, most likely first."""
+        lines = [f"No PyChat server answered within {self.seconds:g} s."]
+        if self.asked:
+            lines.append("Asked: " + "; ".join(self.asked) + ".")
+        if self.failed:
+            lines.append("Could not ask: " + "; ".join(self.failed) + ".")
+        if not self.asked:
+            lines.append("This machine has no network to ask on (is it connected?).")
+        lines += ["Likely causes:",
+                  "- no server is running on this network (servers answer unless started "
+                  "with --no-announce);",
+                  f"- a firewall on the server's machine drops UDP port {DISCOVERY_PORT} "
+                  "(allow it there, or type the address);",
+                  "- the server is on a different subnet: discovery does not cross routers;",
+                  "- the Wi-Fi keeps its clients apart (client isolation, common on guest "
+                  "networks)."]
+        return "\n".join(lines)
+
+
+def _find_targets(at: list[str] | None, port: int) -> list[tuple[int, tuple]]:
+    """Where to send the query: the given addresses (ADDR, ADDR:PORT or
+    [IPv6]:PORT), or IPv4 broadcast, this machine, and the IPv6 group on
+    every interface."""
+    if at:
+        targets = []
+        for spec in at:
+            m = re.fullmatch(r"\[(.+)\](?::(\d+))?|([^:]+)(?::(\d+))?|(.+)", spec.strip())
+            if m is None:
+                continue
+            host = m.group(1) or m.group(3) or m.group(5)
+            num = m.group(2) or m.group(4)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            targets.append((family, (host, int(num) if num else port)))
+        return targets
+    targets = [(socket.AF_INET, ("255.255.255.255", port)), (socket.AF_INET, ("127.0.0.1", port))]
+    for index, _name in _interfaces():
+        targets.append((socket.AF_INET6, (DISCOVERY_GROUP, port, 0, index)))
+    return targets
+
+
+def _describe(family: int, target: tuple) -> str:
+    if family == socket.AF_INET6 and len(target) == 4 and target[3]:
+        name = dict(_interfaces()).get(target[3], str(target[3]))
+        return f"IPv6 multicast [{target[0]}]:{target[1]} on {name}"
+    if target[0] == "255.255.255.255":
+        return f"IPv4 broadcast {target[0]}:{target[1]}"
+    return f"{'[' + target[0] + ']' if family == socket.AF_INET6 else target[0]}:{target[1]}"
+
+
+def find_servers(seconds: float = FIND_SECONDS, port: int = DISCOVERY_PORT,
+                 at: list[str] | None = None) -> FindResult:
+    """Ask the LAN (or the addresses in `at`) who is there and collect the
+    answers for `seconds` (less when every address in `at` has answered).
+    Blocking: the GUI runs it in a thread."""
+    qid = secrets.token_hex(8)
+    query = discovery_query(qid)
+    socks: dict[int, socket.socket] = {}
+    asked, failed = [], []
+    for family, target in _find_targets(at, port):
+        try:
+            if family not in socks:
+                sock = socks[family] = socket.socket(family, socket.SOCK_DGRAM)
+                sock.setblocking(False)
+                if family == socket.AF_INET:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            socks[family].sendto(query, target)
+            asked.append(_describe(family, target))
+        except OSError as e:
+            if family == socket.AF_INET6 and target[0] == DISCOVERY_GROUP and \
+                    e.errno in (errno.ENETUNREACH, errno.EADDRNOTAVAIL):
+                continue  # an interface without IPv6 multicast (loopback, or down)
+            failed.append(f"{_describe(family, target)} ({e.strerror or e})")
+    found: dict[str, FoundServer] = {}
+    deadline = time.monotonic() + seconds
+    while socks and (left := deadline - time.monotonic()) > 0:
+        if at and len(found) >= len(at):
+            break
+        ready, _, _ = select.select(list(socks.values()), [], [], left)
+        for sock in ready:
+            try:
+                data, addr = sock.recvfrom(4 * DISCOVERY_QUERY_BYTES)
+            except OSError:
+                continue
+            answer = _datagram_json(data)
+            if answer is None or answer.get("pychat") != "here" or answer.get("id") != qid:
+                continue
+            host = str(addr[0])
+            if len(addr) == 4 and addr[3] and host.startswith("fe80"):
+                host = f"{host}%{dict(_interfaces()).get(addr[3], addr[3])}"
+            server = FoundServer.from_answer(answer, host)
+            if server is not None and len(found) < DISCOVERY_MAX_FOUND:
+                key = f"{server.instance}:{server.port}"
+                if key not in found or _address_rank(server.host) < \
+                        _address_rank(found[key].host):
+                    found[key] = server
+    for sock in socks.values():
+        sock.close()
+    servers = sorted(found.values(), key=lambda s: (s.name.lower(), s.address))
+    return FindResult(servers, asked, failed, seconds)
+
+
+def _address_rank(host: str) -> int:
+    """Which of a server's addresses to show: a LAN IPv4 one, then loopback,
+    then IPv6."""
+    return 2 if ":" in host else 1 if host.startswith("127.") else 0
+
+
+def find_at_from_env() -> list[str] | None:
+    """PYCHAT_FIND_AT: addresses to ask instead of broadcasting (comma-separated),
+    or "off" for no discovery at all (returned as [])."""
+    value = os.environ.get("PYCHAT_FIND_AT", "").strip()
+    if not value:
+        return None
+    return [] if value.lower() == "off" else [v for v in value.split(",") if v.strip()]
+
+
+# ===========================================================================
 # 4. Client core -- ChatClient: connects, registers, keeps the link alive,
 #    reconnects with backoff, and tracks users and unconfirmed messages.
 #    Uses: constants, protocol.
@@ -7569,9 +7967,19 @@ class ChatClient:
         if self.ssl_context is not None:
             tls = {"ssl": self.ssl_context, "server_hostname": self.host,
                    "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT}
-        return await asyncio.wait_for(
+        reader, writer = await asyncio.wait_for(
             asyncio.open_connection(self.host, self.port, limit=CLIENT_MAX_LINE, **tls),
             CONNECT_TIMEOUT)
+        pin = getattr(self.ssl_context, "pinned_sha256", None)
+        if pin is not None:
+            cert = writer.get_extra_info("ssl_object").getpeercert(binary_form=True) or b""
+            if hashlib.sha256(cert).hexdigest() != pin:
+                writer.close()
+                import ssl
+                raise ssl.SSLError("pinned", "the server's certificate is not the one you "
+                                   f"trusted ({fingerprint_text(pin)}): someone may be "
+                                   "pretending to be it.")
+        return reader, writer
 
     def _cannot_connect(self, e: Exception, failures: int, down_since: float) -> str | None:
         """Why connecting failed, to retry; None when it is time to give up
@@ -9474,7 +9882,8 @@ class CliSession:
             args.host, args.port, args.nick or default_nick(), self.on_event,
             client=f"pychat-cli/{__version__}", history=not args.no_history,
             connect_attempts=args.connect_attempts, password=password,
-            ssl_context=tls_from_args(args),  # PyChatError: main() says it in one line
+            ssl_context=getattr(args, "found_tls", None) or tls_from_args(args),
+            # (tls_from_args: PyChatError, which main() says in one line)
             ignored=ignored, give_up_after=None if self.interactive else 60.0)
         if not self.interactive:
             self._start_input()
@@ -13359,11 +13768,29 @@ def build_parser() -> argparse.ArgumentParser:
                           "(repeatable)")
     srv.add_argument("--server-name", default="pychat", metavar="NAME",
                      help="the server's name for IRC clients (default: %(default)s)")
+    srv.add_argument("--name", default=None,
+                     help="what LAN discovery (`find`, and clients started without --host) "
+                          "calls this server (default: this machine's name)")
+    srv.add_argument("--no-announce", action="store_true",
+                     help=f"do not answer LAN discovery on UDP port {DISCOVERY_PORT}")
     srv.add_argument("--qr", action="store_true",
                      help="also print the server's link as a QR code, for phones")
     srv.add_argument("--log-level", default="info", type=_any_case,
                      choices=["debug", "info", "warning", "error"], help="how much to log (default: %(default)s)")
     srv.set_defaults(func=cmd_server)
+
+    find = sub.add_parser("find", help="list the PyChat servers on this network",
+                          description="Ask the local network which PyChat servers are there "
+                                      f"(UDP port {DISCOVERY_PORT}: IPv4 broadcast and IPv6 "
+                                      "multicast), list them and exit; when none answers, "
+                                      "say what was tried and the likely causes.")
+    find.add_argument("--timeout", type=_positive_float, default=FIND_SECONDS, metavar="S",
+                      help="seconds to wait for answers (default: %(default)s)")
+    find.add_argument("--at", action="append", default=None, metavar="ADDRESS",
+                      help="ask this address (ADDR or ADDR:PORT, e.g. a subnet's broadcast "
+                           "address 192.168.2.255) instead of the whole LAN (repeatable)")
+    find.add_argument("--json", action="store_true", help="print the servers found as JSON")
+    find.set_defaults(func=cmd_find)
 
     # The clients' TLS flags, shared by cli and gui.
     tls = argparse.ArgumentParser(add_help=False)
@@ -13379,8 +13806,11 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Join a PyChat server from the terminal. Lines you type are "
                                      "sent; /help lists the commands. With piped input every "
                                      "line is sent and the client exits when input ends.")
-    cli.add_argument("--host", default="localhost", help="server address (default: %(default)s)")
-    cli.add_argument("--port", type=_port, default=DEFAULT_PORT, help="server port (default: %(default)s)")
+    cli.add_argument("--host", default=None,
+                     help="server address (default: look on this network, as `find` does; "
+                          "if nothing answers, localhost)")
+    cli.add_argument("--port", type=_port, default=None,
+                     help=f"server port (default: {DEFAULT_PORT}, or the found server's)")
     cli.add_argument("--nick", default=None,
                      help="your nick (default: asked for, or your login name when piped)")
     cli.add_argument("--download-dir", metavar="DIR", default=None,
@@ -13528,12 +13958,19 @@ async def serve(args: argparse.Namespace) -> int:
     else:
         print(f"Friends on your network join with:  python pychat.py cli --host {where} "
               f"--port {port}{tls}   (or: python pychat.py gui ...)", flush=True)
+    if server.announce_ports:
+        print(f"Clients started without --host find it as \"{server.cfg.name}\" (LAN "
+              f"discovery, UDP port {server.announce_ports[0]}; --no-announce turns it off).",
+              flush=True)
     if server.cfg.web:  # the links to open in a browser, and with --qr their QR codes
         print_links(web_links(args.host, port, server.cfg.ssl_context is not None), args.qr)
     extras = [name for name, on in (("TLS", server.cfg.ssl_context), ("password",
               server.cfg.password), ("operators", server.cfg.op_password)) if on]
     if extras:
         print(f"Enabled: {', '.join(extras)}.", flush=True)
+    if server.cfg.tls_fingerprint:
+        print(f"TLS certificate SHA-256: {fingerprint_text(server.cfg.tls_fingerprint)}",
+              flush=True)
     print("Press Ctrl-C to stop.", flush=True)
     try:
         await stop.wait()
@@ -13550,6 +13987,102 @@ def cmd_server(args: argparse.Namespace) -> int:
         return asyncio.run(serve(args))
     except KeyboardInterrupt:  # Windows: no signal handlers
         return 0
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    at = args.at if args.at else find_at_from_env()
+    if at == []:
+        print("pychat: LAN discovery is off (PYCHAT_FIND_AT=off); give --at ADDRESS",
+              file=sys.stderr)
+        return 1
+    result = find_servers(args.timeout, at=at)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(s) for s in result.servers], indent=2))
+        return 0 if result.servers else 1
+    if not result.servers:
+        print(result.explain())
+        return 1
+    print(found_table(result.servers))
+    first = result.servers[0]
+    print(f"Join: python pychat.py cli --host {first.host} --port {first.port}"
+          + (" --tls" if first.tls else ""))
+    return 0
+
+
+def found_table(servers: list[FoundServer]) -> str:
+    """The servers `find` lists, one row each (the terminal client shows it too)."""
+    rows = [("", "name", "address", "users", "TLS", "password")]
+    rows += [(f"{i}.", s.name, s.address, str(s.users), "yes" if s.tls else "no",
+              "yes" if s.password else "no") for i, s in enumerate(servers, 1)]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = [f"Found {len(servers)} PyChat server{'s' if len(servers) != 1 else ''}:"]
+    for r in rows:
+        lines.append("  " + "  ".join(cell.rjust(w) if c in (0, 3) else cell.ljust(w)
+                                      for c, (cell, w) in enumerate(zip(r, widths))).rstrip())
+    return "\n".join(lines)
+
+
+def cli_find_server(args: argparse.Namespace) -> int | None:
+    """`cli` without --host: look on the LAN (section 3d) and take the one
+    server found, or ask which of several (refuse to guess when piped); when
+    none answers, say why and try localhost as before.  Sets args.host and
+    args.port (and args.found_tls for a TLS server the user trusts); returns
+    an exit status when the client must not go on."""
+    at = find_at_from_env()
+    if at == []:  # PYCHAT_FIND_AT=off
+        args.host = "localhost"
+        return None
+    print("Looking for PyChat servers on this network...", file=sys.stderr, flush=True)
+    result = find_servers(at=at)
+    servers = [s for s in result.servers if args.port in (None, s.port)]
+    if not servers:
+        print(result.explain(), file=sys.stderr)
+        print(f"Trying localhost:{args.port or DEFAULT_PORT}.", file=sys.stderr, flush=True)
+        args.host = "localhost"
+        return None
+    chosen = servers[0]
+    if len(servers) > 1:
+        print(found_table(servers), file=sys.stderr)
+        if not sys.stdin.isatty():
+            print("pychat: several servers answered; choose one with --host and --port.",
+                  file=sys.stderr)
+            return 2
+        chosen = ask_choice(servers)
+        if chosen is None:
+            return 1
+    print(f'Found "{chosen.name}" at {chosen.address}.', file=sys.stderr, flush=True)
+    args.host, args.port = chosen.host, chosen.port
+    if chosen.tls and not (args.cafile or args.insecure):
+        path = config_dir() / "settings.json"
+        settings = load_settings(path)
+        args.found_tls = trust_found(chosen, settings, ask_yes_no)
+        save_settings(path, settings)
+    return None
+
+
+def ask_choice(servers: list[Any]) -> Any:
+    """Which of the listed servers to join (None: gave up)."""
+    while True:
+        try:
+            typed = input(f"Join which one? [1-{len(servers)}]: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return None
+        if typed.isdigit() and 1 <= int(typed) <= len(servers):
+            return servers[int(typed) - 1]
+        print(f"Type a number from 1 to {len(servers)}.", file=sys.stderr)
+
+
+def ask_yes_no(question: str) -> bool:
+    """A yes/no question on the terminal; no when piped or unanswered."""
+    print(question, file=sys.stderr)
+    if not sys.stdin.isatty():
+        print("(not asked: input is not a terminal)", file=sys.stderr)
+        return False
+    try:
+        return input("[y/N] ").strip().lower() in ("y", "yes")
+    except (EOFError, KeyboardInterrupt):
+        return False
 
 
 def ask_nick() -> str | None:
@@ -13577,6 +14110,11 @@ def cmd_cli(args: argparse.Namespace) -> int:
         args.nick = ask_nick()  # before asyncio: Ctrl-C here must simply stop
         if args.nick is None:
             return 1
+    if args.host is None:
+        stop = cli_find_server(args)
+        if stop is not None:
+            return stop
+    args.port = args.port or DEFAULT_PORT
     try:
         return asyncio.run(run_cli(args))
     except KeyboardInterrupt:

@@ -6603,6 +6603,10 @@ def setUpModule() -> None:
     # Clients keep settings (/ignore, the GUI's last server) in the user's config
     # folder: the tests, and the subprocesses they start, use a throwaway one.
     os.environ["XDG_CONFIG_HOME"] = _config_home.name
+    # No test client looks for servers on the real network: clients started
+    # without --host go to localhost, as they did before LAN discovery.  The
+    # discovery tests ask loopback or a network namespace of their own.
+    os.environ["PYCHAT_FIND_AT"] = "off"
     own = os.environ.get("PYCHAT_TEST_XVFB") == "1"
     if os.environ.get("DISPLAY") and not own and _tk_works() is None:
         return
