@@ -6651,8 +6651,8 @@ def _datagram_json(data: bytes) -> dict | None:
     """A datagram as a JSON object; None for anything else (never raises)."""
     if len(data) > 2 * DISCOVERY_QUERY_BYTES:
         return None
-    try:
-        obj = json.loads(data.decode("utf-8"))
+    try:  # the protocol's own decoder: no key twice, no NaN
+        obj = _DECODER.decode(data.decode("utf-8"))
     except (ValueError, RecursionError):
         return None
     return obj if isinstance(obj, dict) else None
@@ -10428,10 +10428,13 @@ class ConnectDialog:
     """Host, port and nick, with errors shown in place; calls on_connect."""
 
     def __init__(self, master: Any, host: str, port: int, nick: str,
-                 on_connect: Callable[[str, int, str], None]):
+                 on_connect: Callable[[str, int, str], None],
+                 scan: Callable[[], None] | None = None):
         import tkinter as tk
         self.master = master
         self.on_connect = on_connect
+        self.scan = scan               # starts a LAN search; show_found gets its result
+        self.found: list[Any] = []     # FoundServer rows of the list
         self.busy = False
         self.frame = tk.Frame(master, bg=THEME["bg"], padx=30, pady=24)
         self.frame.pack(fill="both", expand=True)
@@ -10466,9 +10469,73 @@ class ConnectDialog:
                                   hover=THEME["accent_hover"])
         self.button.widget.grid(row=8, column=0, columnspan=2, sticky="ew", pady=(12, 0))
         self.frame.columnconfigure(1, weight=1)
+        if scan is not None:
+            self._build_found(tk)
+            self.rescan()
         first_empty = next((e for k, (v, e) in self.vars.items()
                             if not v.get() and k != "password"), self.vars["nick"][1])
         first_empty.focus_set()
+
+    def _build_found(self, tk: Any) -> None:
+        """The servers LAN discovery found: a list to pick from, a Rescan
+        button, and a line that says what happened (why, when none)."""
+        tk.Label(self.frame, text="On this network", bg=THEME["bg"], fg=THEME["dim"]).grid(
+            row=9, column=0, columnspan=2, sticky="w", pady=(16, 4))
+        self.found_list = tk.Listbox(self.frame, height=4, bg=THEME["input"], fg=THEME["text"],
+                                     selectbackground=THEME["accent"], relief="flat",
+                                     highlightthickness=0, activestyle="none", exportselection=False)
+        self.found_list.grid(row=10, column=0, columnspan=2, sticky="ew")
+        self.found_list.bind("<<ListboxSelect>>", lambda e: self._pick())
+        self.found_list.bind("<Double-Button-1>", lambda e: self.submit())
+        self.found_status = tk.Label(self.frame, text="", bg=THEME["bg"], fg=THEME["dim"],
+                                     wraplength=360, justify="left")
+        self.found_status.grid(row=11, column=0, columnspan=2, sticky="w", pady=(4, 0))
+        self.rescan_button = HoverButton(self.frame, "Rescan", self.rescan, bg=THEME["input"],
+                                         hover=THEME["accent_hover"])
+        self.rescan_button.widget.grid(row=12, column=0, columnspan=2, sticky="ew", pady=(6, 0))
+
+    def rescan(self) -> None:
+        if self.scan is None:
+            return
+        self.found_status.configure(text="Looking for servers on this network...")
+        self.rescan_button.widget.configure(state="disabled")
+        self.scan()
+
+    def show_found(self, result: Any) -> None:
+        """A LAN search's result: one server is filled in, several are listed
+        to pick from, none says what was tried and the likely causes."""
+        self.found = list(result.servers)
+        self.found_list.delete(0, "end")
+        for s in self.found:
+            tags = ", ".join(t for t, on in (("TLS", s.tls), ("password", s.password)) if on)
+            users = f"{s.users} user{'s' if s.users != 1 else ''}"
+            self.found_list.insert("end", tk_safe(f"{s.name}   {s.address}   {users}"
+                                                  + (f"   ({tags})" if tags else "")))
+        self.rescan_button.widget.configure(state="normal")
+        if not self.found:
+            self.found_status.configure(text=tk_safe(
+                result.explain() + "\nYou can still type the server's address above."))
+            return
+        self.found_status.configure(text=f"Found {len(self.found)} server"
+                                         f"{'s' if len(self.found) != 1 else ''}: pick one"
+                                         f"{'' if len(self.found) == 1 else ' from the list'}.")
+        if len(self.found) == 1:
+            self.found_list.selection_set(0)
+            self._pick()
+
+    def _pick(self) -> None:
+        chosen = self.chosen()
+        if chosen is not None:
+            self.vars["server"][0].set(chosen.host)
+            self.vars["port"][0].set(str(chosen.port))
+
+    def chosen(self) -> Any:
+        """The found server that is selected and still in the fields, or None."""
+        picked = self.found_list.curselection() if self.scan is not None else ()
+        if not picked:
+            return None
+        s = self.found[picked[0]]
+        return s if (self.value("server"), self.value("port")) == (s.host, str(s.port)) else None
 
     def value(self, name: str) -> str:
         return self.vars[name][0].get().strip()
@@ -12113,19 +12180,47 @@ class GuiApp:
             self.show_dialog(host, int(port), nick)
 
     def show_dialog(self, host: str, port: int, nick: str, error_text: str = "") -> None:
-        self.dialog = ConnectDialog(self.root, host, port, nick, self.connect)
+        look = self.args.host is None and find_at_from_env() != []
+        self.dialog = ConnectDialog(self.root, host, port, nick, self.connect,
+                                    scan=self._scan if look else None)
         if error_text:
             self.dialog.show_error(error_text)
+
+    def _scan(self) -> None:
+        """Look for servers in a thread (find_servers blocks for seconds); the
+        dialog gets the result on Tk's thread."""
+        box: list[Any] = []
+        at = find_at_from_env()
+        threading.Thread(target=lambda: box.append(find_servers(at=at)), daemon=True).start()
+
+        def check() -> None:
+            if not box:
+                self.root.after(POLL_MS, check)
+            elif self.dialog is not None:
+                self.dialog.show_found(box[0])
+        self.root.after(POLL_MS, check)
 
     def connect(self, host: str, port: int, nick: str) -> None:
         self.target = (host, port, nick)
         self._early = []
         password = (self.dialog.value("password") if self.dialog is not None else "") or \
             os.environ.get("PYCHAT_PASSWORD") or None
+        ssl_context = self.ssl_context
+        found = self.dialog.chosen() if self.dialog is not None else None
+        if found is not None and found.tls and ssl_context is None:
+            try:
+                ssl_context = trust_found(found, self.settings, self._ask_trust)
+            except PyChatError as e:
+                return self._failed(str(e))
+            save_settings(self.settings_path, self.settings)
         self.net = ClientThread(host, port, nick, client=f"pychat-gui/{__version__}",
                                 connect_attempts=1, password=password,
-                                ssl_context=self.ssl_context, ignored=self._ignored()).start()
+                                ssl_context=ssl_context, ignored=self._ignored()).start()
         self._after = self.root.after(POLL_MS, self._wait_welcome)
+
+    def _ask_trust(self, question: str) -> bool:
+        from tkinter import messagebox
+        return bool(messagebox.askyesno("Trust this server?", question, parent=self.root))
 
     def _wait_welcome(self) -> None:
         """Poll the new connection until it is welcomed, refused or gives up."""

@@ -8395,6 +8395,190 @@ def make_screenshot(path: Path) -> None:
     tearDownModule()
 
 
+# ===========================================================================
+# LAN discovery (section 3d): loopback for the datagrams, network namespaces
+# for real networks.
+# ===========================================================================
+
+def udp_ask(port: int, data: bytes, count: int = 1, wait: float = 0.5) -> list[bytes]:
+    """Send `data` to 127.0.0.1:port `count` times; every answer within `wait` s
+    of the last."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _ in range(count):
+            sock.sendto(data, (HOST, port))
+        sock.settimeout(wait)
+        answers = []
+        try:
+            while True:
+                answers.append(sock.recvfrom(65536)[0])
+        except socket.timeout:
+            return answers
+
+
+class DiscoveryTests(ServerCase):
+    server_options = {"announce_port": 0, "name": "Lab 4", "password": "pw"}
+
+    def setUp(self) -> None:
+        self.udp = None
+
+    async def asyncSetUp(self) -> None:
+        await super().asyncSetUp()
+        self.udp = self.server.announce_ports[0]
+
+    async def ask(self, data: bytes, count: int = 1, wait: float = 0.5) -> list[bytes]:
+        return await asyncio.to_thread(udp_ask, self.udp, data, count, wait)
+
+    async def test_an_answer_says_where_and_what_and_is_never_longer_than_the_query(self):
+        query = pychat.discovery_query("abc")
+        self.assertEqual(len(query), pychat.DISCOVERY_QUERY_BYTES)
+        [answer] = await self.ask(query)
+        self.assertLessEqual(len(answer), len(query))
+        got = json.loads(answer)
+        self.assertEqual(got["id"], "abc")
+        self.assertEqual((got["name"], got["port"], got["tls"], got["password"], got["users"]),
+                         ("Lab 4", self.port, False, True, 0))
+        self.assertEqual(got["version"], pychat.__version__)
+        self.assertNotIn("pw", answer.decode())  # never the password itself
+        # An unpadded query would make the answer an amplifier: no answer.
+        short = json.dumps({"pychat": "find", "v": 1, "id": "abc"}).encode()
+        self.assertEqual(await self.ask(short), [])
+
+    async def test_answers_are_rate_limited_per_source(self):
+        answers = await self.ask(pychat.discovery_query("x"), count=30)
+        self.assertEqual(len(answers), pychat.DISCOVERY_BURST)
+
+    async def test_hostile_datagrams_get_nothing_and_harm_nobody(self):
+        bad = [b"", b"\xff\xfe garbage", b"x" * 60000, b"[1,2,3]", b"[" * 5000 + b"]" * 5000,
+               json.dumps({"pychat": "find", "id": 7, "pad": "." * 600}).encode(),
+               json.dumps({"pychat": "here", "id": "x", "pad": "." * 600}).encode(),
+               b'{"pychat":"find","id":"a","id":"b"' + b" " * 600 + b"}"]
+        for data in bad:
+            self.assertEqual(await self.ask(data, wait=0.1), [], data[:40])
+        alice = await self.raw()  # the chat goes on
+        await alice.send({"type": "hello", "nick": "alice", "password": "pw"})
+        await alice.expect("welcome")
+        await alice.send({"type": "msg", "text": "still here"})
+        await alice.expect("msg", text="still here")
+        [answer] = await self.ask(pychat.discovery_query("ok"))  # and so does discovery
+        self.assertEqual(json.loads(answer)["users"], 1)
+        self.assertEqual(self.server.announcer.answered, 1)
+
+    async def test_the_finder_lists_good_answers_and_ignores_lies(self):
+        # A liar on another port: wrong id, bad fields, and a flood of copies.
+        liar = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        liar.bind((HOST, 0))
+        self.addCleanup(liar.close)
+
+        def lie() -> None:
+            data, addr = liar.recvfrom(4096)
+            qid = json.loads(data)["id"]
+            for answer in ({"pychat": "here", "id": "not yours"},
+                           {"pychat": "here", "id": qid, "name": "x", "port": 99999},
+                           {"pychat": "here", "id": qid, "name": 5, "port": 1},
+                           {"pychat": "here", "id": qid, "name": "Evil", "port": 1, "users": -1,
+                            "tls": False, "password": False, "version": "1", "instance": "e"}):
+                liar.sendto(json.dumps(answer).encode(), addr)
+            for _ in range(200):
+                liar.sendto(b"\x00garbage", addr)
+        threading.Thread(target=lie, daemon=True).start()
+        result = await asyncio.to_thread(
+            pychat.find_servers, 1.0, 0, [f"{HOST}:{self.udp}", f"{HOST}:{liar.getsockname()[1]}"])
+        self.assertEqual([(s.name, s.host, s.port) for s in result.servers],
+                         [("Lab 4", HOST, self.port)])
+        self.assertTrue(result.servers[0].password)
+
+    async def test_nothing_found_is_explained(self):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as quiet:
+            quiet.bind((HOST, 0))  # nobody answers here
+            result = await asyncio.to_thread(pychat.find_servers, 0.3, 0,
+                                             [f"{HOST}:{quiet.getsockname()[1]}"])
+        self.assertEqual(result.servers, [])
+        text = result.explain()
+        for words in ("No PyChat server answered within 0.3 s", f"Asked: {HOST}:",
+                      "firewall", "UDP port 5051", "different subnet", "client isolation"):
+            self.assertIn(words, text)
+
+    async def test_find_and_cli_without_host_use_what_answers(self):
+        env = {**os.environ, "PYCHAT_FIND_AT": f"{HOST}:{self.udp}"}
+        found = await asyncio.to_thread(subprocess.run, [*RUN, "find"], capture_output=True,
+                                        text=True, env=env, timeout=TIMEOUT)
+        self.assertEqual(found.returncode, 0, found.stderr)
+        self.assertRegex(found.stdout, rf"1\.\s+Lab 4\s+{HOST}:{self.port}\s+0\s+no\s+yes")
+        self.assertIn(f"Join: python pychat.py cli --host {HOST} --port {self.port}", found.stdout)
+        cli = await asyncio.to_thread(
+            subprocess.run, [*RUN, "cli", "--nick", "carol"], input="hello from afar\n",
+            capture_output=True, text=True, timeout=TIMEOUT,
+            env={**env, "PYCHAT_PASSWORD": "pw"})
+        self.assertEqual(cli.returncode, 0, cli.stderr)
+        self.assertIn(f'Found "Lab 4" at {HOST}:{self.port}.', cli.stderr)
+        self.assertIn("hello from afar", [m.get("text") for m in
+                                          self.server.rooms["#lobby"].history])
+        off = await asyncio.to_thread(subprocess.run, [*RUN, "find", "--timeout", "0.2", "--at",
+                                                       f"{HOST}:9"], capture_output=True,
+                                      text=True, timeout=TIMEOUT)
+        self.assertEqual(off.returncode, 1)
+        self.assertIn("No PyChat server answered", off.stdout)
+
+
+class DiscoveryTrustTests(unittest.IsolatedAsyncioTestCase):
+    """A TLS server found on the LAN: trusted once, pinned after."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.cert, cls.key = make_certificate(Path(cls.tmp.name))
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.tmp.cleanup()
+
+    async def asyncSetUp(self) -> None:
+        self.server = ChatServer(ssl_context=pychat.server_tls_context(self.cert, self.key),
+                                 announce_port=0,
+                                 tls_fingerprint=pychat.certificate_fingerprint(self.cert))
+        self.port = await self.server.start(HOST, 0)
+        self.addAsyncCleanup(self.server.close)
+
+    async def found(self):
+        result = await asyncio.to_thread(pychat.find_servers, 1.0, 0,
+                                         [f"{HOST}:{self.server.announce_ports[0]}"])
+        [server] = result.servers
+        return server
+
+    async def join(self, ctx) -> list[dict]:
+        events: list[dict] = []
+        client = ChatClient(HOST, self.port, "alice", events.append, ssl_context=ctx,
+                            connect_attempts=1)
+        task = asyncio.get_running_loop().create_task(client.run())
+        await wait_for(lambda: client.registered or client.closed, what="TLS outcome")
+        await client.quit()
+        await asyncio.wait_for(task, TIMEOUT)
+        return events
+
+    async def test_trust_on_first_use_then_pinned_and_a_change_is_refused(self):
+        found = await self.found()
+        self.assertTrue(found.tls)
+        self.assertEqual(found.fingerprint, pychat.certificate_fingerprint(self.cert))
+        settings: dict = {}
+        asked: list[str] = []
+        with self.assertRaisesRegex(pychat.PyChatError, "not trusted"):
+            pychat.trust_found(found, settings, lambda q: asked.append(q) or False)
+        self.assertIn(pychat.fingerprint_text(found.fingerprint), asked[0])
+        ctx = pychat.trust_found(found, settings, lambda q: True)
+        self.assertEqual(settings["trusted_certificates"], {found.address: found.fingerprint})
+        self.assertIn("welcome", [e["type"] for e in await self.join(ctx)])
+        again = pychat.trust_found(found, settings, lambda q: self.fail("asked twice"))
+        self.assertIsNotNone(again)
+        # Someone else answers with another certificate: refused, loudly.
+        changed = dataclasses.replace(found, fingerprint="0" * 64)
+        with self.assertRaisesRegex(pychat.PyChatError, "^WARNING: .*different TLS certificate"):
+            pychat.trust_found(changed, settings, lambda q: True)
+        # A pin that does not match the certificate the server shows: no chat.
+        events = await self.join(pychat.pinned_tls_context("0" * 64))
+        fatal = [e for e in events if e["type"] == "fatal"]
+        self.assertTrue(fatal and "not the one you trusted" in fatal[0]["message"], events)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["screenshot"]:
         make_screenshot(Path(sys.argv[2] if len(sys.argv) > 2 else "docs/screenshot.png"))
