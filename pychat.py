@@ -1747,7 +1747,7 @@ class ChatServer:
         self._id_floor = 0                      # ids below this are reserved on disk
         self._servers: list[asyncio.AbstractServer] = []
         self.datagram_transports: list[asyncio.BaseTransport] = []  # LAN discovery's
-        self.announcer: Announcer | None = None
+        self.discovery_rates: DiscoveryRates | None = None
         self.announce_ports: list[int] = []
         self.port = 0                           # the chat port, once listening
         self._housekeeper: asyncio.Task | None = None
@@ -6658,15 +6658,33 @@ def _datagram_json(data: bytes) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-class Announcer(asyncio.DatagramProtocol):
-    """The server's side: answers each well-formed query, within the rates."""
+class DiscoveryRates:
+    """How many answers each source may still get, and everyone together
+    (shared by a server's IPv4 and IPv6 sockets)."""
 
-    def __init__(self, server: ChatServer):
-        self.server = server
-        self.transport: asyncio.DatagramTransport | None = None
+    def __init__(self) -> None:
         self.sources: dict[str, list[float]] = {}  # address -> bucket, oldest first
         self.everyone = [float(DISCOVERY_ANSWERS_PER_SECOND), 0.0]
         self.answered = 0
+
+    def allowed(self, source: str) -> bool:
+        now = time.monotonic()
+        bucket = self.sources.pop(source, None) or [float(DISCOVERY_BURST), now]
+        self.sources[source] = bucket  # the most recent last
+        if len(self.sources) > DISCOVERY_SOURCES:
+            del self.sources[next(iter(self.sources))]
+        return spend(bucket, now, DISCOVERY_BURST, DISCOVERY_RATE) and \
+            spend(self.everyone, now, DISCOVERY_ANSWERS_PER_SECOND, DISCOVERY_ANSWERS_PER_SECOND)
+
+
+class Announcer(asyncio.DatagramProtocol):
+    """The server's side, one per socket: answers each well-formed query,
+    within the rates."""
+
+    def __init__(self, server: ChatServer, rates: DiscoveryRates):
+        self.server = server
+        self.rates = rates
+        self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -6675,24 +6693,15 @@ class Announcer(asyncio.DatagramProtocol):
         query = _datagram_json(data)
         if query is None or query.get("pychat") != "find" or not isinstance(query.get("id"), str):
             return
-        if not self._allowed(str(addr[0])):
+        if not self.rates.allowed(str(addr[0])):
             return
         answer = _compact(self.server.announcement(query["id"][:32]))
         if len(answer) <= len(data) and self.transport is not None:
             self.transport.sendto(answer, addr)
-            self.answered += 1
+            self.rates.answered += 1
 
     def error_received(self, exc: Exception) -> None:
         pass  # an ICMP error about an earlier answer: nothing to do
-
-    def _allowed(self, source: str) -> bool:
-        now = time.monotonic()
-        bucket = self.sources.pop(source, None) or [float(DISCOVERY_BURST), now]
-        self.sources[source] = bucket  # the most recent last
-        if len(self.sources) > DISCOVERY_SOURCES:
-            del self.sources[next(iter(self.sources))]
-        return spend(bucket, now, DISCOVERY_BURST, DISCOVERY_RATE) and \
-            spend(self.everyone, now, DISCOVERY_ANSWERS_PER_SECOND, DISCOVERY_ANSWERS_PER_SECOND)
 
 
 def _discovery_sockets(host: str | None, port: int) -> list[socket.socket]:
@@ -6749,11 +6758,11 @@ async def start_announcer(server: ChatServer, host: str | None) -> list[int]:
     except OSError as e:
         log.warning("LAN discovery is off: %s", e.strerror or e)
         return []
-    announcer = Announcer(server)
+    rates = server.discovery_rates = DiscoveryRates()
     for sock in socks:
-        transport, _ = await server.loop.create_datagram_endpoint(lambda: announcer, sock=sock)
+        transport, _ = await server.loop.create_datagram_endpoint(
+            lambda: Announcer(server, rates), sock=sock)
         server.datagram_transports.append(transport)
-    server.announcer = announcer
     return sorted({s.getsockname()[1] for s in socks})
 
 

@@ -2599,7 +2599,7 @@ ESLINT_CONFIG = """export default [{
 """
 
 
-def missing_web_tool(reason: str) -> None:
+def missing_tool(reason: str) -> None:
     """Skip, or fail under CI (which installs every tool these tests need)."""
     if os.environ.get("CI"):
         raise AssertionError(f"CI must provide this: {reason}")
@@ -2624,7 +2624,7 @@ class WebScriptLintTests(unittest.TestCase):
     def test_page_script_parses_and_passes_eslint(self):
         node = shutil.which("node")
         if node is None:
-            missing_web_tool("needs Node.js for `node --check`: apt-get install nodejs")
+            missing_tool("needs Node.js for `node --check`: apt-get install nodejs")
         with tempfile.TemporaryDirectory() as tmp:
             script = Path(tmp) / "app.js"
             script.write_bytes(pychat.web_js())
@@ -2635,7 +2635,7 @@ class WebScriptLintTests(unittest.TestCase):
             eslint = Path(os.environ.get("PYCHAT_ESLINT", "/nonexistent")) / "node_modules" / \
                 ".bin" / "eslint"
             if not eslint.exists():
-                missing_web_tool("needs ESLint 9: npm install eslint@9 in a folder named by "
+                missing_tool("needs ESLint 9: npm install eslint@9 in a folder named by "
                                  "PYCHAT_ESLINT")
             (Path(tmp) / "eslint.config.mjs").write_text(ESLINT_CONFIG, encoding="utf-8")
             run = subprocess.run([str(eslint), "--max-warnings", "0", "app.js"], cwd=tmp,
@@ -2723,7 +2723,7 @@ class WebPageTests(unittest.TestCase):
     def setUpClass(cls):
         chromium = shutil.which("chromium") or shutil.which("chromium-browser")
         if chromium is None or not find_playwright():
-            missing_web_tool(WEB_REASON)
+            missing_tool(WEB_REASON)
         from playwright.sync_api import sync_playwright
         cls.playwright = sync_playwright().start()
         # --no-sandbox: Chromium's sandbox refuses to run as root (CI runs as root).
@@ -8461,7 +8461,7 @@ class DiscoveryTests(ServerCase):
         await alice.expect("msg", text="still here")
         [answer] = await self.ask(pychat.discovery_query("ok"))  # and so does discovery
         self.assertEqual(json.loads(answer)["users"], 1)
-        self.assertEqual(self.server.announcer.answered, 1)
+        self.assertEqual(self.server.discovery_rates.answered, 1)
 
     async def test_the_finder_lists_good_answers_and_ignores_lies(self):
         # A liar on another port: wrong id, bad fields, and a flood of copies.
@@ -8577,6 +8577,119 @@ class DiscoveryTrustTests(unittest.IsolatedAsyncioTestCase):
         events = await self.join(pychat.pinned_tls_context("0" * 64))
         fatal = [e for e in events if e["type"] == "fatal"]
         self.assertTrue(fatal and "not the one you trusted" in fatal[0]["message"], events)
+
+
+class NetnsDiscoveryTests(unittest.TestCase):
+    """Real networks: Linux network namespaces joined by veth pairs (root only;
+    CI runs as root).  A server in one namespace, `find` in another."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        if not sys.platform.startswith("linux") or os.geteuid() != 0 or not shutil.which("ip"):
+            missing_tool("network namespaces need Linux, root and the ip command")
+        cls.tag = f"pc{os.getpid() % 100000}"
+        cls.made: list[str] = []
+        try:
+            # Same subnet: a (server) <-> b (finder).
+            cls.link("a", "10.91.0.1/24", "b", "10.91.0.2/24")
+            # Two subnets and no router between them: c <-> r <-> d, and r
+            # does not forward (c has a server, d looks for it).
+            cls.link("c", "10.92.1.1/24", "r", "10.92.1.254/24")
+            cls.link("r", "10.92.2.254/24", "d", "10.92.2.2/24")
+            cls.ip("d", "route", "add", "default", "via", "10.92.2.254")
+            cls.ip("b", "route", "add", "default", "dev", cls.dev("b", "a"))
+        except (subprocess.CalledProcessError, OSError) as e:
+            cls.tearDownClass()
+            missing_tool(f"cannot make network namespaces: {e}")
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        for ns in cls.made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+    @classmethod
+    def ns(cls, name: str) -> str:
+        return f"{cls.tag}{name}"
+
+    @classmethod
+    def dev(cls, here: str, there: str) -> str:
+        return f"{cls.tag}{here}{there}"[-15:]  # interface names: 15 characters at most
+
+    @classmethod
+    def ip(cls, ns: str, *args: str) -> None:
+        subprocess.run(["ip", "netns", "exec", cls.ns(ns), "ip", *args], check=True,
+                       capture_output=True, timeout=TIMEOUT)
+
+    @classmethod
+    def link(cls, one: str, one_addr: str, two: str, two_addr: str) -> None:
+        for name in (one, two):
+            if cls.ns(name) not in cls.made:
+                subprocess.run(["ip", "netns", "add", cls.ns(name)], check=True,
+                               capture_output=True)
+                cls.made.append(cls.ns(name))
+                cls.ip(name, "link", "set", "lo", "up")
+        a, b = cls.dev(one, two), cls.dev(two, one)
+        subprocess.run(["ip", "link", "add", a, "netns", cls.ns(one), "type", "veth", "peer",
+                        "name", b, "netns", cls.ns(two)], check=True, capture_output=True)
+        for name, dev, addr in ((one, a, one_addr), (two, b, two_addr)):
+            # No duplicate address detection: link-local IPv6 works at once.
+            subprocess.run(["ip", "netns", "exec", cls.ns(name), "sysctl", "-qw",
+                            f"net.ipv6.conf.{dev}.accept_dad=0"], check=True, capture_output=True)
+            cls.ip(name, "addr", "add", addr, "dev", dev)
+            cls.ip(name, "link", "set", dev, "up")
+
+    def run_in(self, ns: str, *args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "PYCHAT_FIND_AT"}
+        return subprocess.run(["ip", "netns", "exec", self.ns(ns), *RUN, *args],
+                              capture_output=True, text=True, env=env, timeout=timeout)
+
+    def server_in(self, ns: str, name: str) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "PYCHAT_FIND_AT"}
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns(ns), *RUN, "server", "--name",
+                                 name], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.stderr.close)
+        lines = [proc.stdout.readline() for _ in range(4)]
+        self.assertIn("listening on", lines[0], proc.stderr.read() if proc.poll() else "")
+        self.assertTrue(any("LAN discovery, UDP port 5051" in line for line in lines), lines)
+
+    def test_a_server_on_the_same_subnet_is_found(self):
+        self.server_in("a", "Lab A")
+        found = self.run_in("b", "find")
+        self.assertEqual(found.returncode, 0, found.stdout + found.stderr)
+        self.assertRegex(found.stdout, r"1\.\s+Lab A\s+10\.91\.0\.1:5050\s+0\s+no\s+no")
+        # Over IPv6 alone (the link-local group, no IPv4 route needed) too.
+        self.ip("b", "route", "del", "default")
+        self.addCleanup(self.ip, "b", "route", "add", "default", "dev", self.dev("b", "a"))
+        found = self.run_in("b", "find", "--json")
+        [server] = json.loads(found.stdout)
+        self.assertEqual((server["name"], server["port"]), ("Lab A", 5050))
+        self.assertTrue(server["host"].startswith("fe80::"), server)
+
+    def test_no_router_between_subnets_means_not_found_and_the_reason_says_so(self):
+        self.server_in("c", "Lab C")
+        found = self.run_in("d", "find")
+        self.assertEqual(found.returncode, 1, found.stdout)
+        self.assertIn("No PyChat server answered within 2 s", found.stdout)
+        self.assertIn("IPv4 broadcast 255.255.255.255:5051", found.stdout)
+        self.assertIn("different subnet", found.stdout)
+
+    def test_a_firewall_dropping_the_port_means_not_found_and_the_reason_names_it(self):
+        if not shutil.which("nft"):
+            missing_tool("nft (Debian's nftables) is not installed")
+        self.server_in("a", "Lab A")
+        rules = ("add table inet pychattest; add chain inet pychattest in "
+                 "{ type filter hook input priority 0 ; }; "
+                 "add rule inet pychattest in udp dport 5051 drop")
+        subprocess.run(["ip", "netns", "exec", self.ns("a"), "nft", rules], check=True,
+                       capture_output=True)
+        self.addCleanup(subprocess.run, ["ip", "netns", "exec", self.ns("a"), "nft", "delete",
+                                         "table", "inet", "pychattest"], capture_output=True)
+        found = self.run_in("b", "find")
+        self.assertEqual(found.returncode, 1, found.stdout)
+        self.assertIn("a firewall on the server's machine drops UDP port 5051", found.stdout)
 
 
 if __name__ == "__main__":
