@@ -10532,19 +10532,21 @@ class ConnectDialog:
             self.found_list.selection_set(0)
             self._pick()
 
+    def _selected(self) -> Any:
+        picked = self.found_list.curselection() if self.scan is not None else ()
+        return self.found[picked[0]] if picked else None
+
     def _pick(self) -> None:
-        chosen = self.chosen()
-        if chosen is not None:
-            self.vars["server"][0].set(chosen.host)
-            self.vars["port"][0].set(str(chosen.port))
+        s = self._selected()
+        if s is not None:
+            self.vars["server"][0].set(s.host)
+            self.vars["port"][0].set(str(s.port))
 
     def chosen(self) -> Any:
         """The found server that is selected and still in the fields, or None."""
-        picked = self.found_list.curselection() if self.scan is not None else ()
-        if not picked:
-            return None
-        s = self.found[picked[0]]
-        return s if (self.value("server"), self.value("port")) == (s.host, str(s.port)) else None
+        s = self._selected()
+        return s if s and (self.value("server"), self.value("port")) == (s.host, str(s.port)) \
+            else None
 
     def value(self, name: str) -> str:
         return self.vars[name][0].get().strip()

@@ -7634,6 +7634,52 @@ class GuiPolishTests(GuiCase):
 
 
 class GuiConnectDialogTests(GuiCase):
+    def look_at(self, *udp_ports: int) -> None:
+        """The dialog's LAN search asks these loopback ports (as PYCHAT_FIND_AT)."""
+        old = os.environ["PYCHAT_FIND_AT"]
+        os.environ["PYCHAT_FIND_AT"] = ",".join(f"{HOST}:{p}" for p in udp_ports)
+        self.addCleanup(os.environ.__setitem__, "PYCHAT_FIND_AT", old)
+
+    def test_servers_found_on_the_lan_are_listed_and_one_picked_connects(self):
+        lab = ServerThread(announce_port=0, name="Lab 4").start()
+        self.addCleanup(lab.stop)
+        library = ServerThread(announce_port=0, name="Library").start()
+        self.addCleanup(library.stop)
+        self.look_at(lab.server.announce_ports[0], library.server.announce_ports[0])
+        app = self.open_app(nick="dana")
+        dialog = app.dialog
+        self.pump(lambda: dialog.found_list.size() == 2, "two servers listed")
+        rows = dialog.found_list.get(0, "end")
+        self.assertIn(f"Lab 4   {HOST}:{lab.port}   0 users", rows[0])
+        self.assertIn(f"Library   {HOST}:{library.port}", rows[1])
+        self.assertIn("Found 2 servers", dialog.found_status.cget("text"))
+        dialog.found_list.selection_set(1)
+        dialog.found_list.event_generate("<<ListboxSelect>>")
+        self.root.update()
+        self.assertEqual((dialog.value("server"), dialog.value("port")), (HOST, str(library.port)))
+        dialog.button.widget.invoke()
+        self.pump(lambda: app.window is not None, "the window")
+        self.assertIn("dana", library.server.nicks)
+
+    def test_one_server_is_filled_in_and_none_is_explained_with_rescan(self):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as quiet:
+            quiet.bind((HOST, 0))
+            self.look_at(quiet.getsockname()[1])
+            app = self.open_app(nick="erin")
+            dialog = app.dialog
+            self.assertIn("Looking for servers", dialog.found_status.cget("text"))
+            self.pump(lambda: "No PyChat server answered" in dialog.found_status.cget("text"),
+                      "the diagnosis")
+        status = dialog.found_status.cget("text")
+        self.assertIn("firewall", status)
+        self.assertIn("type the server's address above", status)
+        lab = ServerThread(announce_port=0, name="Lab 4").start()
+        self.addCleanup(lab.stop)
+        os.environ["PYCHAT_FIND_AT"] = f"{HOST}:{lab.server.announce_ports[0]}"
+        dialog.rescan_button.widget.invoke()
+        self.pump(lambda: dialog.found_list.size() == 1, "the server found on rescan")
+        self.assertEqual((dialog.value("server"), dialog.value("port")), (HOST, str(lab.port)))
+
     def test_dialog_shows_errors_and_retries_then_remembers(self):
         holder = SyncPeer(self.srv.port, "taken")
         self.addCleanup(holder.close)
