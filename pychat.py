@@ -10454,8 +10454,9 @@ class ConnectDialog:
                  fg=THEME["dim"]).grid(row=1, column=0, columnspan=2, sticky="w", pady=(0, 14))
         check = (master.register(bmp_only), "%P")
         self.vars = {}
+        top = 6 if scan is not None else 2  # the servers found come first (rows 2-5)
         for row, (label, value) in enumerate((("Server", host), ("Port", str(port)),
-                                              ("Nick", nick), ("Password", "")), start=2):
+                                              ("Nick", nick), ("Password", "")), start=top):
             tk.Label(self.frame, text=label, bg=THEME["bg"], fg=THEME["dim"]).grid(
                 row=row, column=0, sticky="w", pady=4, padx=(0, 10))
             # A value the validator would refuse switches validation off for
@@ -10472,11 +10473,12 @@ class ConnectDialog:
         self.error = tk.Label(self.frame, text="", bg=THEME["bg"], fg=THEME["error"],
                               wraplength=320, justify="left")
         tk.Label(self.frame, text="(only if the server asks for one)", bg=THEME["bg"],
-                 fg=THEME["dim"], font=("TkDefaultFont", 8)).grid(row=6, column=1, sticky="w")
-        self.error.grid(row=7, column=0, columnspan=2, sticky="w", pady=(10, 0))
+                 fg=THEME["dim"], font=("TkDefaultFont", 8)).grid(row=top + 4, column=1,
+                                                                  sticky="w")
+        self.error.grid(row=top + 5, column=0, columnspan=2, sticky="w", pady=(10, 0))
         self.button = HoverButton(self.frame, "Connect", self.submit, bg=THEME["accent"],
                                   hover=THEME["accent_hover"])
-        self.button.widget.grid(row=8, column=0, columnspan=2, sticky="ew", pady=(12, 0))
+        self.button.widget.grid(row=top + 6, column=0, columnspan=2, sticky="ew", pady=(12, 0))
         self.frame.columnconfigure(1, weight=1)
         if scan is not None:
             self._build_found(tk)
@@ -10489,19 +10491,19 @@ class ConnectDialog:
         """The servers LAN discovery found: a list to pick from, a Rescan
         button, and a line that says what happened (why, when none)."""
         tk.Label(self.frame, text="On this network", bg=THEME["bg"], fg=THEME["dim"]).grid(
-            row=9, column=0, columnspan=2, sticky="w", pady=(16, 4))
+            row=2, column=0, columnspan=2, sticky="w", pady=(0, 4))
         self.found_list = tk.Listbox(self.frame, height=4, bg=THEME["input"], fg=THEME["text"],
                                      selectbackground=THEME["accent"], relief="flat",
                                      highlightthickness=0, activestyle="none", exportselection=False)
-        self.found_list.grid(row=10, column=0, columnspan=2, sticky="ew")
+        self.found_list.grid(row=3, column=0, columnspan=2, sticky="ew")
         self.found_list.bind("<<ListboxSelect>>", lambda e: self._pick())
         self.found_list.bind("<Double-Button-1>", lambda e: self.submit())
         self.found_status = tk.Label(self.frame, text="", bg=THEME["bg"], fg=THEME["dim"],
                                      wraplength=360, justify="left")
-        self.found_status.grid(row=11, column=0, columnspan=2, sticky="w", pady=(4, 0))
+        self.found_status.grid(row=4, column=0, columnspan=2, sticky="w", pady=(4, 0))
         self.rescan_button = HoverButton(self.frame, "Rescan", self.rescan, bg=THEME["input"],
                                          hover=THEME["accent_hover"])
-        self.rescan_button.widget.grid(row=12, column=0, columnspan=2, sticky="ew", pady=(6, 0))
+        self.rescan_button.widget.grid(row=5, column=0, columnspan=2, sticky="ew", pady=(6, 18))
 
     def rescan(self) -> None:
         if self.scan is None:
@@ -10518,12 +10520,12 @@ class ConnectDialog:
         for s in self.found:
             tags = ", ".join(t for t, on in (("TLS", s.tls), ("password", s.password)) if on)
             users = f"{s.users} user{'s' if s.users != 1 else ''}"
-            self.found_list.insert("end", tk_safe(f"{s.name}   {s.address}   {users}"
+            self.found_list.insert("end", tk_safe(f" {s.name}   {s.address}   {users}"
                                                   + (f"   ({tags})" if tags else "")))
         self.rescan_button.widget.configure(state="normal")
         if not self.found:
             self.found_status.configure(text=tk_safe(
-                result.explain() + "\nYou can still type the server's address above."))
+                result.explain() + "\nYou can still type the server's address below."))
             return
         self.found_status.configure(text=f"Found {len(self.found)} server"
                                          f"{'s' if len(self.found) != 1 else ''}: pick one"

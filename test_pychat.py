@@ -7650,7 +7650,7 @@ class GuiConnectDialogTests(GuiCase):
         dialog = app.dialog
         self.pump(lambda: dialog.found_list.size() == 2, "two servers listed")
         rows = dialog.found_list.get(0, "end")
-        self.assertIn(f"Lab 4   {HOST}:{lab.port}   0 users", rows[0])
+        self.assertIn(f" Lab 4   {HOST}:{lab.port}   0 users", rows[0])
         self.assertIn(f"Library   {HOST}:{library.port}", rows[1])
         self.assertIn("Found 2 servers", dialog.found_status.cget("text"))
         dialog.found_list.selection_set(1)
@@ -7672,7 +7672,7 @@ class GuiConnectDialogTests(GuiCase):
                       "the diagnosis")
         status = dialog.found_status.cget("text")
         self.assertIn("firewall", status)
-        self.assertIn("type the server's address above", status)
+        self.assertIn("type the server's address below", status)
         lab = ServerThread(announce_port=0, name="Lab 4").start()
         self.addCleanup(lab.stop)
         os.environ["PYCHAT_FIND_AT"] = f"{HOST}:{lab.server.announce_ports[0]}"
