@@ -972,7 +972,9 @@ def make_certificate(folder: Path) -> tuple[str, str]:
     return cert, key
 
 
-class TlsTests(unittest.IsolatedAsyncioTestCase):
+class TlsCase(unittest.IsolatedAsyncioTestCase):
+    """A TLS server with a fresh self-signed certificate, and a client to try it."""
+
     @classmethod
     def setUpClass(cls) -> None:
         cls.tmp = tempfile.TemporaryDirectory()
@@ -982,9 +984,12 @@ class TlsTests(unittest.IsolatedAsyncioTestCase):
     def tearDownClass(cls) -> None:
         cls.tmp.cleanup()
 
+    def server_options(self) -> dict:
+        return {"tls_handshake_timeout": 0.5}
+
     async def asyncSetUp(self) -> None:
         self.server = ChatServer(ssl_context=pychat.server_tls_context(self.cert, self.key),
-                                 tls_handshake_timeout=0.5)
+                                 **self.server_options())
         self.port = await self.server.start(HOST, 0)
         self.addAsyncCleanup(self.server.close)
 
@@ -998,6 +1003,8 @@ class TlsTests(unittest.IsolatedAsyncioTestCase):
         await asyncio.wait_for(task, TIMEOUT)
         return events
 
+
+class TlsTests(TlsCase):
     async def test_verified_tls_chat(self):
         events = await self.run_client(pychat.client_tls_context(cafile=self.cert))
         self.assertIn("welcome", [e["type"] for e in events])
@@ -8509,6 +8516,22 @@ class DiscoveryTests(ServerCase):
         self.assertEqual(json.loads(answer)["users"], 1)
         self.assertEqual(self.server.discovery_rates.answered, 1)
 
+    async def test_a_flood_of_queries_is_answered_a_few_times_and_the_chat_goes_on(self):
+        alice = await self.raw()
+        await alice.send({"type": "hello", "nick": "alice", "password": "pw"})
+        await alice.expect("welcome")
+        answers = await self.ask(pychat.discovery_query("f"), count=3000, wait=0.3)
+        self.assertEqual(len(answers), pychat.DISCOVERY_BURST)
+        await alice.send({"type": "msg", "text": "after the flood"})
+        await alice.expect("msg", text="after the flood")
+        # Forged sources: the table of them stays bounded, and all of them
+        # together get at most DISCOVERY_ANSWERS_PER_SECOND answers a second.
+        rates = pychat.DiscoveryRates()
+        allowed = sum(rates.allowed(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}")
+                      for i in range(5000))
+        self.assertEqual(len(rates.sources), pychat.DISCOVERY_SOURCES)
+        self.assertLessEqual(allowed, pychat.DISCOVERY_ANSWERS_PER_SECOND + 1)
+
     async def test_the_finder_lists_good_answers_and_ignores_lies(self):
         # A liar on another port: wrong id, bad fields, and a flood of copies.
         liar = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -8566,40 +8589,17 @@ class DiscoveryTests(ServerCase):
         self.assertIn("No PyChat server answered", off.stdout)
 
 
-class DiscoveryTrustTests(unittest.IsolatedAsyncioTestCase):
+class DiscoveryTrustTests(TlsCase):
     """A TLS server found on the LAN: trusted once, pinned after."""
 
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.tmp = tempfile.TemporaryDirectory()
-        cls.cert, cls.key = make_certificate(Path(cls.tmp.name))
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.tmp.cleanup()
-
-    async def asyncSetUp(self) -> None:
-        self.server = ChatServer(ssl_context=pychat.server_tls_context(self.cert, self.key),
-                                 announce_port=0,
-                                 tls_fingerprint=pychat.certificate_fingerprint(self.cert))
-        self.port = await self.server.start(HOST, 0)
-        self.addAsyncCleanup(self.server.close)
+    def server_options(self) -> dict:
+        return {"announce_port": 0, "tls_fingerprint": pychat.certificate_fingerprint(self.cert)}
 
     async def found(self):
         result = await asyncio.to_thread(pychat.find_servers, 1.0, 0,
                                          [f"{HOST}:{self.server.announce_ports[0]}"])
         [server] = result.servers
         return server
-
-    async def join(self, ctx) -> list[dict]:
-        events: list[dict] = []
-        client = ChatClient(HOST, self.port, "alice", events.append, ssl_context=ctx,
-                            connect_attempts=1)
-        task = asyncio.get_running_loop().create_task(client.run())
-        await wait_for(lambda: client.registered or client.closed, what="TLS outcome")
-        await client.quit()
-        await asyncio.wait_for(task, TIMEOUT)
-        return events
 
     async def test_trust_on_first_use_then_pinned_and_a_change_is_refused(self):
         found = await self.found()
@@ -8612,7 +8612,7 @@ class DiscoveryTrustTests(unittest.IsolatedAsyncioTestCase):
         self.assertIn(pychat.fingerprint_text(found.fingerprint), asked[0])
         ctx = pychat.trust_found(found, settings, lambda q: True)
         self.assertEqual(settings["trusted_certificates"], {found.address: found.fingerprint})
-        self.assertIn("welcome", [e["type"] for e in await self.join(ctx)])
+        self.assertIn("welcome", [e["type"] for e in await self.run_client(ctx)])
         again = pychat.trust_found(found, settings, lambda q: self.fail("asked twice"))
         self.assertIsNotNone(again)
         # Someone else answers with another certificate: refused, loudly.
@@ -8620,7 +8620,7 @@ class DiscoveryTrustTests(unittest.IsolatedAsyncioTestCase):
         with self.assertRaisesRegex(pychat.PyChatError, "^WARNING: .*different TLS certificate"):
             pychat.trust_found(changed, settings, lambda q: True)
         # A pin that does not match the certificate the server shows: no chat.
-        events = await self.join(pychat.pinned_tls_context("0" * 64))
+        events = await self.run_client(pychat.pinned_tls_context("0" * 64))
         fatal = [e for e in events if e["type"] == "fatal"]
         self.assertTrue(fatal and "not the one you trusted" in fatal[0]["message"], events)
 
