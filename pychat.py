@@ -3619,6 +3619,13 @@ class IrcWire(Wire):
             return []
 
     def take(self, e: dict, rendered: list[bytes] | None) -> None:
+        """A broadcast for this member: once per member per message, so the
+        common case (a room message, a client without capabilities) is two
+        comparisons and an extend."""
+        if not self.caps and rendered is not None and e.get("type") == "msg":
+            if e["from"] != self.s.nick:  # (its own: IRC clients show them themselves)
+                self.s.out.extend(rendered)
+            return
         if self.wanted(e):
             self.s.out.extend(self.extras(e, rendered if rendered is not None
                                           else self.translate(e)))
@@ -3673,8 +3680,8 @@ class IrcWire(Wire):
         if kind in ("msg", "tagmsg"):  # (echo-message: its own lines back, if it asks)
             if kind == "tagmsg" and "message-tags" not in self.caps:
                 return False
-            return nick_key(str(e.get("from"))) != nick_key(self.me()) or \
-                "echo-message" in self.caps
+            # (an event's "from" is its sender's nick exactly as she has it)
+            return str(e.get("from")) != self.me() or "echo-message" in self.caps
         if kind == "leave" and e.get("reason") not in ("part", "kick"):
             seen = (str(e.get("nick")), e.get("ts"))
             if seen in self.quits_sent:
@@ -12708,6 +12715,13 @@ BENCH_P99_TARGET_MS = 100      # "can host": 99 % of messages arrive within this
 class BenchClient(asyncio.Protocol):
     """One simulated user: registers, then counts the messages it receives."""
 
+    echoes = True             # a sender gets its own messages back, as everyone does
+    PING = b'{"type":"ping","data":1}\n'
+
+    @staticmethod
+    def message(text: str) -> bytes:
+        return encode({"type": "msg", "text": text})
+
     def __init__(self, nick: str, measure: bool):
         self.nick = nick
         self.measure = measure
@@ -12736,8 +12750,7 @@ class BenchClient(asyncio.Protocol):
         count = min(count, self.to_send)
         if count > 0:
             self.to_send -= count
-            self.send(b"".join(encode({"type": "msg", "text": f"{time.time():.6f} x"})
-                               for _ in range(count)))
+            self.send(b"".join(self.message(f"{time.time():.6f} x") for _ in range(count)))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -12797,11 +12810,19 @@ class BenchClient(asyncio.Protocol):
 
 
 class BenchIrcClient(asyncio.Protocol):
-    """One simulated IRC user (bench --irc): joins #lobby, counts the PRIVMSG
-    lines it receives, answers PING.  A receiver only."""
+    """One simulated IRC user (bench --irc, --proto irc): joins #lobby, counts
+    the PRIVMSG lines it receives (parsing them only to time them), follows
+    the channel's names as BenchClient follows its user list, answers PING.
+    As a sender it writes PRIVMSG lines; an IRC server echoes none of them
+    back, so an unpaced sender ends each window of BENCH_WINDOW messages with
+    a PING and sends the next window when its PONG comes."""
+
+    echoes = False            # a sender does not get its own messages
+    PING = b"PING :bench\r\n"
 
     def __init__(self, nick: str, measure: bool = False):
         self.nick = nick
+        self.measure = measure
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.received = 0
@@ -12809,6 +12830,24 @@ class BenchIrcClient(asyncio.Protocol):
         self.welcomed = asyncio.get_running_loop().create_future()
         self.closed = False
         self.to_send = 0
+        self.pongs = 0
+        self.users_seen = 0
+        self.writable: asyncio.Future | None = None  # set while the socket is full
+
+    pause_writing = BenchClient.pause_writing
+    resume_writing = BenchClient.resume_writing
+    send = BenchClient.send
+
+    @staticmethod
+    def message(text: str) -> bytes:
+        return f"PRIVMSG {LOBBY} :{text}\r\n".encode()
+
+    def send_next(self, count: int) -> None:
+        count = min(count, self.to_send)
+        if count > 0:
+            self.to_send -= count
+            self.send(b"".join(self.message(f"{time.time():.6f} x") for _ in range(count))
+                      + self.PING)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -12818,12 +12857,42 @@ class BenchIrcClient(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data
         end = buf.rfind(b"\n") + 1
-        self.received += buf.count(b" PRIVMSG ", 0, end)
-        if not self.welcomed.done() and b" 366 " in buf[:end]:
+        if not self.measure and self.welcomed.done() and b" JOIN " not in buf and \
+                b"PING" not in buf and b" PONG " not in buf and b" QUIT " not in buf:
+            self.received += buf.count(b" PRIVMSG ", 0, end)  # the fast path: count only
+            self.buf = buf[end:]
+            return
+        lines = buf.split(b"\n")
+        self.buf = lines.pop()
+        for line in lines:
+            self._line(line.rstrip(b"\r"))
+
+    def _line(self, line: bytes) -> None:
+        words = line.split(b" ", 3)
+        command = words[1] if line.startswith(b":") and len(words) > 1 else words[0]
+        if command == b"PRIVMSG":
+            self.received += 1
+            if self.measure:
+                try:
+                    sent = float(line.split(b" :", 1)[1].split(b" ", 1)[0])
+                except (IndexError, ValueError):
+                    return
+                self.latencies.append(time.time() - sent)
+        elif command == b"353":  # names: the last field lists them
+            self.users_seen += len(line.rsplit(b" :", 1)[-1].split())
+        elif command == b"366" and not self.welcomed.done():
             self.welcomed.set_result(True)
-        if b"PING" in buf[:end] and self.transport is not None:
-            self.transport.write(b"PONG :bench\r\n")
-        self.buf = buf[end:]
+        elif command == b"JOIN" and self.welcomed.done():
+            self.users_seen += 1
+        elif command in (b"PART", b"QUIT"):
+            self.users_seen -= 1
+        elif command == b"PING" and self.transport is not None:
+            self.transport.write(b"PONG :" + line.rsplit(b" ", 1)[-1].lstrip(b":") + b"\r\n")
+        elif command == b"PONG":
+            self.pongs += 1
+            self.send_next(BENCH_WINDOW)  # (an unpaced sender: the next window)
+        elif command in (b"433", b"432", b"ERROR") and not self.welcomed.done():
+            self.welcomed.set_exception(RuntimeError(line.decode("utf-8", "replace")))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -12939,18 +13008,19 @@ class Progress:
 
 async def _connect_clients(host: str, port: int, count: int, measure: int,
                            progress: Progress, prefix: str = "b",
-                           irc: int = 0, ws: int = 0) -> list[Any]:
+                           irc: int = 0, ws: int = 0, everyone: type | None = None) -> list[Any]:
     """Open and register `count` clients, a few hundred connects at a time;
     `irc` of them (after the `measure` ones) come by IRC, and the next `ws`
-    by WebSocket."""
+    by WebSocket; or all of them as `everyone` (BenchIrcClient: --proto irc)."""
     loop = asyncio.get_running_loop()
     clients: list[Any] = []
     step = 200
     for start in range(0, count, step):
         batch = []
         for i in range(start, min(count, start + step)):
-            kind = BenchIrcClient if measure <= i < measure + irc else \
-                BenchWsClient if measure + irc <= i < measure + irc + ws else BenchClient
+            kind = everyone or (BenchIrcClient if measure <= i < measure + irc else
+                                BenchWsClient if measure + irc <= i < measure + irc + ws
+                                else BenchClient)
             client = kind(f"{prefix}{i}", i < measure)
             await loop.create_connection(lambda c=client: c, host, port)
             batch.append(client)
@@ -12977,7 +13047,7 @@ async def _bench_sender(client: BenchClient, messages: int, rate: float,
     for _ in range(messages):
         if client.writable is not None:  # a real client's socket would block here too
             await client.writable
-        client.send(encode({"type": "msg", "text": f"{time.time():.6f} x"}))
+        client.send(client.message(f"{time.time():.6f} x"))
         if rate > 0:
             next_at += 1 / rate
         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
@@ -12994,21 +13064,23 @@ async def _bench_deliveries(clients: list, expected: int, progress: Progress,
         await asyncio.sleep(0.05)
 
 
-def bench_wires(args: argparse.Namespace, clients: int) -> tuple[int, int]:
-    """How many receivers join by IRC and by WebSocket: --irc and --ws, or with
-    --proto all of them (irc, ws), or a third each of JSON, IRC and WebSocket
-    (mixed)."""
+def bench_wires(proto: str, args: argparse.Namespace, clients: int) -> tuple[int, int]:
+    """How many receivers join by IRC and by WebSocket: --irc and --ws (json),
+    all of them (ws), or a third each of JSON, IRC and WebSocket (mixed).
+    (With irc every client speaks IRC, senders too: see bench_fanout.)"""
     room = max(0, clients - args.senders - min(BENCH_LATENCY_SAMPLE, clients))
-    return {"irc": (room, 0), "ws": (0, room), "mixed": (room // 3, room // 3)}.get(
-        args.proto, (args.irc, args.ws))
+    return {"irc": (0, 0), "ws": (0, room), "mixed": (room // 3, room // 3)}.get(
+        proto, (args.irc, args.ws))
 
 
 async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messages: int,
                        rate: float, progress: Progress, timeout: float,
                        server_pid: int | None, irc: int = 0,
-                       ws: int = 0, open_loop: bool = False) -> dict[str, Any]:
+                       ws: int = 0, open_loop: bool = False, wire: str = "json",
+                       prefix: str = "b") -> dict[str, Any]:
     """N clients in one room; S of them send M messages each; everyone counts
-    (`irc` of the receivers by IRC, `ws` by WebSocket)."""
+    (`irc` of the receivers by IRC, `ws` by WebSocket; with wire "irc" every
+    client, senders too, speaks IRC)."""
     started = time.monotonic()
     room = clients_n - senders - min(BENCH_LATENCY_SAMPLE, clients_n)  # plain receivers
     if irc + ws > max(0, room):
@@ -13017,10 +13089,13 @@ async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messa
                           f"receivers (not senders, nor the {BENCH_LATENCY_SAMPLE} that time "
                           "messages)")
     clients = await _connect_clients(host, port, clients_n, BENCH_LATENCY_SAMPLE, progress,
-                                     irc=irc, ws=ws)
+                                     prefix, irc=irc, ws=ws,
+                                     everyone=BenchIrcClient if wire == "irc" else None)
     connect_s = time.monotonic() - started
     before = process_stats(server_pid) if server_pid else {}
-    expected = senders * messages * clients_n
+    # Every message reaches every member, its sender too unless the wire
+    # echoes nothing (IRC).
+    expected = sum(messages * (clients_n - (not c.echoes)) for c in clients[-senders:])
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()
     cpu0 = time.process_time()
@@ -13034,8 +13109,8 @@ async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messa
         t.cancel()
     latencies = [x for c in clients for x in c.latencies]
     result = {
-        "scenario": "fanout", "clients": clients_n, "irc_clients": irc, "ws_clients": ws,
-        "senders": senders,
+        "scenario": "fanout", "wire": wire, "clients": clients_n, "irc_clients": irc,
+        "ws_clients": ws, "senders": senders,
         "messages": messages,
         "rate": rate, "open_loop": open_loop, "connect_seconds": round(connect_s, 3),
         "connects_per_second": round(clients_n / connect_s, 1) if connect_s else None,
@@ -13060,11 +13135,14 @@ async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messa
 
 
 async def bench_connections(host: str, port: int, clients_n: int, progress: Progress,
-                            server_pid: int | None) -> dict[str, Any]:
-    """Hold N idle registered clients; check a sample answers pings."""
+                            server_pid: int | None, wire: str = "json",
+                            prefix: str = "idle") -> dict[str, Any]:
+    """Hold N idle registered clients (all by IRC with wire "irc"); check a
+    sample answers pings and saw the whole user list."""
     before = process_stats(server_pid) if server_pid else {}
     started = time.monotonic()
-    clients = await _connect_clients(host, port, clients_n, 0, progress, prefix="idle")
+    clients = await _connect_clients(host, port, clients_n, 0, progress, prefix=prefix,
+                                     everyone=BenchIrcClient if wire == "irc" else None)
     connect_s = time.monotonic() - started
     sample = clients[:: max(1, clients_n // 50)]
     deadline = time.monotonic() + 60  # every member's user list must come out exact
@@ -13077,11 +13155,11 @@ async def bench_connections(host: str, port: int, clients_n: int, progress: Prog
         await asyncio.sleep(TRIM_SETTLED)
     after = process_stats(server_pid) if server_pid else {}
     for c in sample:
-        c.send(b'{"type":"ping","data":1}\n')
+        c.send(c.PING)
     deadline = time.monotonic() + 30
     while sum(c.pongs > 0 for c in sample) < len(sample) and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
-    result = {"scenario": "connections", "clients": clients_n,
+    result = {"scenario": "connections", "wire": wire, "clients": clients_n,
               "connect_seconds": round(connect_s, 3),
               "connects_per_second": round(clients_n / connect_s, 1) if connect_s else None,
               "alive_in_sample": f"{sum(c.pongs > 0 for c in sample)}/{len(sample)}",
@@ -13216,49 +13294,106 @@ async def _stop_server_process(proc: asyncio.subprocess.Process) -> None:
 
 
 async def run_bench(args: argparse.Namespace) -> list[dict]:
-    """Run the chosen scenario for each client count against our server (and
-    the reference); one result per count and server, in that order."""
+    """Run the chosen scenario for each client count and each --proto wire
+    against our server (and the reference, and --against); one result per
+    run, in that order."""
     _raise_open_files(2 * max(args.clients) + 256)
     progress = Progress(quiet=args.json)
     targets = [("pychat", [sys.executable, str(Path(__file__).resolve()), "server",
                            "--host", "127.0.0.1", "--port", "0", "--log-level", "warning",
                            "--flood-rate", "0", "--ping-interval", "0", "--max-clients", "0",
                            "--max-per-address", "0", "--connect-rate", "0",
-                           *args.server_arg])]
+                           "--no-announce", *args.server_arg])]
     if args.reference:
         targets.append(("reference", [sys.executable, str(Path(__file__).resolve()), "bench",
                                       "--serve-reference"]))
-    results = []
+    if args.against:
+        targets.append((args.against, None))
+    results: list[dict] = []
     for clients in args.clients:
-        for name, cmd in targets:
-            proc = None
-            if args.port and name == "pychat":
-                host, port, pid = args.host, args.port, None
-                if results:  # the last count's clients must be gone: their nicks come again
-                    await _wait_room_empty(host, port)
-            else:  # a fresh server for each count: nothing left over from the last
-                proc, port = await _start_server_process(cmd)
-                host, pid = "127.0.0.1", proc.pid
-            try:
-                if args.scenario == "fanout":
-                    irc, ws = bench_wires(args, clients) if name == "pychat" else (0, 0)
-                    result = await bench_fanout(host, port, clients, args.senders,
-                                                args.messages, args.rate, progress,
-                                                args.timeout, pid, irc, ws,
-                                                args.open_loop)
-                else:
-                    result = await bench_connections(host, port, clients, progress, pid)
-            finally:
-                if proc is not None:
-                    await _stop_server_process(proc)
-            result["server"] = name
-            results.append(result)
-        ours, ref = results[-len(targets)], results[-1]
-        if len(targets) == 2 and ours.get("deliveries_per_second") and \
-                ref.get("deliveries_per_second"):
-            ours["vs_reference"] = round(ours["deliveries_per_second"]
-                                         / ref["deliveries_per_second"], 3)
+        first = len(results)
+        for wire in args.proto:
+            for name, cmd in targets:
+                if (name == "reference" and wire != args.proto[0]) or \
+                        (cmd is None and wire != "irc"):
+                    continue  # the reference speaks JSON lines, --against IRC
+                results.append(await _bench_one(args, name, cmd, clients, wire,
+                                                f"b{len(results)}n", progress))
+        _compare(results[first:])
     return results
+
+
+async def _bench_one(args: argparse.Namespace, name: str, cmd: list[str] | None, clients: int,
+                     wire: str, prefix: str, progress: Progress) -> dict:
+    """One run: a fresh server (or --host/--port's, or --against's), one load."""
+    proc = None
+    if cmd is None:  # --against HOST:PORT: another IRC server, already running
+        host, _, num = name.rpartition(":")
+        host, port, pid = host.strip("[]"), int(num), pid_listening(int(num))
+    elif args.port and name == "pychat":
+        host, port, pid = args.host, args.port, None
+        await _wait_room_empty(host, port)  # the last run's clients must be gone
+    else:  # a fresh server for each run: nothing left over from the last
+        proc, port = await _start_server_process(cmd)
+        host, pid = "127.0.0.1", proc.pid
+    try:
+        if args.scenario == "fanout":
+            irc, ws = bench_wires(wire, args, clients) if name == "pychat" else (0, 0)
+            result = await bench_fanout(host, port, clients, args.senders, args.messages,
+                                        args.rate, progress, args.timeout, pid, irc, ws,
+                                        args.open_loop, "irc" if wire == "irc" else "json",
+                                        prefix)
+            result["wire"] = wire
+        else:
+            result = await bench_connections(host, port, clients, progress,
+                                             pid if cmd is not None else None,
+                                             "irc" if wire == "irc" else "json", prefix)
+    finally:
+        if proc is not None:
+            await _stop_server_process(proc)
+    result["server"] = name
+    return result
+
+
+def _compare(rows: list[dict]) -> None:
+    """Ratios between the runs of one client count: PyChat's deliveries/s as a
+    share of the reference's (vs_reference), and of --against's (vs_against)."""
+    ours = next((r for r in rows if r["server"] == "pychat"), None)
+    for r in rows:
+        if ours is None or r is ours or not r.get("deliveries_per_second") or \
+                not ours.get("deliveries_per_second"):
+            continue
+        if r["server"] == "reference":
+            ours["vs_reference"] = round(ours["deliveries_per_second"]
+                                         / r["deliveries_per_second"], 3)
+        elif r["server"] != "pychat":
+            irc = next((x for x in rows if x["server"] == "pychat" and x["wire"] == "irc"), None)
+            if irc is not None and irc.get("deliveries_per_second"):
+                irc["vs_against"] = round(irc["deliveries_per_second"]
+                                          / r["deliveries_per_second"], 3)
+
+
+def pid_listening(port: int) -> int | None:
+    """The process listening on a local TCP port, where /proc tells (Linux);
+    None elsewhere or when it is not this user's to see."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and \
+                    int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
 
 
 def _bench_ok(r: dict) -> bool:
@@ -13280,7 +13415,9 @@ def bench_verdict(results: list[dict]) -> str:
     that failed makes the answer smaller, never larger.  When every count
     passed, N is only a lower bound ("at least"); when none did, the answer
     is "fewer than" the smallest count measured."""
-    rows = sorted((r for r in results if r["server"] == "pychat"), key=lambda r: r["clients"])
+    wire = results[0].get("wire", "json")  # (the first --proto's runs)
+    rows = sorted((r for r in results if r["server"] == "pychat" and
+                   r.get("wire", "json") == wire), key=lambda r: r["clients"])
     fanout = rows[0]["scenario"] == "fanout"
     what = "idle connections"
     if fanout:
@@ -13320,6 +13457,38 @@ def _bench_rate(r: dict) -> str:
     return f"paced at {r['rate']:g} messages/s per sender"
 
 
+def _bench_label(r: dict) -> str:
+    """A run's server, and its wire when that is not JSON lines."""
+    wire = r.get("wire", "json")
+    return r["server"] if wire == "json" or r["server"] == "reference" else \
+        f"{r['server']} {wire}"
+
+
+def _wire_comparisons(results: list[dict]) -> list[str]:
+    """What an IRC member costs beside a JSON one, and PyChat's IRC path beside
+    --against's, count by count, where both were measured."""
+    lines = []
+    for n in sorted({r["clients"] for r in results}):
+        runs = {(r["server"], r.get("wire", "json")): r for r in results if r["clients"] == n}
+        json_run, irc_run = runs.get(("pychat", "json")), runs.get(("pychat", "irc"))
+        if json_run and irc_run and json_run.get("server_us_per_delivery") and \
+                irc_run.get("server_us_per_delivery") and json_run["deliveries_per_second"]:
+            lines.append(
+                f"At {n:,} clients an IRC member costs the server "
+                f"{irc_run['server_us_per_delivery'] / json_run['server_us_per_delivery']:.2f}"
+                " times the CPU per delivery of a JSON member, and IRC members got "
+                f"{irc_run['deliveries_per_second'] / json_run['deliveries_per_second']:.2f}"
+                " times the deliveries per second.")
+        other = next((r for (s, w), r in runs.items() if s not in ("pychat", "reference")), None)
+        if irc_run and other and "vs_against" in irc_run:
+            p99 = (irc_run["latency_ms"]["p99"] / other["latency_ms"]["p99"]
+                   if other["latency_ms"]["p99"] else float("nan"))
+            lines.append(f"At {n:,} clients PyChat's IRC path delivered {irc_run['vs_against']:.2f}"
+                         f" times {other['server']}'s deliveries per second, at {p99:.2f} "
+                         "times its p99 latency.")
+    return lines
+
+
 def _fixed(value: float | None, decimals: int) -> str:
     return "" if value is None else f"{value:.{decimals}f}"
 
@@ -13335,7 +13504,7 @@ def format_bench(results: list[dict]) -> str:
         about = [f"{senders} x {first['messages']} messages{irc}, {_bench_rate(first)}."]
         head = ["clients", "server", "deliveries/s", "p50 ms", "p99 ms", "lost",
                 "us/deliv", "peak MiB"]
-        rows = [[r["clients"], r["server"], r["deliveries_per_second"],
+        rows = [[r["clients"], _bench_label(r), r["deliveries_per_second"],
                  f"{r['latency_ms']['p50']:.1f}", f"{r['latency_ms']['p99']:.1f}",
                  r["lost"],
                  _fixed(r.get("server_us_per_delivery"), 2),
@@ -13355,6 +13524,7 @@ def format_bench(results: list[dict]) -> str:
         if shares:
             about_after.append("PyChat's deliveries/s as a share of the reference "
                                f"server's: {', '.join(shares)}.")
+        about_after += _wire_comparisons(results)
         if busy >= 90:
             about_after.append(f"The load generator used up to {busy:g} % of a core: the "
                                "busiest rows measure it as much as the server.")
@@ -13362,7 +13532,7 @@ def format_bench(results: list[dict]) -> str:
         about = ["Idle clients, all joining the lobby."]
         head = ["clients", "server", "open", "pinged", "exact lists", "join s",
                 "KiB/conn", "peak MiB"]
-        rows = [[r["clients"], r["server"], r["open"], r["alive_in_sample"],
+        rows = [[r["clients"], _bench_label(r), r["open"], r["alive_in_sample"],
                  r["exact_user_lists_in_sample"], r["connect_seconds"],
                  _fixed(r.get("rss_kib_per_connection"), 1),
                  _fixed(r.get("server_peak_rss_mib"), 1)]
@@ -13969,11 +14139,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ws", type=_non_negative_int, default=0, metavar="N",
                        help="fanout: N of the receivers are browsers, by WebSocket (the "
                        "reference server gets JSON clients only) (default: %(default)s)")
-    bench.add_argument("--proto", type=_any_case,
-                       choices=("json", "irc", "ws", "mixed"), default="json",
-                       help="fanout: how the receivers join: json (PyChat clients), irc, ws "
-                       "(browsers), or mixed (a third each); json leaves it to --irc and --ws "
-                       "(default: %(default)s)")
+    bench.add_argument("--proto", type=_any_case, nargs="+",
+                       choices=("json", "irc", "ws", "mixed"), default=["json"],
+                       help="how the clients join: json (PyChat clients; --irc and --ws "
+                       "make some receivers IRC or browsers), irc (every client, senders "
+                       "too, speaks IRC), ws (the receivers are browsers), or mixed (a "
+                       "third of the receivers each); several run one after another, "
+                       "e.g. --proto json irc (default: json)")
+    bench.add_argument("--against", type=_server, default=None, metavar="HOST:PORT",
+                       help="with --proto irc: run the same IRC load against another IRC "
+                       "server already running there (such as ngircd; see the README)")
     bench.add_argument("--rate", type=_non_negative, default=0.0, metavar="R",
                        help="messages per second per sender; 0: unpaced, each sender keeps "
                             f"{BENCH_WINDOW} messages in flight and sends the next as one "
@@ -14248,6 +14423,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.scenario == "fanout" and args.senders > min(args.clients):
         print("pychat: --senders cannot be more than --clients", file=sys.stderr)
+        return 2
+    if args.against and "irc" not in args.proto:
+        print("pychat: --against measures another IRC server: add --proto irc", file=sys.stderr)
         return 2
     try:
         results = asyncio.run(run_bench(args))

@@ -5289,6 +5289,45 @@ class BenchTests(unittest.TestCase):
         self.assertEqual(out.returncode, 2)
         self.assertIn("--irc 5", out.stderr)
 
+    def test_every_client_on_irc_senders_too_beside_json_in_one_run(self):
+        results = self.run_bench("--clients", "20", "--senders", "2", "--messages", "15",
+                                 "--proto", "json", "irc")
+        self.assertEqual([(r["server"], r["wire"]) for r in results],
+                         [("pychat", "json"), ("pychat", "irc")])
+        json_run, irc_run = results
+        self.assertEqual(json_run["received_deliveries"], 2 * 15 * 20)
+        # IRC echoes nobody's own messages: each sender gets the other's only.
+        self.assertEqual(irc_run["expected_deliveries"], 2 * 15 * 19)
+        self.assertEqual((irc_run["received_deliveries"], irc_run["lost"]), (2 * 15 * 19, 0))
+        self.assertLessEqual(irc_run["latency_ms"]["p50"], irc_run["latency_ms"]["p99"])
+        self.assertGreaterEqual(irc_run["server_us_per_delivery"], 0)  # (CPU ticks: 10 ms)
+        table = pychat.format_bench([dict(json_run, server_us_per_delivery=0.5),
+                                     dict(irc_run, server_us_per_delivery=0.6)])
+        self.assertIn("pychat irc", table)
+        self.assertIn("At 20 clients an IRC member costs the server 1.20 times the CPU per "
+                      "delivery of a JSON member", " ".join(table.split()))
+        (open_loop,) = self.run_bench("--clients", "8", "--senders", "2", "--messages", "30",
+                                      "--proto", "irc", "--open-loop")
+        self.assertEqual((open_loop["received_deliveries"], open_loop["lost"]), (2 * 30 * 7, 0))
+
+    def test_irc_join_storm_and_another_irc_server_side_by_side(self):
+        (storm,) = self.run_bench("--scenario", "connections", "--clients", "30", "--proto", "irc")
+        self.assertEqual((storm["open"], storm["exact_user_lists_in_sample"]), (30, "30/30"))
+        self.assertEqual(storm["alive_in_sample"], "30/30")
+        # Another IRC server: here a second PyChat's gateway (ngircd in NgircdBenchTests).
+        _, port = start_server_process(self, "--flood-rate", "0", "--max-per-address", "0",
+                                       "--connect-rate", "0", "--no-announce")
+        results = self.run_bench("--clients", "12", "--senders", "2", "--messages", "10",
+                                 "--proto", "irc", "--against", f"127.0.0.1:{port}")
+        self.assertEqual([r["server"] for r in results], ["pychat", f"127.0.0.1:{port}"])
+        self.assertTrue(all(r["lost"] == 0 and r["received_deliveries"] == 2 * 10 * 11
+                            for r in results), results)
+        self.assertIn("vs_against", results[0])
+        out = subprocess.run([*RUN, "bench", "--against", "127.0.0.1:1"], capture_output=True,
+                             text=True, timeout=60)
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("add --proto irc", out.stderr)
+
     def test_connections_and_a_readable_table(self):
         # Against a server of the test's own: memory is not measured, so the
         # bench does not wait for the server's clean-up either.
@@ -5329,6 +5368,59 @@ class BenchTests(unittest.TestCase):
                                  r"active chatters \(1 sending, unpaced\) at p99 under 100 ms"
                                  r"[^.]*\.( \(the largest count measured.*\)\.|.*)$")
         self.assertTrue(ending.endswith(").") or ending.endswith("--clients."), ending)
+
+
+NGIRCD_CONF = """[Global]
+    Name = bench.ngircd
+    Info = ngircd for pychat bench
+    Listen = 127.0.0.1
+    Ports = {port}
+[Limits]
+    MaxConnections = 0
+    MaxConnectionsIP = 0
+    MaxJoins = 0
+    MaxNickLength = 31
+    MaxPenaltyTime = 0
+    PingTimeout = 600
+    PongTimeout = 600
+[Options]
+    DNS = no
+    Ident = no
+    PAM = no
+"""
+
+
+class NgircdBenchTests(unittest.TestCase):
+    """`bench --proto irc --against` a real ngircd (Debian's), started as the
+    README says: skipped where ngircd is missing, except in CI."""
+
+    def test_the_same_irc_load_against_ngircd(self):
+        if not shutil.which("ngircd"):
+            missing_tool("ngircd is not installed (Debian: apt-get install ngircd)")
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        conf = Path(tmp.name) / "ngircd.conf"
+        conf.write_text(NGIRCD_CONF.format(port=port))
+        proc = subprocess.Popen(["ngircd", "-n", "-f", str(conf)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait(TIMEOUT)))
+        self.addCleanup(proc.stdout.close)
+        deadline = time.monotonic() + TIMEOUT
+        while proc.poll() is None and time.monotonic() < deadline:
+            if "ready" in proc.stdout.readline():
+                break
+        out = subprocess.run([*RUN, "bench", "--json", "--clients", "12", "--senders", "2",
+                              "--messages", "10", "--proto", "irc", "--against",
+                              f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=120)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        ours, theirs = json.loads(out.stdout)
+        self.assertEqual(theirs["server"], f"127.0.0.1:{port}")
+        for r in (ours, theirs):
+            self.assertEqual((r["received_deliveries"], r["lost"]), (2 * 10 * 11, 0))
+        self.assertGreater(ours["vs_against"], 0)
 
 
 class BenchReportTests(unittest.TestCase):
