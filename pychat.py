@@ -1047,6 +1047,15 @@ class Wire:
         kind of wire, computed once per broadcast."""
         return encode(event)
 
+    plain = False  # this member takes shared()'s bytes as they are (see broadcast)
+
+    def shared(self, event: dict, rendered: Any) -> tuple[bytes | None, str | None]:
+        """Bytes that every `plain` member of this wire kind gets for this
+        broadcast, and the one nick that gets nothing; (None, None) when each
+        member's take() decides.  Once per broadcast, so that the hot loop
+        appends bytes without a call."""
+        return None, None
+
     def take(self, event: dict, rendered: Any) -> None:
         """A broadcast for this member: `rendered` from render().  The core
         has already made sure the session will be flushed."""
@@ -2107,10 +2116,14 @@ class ChatServer:
             wire = s.wire
             kind = type(wire)
             got = rendered.get(kind)
-            if got is None:  # (its bytes, and whether they go out as they are)
-                got = rendered[kind] = (wire.render(event), kind.take is Wire.take)
+            if got is None:  # its render, whether that goes out as it is, and (shared)
+                got = rendered[kind] = ((r := wire.render(event)), kind.take is Wire.take,
+                                        *wire.shared(event, r))
             if got[1]:  # WebSocket frames: appended like JSON lines, without a call
                 out.append(got[0])
+            elif got[2] is not None and wire.plain:  # IRC: a room message
+                if s.nick != got[3]:
+                    out.append(got[2])
             else:
                 wire.take(event, got[0])
         if dirty:
@@ -3544,6 +3557,7 @@ class IrcWire(Wire):
         self.name = server.cfg.server_name
         self.context = ""              # the command being answered (for error numerics)
         self.caps: set[str] = set()    # IRCv3 capabilities this client asked for
+        self.plain = True              # no capabilities: room messages as shared() has them
         self.negotiating = False       # CAP LS/REQ before registration: wait for CAP END
         self.sasl: str | None = None   # AUTHENTICATE PLAIN: the base64 received so far
         self.in_tags: dict[str, str] = {}  # the client tags of the line being handled
@@ -3618,14 +3632,14 @@ class IrcWire(Wire):
             log.exception("could not translate an event for IRC")
             return []
 
+    def shared(self, e: dict, rendered: list[bytes] | None) -> tuple[bytes | None, str | None]:
+        """A room message: the same bytes for every member without
+        capabilities, but its sender (IRC clients show their own lines)."""
+        if rendered is not None and e.get("type") == "msg":
+            return b"".join(rendered), e["from"]
+        return None, None
+
     def take(self, e: dict, rendered: list[bytes] | None) -> None:
-        """A broadcast for this member: once per member per message, so the
-        common case (a room message, a client without capabilities) is two
-        comparisons and an extend."""
-        if not self.caps and rendered is not None and e.get("type") == "msg":
-            if e["from"] != self.s.nick:  # (its own: IRC clients show them themselves)
-                self.s.out.extend(rendered)
-            return
         if self.wanted(e):
             self.s.out.extend(self.extras(e, rendered if rendered is not None
                                           else self.translate(e)))
@@ -4090,6 +4104,7 @@ class IrcWire(Wire):
         else:
             self.send(self.numeric(ERR_INVALIDCAPCMD, sub or "*",
                                    text="Invalid CAP command"))
+        self.plain = not self.caps
 
     def on_pass(self, params: list[str]) -> None:
         if self.registered:
@@ -13330,8 +13345,8 @@ async def _bench_one(args: argparse.Namespace, name: str, cmd: list[str] | None,
     if cmd is None:  # --against HOST:PORT: another IRC server, already running
         host, _, num = name.rpartition(":")
         host, port, pid = host.strip("[]"), int(num), pid_listening(int(num))
-    elif args.port and name == "pychat":
-        host, port, pid = args.host, args.port, None
+    elif args.port and name == "pychat":  # a running server: its CPU if /proc shows it
+        host, port, pid = args.host, args.port, pid_listening(args.port)
         await _wait_room_empty(host, port)  # the last run's clients must be gone
     else:  # a fresh server for each run: nothing left over from the last
         proc, port = await _start_server_process(cmd)
@@ -13345,8 +13360,9 @@ async def _bench_one(args: argparse.Namespace, name: str, cmd: list[str] | None,
                                         prefix)
             result["wire"] = wire
         else:
+            # (memory only of a server it started: another's may not be idle)
             result = await bench_connections(host, port, clients, progress,
-                                             pid if cmd is not None else None,
+                                             pid if proc is not None else None,
                                              "irc" if wire == "irc" else "json", prefix)
     finally:
         if proc is not None:
