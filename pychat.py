@@ -2104,6 +2104,8 @@ class ChatServer:
             data = encode(event)
         dirty = self.dirty
         rendered: dict[type, tuple[Any, bool]] = {}
+        plain_kind: type | None = None  # the wire kind whose plain members get `shared`
+        shared, skip = b"", None        # (see Wire.shared)
         for s in room.members.values():
             out = s.out
             if not out:
@@ -2115,13 +2117,19 @@ class ChatServer:
                 continue
             wire = s.wire
             kind = type(wire)
+            if kind is plain_kind and wire.plain:  # IRC, a room message: as cheap as JSON
+                if s.nick != skip:
+                    out.append(shared)
+                continue
             got = rendered.get(kind)
             if got is None:  # its render, whether that goes out as it is, and (shared)
                 got = rendered[kind] = ((r := wire.render(event)), kind.take is Wire.take,
                                         *wire.shared(event, r))
+                if got[2] is not None and plain_kind is None:
+                    plain_kind, shared, skip = kind, got[2], got[3]
             if got[1]:  # WebSocket frames: appended like JSON lines, without a call
                 out.append(got[0])
-            elif got[2] is not None and wire.plain:  # IRC: a room message
+            elif got[2] is not None and wire.plain:
                 if s.nick != got[3]:
                     out.append(got[2])
             else:
