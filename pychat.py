@@ -583,13 +583,19 @@ def trust_found(found: Any, settings: dict, ask: Callable[[str], bool]) -> Any:
     certificate's fingerprint and the answer is kept in settings (saving
     them is the caller's); a different certificate later is refused, loudly.
     PyChatError with a sentence when not connecting."""
+    trusted = settings.setdefault("trusted_certificates", {})
     if not found.tls:
+        if found.address in trusted:  # a forged answer must not get the password in clear
+            raise PyChatError(
+                f"WARNING: {found.name} at {found.address} now says it has no TLS, but you "
+                "trusted a TLS certificate there. Someone may be pretending to be it, so "
+                "PyChat will not connect. If its owner really turned TLS off, remove "
+                f"{found.address} from trusted_certificates in settings.json.")
         return None
     fp = found.fingerprint
     if not fp:
         raise PyChatError(f"{found.name} at {found.address} uses TLS but announced no "
                           "certificate fingerprint; connect with --host, --tls and --cafile.")
-    trusted = settings.setdefault("trusted_certificates", {})
     known = trusted.get(found.address)
     if known is not None and known != fp:
         raise PyChatError(
@@ -6721,11 +6727,12 @@ class Announcer(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         query = _datagram_json(data)
-        if query is None or query.get("pychat") != "find" or not isinstance(query.get("id"), str):
+        if query is None or query.get("pychat") != "find" or not isinstance(query.get("id"), str) \
+                or not re.fullmatch(r"[!-~]{1,32}", query["id"]):  # (a finder's ids are hex)
             return
         if not self.rates.allowed(str(addr[0])):
             return
-        answer = _compact(self.server.announcement(query["id"][:32]))
+        answer = _compact(self.server.announcement(query["id"]))
         if len(answer) <= len(data) and self.transport is not None:
             self.transport.sendto(answer, addr)
             self.rates.answered += 1
@@ -6745,7 +6752,10 @@ def _discovery_sockets(host: str | None, port: int) -> list[socket.socket]:
         wanted = [(socket.AF_INET, "127.0.0.1")]
     made = []
     for family, address in wanted:
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+        except OSError:  # no IPv6 on this machine: IPv4 alone
+            continue
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if hasattr(socket, "SO_REUSEPORT"):  # Linux, macOS: all get the broadcasts
@@ -6819,16 +6829,24 @@ class FoundServer:
         fp = answer.get("fingerprint")
         fields = (answer.get("name"), answer.get("port"), answer.get("users"),
                   answer.get("version"), answer.get("instance"))
-        if not (isinstance(fields[0], str) and isinstance(fields[1], int) and
-                0 < fields[1] < 65536 and isinstance(fields[2], int) and fields[2] >= 0 and
+        if not (isinstance(fields[0], str) and type(fields[1]) is int and
+                0 < fields[1] < 65536 and type(fields[2]) is int and fields[2] >= 0 and
                 isinstance(fields[3], str) and isinstance(fields[4], str) and
                 isinstance(answer.get("tls"), bool) and isinstance(answer.get("password"), bool)
                 and (fp is None or (isinstance(fp, str) and re.fullmatch("[0-9a-f]{64}", fp)))):
             return None
-        return cls(name=clean_text(fields[0])[:64] or "?", host=host, port=fields[1],
+        return cls(name=_shown(fields[0], 64) or "?", host=host, port=fields[1],
                    users=fields[2], tls=answer["tls"], fingerprint=fp,
-                   password=answer["password"], version=clean_text(fields[3])[:20],
+                   password=answer["password"], version=_shown(fields[3], 20),
                    instance=fields[4][:32])
+
+
+def _shown(text: str, limit: int) -> str:
+    """Another machine's words on one line: no line breaks, tabs, control,
+    format (bidi) or lone surrogate characters, at most `limit` long."""
+    kept = "".join(ch for ch in text if unicodedata.category(ch) not in
+                   ("Cc", "Cf", "Cs", "Zl", "Zp") or ch in "\t\n")
+    return " ".join(kept.split())[:limit]
 
 
 @dataclasses.dataclass
@@ -6873,7 +6891,7 @@ def _find_targets(at: list[str] | None, port: int) -> list[tuple[int, tuple]]:
             host = m.group(1) or m.group(3) or m.group(5)
             num = m.group(2) or m.group(4)
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            targets.append((family, (host, int(num) if num else port)))
+            targets.append((family, (host, int(num) if num else port)))  # (bad ports: failed)
         return targets
     targets = [(socket.AF_INET, ("255.255.255.255", port)), (socket.AF_INET, ("127.0.0.1", port))]
     for index, _name in _interfaces():
@@ -6893,7 +6911,7 @@ def _describe(family: int, target: tuple) -> str:
 def find_servers(seconds: float = FIND_SECONDS, port: int = DISCOVERY_PORT,
                  at: list[str] | None = None) -> FindResult:
     """Ask the LAN (or the addresses in `at`) who is there and collect the
-    answers for `seconds` (less when every address in `at` has answered).
+    answers for `seconds`.
     Blocking: the GUI runs it in a thread."""
     qid = secrets.token_hex(8)
     query = discovery_query(qid)
@@ -6908,16 +6926,14 @@ def find_servers(seconds: float = FIND_SECONDS, port: int = DISCOVERY_PORT,
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
             socks[family].sendto(query, target)
             asked.append(_describe(family, target))
-        except OSError as e:
+        except (OSError, OverflowError, ValueError, TypeError, UnicodeError) as e:
             if family == socket.AF_INET6 and target[0] == DISCOVERY_GROUP and \
-                    e.errno in (errno.ENETUNREACH, errno.EADDRNOTAVAIL):
+                    getattr(e, "errno", None) in (errno.ENETUNREACH, errno.EADDRNOTAVAIL):
                 continue  # an interface without IPv6 multicast (loopback, or down)
-            failed.append(f"{_describe(family, target)} ({e.strerror or e})")
+            failed.append(f"{_describe(family, target)} ({getattr(e, 'strerror', None) or e})")
     found: dict[str, FoundServer] = {}
     deadline = time.monotonic() + seconds
     while socks and (left := deadline - time.monotonic()) > 0:
-        if at and len(found) >= len(at):
-            break
         ready, _, _ = select.select(list(socks.values()), [], [], left)
         for sock in ready:
             try:
@@ -12234,7 +12250,13 @@ class GuiApp:
         dialog gets the result on Tk's thread."""
         box: list[Any] = []
         at = find_at_from_env()
-        threading.Thread(target=lambda: box.append(find_servers(at=at)), daemon=True).start()
+
+        def search() -> None:
+            try:
+                box.append(find_servers(at=at))
+            except Exception as e:  # whatever happens, the dialog must hear of it
+                box.append(FindResult([], [], [f"the search failed: {e}"], FIND_SECONDS))
+        threading.Thread(target=search, daemon=True).start()
 
         def check() -> None:
             if not box:

@@ -8648,6 +8648,25 @@ class DiscoveryTests(ServerCase):
                          [("Lab 4", HOST, self.port)])
         self.assertTrue(result.servers[0].password)
 
+    async def test_bad_ids_names_and_addresses_harm_neither_side(self):
+        # A query id with a lone surrogate: no answer (and no traceback).
+        bad_id = json.dumps({"pychat": "find", "v": 1, "id": "\ud800abc",
+                             "pad": "." * 500}).encode()
+        self.assertEqual(await self.ask(bad_id, wait=0.2), [])
+        # An answer's name cannot forge lines, bidi tricks or crash a printer.
+        s = pychat.FoundServer.from_answer(
+            {"name": "Evil\n  2.  Office\t\u202e\ud800x", "port": 1, "users": 0, "tls": False,
+             "password": False, "version": "1\n2", "instance": "i"}, HOST)
+        self.assertEqual((s.name, s.version), ("Evil 2. Office x", "1 2"))
+        self.assertIsNone(pychat.FoundServer.from_answer(
+            {"name": "x", "port": True, "users": 0, "tls": False, "password": False,
+             "version": "1", "instance": "i"}, HOST))
+        # Addresses that cannot be asked are reported, not raised.
+        result = await asyncio.to_thread(pychat.find_servers, 0.2, 0,
+                                         [f"{HOST}:99999", "\u00e4..b", f"{HOST}:{self.udp}"])
+        self.assertEqual(len(result.failed), 2, result.failed)
+        self.assertEqual([s.name for s in result.servers], ["Lab 4"])
+
     async def test_nothing_found_is_explained(self):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as quiet:
             quiet.bind((HOST, 0))  # nobody answers here
@@ -8711,6 +8730,10 @@ class DiscoveryTrustTests(TlsCase):
         changed = dataclasses.replace(found, fingerprint="0" * 64)
         with self.assertRaisesRegex(pychat.PyChatError, "^WARNING: .*different TLS certificate"):
             pychat.trust_found(changed, settings, lambda q: True)
+        # A forged answer for a pinned address saying "no TLS": refused, loudly.
+        plain = dataclasses.replace(found, tls=False, fingerprint=None)
+        with self.assertRaisesRegex(pychat.PyChatError, "^WARNING: .*now says it has no TLS"):
+            pychat.trust_found(plain, settings, lambda q: True)
         # A pin that does not match the certificate the server shows: no chat.
         events = await self.run_client(pychat.pinned_tls_context("0" * 64))
         fatal = [e for e in events if e["type"] == "fatal"]
