@@ -6893,7 +6893,8 @@ def _find_targets(at: list[str] | None, port: int) -> list[tuple[int, tuple]]:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             targets.append((family, (host, int(num) if num else port)))  # (bad ports: failed)
         return targets
-    targets = [(socket.AF_INET, ("255.255.255.255", port)), (socket.AF_INET, ("127.0.0.1", port))]
+    targets = [(socket.AF_INET, ("255.255.255.255", port)), (socket.AF_INET, ("127.0.0.1", port)),
+               (socket.AF_INET6, ("::1", port))]
     for index, _name in _interfaces():
         targets.append((socket.AF_INET6, (DISCOVERY_GROUP, port, 0, index)))
     return targets
@@ -14333,8 +14334,9 @@ def cmd_find(args: argparse.Namespace) -> int:
         return 1
     print(found_table(result.servers))
     first = result.servers[0]
-    print(f"Join: python pychat.py cli --host {first.host} --port {first.port}"
-          + (" --tls" if first.tls else ""))
+    # (a found TLS server: plain `cli` looks, asks to trust its certificate, and pins it)
+    print("Join: python pychat.py cli" + ("" if first.tls else
+                                          f" --host {first.host} --port {first.port}"))
     return 0
 
 
