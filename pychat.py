@@ -6673,7 +6673,8 @@ def spend(bucket: list[float], now: float, burst: float, rate: float) -> bool:
 
 
 def _compact(obj: dict) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """A datagram: the protocol's encoding of one object, without its newline."""
+    return encode(obj)[:-1]
 
 
 def discovery_query(qid: str) -> bytes:
