@@ -71,6 +71,7 @@ import math
 import os
 import plistlib
 import queue
+import random
 import re
 import secrets
 import select
@@ -242,6 +243,20 @@ TRIM_CHURN = 200
 TRIM_DELAY = 2.0
 TRIM_SETTLED = 2 * TRIM_DELAY + 0.5  # the latest a burst's trim can come after its end
 
+# The server link (section 3e): what a hub can make a leaf hold, and timing.
+MAX_REMOTE_USERS = 50000       # people on other servers shown here (the rest: counted)
+MAX_REMOTE_ROOMS = 1000        # rooms the network may make here (its channels)
+MAX_REMOTE_ROOMS_PER_USER = 100  # rooms one remote user is shown in
+MAX_LINK_SERVERS = 1000        # servers of the network it keeps track of
+LINK_MAX_PENDING = 16 * 1024   # bytes of an unfinished line from the hub: past it, cut
+LINK_MAX_BACKLOG = 8 * 1024 * 1024  # unsent bytes to a hub that stopped reading: cut
+LINK_PING_EVERY = 30.0         # ping the hub (and measure the lag) this often
+LINK_TIMEOUT = 90.0            # no answer to a ping for this long: the link is dead
+LINK_HANDSHAKE_TIMEOUT = 30.0  # from connecting to the end of the hub's burst
+LINK_RETRY_FIRST = 1.0         # reconnect backoff: doubles up to LINK_RETRY_MAX
+LINK_RETRY_MAX = 60.0
+LINK_STABLE = 60.0             # a link that lasted this long starts the backoff afresh
+
 # Client settings.
 CLIENT_MAX_LINE = 64 * 1024 * 1024  # history frames can be large; trust the server more
 CONNECT_TIMEOUT = 10.0
@@ -310,6 +325,8 @@ ERRORS = {
     "file_window": "File chunks must wait for acknowledgements.",
     "history_pending": "The last history of that room has not reached you yet.",
     "bad_tags": "Tags are a JSON object of short strings (4,094 bytes in all).",
+    "unreachable": "That person is on a server that is not linked right now (a netsplit).",
+    "remote_user": "That person is on another server of the network.",
 }
 
 # Field table: type -> {field: (python type, required)}.  validate() checks
@@ -355,6 +372,8 @@ FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "unban": {"nick": (str, True)},
     "mute": {"nick": (str, True), "reason": (str, False)},
     "unmute": {"nick": (str, True)},
+    "whois": {"nick": (str, True)},
+    "stats": {},
 }
 
 _CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -520,6 +539,9 @@ def users_delta(room: str, events: list[dict]) -> dict:
     away = {e["nick"]: e["away"] for e in joined if e.get("away") is not None}
     if away:
         delta["away"] = away
+    via = {e["nick"]: e["via"] for e in joined if e.get("via")}
+    if via:
+        delta["via"] = via
     return delta
 
 
@@ -783,6 +805,15 @@ class ServerConfig:
     announce_port: int | None = None  # answer LAN discovery on this UDP port (None: don't)
     name: str = ""                 # what discovery calls this server (the command line: host name)
     tls_fingerprint: str | None = None  # SHA-256 of the certificate, hex, for discovery
+    # The server link (section 3e): the hub to join, this server's name on
+    # the network, the passwords each side sends, TLS for the uplink.
+    link: tuple[str, int] | None = None
+    link_name: str = ""
+    link_password: str = ""
+    link_peer_password: str = ""
+    link_tls: Any = None
+    max_remote_users: int = MAX_REMOTE_USERS
+    max_remote_rooms: int = MAX_REMOTE_ROOMS
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerConfig:
@@ -817,6 +848,7 @@ class ServerConfig:
                                   "such as https://chat.example.org")
         if args.no_web and (args.web_port is not None or origins):
             raise PyChatError("--no-web turns the web gateway off: no --web-port or --web-origin")
+        link = link_options(args)
         return cls(history=args.history, max_line_bytes=args.max_line_bytes,
                    max_text=args.max_text, flood_burst=args.flood_burst,
                    flood_rate=args.flood_rate, max_backlog_bytes=args.max_backlog_bytes,
@@ -833,7 +865,8 @@ class ServerConfig:
                    web_origins=origins,
                    announce_port=None if args.no_announce else DISCOVERY_PORT,
                    name=clean_text(args.name or socket.gethostname() or "PyChat")[:64],
-                   tls_fingerprint=fingerprint)
+                   tls_fingerprint=fingerprint, max_remote_users=args.max_remote_users,
+                   **link)
 
 
 class Room:
@@ -867,6 +900,8 @@ class Room:
         self.order: list[str] = []
         self.listed: list[bytes] = []
         self.away_count = 0                   # members who are away (most often none)
+        self.remote_count = 0                 # members on other servers (section 3e)
+        self.bans: list[str] = []             # the network's ban masks (MODE +b), if linked
 
     def remember(self, event: dict, size: int) -> dict | None:
         """Add a message to the history; the one that fell out, if any."""
@@ -907,6 +942,7 @@ class Room:
             self.order.insert(at, key)
             self.listed.insert(at, json.dumps(s.nick, ensure_ascii=False).encode("utf-8"))
             self.away_count += s.away is not None
+            self.remote_count += s.remote
         self.members[key] = s
 
     def _unlist(self, key: str) -> None:
@@ -920,6 +956,7 @@ class Room:
         if self.members.pop(old, None) is not None:
             self._unlist(old)
             self.away_count -= s.away is not None
+            self.remote_count -= s.remote
         self.add(new, s)
 
     def nicks(self) -> list[str]:
@@ -940,6 +977,8 @@ class Room:
         if self.ops:
             extras["ops"] = sorted((s.nick for k, s in self.members.items() if k in self.ops),
                                    key=nick_key)
+        if self.remote_count:  # who is on which other server of the network
+            extras["via"] = {s.nick: s.via for s in self.members.values() if s.remote}
         return extras
 
     def users_event(self) -> dict:
@@ -961,6 +1000,7 @@ class Room:
         if gone is not None:
             self._unlist(key)
             self.away_count -= gone.away is not None
+            self.remote_count -= gone.remote
         if self.fresh and gone is not None:
             self.fresh.pop(gone, None)
 
@@ -1098,6 +1138,8 @@ class Session(asyncio.Protocol):
                  "flood_penalty", "token", "wire", "native", "spoke", "subnet",
                  "log_tokens", "log_time", "log_dropped", "history_unread", "tls_wait", "paused", "refusal", "authed",
                  "deferred", "deltas")
+
+    remote = False  # a RemoteUser (section 3e): someone on another server of the network
 
     def __init__(self, server: ChatServer, wire: type[Wire] | None = None):
         self.server = server
@@ -1765,6 +1807,7 @@ class ChatServer:
         self.discovery_rates: DiscoveryRates | None = None
         self.announce_ports: list[int] = []
         self.port = 0                           # the chat port, once listening
+        self.link: Any = None                   # the uplink to an IRC network (section 3e)
         self._housekeeper: asyncio.Task | None = None
         self._trim = heap_trimmer()
         self._churn = 0                         # connects + disconnects since the last trim
@@ -1827,6 +1870,8 @@ class ChatServer:
     async def close(self, reason: str = "server shutting down") -> None:
         """Tell every client goodbye, close every connection, stop listening."""
         self.shutting_down = True
+        if self.link is not None:
+            self.link.close()
         for srv in self._servers:
             srv.close()
         for transport in self.datagram_transports:
@@ -2274,6 +2319,7 @@ class ChatServer:
                  "ts": round(time.time(), 3)}
         if s.quit_message:
             event["message"] = s.quit_message
+        self.relay(s, event)
         for room in list(s.rooms.values()):
             room.leave(key)
             if not self.shutting_down:  # at shutdown everyone gets "bye" instead: no O(N^2)
@@ -2314,6 +2360,8 @@ class ChatServer:
         while True:
             await asyncio.sleep(period)
             now = self.loop.time()
+            if self.link is not None:
+                self.link.keepalive()
             for room in [r for r in self.rooms.values() if r.wait_until]:
                 if room.wait_until <= time.monotonic():
                     room.wait_until = 0.0
@@ -2330,6 +2378,13 @@ class ChatServer:
                 elif now - s.last_rx > self.cfg.ping_interval:
                     s.pinged_at = now
                     s.tell(ping_event, ping)
+
+    # --- the network: what this server's users do, for the server link
+    def relay(self, s: Session, event: dict) -> None:
+        """An event a user of this server caused, for the rest of the IRC
+        network (section 3e): called where the event happens, once."""
+        if self.link is not None and not s.remote:
+            self.link.relay(s, event)
 
     # --- requests
     def handle_line(self, s: Session, line: bytes) -> None:
@@ -2443,7 +2498,12 @@ class ChatServer:
             return False
         owner = self.nicks.get(nick_key(nick))
         if owner is not None and owner is not s:
-            self._reply_error(s, msg, "nick_taken", f"The nick {nick} is already in use.")
+            where = f" on {owner.via}" if owner.remote else ""
+            self._reply_error(s, msg, "nick_taken", f"The nick {nick} is already in use{where}.")
+            return False
+        problem = self.link.nick_problem(nick) if self.link is not None else None
+        if problem:
+            self._reply_error(s, msg, "nick_invalid", problem)
             return False
         return True
 
@@ -2482,6 +2542,7 @@ class ChatServer:
         s.nick = nick
         self.nicks[nick_key(nick)] = s
         self._welcome(s, msg, self.token_identity(token) or secrets.token_hex(8))
+        self.relay(s, {"type": "intro"})
         if s.wire.joins_lobby:  # (IRC users choose their channels themselves)
             lobby = self.rooms[nick_key(LOBBY)]
             self._join(s, lobby, after.get(nick_key(LOBBY)))
@@ -2528,6 +2589,7 @@ class ChatServer:
         room.fresh[s] = len(room.pending)  # her user list has who came before her
         s.rooms[room.key] = room
         s.wire.joined(room, after)
+        self.relay(s, join)
 
     def send_room_state(self, s: Session, room: Room, after: int | None) -> None:
         """What a JSON member needs on (re)joining: history (after an id it
@@ -2601,7 +2663,7 @@ class ChatServer:
         if tags is False:
             return
         room = self._room_for(s, msg)
-        if room is None or self._resent(s, msg, text):
+        if room is None or self._resent(s, msg, text) or self._room_banned(s, msg, room):
             return
         cid = msg.get("cid")
         event = {"type": "msg", "room": room.name, "from": s.nick, "text": text,
@@ -2614,20 +2676,30 @@ class ChatServer:
             event["tags"] = tags
         if cid is not None:
             event["cid"] = cid
-        data = encode(event)
-        dropped = self._add_history(room, event, len(data))
         # On disk the record also names the sender's identity, so a resend
         # after a restart is recognised (see _load).
-        if not self._persist(room, dict(event, sid=s.identity) if cid is not None else event):
-            before = room.history_bytes  # not saved: not sent either
-            room.forget_newest(dropped)
-            self.history_bytes += room.history_bytes - before
+        if not self.publish(room, event, dict(event, sid=s.identity) if cid is not None
+                            else None):
             self._reply_error(s, msg, "storage_failed")
             return
         if cid is not None:
             self._remember_cid(s.identity, cid, ("msg", event["id"], room.name, event["ts"],
                                                  bool(msg.get("action"))))
+        self.relay(s, event)
+
+    def publish(self, room: Room, event: dict, record: dict | None = None) -> bool:
+        """A message into a room: kept in its history, logged (`record`, if
+        the log keeps more than the event), then sent to every member.
+        False if it could not be saved: then it is not sent either."""
+        data = encode(event)
+        dropped = self._add_history(room, event, len(data))
+        if not self._persist(room, record or event):
+            before = room.history_bytes
+            room.forget_newest(dropped)
+            self.history_bytes += room.history_bytes - before
+            return False
         self.broadcast(room, event, data)
+        return True
 
     def handle_nick(self, s: Session, msg: dict) -> None:
         new = msg["nick"]
@@ -2641,7 +2713,15 @@ class ChatServer:
         if self.nick_banned(new):
             self._reply_error(s, msg, "banned", f"The nick {new} is banned here.")
             return
-        del self.nicks[nick_key(old)]
+        self.relay(s, self.rename(s, new))
+        self.log(s, logging.INFO, "%s is now known as %s", old, new)
+
+    def rename(self, s: Session, new: str) -> dict:
+        """Someone's nick changes (checked already): everyone who shares a
+        room with her hears it once, and so does she.  The event told."""
+        old = str(s.nick)
+        if self.nicks.get(nick_key(old)) is s:
+            del self.nicks[nick_key(old)]
         self.nicks[nick_key(new)] = s
         s.nick = new
         for room in s.rooms.values():
@@ -2649,15 +2729,45 @@ class ChatServer:
             if nick_key(old) in room.ops:
                 room.ops.discard(nick_key(old))
                 room.ops.add(nick_key(new))
-        # Everyone who shares a room with her hears it once, and so does she.
-        self._tell_sharers(s, {"type": "nick", "old": old, "new": new,
-                               "ts": round(time.time(), 3)})
-        self.log(s, logging.INFO, "%s is now known as %s", old, new)
+        event = {"type": "nick", "old": old, "new": new, "ts": round(time.time(), 3)}
+        if s.remote:
+            event["via"] = s.via
+        self._tell_sharers(s, event)
+        return event
 
     def handle_users(self, s: Session, msg: dict) -> None:
         room = self._room_for(s, msg)
         if room is not None:
             s.tell(room.users_event())
+
+    def handle_whois(self, s: Session, msg: dict) -> None:
+        """Who someone is: her rooms, whether she is away, and her server."""
+        target = self.nicks.get(nick_key(msg["nick"]))
+        if target is None:
+            self._no_such_nick(s, msg, msg["nick"])
+            return
+        event = {"type": "whois", "nick": target.nick,
+                 "rooms": [r.name for r in target.rooms.values()],
+                 "server": target.via if target.remote else self.name(),
+                 "operator": target.operator}
+        if target.away is not None:
+            event["away"] = target.away
+        if target.remote:
+            event["via"] = target.via
+        s.tell(event)
+
+    def handle_stats(self, s: Session, msg: dict) -> None:
+        """This server's counts, and its link to the network if it has one."""
+        here = sum(not u.remote for u in self.nicks.values())
+        event = {"type": "stats", "server": self.name(), "users": here,
+                 "connections": len(self.sessions), "rooms": len(self.rooms)}
+        if self.link is not None:
+            event["link"] = self.link.status()
+        s.tell(event)
+
+    def name(self) -> str:
+        """What this server is called: its name on the network, if linked."""
+        return self.cfg.link_name or self.cfg.name or SERVER_NAME
 
     def handle_ping(self, s: Session, msg: dict) -> None:
         pong = {"type": "pong", "data": msg.get("data")}
@@ -2733,6 +2843,8 @@ class ChatServer:
             self._reply_error(s, msg, "too_many_rooms",
                               f"You can be in at most {self.cfg.max_rooms_per_user} rooms.")
             return
+        if room is not None and self._room_banned(s, msg, room):
+            return
         if room is None:
             if len(self.rooms) >= self.cfg.max_rooms:
                 self._reply_error(s, msg, "too_many_rooms", "This server has too many rooms.")
@@ -2760,6 +2872,7 @@ class ChatServer:
         if reason and not self.is_muted(s):
             event["message"] = reason[:MAX_REASON_LEN]
         self.broadcast(room, event)  # she hears it too: that is her confirmation
+        self.relay(s, event)
         room.leave(nick_key(s.nick))
         s.rooms.pop(nick_key(room.name), None)
         self._forget_if_empty(room)
@@ -2790,6 +2903,7 @@ class ChatServer:
             self._reply_error(s, msg, "storage_failed", "The server could not save the topic.")
             return
         self.broadcast(room, room.topic_event())
+        self.relay(s, room.topic_event())
 
     # --- room operators: whoever makes a room runs it (and server operators
     # run every room); they can make others operators of it and kick from it.
@@ -2819,23 +2933,43 @@ class ChatServer:
         if (key in room.ops) == msg["op"]:
             return  # nothing changes: nothing to announce
         (room.ops.add if msg["op"] else room.ops.discard)(key)
-        self.broadcast(room, {"type": "mode", "room": room.name, "nick": target.nick,
-                              "op": msg["op"], "by": s.nick, "ts": round(time.time(), 3)})
+        event = {"type": "mode", "room": room.name, "nick": target.nick, "op": msg["op"],
+                 "by": s.nick, "ts": round(time.time(), 3)}
+        self.broadcast(room, event)
+        self.relay(s, event)
 
     def _kick_from_room(self, s: Session, msg: dict) -> None:
         found = self._room_operator(s, msg)
         if found is None:
             return
         room, target = found
+        self.relay(s, self.kick_out(room, target, str(s.nick), self._reason(msg)))
+
+    def kick_out(self, room: Room, target: Session, by: str, reason: str,
+                 via: str | None = None) -> dict:
+        """Put someone out of a room (by a room operator here, or by one of
+        the network's, `via` its server); the event everyone there saw."""
         event = {"type": "leave", "room": room.name, "nick": target.nick, "reason": "kick",
-                 "by": s.nick, "ts": round(time.time(), 3)}
-        reason = self._reason(msg)
+                 "by": by, "ts": round(time.time(), 3)}
         if reason:
             event["message"] = reason
+        if via:
+            event["via"] = via
         self.broadcast(room, event)  # the one kicked hears it too
         room.leave(nick_key(target.nick or ""))
         target.rooms.pop(nick_key(room.name), None)
         self._forget_if_empty(room)
+        return event
+
+    def _room_banned(self, s: Session, msg: dict, room: Room) -> bool:
+        """The network's channel bans (MODE +b, section 3e) hold here too:
+        True, after saying so, if `s` matches one of the room's."""
+        if not room.bans or self.link is None or \
+                not any(irc_match(mask, self.link.mask(s)) for mask in room.bans):
+            return False
+        self._reply_error(s, msg, "banned", f"The network's operators banned you from "
+                          f"{room.name}.")
+        return True
 
     # --- file transfer: offers go to a room or one person; each receiver who
     # accepts gets its own stream from the sender, relayed chunk by chunk with
@@ -2878,6 +3012,10 @@ class ChatServer:
                 self._reply_error(s, msg, "no_such_nick", f"Nobody else is called "
                                   f"{msg['to'][:40]}.")
                 return
+            if target.remote:
+                self._reply_error(s, msg, "remote_user", f"{target.nick} is on {target.via}: "
+                                  "files do not cross the network, only messages.")
+                return
             offer["to"] = target.nick
             audience = [target]
         else:
@@ -2885,7 +3023,7 @@ class ChatServer:
             if room is None:
                 return
             offer["room"] = room.name
-            audience = [m for m in room.members.values() if m is not s]
+            audience = [m for m in room.members.values() if m is not s and not m.remote]
         t = Transfer(offer["id"], s, offer, {nick_key(m.nick or "") for m in audience},
                      self.loop.time())
         self.transfers[t.id] = t
@@ -3072,7 +3210,7 @@ class ChatServer:
             return
         target = self.nicks.get(nick_key(msg["to"]))
         if target is None:
-            self._reply_error(s, msg, "no_such_nick", f"Nobody is called {msg['to'][:40]}.")
+            self._no_such_nick(s, msg, msg["to"])
             return
         event = {"type": "pm", "from": s.nick, "to": target.nick, "text": text,
                  "ts": round(time.time(), 3), "id": self.next_id()}
@@ -3096,6 +3234,16 @@ class ChatServer:
             s.tell({"type": "notice", "nick": target.nick, "away": target.away,
                            "text": f"{target.nick} is away: {target.away or '(no message)'}"})
 
+    def _no_such_nick(self, s: Session, msg: dict, nick: str) -> None:
+        """Nobody here is called `nick`: or she is, on a server cut off just
+        now (a netsplit), and whatever was meant for her is not sent."""
+        via = self.link.split_from(nick) if self.link is not None else None
+        if via:
+            self._reply_error(s, msg, "unreachable", f"{nick[:40]} is on {via}, which is not "
+                              "linked to this server right now (a netsplit); not sent.")
+        else:
+            self._reply_error(s, msg, "no_such_nick", f"Nobody is called {nick[:40]}.")
+
     def _tell_sharers(self, s: Session, event: dict, also: Session | None = None) -> None:
         """Send an event about `s` once to everyone sharing a room with her, to her,
         and to `also`."""
@@ -3117,8 +3265,9 @@ class ChatServer:
                 room.away_count += 1
         s.away = message[:MAX_AWAY]
         s.away_told = None
-        self._tell_sharers(s, {"type": "away", "nick": s.nick, "away": True,
-                               "message": s.away})
+        event = {"type": "away", "nick": s.nick, "away": True, "message": s.away}
+        self._tell_sharers(s, event)
+        self.relay(s, event)
 
     def handle_back(self, s: Session, msg: dict) -> None:
         if s.away is None:
@@ -3127,7 +3276,9 @@ class ChatServer:
             room.away_count -= 1
         s.away = None
         s.away_told = None
-        self._tell_sharers(s, {"type": "away", "nick": s.nick, "away": False})
+        event = {"type": "away", "nick": s.nick, "away": False}
+        self._tell_sharers(s, event)
+        self.relay(s, event)
 
     # --- authentication and moderation
     def _check_password(self, s: Session, msg: dict, expected: str,
@@ -3206,7 +3357,12 @@ class ChatServer:
             return None
         target = self.nicks.get(nick_key(msg["nick"]))
         if target is None:
-            self._reply_error(s, msg, "no_such_nick", f"Nobody is called {msg['nick'][:40]}.")
+            self._no_such_nick(s, msg, msg["nick"])
+        elif target.remote:
+            self._reply_error(s, msg, "remote_user", f"{target.nick} is on {target.via}: "
+                              "operators here can kick them from a room (/kick in the room); "
+                              "kicks from the chat, bans and mutes reach this server's users.")
+            return None
         return target
 
     def _announce(self, s: Session, target: Session, action: str, reason: str) -> None:
@@ -3558,6 +3714,27 @@ def irc_of(s: Session) -> IrcWire | None:
     return s.wire if isinstance(s.wire, IrcWire) else None
 
 
+def irc_identity(s: Session, here: str) -> tuple[str, str, str]:
+    """Someone's user name, host and real name as IRC shows them: a remote
+    user's as her network says, an IRC user's own (at this server, `here`),
+    else PyChat's."""
+    if s.remote:
+        return s.user, s.host, s.realname  # type: ignore[attr-defined]
+    wire = irc_of(s)
+    if wire is not None:
+        return wire.user or IRC_USER, here, wire.realname or str(s.nick)
+    return IRC_USER, here, "a PyChat user"
+
+
+def irc_line(text: str) -> bytes:
+    """Every IRC line leaves through here, to a client or to the network:
+    one line, whatever its parts held (a CR, LF or NUL from a real name or
+    a reason would let a user forge lines for others), at most 512 bytes
+    with its CRLF, never cut inside a character."""
+    data = _IRC_BREAKS.sub(" ", text).encode("utf-8")[:IRC_MAX_LINE - 2]
+    return data.decode("utf-8", "ignore").encode("utf-8") + b"\r\n"
+
+
 class IrcWire(Wire):
     """The IRC side of one Session: IRC lines in, the core's requests out;
     the core's events in, IRC lines out."""
@@ -3594,13 +3771,7 @@ class IrcWire(Wire):
     def me(self) -> str:
         return self.s.nick or self.nick or "*"
 
-    def line(self, text: str) -> bytes:
-        """Every IRC line leaves through here: one line, whatever its parts
-        held (a CR, LF or NUL from a real name or a reason would let a user
-        forge lines for others), at most 512 bytes with its CRLF."""
-        text = _IRC_BREAKS.sub(" ", text)
-        data = text.encode("utf-8")[:IRC_MAX_LINE - 2]
-        return data.decode("utf-8", "ignore").encode("utf-8") + b"\r\n"
+    line = staticmethod(irc_line)
 
     def numeric(self, code: str, *params: str, text: str | None = None) -> bytes:
         middle = " ".join([self.me(), *params])
@@ -3610,9 +3781,10 @@ class IrcWire(Wire):
         """nick!user@server for a user (`now`: the nick she has now, after a
         NICK), with her own USER name if she came by IRC."""
         other = self.server.nicks.get(nick_key(str(now or nick)))
-        wire = irc_of(other) if other is not None else None
-        user = wire.user if wire is not None else IRC_USER
-        return f"{nick}!{user}@{self.name}"
+        if other is None:
+            return f"{nick}!{IRC_USER}@{self.name}"
+        user, host, _ = irc_identity(other, self.name)
+        return f"{nick}!{user}@{host}"
 
     def say(self, nick: str, command: str, target: str, text: str,
             action: bool = False) -> list[bytes]:
@@ -3784,6 +3956,8 @@ class IrcWire(Wire):
         if kind == "away" and "away-notify" in self.caps:
             return [self.line(f":{self.prefix(e['nick'])} AWAY"
                               + (f" :{e.get('message') or 'away'}" if e.get("away") else ""))]
+        if kind == "notice" and e.get("split") and e.get("room"):
+            return self.split_lines(e)
         if kind == "notice" and e.get("away") is not None:
             return [self.numeric(RPL_AWAY, str(e.get("nick")), text=str(e.get("away") or "away"))]
         if kind == "moderation":
@@ -3804,6 +3978,16 @@ class IrcWire(Wire):
                                  text=f"You are now logged in as {who}"),
                     self.numeric(RPL_SASLSUCCESS, text="SASL authentication successful")]
         return []  # typing, users, history, rooms...: IRC asks for those itself
+
+    def split_lines(self, e: dict) -> list[bytes]:
+        """A netsplit or netjoin in a room (one notice, section 3e) as IRC
+        clients know it: a QUIT "hub leaf" or a JOIN for each one, which
+        they fold into one line of their own."""
+        nicks = [str(n) for n in e.get("nicks") or ()]
+        if e.get("joined"):
+            return [self.line(f":{self.prefix(n)} JOIN {e['room']}") for n in nicks]
+        return [self.line(f":{n}!{IRC_USER}@{e['split']} QUIT :{e['split']} {self.name}")
+                for n in nicks]
 
     def private(self, e: dict, me: str) -> list[bytes]:
         """A private message (or NOTICE, or CTCP) to or from this IRC user."""
@@ -4355,10 +4539,10 @@ class IrcWire(Wire):
     def _who_line(self, target: str, s: Session, room: Room | None = None) -> bytes:
         flags = ("G" if s.away is not None else "H") + ("*" if s.operator else "") + \
             ("@" if room is not None and is_room_op(room, s) else "")
-        wire = irc_of(s)
-        real = (wire.realname or str(s.nick)) if wire else "a PyChat user"
-        return self.numeric(RPL_WHOREPLY, target, wire.user if wire else IRC_USER, self.name,
-                            self.name, str(s.nick), flags, text=f"0 {real}")
+        user, host, real = irc_identity(s, self.name)
+        server = s.via if s.remote else self.name  # type: ignore[attr-defined]
+        return self.numeric(RPL_WHOREPLY, target, user, host, server, str(s.nick), flags,
+                            text=f"{1 if s.remote else 0} {real}")
 
     def on_who(self, params: list[str]) -> None:
         """WHO #chan, WHO nick, WHO mask (* and ?, on nick!user@host and the
@@ -4376,8 +4560,7 @@ class IrcWire(Wire):
         else:
             pattern = mask if mask != "0" else "*"
             for s in sorted(seen, key=lambda x: nick_key(x.nick or "")):
-                wire = irc_of(s)
-                real = (wire.realname if wire else "") or "a PyChat user"
+                real = irc_identity(s, self.name)[2]
                 if s.nick is not None and any(irc_match(pattern, text) for text in
                                               (s.nick, self.prefix(s.nick), real)):
                     self.send(self._who_line("*", s))
@@ -4392,15 +4575,15 @@ class IrcWire(Wire):
             self.send(self.numeric(ERR_NOSUCHNICK, nick, text="No such nick/channel"))
         else:
             nick = str(s.nick)
-            wire = irc_of(s)
-            self.send(self.numeric(RPL_WHOISUSER, nick, wire.user if wire else IRC_USER, self.name,
-                                   "*", text=(wire.realname or nick) if wire else
-                                   "a PyChat user"))
+            user, host, real = irc_identity(s, self.name)
+            self.send(self.numeric(RPL_WHOISUSER, nick, user, host, "*", text=real))
             rooms = " ".join(("@" if is_room_op(r, s) else "") + r.name
                              for r in s.rooms.values())
             if rooms:
                 self.send(self.numeric(RPL_WHOISCHANNELS, nick, text=rooms))
-            self.send(self.numeric(RPL_WHOISSERVER, nick, self.name, text="PyChat"))
+            self.send(self.numeric(RPL_WHOISSERVER, nick, s.via if s.remote  # type: ignore
+                                   else self.name, text="PyChat" if not s.remote else
+                                   "another server of the network"))
             if s.away is not None:
                 self.send(self.numeric(RPL_AWAY, nick, text=s.away or "away"))
             if s.operator:
@@ -6973,6 +7156,917 @@ def find_at_from_env() -> list[str] | None:
     if not value:
         return None
     return [] if value.lower() == "off" else [v for v in value.split(",") if v.strip()]
+
+
+# ===========================================================================
+# 3e. Server link -- `server --link HUB:PORT`: this server joins an IRC
+#     network (ngircd) as a leaf server (RFC 2813), so that its users and
+#     the network's see each other.  Uses: constants, protocol, server, 3b.
+#
+# Someone on another server is a RemoteUser: a member of rooms and of the
+# nick table like anyone, with no connection of her own.  What this
+# server's users do reaches the network through ChatServer.relay, which
+# hands the event to Link.relay, the one place where an event becomes a
+# server-link line.  What the network says arrives in the Link.on_<COMMAND>
+# handlers, which change rooms and members through the core's own methods
+# (publish, presence, rename, kick_out), with events marked "via": the
+# server they came from.
+#
+# The hub is trusted with the network, not with this server: everything it
+# can make the leaf hold is capped (remote users, rooms, servers, a line's
+# length, unread input), a malformed line is logged now and then and
+# skipped, and nothing a user of this server asks for ever becomes a KILL,
+# SQUIT or SERVER line.  A leaf only: it never routes between two servers.
+# ===========================================================================
+
+NETWORK_ROOMS = "@network"  # who made the rooms the network's channels made here
+
+
+class LinkWire(Wire):
+    """A remote user's wire: she is told only what the network must carry
+    to her (a private message); everything else reaches her server from
+    the link itself, once per event, not once per member."""
+
+    native = False
+    joins_lobby = False
+    json_requests = False
+
+    def tell(self, event: dict) -> None:
+        link = self.server.link
+        if link is None or event.get("type") != "pm" or event.get("to") != self.s.nick:
+            return
+        sender = self.server.nicks.get(nick_key(str(event.get("from"))))
+        if sender is not None and not sender.remote:
+            link.relay(sender, event)
+
+    def render(self, event: dict) -> None:
+        return None
+
+    def take(self, event: dict, rendered: Any) -> None:
+        pass
+
+    def joined(self, room: Room, after: int | None) -> None:
+        pass
+
+
+class RemoteUser(Session):
+    """Someone on another server of the network.  She has no connection:
+    `closing` is always True, so no write path (send, broadcast, presence)
+    ever queues bytes for her, and the hot loop passes her by at once."""
+
+    __slots__ = ("via", "user", "host", "realname")
+    remote = True
+
+    def __init__(self, server: ChatServer, nick: str, via: str, user: str, host: str,
+                 realname: str):
+        super().__init__(server, LinkWire)
+        self.closing = True
+        self.nick, self.via = nick, via
+        self.user, self.host, self.realname = user, host, realname
+        self.address = self.subnet = via
+
+
+def _link_field(text: str, limit: int) -> str:
+    """A user name, host or real name from the network, safe to show."""
+    return _CONTROL_RE.sub("", clean_text(text)).replace("\n", " ")[:limit] or "?"
+
+
+def link_options(args: argparse.Namespace) -> dict:
+    """ServerConfig's link fields from the command line (PyChatError for
+    anything wrong): --link HUB:PORT and the options that go with it."""
+    if not args.link:
+        if args.link_name or args.link_password_file or args.link_tls or args.link_cafile:
+            raise PyChatError("--link-name, --link-password-file, --link-tls and "
+                              "--link-cafile go with --link HUB:PORT")
+        return {}
+    host, sep, port = args.link.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise PyChatError(f"bad --link {args.link!r}: give the hub as HOST:PORT, such as "
+                          "127.0.0.1:6667")
+    name = args.link_name or ""
+    if not re.fullmatch(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+", name) or len(name) > 63:
+        raise PyChatError("--link-name is this server's name on the network, with a dot, "
+                          "such as pychat.example (the hub's [Server] Name)")
+    try:
+        lines = Path(args.link_password_file).read_text(encoding="utf-8").splitlines() \
+            if args.link_password_file else [os.environ.get("PYCHAT_LINK_PASSWORD", "")]
+    except OSError as e:
+        raise PyChatError(f"cannot read --link-password-file: {e.strerror or e}") from None
+    lines = [line.strip() for line in lines if line.strip()]
+    if not lines or any(" " in line for line in lines):
+        raise PyChatError("the link needs a password without spaces: the first line of "
+                          "--link-password-file (or PYCHAT_LINK_PASSWORD); a second line, if "
+                          "any, is the one the hub sends back")
+    tls = None
+    if args.link_tls or args.link_cafile:
+        try:
+            tls = client_tls_context(args.link_cafile)
+        except (OSError, ValueError) as e:
+            raise PyChatError(f"cannot load --link-cafile: {e}") from None
+    return {"link": (host, int(port)), "link_name": name, "link_password": lines[0],
+            "link_peer_password": lines[1] if len(lines) > 1 else lines[0], "link_tls": tls}
+
+
+class Link(asyncio.Protocol):
+    """The uplink: connects to the hub, handshakes, bursts, keeps the link
+    alive, and after a split reconnects with backoff and bursts again."""
+
+    def __init__(self, server: ChatServer):
+        self.server = server
+        cfg = server.cfg
+        assert cfg.link is not None
+        self.address = cfg.link
+        self.me = cfg.link_name
+        self.state = "down"          # down, handshake, burst (the hub's), linked
+        self.transport: asyncio.Transport | None = None
+        self.inbuf = bytearray()
+        self.paused = False
+        self.hub = ""                # the hub's name, from its SERVER line
+        self.hub_version = ""
+        self.passed = False          # the hub gave the right password
+        self.nicklen = 0             # the network's NICKLEN (bytes)
+        self.servers: dict[str, str] = {}  # server name (lower) -> the one it is behind
+        self.tokens: dict[str, str] = {}   # the hub's server tokens -> server name
+        self.users: dict[str, RemoteUser] = {}  # nick key -> remote user
+        self.topics: dict[str, str] = {}   # the hub's burst: channel key -> its topic
+        self.back: dict[Room, list[str]] = {}  # the hub's burst: who is back in each room
+        self.split_nicks: dict[str, str] = {}  # cut off by the last split: nick key -> server
+        self.lag: float | None = None
+        self.pinged_at: float | None = None
+        self.ping_due = 0.0
+        self.linked_at = 0.0         # time.time() of the last burst's end
+        self.last_error = ""
+        self.skipped = 0             # lines skipped: malformed, unknown prefix, over a cap
+        self.not_shown = 0           # remote users past max_remote_users
+        self.first: asyncio.Future = server.loop.create_future()  # the first try's outcome
+        self.lost: asyncio.Future | None = None
+        self.task: asyncio.Task | None = None
+
+    # --- lifecycle
+    def start(self) -> None:
+        self.task = self.server.loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = self.server.loop
+        delay = LINK_RETRY_FIRST
+        host, port = self.address
+        while not self.server.shutting_down:
+            self.lost = loop.create_future()
+            try:
+                await asyncio.wait_for(loop.create_connection(
+                    lambda: self, host, port, ssl=self.server.cfg.link_tls,
+                    server_hostname=host if self.server.cfg.link_tls else None),
+                    LINK_HANDSHAKE_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as e:  # ssl errors are OSErrors
+                self.failed(f"cannot reach the hub at {host}:{port}: "
+                            f"{getattr(e, 'strerror', None) or e or 'timed out'}")
+            else:
+                timer = loop.call_later(LINK_HANDSHAKE_TIMEOUT, self._handshake_late)
+                await self.lost
+                timer.cancel()
+                if self.linked_at and time.time() - self.linked_at > LINK_STABLE:
+                    delay = LINK_RETRY_FIRST
+            if self.server.shutting_down:
+                break
+            log.info("link: trying %s:%d again in %.0f s", host, port, delay)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, LINK_RETRY_MAX)
+
+    def _handshake_late(self) -> None:
+        if self.state in ("handshake", "burst"):
+            self.cut("the hub did not finish the handshake in time")
+
+    def failed(self, why: str) -> None:
+        self.last_error = why
+        log.warning("link: %s", why)
+        if not self.first.done():
+            self.first.set_result(why)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        if self.transport is not None:
+            self.send(f":{self.me} SQUIT {self.me} :server shutting down")
+            self.transport.close()
+
+    def cut(self, why: str) -> None:
+        """End the link (it is retried): a broken or hostile hub."""
+        self.last_error = why
+        if self.transport is not None:
+            log.warning("link: closing the link to %s: %s", self.hub or "the hub", why)
+            self.transport.write(irc_line(f"ERROR :{why}"))
+            self.transport.abort()
+
+    # --- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.inbuf = bytearray()
+        self.state, self.passed, self.hub, self.nicklen = "handshake", False, "", 0
+        self.pinged_at = self.lag = None
+        cfg = self.server.cfg
+        self.send(f"PASS {cfg.link_password} 0210-IRC+ PyChat|{__version__}:CH")
+        self.send(f"SERVER {self.me} 1 :PyChat {__version__}: {cfg.name or SERVER_NAME}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was, self.transport, self.state = self.state, None, "down"
+        why = self.last_error or (f"{exc}" if exc else "the hub closed the link")
+        if was == "linked":
+            log.warning("link: lost the link to %s: %s", self.hub, why)
+        else:
+            self.failed(f"the hub at {self.address[0]}:{self.address[1]} ended the "
+                        f"handshake: {why}")
+        self.split_off(None, f"{self.hub or 'the network'} {self.me}")
+        self.servers.clear()
+        self.tokens.clear()
+        self.topics.clear()
+        self.back.clear()
+        self.last_error = ""
+        if self.lost is not None and not self.lost.done():
+            self.lost.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.inbuf += data
+        if not self.paused:
+            self._lines()
+
+    def _lines(self) -> None:
+        """Handle the complete lines in hand for at most a tick, so that a
+        huge burst never stops this server's own chat; the rest after the
+        tick's output is written, with reading paused meanwhile."""
+        buf, start, began = self.inbuf, 0, time.perf_counter()
+        while self.transport is not None:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            line, start = bytes(buf[start:nl]), nl + 1
+            self.handle(line)
+            if time.perf_counter() - began > TICK_SECONDS and buf.find(b"\n", start) >= 0:
+                del buf[:start]
+                if not self.paused and self.transport is not None:
+                    self.paused = True
+                    self.transport.pause_reading()
+                self.server.schedule_flush()
+                self.server.loop.call_soon(self._lines)
+                return
+        del buf[:start]
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        if len(buf) > LINK_MAX_PENDING:
+            self.cut(f"a line of more than {LINK_MAX_PENDING} bytes")
+
+    # --- output
+    def send(self, text: str) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(irc_line(text))
+        if transport.get_write_buffer_size() > LINK_MAX_BACKLOG:
+            self.cut("the hub stopped reading")
+
+    def relay(self, s: Session, event: dict) -> None:
+        """Something a user of this server did, for the network: the one
+        place where an event becomes a server-link line."""
+        if self.state != "linked":
+            return  # the burst at the next link says where everyone is
+        kind, nick = event["type"], s.nick
+        if kind == "intro":
+            self.introduce(s)
+        elif kind == "join":
+            self.send(f":{nick} JOIN {event['room']}")
+        elif kind == "leave" and event.get("reason") == "part":
+            self.send(f":{nick} PART {event['room']} :{event.get('message', '')}")
+        elif kind == "leave" and event.get("reason") == "kick":
+            self.send(f":{event['by']} KICK {event['room']} {event['nick']} "
+                      f":{event.get('message') or event['by']}")
+        elif kind == "leave":
+            self.send(f":{nick} QUIT :{event.get('message') or event.get('reason')}")
+        elif kind in ("msg", "pm"):
+            self.say(s, event)
+        elif kind == "nick":
+            self.send(f":{event['old']} NICK {event['new']}")
+        elif kind == "away":  # servers say away as a user mode, without the text
+            self.send(f":{nick} MODE {nick} :{'+a' if event['away'] else '-a'}")
+        elif kind == "topic":
+            self.send(f":{nick} TOPIC {event['room']} :{event['topic']}")
+        elif kind == "mode":
+            self.send(f":{nick} MODE {event['room']} {'+' if event['op'] else '-'}o "
+                      f"{event['nick']}")
+
+    def say(self, s: Session, event: dict) -> None:
+        """A message as PRIVMSG/NOTICE lines that stay within 512 bytes when
+        the hub passes them on with the sender's whole nick!user@host."""
+        target = event.get("room") or event["to"]
+        command = "NOTICE" if event.get("notice") else "PRIVMSG"
+        head = f":{s.nick} {command} {target} :"
+        wrap = "\x01ACTION {}\x01" if event.get("action") else \
+            "\x01{}\x01" if event.get("ctcp") else "{}"
+        relayed = f":{self.mask(s)} {command} {target} :{wrap.format('')}"
+        budget = IRC_MAX_LINE - 2 - len(relayed.encode("utf-8"))
+        for piece in irc_split(event["text"], max(budget, 50)):
+            self.send(head + wrap.format(piece))
+
+    def mask(self, s: Session) -> str:
+        """nick!user@host, as the network knows her."""
+        user, host, _ = irc_identity(s, self.me)
+        return f"{s.nick}!{user}@{host}"
+
+    def introduce(self, s: Session) -> None:
+        user, host, real = irc_identity(s, self.me)
+        self.send(f":{self.me} NICK {s.nick} 1 {user} {host} 1 + :{real}")
+        if s.away is not None:
+            self.send(f":{s.nick} MODE {s.nick} :+a")
+
+    # --- what the network's rules ask of this server's users
+    def nick_problem(self, nick: str) -> str | None:
+        if self.state == "linked" and self.nicklen and len(nick.encode("utf-8")) > self.nicklen:
+            return (f"While this server is linked to {self.hub}, a nick has at most "
+                    f"{self.nicklen} bytes (letters outside ASCII take 2 to 4).")
+        return None
+
+    def split_from(self, nick: str) -> str | None:
+        """The server of someone cut off by the last netsplit, if she was."""
+        return self.split_nicks.get(nick_key(nick))
+
+    def free_nick(self, nick: str) -> str:
+        """A nick like `nick` that nobody has, here or on the network."""
+        limit = self.nicklen or MAX_NICK_LEN
+        for n in itertools.count(1):
+            stem, suffix = nick, f"_{n}"
+            while stem and len((stem + suffix).encode("utf-8")) > limit:
+                stem = stem[:-1]
+            candidate = (stem or "guest") + suffix
+            if nick_key(candidate) not in self.server.nicks and not nick_problem(candidate):
+                return candidate
+        raise AssertionError("unreachable")
+
+    def clash(self, s: Session, why: str) -> None:
+        """Someone here has a nick the network has too (or took from her with
+        a collision KILL): she keeps her connection, everything she typed and
+        her rooms, under a free nick, and is told why."""
+        old = str(s.nick)
+        new = self.free_nick(old)
+        self.server.rename(s, new)
+        s.tell({"type": "notice", "text": f"{why}, so you are now {new} (/nick to choose "
+                                          "another)."})
+        log.info("link: %s here is now %s: %s", old, new, why)
+        if self.state == "linked":  # the network has dropped her old nick: she is new there
+            self.introduce(s)
+            for room in s.rooms.values():
+                self.send(f":{new} JOIN {room.name}")
+
+    # --- input from the hub
+    def handle(self, line: bytes) -> None:
+        if len(line) > IRC_MAX_LINE:
+            self.skip(f"a line of {len(line)} bytes (512 at most)")
+            return
+        text = line.rstrip(b"\r").decode("utf-8", "replace")
+        if not text.strip():
+            return
+        prefix = text[1:].partition(" ")[0] if text.startswith(":") else ""
+        command, params = irc_parse(text)
+        handler = LINK_COMMANDS.get(command)
+        if handler is None:
+            return  # numerics and commands a leaf has no use for
+        try:
+            handler(self, prefix, params)
+        except (IndexError, KeyError, ValueError, TypeError) as e:
+            self.skip(f"{command}: {type(e).__name__}: {e}")
+
+    def skip(self, why: str) -> None:
+        self.skipped += 1
+        self.server.note_trouble("link", f"link: skipped a line from {self.hub or 'the hub'}: "
+                                 f"{why}", logging.WARNING)
+
+    def user_of(self, prefix: str) -> RemoteUser | None:
+        u = self.users.get(nick_key(prefix))
+        if u is None:
+            self.skip(f"no such user: {prefix[:40]}")
+        return u
+
+    def on_pass(self, prefix: str, p: list[str]) -> None:
+        if self.state != "handshake":
+            return
+        if not hmac.compare_digest(p[0].encode("utf-8"),
+                                   self.server.cfg.link_peer_password.encode("utf-8")):
+            self.failed("the hub sent the wrong password (its MyPassword for this server "
+                        "must be the second line of --link-password-file, or the first)")
+            self.cut("Bad password")
+            return
+        self.passed = True
+        self.hub_version = p[2].split(":")[0] if len(p) > 2 else ""
+
+    def on_server(self, prefix: str, p: list[str]) -> None:
+        name = p[0]
+        if self.state == "handshake":
+            if not self.passed:
+                self.cut("no PASS before SERVER")
+                return
+            self.hub = name
+            self.servers[name.lower()] = ""
+            return
+        if len(self.servers) >= MAX_LINK_SERVERS:
+            self.skip(f"more than {MAX_LINK_SERVERS} servers")
+            return
+        self.servers[name.lower()] = (prefix or self.hub).lower()
+        if len(p) >= 4:
+            self.tokens[p[2]] = name
+
+    def on_005(self, prefix: str, p: list[str]) -> None:
+        for item in p[1:]:
+            if item.startswith("NICKLEN=") and item[8:].isdigit():
+                self.nicklen = min(int(item[8:]), 4 * MAX_NICK_LEN)
+
+    def on_376(self, prefix: str, p: list[str]) -> None:
+        """The hub's end of handshake: this server says the same NICKLEN
+        (a different one closes the link), then the hub bursts."""
+        if self.state != "handshake" or not self.hub:
+            return
+        limits = f"NICKLEN={self.nicklen} " if self.nicklen else ""
+        self.send(f":{self.me} 005 {self.hub} {limits}CASEMAPPING=ascii PREFIX=(ov)@+ "
+                  "CHANTYPES=# :are supported on this server")
+        self.send(f":{self.me} 376 {self.hub} :End of MOTD command")
+        self.state = "burst"
+
+    def on_ping(self, prefix: str, p: list[str]) -> None:
+        self.send(f":{self.me} PONG {self.me} :{p[0] if p else self.me}")
+        if self.state == "burst":  # the hub's burst is over: now ours
+            self.burst()
+
+    def on_pong(self, prefix: str, p: list[str]) -> None:
+        if self.pinged_at is not None:
+            self.lag = self.server.loop.time() - self.pinged_at
+            self.pinged_at = None
+
+    def keepalive(self) -> None:
+        """From the housekeeping: ping the hub, and cut a silent one."""
+        if self.state != "linked":
+            return
+        now = self.server.loop.time()
+        if self.pinged_at is not None:
+            if now - self.pinged_at > LINK_TIMEOUT:
+                self.cut("ping timeout")
+        elif now >= self.ping_due:
+            self.pinged_at, self.ping_due = now, now + LINK_PING_EVERY
+            self.send(f"PING :{self.me}")
+
+    def burst(self) -> None:
+        """This server's users and rooms, once the hub has sent its own: a
+        user whose nick the network has already is renamed first."""
+        self.state, self.linked_at = "linked", time.time()
+        self.ping_due = 0.0  # at once: the lag is known from the start
+        server = self.server
+        for s in [u for u in server.nicks.values() if not u.remote]:
+            problem = self.nick_problem(str(s.nick))
+            if problem:
+                self.state = "burst"  # (not introduced yet: the rename goes out with it)
+                self.clash(s, f"{problem[:-1]}: {s.nick} is too long")
+                self.state = "linked"
+            self.introduce(s)
+        for room in server.rooms.values():
+            here = [("@" if k in room.ops else "") + str(m.nick)
+                    for k, m in room.members.items() if not m.remote]
+            if room.topic and not self.topics.get(room.key) and here:
+                self.send(f":{self.me} CHANINFO {room.name} + :{room.topic}")
+            head = f":{self.me} NJOIN {room.name} :"
+            while here:  # as many as fit in a line
+                taken, size = 0, len(head.encode("utf-8"))
+                while taken < len(here) and size + len(here[taken].encode("utf-8")) + 1 < \
+                        IRC_MAX_LINE - 2:
+                    size += len(here[taken].encode("utf-8")) + 1
+                    taken += 1
+                self.send(head + ",".join(here[:taken]))
+                here = here[taken:]
+        for room, nicks in self.back.items():
+            if server.rooms.get(room.key) is room:
+                self.announce(room, nicks, "joined")
+        self.back.clear()
+        self.topics.clear()
+        self.split_nicks.clear()
+        here = sum(not u.remote for u in server.nicks.values())
+        log.info("link: linked to %s (%s) at %s:%d: %d servers, %d people there, %d here",
+                 self.hub, self.hub_version or "?", *self.address, len(self.servers),
+                 len(self.users), here)
+        if not self.first.done():
+            self.first.set_result(None)
+
+    # --- the network's people
+    def on_nick(self, prefix: str, p: list[str]) -> None:
+        if len(p) >= 7:
+            self.arrive(prefix, p)
+            return
+        u = self.user_of(prefix)
+        new = p[0]
+        if u is None or nick_key(new) == nick_key(str(u.nick)) and new == u.nick:
+            return
+        if nick_problem(new):
+            self.skip(f"a nick PyChat cannot show: {new[:40]!r}")
+            self.quit(u, "renamed to a nick this server cannot show")
+            return
+        other = self.server.nicks.get(nick_key(new))
+        if other is not None and other is not u:
+            if other.remote:
+                self.skip(f"NICK to {new[:40]}, which another remote user has")
+                return
+            self.clash(other, f"Someone on the network is now called {other.nick}")
+        del self.users[nick_key(str(u.nick))]
+        self.users[nick_key(new)] = u
+        self.server.rename(u, new)
+
+    def arrive(self, prefix: str, p: list[str]) -> None:
+        """NICK nick hops user host token modes :real name -- someone new."""
+        nick = p[0]
+        key = nick_key(nick)
+        if nick_problem(nick) or key in self.users:
+            self.skip(f"a nick PyChat cannot show, or twice: {nick[:40]!r}")
+            return
+        if len(self.users) >= self.server.cfg.max_remote_users:
+            self.not_shown += 1
+            self.server.note_trouble("link-cap", f"link: the network has more than "
+                                     f"{self.server.cfg.max_remote_users} people; the rest "
+                                     "are not shown here (--max-remote-users)", logging.WARNING)
+            return
+        via = self.tokens.get(p[4]) or (prefix if prefix.lower() in self.servers else self.hub)
+        local = self.server.nicks.get(key)
+        if local is not None:
+            self.clash(local, f"Someone on {via} is called {nick} too")
+        u = RemoteUser(self.server, nick, via, _link_field(p[2], 32), _link_field(p[3], 64),
+                       _link_field(p[-1], 100))
+        if "a" in p[5]:
+            u.away = ""
+        self.users[key] = u
+        self.server.nicks[key] = u
+
+    def on_quit(self, prefix: str, p: list[str]) -> None:
+        u = self.user_of(prefix)
+        if u is not None:
+            self.quit(u, clean_text(p[0] if p else "Quit")[:MAX_REASON_LEN])
+
+    def on_kill(self, prefix: str, p: list[str]) -> None:
+        """A KILL: a remote user is gone; one of ours lost her nick on the
+        network (a nick collision) and is introduced again under another."""
+        victim = self.server.nicks.get(nick_key(p[0]))
+        why = clean_text(p[1] if len(p) > 1 else "killed")[:MAX_REASON_LEN]
+        if victim is None:
+            return
+        if victim.remote:
+            self.quit(victim, f"Killed ({why})")  # type: ignore[arg-type]
+        else:
+            self.clash(victim, f"The network took the nick {victim.nick} back ({why})")
+
+    def quit(self, u: RemoteUser, message: str, told: bool = True) -> None:
+        server, key = self.server, nick_key(str(u.nick))
+        event = {"type": "leave", "room": "", "nick": u.nick, "reason": "quit",
+                 "message": message, "via": u.via, "ts": round(time.time(), 3)}
+        for room in list(u.rooms.values()):
+            room.leave(key)
+            if told:
+                server.presence(room, dict(event, room=room.name), u)
+            server._forget_if_empty(room)
+        u.rooms.clear()
+        if server.nicks.get(key) is u:
+            del server.nicks[key]
+        self.users.pop(key, None)
+
+    def on_squit(self, prefix: str, p: list[str]) -> None:
+        name = p[0].lower()
+        if name in (self.me.lower(), self.hub.lower()):
+            self.cut(f"the hub removed this server ({p[-1] if len(p) > 1 else 'SQUIT'})")
+            return
+        gone, grew = {name}, True
+        while grew:  # and every server behind it
+            more = {s for s, up in self.servers.items() if up in gone} - gone
+            grew = bool(more)
+            gone |= more
+        for s in gone:
+            self.servers.pop(s, None)
+        self.split_off(gone, f"{self.hub} {p[0]}")
+
+    def split_off(self, servers: set[str] | None, why: str) -> None:
+        """A netsplit: the people on `servers` (None: everyone) are gone, in
+        one line for each room, not one leave for each of them."""
+        gone = [u for u in self.users.values() if servers is None or u.via.lower() in servers]
+        rooms: dict[Room, list[str]] = {}
+        for u in gone:
+            for room in u.rooms.values():
+                rooms.setdefault(room, []).append(str(u.nick))
+            if len(self.split_nicks) < self.server.cfg.max_remote_users:
+                self.split_nicks[nick_key(str(u.nick))] = u.via
+            self.quit(u, why, told=False)
+        for room, nicks in rooms.items():
+            if self.server.rooms.get(room.key) is room:
+                self.announce(room, nicks, "left")
+
+    def announce(self, room: Room, nicks: list[str], what: str) -> None:
+        """One line for a netsplit or netjoin in a room, and the room's new
+        user list; IRC members get QUITs or JOINs, which their clients fold."""
+        where = self.hub or "the network"
+        people = f"{len(nicks):,} {'person' if len(nicks) == 1 else 'people'}"
+        text = f"{'netjoin' if what == 'joined' else 'netsplit'}: {people} on {where} {what} " \
+               f"{room.name}"
+        event = {"type": "notice", "room": room.name, "text": text, "split": where,
+                 "nicks": nicks, "ts": round(time.time(), 3)}
+        if what == "joined":
+            event["joined"] = True
+        self.server.broadcast(room, event)
+        self.server.broadcast(room, room.users_event())
+
+    # --- rooms
+    def room(self, name: str, make: bool = True) -> Room | None:
+        """The room for a channel of the network's, made if `make` and allowed."""
+        server = self.server
+        room = server.rooms.get(nick_key(name))
+        if room is not None or not make:
+            return room
+        if room_problem(name):
+            self.skip(f"a channel PyChat has no room for: {name[:60]!r}")
+            return None
+        if server.rooms_made.get(NETWORK_ROOMS, 0) >= server.cfg.max_remote_rooms or \
+                len(server.rooms) >= server.cfg.max_rooms:
+            self.skip(f"too many rooms to make {name[:60]!r} too")
+            return None
+        room = server.rooms[nick_key(name)] = Room(name, server.cfg.history)
+        room.made_by = NETWORK_ROOMS
+        server.rooms_made[NETWORK_ROOMS] = server.rooms_made.get(NETWORK_ROOMS, 0) + 1
+        topic = self.topics.get(room.key)
+        if topic:
+            room.topic, room.topic_by, room.topic_ts = topic, self.hub, round(time.time(), 3)
+        return room
+
+    def join(self, u: RemoteUser, name: str, op: bool) -> None:
+        room = self.room(name)
+        if room is None or room.key in u.rooms:
+            return
+        if len(u.rooms) >= MAX_REMOTE_ROOMS_PER_USER:
+            self.skip(f"{u.nick} is in more than {MAX_REMOTE_ROOMS_PER_USER} rooms")
+            return
+        key = nick_key(str(u.nick))
+        event = {"type": "join", "room": room.name, "nick": u.nick, "via": u.via,
+                 "ts": round(time.time(), 3)}
+        if u.away is not None:
+            event["away"] = u.away
+        if self.state == "linked":
+            self.server.presence(room, event, u)
+        else:  # the hub's burst: said in one line at its end
+            self.back.setdefault(room, []).append(str(u.nick))
+        room.add(key, u)
+        u.rooms[room.key] = room
+        if op:
+            room.ops.add(key)
+
+    def on_njoin(self, prefix: str, p: list[str]) -> None:
+        for entry in p[1].split(","):
+            nick = entry.lstrip("~&@%+")
+            u = self.users.get(nick_key(nick)) if nick else None
+            if u is not None:
+                self.join(u, p[0], "@" in entry[:len(entry) - len(nick)])
+
+    def on_join(self, prefix: str, p: list[str]) -> None:
+        u = self.user_of(prefix)
+        if u is None:
+            return
+        for channel in p[0].split(","):
+            name, _, modes = channel.partition("\x07")  # a new channel: "#name\x07o"
+            if name == "0":  # JOIN 0: out of every channel
+                for room in list(u.rooms.values()):
+                    self.part(u, room, "")
+            else:
+                self.join(u, name, "o" in modes)
+
+    def on_part(self, prefix: str, p: list[str]) -> None:
+        u = self.user_of(prefix)
+        for name in p[0].split(",") if u is not None else ():
+            room = u.rooms.get(nick_key(name))  # type: ignore[union-attr]
+            if room is not None:
+                self.part(u, room, clean_text(p[1] if len(p) > 1 else "")[:MAX_REASON_LEN])
+
+    def part(self, u: RemoteUser, room: Room, message: str) -> None:
+        event = {"type": "leave", "room": room.name, "nick": u.nick, "reason": "part",
+                 "via": u.via, "ts": round(time.time(), 3)}
+        if message:
+            event["message"] = message
+        self.server.broadcast(room, event)
+        room.leave(nick_key(str(u.nick)))
+        u.rooms.pop(room.key, None)
+        self.server._forget_if_empty(room)
+
+    def on_kick(self, prefix: str, p: list[str]) -> None:
+        """The network's channel operators' kicks hold here, of anyone."""
+        room = self.room(p[0], make=False)
+        by = self.users.get(nick_key(prefix))
+        for nick in p[1].split(",") if room is not None else ():
+            target = room.members.get(nick_key(nick))  # type: ignore[union-attr]
+            if target is not None:
+                self.server.kick_out(room, target, by.nick if by else prefix,  # type: ignore
+                                     clean_text(p[2] if len(p) > 2 else "")[:MAX_REASON_LEN],
+                                     via=by.via if by else prefix)
+
+    def on_chaninfo(self, prefix: str, p: list[str]) -> None:
+        """CHANINFO #channel +modes [key limit] :topic (the hub's burst)."""
+        topic = clean_text(p[-1]).replace("\n", " ")[:MAX_TOPIC] if len(p) > 2 else ""
+        if not topic or len(self.topics) >= self.server.cfg.max_remote_rooms:
+            return
+        self.topics[nick_key(p[0])] = topic
+        room = self.room(p[0], make=False)
+        if room is not None and not room.topic:
+            self.set_topic(room, topic, self.hub)
+
+    def on_topic(self, prefix: str, p: list[str]) -> None:
+        room = self.room(p[0], make=False)
+        if room is not None and len(p) > 1:
+            u = self.users.get(nick_key(prefix))
+            self.set_topic(room, clean_text(p[1]).replace("\n", " ")[:MAX_TOPIC],
+                           str(u.nick) if u else prefix)
+
+    def set_topic(self, room: Room, topic: str, by: str) -> None:
+        room.topic, room.topic_by, room.topic_ts = topic, by, round(time.time(), 3)
+        event = dict(room.topic_event(), via=self.hub)
+        self.server._persist(room, room.topic_event())
+        self.server.broadcast(room, event)
+
+    def on_mode(self, prefix: str, p: list[str]) -> None:
+        """Channel operators (+o/-o) and bans (+b/-b) of the network's, and a
+        remote user's away (+a/-a: servers send no away text)."""
+        target = p[0]
+        if not target.startswith("#"):
+            u = self.users.get(nick_key(target))
+            if u is not None and len(p) > 1 and "a" in p[1]:
+                self.away(u, p[1].startswith("+"))
+            return
+        room = self.room(target, make=False)
+        if room is None or len(p) < 2:
+            return
+        args, sign = list(p[2:]), "+"
+        by = self.users.get(nick_key(prefix))
+        for mode in p[1]:
+            if mode in "+-":
+                sign = mode
+            elif mode in "ovhbeIkl" and (mode != "l" or sign == "+") and args:
+                arg = args.pop(0)
+                if mode == "o":
+                    self.op(room, arg, sign == "+", str(by.nick) if by else prefix)
+                elif mode == "b":
+                    self.ban(room, arg, sign == "+")
+
+    def op(self, room: Room, nick: str, on: bool, by: str) -> None:
+        target = room.members.get(nick_key(nick))
+        if target is None or (nick_key(nick) in room.ops) == on:
+            return
+        if not on and not target.remote:
+            return  # the network cannot take a room away from the people here who run it
+        (room.ops.add if on else room.ops.discard)(nick_key(nick))
+        self.server.broadcast(room, {"type": "mode", "room": room.name, "nick": target.nick,
+                                     "op": on, "by": by, "via": self.hub,
+                                     "ts": round(time.time(), 3)})
+
+    def ban(self, room: Room, mask: str, on: bool) -> None:
+        if on and mask not in room.bans and len(room.bans) < 100:
+            room.bans.append(mask[:200])
+        elif not on and mask in room.bans:
+            room.bans.remove(mask)
+
+    def away(self, u: RemoteUser, away: bool) -> None:
+        if (u.away is not None) == away:
+            return
+        for room in u.rooms.values():
+            room.away_count += 1 if away else -1
+        u.away = "" if away else None
+        event = {"type": "away", "nick": u.nick, "away": away, "via": u.via}
+        if away:
+            event["message"] = ""
+        self.server._tell_sharers(u, event)
+
+    def on_away(self, prefix: str, p: list[str]) -> None:
+        u = self.user_of(prefix)
+        if u is not None:
+            self.away(u, bool(p and p[0]))
+
+    # --- messages
+    def on_privmsg(self, prefix: str, p: list[str], notice: bool = False) -> None:
+        server = self.server
+        u = self.users.get(nick_key(prefix))
+        text = p[1] if len(p) > 1 else ""
+        if u is None:
+            if prefix.lower() in self.servers and notice:  # a server's notice to someone here
+                for nick in p[0].split(","):
+                    s = server.nicks.get(nick_key(nick))
+                    if s is not None and not s.remote:
+                        s.tell({"type": "notice", "text": f"{prefix}: {clean_text(text)}"})
+            else:
+                self.skip(f"no such user: {prefix[:40]}")
+            return
+        action = ctcp = False
+        if text.startswith("\x01"):
+            body = text.strip("\x01")
+            if body.upper().startswith("ACTION "):
+                text, action = body[7:], True
+            else:
+                text, ctcp = body, True
+        text = clean_text(text)
+        if not text.strip():
+            return
+        for target in p[0].split(",")[:4]:
+            if target.startswith("#"):
+                room = u.rooms.get(nick_key(target))
+                if room is None or ctcp:
+                    continue  # not in it (or a CTCP query to everyone): not for PyChat
+                event = {"type": "msg", "room": room.name, "from": u.nick, "text": text,
+                         "ts": round(time.time(), 3), "id": server.next_id(), "via": u.via}
+                if action:
+                    event["action"] = True
+                if notice:
+                    event["notice"] = True
+                server.publish(room, event)
+            else:
+                self.private(u, target, text, action, notice, ctcp)
+
+    def private(self, u: RemoteUser, target: str, text: str, action: bool, notice: bool,
+                ctcp: bool) -> None:
+        s = self.server.nicks.get(nick_key(target.partition("@")[0]))
+        if s is None or s.remote:
+            if not notice:
+                self.send(f":{self.me} {ERR_NOSUCHNICK} {u.nick} {target} :No such nick")
+            return
+        event = {"type": "pm", "from": u.nick, "to": s.nick, "text": text,
+                 "ts": round(time.time(), 3), "id": self.server.next_id(), "via": u.via}
+        for flag, on in (("action", action), ("notice", notice), ("ctcp", ctcp)):
+            if on:
+                event[flag] = True
+        if ctcp and not irc_of(s):
+            if text.upper() == "VERSION" and not notice:  # answered for the JSON clients
+                self.send(f":{s.nick} NOTICE {u.nick} :\x01VERSION PyChat {__version__}\x01")
+            return
+        s.tell(event)
+        if s.away is not None and not notice:
+            self.send(f":{self.me} {RPL_AWAY} {u.nick} {s.nick} :{s.away or 'away'}")
+
+    def on_notice(self, prefix: str, p: list[str]) -> None:
+        self.on_privmsg(prefix, p, notice=True)
+
+    # --- questions the network asks this server
+    def on_whois(self, prefix: str, p: list[str]) -> None:
+        s = self.server.nicks.get(nick_key(p[-1]))
+        nick = p[-1]
+        if s is None or s.remote:
+            self.send(f":{self.me} {ERR_NOSUCHNICK} {prefix} {nick} :No such nick")
+        else:
+            user, host, real = irc_identity(s, self.me)
+            self.send(f":{self.me} {RPL_WHOISUSER} {prefix} {s.nick} {user} {host} * :{real}")
+            rooms = " ".join(r.name for r in s.rooms.values())
+            if rooms:
+                self.send(f":{self.me} {RPL_WHOISCHANNELS} {prefix} {s.nick} :{rooms[:400]}")
+            self.send(f":{self.me} {RPL_WHOISSERVER} {prefix} {s.nick} {self.me} :PyChat")
+            if s.away is not None:
+                self.send(f":{self.me} {RPL_AWAY} {prefix} {s.nick} :{s.away or 'away'}")
+        self.send(f":{self.me} {RPL_ENDOFWHOIS} {prefix} {nick} :End of WHOIS list")
+
+    def on_version(self, prefix: str, p: list[str]) -> None:
+        self.send(f":{self.me} {RPL_VERSION} {prefix} PyChat-{__version__}. {self.me} :")
+
+    def on_time(self, prefix: str, p: list[str]) -> None:
+        self.send(f":{self.me} 391 {prefix} {self.me} :{time.strftime('%A %B %d %Y -- %H:%M %z')}")
+
+    def on_error(self, prefix: str, p: list[str]) -> None:
+        why = clean_text(p[0] if p else "error")[:200]
+        self.last_error = why
+        if self.state != "linked":
+            self.failed(f"the hub refused the link: {why}")
+        if self.transport is not None:
+            self.transport.close()
+
+    def on_numeric_refused(self, prefix: str, p: list[str]) -> None:
+        """432/433/436/437: the hub refused a nick change of one of ours; it
+        still knows her by the old nick, so she is introduced again as she
+        is now (the hub takes any nick a server introduces)."""
+        if len(p) < 2:
+            return
+        s = self.server.nicks.get(nick_key(p[1]))
+        if s is not None and not s.remote and self.state == "linked":
+            self.send(f":{p[0]} QUIT :Changed nick to {s.nick}")
+            self.introduce(s)
+            for room in s.rooms.values():
+                self.send(f":{s.nick} JOIN {room.name}")
+
+    def status(self) -> dict:
+        return {"state": self.state, "hub": self.hub, "address": "%s:%d" % self.address,
+                "me": self.me, "lag_ms": None if self.lag is None else round(self.lag * 1000),
+                "servers": len(self.servers), "remote_users": len(self.users),
+                "not_shown": self.not_shown, "since": self.linked_at if self.state == "linked"
+                else None, "skipped": self.skipped, "last_error": self.last_error}
+
+
+LINK_COMMANDS: dict[str, Callable[[Link, str, list[str]], None]] = {
+    "PASS": Link.on_pass, "SERVER": Link.on_server, "005": Link.on_005, "376": Link.on_376,
+    "PING": Link.on_ping, "PONG": Link.on_pong, "NICK": Link.on_nick, "QUIT": Link.on_quit,
+    "KILL": Link.on_kill, "SQUIT": Link.on_squit, "NJOIN": Link.on_njoin,
+    "JOIN": Link.on_join, "PART": Link.on_part, "KICK": Link.on_kick,
+    "CHANINFO": Link.on_chaninfo, "TOPIC": Link.on_topic, "MODE": Link.on_mode,
+    "AWAY": Link.on_away, "PRIVMSG": Link.on_privmsg, "NOTICE": Link.on_notice,
+    "WHOIS": Link.on_whois, "VERSION": Link.on_version, "TIME": Link.on_time,
+    "ERROR": Link.on_error, "432": Link.on_numeric_refused, "433": Link.on_numeric_refused,
+    "436": Link.on_numeric_refused, "437": Link.on_numeric_refused,
+}
 
 
 # ===========================================================================
@@ -14099,6 +15193,21 @@ def build_parser() -> argparse.ArgumentParser:
                           "calls this server (default: this machine's name)")
     srv.add_argument("--no-announce", action="store_true",
                      help=f"do not answer LAN discovery on UDP port {DISCOVERY_PORT}")
+    srv.add_argument("--link", metavar="HUB:PORT", default=None,
+                     help="join an IRC network (ngircd) as a leaf server: its users and "
+                          "this server's see each other (README: More than one server)")
+    srv.add_argument("--link-name", metavar="NAME", default=None,
+                     help="this server's name on the network, as the hub's [Server] "
+                          "section says, such as pychat.example")
+    srv.add_argument("--link-password-file", metavar="FILE",
+                     help="the link's password, first line (or set PYCHAT_LINK_PASSWORD); a "
+                          "second line is the one the hub sends back, if it differs")
+    srv.add_argument("--link-tls", action="store_true", help="link to the hub over TLS")
+    srv.add_argument("--link-cafile", metavar="PEM",
+                     help="trust this certificate for the hub's TLS (implies --link-tls)")
+    srv.add_argument("--max-remote-users", type=_positive_int, default=MAX_REMOTE_USERS,
+                     metavar="N", help="people on the network's other servers shown here "
+                     f"(default {MAX_REMOTE_USERS:,}; the rest are counted, not shown)")
     srv.add_argument("--qr", action="store_true",
                      help="also print the server's link as a QR code, for phones")
     srv.add_argument("--log-level", default="info", type=_any_case,
@@ -14261,6 +15370,9 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"pychat: cannot listen on {args.host or '*'}:{args.port}: {e.strerror or e}",
               file=sys.stderr)
         return 1
+    if server.cfg.link is not None and not await start_link(server):
+        await server.close()
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -14309,6 +15421,29 @@ async def serve(args: argparse.Namespace) -> int:
         log.info("shutting down")
         await server.close()
     return 0
+
+
+async def start_link(server: ChatServer) -> bool:
+    """Link to the hub (--link) and say how it went: False when the first
+    try shows the configuration is wrong (a password), which retrying
+    cannot mend; an unreachable hub is tried again and again."""
+    link = server.link = Link(server)
+    link.start()
+    try:
+        why = await asyncio.wait_for(asyncio.shield(link.first), LINK_HANDSHAKE_TIMEOUT + 5)
+    except asyncio.TimeoutError:
+        why = "no answer from the hub yet"
+    host, port = link.address
+    if why is None:
+        here = sum(not u.remote for u in server.nicks.values())
+        print(f"Linked to {link.hub} at {host}:{port} as {link.me}: {len(link.servers)} "
+              f"servers, {len(link.users):,} people there, {here:,} here.", flush=True)
+        return True
+    if "password" in why.lower():
+        print(f"pychat: cannot link to {host}:{port}: {why}", file=sys.stderr)
+        return False
+    print(f"Not linked yet ({why}); trying again in the background.", flush=True)
+    return True
 
 
 def cmd_server(args: argparse.Namespace) -> int:
