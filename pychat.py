@@ -1760,6 +1760,7 @@ class ChatServer:
     first_line_wires: list[type[Wire]] = []
     foreign_wire: type[Wire] | None = None
     web_wire: type[Wire] | None = None
+    uplink: Any = None  # --link's server link (section 3e)
 
     def __init__(self, config: ServerConfig | None = None, **options: Any):
         """`options` override single fields of `config` (tests, the benchmark)."""
@@ -1854,6 +1855,9 @@ class ChatServer:
         self.port = server.sockets[0].getsockname()[1]
         if self.cfg.announce_port is not None:
             self.announce_ports = await start_announcer(self, host)
+        if self.cfg.link is not None:  # joins the network in the background, retrying
+            self.link = self.uplink(self)
+            self.link.start()
         self.trim_memory()  # what compiling this file left behind
         return self.port
 
@@ -2754,6 +2758,10 @@ class ChatServer:
             event["away"] = target.away
         if target.remote:
             event["via"] = target.via
+        event["text"] = f"{target.nick} is on {event['server']}, " + \
+            (f"in {', '.join(event['rooms'])}" if event["rooms"] else "in no room") + \
+            (f"; away: {target.away or '(no message)'}" if target.away is not None else "") + \
+            ("; a server operator" if target.operator else "")
         s.tell(event)
 
     def handle_stats(self, s: Session, msg: dict) -> None:
@@ -2761,8 +2769,12 @@ class ChatServer:
         here = sum(not u.remote for u in self.nicks.values())
         event = {"type": "stats", "server": self.name(), "users": here,
                  "connections": len(self.sessions), "rooms": len(self.rooms)}
+        text = f"{self.name()}: {here:,} people here on {len(self.sessions):,} connections, " \
+               f"{len(self.rooms):,} rooms."
         if self.link is not None:
             event["link"] = self.link.status()
+            text += " " + self.link.status_text()
+        event["text"] = text
         s.tell(event)
 
     def name(self) -> str:
@@ -5201,6 +5213,7 @@ WEB_JS = r"""// PyChat in the browser: one more JSON session over a WebSocket (p
     ws: null, nick: store.get("nick", ""), password: null, token: null, instance: null,
     registered: false, everRegistered: false, fatal: false, wanted: false,
     lastIds: new Map(),     // room key -> newest message id seen there
+    via: new Map(),         // nick key -> the other server of the network she is on
     seen: new Set(),        // message ids shown (a resend's echo must not show twice)
     backoff: BACKOFF_START, retry: null, lastRx: 0, pinged: false, probe: 0, ghostTries: 0,
     limits: {}, away: null, cidPrefix: "w" + randomId(), cidCount: 0,
@@ -5300,7 +5313,8 @@ WEB_JS = r"""// PyChat in the browser: one more JSON session over a WebSocket (p
       b.type = "button";
       b.dataset.nick = p.nick;
       const me = key(p.nick) === key(S.nick);
-      let label = (c.ops.has(key(p.nick)) ? "@" : "") + p.nick + (me ? " (you)" : "") + (p.away !== null ? " (away)" : "");
+      const via = S.via.get(key(p.nick));
+      let label = (c.ops.has(key(p.nick)) ? "@" : "") + p.nick + (me ? " (you)" : "") + (p.away !== null ? " (away)" : "") + (via ? " · " + via : "");
       b.appendChild(el("span", "name " + nickClass(p.nick), label));
       b.title = me ? "You" : (p.away ? "Away: " + p.away : "Talk privately with " + p.nick);
       li.appendChild(b);
@@ -5624,7 +5638,11 @@ WEB_JS = r"""// PyChat in the browser: one more JSON session over a WebSocket (p
       if (!c || !Array.isArray(e.users)) return;
       c.users.clear();
       const away = e.away && typeof e.away === "object" ? e.away : {};
-      for (const n of e.users) setUser(c, String(n), Object.prototype.hasOwnProperty.call(away, n) ? String(away[n]) : null);
+      const via = e.via && typeof e.via === "object" ? e.via : {};
+      for (const n of e.users) {
+        setUser(c, String(n), Object.prototype.hasOwnProperty.call(away, n) ? String(away[n]) : null);
+        if (Object.prototype.hasOwnProperty.call(via, n)) S.via.set(key(String(n)), String(via[n])); else S.via.delete(key(String(n)));
+      }
       c.ops = new Set((Array.isArray(e.ops) ? e.ops : []).map(key));
       if (c.key === S.current) renderPeople();
       if (S.showUsers === c.key) { S.showUsers = null; listUsers(c); }
@@ -5642,7 +5660,8 @@ WEB_JS = r"""// PyChat in the browser: one more JSON session over a WebSocket (p
       const nick = String(e.nick || "");
       const c = conv("room", String(e.room || LOBBY));
       setUser(c, nick, e.away === undefined ? null : String(e.away || ""));
-      if (key(nick) !== key(S.nick)) system(c, nick + " joined " + c.name);
+      if (e.via) S.via.set(key(nick), String(e.via)); else S.via.delete(key(nick));
+      if (key(nick) !== key(S.nick)) system(c, nick + " joined " + c.name + (e.via ? " (on " + e.via + ")" : ""));
       const partner = S.convs.get(pmKey(nick));
       if (partner && partner.gone) { partner.gone = false; system(partner, nick + " is back."); renderConvs(); }
       if (c.key === S.current) renderPeople();
@@ -5713,7 +5732,9 @@ WEB_JS = r"""// PyChat in the browser: one more JSON session over a WebSocket (p
       const c = conv("pm", String(mine ? e.to : e.from));
       drawMessage(c, e, true);
     },
-    notice(e) { system(S.convs.get(pmKey(e.nick || "")) || current(), String(e.text || "")); },
+    notice(e) { system(S.convs.get(pmKey(e.nick || "")) || (e.room && roomOf(e.room)) || current(), String(e.text || "")); },
+    whois(e) { system(current(), String(e.text || "")); },
+    stats(e) { system(current(), String(e.text || "")); },
     typing(e) {
       const c = roomOf(e.room || LOBBY);
       if (!c || S.ignored.has(key(e.nick || ""))) return;
@@ -6116,7 +6137,8 @@ WEB_JS = r"""// PyChat in the browser: one more JSON session over a WebSocket (p
         if (rest && !(minutes > 0)) return usage("ban") + " (MINUTES is a number)";
         request(Object.assign({ type: "ban", nick: first }, minutes ? { minutes } : {})); return "";
       }
-      case "unban": case "unmute": if (!first) return usage(cmd.name); request({ type: cmd.name, nick: first }); return "";
+      case "unban": case "unmute": case "whois": if (!first) return usage(cmd.name); request({ type: cmd.name, nick: first }); return "";
+      case "stats": request({ type: "stats" }); return "";
       case "help": showHelp(); return "";
       case "quit":
         S.wanted = false;
@@ -7329,7 +7351,7 @@ class Link(asyncio.Protocol):
                     delay = LINK_RETRY_FIRST
             if self.server.shutting_down:
                 break
-            log.info("link: trying %s:%d again in %.0f s", host, port, delay)
+            log.debug("link: trying %s:%d again in %.0f s", host, port, delay)
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, LINK_RETRY_MAX)
 
@@ -7338,12 +7360,16 @@ class Link(asyncio.Protocol):
             self.cut("the hub did not finish the handshake in time")
 
     def failed(self, why: str) -> None:
+        """A try that did not link: the first is reported by whoever
+        started the server (see linked()), the others are logged."""
         self.last_error = why
-        log.warning("link: %s", why)
-        if not self.first.done():
+        if self.first.done():
+            log.warning("link: %s", why)
+        else:
             self.first.set_result(why)
 
     def close(self) -> None:
+        self.last_error = "this server is shutting down"
         if self.task is not None:
             self.task.cancel()
         if self.transport is not None:
@@ -7555,7 +7581,7 @@ class Link(asyncio.Protocol):
             self.cut("Bad password")
             return
         self.passed = True
-        self.hub_version = p[2].split(":")[0] if len(p) > 2 else ""
+        self.hub_version = p[2].split(":")[0].replace("|", " ") if len(p) > 2 else ""
 
     def on_server(self, prefix: str, p: list[str]) -> None:
         name = p[0]
@@ -7741,9 +7767,9 @@ class Link(asyncio.Protocol):
             gone |= more
         for s in gone:
             self.servers.pop(s, None)
-        self.split_off(gone, f"{self.hub} {p[0]}")
+        self.split_off(gone, f"{self.hub} {p[0]}", p[0])
 
-    def split_off(self, servers: set[str] | None, why: str) -> None:
+    def split_off(self, servers: set[str] | None, why: str, where: str = "") -> None:
         """A netsplit: the people on `servers` (None: everyone) are gone, in
         one line for each room, not one leave for each of them."""
         gone = [u for u in self.users.values() if servers is None or u.via.lower() in servers]
@@ -7756,12 +7782,12 @@ class Link(asyncio.Protocol):
             self.quit(u, why, told=False)
         for room, nicks in rooms.items():
             if self.server.rooms.get(room.key) is room:
-                self.announce(room, nicks, "left")
+                self.announce(room, nicks, "left", where)
 
-    def announce(self, room: Room, nicks: list[str], what: str) -> None:
+    def announce(self, room: Room, nicks: list[str], what: str, where: str = "") -> None:
         """One line for a netsplit or netjoin in a room, and the room's new
         user list; IRC members get QUITs or JOINs, which their clients fold."""
-        where = self.hub or "the network"
+        where = where or self.hub or "the network"
         people = f"{len(nicks):,} {'person' if len(nicks) == 1 else 'people'}"
         text = f"{'netjoin' if what == 'joined' else 'netsplit'}: {people} on {where} {what} " \
                f"{room.name}"
@@ -8048,6 +8074,17 @@ class Link(asyncio.Protocol):
             for room in s.rooms.values():
                 self.send(f":{s.nick} JOIN {room.name}")
 
+    def status_text(self) -> str:
+        host, port = self.address
+        if self.state != "linked":
+            return f"Not linked to the network at {host}:{port} ({self.state}" + \
+                (f": {self.last_error}" if self.last_error else "") + "); retrying."
+        minutes = int(time.time() - self.linked_at) // 60
+        lag = "?" if self.lag is None else f"{self.lag * 1000:.0f} ms"
+        more = f" ({self.not_shown:,} more not shown)" if self.not_shown else ""
+        return (f"Linked to {self.hub} at {host}:{port} for {minutes} min, lag {lag}: "
+                f"{len(self.servers)} servers, {len(self.users):,} people there{more}.")
+
     def status(self) -> dict:
         return {"state": self.state, "hub": self.hub, "address": "%s:%d" % self.address,
                 "me": self.me, "lag_ms": None if self.lag is None else round(self.lag * 1000),
@@ -8055,6 +8092,8 @@ class Link(asyncio.Protocol):
                 "not_shown": self.not_shown, "since": self.linked_at if self.state == "linked"
                 else None, "skipped": self.skipped, "last_error": self.last_error}
 
+
+ChatServer.uplink = Link
 
 LINK_COMMANDS: dict[str, Callable[[Link, str, list[str]], None]] = {
     "PASS": Link.on_pass, "SERVER": Link.on_server, "005": Link.on_005, "376": Link.on_376,
@@ -8165,6 +8204,7 @@ class ClientState:
         self.connected = False
         self.rooms: dict[str, dict] = {}    # room key -> name, members, ops, topic
         self.away: dict[str, str] = {}      # nick key -> away message
+        self.via: dict[str, str] = {}       # nick key -> the other server she is on
         self.people: dict[str, dict] = {}   # private partners: nick key -> nick, here
         self.transfers: dict[str, dict] = {}  # transfer id -> what the UIs show of it
         self.listed: dict[str, str] = {}    # room key -> name, from the last /rooms list
@@ -8217,6 +8257,11 @@ class ClientState:
         """None when the nick is not away."""
         with self.lock:
             return self.away.get(nick_key(nick))
+
+    def server_of(self, nick: str) -> str | None:
+        """The other server of the network someone is on; None for this one's."""
+        with self.lock:
+            return self.via.get(nick_key(nick))
 
     def everyone(self) -> list[str]:
         """Everyone we can see in any of our rooms, sorted."""
@@ -8304,9 +8349,12 @@ class ClientState:
         ops = e.get("ops") if isinstance(e.get("ops"), list) else []
         r["ops"] = {nick_key(str(u)) for u in ops}
         away = e.get("away") if isinstance(e.get("away"), dict) else {}
+        via = e.get("via") if isinstance(e.get("via"), dict) else {}
         for key in r["members"]:  # the list is the truth for everyone in it
             self.away.pop(key, None)
+            self.via.pop(key, None)
         self.away.update({nick_key(str(k)): str(v) for k, v in away.items()})
+        self.via.update({nick_key(str(k)): str(v) for k, v in via.items()})
         back = [key for key in r["members"] if key in self.people
                 and not self.people[key]["here"]]
         for key in back:
@@ -8324,6 +8372,10 @@ class ClientState:
             self.away[key] = e["away"]
         else:
             self.away.pop(key, None)
+        if isinstance(e.get("via"), str):
+            self.via[key] = e["via"]
+        else:
+            self.via.pop(key, None)
         if key in self.people and not self.people[key]["here"]:
             self.people[key]["here"] = True
             return "people"
@@ -8343,6 +8395,7 @@ class ClientState:
             return None
         if e.get("reason") not in ("part", "kick"):  # gone from the server
             self.away.pop(key, None)
+            self.via.pop(key, None)
             if key in self.people:
                 self.people[key]["here"] = False
                 return "people"
@@ -8359,6 +8412,8 @@ class ClientState:
                 r["ops"].add(new_key)
         if old_key in self.away:
             self.away[new_key] = self.away.pop(old_key)
+        if old_key in self.via:
+            self.via[new_key] = self.via.pop(old_key)
         if old_key in self.people:  # the conversation follows the new nick
             self.people.pop(old_key)
             self.people[new_key] = {"nick": new, "here": True}
@@ -9408,11 +9463,14 @@ class ChatClient:
             if isinstance(gone, dict) and isinstance(gone.get("nick"), str):
                 self._track_leave(dict(gone, type="leave", room=room, ts=ts))
         away = event.get("away") if isinstance(event.get("away"), dict) else {}
+        via = event.get("via") if isinstance(event.get("via"), dict) else {}
         for nick in event.get("joined") or ():
             if isinstance(nick, str):
                 join = {"type": "join", "room": room, "nick": nick, "ts": ts}
                 if isinstance(away.get(nick), str):
                     join["away"] = away[nick]
+                if isinstance(via.get(nick), str):
+                    join["via"] = via[nick]
                 self._emit(join)
 
     def _track_error(self, event: dict) -> dict | None:
@@ -9623,6 +9681,8 @@ COMMANDS = (
     Command("close", "", "close the private conversation on show", uis=("gui", "web")),
     Command("rooms", "", "list the rooms with their people and topics"),
     Command("who", "", "list who is in the current room"),
+    Command("whois", "NICK", "who someone is: rooms, away, which server"),
+    Command("stats", "", "this server's counts, and its link to others"),
     Command("topic", "[TEXT]", "show or set the current room's topic"),
     Command("nick", "NEW", "change your nick"),
     Command("away", "[MESSAGE]", "mark yourself away"),
@@ -9915,7 +9975,7 @@ def _request(name: str, arg: str, where: Where) -> Plan:
     first, _, rest = arg.partition(" ")
     rest = rest.strip()
     fields: dict[str, Any]
-    if name in ("rooms", "back"):
+    if name in ("rooms", "back", "stats"):
         fields = {}
     elif name == "away":
         fields = {"message": arg}
@@ -10543,6 +10603,8 @@ class Terminal:
     def _show_notice(self, e: dict, ts: Any) -> str:
         return self.system(ts, str(e.get("text", "")))
 
+    _show_whois = _show_stats = _show_notice
+
     def _show_away(self, e: dict, ts: Any) -> str:
         if e.get("away"):
             why = f": {e['message']}" if e.get("message") else ""
@@ -10580,12 +10642,16 @@ class Terminal:
     def _show_users(self, e: dict, ts: Any) -> str:
         away = e.get("away") if isinstance(e.get("away"), dict) else {}
         ops = e.get("ops") if isinstance(e.get("ops"), list) else []
+        via = e.get("via") if isinstance(e.get("via"), dict) else {}
         users = [("@" if u in ops else "") + strip_terminal(str(u))
-                 + (" (away)" if u in away else "") for u in e.get("users", [])]
+                 + (" (away)" if u in away else "")
+                 + (f" (on {strip_terminal(str(via[u]))})" if u in via else "")
+                 for u in e.get("users", [])]
         return self.system(ts, f"{len(users)} in {e.get('room')}: {', '.join(users)}")
 
     def _show_join(self, e: dict, ts: Any) -> str:
-        return self.system(ts, f"{e.get('nick')} joined {e.get('room')}")
+        via = f" (on {e['via']})" if e.get("via") else ""
+        return self.system(ts, f"{e.get('nick')} joined {e.get('room')}{via}")
 
     def _show_leave(self, e: dict, ts: Any) -> str:
         if e.get("reason") == "kick":
@@ -12469,6 +12535,11 @@ class ChatWindow:
         convo = self.convos.get("@" + nick_key(str(nick))) if nick else None
         self.add_system(str(e.get("text", "")), convo=convo)
 
+    def on_whois(self, e: dict) -> None:
+        self.add_system(str(e.get("text", "")))
+
+    on_stats = on_whois
+
     def on_away(self, e: dict) -> None:
         if e.get("you"):
             self.add_system("You are marked away." if e.get("away") else "Welcome back.")
@@ -12852,8 +12923,9 @@ class ChatWindow:
             me = nick_key(name) == nick_key(self.nick)
             away = self.state.away_message(name) is not None
             gone = not self.convo.is_room and not self.state.here(name)
+            via = self.state.server_of(name)
             label = f"● {name}" + ("  (you)" if me else "") + ("  (away)" if away else "") + \
-                ("  (left)" if gone else "")
+                ("  (left)" if gone else "") + (f"  · {via}" if via else "")
             self.user_list.insert("end", tk_safe(label))
             # Away users are dimmed, like a grey presence dot in Slack; everyone
             # while the server is away.
@@ -15370,7 +15442,7 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"pychat: cannot listen on {args.host or '*'}:{args.port}: {e.strerror or e}",
               file=sys.stderr)
         return 1
-    if server.cfg.link is not None and not await start_link(server):
+    if server.link is not None and not await linked(server):
         await server.close()
         return 1
     stop = asyncio.Event()
@@ -15423,12 +15495,11 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def start_link(server: ChatServer) -> bool:
-    """Link to the hub (--link) and say how it went: False when the first
-    try shows the configuration is wrong (a password), which retrying
+async def linked(server: ChatServer) -> bool:
+    """Say how the first try to link to the hub (--link) went: False when
+    it shows the configuration is wrong (a password), which retrying
     cannot mend; an unreachable hub is tried again and again."""
-    link = server.link = Link(server)
-    link.start()
+    link = server.link
     try:
         why = await asyncio.wait_for(asyncio.shield(link.first), LINK_HANDSHAKE_TIMEOUT + 5)
     except asyncio.TimeoutError:
