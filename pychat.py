@@ -7322,6 +7322,7 @@ class Link(asyncio.Protocol):
         self.skipped = 0             # lines skipped: malformed, unknown prefix, over a cap
         self.not_shown = 0           # remote users past max_remote_users
         self.first: asyncio.Future = server.loop.create_future()  # the first try's outcome
+        self.reported = False        # this try's failure was said
         self.lost: asyncio.Future | None = None
         self.task: asyncio.Task | None = None
 
@@ -7367,6 +7368,7 @@ class Link(asyncio.Protocol):
             log.warning("link: %s", why)
         else:
             self.first.set_result(why)
+        self.reported = True
 
     def close(self) -> None:
         self.last_error = "this server is shutting down"
@@ -7389,6 +7391,7 @@ class Link(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.inbuf = bytearray()
         self.state, self.passed, self.hub, self.nicklen = "handshake", False, "", 0
+        self.reported = False
         self.pinged_at = self.lag = None
         cfg = self.server.cfg
         self.send(f"PASS {cfg.link_password} 0210-IRC+ PyChat|{__version__}:CH")
@@ -7399,7 +7402,7 @@ class Link(asyncio.Protocol):
         why = self.last_error or (f"{exc}" if exc else "the hub closed the link")
         if was == "linked":
             log.warning("link: lost the link to %s: %s", self.hub, why)
-        else:
+        elif not self.reported:
             self.failed(f"the hub at {self.address[0]}:{self.address[1]} ended the "
                         f"handshake: {why}")
         self.split_off(None, f"{self.hub or 'the network'} {self.me}")
@@ -13279,7 +13282,8 @@ class ChatWindow:
         self.net.change_nick(nick)
 
     def do_who(self, room: str) -> None:
-        names = self.user_names()
+        names = [name + (f" (on {via})" if (via := self.state.server_of(name)) else "")
+                 for name in self.user_names()]
         self.add_system(f"{len(names)} in {self.room}: {', '.join(names)}")
 
     def do_join(self, room: str) -> None:

@@ -1618,6 +1618,499 @@ class IrcPasswordAndPortTests(ServerCase):
 
 
 # ===========================================================================
+# 3e. Server link (issue 22): PyChat servers as leaves of a real ngircd
+# network, and a fake hub that lies
+# ===========================================================================
+
+NGIRCD_NETWORK = """[Global]
+    Name = {name}
+    Info = test hub {name}
+    Listen = 127.0.0.1
+    Ports = {port}
+[Limits]
+    MaxConnections = 0
+    MaxConnectionsIP = 0
+    MaxJoins = 0
+    MaxNickLength = 32
+    MaxPenaltyTime = 0
+    PingTimeout = 120
+    PongTimeout = 60
+    ConnectRetry = 5
+[Options]
+    DNS = no
+    Ident = no
+    PAM = no
+"""
+NGIRCD_PEER = """[Server]
+    Name = {name}
+    MyPassword = {password}
+    PeerPassword = {password}
+"""
+LINK_PASSWORD = "link-s3cret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class Ngircd:
+    """A real ngircd (Debian's) on 127.0.0.1, configured in a temp dir:
+    `leaves` may link in with LINK_PASSWORD; `uplink` (name, port) is
+    another ngircd it connects to."""
+
+    def __init__(self, tmp: Path, name: str, leaves: list[str],
+                 uplink: tuple[str, int] | None = None, peers: list[str] = ()):
+        self.name, self.port = name, free_port()
+        text = NGIRCD_NETWORK.format(name=name, port=self.port)
+        for leaf in [*leaves, *peers]:
+            text += NGIRCD_PEER.format(name=leaf, password=LINK_PASSWORD)
+        if uplink is not None:
+            text += NGIRCD_PEER.format(name=uplink[0], password=LINK_PASSWORD) + \
+                f"    Host = 127.0.0.1\n    Port = {uplink[1]}\n"
+        self.conf = tmp / f"{name}.conf"
+        self.conf.write_text(text)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["ngircd", "-n", "-f", str(self.conf)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        deadline = time.monotonic() + TIMEOUT
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            if "ready" in self.proc.stdout.readline():
+                break
+        # Drain its log from now on, so that it never blocks on a full pipe.
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+            self.proc.stdout.close()
+        self.proc = None
+
+
+class LinkCli:
+    """`python pychat.py cli` as a real subprocess, fed line by line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process):
+        self.proc, self.lines = proc, []
+        self.changed = asyncio.Event()
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            line = await self.proc.stdout.readline()
+            if not line:
+                return
+            self.lines.append(line.decode("utf-8", "replace"))
+            self.changed.set()
+
+    async def say(self, line: str) -> None:
+        self.proc.stdin.write(line.encode() + b"\n")
+        await self.proc.stdin.drain()
+
+    async def expect(self, text: str, timeout: float = TIMEOUT) -> str:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for line in self.lines[seen:]:
+                if text in line:
+                    return line
+            seen = len(self.lines)
+            self.changed.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {text!r} within {timeout}s; saw {self.lines[-6:]}")
+            try:
+                await asyncio.wait_for(self.changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    async def close(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.stdin.close()
+            try:
+                await asyncio.wait_for(self.proc.wait(), TIMEOUT)
+            except asyncio.TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        self.reader.cancel()
+
+
+class LinkCase(unittest.IsolatedAsyncioTestCase):
+    """Helpers: ngircd hubs, PyChat leaves (in this process), clients."""
+
+    def setUp(self) -> None:
+        if not shutil.which("ngircd"):
+            missing_tool("ngircd is not installed (Debian: apt-get install ngircd)")
+        self.tmp = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def hub(self, name: str, leaves: list[str], **kw) -> Ngircd:
+        hub = Ngircd(self.tmp, name, leaves, **kw)
+        hub.start()
+        self.addCleanup(hub.kill)
+        return hub
+
+    async def leaf(self, name: str, hub: Ngircd, **options) -> ChatServer:
+        server = ChatServer(link=(HOST, hub.port), link_name=name, link_password=LINK_PASSWORD,
+                            link_peer_password=LINK_PASSWORD, **options)
+        port = await server.start(HOST, 0)
+        server.test_port = port
+        self.addAsyncCleanup(server.close)
+        self.assertIsNone(await asyncio.wait_for(asyncio.shield(server.link.first), TIMEOUT))
+        return server
+
+    async def json(self, server: ChatServer, nick: str) -> Peer:
+        peer = await Peer.open(server.test_port)
+        self.addAsyncCleanup(peer.close)
+        await peer.send({"type": "hello", "nick": nick})
+        await peer.expect("welcome", nick=nick)
+        return peer
+
+    async def irc(self, hub: Ngircd, nick: str, *channels: str) -> IrcPeer:
+        peer = await IrcPeer.open(hub.port)
+        self.addAsyncCleanup(peer.close)
+        await peer.send(f"NICK {nick}", f"USER {nick} 0 * :{nick.title()} on the hub")
+        await peer.expect(" 376 ")
+        for channel in channels:
+            await peer.send(f"JOIN {channel}")
+            await peer.expect(f" 366 {nick} {channel} ")
+        return peer
+
+    async def cli(self, server: ChatServer, nick: str) -> LinkCli:
+        proc = await asyncio.create_subprocess_exec(
+            *RUN, "cli", "--host", HOST, "--port", str(server.test_port), "--nick", nick,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL, env={**os.environ, "NO_COLOR": "1"})
+        peer = LinkCli(proc)
+        self.addAsyncCleanup(peer.close)
+        await peer.expect(f"You are {nick}")
+        return peer
+
+    @staticmethod
+    async def sees(server: ChatServer, *nicks: str) -> None:
+        await wait_for(lambda: all(pychat.nick_key(n) in server.nicks for n in nicks),
+                       what=f"{nicks} on {server.cfg.link_name}")
+
+
+class LinkNetworkTests(LinkCase):
+    """Two PyChat servers linked to one ngircd hub, and to two linked ones."""
+
+    async def test_two_servers_and_the_hub_chat_every_way(self):
+        hub = self.hub("hub.example", ["a.example", "b.example"])
+        a = await self.leaf("a.example", hub)
+        b = await self.leaf("b.example", hub)
+        erin = await self.irc(hub, "erin", "#lobby")
+        alice = await self.cli(a, "alice")
+        bob = await self.cli(b, "bob")
+        await self.sees(a, "bob", "erin")
+        await self.sees(b, "alice", "erin")
+        # User lists show the remote users and their servers.
+        carol = await self.json(a, "carol")
+        users = await carol.expect("users", room="#lobby")
+        self.assertEqual(set(users["users"]), {"alice", "bob", "carol", "erin"})
+        self.assertEqual(users["via"], {"bob": "b.example", "erin": "hub.example"})
+        await alice.say("/who")
+        await alice.expect("bob (on b.example)")
+        # Room messages: every direction.
+        await alice.say("hello from a")
+        await bob.expect("<alice> hello from a")
+        await erin.expect(":alice!pychat@a.example PRIVMSG #lobby :hello from a")
+        await bob.say("hello from b")
+        await alice.expect("<bob> hello from b")
+        await erin.expect(":bob!pychat@b.example PRIVMSG #lobby :hello from b")
+        await erin.send("PRIVMSG #lobby :hello from the hub")
+        await alice.expect("<erin> hello from the hub")
+        await bob.expect("<erin> hello from the hub")
+        msg = await carol.expect("msg", **{"from": "erin"})
+        self.assertEqual(msg["via"], "hub.example")
+        await alice.say("/me waves")
+        await bob.expect("* alice waves")
+        await erin.expect("PRIVMSG #lobby :\x01ACTION waves\x01")
+        # Private messages: every direction.
+        await alice.say("/msg bob psst bob")
+        await bob.expect("<alice> psst bob")
+        await bob.say("/msg erin psst erin")
+        await erin.expect(":bob!pychat@b.example PRIVMSG erin :psst erin")
+        await erin.send("PRIVMSG alice :psst alice")
+        await alice.expect("<erin> psst alice")
+        # Topics and nicks cross the link.
+        await erin.send("TOPIC #lobby :set on the hub")
+        topic = await carol.expect("topic", topic="set on the hub")
+        self.assertEqual(topic["by"], "erin")
+        await alice.say("/topic set on a")
+        await erin.expect("TOPIC #lobby :set on a")
+        await bob.expect("set on a")
+        await bob.say("/nick robert")
+        await alice.expect("bob is now known as robert")
+        await erin.expect(":bob!pychat@b.example NICK")
+        await self.sees(a, "robert")
+        # A message longer than IRC's 512 bytes arrives whole, in pieces
+        # that fit once the hub adds the sender's nick!user@host; the link
+        # stays up (one line over 512 bytes would drop it).
+        text = " ".join(f"word{i:04}" for i in range(300))
+        await carol.send({"type": "msg", "text": text})
+        pieces = []
+        while " ".join(pieces) != text:
+            line = await erin.expect(":carol!pychat@a.example PRIVMSG #lobby :")
+            pieces.append(line.partition(" :")[2])
+        self.assertGreater(len(pieces), 4)
+        self.assertEqual(a.link.state, "linked")
+        # whois and stats
+        await carol.send({"type": "whois", "nick": "robert"})
+        whois = await carol.expect("whois")
+        self.assertEqual((whois["server"], whois["rooms"]), ("b.example", ["#lobby"]))
+        await carol.send({"type": "stats"})
+        stats = await carol.expect("stats")
+        self.assertEqual((stats["link"]["state"], stats["link"]["hub"],
+                          stats["link"]["remote_users"]), ("linked", "hub.example", 2))
+        self.assertIn("Linked to hub.example", stats["text"])
+
+    async def test_leaves_on_two_linked_ngircd_servers(self):
+        one = self.hub("one.example", ["a.example"], peers=["two.example"])
+        two = self.hub("two.example", ["b.example"], uplink=("one.example", one.port))
+        a = await self.leaf("a.example", one)
+        b = await self.leaf("b.example", two)
+        carol = await self.json(a, "carol")
+        dave = await self.json(b, "dave")
+        erin = await self.irc(one, "erin", "#lobby")
+        await self.sees(a, "dave", "erin")
+        await self.sees(b, "carol", "erin")
+        await carol.send({"type": "msg", "text": "across two hubs"})
+        got = await dave.expect("msg", text="across two hubs")
+        self.assertEqual(got["via"], "a.example")
+        await erin.expect(":carol!pychat@a.example PRIVMSG #lobby :across two hubs")
+        await dave.send({"type": "pm", "to": "carol", "text": "private, two hubs away"})
+        pm = await carol.expect("pm", text="private, two hubs away")
+        self.assertEqual((pm["from"], pm["via"]), ("dave", "b.example"))
+        # The second hub crashes: one.example sends only SQUIT, and carol
+        # sees one line for the room, not one leave for each user.
+        two.kill()
+        split = await carol.expect("notice")  # (ngircd may name either server first)
+        self.assertIn(split["text"], ("netsplit: 1 person on two.example left #lobby",
+                                      "netsplit: 1 person on b.example left #lobby"))
+        users = await carol.expect("users")
+        self.assertNotIn("dave", users["users"])
+        self.assertIn("erin", users["users"])
+
+    async def test_the_hub_restarts_netsplit_netjoin_and_a_nick_collision(self):
+        hub = self.hub("hub.example", ["a.example"])
+        a = await self.leaf("a.example", hub)
+        erin = await self.irc(hub, "erin", "#lobby", "#dev")
+        carol = await self.json(a, "carol")
+        await carol.send({"type": "join", "room": "#dev"})
+        await carol.expect("users", room="#dev")
+        await self.sees(a, "erin")
+        del erin
+        hub.kill()
+        # One line per room, then the room's list without her.
+        texts = {(await carol.expect("notice"))["text"] for _ in range(2)}
+        self.assertEqual(texts, {"netsplit: 1 person on hub.example left #lobby",
+                                 "netsplit: 1 person on hub.example left #dev"})
+        self.assertEqual(sum(e.get("type") == "leave" for e in carol.seen), 0)
+        # During the split: a message to her is refused as unreachable, and
+        # the room goes on here.
+        await carol.send({"type": "pm", "to": "erin", "text": "are you there?"})
+        err = await carol.expect("error")
+        self.assertEqual(err["code"], "unreachable")
+        self.assertIn("hub.example", err["message"])
+        bob = await self.json(a, "bob")
+        await carol.send({"type": "msg", "text": "still here"})
+        await bob.expect("msg", text="still here")
+        # The hub comes back, and someone takes "bob" there first: bob here
+        # keeps his connection under a free nick, and is told why.
+        hub.start()
+        other_bob = await self.irc(hub, "bob", "#lobby")
+        nick = await bob.expect("nick", old="bob")
+        self.assertTrue(nick["new"].startswith("bob_"), nick)
+        told = await bob.expect("notice")
+        self.assertIn("hub.example is called bob too", told["text"])
+        joined = await carol.expect("notice")
+        self.assertEqual(joined["text"], "netjoin: 1 person on hub.example joined #lobby")
+        await bob.send({"type": "msg", "text": "renamed, still connected"})
+        await other_bob.expect(f":{nick['new']}!pychat@a.example PRIVMSG #lobby "
+                               ":renamed, still connected")
+
+    async def test_a_wrong_password_is_one_line_at_start(self):
+        hub = self.hub("hub.example", ["a.example"])
+        proc = await asyncio.create_subprocess_exec(
+            *RUN, "server", "--port", "0", "--host", HOST, "--no-announce", "--link",
+            f"{HOST}:{hub.port}", "--link-name", "a.example",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYCHAT_LINK_PASSWORD": "wrong"})
+        out, err = await asyncio.wait_for(proc.communicate(), 2 * TIMEOUT)
+        self.assertEqual(proc.returncode, 1)
+        lines = err.decode().strip().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("Bad password", lines[0])
+        self.assertTrue(lines[0].startswith(f"pychat: cannot link to {HOST}:{hub.port}"))
+
+
+class FakeHub:
+    """A hub that says whatever a test wants (a hostile or broken one): it
+    handshakes like ngircd, then sends `burst`, then PING."""
+
+    def __init__(self, burst: bytes = b"", password: str = LINK_PASSWORD, nicklen: int = 31):
+        self.burst, self.password, self.nicklen = burst, password, nicklen
+        self.got: list[str] = []
+        self.changed = asyncio.Event()
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, HOST, 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        writer.write(f":fake.hub PASS {self.password} 0210-IRC+ ngIRCd|26.1:CHLMSXZ PZ\r\n"
+                     ":fake.hub SERVER fake.hub 1 :a fake hub\r\n"
+                     f":fake.hub 005 a.example NICKLEN={self.nicklen} :are supported\r\n"
+                     ":fake.hub 376 a.example :End of MOTD command\r\n".encode())
+        while True:
+            line = await reader.readline()
+            if not line:
+                return
+            self.got.append(line.decode("utf-8", "replace").rstrip("\r\n"))
+            self.changed.set()
+            if self.got[-1].startswith(":a.example 376 "):
+                writer.write(self.burst + b"PING :fake.hub\r\n")
+                await writer.drain()
+
+    async def expect(self, text: str) -> str:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            found = [line for line in self.got if text in line]
+            if found:
+                return found[0]
+            self.changed.clear()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the fake hub never got {text!r}; got {self.got[-6:]}")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), 0.5)
+
+    async def send(self, *lines: str | bytes) -> None:
+        for line in lines:
+            self.writer.write(line if isinstance(line, bytes) else line.encode() + b"\r\n")
+        await self.writer.drain()
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.server.close()
+
+
+class LinkHostileHubTests(ServerCase):
+    """The link is untrusted input too: a hub that lies, floods or breaks."""
+
+    async def link_to(self, hub: FakeHub, **options) -> None:
+        port = await hub.start()
+        self.addAsyncCleanup(hub.close)
+        await self.server.close()
+        self.server = ChatServer(link=(HOST, port), link_name="a.example",
+                                 link_password=LINK_PASSWORD,
+                                 link_peer_password=LINK_PASSWORD, **options)
+        self.port = await self.server.start(HOST, 0)
+        self.addAsyncCleanup(self.server.close)
+        self.assertIsNone(await asyncio.wait_for(asyncio.shield(self.server.link.first),
+                                                 TIMEOUT))
+
+    async def test_a_huge_malformed_burst_stays_within_the_caps(self):
+        nicks = b"".join(b":fake.hub NICK u%d 1 u host 1 + :U\r\n" % i for i in range(20000))
+        rooms = b"".join(b":fake.hub NJOIN #r%d :@u1,u2\r\n" % i for i in range(300))
+        garbage = (b"\xff\xfe\x00 not utf-8\r\n"
+                   b":nobody PRIVMSG #lobby :a spoofed prefix\r\n"
+                   b"NICK\r\nNJOIN\r\nKILL\r\nMODE\r\n:u1 PRIVMSG\r\n"
+                   b":fake.hub NICK bad,nick 1 u h 1 + :x\r\n"
+                   b":fake.hub NJOIN #lobby :@u1,ghost,+u2,,\r\n"
+                   b":fake.hub SERVER\r\n:u1 JOIN #" + b"x" * 100 + b"\r\n"
+                   b":fake.hub " + b"X" * 600 + b"\r\n"
+                   b":u1 MODE #lobby +oooo u1 u2\r\n:u1 MODE #lobby -o alice\r\n")
+        hub = FakeHub(nicks + rooms + garbage)
+        with self.assertLogs("pychat", logging.WARNING) as logs:
+            await self.link_to(hub, max_remote_users=500, max_remote_rooms=20)
+        link = self.server.link
+        self.assertEqual((len(link.users), link.not_shown), (500, 19500))
+        self.assertEqual(self.server.rooms_made.get(pychat.NETWORK_ROOMS), 20)
+        self.assertGreater(link.skipped, 5)
+        self.assertTrue(any("more than 500 people" in line for line in logs.output))
+        # The server is up, and its own chat goes on.
+        alice = await self.connect("alice")
+        await alice.send({"type": "users"})
+        users = await alice.expect("users")
+        self.assertEqual(set(users["users"]), {"alice", "u1", "u2"})
+        self.assertEqual(link.state, "linked")
+        # A line that never ends: the link is cut (and retried), the chat is not.
+        await hub.send(b"x" * (pychat.LINK_MAX_PENDING + 10))
+        await wait_for(lambda: link.state != "linked", what="the link cut")
+        bob = await self.connect("bob")
+        await bob.send({"type": "msg", "text": "fine here"})
+        await alice.expect("msg", text="fine here")
+
+    async def test_nick_rules_and_a_collision_kill(self):
+        hub = FakeHub(b":fake.hub NICK erin 1 e host 1 + :Erin\r\n"
+                      b":fake.hub NJOIN #lobby :erin\r\n", nicklen=9)
+        await self.link_to(hub)
+        alice = await self.connect("alice")
+        await hub.expect(":a.example NICK alice 1 pychat a.example 1 + :a PyChat user")
+        # The network has erin; nicks are at most 9 bytes while linked.
+        for nick, code, words in (("erin", "nick_taken", "on fake.hub"),
+                                  ("ninebytes", None, None),
+                                  ("tenbytes10", "nick_invalid", "at most 9 bytes"),
+                                  ("éééé€", "nick_invalid", "at most 9 bytes")):
+            peer = await self.raw()
+            await peer.send({"type": "hello", "nick": nick})
+            reply = await peer.expect("error" if code else "welcome")
+            if code:
+                self.assertEqual(reply["code"], code)
+                self.assertIn(words, reply["message"])
+        # A collision KILL: alice keeps her connection under a free nick, is
+        # told, and is introduced to the network again.
+        await hub.send(":fake.hub KILL alice :Nick collision")
+        nick = await alice.expect("nick", old="alice")
+        self.assertEqual(nick["new"], "alice_1")
+        self.assertIn("took the nick alice back", (await alice.expect("notice"))["text"])
+        await hub.expect(":a.example NICK alice_1 1 ")
+        await hub.expect(":alice_1 JOIN #lobby")
+        await alice.send({"type": "msg", "text": "nothing lost"})
+        await hub.expect(":alice_1 PRIVMSG #lobby :nothing lost")
+        # What only this server has stays here, with a clear reason.
+        await alice.send({"type": "file_offer", "name": "a.txt", "size": 1, "sha256": "0" * 64,
+                          "to": "erin"})
+        self.assertEqual((await alice.expect("error"))["code"], "remote_user")
+        # A room's operator here puts a remote user out: a KICK to the network.
+        await alice.send({"type": "join", "room": "#mine"})
+        await alice.expect("users", room="#mine")
+        await hub.send(":erin JOIN #mine")
+        await alice.expect("join", nick="erin", room="#mine")
+        await alice.send({"type": "kick", "room": "#mine", "nick": "erin", "reason": "out"})
+        await hub.expect(":alice_1 KICK #mine erin :out")
+        # The network's operators' kicks hold here; its -o cannot unseat her.
+        await hub.send(":erin JOIN #mine", ":erin MODE #mine -o alice_1",
+                       ":erin KICK #mine alice_1 :bye")
+        kicked = await alice.expect("leave", room="#mine", nick="alice_1")
+        self.assertEqual((kicked["nick"], kicked["by"], kicked["reason"]),
+                         ("alice_1", "erin", "kick"))
+        self.assertFalse(any(e.get("type") == "mode" for e in alice.seen))
+
+    async def test_the_hub_must_know_the_password(self):
+        hub = FakeHub(password="not-it")
+        port = await hub.start()
+        self.addAsyncCleanup(hub.close)
+        server = ChatServer(link=(HOST, port), link_name="a.example",
+                            link_password=LINK_PASSWORD, link_peer_password=LINK_PASSWORD)
+        await server.start(HOST, 0)
+        self.addAsyncCleanup(server.close)
+        why = await asyncio.wait_for(asyncio.shield(server.link.first), TIMEOUT)
+        self.assertIn("wrong password", why)
+        await hub.expect("ERROR :Bad password")
+        self.assertFalse(any(" NICK " in line for line in hub.got))
+
+
+# ===========================================================================
 # 4. Client core
 # ===========================================================================
 
