@@ -14225,10 +14225,13 @@ class Progress:
 
 async def _connect_clients(host: str, port: int, count: int, measure: int,
                            progress: Progress, prefix: str = "b",
-                           irc: int = 0, ws: int = 0, everyone: type | None = None) -> list[Any]:
+                           irc: int = 0, ws: int = 0, everyone: type | None = None,
+                           last: tuple[int, int] = (0, 0)) -> list[Any]:
     """Open and register `count` clients, a few hundred connects at a time;
     `irc` of them (after the `measure` ones) come by IRC, and the next `ws`
-    by WebSocket; or all of them as `everyone` (BenchIrcClient: --proto irc)."""
+    by WebSocket; or all of them as `everyone` (BenchIrcClient: --proto irc).
+    `last`: that many of the last clients (the senders) go to that port
+    (bench --link: another server of the network)."""
     loop = asyncio.get_running_loop()
     clients: list[Any] = []
     step = 200
@@ -14239,7 +14242,8 @@ async def _connect_clients(host: str, port: int, count: int, measure: int,
                                 BenchWsClient if measure + irc <= i < measure + irc + ws
                                 else BenchClient)
             client = kind(f"{prefix}{i}", i < measure)
-            await loop.create_connection(lambda c=client: c, host, port)
+            await loop.create_connection(lambda c=client: c, host,
+                                         last[1] if i >= count - last[0] else port)
             batch.append(client)
         await asyncio.wait_for(asyncio.gather(*(c.welcomed for c in batch)), 120)
         clients.extend(batch)
@@ -14294,10 +14298,11 @@ async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messa
                        rate: float, progress: Progress, timeout: float,
                        server_pid: int | None, irc: int = 0,
                        ws: int = 0, open_loop: bool = False, wire: str = "json",
-                       prefix: str = "b") -> dict[str, Any]:
+                       prefix: str = "b", senders_port: int = 0) -> dict[str, Any]:
     """N clients in one room; S of them send M messages each; everyone counts
     (`irc` of the receivers by IRC, `ws` by WebSocket; with wire "irc" every
-    client, senders too, speaks IRC)."""
+    client, senders too, speaks IRC).  With `senders_port`, the senders are
+    on that server and everyone else on this one (bench --link)."""
     started = time.monotonic()
     room = clients_n - senders - min(BENCH_LATENCY_SAMPLE, clients_n)  # plain receivers
     if irc + ws > max(0, room):
@@ -14307,8 +14312,15 @@ async def bench_fanout(host: str, port: int, clients_n: int, senders: int, messa
                           "messages)")
     clients = await _connect_clients(host, port, clients_n, BENCH_LATENCY_SAMPLE, progress,
                                      prefix, irc=irc, ws=ws,
-                                     everyone=BenchIrcClient if wire == "irc" else None)
+                                     everyone=BenchIrcClient if wire == "irc" else None,
+                                     last=(senders, senders_port) if senders_port else (0, 0))
     connect_s = time.monotonic() - started
+    if senders_port:  # the network must know everyone is in the room before they send
+        deadline = time.monotonic() + 120
+        while any(c.users_seen < clients_n for c in clients[-senders:]):
+            if time.monotonic() > deadline:
+                raise PyChatError("the other server never showed every receiver")
+            await asyncio.sleep(0.05)
     before = process_stats(server_pid) if server_pid else {}
     # Every message reaches every member, its sender too unless the wire
     # echoes nothing (IRC).
@@ -14486,17 +14498,21 @@ class ReferenceServer:
         await asyncio.Event().wait()
 
 
-async def _start_server_process(cmd: list[str]) -> tuple[asyncio.subprocess.Process, int]:
-    """Start a server subprocess on 127.0.0.1 and read the port it prints."""
+async def _start_server_process(cmd: list[str], env: dict | None = None,
+                                expect: bytes = b"") -> tuple[asyncio.subprocess.Process, int]:
+    """Start a server subprocess on 127.0.0.1 and read the port it prints
+    (and, before it, a line starting with `expect`, if given)."""
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.DEVNULL)
+                                                stderr=asyncio.subprocess.DEVNULL, env=env)
     assert proc.stdout is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), 30)
-    match = re.search(rb"\(port (\d+)\)", line)
-    if not match:
+    lines = [await asyncio.wait_for(proc.stdout.readline(), 60)]
+    while lines[-1] and b"(port " not in lines[-1] and len(lines) < 5:
+        lines.append(await asyncio.wait_for(proc.stdout.readline(), 60))
+    match = re.search(rb"\(port (\d+)\)", lines[-1])
+    if not match or not any(line.startswith(expect) for line in lines):
         proc.kill()
         await proc.wait()
-        raise RuntimeError(f"the server did not start: {line!r}")
+        raise RuntimeError(f"the server did not start: {b''.join(lines)!r}")
     return proc, int(match.group(1))
 
 
@@ -14516,11 +14532,7 @@ async def run_bench(args: argparse.Namespace) -> list[dict]:
     run, in that order."""
     _raise_open_files(2 * max(args.clients) + 256)
     progress = Progress(quiet=args.json)
-    targets = [("pychat", [sys.executable, str(Path(__file__).resolve()), "server",
-                           "--host", "127.0.0.1", "--port", "0", "--log-level", "warning",
-                           "--flood-rate", "0", "--ping-interval", "0", "--max-clients", "0",
-                           "--max-per-address", "0", "--connect-rate", "0",
-                           "--no-announce", *args.server_arg])]
+    targets = [("pychat", bench_server_command(args))]
     if args.reference:
         targets.append(("reference", [sys.executable, str(Path(__file__).resolve()), "bench",
                                       "--serve-reference"]))
@@ -14536,8 +14548,92 @@ async def run_bench(args: argparse.Namespace) -> list[dict]:
                     continue  # the reference speaks JSON lines, --against IRC
                 results.append(await _bench_one(args, name, cmd, clients, wire,
                                                 f"b{len(results)}n", progress))
+        if args.link:
+            results.append(await _bench_link(args, clients, f"b{len(results)}n", progress))
         _compare(results[first:])
     return results
+
+
+def bench_server_command(args: argparse.Namespace) -> list[str]:
+    """How bench starts a PyChat server: no limits that would stop its load."""
+    return [sys.executable, str(Path(__file__).resolve()), "server",
+            "--host", "127.0.0.1", "--port", "0", "--log-level", "warning",
+            "--flood-rate", "0", "--ping-interval", "0", "--max-clients", "0",
+            "--max-per-address", "0", "--connect-rate", "0", "--no-announce",
+            *args.server_arg]
+
+
+BENCH_NGIRCD = """[Global]
+    Name = hub.bench
+    Info = the hub of bench --link
+    Listen = 127.0.0.1
+    Ports = {port}
+[Limits]
+    MaxConnections = 0
+    MaxConnectionsIP = 0
+    MaxJoins = 0
+    MaxNickLength = 32
+    MaxPenaltyTime = 0
+[Options]
+    DNS = no
+    Ident = no
+    PAM = no
+[Server]
+    Name = a.bench
+    MyPassword = {password}
+    PeerPassword = {password}
+[Server]
+    Name = b.bench
+    MyPassword = {password}
+    PeerPassword = {password}
+"""
+
+
+async def _bench_link(args: argparse.Namespace, clients: int, prefix: str,
+                      progress: Progress) -> dict:
+    """The same load across a network: a fresh ngircd hub, PyChat servers
+    a.bench and b.bench linked to it, the senders on a.bench and everyone
+    else (the timed receivers too) on b.bench; CPU is b.bench's."""
+    ngircd = shutil.which("ngircd")
+    if ngircd is None:
+        raise PyChatError("bench --link runs an ngircd hub: install ngircd (Debian: "
+                          "apt-get install ngircd) or put it on PATH")
+    password = secrets.token_hex(8)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        hub_port = s.getsockname()[1]
+    procs: list[asyncio.subprocess.Process] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        conf = Path(tmp) / "hub.conf"
+        conf.write_text(BENCH_NGIRCD.format(port=hub_port, password=password))
+        hub = await asyncio.create_subprocess_exec(ngircd, "-n", "-f", str(conf),
+                                                   stdout=asyncio.subprocess.DEVNULL,
+                                                   stderr=asyncio.subprocess.DEVNULL)
+        try:
+            for _ in range(200):  # until it listens
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", hub_port)
+                    writer.close()
+                    break
+                except OSError:
+                    await asyncio.sleep(0.05)
+            env = {**os.environ, "PYCHAT_LINK_PASSWORD": password}
+            ports = []
+            for name in ("a.bench", "b.bench"):
+                proc, port = await _start_server_process(
+                    [*bench_server_command(args), "--link", f"127.0.0.1:{hub_port}",
+                     "--link-name", name], env, expect=b"Linked to")
+                procs.append(proc)
+                ports.append(port)
+            result = await bench_fanout("127.0.0.1", ports[1], clients, args.senders,
+                                        args.messages, args.rate, progress, args.timeout,
+                                        procs[1].pid, open_loop=args.open_loop, prefix=prefix,
+                                        senders_port=ports[0])
+        finally:
+            for proc in [*procs, hub]:
+                await _stop_server_process(proc)
+    result["server"] = "a->ngircd->b"
+    return result
 
 
 async def _bench_one(args: argparse.Namespace, name: str, cmd: list[str] | None, clients: int,
@@ -14584,6 +14680,9 @@ def _compare(rows: list[dict]) -> None:
         if r["server"] == "reference":
             ours["vs_reference"] = round(ours["deliveries_per_second"]
                                          / r["deliveries_per_second"], 3)
+        elif r["server"] == "a->ngircd->b":
+            r["vs_one_server"] = round(r["deliveries_per_second"]
+                                       / ours["deliveries_per_second"], 3)
         elif r["server"] != "pychat":
             irc = next((x for x in rows if x["server"] == "pychat" and x["wire"] == "irc"), None)
             if irc is not None and irc.get("deliveries_per_second"):
@@ -14697,7 +14796,15 @@ def _wire_comparisons(results: list[dict]) -> list[str]:
                 " times the CPU per delivery of a JSON member, and IRC members got "
                 f"{irc_run['deliveries_per_second'] / json_run['deliveries_per_second']:.2f}"
                 " times the deliveries per second.")
-        other = next((r for (s, w), r in runs.items() if s not in ("pychat", "reference")), None)
+        link = runs.get(("a->ngircd->b", "json"))
+        if json_run and link and "vs_one_server" in link:
+            lines.append(f"At {n:,} clients, across the network (senders on one PyChat "
+                         f"server, receivers on another, through ngircd): "
+                         f"{link['vs_one_server']:.2f} times one server's deliveries per "
+                         f"second, p99 {link['latency_ms']['p99']:.1f} ms against "
+                         f"{json_run['latency_ms']['p99']:.1f} ms.")
+        other = next((r for (s, w), r in runs.items()
+                      if s not in ("pychat", "reference", "a->ngircd->b")), None)
         if irc_run and other and "vs_against" in irc_run:
             p99 = (irc_run["latency_ms"]["p99"] / other["latency_ms"]["p99"]
                    if other["latency_ms"]["p99"] else float("nan"))
@@ -15382,6 +15489,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--against", type=_server, default=None, metavar="HOST:PORT",
                        help="with --proto irc: run the same IRC load against another IRC "
                        "server already running there (such as ngircd; see the README)")
+    bench.add_argument("--link", action="store_true",
+                       help="also run the load across a network: senders on one PyChat "
+                            "server, receivers on another, linked through an ngircd hub "
+                            "(needs ngircd)")
     bench.add_argument("--rate", type=_non_negative, default=0.0, metavar="R",
                        help="messages per second per sender; 0: unpaced, each sender keeps "
                             f"{BENCH_WINDOW} messages in flight and sends the next as one "
@@ -15682,6 +15793,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.scenario == "fanout" and args.senders > min(args.clients):
         print("pychat: --senders cannot be more than --clients", file=sys.stderr)
+        return 2
+    if args.link and (args.scenario != "fanout" or args.port or args.proto != ["json"]):
+        print("pychat: --link runs the fanout on fresh servers, by JSON (no --scenario "
+              "connections, --port or --proto)", file=sys.stderr)
         return 2
     if args.against and "irc" not in args.proto:
         print("pychat: --against measures another IRC server: add --proto irc", file=sys.stderr)

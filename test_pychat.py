@@ -5916,6 +5916,33 @@ class NgircdBenchTests(unittest.TestCase):
         self.assertGreater(ours["vs_against"], 0)
 
 
+class BenchLinkTests(unittest.TestCase):
+    """`bench --link`: the same load on one server and across an ngircd
+    network (senders on one PyChat server, receivers on another)."""
+
+    def test_the_cost_of_crossing_the_network_is_a_number(self):
+        if not shutil.which("ngircd"):
+            missing_tool("ngircd is not installed (Debian: apt-get install ngircd)")
+        out = subprocess.run([*RUN, "bench", "--json", "--clients", "12", "--senders", "2",
+                              "--messages", "10", "--link"], capture_output=True, text=True,
+                             timeout=120)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        one, across = json.loads(out.stdout)
+        self.assertEqual((one["server"], across["server"]), ("pychat", "a->ngircd->b"))
+        for r in (one, across):
+            self.assertEqual((r["received_deliveries"], r["lost"]), (2 * 10 * 12, 0))
+        self.assertGreater(across["vs_one_server"], 0)
+        self.assertGreater(across["latency_ms"]["p99"], 0)
+        table = subprocess.run([*RUN, "bench", "--clients", "12", "--senders", "2",
+                                "--messages", "10", "--link"], capture_output=True, text=True,
+                               timeout=120)
+        self.assertIn("across the network", table.stdout)
+        refused = subprocess.run([*RUN, "bench", "--link", "--scenario", "connections"],
+                                 capture_output=True, text=True, timeout=60)
+        self.assertEqual(refused.returncode, 2)
+        self.assertIn("--link runs the fanout", refused.stderr)
+
+
 class BenchReportTests(unittest.TestCase):
     """format_bench and bench_verdict on made-up rows: every case of the answer."""
 
