@@ -7401,7 +7401,8 @@ class Link(asyncio.Protocol):
         was, self.transport, self.state = self.state, None, "down"
         why = self.last_error or (f"{exc}" if exc else "the hub closed the link")
         if was == "linked":
-            log.warning("link: lost the link to %s: %s", self.hub, why)
+            log.log(logging.INFO if self.server.shutting_down else logging.WARNING,
+                    "link: lost the link to %s: %s", self.hub, why)
         elif not self.reported:
             self.failed(f"the hub at {self.address[0]}:{self.address[1]} ended the "
                         f"handshake: {why}")
@@ -15625,8 +15626,9 @@ async def linked(server: ChatServer) -> bool:
         print(f"Linked to {link.hub} at {host}:{port} as {link.me}: {len(link.servers)} "
               f"servers, {len(link.users):,} people there, {here:,} here.", flush=True)
         return True
-    if "password" in why.lower():
-        print(f"pychat: cannot link to {host}:{port}: {why}", file=sys.stderr)
+    if "password" in why.lower() or "secure connection required" in why.lower():
+        hint = " (add --link-tls, and the hub's [SSL] port)" if "secure" in why.lower() else ""
+        print(f"pychat: cannot link to {host}:{port}: {why}{hint}", file=sys.stderr)
         return False
     print(f"Not linked yet ({why}); trying again in the background.", flush=True)
     return True

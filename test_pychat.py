@@ -1869,6 +1869,20 @@ class LinkNetworkTests(LinkCase):
         self.assertEqual((stats["link"]["state"], stats["link"]["hub"],
                           stats["link"]["remote_users"]), ("linked", "hub.example", 2))
         self.assertIn("Linked to hub.example", stats["text"])
+        # Away crosses as a user mode (servers send no away text).
+        await erin.send("AWAY :lunch")
+        away = await carol.expect("away", nick="erin")
+        self.assertEqual((away["away"], away["via"]), (True, "hub.example"))
+        await carol.send({"type": "away", "message": "brb"})
+        await wait_for(lambda: b.nicks["carol"].away is not None, what="carol away on b")
+        # An IRC client on a PyChat server's own gateway sees the network too.
+        irc = await IrcPeer.open(a.test_port)
+        self.addAsyncCleanup(irc.close)
+        await irc.send("NICK frank", "USER frank 0 * :Frank", "JOIN #lobby")
+        names = await irc.expect(" 353 frank ")
+        self.assertIn("@erin robert", names)  # (she made the channel on the hub: its op)
+        await irc.send("WHOIS robert")
+        self.assertIn("b.example", await irc.expect(" 312 frank robert "))
 
     async def test_leaves_on_two_linked_ngircd_servers(self):
         one = self.hub("one.example", ["a.example"], peers=["two.example"])
@@ -1934,6 +1948,28 @@ class LinkNetworkTests(LinkCase):
         await bob.send({"type": "msg", "text": "renamed, still connected"})
         await other_bob.expect(f":{nick['new']}!pychat@a.example PRIVMSG #lobby "
                                ":renamed, still connected")
+
+    async def test_a_link_over_tls(self):
+        cert, key = make_certificate(self.tmp)
+        hub = Ngircd(self.tmp, "hub.example", ["a.example"])
+        tls_port = free_port()
+        hub.conf.write_text(hub.conf.read_text().replace("[Server]", "[SSL]\n"
+                            f"    CertFile = {cert}\n    KeyFile = {key}\n"
+                            f"    Ports = {tls_port}\n[Server]") + "    SSLConnect = yes\n")
+        hub.start()
+        self.addCleanup(hub.kill)
+        plain = ChatServer(link=(HOST, hub.port), link_name="a.example",
+                           link_password=LINK_PASSWORD, link_peer_password=LINK_PASSWORD)
+        await plain.start(HOST, 0)
+        why = await asyncio.wait_for(asyncio.shield(plain.link.first), TIMEOUT)
+        await plain.close()
+        self.assertIn("Secure connection required", why)
+        erin = await self.irc(hub, "erin", "#lobby")  # (clients on the plain port)
+        hub.port = tls_port
+        a = await self.leaf("a.example", hub, link_tls=pychat.client_tls_context(cert))
+        carol = await self.json(a, "carol")
+        await carol.send({"type": "msg", "text": "over TLS"})
+        await erin.expect(":carol!pychat@a.example PRIVMSG #lobby :over TLS")
 
     async def test_a_wrong_password_is_one_line_at_start(self):
         hub = self.hub("hub.example", ["a.example"])
