@@ -247,12 +247,16 @@ TRIM_SETTLED = 2 * TRIM_DELAY + 0.5  # the latest a burst's trim can come after 
 MAX_REMOTE_USERS = 50000       # people on other servers shown here (the rest: counted)
 MAX_REMOTE_ROOMS = 1000        # rooms the network may make here (its channels)
 MAX_REMOTE_ROOMS_PER_USER = 100  # rooms one remote user is shown in
+MAX_REMOTE_MEMBERSHIPS = 250000  # remote users' places in rooms, all together (~300 B each)
 MAX_LINK_SERVERS = 1000        # servers of the network it keeps track of
 LINK_MAX_PENDING = 16 * 1024   # bytes of an unfinished line from the hub: past it, cut
 LINK_MAX_BACKLOG = 8 * 1024 * 1024  # unsent bytes to a hub that stopped reading: cut
 LINK_PING_EVERY = 30.0         # ping the hub (and measure the lag) this often
 LINK_TIMEOUT = 90.0            # no answer to a ping for this long: the link is dead
 LINK_HANDSHAKE_TIMEOUT = 30.0  # from connecting to the end of the hub's burst
+NETJOIN_WINDOW = 10.0          # a server that joined the network this recently: its
+NETJOIN_QUIET = 0.5            # people's joins are one line, once they stop this long
+NETJOIN_WAIT = 3.0             # (or after this long at most)
 LINK_RETRY_FIRST = 1.0         # reconnect backoff: doubles up to LINK_RETRY_MAX
 LINK_RETRY_MAX = 60.0
 LINK_STABLE = 60.0             # a link that lasted this long starts the backoff afresh
@@ -3251,8 +3255,8 @@ class ChatServer:
         now (a netsplit), and whatever was meant for her is not sent."""
         via = self.link.split_from(nick) if self.link is not None else None
         if via:
-            self._reply_error(s, msg, "unreachable", f"{nick[:40]} is on {via}, which is not "
-                              "linked to this server right now (a netsplit); not sent.")
+            self._reply_error(s, msg, "unreachable", f"{nick[:40]} is on {via}, cut off from "
+                              "this server right now (a netsplit)")
         else:
             self._reply_error(s, msg, "no_such_nick", f"Nobody is called {nick[:40]}.")
 
@@ -7312,7 +7316,14 @@ class Link(asyncio.Protocol):
         self.tokens: dict[str, str] = {}   # the hub's server tokens -> server name
         self.users: dict[str, RemoteUser] = {}  # nick key -> remote user
         self.topics: dict[str, str] = {}   # the hub's burst: channel key -> its topic
-        self.back: dict[Room, list[str]] = {}  # the hub's burst: who is back in each room
+        # Who came back in each room, from where: the hub's burst, or another
+        # server's joining the network (arriving: when it did); said in one line.
+        self.back: dict[tuple[Room, str], list[str]] = {}
+        self.arriving: dict[str, float] = {}
+        self.netjoin_timer: asyncio.TimerHandle | None = None
+        self.netjoin_since = 0.0
+        self.memberships = 0         # remote users' places in rooms (at most; see join)
+        self.counted_at = -math.inf
         self.split_nicks: dict[str, str] = {}  # cut off by the last split: nick key -> server
         self.lag: float | None = None
         self.pinged_at: float | None = None
@@ -7411,6 +7422,10 @@ class Link(asyncio.Protocol):
         self.tokens.clear()
         self.topics.clear()
         self.back.clear()
+        self.arriving.clear()
+        if self.netjoin_timer is not None:
+            self.netjoin_timer.cancel()
+            self.netjoin_timer = None
         self.last_error = ""
         if self.lost is not None and not self.lost.done():
             self.lost.set_result(None)
@@ -7602,6 +7617,10 @@ class Link(asyncio.Protocol):
         self.servers[name.lower()] = (prefix or self.hub).lower()
         if len(p) >= 4:
             self.tokens[p[2]] = name
+        if self.state == "linked":  # a server joins the network: its people, in one line
+            now = self.server.loop.time()
+            self.arriving = {s: t for s, t in self.arriving.items() if now - t < NETJOIN_WINDOW}
+            self.arriving[name.lower()] = now
 
     def on_005(self, prefix: str, p: list[str]) -> None:
         for item in p[1:]:
@@ -7668,16 +7687,14 @@ class Link(asyncio.Protocol):
                     taken += 1
                 self.send(head + ",".join(here[:taken]))
                 here = here[taken:]
-        for room, nicks in self.back.items():
-            if server.rooms.get(room.key) is room:
-                self.announce(room, nicks, "joined")
-        self.back.clear()
+        self.netjoin()
         self.topics.clear()
         self.split_nicks.clear()
         here = sum(not u.remote for u in server.nicks.values())
-        log.info("link: linked to %s (%s) at %s:%d: %d servers, %d people there, %d here",
-                 self.hub, self.hub_version or "?", *self.address, len(self.servers),
-                 len(self.users), here)
+        log.log(logging.INFO if self.first.done() else logging.DEBUG,  # (the first: printed)
+                 "link: linked to %s (%s) at %s:%d: %s, %d people there, %d here",
+                 self.hub, self.hub_version or "?", *self.address, self.counted(), len(self.users),
+                 here)
         if not self.first.done():
             self.first.set_result(None)
 
@@ -7800,7 +7817,7 @@ class Link(asyncio.Protocol):
         if what == "joined":
             event["joined"] = True
         self.server.broadcast(room, event)
-        self.server.broadcast(room, room.users_event())
+        self.server.broadcast(room, dict(room.users_event(), refresh=True))
 
     # --- rooms
     def room(self, name: str, make: bool = True) -> Room | None:
@@ -7828,22 +7845,65 @@ class Link(asyncio.Protocol):
         room = self.room(name)
         if room is None or room.key in u.rooms:
             return
-        if len(u.rooms) >= MAX_REMOTE_ROOMS_PER_USER:
-            self.skip(f"{u.nick} is in more than {MAX_REMOTE_ROOMS_PER_USER} rooms")
+        if len(u.rooms) >= MAX_REMOTE_ROOMS_PER_USER or not self.room_for_one_more():
+            self.skip(f"{u.nick} is in more than {MAX_REMOTE_ROOMS_PER_USER} rooms, or the "
+                      f"network's people are in {MAX_REMOTE_MEMBERSHIPS:,} places already")
             return
         key = nick_key(str(u.nick))
         event = {"type": "join", "room": room.name, "nick": u.nick, "via": u.via,
                  "ts": round(time.time(), 3)}
         if u.away is not None:
             event["away"] = u.away
-        if self.state == "linked":
+        now = self.server.loop.time()
+        if self.state != "linked":  # the hub's burst: said in one line at its end
+            self.back.setdefault((room, self.hub), []).append(str(u.nick))
+        elif now - self.arriving.get(u.via.lower(), -NETJOIN_WINDOW) < NETJOIN_WINDOW:
+            self.back.setdefault((room, u.via), []).append(str(u.nick))
+            self.netjoin_soon()
+        else:
             self.server.presence(room, event, u)
-        else:  # the hub's burst: said in one line at its end
-            self.back.setdefault(room, []).append(str(u.nick))
         room.add(key, u)
         u.rooms[room.key] = room
         if op:
             room.ops.add(key)
+
+    def room_for_one_more(self) -> bool:
+        """Under MAX_REMOTE_MEMBERSHIPS: counted up on each join, and counted
+        again from the rooms (which know their remote members) at most once
+        a second when the count says the cap is reached."""
+        if self.memberships >= MAX_REMOTE_MEMBERSHIPS:
+            now = self.server.loop.time()
+            if now - self.counted_at < 1.0:
+                return False
+            self.counted_at = now
+            self.memberships = sum(r.remote_count for r in self.server.rooms.values())
+            if self.memberships >= MAX_REMOTE_MEMBERSHIPS:
+                return False
+        self.memberships += 1
+        return True
+
+    def netjoin_soon(self) -> None:
+        """Another server's people keep coming: say so once they stop (or
+        after NETJOIN_WAIT at most)."""
+        now = self.server.loop.time()
+        if self.netjoin_timer is None:
+            self.netjoin_since = now
+        elif now - self.netjoin_since < NETJOIN_WAIT:
+            self.netjoin_timer.cancel()
+        else:
+            return
+        self.netjoin_timer = self.server.loop.call_later(NETJOIN_QUIET, self.netjoin)
+
+    def netjoin(self) -> None:
+        """One line for each room someone came back to, and its new list."""
+        if self.netjoin_timer is not None:
+            self.netjoin_timer.cancel()
+            self.netjoin_timer = None
+        back, self.back = self.back, {}
+        for (room, where), nicks in back.items():
+            nicks = [n for n in nicks if nick_key(n) in room.members]  # (not gone since)
+            if nicks and self.server.rooms.get(room.key) is room:
+                self.announce(room, nicks, "joined", where)
 
     def on_njoin(self, prefix: str, p: list[str]) -> None:
         for entry in p[1].split(","):
@@ -8078,6 +8138,10 @@ class Link(asyncio.Protocol):
             for room in s.rooms.values():
                 self.send(f":{s.nick} JOIN {room.name}")
 
+    def counted(self) -> str:
+        """The network's servers, this one aside."""
+        return f"{len(self.servers)} server{'s' * (len(self.servers) != 1)}"
+
     def status_text(self) -> str:
         host, port = self.address
         if self.state != "linked":
@@ -8087,7 +8151,7 @@ class Link(asyncio.Protocol):
         lag = "?" if self.lag is None else f"{self.lag * 1000:.0f} ms"
         more = f" ({self.not_shown:,} more not shown)" if self.not_shown else ""
         return (f"Linked to {self.hub} at {host}:{port} for {minutes} min, lag {lag}: "
-                f"{len(self.servers)} servers, {len(self.users):,} people there{more}.")
+                f"{self.counted()}, {len(self.users):,} people there{more}.")
 
     def status(self) -> dict:
         return {"state": self.state, "hub": self.hub, "address": "%s:%d" % self.address,
@@ -10643,7 +10707,9 @@ class Terminal:
             lines.append(self.system(ts, f"MOTD: {e['motd']}"))
         return "\n".join(lines)
 
-    def _show_users(self, e: dict, ts: Any) -> str:
+    def _show_users(self, e: dict, ts: Any) -> str | None:
+        if e.get("refresh"):  # the list after a netsplit line: the line said it
+            return None
         away = e.get("away") if isinstance(e.get("away"), dict) else {}
         ops = e.get("ops") if isinstance(e.get("ops"), list) else []
         via = e.get("via") if isinstance(e.get("via"), dict) else {}
@@ -12433,7 +12499,8 @@ class ChatWindow:
     def on_join(self, e: dict) -> None:
         convo = self._room_convo(e)
         nick = str(e.get("nick", ""))
-        self.add_system(f"{nick} joined {convo.name}", ts=e.get("ts"), convo=convo)
+        via = f" (on {e['via']})" if e.get("via") else ""
+        self.add_system(f"{nick} joined {convo.name}{via}", ts=e.get("ts"), convo=convo)
         private = self.convos.get(convo_key(nick))
         if private is not None and private.said_gone:
             private.said_gone = False
@@ -15623,8 +15690,8 @@ async def linked(server: ChatServer) -> bool:
     host, port = link.address
     if why is None:
         here = sum(not u.remote for u in server.nicks.values())
-        print(f"Linked to {link.hub} at {host}:{port} as {link.me}: {len(link.servers)} "
-              f"servers, {len(link.users):,} people there, {here:,} here.", flush=True)
+        print(f"Linked to {link.hub} at {host}:{port} as {link.me}: {link.counted()}, "
+              f"{len(link.users):,} people there, {here:,} here.", flush=True)
         return True
     if "password" in why.lower() or "secure connection required" in why.lower():
         hint = " (add --link-tls, and the hub's [SSL] port)" if "secure" in why.lower() else ""
