@@ -7265,10 +7265,13 @@ def link_options(args: argparse.Namespace) -> dict:
             raise PyChatError("--link-name, --link-password-file, --link-tls and "
                               "--link-cafile go with --link HUB:PORT")
         return {}
-    host, sep, port = args.link.rpartition(":")
+    if len(args.link) > 1:
+        raise PyChatError("a PyChat server is a leaf of the network: one --link, to its hub "
+                          "(the hubs link to each other)")
+    host, sep, port = args.link[0].rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise PyChatError(f"bad --link {args.link!r}: give the hub as HOST:PORT, such as "
+        raise PyChatError(f"bad --link {args.link[0]!r}: give the hub as HOST:PORT, such as "
                           "127.0.0.1:6667")
     name = args.link_name or ""
     if not re.fullmatch(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+", name) or len(name) > 63:
@@ -15444,7 +15447,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "calls this server (default: this machine's name)")
     srv.add_argument("--no-announce", action="store_true",
                      help=f"do not answer LAN discovery on UDP port {DISCOVERY_PORT}")
-    srv.add_argument("--link", metavar="HUB:PORT", default=None,
+    srv.add_argument("--link", metavar="HUB:PORT", action="append", default=[],
                      help="join an IRC network (ngircd) as a leaf server: its users and "
                           "this server's see each other (README: More than one server)")
     srv.add_argument("--link-name", metavar="NAME", default=None,

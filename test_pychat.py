@@ -1997,6 +1997,41 @@ class LinkNetworkTests(LinkCase):
         self.assertTrue(lines[0].startswith(f"pychat: cannot link to {HOST}:{hub.port}"))
 
 
+class LinkOptionTests(unittest.TestCase):
+    """`server --link ...`: every mistake is one clear sentence."""
+
+    def config(self, *argv: str, env: dict | None = None) -> pychat.ServerConfig:
+        args = pychat.build_parser().parse_args(["server", *argv])
+        with unittest.mock.patch.dict(os.environ, env or {"PYCHAT_LINK_PASSWORD": "pw"}):
+            return pychat.ServerConfig.from_args(args)
+
+    def test_options(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            both = Path(tmp) / "pw"
+            both.write_text("sent\nback\n")
+            cfg = self.config("--link", "127.0.0.1:6667", "--link-name", "a.example",
+                              "--link-password-file", str(both))
+        self.assertEqual((cfg.link, cfg.link_name, cfg.link_password, cfg.link_peer_password),
+                         (("127.0.0.1", 6667), "a.example", "sent", "back"))
+        cfg = self.config("--link", "[::1]:6697", "--link-name", "a.example", "--link-tls")
+        self.assertEqual((cfg.link, cfg.link_password, cfg.link_peer_password),
+                         (("::1", 6697), "pw", "pw"))
+        self.assertIsNotNone(cfg.link_tls)
+        for argv, env, words in (
+                (["--link", "hub"], None, "give the hub as HOST:PORT"),
+                (["--link", "h:1", "--link", "h:2", "--link-name", "a.b"], None, "one --link"),
+                (["--link", "h:1"], None, "--link-name is this server's name"),
+                (["--link", "h:1", "--link-name", "a b.c"], None, "--link-name"),
+                (["--link-name", "a.b"], None, "go with --link"),
+                (["--link", "h:1", "--link-name", "a.b"], {"PYCHAT_LINK_PASSWORD": ""},
+                 "needs a password"),
+                (["--link", "h:1", "--link-name", "a.b", "--link-password-file", "/nonexistent"],
+                 None, "cannot read --link-password-file")):
+            with self.assertRaises(pychat.PyChatError) as caught:
+                self.config(*argv, env=env)
+            self.assertIn(words, str(caught.exception))
+
+
 class FakeHub:
     """A hub that says whatever a test wants (a hostile or broken one): it
     handshakes like ngircd, then sends `burst`, then PING."""
@@ -2146,6 +2181,12 @@ class LinkHostileHubTests(ServerCase):
         self.assertEqual((kicked["nick"], kicked["by"], kicked["reason"]),
                          ("alice_1", "erin", "kick"))
         self.assertFalse(any(e.get("type") == "mode" for e in alice.seen))
+        # The network's channel bans hold here: no way back in, nor a word.
+        await hub.send(":erin MODE #mine +b alice_1!*@*")
+        await alice.send({"type": "join", "room": "#mine"})
+        refused = await alice.expect("error")
+        self.assertEqual(refused["code"], "banned")
+        self.assertIn("banned you from #mine", refused["message"])
 
     async def test_the_hub_must_know_the_password(self):
         hub = FakeHub(password="not-it")
