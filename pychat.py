@@ -254,8 +254,7 @@ LINK_MAX_BACKLOG = 8 * 1024 * 1024  # unsent bytes to a hub that stopped reading
 LINK_PING_EVERY = 30.0         # ping the hub (and measure the lag) this often
 LINK_TIMEOUT = 90.0            # no answer to a ping for this long: the link is dead
 LINK_HANDSHAKE_TIMEOUT = 30.0  # from connecting to the end of the hub's burst
-NETJOIN_WINDOW = 10.0          # a server that joined the network this recently: its
-NETJOIN_QUIET = 0.5            # people's joins are one line, once they stop this long
+NETJOIN_QUIET = 0.5            # a linking server's people: one line once they stop
 NETJOIN_WAIT = 3.0             # (or after this long at most)
 LINK_RETRY_FIRST = 1.0         # reconnect backoff: doubles up to LINK_RETRY_MAX
 LINK_RETRY_MAX = 60.0
@@ -7319,10 +7318,9 @@ class Link(asyncio.Protocol):
         self.tokens: dict[str, str] = {}   # the hub's server tokens -> server name
         self.users: dict[str, RemoteUser] = {}  # nick key -> remote user
         self.topics: dict[str, str] = {}   # the hub's burst: channel key -> its topic
-        # Who came back in each room, from where: the hub's burst, or another
-        # server's joining the network (arriving: when it did); said in one line.
+        # Who came back in each room, and from where: the hub's burst, or the
+        # burst of a server joining the network (NJOINs); said in one line.
         self.back: dict[tuple[Room, str], list[str]] = {}
-        self.arriving: dict[str, float] = {}
         self.netjoin_timer: asyncio.TimerHandle | None = None
         self.netjoin_since = 0.0
         self.memberships = 0         # remote users' places in rooms (at most; see join)
@@ -7425,7 +7423,6 @@ class Link(asyncio.Protocol):
         self.tokens.clear()
         self.topics.clear()
         self.back.clear()
-        self.arriving.clear()
         if self.netjoin_timer is not None:
             self.netjoin_timer.cancel()
             self.netjoin_timer = None
@@ -7620,10 +7617,6 @@ class Link(asyncio.Protocol):
         self.servers[name.lower()] = (prefix or self.hub).lower()
         if len(p) >= 4:
             self.tokens[p[2]] = name
-        if self.state == "linked":  # a server joins the network: its people, in one line
-            now = self.server.loop.time()
-            self.arriving = {s: t for s, t in self.arriving.items() if now - t < NETJOIN_WINDOW}
-            self.arriving[name.lower()] = now
 
     def on_005(self, prefix: str, p: list[str]) -> None:
         for item in p[1:]:
@@ -7844,7 +7837,9 @@ class Link(asyncio.Protocol):
             room.topic, room.topic_by, room.topic_ts = topic, self.hub, round(time.time(), 3)
         return room
 
-    def join(self, u: RemoteUser, name: str, op: bool) -> None:
+    def join(self, u: RemoteUser, name: str, op: bool, burst: bool = False) -> None:
+        """Someone joins a room: by JOIN, or in a server's burst (NJOIN, only
+        ever sent when a server links), which is told as one netjoin line."""
         room = self.room(name)
         if room is None or room.key in u.rooms:
             return
@@ -7857,10 +7852,9 @@ class Link(asyncio.Protocol):
                  "ts": round(time.time(), 3)}
         if u.away is not None:
             event["away"] = u.away
-        now = self.server.loop.time()
         if self.state != "linked":  # the hub's burst: said in one line at its end
             self.back.setdefault((room, self.hub), []).append(str(u.nick))
-        elif now - self.arriving.get(u.via.lower(), -NETJOIN_WINDOW) < NETJOIN_WINDOW:
+        elif burst:  # another server's: once its NJOINs stop
             self.back.setdefault((room, u.via), []).append(str(u.nick))
             self.netjoin_soon()
         else:
@@ -7913,7 +7907,7 @@ class Link(asyncio.Protocol):
             nick = entry.lstrip("~&@%+")
             u = self.users.get(nick_key(nick)) if nick else None
             if u is not None:
-                self.join(u, p[0], "@" in entry[:len(entry) - len(nick)])
+                self.join(u, p[0], "@" in entry[:len(entry) - len(nick)], burst=True)
 
     def on_join(self, prefix: str, p: list[str]) -> None:
         u = self.user_of(prefix)
@@ -14048,7 +14042,7 @@ class BenchClient(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data
         if not self.measure and not self.to_send and self.welcomed.done() \
-                and b'"type":"p' not in buf and b'"type":"users_delta"' not in buf:
+                and b'"type":"p' not in buf and b'"type":"users' not in buf:
             # Fast path for plain receivers: count complete message lines without
             # splitting (a JSON string escapes its quotes, so the pattern can only
             # be a real "type" field).
