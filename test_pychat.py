@@ -3407,6 +3407,32 @@ class WebPageTests(unittest.TestCase):
         self.assertNotIn("(", page.title())  # everything read
         self.assertEqual(bob.count("hi bob, from a phone"), 1)
 
+    def test_people_on_other_servers_of_the_network(self):
+        if not shutil.which("ngircd"):
+            missing_tool("ngircd is not installed (Debian: apt-get install ngircd)")
+        tmp = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, tmp, True)
+        hub = Ngircd(tmp, "hub.example", ["a.example"])
+        hub.start()
+        self.addCleanup(hub.kill)
+        server = ServerThread(link=(HOST, hub.port), link_name="a.example",
+                              link_password=LINK_PASSWORD,
+                              link_peer_password=LINK_PASSWORD).start()
+        self.addCleanup(server.stop)
+        page = self.open_page(server.port, "alice")
+        erin = socket.create_connection((HOST, hub.port), timeout=TIMEOUT)
+        self.addCleanup(erin.close)
+        erin.sendall(b"NICK erin\r\nUSER erin 0 * :Erin\r\nJOIN #lobby\r\n")
+        page.wait_for_selector("#people >> text=erin · hub.example")
+        page.wait_for_selector(".pane:not([hidden]) >> text=erin joined #lobby (on hub.example)")
+        erin.sendall(b"PRIVMSG #lobby :hello from the hub\r\n")
+        page.wait_for_selector(".msg >> text=hello from the hub")
+        hub.kill()
+        page.wait_for_selector("text=netsplit: 1 person on hub.example left #lobby")
+        page.wait_for_selector("#people >> text=erin", state="detached")
+        self.type_line(page, "/stats")
+        page.wait_for_selector("text=Not linked to the network")
+
     def test_hostile_text_is_text_links_are_safe_and_mentions_stand_out(self):
         port = self.server().port
         bob = CliPeer(self, port, "bob")
@@ -6195,6 +6221,20 @@ class ClientStateTests(unittest.TestCase):
                                    "reason": "part"}), "rooms")
         self.assertEqual(st.room_names(), [])
         self.assertIsNone(st.apply({"type": "join", "room": "#gone", "nick": "x"}))
+
+    def test_who_is_on_which_server(self):
+        st = pychat.ClientState("alice")
+        st.welcome("alice", {"#lobby": "#lobby"})
+        st.apply({"type": "users", "room": "#lobby", "users": ["alice", "bob", "erin"],
+                  "via": {"erin": "hub.example"}})
+        self.assertEqual((st.server_of("ERIN"), st.server_of("bob")), ("hub.example", None))
+        st.apply({"type": "join", "room": "#lobby", "nick": "dave", "via": "b.example"})
+        st.apply({"type": "nick", "old": "dave", "new": "david", "via": "b.example"})
+        self.assertEqual(st.server_of("david"), "b.example")
+        st.apply({"type": "leave", "room": "#lobby", "nick": "erin", "reason": "quit"})
+        self.assertIsNone(st.server_of("erin"))
+        st.apply({"type": "users", "room": "#lobby", "users": ["alice", "david"]})
+        self.assertIsNone(st.server_of("david"))  # the list is the truth: here now
 
     def test_partners_leave_and_come_back(self):
         st = pychat.ClientState("alice")
