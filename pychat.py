@@ -4700,9 +4700,9 @@ class IrcWire(Wire):
         for n in params[:5]:
             other = self.server.nicks.get(nick_key(n))
             if other is not None:  # nick=+user@host, "-" when away
-                wire = irc_of(other)
+                user, host, _ = irc_identity(other, self.name)
                 found.append(f"{other.nick}={'-' if other.away is not None else '+'}"
-                             f"{wire.user if wire else IRC_USER}@{self.name}")
+                             f"{user}@{host}")
         self.send(self.numeric(RPL_USERHOST, text=" ".join(found)))
 
 
@@ -14628,30 +14628,18 @@ def bench_server_command(args: argparse.Namespace) -> list[str]:
             *args.server_arg]
 
 
-BENCH_NGIRCD = """[Global]
-    Name = hub.bench
-    Info = the hub of bench --link
-    Listen = 127.0.0.1
-    Ports = {port}
-[Limits]
-    MaxConnections = 0
-    MaxConnectionsIP = 0
-    MaxJoins = 0
-    MaxNickLength = 32
-    MaxPenaltyTime = 0
-[Options]
-    DNS = no
-    Ident = no
-    PAM = no
-[Server]
-    Name = a.bench
-    MyPassword = {password}
-    PeerPassword = {password}
-[Server]
-    Name = b.bench
-    MyPassword = {password}
-    PeerPassword = {password}
-"""
+def ngircd_hub(name: str, port: int, leaves: list[str], password: str) -> str:
+    """An ngircd config for a hub on 127.0.0.1:`port` that the servers
+    `leaves` may link to with `password` (bench --link, and the tests)."""
+    text = (f"[Global]\n    Name = {name}\n    Info = a PyChat network's hub\n"
+            f"    Listen = 127.0.0.1\n    Ports = {port}\n"
+            "[Limits]\n    MaxConnections = 0\n    MaxConnectionsIP = 0\n    MaxJoins = 0\n"
+            "    MaxNickLength = 32\n    MaxPenaltyTime = 0\n"
+            "[Options]\n    DNS = no\n    Ident = no\n    PAM = no\n")
+    for leaf in leaves:
+        text += (f"[Server]\n    Name = {leaf}\n    MyPassword = {password}\n"
+                 f"    PeerPassword = {password}\n")
+    return text
 
 
 async def _bench_link(args: argparse.Namespace, clients: int, prefix: str,
@@ -14670,7 +14658,7 @@ async def _bench_link(args: argparse.Namespace, clients: int, prefix: str,
     procs: list[asyncio.subprocess.Process] = []
     with tempfile.TemporaryDirectory() as tmp:
         conf = Path(tmp) / "hub.conf"
-        conf.write_text(BENCH_NGIRCD.format(port=hub_port, password=password))
+        conf.write_text(ngircd_hub("hub.bench", hub_port, ["a.bench", "b.bench"], password))
         hub = await asyncio.create_subprocess_exec(ngircd, "-n", "-f", str(conf),
                                                    stdout=asyncio.subprocess.DEVNULL,
                                                    stderr=asyncio.subprocess.DEVNULL)

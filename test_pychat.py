@@ -1622,30 +1622,6 @@ class IrcPasswordAndPortTests(ServerCase):
 # network, and a fake hub that lies
 # ===========================================================================
 
-NGIRCD_NETWORK = """[Global]
-    Name = {name}
-    Info = test hub {name}
-    Listen = 127.0.0.1
-    Ports = {port}
-[Limits]
-    MaxConnections = 0
-    MaxConnectionsIP = 0
-    MaxJoins = 0
-    MaxNickLength = 32
-    MaxPenaltyTime = 0
-    PingTimeout = 120
-    PongTimeout = 60
-    ConnectRetry = 5
-[Options]
-    DNS = no
-    Ident = no
-    PAM = no
-"""
-NGIRCD_PEER = """[Server]
-    Name = {name}
-    MyPassword = {password}
-    PeerPassword = {password}
-"""
 LINK_PASSWORD = "link-s3cret"
 
 
@@ -1663,12 +1639,10 @@ class Ngircd:
     def __init__(self, tmp: Path, name: str, leaves: list[str],
                  uplink: tuple[str, int] | None = None, peers: list[str] = ()):
         self.name, self.port = name, free_port()
-        text = NGIRCD_NETWORK.format(name=name, port=self.port)
-        for leaf in [*leaves, *peers]:
-            text += NGIRCD_PEER.format(name=leaf, password=LINK_PASSWORD)
-        if uplink is not None:
-            text += NGIRCD_PEER.format(name=uplink[0], password=LINK_PASSWORD) + \
-                f"    Host = 127.0.0.1\n    Port = {uplink[1]}\n"
+        uplinks = [uplink[0]] if uplink else []
+        text = pychat.ngircd_hub(name, self.port, [*leaves, *peers, *uplinks], LINK_PASSWORD)
+        if uplink is not None:  # (the last [Server] block: this one connects to it)
+            text += f"    Host = 127.0.0.1\n    Port = {uplink[1]}\n"
         self.conf = tmp / f"{name}.conf"
         self.conf.write_text(text)
         self.proc: subprocess.Popen | None = None
