@@ -12600,7 +12600,8 @@ class ChatWindow:
 
     def on_notice(self, e: dict) -> None:
         nick = e.get("nick")
-        convo = self.convos.get("@" + nick_key(str(nick))) if nick else None
+        convo = self.convos.get("@" + nick_key(str(nick))) if nick else \
+            self._room_convo(e) if e.get("room") else None  # (a netsplit: in its room)
         self.add_system(str(e.get("text", "")), convo=convo)
 
     def on_whois(self, e: dict) -> None:

@@ -7857,6 +7857,35 @@ class GuiClientStateTests(GuiCase):
                       self.chat_text(window))
         self.assertNotIn("You stopped", self.chat_text(window))
 
+    def test_people_on_other_servers_and_a_netsplit_in_its_room(self):
+        if not shutil.which("ngircd"):
+            missing_tool("ngircd is not installed (Debian: apt-get install ngircd)")
+        tmp = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, tmp, True)
+        hub = Ngircd(tmp, "hub.example", ["a.example"])
+        hub.start()
+        self.addCleanup(hub.kill)
+        self.srv.stop()
+        self.srv = ServerThread(link=(HOST, hub.port), link_name="a.example",
+                                link_password=LINK_PASSWORD,
+                                link_peer_password=LINK_PASSWORD).start()
+        self.addCleanup(self.srv.stop)
+        window = self.open_window("alice")
+        erin = socket.create_connection((HOST, hub.port), timeout=TIMEOUT)
+        self.addCleanup(erin.close)
+        erin.sendall(b"NICK erin\r\nUSER erin 0 * :Erin\r\nJOIN #lobby\r\n"
+                     b"PRIVMSG alice :psst\r\n")
+        self.pump(lambda: "● erin  · hub.example" in window.user_list.get(0, "end"),
+                  "erin, marked with her server")
+        self.assertIn("erin joined #lobby (on hub.example)", self.chat_text(window))
+        self.pump(lambda: "@erin" in window.convos, "erin's private message")
+        window.show_convo("@erin")  # looking at something else when the split comes
+        hub.kill()
+        lobby = window.convos[pychat.convo_key("#lobby")].text
+        self.pump(lambda: "netsplit: 1 person on hub.example left #lobby" in
+                  lobby.get("1.0", "end"), "the netsplit line, in its room")
+        self.assertNotIn("netsplit", window.convos["@erin"].text.get("1.0", "end"))
+
     def test_a_private_partner_who_left_is_shown_as_gone_and_named_before_sending(self):
         window = self.open_window("alice")
         bob = SyncPeer(self.srv.port, "bob")
