@@ -248,11 +248,13 @@ MAX_REMOTE_USERS = 50000       # people on other servers shown here (the rest: c
 MAX_REMOTE_ROOMS = 1000        # rooms the network may make here (its channels)
 MAX_REMOTE_ROOMS_PER_USER = 100  # rooms one remote user is shown in
 MAX_REMOTE_MEMBERSHIPS = 250000  # remote users' places in rooms, all together (~300 B each)
+MAX_HIDDEN_NICKS = 200000      # nicks of the network's people past the cap (~100 B each)
 MAX_LINK_SERVERS = 1000        # servers of the network it keeps track of
 LINK_MAX_PENDING = 16 * 1024   # bytes of an unfinished line from the hub: past it, cut
 LINK_MAX_BACKLOG = 8 * 1024 * 1024  # unsent bytes to a hub that stopped reading: cut
 LINK_PING_EVERY = 30.0         # ping the hub (and measure the lag) this often
 LINK_TIMEOUT = 90.0            # no answer to a ping for this long: the link is dead
+LINK_MAX_HELD = 1000           # messages said while the hub bursts, sent after it
 LINK_HANDSHAKE_TIMEOUT = 30.0  # from connecting to the end of the hub's burst
 NETJOIN_QUIET = 0.5            # a linking server's people: one line once they stop
 NETJOIN_WAIT = 3.0             # (or after this long at most)
@@ -330,6 +332,7 @@ ERRORS = {
     "bad_tags": "Tags are a JSON object of short strings (4,094 bytes in all).",
     "unreachable": "That person is on a server that is not linked right now (a netsplit).",
     "remote_user": "That person is on another server of the network.",
+    "banned_from_room": "The network's operators banned you from that room.",
 }
 
 # Field table: type -> {field: (python type, required)}.  validate() checks
@@ -2508,6 +2511,9 @@ class ChatServer:
             where = f" on {owner.via}" if owner.remote else ""
             self._reply_error(s, msg, "nick_taken", f"The nick {nick} is already in use{where}.")
             return False
+        if self.link is not None and self.link.hides(nick):
+            self._reply_error(s, msg, "nick_taken", f"The nick {nick} is in use on the network.")
+            return False
         problem = self.link.nick_problem(nick) if self.link is not None else None
         if problem:
             self._reply_error(s, msg, "nick_invalid", problem)
@@ -2550,8 +2556,8 @@ class ChatServer:
         self.nicks[nick_key(nick)] = s
         self._welcome(s, msg, self.token_identity(token) or secrets.token_hex(8))
         self.relay(s, {"type": "intro"})
-        if s.wire.joins_lobby:  # (IRC users choose their channels themselves)
-            lobby = self.rooms[nick_key(LOBBY)]
+        lobby = self.rooms[nick_key(LOBBY)]
+        if s.wire.joins_lobby and not self._room_banned(s, msg, lobby):  # (IRC users choose)
             self._join(s, lobby, after.get(nick_key(LOBBY)))
 
     def _welcome(self, s: Session, msg: dict, identity: str, resumed: bool = False) -> None:
@@ -2846,7 +2852,8 @@ class ChatServer:
     # --- rooms
     def handle_join(self, s: Session, msg: dict) -> None:
         name = msg["room"]
-        problem = room_problem(name)
+        problem = room_problem(name) or (self.link.room_problem(name) if self.link is not None
+                                         else None)
         if problem:
             self._reply_error(s, msg, "room_invalid", problem)
             return
@@ -2982,8 +2989,8 @@ class ChatServer:
         if not room.bans or self.link is None or \
                 not any(irc_match(mask, self.link.mask(s)) for mask in room.bans):
             return False
-        self._reply_error(s, msg, "banned", f"The network's operators banned you from "
-                          f"{room.name}.")
+        self._reply_error(s, msg, "banned_from_room", f"The network's operators banned you "
+                          f"from {room.name}.")
         return True
 
     # --- file transfer: offers go to a room or one person; each receiver who
@@ -3587,6 +3594,7 @@ ERR_NEEDMOREPARAMS = "461"
 ERR_ALREADYREGISTERED = "462"
 ERR_PASSWDMISMATCH = "464"
 ERR_YOUREBANNEDCREEP = "465"
+ERR_BANNEDFROMCHAN = "474"
 ERR_NOPRIVILEGES = "481"
 ERR_CHANOPRIVSNEEDED = "482"
 ERR_USERSDONTMATCH = "502"
@@ -3614,6 +3622,7 @@ IRC_ERRORS = {
     "already_registered": ERR_ALREADYREGISTERED, "auth_failed": ERR_PASSWDMISMATCH,
     "not_operator": ERR_NOPRIVILEGES, "muted": ERR_CANNOTSENDTOCHAN,
     "empty": ERR_NOTEXTTOSEND, "banned": ERR_YOUREBANNEDCREEP,
+    "banned_from_room": ERR_BANNEDFROMCHAN,
 }
 
 
@@ -4001,8 +4010,8 @@ class IrcWire(Wire):
         nicks = [str(n) for n in e.get("nicks") or ()]
         if e.get("joined"):
             return [self.line(f":{self.prefix(n)} JOIN {e['room']}") for n in nicks]
-        return [self.line(f":{n}!{IRC_USER}@{e['split']} QUIT :{e['split']} {self.name}")
-                for n in nicks]
+        between = e.get("between") or f"{e['split']} {self.name}"
+        return [self.line(f":{n}!{IRC_USER}@{e['split']} QUIT :{between}") for n in nicks]
 
     def private(self, e: dict, me: str) -> list[bytes]:
         """A private message (or NOTICE, or CTCP) to or from this IRC user."""
@@ -4491,7 +4500,7 @@ class IrcWire(Wire):
                 self.send(self.line(f":{self.name} NOTICE {self.me()} :DCC is not supported "
                                     "here; PyChat sends files through the server"))
             return
-        if other is not None and irc_of(other) is not None:
+        if other is not None and (irc_of(other) is not None or other.remote):
             fields: dict[str, Any] = {"text": clean_text(body)[:self.server.cfg.max_text],
                                       "ctcp": True}
             if command == "NOTICE":
@@ -7325,6 +7334,10 @@ class Link(asyncio.Protocol):
         self.netjoin_since = 0.0
         self.memberships = 0         # remote users' places in rooms (at most; see join)
         self.counted_at = -math.inf
+        self.hidden: set[str] = set()  # nick keys of the network's people not shown here
+        self.net: dict[str, Session] = {}  # this server's people, by the nick the network has
+        self.held: list[tuple[Session, dict]] = []  # said during the hub's burst: sent after
+        self.channellen = 50         # the network's CHANNELLEN (bytes)
         self.split_nicks: dict[str, str] = {}  # cut off by the last split: nick key -> server
         self.lag: float | None = None
         self.pinged_at: float | None = None
@@ -7402,8 +7415,8 @@ class Link(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.inbuf = bytearray()
-        self.state, self.passed, self.hub, self.nicklen = "handshake", False, "", 0
-        self.reported = False
+        self.state, self.passed, self.hub = "handshake", False, ""
+        self.reported = False  # (nicklen stays: nicks taken during a split keep to it)
         self.pinged_at = self.lag = None
         cfg = self.server.cfg
         self.send(f"PASS {cfg.link_password} 0210-IRC+ PyChat|{__version__}:CH")
@@ -7423,6 +7436,11 @@ class Link(asyncio.Protocol):
         self.tokens.clear()
         self.topics.clear()
         self.back.clear()
+        self.hidden.clear()
+        self.net.clear()
+        self.held.clear()
+        for room in self.server.rooms.values():  # the network's bans went with it
+            room.bans.clear()
         if self.netjoin_timer is not None:
             self.netjoin_timer.cancel()
             self.netjoin_timer = None
@@ -7473,9 +7491,12 @@ class Link(asyncio.Protocol):
     def relay(self, s: Session, event: dict) -> None:
         """Something a user of this server did, for the network: the one
         place where an event becomes a server-link line."""
+        kind, nick = event["type"], s.nick
+        if self.state == "burst" and kind in ("msg", "pm", "topic") and \
+                len(self.held) < LINK_MAX_HELD:
+            self.held.append((s, event))  # (the hub's burst is short: sent at its end)
         if self.state != "linked":
             return  # the burst at the next link says where everyone is
-        kind, nick = event["type"], s.nick
         if kind == "intro":
             self.introduce(s)
         elif kind == "join":
@@ -7487,10 +7508,13 @@ class Link(asyncio.Protocol):
                       f":{event.get('message') or event['by']}")
         elif kind == "leave":
             self.send(f":{nick} QUIT :{event.get('message') or event.get('reason')}")
+            self.net.pop(nick_key(str(nick)), None)
         elif kind in ("msg", "pm"):
             self.say(s, event)
         elif kind == "nick":
             self.send(f":{event['old']} NICK {event['new']}")
+            self.net.pop(nick_key(event["old"]), None)  # (if the hub refuses, it says: 433)
+            self.net[nick_key(event["new"])] = s
         elif kind == "away":  # servers say away as a user mode, without the text
             self.send(f":{nick} MODE {nick} :{'+a' if event['away'] else '-a'}")
         elif kind == "topic":
@@ -7517,17 +7541,37 @@ class Link(asyncio.Protocol):
         user, host, _ = irc_identity(s, self.me)
         return f"{s.nick}!{user}@{host}"
 
-    def introduce(self, s: Session) -> None:
+    def introduce(self, s: Session, rooms: bool = False) -> None:
+        """Someone here, for the network (`rooms`: and the rooms she is in)."""
         user, host, real = irc_identity(s, self.me)
+        self.net[nick_key(str(s.nick))] = s
         self.send(f":{self.me} NICK {s.nick} 1 {user} {host} 1 + :{real}")
         if s.away is not None:
             self.send(f":{s.nick} MODE {s.nick} :+a")
+        for room in s.rooms.values() if rooms else ():
+            self.send(f":{s.nick} JOIN {room.name}")
 
     # --- what the network's rules ask of this server's users
     def nick_problem(self, nick: str) -> str | None:
-        if self.state == "linked" and self.nicklen and len(nick.encode("utf-8")) > self.nicklen:
-            return (f"While this server is linked to {self.hub}, a nick has at most "
-                    f"{self.nicklen} bytes (letters outside ASCII take 2 to 4).")
+        """Why a nick cannot cross the link: a dot (server names have them),
+        a colon, a channel rank's sign first (NJOIN's @+%&~) or a dash, or
+        more bytes than the network's NICKLEN."""
+        if "." in nick or ":" in nick or nick[0] in "@+%&~-":
+            return ("On a server linked to a network, a nick has no dot or colon and does "
+                    "not start with @ + % & ~ or -.")
+        if self.nicklen and len(nick.encode("utf-8")) > self.nicklen:
+            return (f"While this server is linked to {self.hub or 'a network'}, a nick has at "
+                    f"most {self.nicklen} bytes (letters outside ASCII take 2 to 4).")
+        return None
+
+    def hides(self, nick: str) -> bool:
+        """Someone on the network has the nick, though she is not shown here."""
+        return nick_key(nick) in self.hidden
+
+    def room_problem(self, name: str) -> str | None:
+        if ":" in name or len(name.encode("utf-8")) > self.channellen:
+            return (f"On a server linked to a network, a room name has no colon and at most "
+                    f"{self.channellen} bytes.")
         return None
 
     def split_from(self, nick: str) -> str | None:
@@ -7542,24 +7586,22 @@ class Link(asyncio.Protocol):
             while stem and len((stem + suffix).encode("utf-8")) > limit:
                 stem = stem[:-1]
             candidate = (stem or "guest") + suffix
-            if nick_key(candidate) not in self.server.nicks and not nick_problem(candidate):
+            if nick_key(candidate) not in self.server.nicks and not nick_problem(candidate) \
+                    and not self.hides(candidate) and not self.nick_problem(candidate):
                 return candidate
         raise AssertionError("unreachable")
 
     def clash(self, s: Session, why: str) -> None:
         """Someone here has a nick the network has too (or took from her with
         a collision KILL): she keeps her connection, everything she typed and
-        her rooms, under a free nick, and is told why."""
+        her rooms, under a free nick, and is told why.  What the network
+        knows of her is mended by whoever calls this (a KILL, a 433)."""
         old = str(s.nick)
         new = self.free_nick(old)
         self.server.rename(s, new)
         s.tell({"type": "notice", "text": f"{why}, so you are now {new} (/nick to choose "
                                           "another)."})
         log.info("link: %s here is now %s: %s", old, new, why)
-        if self.state == "linked":  # the network has dropped her old nick: she is new there
-            self.introduce(s)
-            for room in s.rooms.values():
-                self.send(f":{new} JOIN {room.name}")
 
     # --- input from the hub
     def handle(self, line: bytes) -> None:
@@ -7611,17 +7653,21 @@ class Link(asyncio.Protocol):
             self.hub = name
             self.servers[name.lower()] = ""
             return
-        if len(self.servers) >= MAX_LINK_SERVERS:
-            self.skip(f"more than {MAX_LINK_SERVERS} servers")
+        if len(self.servers) >= MAX_LINK_SERVERS or name.lower() in self.servers or \
+                name.lower() == self.me.lower():
+            self.skip(f"SERVER {name[:60]}: this server, one known already, or more than "
+                      f"{MAX_LINK_SERVERS}")
             return
         self.servers[name.lower()] = (prefix or self.hub).lower()
-        if len(p) >= 4:
+        if len(p) >= 4 and len(self.tokens) < MAX_LINK_SERVERS:
             self.tokens[p[2]] = name
 
     def on_005(self, prefix: str, p: list[str]) -> None:
         for item in p[1:]:
             if item.startswith("NICKLEN=") and item[8:].isdigit():
                 self.nicklen = min(int(item[8:]), 4 * MAX_NICK_LEN)
+            elif item.startswith("CHANNELLEN=") and item[11:].isdigit():
+                self.channellen = max(2, min(int(item[11:]), 200))
 
     def on_376(self, prefix: str, p: list[str]) -> None:
         """The hub's end of handshake: this server says the same NICKLEN
@@ -7664,10 +7710,8 @@ class Link(asyncio.Protocol):
         server = self.server
         for s in [u for u in server.nicks.values() if not u.remote]:
             problem = self.nick_problem(str(s.nick))
-            if problem:
-                self.state = "burst"  # (not introduced yet: the rename goes out with it)
-                self.clash(s, f"{problem[:-1]}: {s.nick} is too long")
-                self.state = "linked"
+            if problem:  # (not introduced yet: she goes out under the new nick)
+                self.clash(s, f"Your nick cannot cross to the network ({problem[:-1]})")
             self.introduce(s)
         for room in server.rooms.values():
             here = [("@" if k in room.ops else "") + str(m.nick)
@@ -7686,6 +7730,10 @@ class Link(asyncio.Protocol):
         self.netjoin()
         self.topics.clear()
         self.split_nicks.clear()
+        held, self.held = self.held, []
+        for s, event in held:  # what was said meanwhile, by those still here
+            if s.nick is not None and server.nicks.get(nick_key(s.nick)) is s:
+                self.relay(s, event)
         here = sum(not u.remote for u in server.nicks.values())
         log.log(logging.INFO if self.first.done() else logging.DEBUG,  # (the first: printed)
                  "link: linked to %s (%s) at %s:%d: %s, %d people there, %d here",
@@ -7699,13 +7747,18 @@ class Link(asyncio.Protocol):
         if len(p) >= 7:
             self.arrive(prefix, p)
             return
-        u = self.user_of(prefix)
         new = p[0]
+        if nick_key(prefix) in self.hidden:  # someone not shown: only her nick matters
+            self.hidden.discard(nick_key(prefix))
+            self.hidden.add(nick_key(new))
+            return
+        u = self.user_of(prefix)
         if u is None or nick_key(new) == nick_key(str(u.nick)) and new == u.nick:
             return
         if nick_problem(new):
             self.skip(f"a nick PyChat cannot show: {new[:40]!r}")
             self.quit(u, "renamed to a nick this server cannot show")
+            self.hide(new)
             return
         other = self.server.nicks.get(nick_key(new))
         if other is not None and other is not u:
@@ -7717,15 +7770,24 @@ class Link(asyncio.Protocol):
         self.users[nick_key(new)] = u
         self.server.rename(u, new)
 
+    def hide(self, nick: str) -> None:
+        """Someone on the network not shown here: her nick is still hers (a
+        set of keys, MAX_HIDDEN_NICKS at most)."""
+        if len(self.hidden) < MAX_HIDDEN_NICKS:
+            self.hidden.add(nick_key(nick))
+
     def arrive(self, prefix: str, p: list[str]) -> None:
         """NICK nick hops user host token modes :real name -- someone new."""
         nick = p[0]
         key = nick_key(nick)
         if nick_problem(nick) or key in self.users:
             self.skip(f"a nick PyChat cannot show, or twice: {nick[:40]!r}")
+            if nick_problem(nick):
+                self.hide(nick)
             return
         if len(self.users) >= self.server.cfg.max_remote_users:
             self.not_shown += 1
+            self.hide(nick)
             self.server.note_trouble("link-cap", f"link: the network has more than "
                                      f"{self.server.cfg.max_remote_users} people; the rest "
                                      "are not shown here (--max-remote-users)", logging.WARNING)
@@ -7736,12 +7798,16 @@ class Link(asyncio.Protocol):
             self.clash(local, f"Someone on {via} is called {nick} too")
         u = RemoteUser(self.server, nick, via, _link_field(p[2], 32), _link_field(p[3], 64),
                        _link_field(p[-1], 100))
+        self.split_nicks.pop(key, None)  # back: reachable again
         if "a" in p[5]:
             u.away = ""
         self.users[key] = u
         self.server.nicks[key] = u
 
     def on_quit(self, prefix: str, p: list[str]) -> None:
+        if nick_key(prefix) in self.hidden:
+            self.hidden.discard(nick_key(prefix))
+            return
         u = self.user_of(prefix)
         if u is not None:
             self.quit(u, clean_text(p[0] if p else "Quit")[:MAX_REASON_LEN])
@@ -7749,14 +7815,17 @@ class Link(asyncio.Protocol):
     def on_kill(self, prefix: str, p: list[str]) -> None:
         """A KILL: a remote user is gone; one of ours lost her nick on the
         network (a nick collision) and is introduced again under another."""
-        victim = self.server.nicks.get(nick_key(p[0]))
+        key = nick_key(p[0])
         why = clean_text(p[1] if len(p) > 1 else "killed")[:MAX_REASON_LEN]
-        if victim is None:
-            return
-        if victim.remote:
-            self.quit(victim, f"Killed ({why})")  # type: ignore[arg-type]
+        mine = self.net.pop(key, None)  # one of ours, by the nick the network had
+        if mine is not None and mine.nick is not None:
+            if nick_key(mine.nick) == key:
+                self.clash(mine, f"The network took the nick {mine.nick} back ({why})")
+            self.introduce(mine, rooms=True)  # new to the network now
+        elif key in self.users:
+            self.quit(self.users[key], f"Killed ({why})")
         else:
-            self.clash(victim, f"The network took the nick {victim.nick} back ({why})")
+            self.hidden.discard(key)
 
     def quit(self, u: RemoteUser, message: str, told: bool = True) -> None:
         server, key = self.server, nick_key(str(u.nick))
@@ -7809,7 +7878,7 @@ class Link(asyncio.Protocol):
         text = f"{'netjoin' if what == 'joined' else 'netsplit'}: {people} on {where} {what} " \
                f"{room.name}"
         event = {"type": "notice", "room": room.name, "text": text, "split": where,
-                 "nicks": nicks, "ts": round(time.time(), 3)}
+                 "between": f"{where} {self.me}", "nicks": nicks, "ts": round(time.time(), 3)}
         if what == "joined":
             event["joined"] = True
         self.server.broadcast(room, event)
@@ -7840,12 +7909,14 @@ class Link(asyncio.Protocol):
     def join(self, u: RemoteUser, name: str, op: bool, burst: bool = False) -> None:
         """Someone joins a room: by JOIN, or in a server's burst (NJOIN, only
         ever sent when a server links), which is told as one netjoin line."""
-        room = self.room(name)
-        if room is None or room.key in u.rooms:
+        if nick_key(name) in u.rooms:
             return
         if len(u.rooms) >= MAX_REMOTE_ROOMS_PER_USER or not self.room_for_one_more():
             self.skip(f"{u.nick} is in more than {MAX_REMOTE_ROOMS_PER_USER} rooms, or the "
                       f"network's people are in {MAX_REMOTE_MEMBERSHIPS:,} places already")
+            return
+        room = self.room(name)  # (checked first: no room is made for nobody)
+        if room is None:
             return
         key = nick_key(str(u.nick))
         event = {"type": "join", "room": room.name, "nick": u.nick, "via": u.via,
@@ -7938,10 +8009,23 @@ class Link(asyncio.Protocol):
         u.rooms.pop(room.key, None)
         self.server._forget_if_empty(room)
 
+    def sender(self, prefix: str) -> str | None:
+        """Who did it, by the network's word: one of its people or servers,
+        never someone here (a hub cannot act in her name); None, skipped."""
+        u = self.users.get(nick_key(prefix))
+        if u is not None:
+            return str(u.nick)
+        if prefix.lower() in self.servers:
+            return prefix
+        self.skip(f"{prefix[:40]} is none of the network's people or servers")
+        return None
+
     def on_kick(self, prefix: str, p: list[str]) -> None:
         """The network's channel operators' kicks hold here, of anyone."""
         room = self.room(p[0], make=False)
         by = self.users.get(nick_key(prefix))
+        if self.sender(prefix) is None:
+            return
         for nick in p[1].split(",") if room is not None else ():
             target = room.members.get(nick_key(nick))  # type: ignore[union-attr]
             if target is not None:
@@ -7961,10 +8045,9 @@ class Link(asyncio.Protocol):
 
     def on_topic(self, prefix: str, p: list[str]) -> None:
         room = self.room(p[0], make=False)
-        if room is not None and len(p) > 1:
-            u = self.users.get(nick_key(prefix))
-            self.set_topic(room, clean_text(p[1]).replace("\n", " ")[:MAX_TOPIC],
-                           str(u.nick) if u else prefix)
+        by = self.sender(prefix)
+        if room is not None and len(p) > 1 and by is not None:
+            self.set_topic(room, clean_text(p[1]).replace("\n", " ")[:MAX_TOPIC], by)
 
     def set_topic(self, room: Room, topic: str, by: str) -> None:
         room.topic, room.topic_by, room.topic_ts = topic, by, round(time.time(), 3)
@@ -7982,7 +8065,7 @@ class Link(asyncio.Protocol):
                 self.away(u, p[1].startswith("+"))
             return
         room = self.room(target, make=False)
-        if room is None or len(p) < 2:
+        if room is None or len(p) < 2 or self.sender(prefix) is None:
             return
         args, sign = list(p[2:]), "+"
         by = self.users.get(nick_key(prefix))
@@ -8122,18 +8205,27 @@ class Link(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def on_numeric_refused(self, prefix: str, p: list[str]) -> None:
-        """432/433/436/437: the hub refused a nick change of one of ours; it
-        still knows her by the old nick, so she is introduced again as she
-        is now (the hub takes any nick a server introduces)."""
-        if len(p) < 2:
+    def on_numeric_refused(self, prefix: str, p: list[str], taken: bool = False) -> None:
+        """432/436/437 (or 433, `taken`): the hub refused a nick change of
+        one of ours, and still knows her by the old one, p[0].  Taken: she
+        gets a free nick here if she still has that one, and the network
+        hears the change; refused (a nick the hub takes only from a server's
+        introduction): she quits under the old and is introduced anew."""
+        s = self.net.get(nick_key(p[1])) if len(p) > 1 else None
+        if s is None or s.nick is None or self.state != "linked" or p[0] == p[1]:
             return
-        s = self.server.nicks.get(nick_key(p[1]))
-        if s is not None and not s.remote and self.state == "linked":
+        del self.net[nick_key(p[1])]
+        if taken:
+            if nick_key(s.nick) == nick_key(p[1]):
+                self.clash(s, f"Someone on the network is called {s.nick}")
+            self.send(f":{p[0]} NICK {s.nick}")
+            self.net[nick_key(s.nick)] = s
+        else:
             self.send(f":{p[0]} QUIT :Changed nick to {s.nick}")
-            self.introduce(s)
-            for room in s.rooms.values():
-                self.send(f":{s.nick} JOIN {room.name}")
+            self.introduce(s, rooms=True)
+
+    def on_433(self, prefix: str, p: list[str]) -> None:
+        self.on_numeric_refused(prefix, p, taken=True)
 
     def counted(self) -> str:
         """The network's servers, this one aside."""
@@ -8168,7 +8260,7 @@ LINK_COMMANDS: dict[str, Callable[[Link, str, list[str]], None]] = {
     "CHANINFO": Link.on_chaninfo, "TOPIC": Link.on_topic, "MODE": Link.on_mode,
     "AWAY": Link.on_away, "PRIVMSG": Link.on_privmsg, "NOTICE": Link.on_notice,
     "WHOIS": Link.on_whois, "VERSION": Link.on_version, "TIME": Link.on_time,
-    "ERROR": Link.on_error, "432": Link.on_numeric_refused, "433": Link.on_numeric_refused,
+    "ERROR": Link.on_error, "432": Link.on_numeric_refused, "433": Link.on_433,
     "436": Link.on_numeric_refused, "437": Link.on_numeric_refused,
 }
 

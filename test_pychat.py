@@ -2084,7 +2084,10 @@ class LinkHostileHubTests(ServerCase):
                    b":fake.hub NJOIN #lobby :@u1,ghost,+u2,,\r\n"
                    b":fake.hub SERVER\r\n:u1 JOIN #" + b"x" * 100 + b"\r\n"
                    b":fake.hub " + b"X" * 600 + b"\r\n"
-                   b":u1 MODE #lobby +oooo u1 u2\r\n:u1 MODE #lobby -o alice\r\n")
+                   b":u1 MODE #lobby +oooo u1 u2\r\n:u1 MODE #lobby -o alice\r\n"
+                   b":u1 MODE #lobby +b nobody!*@*\r\n"
+                   + b"".join(b":fake.hub SERVER x%d.example 2 %d :x\r\n" % (i % 3, i)
+                              for i in range(3000)))
         places = b"".join(b":u%d JOIN #r%d\r\n" % (i, r) for i in range(3, 103) for r in range(20))
         hub = FakeHub(nicks + rooms + garbage + places)
         with self.assertLogs("pychat", logging.WARNING) as logs, \
@@ -2097,6 +2100,13 @@ class LinkHostileHubTests(ServerCase):
         self.assertEqual(places, 1000)  # 42 from NJOINs, then 958 of the 2,000 JOINs
         self.assertGreater(link.skipped, 5)
         self.assertTrue(any("more than 500 people" in line for line in logs.output))
+        self.assertLessEqual(len(link.tokens), 3)  # 3,000 SERVER lines, 3 servers
+        self.assertTrue(all(r.members or r.permanent for r in self.server.rooms.values()))
+        self.assertEqual(self.server.rooms["#lobby"].bans, ["nobody!*@*"])
+        # Someone the network has but this server does not show keeps her nick.
+        hidden = await self.raw()
+        await hidden.send({"type": "hello", "nick": "u19999"})
+        self.assertEqual((await hidden.expect("error"))["code"], "nick_taken")
         # The server is up, and its own chat goes on.
         alice = await self.connect("alice")
         await alice.send({"type": "users"})
@@ -2106,6 +2116,7 @@ class LinkHostileHubTests(ServerCase):
         # A line that never ends: the link is cut (and retried), the chat is not.
         await hub.send(b"x" * (pychat.LINK_MAX_PENDING + 10))
         await wait_for(lambda: link.state != "linked", what="the link cut")
+        self.assertEqual(self.server.rooms["#lobby"].bans, [])  # they went with the link
         bob = await self.connect("bob")
         await bob.send({"type": "msg", "text": "fine here"})
         await alice.expect("msg", text="fine here")
@@ -2120,7 +2131,10 @@ class LinkHostileHubTests(ServerCase):
         for nick, code, words in (("erin", "nick_taken", "on fake.hub"),
                                   ("ninebytes", None, None),
                                   ("tenbytes10", "nick_invalid", "at most 9 bytes"),
-                                  ("éééé€", "nick_invalid", "at most 9 bytes")):
+                                  ("éééé€", "nick_invalid", "at most 9 bytes"),
+                                  ("a.example", "nick_invalid", "no dot"),  # a server's
+                                  ("+bob", "nick_invalid", "not start with @ +"),  # a rank's
+                                  ("b:c", "nick_invalid", "no dot or colon")):
             peer = await self.raw()
             await peer.send({"type": "hello", "nick": nick})
             reply = await peer.expect("error" if code else "welcome")
@@ -2137,6 +2151,9 @@ class LinkHostileHubTests(ServerCase):
         await hub.expect(":alice_1 JOIN #lobby")
         await alice.send({"type": "msg", "text": "nothing lost"})
         await hub.expect(":alice_1 PRIVMSG #lobby :nothing lost")
+        # Rooms the network cannot carry are refused while linked.
+        await alice.send({"type": "join", "room": "#a:b"})
+        self.assertEqual((await alice.expect("error"))["code"], "room_invalid")
         # What only this server has stays here, with a clear reason.
         await alice.send({"type": "file_offer", "name": "a.txt", "size": 1, "sha256": "0" * 64,
                           "to": "erin"})
@@ -2159,8 +2176,24 @@ class LinkHostileHubTests(ServerCase):
         await hub.send(":erin MODE #mine +b alice_1!*@*")
         await alice.send({"type": "join", "room": "#mine"})
         refused = await alice.expect("error")
-        self.assertEqual(refused["code"], "banned")
+        self.assertEqual(refused["code"], "banned_from_room")
         self.assertIn("banned you from #mine", refused["message"])
+        # A hub cannot act in the name of someone here.
+        await hub.send(":alice_1 TOPIC #lobby :not hers", ":alice_1 KICK #lobby erin :no",
+                       ":erin PRIVMSG #lobby :after the spoofs")
+        await alice.expect("msg", text="after the spoofs")
+        self.assertFalse([e for e in alice.seen if e.get("room") == "#lobby" and
+                          e.get("type") in ("topic", "leave")])
+        # A rename race: the hub gave "zed" to erin while alice_1's change to
+        # it was on its way; it refuses hers (433) and still knows her as
+        # alice_1, so she gets a free nick and the network hears that one.
+        await alice.send({"type": "nick", "nick": "zed"})
+        await hub.expect(":alice_1 NICK zed")
+        await hub.send(":erin NICK zed", ":fake.hub 433 alice_1 zed :Nickname already in use")
+        renamed = await alice.expect("nick", old="zed")
+        self.assertEqual(renamed["new"], "zed_1")
+        await hub.expect(":alice_1 NICK zed_1")
+        self.assertFalse([line for line in hub.got if " NICK zed_1 1 " in line])  # no ghost
 
     async def test_the_hub_must_know_the_password(self):
         hub = FakeHub(password="not-it")
