@@ -2918,6 +2918,11 @@ class ChatServer:
         if len(topic) > MAX_TOPIC:
             self._reply_error(s, msg, "too_long", f"Topics are limited to {MAX_TOPIC} characters.")
             return
+        if self.link is not None and self.link.topiclen and \
+                len(topic.encode("utf-8")) > self.link.topiclen:  # (else cut on the network)
+            self._reply_error(s, msg, "too_long", "On a server linked to a network, topics are "
+                              f"limited to {self.link.topiclen} bytes.")
+            return
         before = room.topic, room.topic_by, room.topic_ts
         room.topic, room.topic_by, room.topic_ts = topic, s.nick or "", round(time.time(), 3)
         if not self._persist(room, room.topic_event()):
@@ -7338,6 +7343,7 @@ class Link(asyncio.Protocol):
         self.net: dict[str, Session] = {}  # this server's people, by the nick the network has
         self.held: list[tuple[Session, dict]] = []  # said during the hub's burst: sent after
         self.channellen = 50         # the network's CHANNELLEN (bytes)
+        self.topiclen = 0            # the network's TOPICLEN (bytes), once it says
         self.split_nicks: dict[str, str] = {}  # cut off by the last split: nick key -> server
         self.lag: float | None = None
         self.pinged_at: float | None = None
@@ -7668,6 +7674,8 @@ class Link(asyncio.Protocol):
                 self.nicklen = min(int(item[8:]), 4 * MAX_NICK_LEN)
             elif item.startswith("CHANNELLEN=") and item[11:].isdigit():
                 self.channellen = max(2, min(int(item[11:]), 200))
+            elif item.startswith("TOPICLEN=") and item[9:].isdigit():
+                self.topiclen = int(item[9:])
 
     def on_376(self, prefix: str, p: list[str]) -> None:
         """The hub's end of handshake: this server says the same NICKLEN

@@ -2024,7 +2024,8 @@ class FakeHub:
         self.writer = writer
         writer.write(f":fake.hub PASS {self.password} 0210-IRC+ ngIRCd|26.1:CHLMSXZ PZ\r\n"
                      ":fake.hub SERVER fake.hub 1 :a fake hub\r\n"
-                     f":fake.hub 005 a.example NICKLEN={self.nicklen} :are supported\r\n"
+                     f":fake.hub 005 a.example NICKLEN={self.nicklen} TOPICLEN=40 "
+                     ":are supported\r\n"
                      ":fake.hub 376 a.example :End of MOTD command\r\n".encode())
         while True:
             line = await reader.readline()
@@ -2151,6 +2152,9 @@ class LinkHostileHubTests(ServerCase):
         await hub.expect(":alice_1 JOIN #lobby")
         await alice.send({"type": "msg", "text": "nothing lost"})
         await hub.expect(":alice_1 PRIVMSG #lobby :nothing lost")
+        # Topics the network would cut are refused while linked.
+        await alice.send({"type": "topic", "room": "#lobby", "topic": "x" * 41})
+        self.assertIn("40 bytes", (await alice.expect("error", code="too_long"))["message"])
         # Rooms the network cannot carry are refused while linked.
         await alice.send({"type": "join", "room": "#a:b"})
         self.assertEqual((await alice.expect("error"))["code"], "room_invalid")
