@@ -6062,7 +6062,7 @@ WEB_JS = r"""// PyChat in the browser: one more JSON session over a WebSocket (p
     addLine(c, box);
   }
   function listUsers(c) {
-    const names = Array.from(c.users.values()).map((u) => u.nick + (u.away !== null ? " (away)" : ""));
+    const names = Array.from(c.users.values()).map((u) => u.nick + (u.away !== null ? " (away)" : "") + (S.via.has(key(u.nick)) ? " (on " + S.via.get(key(u.nick)) + ")" : ""));
     system(c, names.length + " in " + c.name + ": " + names.join(", "));
   }
   function joinedRoom(name) { return S.convs.get(roomKey(name)) || null; }

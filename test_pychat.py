@@ -3438,6 +3438,8 @@ class WebPageTests(unittest.TestCase):
         page.wait_for_selector(".pane:not([hidden]) >> text=erin joined #lobby (on hub.example)")
         erin.sendall(b"PRIVMSG #lobby :hello from the hub\r\n")
         page.wait_for_selector(".msg >> text=hello from the hub")
+        self.type_line(page, "/who")
+        page.wait_for_selector("text=2 in #lobby: alice, erin (on hub.example)")
         hub.kill()
         page.wait_for_selector("text=netsplit: 1 person on hub.example left #lobby")
         page.wait_for_selector("#people >> text=erin", state="detached")
