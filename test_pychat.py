@@ -1858,6 +1858,11 @@ class LinkNetworkTests(LinkCase):
         self.assertTrue({"erin", "robert", "carol"} <= listed, names)
         await irc.send("WHOIS robert")
         self.assertIn("b.example", await irc.expect(" 312 frank robert "))
+        # History keeps what this server saw, remote messages marked with their origin.
+        late = await self.json(a, "late")
+        history = (await late.expect("history"))["messages"]
+        self.assertIn(("erin", "hello from the hub", "hub.example"),
+                      [(m["from"], m["text"], m.get("via")) for m in history])
 
     async def test_leaves_on_two_linked_ngircd_servers(self):
         one = self.hub("one.example", ["a.example"], peers=["two.example"])
