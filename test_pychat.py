@@ -1812,6 +1812,12 @@ class LinkNetworkTests(LinkCase):
         await erin.expect(":bob!pychat@b.example PRIVMSG erin :psst erin")
         await erin.send("PRIVMSG alice :psst alice")
         await alice.expect("<erin> psst alice")
+        await bob.say("/msg alice back to you, alice")
+        await alice.expect("<bob> back to you, alice")
+        await alice.say("/msg erin hi erin, from a")
+        await erin.expect(":alice!pychat@a.example PRIVMSG erin :hi erin, from a")
+        await erin.send("PRIVMSG bob :hi bob, from the hub")
+        await bob.expect("<erin> hi bob, from the hub")
         # Topics and nicks cross the link.
         await erin.send("TOPIC #lobby :set on the hub")
         topic = await carol.expect("topic", topic="set on the hub")
