@@ -713,6 +713,11 @@ def safe_file_name(name: str) -> str:
     return name or "file"
 
 
+def counted(n: int, word: str, words: str | None = None) -> str:
+    """'1 person', '1,204 people', '2 rooms'."""
+    return f"{n:,} {word if n == 1 else words or word + 's'}"
+
+
 def format_size(n: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -2778,8 +2783,8 @@ class ChatServer:
         here = sum(not u.remote for u in self.nicks.values())
         event = {"type": "stats", "server": self.name(), "users": here,
                  "connections": len(self.sessions), "rooms": len(self.rooms)}
-        text = f"{self.name()}: {here:,} people here on {len(self.sessions):,} connections, " \
-               f"{len(self.rooms):,} rooms."
+        text = f"{self.name()}: {counted(here, 'person', 'people')} here on " \
+               f"{counted(len(self.sessions), 'connection')}, {counted(len(self.rooms), 'room')}."
         if self.link is not None:
             event["link"] = self.link.status()
             text += " " + self.link.status_text()
@@ -3266,8 +3271,8 @@ class ChatServer:
         now (a netsplit), and whatever was meant for her is not sent."""
         via = self.link.split_from(nick) if self.link is not None else None
         if via:
-            self._reply_error(s, msg, "unreachable", f"{nick[:40]} is on {via}, cut off from "
-                              "this server right now (a netsplit)")
+            self._reply_error(s, msg, "unreachable", f"{nick[:40]} is on {via}, which a "
+                              "netsplit has cut off from this server just now")
         else:
             self._reply_error(s, msg, "no_such_nick", f"Nobody is called {nick[:40]}.")
 
@@ -7287,19 +7292,23 @@ def link_options(args: argparse.Namespace) -> dict:
         raise PyChatError(f"bad --link {args.link[0]!r}: give the hub as HOST:PORT, such as "
                           "127.0.0.1:6667")
     name = args.link_name or ""
+    if not name:
+        raise PyChatError("--link needs --link-name: this server's name on the network, as "
+                          "in the hub's [Server] Name, such as pychat.example")
     if not re.fullmatch(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+", name) or len(name) > 63:
-        raise PyChatError("--link-name is this server's name on the network, with a dot, "
-                          "such as pychat.example (the hub's [Server] Name)")
+        raise PyChatError("--link-name is a server name with a dot, such as pychat.example "
+                          "(letters, digits, dashes and dots; the hub's [Server] Name)")
     try:
         lines = Path(args.link_password_file).read_text(encoding="utf-8").splitlines() \
             if args.link_password_file else [os.environ.get("PYCHAT_LINK_PASSWORD", "")]
     except OSError as e:
         raise PyChatError(f"cannot read --link-password-file: {e.strerror or e}") from None
     lines = [line.strip() for line in lines if line.strip()]
-    if not lines or any(" " in line for line in lines):
-        raise PyChatError("the link needs a password without spaces: the first line of "
-                          "--link-password-file (or PYCHAT_LINK_PASSWORD); a second line, if "
-                          "any, is the one the hub sends back")
+    if not lines:
+        raise PyChatError("the link needs a password: --link-password-file FILE (its first "
+                          "line), or PYCHAT_LINK_PASSWORD")
+    if any(" " in line for line in lines):
+        raise PyChatError("a link password has no spaces (IRC servers cannot send them)")
     tls = None
     if args.link_tls or args.link_cafile:
         try:
@@ -7373,8 +7382,10 @@ class Link(asyncio.Protocol):
                     server_hostname=host if self.server.cfg.link_tls else None),
                     LINK_HANDSHAKE_TIMEOUT)
             except (OSError, asyncio.TimeoutError) as e:  # ssl errors are OSErrors
-                self.failed(f"cannot reach the hub at {host}:{port}: "
-                            f"{getattr(e, 'strerror', None) or e or 'timed out'}")
+                why = "nothing listens there (is ngircd running, on that port?)" \
+                    if isinstance(e, ConnectionRefusedError) else \
+                    (getattr(e, "strerror", None) or str(e) or "no answer in time")
+                self.failed(f"cannot reach the hub at {host}:{port}: {why}")
             else:
                 timer = loop.call_later(LINK_HANDSHAKE_TIMEOUT, self._handshake_late)
                 await self.lost
@@ -7388,7 +7399,10 @@ class Link(asyncio.Protocol):
             delay = min(delay * 2, LINK_RETRY_MAX)
 
     def _handshake_late(self) -> None:
-        if self.state in ("handshake", "burst"):
+        if self.state == "handshake" and not self.hub:
+            self.cut(f"no IRC hub answered at {self.address[0]}:{self.address[1]} (is it "
+                     "ngircd's port?)")
+        elif self.state in ("handshake", "burst"):
             self.cut("the hub did not finish the handshake in time")
 
     def failed(self, why: str) -> None:
@@ -7435,8 +7449,8 @@ class Link(asyncio.Protocol):
             log.log(logging.INFO if self.server.shutting_down else logging.WARNING,
                     "link: lost the link to %s: %s", self.hub, why)
         elif not self.reported:
-            self.failed(f"the hub at {self.address[0]}:{self.address[1]} ended the "
-                        f"handshake: {why}")
+            self.failed(why if self.last_error else f"the hub at {self.address[0]}:"
+                        f"{self.address[1]} closed the connection during the handshake")
         self.split_off(None, f"{self.hub or 'the network'} {self.me}")
         self.servers.clear()
         self.tokens.clear()
@@ -7744,9 +7758,9 @@ class Link(asyncio.Protocol):
                 self.relay(s, event)
         here = sum(not u.remote for u in server.nicks.values())
         log.log(logging.INFO if self.first.done() else logging.DEBUG,  # (the first: printed)
-                 "link: linked to %s (%s) at %s:%d: %s, %d people there, %d here",
-                 self.hub, self.hub_version or "?", *self.address, self.counted(), len(self.users),
-                 here)
+                 "link: linked to %s (%s) at %s:%d: %s, %s here",
+                 self.hub, self.hub_version or "?", *self.address, self.counted(),
+                 counted(here, "person", "people"))
         if not self.first.done():
             self.first.set_result(None)
 
@@ -7880,11 +7894,19 @@ class Link(asyncio.Protocol):
 
     def announce(self, room: Room, nicks: list[str], what: str, where: str = "") -> None:
         """One line for a netsplit or netjoin in a room, and the room's new
-        user list; IRC members get QUITs or JOINs, which their clients fold."""
-        where = where or self.hub or "the network"
-        people = f"{len(nicks):,} {'person' if len(nicks) == 1 else 'people'}"
-        text = f"{'netjoin' if what == 'joined' else 'netsplit'}: {people} on {where} {what} " \
-               f"{room.name}"
+        user list; IRC members get QUITs or JOINs, which their clients fold.
+        `where`: the server they are on; "" when it is this server's own link
+        that went or came (they may be on any server beyond the hub)."""
+        people = counted(len(nicks), "person", "people")
+        hub = self.hub or "the hub"
+        if where:
+            text = f"{'netjoin' if what == 'joined' else 'netsplit'}: {people} on {where} " \
+                   f"{what} {room.name}"
+        elif what == "joined":
+            text = f"netjoin: {people} back in {room.name} (linked to {hub} again)"
+        else:
+            text = f"netsplit: {people} left {room.name} (the link to {hub} is down)"
+        where = where or hub
         event = {"type": "notice", "room": room.name, "text": text, "split": where,
                  "between": f"{where} {self.me}", "nicks": nicks, "ts": round(time.time(), 3)}
         if what == "joined":
@@ -7932,7 +7954,7 @@ class Link(asyncio.Protocol):
         if u.away is not None:
             event["away"] = u.away
         if self.state != "linked":  # the hub's burst: said in one line at its end
-            self.back.setdefault((room, self.hub), []).append(str(u.nick))
+            self.back.setdefault((room, ""), []).append(str(u.nick))
         elif burst:  # another server's: once its NJOINs stop
             self.back.setdefault((room, u.via), []).append(str(u.nick))
             self.netjoin_soon()
@@ -8236,19 +8258,20 @@ class Link(asyncio.Protocol):
         self.on_numeric_refused(prefix, p, taken=True)
 
     def counted(self) -> str:
-        """The network's servers, this one aside."""
-        return f"{len(self.servers)} server{'s' * (len(self.servers) != 1)}"
+        """The network's servers (this one aside) and people, as said."""
+        return f"{counted(len(self.servers), 'server')}, " \
+               f"{counted(len(self.users), 'person', 'people')} there"
 
     def status_text(self) -> str:
         host, port = self.address
         if self.state != "linked":
-            return f"Not linked to the network at {host}:{port} ({self.state}" + \
-                (f": {self.last_error}" if self.last_error else "") + "); retrying."
+            return f"Not linked to the network ({self.last_error or 'linking'}); trying " \
+                   "again."
         minutes = int(time.time() - self.linked_at) // 60
         lag = "?" if self.lag is None else f"{self.lag * 1000:.0f} ms"
         more = f" ({self.not_shown:,} more not shown)" if self.not_shown else ""
         return (f"Linked to {self.hub} at {host}:{port} for {minutes} min, lag {lag}: "
-                f"{self.counted()}, {len(self.users):,} people there{more}.")
+                f"{self.counted()}{more}.")
 
     def status(self) -> dict:
         return {"state": self.state, "hub": self.hub, "address": "%s:%d" % self.address,
@@ -12345,6 +12368,7 @@ class ChatWindow:
         chosen = self.convo_list.curselection()
         if chosen and chosen[0] < len(self._convo_keys):
             self.show_convo(self._convo_keys[chosen[0]])
+            self.input.focus_set()  # what is typed next goes into the message box
 
     def _on_user_double_click(self, event: Any) -> None:
         chosen = self.user_list.curselection()
@@ -15777,10 +15801,13 @@ async def linked(server: ChatServer) -> bool:
     if why is None:
         here = sum(not u.remote for u in server.nicks.values())
         print(f"Linked to {link.hub} at {host}:{port} as {link.me}: {link.counted()}, "
-              f"{len(link.users):,} people there, {here:,} here.", flush=True)
+              f"{counted(here, 'person', 'people')} here.", flush=True)
         return True
-    if "password" in why.lower() or "secure connection required" in why.lower():
-        hint = " (add --link-tls, and the hub's [SSL] port)" if "secure" in why.lower() else ""
+    hints = {"password": "", "secure connection required": " (add --link-tls, and give the "
+             "hub's [SSL] port)", "not configured": f" (the hub's config has no [Server] "
+             f"Name = {link.me}: check --link-name)"}
+    hint = next((h for k, h in hints.items() if k in why.lower()), None)
+    if hint is not None:
         print(f"pychat: cannot link to {host}:{port}: {why}{hint}", file=sys.stderr)
         return False
     print(f"Not linked yet ({why}); trying again in the background.", flush=True)

@@ -1911,8 +1911,9 @@ class LinkNetworkTests(LinkCase):
         hub.kill()
         # One line per room, then the room's list without them.
         texts = {(await carol.expect("notice"))["text"] for _ in range(2)}
-        self.assertEqual(texts, {"netsplit: 2 people on hub.example left #lobby",
-                                 "netsplit: 1 person on hub.example left #dev"})
+        self.assertEqual(texts, {"netsplit: 2 people left #lobby (the link to hub.example is "
+                                 "down)", "netsplit: 1 person left #dev (the link to "
+                                 "hub.example is down)"})
         self.assertEqual(sum(e.get("type") == "leave" for e in carol.seen), 0)
         # During the split: a message to her is refused as unreachable, and
         # the room goes on here.
@@ -1937,8 +1938,9 @@ class LinkNetworkTests(LinkCase):
         back: set[str] = set()
         while back != {"bob", "dave"}:
             joined = await carol.expect("notice")
-            self.assertRegex(joined["text"], r"^netjoin: (1 person|2 people) on (hub|b)\.example "
-                             "joined #lobby$")
+            self.assertRegex(joined["text"], r"^netjoin: (1 person on b\.example joined #lobby|"
+                             r"(1 person|2 people) back in #lobby \(linked to hub\.example "
+                             r"again\))$")
             back.update(joined["nicks"])
         self.assertFalse([e for e in carol.seen[mark:] if e.get("type") == "join" and "via" in e])
         await bob.send({"type": "msg", "text": "renamed, still connected"})
@@ -1980,6 +1982,15 @@ class LinkNetworkTests(LinkCase):
         self.assertEqual(len(lines), 1, lines)
         self.assertIn("Bad password", lines[0])
         self.assertTrue(lines[0].startswith(f"pychat: cannot link to {HOST}:{hub.port}"))
+        # A name the hub does not know: the same, with what to check.
+        proc = await asyncio.create_subprocess_exec(
+            *RUN, "server", "--port", "0", "--host", HOST, "--no-announce", "--link",
+            f"{HOST}:{hub.port}", "--link-name", "c.example",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYCHAT_LINK_PASSWORD": LINK_PASSWORD})
+        out, err = await asyncio.wait_for(proc.communicate(), 2 * TIMEOUT)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("check --link-name", err.decode())
 
 
 class LinkOptionTests(unittest.TestCase):
@@ -2005,7 +2016,7 @@ class LinkOptionTests(unittest.TestCase):
         for argv, env, words in (
                 (["--link", "hub"], None, "give the hub as HOST:PORT"),
                 (["--link", "h:1", "--link", "h:2", "--link-name", "a.b"], None, "one --link"),
-                (["--link", "h:1"], None, "--link-name is this server's name"),
+                (["--link", "h:1"], None, "--link needs --link-name"),
                 (["--link", "h:1", "--link-name", "a b.c"], None, "--link-name"),
                 (["--link-name", "a.b"], None, "go with --link"),
                 (["--link", "h:1", "--link-name", "a.b"], {"PYCHAT_LINK_PASSWORD": ""},
@@ -3452,7 +3463,8 @@ class WebPageTests(unittest.TestCase):
         self.type_line(page, "/who")
         page.wait_for_selector("text=2 in #lobby: alice, erin (on hub.example)")
         hub.kill()
-        page.wait_for_selector("text=netsplit: 1 person on hub.example left #lobby")
+        page.wait_for_selector("text=netsplit: 1 person left #lobby (the link to hub.example "
+                               "is down)")
         page.wait_for_selector("#people >> text=erin", state="detached")
         self.type_line(page, "/stats")
         page.wait_for_selector("text=Not linked to the network")
@@ -7932,8 +7944,8 @@ class GuiClientStateTests(GuiCase):
         window.show_convo("@erin")  # looking at something else when the split comes
         hub.kill()
         lobby = window.convos[pychat.convo_key("#lobby")].text
-        self.pump(lambda: "netsplit: 1 person on hub.example left #lobby" in
-                  lobby.get("1.0", "end"), "the netsplit line, in its room")
+        self.pump(lambda: "netsplit: 1 person left #lobby (the link to hub.example is down)"
+                  in lobby.get("1.0", "end"), "the netsplit line, in its room")
         self.assertNotIn("netsplit", window.convos["@erin"].text.get("1.0", "end"))
 
     def test_a_private_partner_who_left_is_shown_as_gone_and_named_before_sending(self):
