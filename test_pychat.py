@@ -1714,6 +1714,22 @@ class LinkCli:
         self.reader.cancel()
 
 
+def linked_server_thread(case: unittest.TestCase) -> tuple[Ngircd, "ServerThread"]:
+    """A real ngircd hub and a ServerThread linked to it as a.example, both
+    stopped at the case's cleanup (for the window and page tests)."""
+    if not shutil.which("ngircd"):
+        missing_tool("ngircd is not installed (Debian: apt-get install ngircd)")
+    tmp = Path(tempfile.mkdtemp())
+    case.addCleanup(shutil.rmtree, tmp, True)
+    hub = Ngircd(tmp, "hub.example", ["a.example"])
+    hub.start()
+    case.addCleanup(hub.kill)
+    server = ServerThread(link=(HOST, hub.port), link_name="a.example",
+                          link_password=LINK_PASSWORD, link_peer_password=LINK_PASSWORD).start()
+    case.addCleanup(server.stop)  # (before the hub's kill: cleanups run last first)
+    return hub, server
+
+
 class LinkCase(unittest.IsolatedAsyncioTestCase):
     """Helpers: ngircd hubs, PyChat leaves (in this process), clients."""
 
@@ -3441,17 +3457,7 @@ class WebPageTests(unittest.TestCase):
         self.assertEqual(bob.count("hi bob, from a phone"), 1)
 
     def test_people_on_other_servers_of_the_network(self):
-        if not shutil.which("ngircd"):
-            missing_tool("ngircd is not installed (Debian: apt-get install ngircd)")
-        tmp = Path(tempfile.mkdtemp())
-        self.addCleanup(shutil.rmtree, tmp, True)
-        hub = Ngircd(tmp, "hub.example", ["a.example"])
-        hub.start()
-        self.addCleanup(hub.kill)
-        server = ServerThread(link=(HOST, hub.port), link_name="a.example",
-                              link_password=LINK_PASSWORD,
-                              link_peer_password=LINK_PASSWORD).start()
-        self.addCleanup(server.stop)
+        hub, server = linked_server_thread(self)
         page = self.open_page(server.port, "alice")
         erin = socket.create_connection((HOST, hub.port), timeout=TIMEOUT)
         self.addCleanup(erin.close)
@@ -7920,18 +7926,8 @@ class GuiClientStateTests(GuiCase):
         self.assertNotIn("You stopped", self.chat_text(window))
 
     def test_people_on_other_servers_and_a_netsplit_in_its_room(self):
-        if not shutil.which("ngircd"):
-            missing_tool("ngircd is not installed (Debian: apt-get install ngircd)")
-        tmp = Path(tempfile.mkdtemp())
-        self.addCleanup(shutil.rmtree, tmp, True)
-        hub = Ngircd(tmp, "hub.example", ["a.example"])
-        hub.start()
-        self.addCleanup(hub.kill)
         self.srv.stop()
-        self.srv = ServerThread(link=(HOST, hub.port), link_name="a.example",
-                                link_password=LINK_PASSWORD,
-                                link_peer_password=LINK_PASSWORD).start()
-        self.addCleanup(self.srv.stop)
+        hub, self.srv = linked_server_thread(self)
         window = self.open_window("alice")
         erin = socket.create_connection((HOST, hub.port), timeout=TIMEOUT)
         self.addCleanup(erin.close)
