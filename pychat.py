@@ -1877,7 +1877,7 @@ class ChatServer:
         return {"pychat": "here", "v": 1, "id": qid, "name": self.cfg.name or SERVER_NAME,
                 "port": self.port, "tls": self.cfg.ssl_context is not None,
                 "fingerprint": self.cfg.tls_fingerprint, "password": bool(self.cfg.password),
-                "users": len(self.nicks), "version": __version__, "instance": self.instance}
+                "users": self.local_users(), "version": __version__, "instance": self.instance}
 
     def addresses(self) -> list[tuple[str, int]]:
         return [s.getsockname()[:2] for srv in self._servers for s in srv.sockets]
@@ -2780,7 +2780,7 @@ class ChatServer:
 
     def handle_stats(self, s: Session, msg: dict) -> None:
         """This server's counts, and its link to the network if it has one."""
-        here = sum(not u.remote for u in self.nicks.values())
+        here = self.local_users()
         event = {"type": "stats", "server": self.name(), "users": here,
                  "connections": len(self.sessions), "rooms": len(self.rooms)}
         text = f"{self.name()}: {counted(here, 'person', 'people')} here on " \
@@ -2790,6 +2790,10 @@ class ChatServer:
             text += " " + self.link.status_text()
         event["text"] = text
         s.tell(event)
+
+    def local_users(self) -> int:
+        """The people on this server (the nick table also has the network's)."""
+        return len(self.nicks) - (len(self.link.users) if self.link is not None else 0)
 
     def name(self) -> str:
         """What this server is called: its name on the network, if linked."""
@@ -7756,7 +7760,7 @@ class Link(asyncio.Protocol):
         for s, event in held:  # what was said meanwhile, by those still here
             if s.nick is not None and server.nicks.get(nick_key(s.nick)) is s:
                 self.relay(s, event)
-        here = sum(not u.remote for u in server.nicks.values())
+        here = server.local_users()
         log.log(logging.INFO if self.first.done() else logging.DEBUG,  # (the first: printed)
                  "link: linked to %s (%s) at %s:%d: %s, %s here",
                  self.hub, self.hub_version or "?", *self.address, self.counted(),
@@ -15799,7 +15803,7 @@ async def linked(server: ChatServer) -> bool:
         why = "no answer from the hub yet"
     host, port = link.address
     if why is None:
-        here = sum(not u.remote for u in server.nicks.values())
+        here = server.local_users()
         print(f"Linked to {link.hub} at {host}:{port} as {link.me}: {link.counted()}, "
               f"{counted(here, 'person', 'people')} here.", flush=True)
         return True
